@@ -1,0 +1,334 @@
+//! All configuration in one place: command-line flags, each with a `MATCHGATE_*` environment
+//! variable and a documented default, validated once at start-up.
+//!
+//! With no configuration at all the gateway runs the embedded default: in-memory state, dev-mode
+//! auth, listening on 127.0.0.1:8080.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Algorithm for tokens verified with a public key file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyAlgorithm {
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "ES256")]
+    Es256,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "matchgate",
+    version,
+    about = "Realtime matchmaking gateway for random video chat"
+)]
+pub struct Config {
+    /// Address to listen on for HTTP and WebSocket traffic.
+    #[arg(long, env = "MATCHGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Log format: human-readable lines or one JSON object per line.
+    #[arg(
+        long,
+        env = "MATCHGATE_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    pub log_format: LogFormat,
+
+    /// Log filter in `tracing` syntax (e.g. `info`, `matchgate=debug`).
+    #[arg(long, env = "MATCHGATE_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Shared secret for HS256 tokens (at least 32 bytes). Without it and without a public key
+    /// file the gateway runs in dev mode.
+    #[arg(long, env = "MATCHGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key file for RS256 or ES256 tokens.
+    #[arg(
+        long,
+        env = "MATCHGATE_JWT_PUBLIC_KEY_FILE",
+        conflicts_with = "jwt_secret"
+    )]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Algorithm of the public key file.
+    #[arg(
+        long,
+        env = "MATCHGATE_JWT_ALGORITHM",
+        value_enum,
+        default_value = "RS256"
+    )]
+    pub jwt_algorithm: KeyAlgorithm,
+
+    /// Allowed clock skew when checking `exp` and `nbf`, in seconds.
+    #[arg(long, env = "MATCHGATE_JWT_LEEWAY_SECS", default_value_t = 30)]
+    pub jwt_leeway_secs: u64,
+
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "MATCHGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "MATCHGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Lifetime of tokens from the dev-mode endpoint `POST /v1/dev/token`, in seconds.
+    #[arg(long, env = "MATCHGATE_DEV_TOKEN_TTL_SECS", default_value_t = 3600)]
+    pub dev_token_ttl_secs: u64,
+
+    /// Comma-separated `Origin` values allowed to open WebSockets (browsers). Empty: any origin.
+    /// Requests without an `Origin` header (mobile apps) are always allowed.
+    #[arg(
+        long,
+        env = "MATCHGATE_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        num_args = 0..
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Most concurrent WebSocket connections; beyond it the upgrade is refused with 503.
+    #[arg(long, env = "MATCHGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Largest client frame in bytes; larger frames close the connection with 1009.
+    #[arg(long, env = "MATCHGATE_MAX_MESSAGE_BYTES", default_value_t = 4096)]
+    pub max_message_bytes: usize,
+
+    /// Capacity of each connection's outbound queue, in frames. A client that lets it fill up is
+    /// closed with 4003.
+    #[arg(long, env = "MATCHGATE_OUTBOUND_QUEUE", default_value_t = 64)]
+    pub outbound_queue: usize,
+
+    /// How long one write to a client may take before it is treated as a slow consumer, in ms.
+    #[arg(long, env = "MATCHGATE_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+
+    /// How often clients should send a heartbeat, and the server sends pings, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_HEARTBEAT_INTERVAL_MS",
+        default_value_t = 25_000
+    )]
+    pub heartbeat_interval_ms: u64,
+
+    /// A connection silent for `heartbeat_interval_ms` times this factor is closed with 4002.
+    #[arg(
+        long,
+        env = "MATCHGATE_HEARTBEAT_TIMEOUT_FACTOR",
+        default_value_t = 2.0
+    )]
+    pub heartbeat_timeout_factor: f64,
+
+    /// How long a dropped user's queue place or session is held for a resume, in ms.
+    #[arg(long, env = "MATCHGATE_RESUME_GRACE_MS", default_value_t = 15_000)]
+    pub resume_grace_ms: u64,
+
+    /// Events kept per user for replay after a resume.
+    #[arg(long, env = "MATCHGATE_HISTORY_LEN", default_value_t = 32)]
+    pub history_len: usize,
+
+    /// Whether the peer of a user who skips (or times out) is put back in the queue.
+    #[arg(
+        long,
+        env = "MATCHGATE_REQUEUE_PEER_ON_SKIP",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub requeue_peer_on_skip: bool,
+
+    /// Least time between two `queue_update`s for the users of one pool, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_QUEUE_UPDATE_INTERVAL_MS",
+        default_value_t = 1_000
+    )]
+    pub queue_update_interval_ms: u64,
+
+    /// Client messages allowed per minute and connection (token bucket refill rate).
+    #[arg(long, env = "MATCHGATE_RATE_LIMIT_PER_MINUTE", default_value_t = 120)]
+    pub rate_limit_per_minute: u32,
+
+    /// Burst size of the per-connection message rate limit.
+    #[arg(long, env = "MATCHGATE_RATE_LIMIT_BURST", default_value_t = 30)]
+    pub rate_limit_burst: u32,
+
+    /// Errors a connection may cause before it is closed with 4004.
+    #[arg(long, env = "MATCHGATE_ERROR_BUDGET", default_value_t = 10)]
+    pub error_budget: u32,
+
+    /// One unit of the error budget comes back after this many ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_ERROR_BUDGET_REFILL_MS",
+        default_value_t = 6_000
+    )]
+    pub error_budget_refill_ms: u64,
+
+    /// How long a graceful shutdown waits for connections to close, in ms.
+    #[arg(long, env = "MATCHGATE_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+
+    /// Upper bound of the jittered `retry_after_ms` in the shutdown `reconnect` event.
+    #[arg(long, env = "MATCHGATE_RECONNECT_JITTER_MS", default_value_t = 5_000)]
+    pub reconnect_jitter_ms: u64,
+}
+
+/// A configuration that parsed but makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Checks values that clap's types cannot express. Called once at start-up.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        if let Some(secret) = &self.jwt_secret {
+            if secret.len() < 32 {
+                return fail(format!(
+                    "MATCHGATE_JWT_SECRET must be at least 32 bytes (got {})",
+                    secret.len()
+                ));
+            }
+        }
+        if let Some(aud) = &self.jwt_audience {
+            if aud.is_empty() {
+                return fail("MATCHGATE_JWT_AUDIENCE must not be empty when set".into());
+            }
+        }
+        if !(256..=1 << 20).contains(&self.max_message_bytes) {
+            return fail(format!(
+                "MATCHGATE_MAX_MESSAGE_BYTES must be between 256 and 1048576 (got {})",
+                self.max_message_bytes
+            ));
+        }
+        if self.max_connections == 0 {
+            return fail("MATCHGATE_MAX_CONNECTIONS must be at least 1".into());
+        }
+        if !(8..=65_536).contains(&self.outbound_queue) {
+            return fail(format!(
+                "MATCHGATE_OUTBOUND_QUEUE must be between 8 and 65536 (got {})",
+                self.outbound_queue
+            ));
+        }
+        if self.heartbeat_interval_ms < 10 {
+            return fail("MATCHGATE_HEARTBEAT_INTERVAL_MS must be at least 10".into());
+        }
+        if !(self.heartbeat_timeout_factor >= 1.0 && self.heartbeat_timeout_factor <= 100.0) {
+            return fail(format!(
+                "MATCHGATE_HEARTBEAT_TIMEOUT_FACTOR must be between 1 and 100 (got {})",
+                self.heartbeat_timeout_factor
+            ));
+        }
+        if self.history_len == 0 {
+            return fail("MATCHGATE_HISTORY_LEN must be at least 1".into());
+        }
+        if self.rate_limit_per_minute == 0 || self.rate_limit_burst == 0 {
+            return fail(
+                "MATCHGATE_RATE_LIMIT_PER_MINUTE and MATCHGATE_RATE_LIMIT_BURST must be at least 1"
+                    .into(),
+            );
+        }
+        if self.error_budget == 0 || self.error_budget_refill_ms == 0 {
+            return fail(
+                "MATCHGATE_ERROR_BUDGET and MATCHGATE_ERROR_BUDGET_REFILL_MS must be at least 1"
+                    .into(),
+            );
+        }
+        for origin in &self.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.ends_with('/')
+            {
+                return fail(format!(
+                    "MATCHGATE_ALLOWED_ORIGINS entries look like https://app.example.com (got {origin:?})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        self.heartbeat_interval()
+            .mul_f64(self.heartbeat_timeout_factor)
+    }
+
+    pub fn resume_grace(&self) -> Duration {
+        Duration::from_millis(self.resume_grace_ms)
+    }
+
+    /// Whether tokens are checked against a configured key (otherwise: dev mode).
+    pub fn dev_mode(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_public_key_file.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec!["matchgate"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all).expect("parses")
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_mode() {
+        let c = parse(&[]);
+        c.validate().unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.dev_mode());
+        assert!(c.requeue_peer_on_skip);
+        assert_eq!(c.heartbeat_timeout(), Duration::from_secs(50));
+    }
+
+    #[test]
+    fn rejects_nonsense_with_a_clear_message() {
+        let e = parse(&["--jwt-secret", "short"]).validate().unwrap_err();
+        assert!(e.to_string().contains("at least 32 bytes"), "{e}");
+        let e = parse(&["--max-message-bytes", "10"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("MAX_MESSAGE_BYTES"), "{e}");
+        let e = parse(&["--allowed-origins", "example.com"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("ALLOWED_ORIGINS"), "{e}");
+        assert!(Config::try_parse_from(["matchgate", "--listen", "nowhere"]).is_err());
+        assert!(Config::try_parse_from([
+            "matchgate",
+            "--jwt-secret",
+            "x",
+            "--jwt-public-key-file",
+            "/k.pem"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn parses_lists_and_booleans() {
+        let c = parse(&[
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+            "--requeue-peer-on-skip",
+            "false",
+        ]);
+        c.validate().unwrap();
+        assert_eq!(c.allowed_origins.len(), 2);
+        assert!(!c.requeue_peer_on_skip);
+    }
+}

@@ -1,0 +1,324 @@
+//! One client's WebSocket: the task that owns the socket for the connection's whole life.
+//!
+//! A single task per connection runs one `select!` loop over: frames from the client, frames
+//! queued for the client (from the [`Registry`](crate::registry::Registry)), close requests
+//! (replacement, slow consumer), the shutdown signal, the ping timer and the heartbeat
+//! deadline. One task and no split halves keeps an idle connection small. Everything the
+//! connection decides (limits, errors, close codes) is decided here; what a request means is
+//! the [`Gateway`]'s business.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use rand::Rng;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite;
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::matching::{ConnId, Resume, UserId};
+use crate::protocol::{close, parse_request, ErrorCode, Reply, PROTOCOL_VERSION};
+use crate::ratelimit::TokenBucket;
+use crate::registry::ConnectionHandle;
+use crate::shutdown::Shutdown;
+
+/// Per-connection limits, derived once from the configuration and shared by all connections.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub outbound_queue: usize,
+    pub write_timeout: Duration,
+    pub rate_per_minute: u32,
+    pub rate_burst: u32,
+    pub error_budget: u32,
+    pub error_refill: Duration,
+    pub reconnect_jitter_ms: u64,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Self {
+        Settings {
+            heartbeat_interval: c.heartbeat_interval(),
+            heartbeat_timeout: c.heartbeat_timeout(),
+            max_message_bytes: c.max_message_bytes,
+            outbound_queue: c.outbound_queue,
+            write_timeout: Duration::from_millis(c.write_timeout_ms),
+            rate_per_minute: c.rate_limit_per_minute,
+            rate_burst: c.rate_limit_burst,
+            error_budget: c.error_budget,
+            error_refill: Duration::from_millis(c.error_budget_refill_ms),
+            reconnect_jitter_ms: c.reconnect_jitter_ms,
+        }
+    }
+}
+
+/// Everything a connection task needs besides its socket.
+pub struct Connection {
+    pub gateway: Arc<Gateway>,
+    pub settings: Arc<Settings>,
+    pub user: UserId,
+    pub id: ConnId,
+    pub resume: Option<Resume>,
+    pub shutdown: Shutdown,
+    /// Dropped when the task ends: the server's drain waits for all of these.
+    pub _done: mpsc::Sender<()>,
+    /// The connection's slot under `max_connections`.
+    pub _permit: OwnedSemaphorePermit,
+}
+
+/// Why the loop stopped, and how to close the socket.
+enum Exit {
+    /// The client closed or the socket failed: nothing more to send.
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+}
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        close::GOING_AWAY => "server shutting down",
+        close::MESSAGE_TOO_BIG => "message too big",
+        close::REPLACED => "replaced by a newer connection",
+        close::HEARTBEAT_TIMEOUT => "heartbeat timeout",
+        close::SLOW_CONSUMER => "slow consumer",
+        close::TOO_MANY_ERRORS => "too many errors",
+        _ => "internal error",
+    }
+}
+
+impl Connection {
+    pub async fn run(mut self, mut ws: WebSocket) {
+        let gateway = self.gateway.clone();
+        let (handle, mut outbound, control) =
+            ConnectionHandle::new(self.id, self.settings.outbound_queue);
+        if let Some(old) = gateway.registry.register(self.user.clone(), handle) {
+            old.close(close::REPLACED);
+        }
+        gateway.metrics.connections.inc();
+
+        let exit = match gateway
+            .attach(&self.user, self.id, self.resume.take())
+            .await
+        {
+            Ok(attached) => {
+                let welcome = Reply::Welcome {
+                    user_id: &self.user,
+                    connection_id: &self.id.to_string(),
+                    protocol_version: PROTOCOL_VERSION,
+                    heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
+                    heartbeat_timeout_ms: self.settings.heartbeat_timeout.as_millis() as u64,
+                    max_message_bytes: self.settings.max_message_bytes,
+                    resume_token: &attached.resume_token,
+                    resumed: attached.resumed,
+                    last_seq: attached.last_seq,
+                    state: attached.state,
+                }
+                .encode();
+                let mut exit = self.send(&mut ws, welcome).await;
+                for frame in attached.replay {
+                    if exit.is_some() {
+                        break;
+                    }
+                    exit = self.send(&mut ws, frame.text).await;
+                }
+                match exit {
+                    Some(exit) => exit,
+                    None => {
+                        self.serve(&mut ws, &mut outbound, &control, attached.last_seq)
+                            .await
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "attach failed");
+                let frame =
+                    gateway.error_frame(ErrorCode::Unavailable, &e.to_string(), None, Some(1_000));
+                let _ = self.send(&mut ws, frame).await;
+                Exit::Close(close::INTERNAL, "internal error")
+            }
+        };
+
+        if let Exit::Close(code, reason) = exit {
+            gateway.metrics.disconnect(code_label(code));
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = tokio::time::timeout(
+                self.settings.write_timeout,
+                ws.send(Message::Close(Some(frame))),
+            )
+            .await;
+        }
+        gateway.registry.unregister(&self.user, self.id);
+        gateway.metrics.connections.dec();
+        gateway.detach(&self.user, self.id).await;
+    }
+
+    /// The main loop. `replayed_up_to`: frames with a `seq` up to this one were covered by the
+    /// welcome (state) and the replay, so queued duplicates are dropped.
+    async fn serve(
+        &mut self,
+        ws: &mut WebSocket,
+        outbound: &mut mpsc::Receiver<crate::bus::Frame>,
+        control: &crate::registry::Control,
+        replayed_up_to: u64,
+    ) -> Exit {
+        let s = self.settings.clone();
+        let mut rate = TokenBucket::new(s.rate_burst, s.rate_per_minute as f64 / 60.0);
+        let mut errors = TokenBucket::new(s.error_budget, 1.0 / s.error_refill.as_secs_f64());
+        // The first ping is jittered so that connections opened together do not ping together.
+        let first_ping = rand::rng().random_range(Duration::ZERO..s.heartbeat_interval);
+        let mut ping = tokio::time::interval_at(Instant::now() + first_ping, s.heartbeat_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let deadline = tokio::time::sleep(s.heartbeat_timeout);
+        tokio::pin!(deadline);
+
+        loop {
+            let reply = tokio::select! {
+                biased;
+                code = control.closed() => return Exit::Close(code, close_reason(code)),
+                _ = self.shutdown.recv() => {
+                    let jitter = rand::rng().random_range(0..=s.reconnect_jitter_ms);
+                    let frame = Reply::Reconnect { reason: "shutdown", retry_after_ms: jitter }.encode();
+                    if let Some(exit) = self.send(ws, frame).await {
+                        return exit;
+                    }
+                    return Exit::Close(close::GOING_AWAY, close_reason(close::GOING_AWAY));
+                }
+                incoming = ws.recv() => {
+                    let message = match incoming {
+                        None | Some(Ok(Message::Close(_))) => return Exit::Gone,
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => return read_error(e),
+                    };
+                    let text = match message {
+                        Message::Text(text) => text,
+                        Message::Binary(_) => {
+                            deadline.as_mut().reset(Instant::now() + s.heartbeat_timeout);
+                            let frame = self.gateway.error_frame(
+                                ErrorCode::BadRequest,
+                                "binary frames are not supported: send JSON text frames",
+                                None,
+                                None,
+                            );
+                            if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
+                                return exit;
+                            }
+                            continue;
+                        }
+                        // Pings are answered by the WebSocket layer; pongs are not client
+                        // traffic (see the protocol docs on heartbeats).
+                        Message::Ping(_) | Message::Pong(_) => continue,
+                        Message::Close(_) => return Exit::Gone,
+                    };
+                    deadline.as_mut().reset(Instant::now() + s.heartbeat_timeout);
+                    if let Err(wait) = rate.take() {
+                        let frame = self.gateway.error_frame(
+                            ErrorCode::RateLimited,
+                            "too many messages",
+                            None,
+                            Some(wait.as_millis() as u64 + 1),
+                        );
+                        if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
+                            return exit;
+                        }
+                        continue;
+                    }
+                    match parse_request(&text) {
+                        Ok(request) => self.gateway.handle(&self.user, self.id, request).await,
+                        Err((e, reference)) => {
+                            let frame = self.gateway.error_frame(e.code(), &e.to_string(), reference.as_deref(), None);
+                            if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
+                                return exit;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                frame = outbound.recv() => match frame {
+                    Some(frame) if frame.seq.is_some_and(|seq| seq <= replayed_up_to) => continue,
+                    Some(frame) => Some(frame.text),
+                    None => return Exit::Gone,
+                },
+                _ = ping.tick() => {
+                    if let Some(exit) = self.send_message(ws, Message::Ping(Default::default())).await {
+                        return exit;
+                    }
+                    continue;
+                }
+                _ = &mut deadline => {
+                    return Exit::Close(close::HEARTBEAT_TIMEOUT, close_reason(close::HEARTBEAT_TIMEOUT));
+                }
+            };
+            if let Some(frame) = reply {
+                if let Some(exit) = self.send(ws, frame).await {
+                    return exit;
+                }
+            }
+        }
+    }
+
+    /// Sends an error frame and charges the error budget; an empty budget closes.
+    async fn send_error(
+        &self,
+        ws: &mut WebSocket,
+        frame: Utf8Bytes,
+        budget: &mut TokenBucket,
+    ) -> Option<Exit> {
+        if let Some(exit) = self.send(ws, frame).await {
+            return Some(exit);
+        }
+        budget
+            .take()
+            .err()
+            .map(|_| Exit::Close(close::TOO_MANY_ERRORS, close_reason(close::TOO_MANY_ERRORS)))
+    }
+
+    async fn send(&self, ws: &mut WebSocket, text: Utf8Bytes) -> Option<Exit> {
+        self.send_message(ws, Message::Text(text)).await
+    }
+
+    /// Writes one message. A write that cannot finish within the write timeout means the client
+    /// does not read: it is treated as a slow consumer.
+    async fn send_message(&self, ws: &mut WebSocket, message: Message) -> Option<Exit> {
+        match tokio::time::timeout(self.settings.write_timeout, ws.send(message)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some(Exit::Gone),
+            Err(_) => {
+                self.gateway
+                    .metrics
+                    .disconnect(code_label(close::SLOW_CONSUMER));
+                Some(Exit::Gone)
+            }
+        }
+    }
+}
+
+/// Maps a read error to an exit: oversized frames get their close code, anything else means
+/// the socket is gone.
+fn read_error(e: axum::Error) -> Exit {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => {
+            Exit::Close(close::MESSAGE_TOO_BIG, close_reason(close::MESSAGE_TOO_BIG))
+        }
+        _ => Exit::Gone,
+    }
+}
+
+fn code_label(code: u16) -> &'static str {
+    match code {
+        close::GOING_AWAY => "1001",
+        close::MESSAGE_TOO_BIG => "1009",
+        close::REPLACED => "4001",
+        close::HEARTBEAT_TIMEOUT => "4002",
+        close::SLOW_CONSUMER => "4003",
+        close::TOO_MANY_ERRORS => "4004",
+        _ => "1011",
+    }
+}

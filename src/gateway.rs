@@ -1,0 +1,206 @@
+//! The gateway core: turns protocol requests into matchmaker operations and acts on what they
+//! report (metrics, grace timers, throttled queue updates).
+//!
+//! It is the only place where the transport meets the matching domain. Connections call it with
+//! parsed requests; it never touches a socket. Frames reach sockets through the
+//! [`Bus`](crate::bus::Bus) and the [`Registry`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+
+use crate::bus::local::LocalBus;
+use crate::config::Config;
+use crate::ids::unix_ms;
+use crate::matching::memory::{MemoryMatchmaker, Policy};
+use crate::matching::{Attached, ConnId, MatchError, Matchmaker, Outcome, Resume, UserId};
+use crate::metrics::Metrics;
+use crate::protocol::{Action, ErrorCode, Reply, Request};
+use crate::registry::Registry;
+
+pub struct Gateway {
+    matchmaker: Arc<dyn Matchmaker>,
+    pub registry: Arc<Registry>,
+    pub metrics: Metrics,
+    resume_grace: Duration,
+    queue_update_interval: Duration,
+    /// Pools with a queue update already scheduled: at most one per pool and interval.
+    refresh_pending: DashMap<Arc<str>, ()>,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    /// The embedded default: in-memory matching, in-process delivery.
+    pub fn in_memory(config: &Config) -> Arc<Self> {
+        let registry = Arc::new(Registry::default());
+        let bus = Arc::new(LocalBus::new(registry.clone()));
+        let matchmaker = Arc::new(MemoryMatchmaker::new(
+            bus,
+            Policy {
+                requeue_peer_on_skip: config.requeue_peer_on_skip,
+                history_len: config.history_len,
+                history_ttl: config.resume_grace(),
+            },
+        ));
+        Arc::new(Gateway {
+            matchmaker,
+            registry,
+            metrics: Metrics::new(),
+            resume_grace: config.resume_grace(),
+            queue_update_interval: Duration::from_millis(config.queue_update_interval_ms),
+            refresh_pending: DashMap::new(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the instance should get traffic: not draining, and its backend answers.
+    pub async fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && self.matchmaker.stats().await.is_ok()
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let stats = self.matchmaker.stats().await.unwrap_or_default();
+        self.metrics.render(stats)
+    }
+
+    pub async fn attach(
+        self: &Arc<Self>,
+        user: &UserId,
+        conn: ConnId,
+        resume: Option<Resume>,
+    ) -> Result<Attached, MatchError> {
+        let mut attached = self.matchmaker.attach(user, conn, resume).await?;
+        self.apply(user, conn, std::mem::take(&mut attached.outcome));
+        Ok(attached)
+    }
+
+    pub async fn detach(self: &Arc<Self>, user: &UserId, conn: ConnId) {
+        match self.matchmaker.detach(user, conn).await {
+            Ok(outcome) => self.apply(user, conn, outcome),
+            Err(e) => tracing::warn!(error = %e, "detach failed"),
+        }
+    }
+
+    /// Handles one request and returns the direct reply frame, if the reply is not an event
+    /// (events travel through the bus).
+    pub async fn handle(
+        self: &Arc<Self>,
+        user: &UserId,
+        conn: ConnId,
+        req: Request,
+    ) -> Option<Utf8Bytes> {
+        let reference = req.reference.as_deref();
+        let result = match req.action {
+            Action::Enqueue(prefs) => self.matchmaker.enqueue(user, prefs, reference).await,
+            Action::Skip => self.matchmaker.skip(user, reference).await,
+            Action::End => self.matchmaker.end(user, reference).await,
+            Action::Heartbeat => {
+                return Some(
+                    Reply::HeartbeatAck {
+                        server_time_ms: unix_ms(),
+                        reference,
+                    }
+                    .encode(),
+                )
+            }
+            Action::Status => {
+                return Some(match self.matchmaker.status(user).await {
+                    Ok(s) => Reply::Status {
+                        state: s.state,
+                        position: s.position,
+                        estimated_wait_ms: s.estimated_wait_ms,
+                        session_id: s.session_id.as_deref(),
+                        reference,
+                    }
+                    .encode(),
+                    Err(e) => self.match_error(&e, reference),
+                })
+            }
+        };
+        match result {
+            Ok(outcome) => {
+                self.apply(user, conn, outcome);
+                None
+            }
+            Err(e) => Some(self.match_error(&e, reference)),
+        }
+    }
+
+    fn match_error(&self, e: &MatchError, reference: Option<&str>) -> Utf8Bytes {
+        let retry = matches!(e, MatchError::Unavailable(_)).then_some(1_000);
+        self.error_frame(e.code(), &e.to_string(), reference, retry)
+    }
+
+    /// Builds an `error` frame and counts it.
+    pub fn error_frame(
+        &self,
+        code: ErrorCode,
+        message: &str,
+        reference: Option<&str>,
+        retry_after_ms: Option<u64>,
+    ) -> Utf8Bytes {
+        self.metrics.protocol_error(code);
+        Reply::Error {
+            code,
+            message,
+            reference,
+            retry_after_ms,
+        }
+        .encode()
+    }
+
+    /// Acts on what an operation reported.
+    fn apply(self: &Arc<Self>, user: &UserId, conn: ConnId, outcome: Outcome) {
+        for waited in &outcome.waits {
+            self.metrics.matched_after(*waited);
+        }
+        for _ in 0..outcome.waits.len() / 2 {
+            self.metrics.matches.inc();
+        }
+        for reason in outcome.ended {
+            self.metrics.session_ended(reason);
+        }
+        for pool in outcome.changed_pools {
+            self.schedule_refresh(pool);
+        }
+        if outcome.held {
+            self.schedule_expiry(user.clone(), conn);
+        }
+    }
+
+    /// Queue updates are throttled per pool: the first change arms one timer, later changes
+    /// within the interval ride along. Nothing runs while no pool changes.
+    fn schedule_refresh(self: &Arc<Self>, pool: Arc<str>) {
+        if self.refresh_pending.insert(pool.clone(), ()).is_some() {
+            return;
+        }
+        let gateway = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(gateway.queue_update_interval).await;
+            gateway.refresh_pending.remove(&pool);
+            if let Err(e) = gateway.matchmaker.refresh_pool(&pool).await {
+                tracing::warn!(error = %e, "queue update failed");
+            }
+        });
+    }
+
+    /// After the grace period the held state of a dropped connection goes, unless the user
+    /// came back (the matchmaker checks that under its lock).
+    fn schedule_expiry(self: &Arc<Self>, user: UserId, conn: ConnId) {
+        let gateway = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(gateway.resume_grace).await;
+            match gateway.matchmaker.expire(&user, conn).await {
+                Ok(outcome) => gateway.apply(&user, conn, outcome),
+                Err(e) => tracing::warn!(error = %e, "expiry failed"),
+            }
+        });
+    }
+}

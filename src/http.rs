@@ -1,0 +1,226 @@
+//! HTTP endpoints: health, readiness, metrics, the dev token endpoint, and the WebSocket
+//! handshake, where every check (origin, token, capacity) happens before the upgrade.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::auth::{AuthError, Authenticator};
+use crate::connection::{Connection, Settings};
+use crate::gateway::Gateway;
+use crate::matching::{ConnId, Resume};
+use crate::shutdown::Shutdown;
+
+/// Shared state of the HTTP layer.
+pub struct App {
+    pub gateway: Arc<Gateway>,
+    pub auth: Authenticator,
+    pub settings: Arc<Settings>,
+    pub allowed_origins: Vec<String>,
+    pub connection_slots: Arc<Semaphore>,
+    pub shutdown: watch::Receiver<bool>,
+    pub done: mpsc::Sender<()>,
+    /// Connection ids: a random instance prefix in the high bits keeps them unique across
+    /// instances, a counter in the low bits keeps them unique here.
+    pub next_conn: AtomicU64,
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/ws", get(ws_handshake));
+    if app.auth.mint_dev_token("probe").is_some() {
+        router = router.route("/v1/dev/token", post(dev_token));
+    }
+    router.with_state(app)
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.gateway.ready().await {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = app.gateway.metrics_text().await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn refusal(status: StatusCode, error: &str, reason: &str) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "error": error, "reason": reason })),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct DevTokenRequest {
+    device_id: String,
+}
+
+async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let request: DevTokenRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("body must be {{\"device_id\": \"...\"}}: {e}"),
+            )
+        }
+    };
+    let id = &request.device_id;
+    let valid = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if !valid {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "device_id must be 1 to 128 characters of A-Z a-z 0-9 - _ . :",
+        );
+    }
+    match app.auth.mint_dev_token(id) {
+        Some((token, ttl)) => Json(serde_json::json!({
+            "access_token": token,
+            "expires_in": ttl,
+            "user_id": format!("dev-{id}"),
+        }))
+        .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    access_token: Option<String>,
+    resume: Option<String>,
+    last_seq: Option<String>,
+}
+
+/// The token from `Authorization: Bearer` or, for browsers, the `access_token` parameter.
+fn bearer_token<'a>(headers: &'a HeaderMap, query: &'a WsQuery) -> Result<&'a str, AuthError> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+        return match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
+            _ => Err(AuthError::Malformed),
+        };
+    }
+    query.access_token.as_deref().ok_or(AuthError::Missing)
+}
+
+async fn ws_handshake(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let gateway = &app.gateway;
+    let Ok(Query(query)) = query else {
+        gateway.metrics.handshake_refused("bad_request");
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "malformed query string",
+        );
+    };
+    if !app.allowed_origins.is_empty() {
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let allowed = origin
+                .to_str()
+                .is_ok_and(|o| app.allowed_origins.iter().any(|a| a == o));
+            if !allowed {
+                gateway.metrics.handshake_refused("origin");
+                return refusal(StatusCode::FORBIDDEN, "forbidden", "origin not allowed");
+            }
+        }
+    }
+    let claims = match bearer_token(&headers, &query).and_then(|t| app.auth.verify(t)) {
+        Ok(claims) => claims,
+        Err(e) => {
+            // The reason is safe to log and to return: it never includes the token.
+            tracing::debug!(reason = %e, "handshake refused");
+            gateway.metrics.handshake_refused("unauthorized");
+            return refusal(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+        }
+    };
+    let resume = match (query.resume, query.last_seq) {
+        (None, _) => None,
+        (Some(token), None) => Some(Resume { token, last_seq: 0 }),
+        (Some(token), Some(seq)) => match seq.parse() {
+            Ok(last_seq) => Some(Resume { token, last_seq }),
+            Err(_) => {
+                gateway.metrics.handshake_refused("bad_request");
+                return refusal(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "last_seq must be a non-negative integer",
+                );
+            }
+        },
+    };
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => return rejection.into_response(),
+    };
+    if *app.shutdown.borrow() {
+        gateway.metrics.handshake_refused("draining");
+        return unavailable("draining");
+    }
+    let Ok(permit) = app.connection_slots.clone().try_acquire_owned() else {
+        gateway.metrics.handshake_refused("capacity");
+        return unavailable("connection limit reached");
+    };
+
+    let connection = Connection {
+        gateway: app.gateway.clone(),
+        settings: app.settings.clone(),
+        user: claims.sub.into(),
+        id: ConnId(app.next_conn.fetch_add(1, Ordering::Relaxed)),
+        resume,
+        shutdown: Shutdown::new(app.shutdown.clone()),
+        _done: app.done.clone(),
+        _permit: permit,
+    };
+    let s = &app.settings;
+    upgrade
+        // tungstenite's defaults (128 KiB read buffer allocated per connection, 64 MiB
+        // messages) would dwarf everything else an idle connection costs.
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(s.max_message_bytes.max(64 * 1024) * 4)
+        .max_message_size(s.max_message_bytes)
+        .max_frame_size(s.max_message_bytes)
+        .on_upgrade(move |ws| connection.run(ws))
+}
+
+fn unavailable(reason: &str) -> Response {
+    let mut response = refusal(StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    response
+}

@@ -1,0 +1,29 @@
+//! matchgate: a realtime matchmaking gateway for random video chat.
+//!
+//! Layers, from the socket inwards:
+//! - [`server`] binds, serves and drains; [`http`] holds the endpoints and the handshake
+//!   (auth, origin, capacity); [`connection`] owns one WebSocket.
+//! - [`protocol`] is the wire contract (mirrored by the JSON Schemas in `protocol/`).
+//! - [`gateway`] turns requests into matching operations and runs timers (grace, queue
+//!   updates); it is where the transport meets the domain.
+//! - [`matching`] (state: queue, sessions, event logs) and [`bus`] (delivery to wherever a
+//!   user's connection lives) are narrow traits with swappable backends; [`registry`] maps
+//!   users to this instance's live connections.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod connection;
+pub mod gateway;
+pub mod http;
+pub mod ids;
+pub mod matching;
+pub mod metrics;
+pub mod protocol;
+pub mod ratelimit;
+pub mod registry;
+pub mod server;
+pub mod shutdown;
+
+pub use config::Config;
+pub use server::Server;

@@ -1,0 +1,60 @@
+//! The `matchgate` binary: parse the configuration, set up logging, serve until SIGTERM or
+//! SIGINT, then drain.
+
+use clap::Parser;
+use matchgate::auth::AuthMode;
+use matchgate::config::{Config, LogFormat};
+use matchgate::Server;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    let config = Config::parse();
+    init_logging(&config);
+    let mode = "embedded (in-memory state, single instance)";
+    let server = match Server::bind(config).await {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("matchgate: {e}");
+            std::process::exit(2);
+        }
+    };
+    let addr = server.local_addr();
+    if server.auth_mode() == AuthMode::Dev {
+        tracing::warn!(
+            "DEV MODE: no MATCHGATE_JWT_SECRET or MATCHGATE_JWT_PUBLIC_KEY_FILE set; anyone can get a token from POST /v1/dev/token. Never run this in production."
+        );
+    }
+    tracing::info!(
+        "matchgate listening on {addr} (ws://{addr}/v1/ws), mode: {mode}, auth: {}",
+        server.auth_mode()
+    );
+    server.run(shutdown_signal()).await;
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|e| {
+        eprintln!("matchgate: invalid MATCHGATE_LOG {:?}: {e}", config.log);
+        std::process::exit(2);
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,154 @@
+//! The matching domain: who waits in which pool, who is in which session, and the per-user
+//! event log that makes resume possible.
+//!
+//! [`Matchmaker`] is the narrow seam between the transport and the state. Each operation is one
+//! atomic step: it checks the user's state, changes it, appends the resulting events to the
+//! users' logs (assigning `seq`) and hands the frames to the [`Bus`](crate::bus::Bus) in that
+//! same step, so that every user sees events in `seq` order no matter how many operations race.
+//! The in-memory implementation does this under one lock; a Redis implementation does it in one
+//! script. The transport never knows which one runs.
+
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::bus::Frame;
+use crate::protocol::{EndReason, ErrorCode, Prefs, StateName};
+
+/// A user id: the JWT `sub`.
+pub type UserId = std::sync::Arc<str>;
+
+/// Identifies one WebSocket connection, so that a late disconnect of a replaced connection
+/// cannot touch the state its successor took over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "c{:016x}", self.0)
+    }
+}
+
+/// What a reconnecting client presents to get missed events back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub token: String,
+    pub last_seq: u64,
+}
+
+/// The result of [`Matchmaker::attach`].
+#[derive(Debug)]
+pub struct Attached {
+    pub state: StateName,
+    /// Token for the next resume; it names the user's current event log.
+    pub resume_token: String,
+    /// The latest `seq` of this user at the moment of attaching.
+    pub last_seq: u64,
+    /// Whether the presented resume token was valid (and the replay is complete).
+    pub resumed: bool,
+    /// Events after the client's `last_seq`, in order, when `resumed`.
+    pub replay: Vec<Frame>,
+    pub outcome: Outcome,
+}
+
+/// The user's state as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub state: StateName,
+    pub position: Option<u64>,
+    pub estimated_wait_ms: Option<u64>,
+    pub session_id: Option<std::sync::Arc<str>>,
+}
+
+/// Side effects of an operation that the gateway acts on beyond delivery: metrics, throttled
+/// queue updates, grace timers.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// For each user matched by this operation: how long they waited.
+    pub waits: Vec<Duration>,
+    /// For each session ended by this operation: why (from the initiator's side).
+    pub ended: Vec<EndReason>,
+    /// Pools whose waiting users' positions may have changed.
+    pub changed_pools: Vec<std::sync::Arc<str>>,
+    /// After `detach`: the user's state is held and expires after the grace period.
+    pub held: bool,
+}
+
+impl Outcome {
+    pub fn merge(&mut self, other: Outcome) {
+        self.waits.extend(other.waits);
+        self.ended.extend(other.ended);
+        for p in other.changed_pools {
+            if !self.changed_pools.contains(&p) {
+                self.changed_pools.push(p);
+            }
+        }
+        self.held |= other.held;
+    }
+}
+
+/// Counts for the metrics endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub queued: u64,
+    pub sessions: u64,
+}
+
+/// Errors of the matching layer; mapped to protocol error codes in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum MatchError {
+    #[error("{0}")]
+    InvalidState(&'static str),
+    #[error("matching backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl MatchError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MatchError::InvalidState(_) => ErrorCode::InvalidState,
+            MatchError::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// Matching state behind one narrow interface. See the module docs for the atomicity contract.
+#[async_trait]
+pub trait Matchmaker: Send + Sync + 'static {
+    /// A connection for `user` came up: it takes over the user's state (queue place or session)
+    /// and, with a valid `resume`, gets the events it missed.
+    async fn attach(
+        &self,
+        user: &UserId,
+        conn: ConnId,
+        resume: Option<Resume>,
+    ) -> Result<Attached, MatchError>;
+
+    /// The connection `conn` of `user` went away. A no-op when a newer connection took over.
+    async fn detach(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError>;
+
+    /// The grace period after `detach(user, conn)` ran out: drop the held state unless the user
+    /// came back in the meantime.
+    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError>;
+
+    async fn enqueue(
+        &self,
+        user: &UserId,
+        prefs: Prefs,
+        reference: Option<&str>,
+    ) -> Result<Outcome, MatchError>;
+
+    async fn skip(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError>;
+
+    async fn end(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError>;
+
+    async fn status(&self, user: &UserId) -> Result<Status, MatchError>;
+
+    /// Pushes `queue_update` to waiting users of `pool` whose position or estimate changed since
+    /// they were last told.
+    async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError>;
+
+    async fn stats(&self) -> Result<Stats, MatchError>;
+}

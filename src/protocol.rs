@@ -1,0 +1,506 @@
+//! The wire protocol v1: what clients send, what the gateway pushes, and the stable codes.
+//!
+//! This module is the Rust side of the contract in `protocol/` (JSON Schemas and the AsyncAPI
+//! document). Client frames are parsed in two steps so that every failure maps to a precise
+//! error code: first the envelope (`type`, `ref`), then the typed body. Server events are
+//! serialised exactly once, into a shared `Arc<str>` frame, together with their `seq`.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Protocol version announced in `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest accepted `ref`.
+pub const MAX_REF_LEN: usize = 64;
+
+/// Longest accepted preference value.
+pub const MAX_PREF_LEN: usize = 64;
+
+/// What a client asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Enqueue(Prefs),
+    Skip,
+    End,
+    Heartbeat,
+    Status,
+}
+
+/// A parsed client frame: the action and the `ref` its direct reply echoes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub action: Action,
+    pub reference: Option<String>,
+}
+
+/// Matching preferences. Two users are compatible when all four fields are equal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prefs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+impl Prefs {
+    fn validate(&self) -> Result<(), ParseError> {
+        for (name, value) in [
+            ("topic", &self.topic),
+            ("format", &self.format),
+            ("language", &self.language),
+            ("region", &self.region),
+        ] {
+            if let Some(v) = value {
+                if v.is_empty() || v.chars().count() > MAX_PREF_LEN {
+                    return Err(ParseError::BadRequest(format!(
+                        "prefs.{name} must be 1 to {MAX_PREF_LEN} characters"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool these preferences belong to. Values are length-prefixed so that no two
+    /// different preference sets can produce the same key.
+    pub fn pool_key(&self) -> String {
+        let mut key = String::new();
+        for v in [&self.topic, &self.format, &self.language, &self.region] {
+            match v {
+                Some(v) => {
+                    key.push_str(&v.len().to_string());
+                    key.push(':');
+                    key.push_str(v);
+                }
+                None => key.push('-'),
+            }
+            key.push('|');
+        }
+        key
+    }
+}
+
+/// Why a client frame was refused. Carries the `ref` when it could be read, so that even a
+/// rejected request's error echoes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+}
+
+impl ParseError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ParseError::BadRequest(_) => ErrorCode::BadRequest,
+            ParseError::UnknownType(_) => ErrorCode::UnknownType,
+        }
+    }
+}
+
+/// The fields every client frame shares; everything else is read per type.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: Option<serde_json::Value>,
+    #[serde(rename = "ref")]
+    reference: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct EnqueueBody {
+    #[serde(default)]
+    prefs: Option<Prefs>,
+}
+
+/// Parses one client text frame. On failure returns the error together with the `ref` if the
+/// frame carried a valid one.
+pub fn parse_request(text: &str) -> Result<Request, (ParseError, Option<String>)> {
+    let envelope: Envelope = serde_json::from_str(text).map_err(|e| {
+        let msg = if e.is_data() {
+            "a frame must be a JSON object".to_string()
+        } else {
+            format!("malformed JSON: {e}")
+        };
+        (ParseError::BadRequest(msg), None)
+    })?;
+    let reference = match envelope.reference {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s.chars().count() <= MAX_REF_LEN => Some(s),
+        Some(_) => {
+            return Err((
+                ParseError::BadRequest(format!(
+                    "ref must be a string of at most {MAX_REF_LEN} characters"
+                )),
+                None,
+            ))
+        }
+    };
+    let kind = match envelope.kind {
+        Some(serde_json::Value::String(s)) => s,
+        Some(_) => {
+            return Err((
+                ParseError::BadRequest("type must be a string".into()),
+                reference,
+            ))
+        }
+        None => return Err((ParseError::BadRequest("missing type".into()), reference)),
+    };
+    let action = match kind.as_str() {
+        "enqueue" => {
+            let body: EnqueueBody = match serde_json::from_str(text) {
+                Ok(b) => b,
+                Err(e) => {
+                    return Err((
+                        ParseError::BadRequest(format!("invalid enqueue: {e}")),
+                        reference,
+                    ))
+                }
+            };
+            let prefs = body.prefs.unwrap_or_default();
+            if let Err(e) = prefs.validate() {
+                return Err((e, reference));
+            }
+            Action::Enqueue(prefs)
+        }
+        "skip" => Action::Skip,
+        "end" => Action::End,
+        "heartbeat" => Action::Heartbeat,
+        "status" => Action::Status,
+        _ => {
+            let mut shown = kind;
+            shown.truncate(shown.floor_char_boundary(MAX_REF_LEN));
+            return Err((ParseError::UnknownType(shown), reference));
+        }
+    };
+    Ok(Request { action, reference })
+}
+
+/// Stable error codes (`error.code`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownType,
+    InvalidState,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 6] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidState,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::InvalidState => "invalid_state",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// WebSocket close codes the gateway uses. Documented in `protocol/README.md`.
+pub mod close {
+    /// Server shutting down; a `reconnect` event preceded it.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame exceeded `max_message_bytes`.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// Internal error.
+    pub const INTERNAL: u16 = 1011;
+    /// Another connection for the same user took over.
+    pub const REPLACED: u16 = 4001;
+    /// No client message within the heartbeat timeout.
+    pub const HEARTBEAT_TIMEOUT: u16 = 4002;
+    /// The outbound queue overflowed.
+    pub const SLOW_CONSUMER: u16 = 4003;
+    /// The per-connection error budget ran out.
+    pub const TOO_MANY_ERRORS: u16 = 4004;
+}
+
+/// A user's state as the protocol names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateName {
+    Idle,
+    Queued,
+    InSession,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Offerer,
+    Answerer,
+}
+
+/// Why a session ended, from the point of view of the user who receives the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    Skip,
+    End,
+    PeerSkipped,
+    PeerEnded,
+    PeerDisconnected,
+    Timeout,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 6] = [
+        EndReason::Skip,
+        EndReason::End,
+        EndReason::PeerSkipped,
+        EndReason::PeerEnded,
+        EndReason::PeerDisconnected,
+        EndReason::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Skip => "skip",
+            EndReason::End => "end",
+            EndReason::PeerSkipped => "peer_skipped",
+            EndReason::PeerEnded => "peer_ended",
+            EndReason::PeerDisconnected => "peer_disconnected",
+            EndReason::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DequeueReason {
+    End,
+    Timeout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    Reconnecting,
+    Connected,
+}
+
+/// An event for one user. Events with [`Event::has_seq`] change the user's state: they get a
+/// `seq`, go into the user's replay log and are never dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Queued {
+        position: u64,
+        estimated_wait_ms: Option<u64>,
+    },
+    QueueUpdate {
+        position: u64,
+        estimated_wait_ms: Option<u64>,
+    },
+    Dequeued {
+        reason: DequeueReason,
+    },
+    Matched {
+        session_id: Arc<str>,
+        peer: Arc<str>,
+        role: Role,
+        started_at_ms: u64,
+    },
+    SessionEnded {
+        session_id: Arc<str>,
+        reason: EndReason,
+        requeued: bool,
+    },
+    PeerStatus {
+        session_id: Arc<str>,
+        state: PeerState,
+    },
+}
+
+impl Event {
+    /// Whether this event changes the user's state (and so carries a `seq`).
+    pub fn has_seq(&self) -> bool {
+        !matches!(self, Event::QueueUpdate { .. })
+    }
+}
+
+#[derive(Serialize)]
+struct Sequenced<'a> {
+    #[serde(flatten)]
+    event: &'a Event,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+}
+
+/// Serialises an event with its `seq` and `ref` into a frame: the one serialisation it gets.
+pub fn encode_event(event: &Event, seq: Option<u64>, reference: Option<&str>) -> Utf8Bytes {
+    encode(&Sequenced {
+        event,
+        seq,
+        reference,
+    })
+}
+
+/// Direct replies and informational frames: no `seq`, never replayed.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply<'a> {
+    Welcome {
+        user_id: &'a str,
+        connection_id: &'a str,
+        protocol_version: u32,
+        heartbeat_interval_ms: u64,
+        heartbeat_timeout_ms: u64,
+        max_message_bytes: usize,
+        resume_token: &'a str,
+        resumed: bool,
+        last_seq: u64,
+        state: StateName,
+    },
+    HeartbeatAck {
+        server_time_ms: u64,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    },
+    Status {
+        state: StateName,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        position: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        estimated_wait_ms: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session_id: Option<&'a str>,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+    Reconnect {
+        reason: &'a str,
+        retry_after_ms: u64,
+    },
+}
+
+impl Reply<'_> {
+    pub fn encode(&self) -> Utf8Bytes {
+        encode(self)
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Utf8Bytes {
+    // Serialising our own types into a String cannot fail: no maps with non-string keys, no
+    // fallible Serialize impls. The String becomes the frame without a copy.
+    serde_json::to_string(value)
+        .expect("protocol types always serialise")
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_action() {
+        let r =
+            parse_request(r#"{"type":"enqueue","ref":"a1","prefs":{"topic":"music"}}"#).unwrap();
+        assert_eq!(r.reference.as_deref(), Some("a1"));
+        assert_eq!(
+            r.action,
+            Action::Enqueue(Prefs {
+                topic: Some("music".into()),
+                ..Prefs::default()
+            })
+        );
+        for (t, a) in [
+            ("skip", Action::Skip),
+            ("end", Action::End),
+            ("heartbeat", Action::Heartbeat),
+            ("status", Action::Status),
+        ] {
+            let r = parse_request(&format!(r#"{{"type":"{t}","extra":1}}"#)).unwrap();
+            assert_eq!(r.action, a);
+            assert_eq!(r.reference, None);
+        }
+    }
+
+    #[test]
+    fn classifies_bad_frames() {
+        let code = |s: &str| parse_request(s).unwrap_err().0.code();
+        assert_eq!(code("{not json"), ErrorCode::BadRequest);
+        assert_eq!(code("[1,2]"), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"ref":"x"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":7}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(
+            code(r#"{"type":"enqueue","prefs":{"topic":5}}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"enqueue","prefs":{"colour":"red"}}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"enqueue","prefs":{"topic":""}}"#),
+            ErrorCode::BadRequest
+        );
+        let (_, r) = parse_request(r#"{"type":"dance","ref":"r9"}"#).unwrap_err();
+        assert_eq!(r.as_deref(), Some("r9"));
+    }
+
+    #[test]
+    fn pool_keys_do_not_collide() {
+        let a = Prefs {
+            topic: Some("a|b".into()),
+            ..Prefs::default()
+        };
+        let b = Prefs {
+            topic: Some("a".into()),
+            format: Some("b".into()),
+            ..Prefs::default()
+        };
+        assert_ne!(a.pool_key(), b.pool_key());
+        assert_eq!(a.pool_key(), a.clone().pool_key());
+        assert_ne!(Prefs::default().pool_key(), a.pool_key());
+    }
+
+    #[test]
+    fn events_carry_seq_and_ref() {
+        let frame = encode_event(
+            &Event::Dequeued {
+                reason: DequeueReason::End,
+            },
+            Some(3),
+            Some("x"),
+        );
+        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v["type"], "dequeued");
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["ref"], "x");
+        assert_eq!(v["reason"], "end");
+    }
+}

@@ -1,0 +1,136 @@
+//! The server: binds the listener, wires the layers together, serves until told to stop, then
+//! drains.
+//!
+//! Shutdown follows tokio-rs/mini-redis: a signal future ends the accept loop; a `watch` flag
+//! tells every connection task to send `reconnect` and close with 1001; each task holds an
+//! `mpsc::Sender` clone, and the server waits (up to the drain timeout) until all are dropped.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::auth::{AuthMode, Authenticator, KeyError};
+use crate::config::{Config, ConfigError};
+use crate::connection::Settings;
+use crate::gateway::Gateway;
+use crate::http::{router, App};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Server {
+    listener: TcpListener,
+    app: Arc<App>,
+    stop: watch::Sender<bool>,
+    done: mpsc::Receiver<()>,
+    drain_timeout: Duration,
+}
+
+impl Server {
+    /// Validates the configuration, builds the layers and binds the listener.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        config.validate()?;
+        let auth = Authenticator::from_config(&config)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let (stop, stop_rx) = watch::channel(false);
+        let (done_tx, done) = mpsc::channel(1);
+        let app = Arc::new(App {
+            gateway: Gateway::in_memory(&config),
+            auth,
+            settings: Arc::new(Settings::from_config(&config)),
+            allowed_origins: config.allowed_origins.clone(),
+            connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+            shutdown: stop_rx,
+            done: done_tx,
+            next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
+        });
+        Ok(Server {
+            listener,
+            app,
+            stop,
+            done,
+            drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn auth_mode(&self) -> AuthMode {
+        self.app.auth.mode()
+    }
+
+    /// Serves until `signal` resolves, then drains: stops accepting, asks every connection to
+    /// reconnect elsewhere, and waits for them up to the drain timeout.
+    pub async fn run(self, signal: impl Future<Output = ()> + Send + 'static) {
+        let Server {
+            listener,
+            app,
+            stop,
+            mut done,
+            drain_timeout,
+        } = self;
+        let gateway = app.gateway.clone();
+        let (signalled, mut signalled_rx) = oneshot::channel();
+        let stop_accepting = async move {
+            signal.await;
+            tracing::info!("shutdown signal received: draining");
+            gateway.start_draining();
+            let _ = stop.send(true);
+            let _ = signalled.send(());
+        };
+        let serve = axum::serve(listener, router(app))
+            .with_graceful_shutdown(stop_accepting)
+            .into_future();
+        tokio::pin!(serve);
+        let mut served = false;
+        tokio::select! {
+            result = &mut serve => {
+                served = true;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "server error");
+                }
+            }
+            _ = &mut signalled_rx => {}
+        }
+        let deadline = Instant::now() + drain_timeout;
+        // Stop accepting and let plain HTTP requests finish; upgraded connections are tracked
+        // by `done` instead.
+        if !served && tokio::time::timeout_at(deadline, serve).await.is_err() {
+            tracing::warn!("HTTP connections still open at the drain timeout");
+        }
+        // `recv` returns `None` once every connection task has dropped its sender.
+        if tokio::time::timeout_at(deadline, done.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open at the drain timeout: closing them");
+        }
+        tracing::info!("shut down");
+    }
+}
