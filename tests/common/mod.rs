@@ -1,0 +1,378 @@
+//! Test harness: a real gateway on an ephemeral loopback port, real WebSocket clients, and a
+//! schema check of every frame the server sends against `protocol/schemas/server/`.
+//!
+//! Waiting helpers use a generous timeout only so that a broken build fails instead of hanging;
+//! no test asserts how long anything takes.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use matchgate::{Config, Server};
+
+/// The HS256 secret test servers run with.
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+/// Hang protection for every wait.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// A server with the test secret and `extra` flags.
+    pub async fn start(extra: &[&str]) -> TestServer {
+        let mut args = vec!["--jwt-secret", SECRET];
+        args.extend_from_slice(extra);
+        Self::start_raw(&args).await
+    }
+
+    /// A server with exactly these flags (plus an ephemeral listen address).
+    pub async fn start_raw(extra: &[&str]) -> TestServer {
+        let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+        let mut args = vec!["matchgate", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let config = <Config as clap::Parser>::try_parse_from(args).expect("test config parses");
+        let server = Server::bind(config).await.expect("server binds");
+        let addr = server.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Connects `user` with a fresh token and reads the `welcome`.
+    pub async fn connect(&self, user: &str) -> Client {
+        self.connect_with(user, "").await
+    }
+
+    /// Connects with extra query parameters (e.g. `resume=...&last_seq=3`).
+    pub async fn connect_with(&self, user: &str, query: &str) -> Client {
+        let url = if query.is_empty() {
+            self.ws_url()
+        } else {
+            format!("{}?{}", self.ws_url(), query)
+        };
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", token(user)).parse().unwrap(),
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("handshake succeeds");
+        let mut client = Client {
+            ws,
+            user: user.to_string(),
+            seen: Vec::new(),
+            welcome: Value::Null,
+        };
+        let welcome = client.expect("welcome").await;
+        client.welcome = welcome;
+        client
+    }
+
+    /// Triggers a graceful shutdown and waits for the server to finish draining.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("server drains")
+                .unwrap();
+        }
+    }
+
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        http_get(self.addr, "/metrics").await.1
+    }
+
+    /// One sample of `/metrics`, by its full name with labels, e.g.
+    /// `matchgate_sessions_ended_total{reason="skip"}`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics().await;
+        metric_value(&text, name).unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    }
+}
+
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A signed HS256 token for `sub`, valid for an hour.
+pub fn token(sub: &str) -> String {
+    sign(json!({ "sub": sub, "exp": now_secs() + 3600 }), SECRET)
+}
+
+pub fn sign(claims: Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// How a server frame failed the contract.
+fn schemas() -> &'static HashMap<String, jsonschema::Validator> {
+    static SCHEMAS: OnceLock<HashMap<String, jsonschema::Validator>> = OnceLock::new();
+    SCHEMAS.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("protocol/schemas/server");
+        let mut map = HashMap::new();
+        for entry in std::fs::read_dir(&dir).expect("protocol/schemas/server exists") {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let schema: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+            let validator = jsonschema::validator_for(&schema)
+                .unwrap_or_else(|e| panic!("schema {} does not compile: {e}", path.display()));
+            map.insert(name, validator);
+        }
+        assert!(!map.is_empty(), "no server schemas found");
+        map
+    })
+}
+
+/// Panics unless `frame` is valid against the schema of its `type`.
+pub fn check_frame(frame: &Value) {
+    let kind = frame["type"]
+        .as_str()
+        .unwrap_or_else(|| panic!("server frame without a type: {frame}"));
+    let validator = schemas()
+        .get(kind)
+        .unwrap_or_else(|| panic!("server sent type {kind:?}, which has no schema: {frame}"));
+    let errors: Vec<String> = validator
+        .iter_errors(frame)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "server frame violates protocol/schemas/server/{kind}.json: {errors:?}\nframe: {frame}"
+    );
+}
+
+/// What the server did instead of sending a text frame.
+#[derive(Debug)]
+pub enum Closed {
+    /// A close frame with this code.
+    Code(u16),
+    /// The stream ended without a close frame.
+    Eof,
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub user: String,
+    /// Every text frame received, in order, already schema-checked.
+    pub seen: Vec<Value>,
+    pub welcome: Value,
+}
+
+impl Client {
+    pub async fn send(&mut self, frame: Value) {
+        self.ws
+            .send(Message::text(frame.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.expect("send");
+    }
+
+    /// The next text frame, or an error describing how the connection ended.
+    pub async fn next(&mut self) -> Result<Value, Closed> {
+        loop {
+            let msg = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("{}: no frame from the server", self.user));
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).expect("server frames are JSON");
+                    check_frame(&v);
+                    self.seen.push(v.clone());
+                    return Ok(v);
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(Closed::Code(
+                        frame.map(|f| u16::from(f.code)).unwrap_or(1005),
+                    ))
+                }
+                Some(Ok(Message::Binary(_))) => panic!("server sent a binary frame"),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Err(Closed::Eof),
+            }
+        }
+    }
+
+    /// The next frame, which must be of type `kind`.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        match self.next().await {
+            Ok(v) => {
+                assert_eq!(v["type"], kind, "{}: expected {kind}, got {v}", self.user);
+                v
+            }
+            Err(c) => panic!("{}: expected {kind}, connection ended: {c:?}", self.user),
+        }
+    }
+
+    /// Reads until the connection closes and returns how; frames on the way are kept in `seen`.
+    pub async fn closed(&mut self) -> Closed {
+        loop {
+            if let Err(c) = self.next().await {
+                return c;
+            }
+        }
+    }
+
+    /// Sends a request and returns its direct reply (checked to echo the `ref`).
+    pub async fn request(&mut self, mut frame: Value, reference: &str) -> Value {
+        frame["ref"] = json!(reference);
+        self.send(frame).await;
+        let reply = self.next().await.expect("a reply");
+        assert_eq!(reply["ref"], reference, "reply does not echo ref: {reply}");
+        reply
+    }
+
+    pub async fn close(mut self) {
+        let _ = self
+            .ws
+            .close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await;
+        // Drain until the server acknowledges, so the server sees a clean close.
+        while let Ok(Some(_)) = tokio::time::timeout(PATIENCE, self.ws.next()).await {}
+    }
+
+    /// The highest `seq` seen so far.
+    pub fn last_seq(&self) -> u64 {
+        self.seen
+            .iter()
+            .filter_map(|v| v["seq"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A minimal HTTP/1.1 request over a raw socket; returns the status and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw))
+        .await
+        .expect("HTTP response")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, &[], "").await
+}
+
+/// A WebSocket handshake that is expected to fail: returns the HTTP status and body.
+pub async fn refused_handshake(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut request = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        request
+            .headers_mut()
+            .insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(_) => panic!("handshake to {url} should have been refused"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).to_string())
+                .unwrap_or_default();
+            (status, body)
+        }
+        Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+}
