@@ -182,6 +182,11 @@ pub struct Config {
     /// Upper bound of the jittered `retry_after_ms` in the shutdown `reconnect` event.
     #[arg(long, env = "MATCHGATE_RECONNECT_JITTER_MS", default_value_t = 5_000)]
     pub reconnect_jitter_ms: u64,
+
+    /// Instead of serving: probe `GET /healthz` of the gateway at `--listen` and exit 0 when it
+    /// answers 200 (for container health checks in images without curl).
+    #[arg(long)]
+    pub healthcheck: bool,
 }
 
 /// A configuration that parsed but makes no sense.

@@ -10,6 +10,9 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() {
     let config = Config::parse();
+    if config.healthcheck {
+        std::process::exit(healthcheck(config.listen).await);
+    }
     init_logging(&config);
     let mode = "embedded (in-memory state, single instance)";
     let server = match Server::bind(config).await {
@@ -30,6 +33,29 @@ async fn main() {
         server.auth_mode()
     );
     server.run(shutdown_signal()).await;
+}
+
+/// Exit code 0 when `GET /healthz` at `listen` answers 200, 1 otherwise.
+async fn healthcheck(listen: std::net::SocketAddr) -> i32 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.1 200"))
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
+        Ok(Some(true)) => 0,
+        _ => 1,
+    }
 }
 
 fn init_logging(config: &Config) {

@@ -245,8 +245,10 @@ async fn queue_update_tells_a_waiting_user_they_moved_up() {
     let server = TestServer::start(&["--queue-update-interval-ms", "50"]).await;
     let mut a = server.connect("a").await;
     let mut b = server.connect("b").await;
-    a.send(json!({"type": "enqueue", "prefs": {"topic": "t"}})).await;
-    b.send(json!({"type": "enqueue", "prefs": {"topic": "t"}})).await;
+    a.send(json!({"type": "enqueue", "prefs": {"topic": "t"}}))
+        .await;
+    b.send(json!({"type": "enqueue", "prefs": {"topic": "t"}}))
+        .await;
     a.expect("queued").await;
     b.expect("queued").await;
     a.expect("matched").await;
@@ -262,7 +264,10 @@ async fn queue_update_tells_a_waiting_user_they_moved_up() {
     b.expect("dequeued").await;
     let update = a.expect("queue_update").await;
     assert_eq!(update["position"], 0);
-    assert!(update.get("seq").is_none(), "queue updates are not replayed");
+    assert!(
+        update.get("seq").is_none(),
+        "queue updates are not replayed"
+    );
     let s = a.request(json!({"type": "status"}), "st").await;
     assert_eq!(s["position"], 0);
 }

@@ -358,9 +358,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 pub async fn refused_handshake(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut request = url.into_client_request().unwrap();
     for (k, v) in headers {
-        request
-            .headers_mut()
-            .insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        request.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
     match tokio_tungstenite::connect_async(request).await {
         Ok(_) => panic!("handshake to {url} should have been refused"),
