@@ -1,7 +1,7 @@
 //! One client's WebSocket: the task that owns the socket for the connection's whole life.
 //!
 //! A single task per connection runs one `select!` loop over: frames from the client, frames
-//! queued for the client (from the [`Registry`](crate::registry::Registry)), close requests
+//! queued for the client (its [`Outbox`] in the [`Registry`](crate::registry::Registry)), close requests
 //! (replacement, slow consumer), the shutdown signal, the ping timer and the heartbeat
 //! deadline. One task and no split halves keeps an idle connection small. Everything the
 //! connection decides (limits, errors, close codes) is decided here; what a request means is
@@ -21,7 +21,7 @@ use crate::gateway::Gateway;
 use crate::matching::{ConnId, Resume, UserId};
 use crate::protocol::{close, parse_request, ErrorCode, Reply, PROTOCOL_VERSION};
 use crate::ratelimit::TokenBucket;
-use crate::registry::ConnectionHandle;
+use crate::registry::{ConnectionHandle, Next, Outbox};
 use crate::shutdown::Shutdown;
 
 /// Per-connection limits, derived once from the configuration and shared by all connections.
@@ -93,8 +93,7 @@ fn close_reason(code: u16) -> &'static str {
 impl Connection {
     pub async fn run(mut self, mut ws: WebSocket) {
         let gateway = self.gateway.clone();
-        let (handle, mut outbound, control) =
-            ConnectionHandle::new(self.id, self.settings.outbound_queue);
+        let (handle, outbox) = ConnectionHandle::new(self.id, self.settings.outbound_queue);
         if let Some(old) = gateway.registry.register(self.user.clone(), handle) {
             old.close(close::REPLACED);
         }
@@ -127,10 +126,7 @@ impl Connection {
                 }
                 match exit {
                     Some(exit) => exit,
-                    None => {
-                        self.serve(&mut ws, &mut outbound, &control, attached.last_seq)
-                            .await
-                    }
+                    None => self.serve(&mut ws, &outbox, attached.last_seq).await,
                 }
             }
             Err(e) => {
@@ -161,13 +157,7 @@ impl Connection {
 
     /// The main loop. `replayed_up_to`: frames with a `seq` up to this one were covered by the
     /// welcome (state) and the replay, so queued duplicates are dropped.
-    async fn serve(
-        &mut self,
-        ws: &mut WebSocket,
-        outbound: &mut mpsc::Receiver<crate::bus::Frame>,
-        control: &crate::registry::Control,
-        replayed_up_to: u64,
-    ) -> Exit {
+    async fn serve(&mut self, ws: &mut WebSocket, outbox: &Outbox, replayed_up_to: u64) -> Exit {
         let s = self.settings.clone();
         let mut rate = TokenBucket::new(s.rate_burst, s.rate_per_minute as f64 / 60.0);
         let mut errors = TokenBucket::new(s.error_budget, 1.0 / s.error_refill.as_secs_f64());
@@ -181,7 +171,11 @@ impl Connection {
         loop {
             let reply = tokio::select! {
                 biased;
-                code = control.closed() => return Exit::Close(code, close_reason(code)),
+                next = outbox.next() => match next {
+                    Next::Close(code) => return Exit::Close(code, close_reason(code)),
+                    Next::Send(frame) if frame.seq.is_some_and(|seq| seq <= replayed_up_to) => continue,
+                    Next::Send(frame) => Some(frame.text),
+                },
                 _ = self.shutdown.recv() => {
                     let jitter = rand::rng().random_range(0..=s.reconnect_jitter_ms);
                     let frame = Reply::Reconnect { reason: "shutdown", retry_after_ms: jitter }.encode();
@@ -240,11 +234,6 @@ impl Connection {
                         }
                     }
                 }
-                frame = outbound.recv() => match frame {
-                    Some(frame) if frame.seq.is_some_and(|seq| seq <= replayed_up_to) => continue,
-                    Some(frame) => Some(frame.text),
-                    None => return Exit::Gone,
-                },
                 _ = ping.tick() => {
                     if let Some(exit) = self.send_message(ws, Message::Ping(Default::default())).await {
                         return exit;

@@ -208,8 +208,9 @@ async fn ws_handshake(
     let s = &app.settings;
     upgrade
         // tungstenite's defaults (128 KiB read buffer allocated per connection, 64 MiB
-        // messages) would dwarf everything else an idle connection costs.
-        .read_buffer_size(4096)
+        // messages) would dwarf everything else an idle connection costs. Client frames are
+        // small; a larger one grows the buffer only while it is read.
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(s.max_message_bytes.max(64 * 1024) * 4)
         .max_message_size(s.max_message_bytes)

@@ -6,78 +6,121 @@
 //! slow consumer (its events stay in the user's log for replay), so one slow reader cannot
 //! stall matching for everyone else or grow memory without bound.
 
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::bus::Frame;
 use crate::matching::{ConnId, UserId};
 use crate::protocol::close;
 
-/// Handle to one live connection.
-#[derive(Clone)]
-pub struct ConnectionHandle {
-    id: ConnId,
-    frames: mpsc::Sender<Frame>,
-    control: Arc<Control>,
+/// A connection's bounded outbound queue plus its close request, behind one lock and one
+/// wake-up. Written for this purpose instead of a tokio `mpsc` channel because an idle
+/// connection must cost almost nothing: this allocates only while frames are queued, where a
+/// channel allocates a block of slots up front for every connection.
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    wake: Notify,
+    capacity: usize,
 }
 
-/// Out-of-band close request, readable even when the frame queue is full.
 #[derive(Default)]
-pub struct Control {
-    close_code: AtomicU16,
-    notify: Notify,
+struct OutboxState {
+    frames: VecDeque<Frame>,
+    /// The first close request wins.
+    close: Option<u16>,
 }
 
-impl Control {
-    /// Waits until someone asked this connection to close, and returns the close code.
-    pub async fn closed(&self) -> u16 {
-        loop {
-            let code = self.close_code.load(Ordering::Acquire);
-            if code != 0 {
-                return code;
-            }
-            self.notify.notified().await;
+/// What a connection should do next.
+pub enum Next {
+    Send(Frame),
+    Close(u16),
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> Self {
+        Outbox {
+            state: Mutex::new(OutboxState::default()),
+            wake: Notify::new(),
+            capacity,
         }
     }
-}
 
-impl ConnectionHandle {
-    /// Creates a handle and the receiving ends the connection task keeps.
-    pub fn new(id: ConnId, capacity: usize) -> (Self, mpsc::Receiver<Frame>, Arc<Control>) {
-        let (frames, rx) = mpsc::channel(capacity);
-        let control = Arc::new(Control::default());
-        (
-            ConnectionHandle {
-                id,
-                frames,
-                control: control.clone(),
-            },
-            rx,
-            control,
-        )
-    }
-
-    pub fn id(&self) -> ConnId {
-        self.id
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        // The critical sections below cannot panic; recover the data if one ever did.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a frame; on overflow asks the connection to close as a slow consumer.
     pub fn push(&self, frame: Frame) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.frames.try_send(frame) {
-            self.close(close::SLOW_CONSUMER);
+        {
+            let mut state = self.lock();
+            if state.close.is_some() {
+                return;
+            }
+            if state.frames.len() >= self.capacity {
+                state.close = Some(close::SLOW_CONSUMER);
+                state.frames = VecDeque::new();
+            } else {
+                state.frames.push_back(frame);
+            }
         }
+        self.wake.notify_one();
     }
 
-    /// Asks the connection to close with `code`. The first request wins.
+    /// Asks the connection to close with `code`.
     pub fn close(&self, code: u16) {
-        let _ =
-            self.control
-                .close_code
-                .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
-        self.control.notify.notify_one();
+        self.lock().close.get_or_insert(code);
+        self.wake.notify_one();
+    }
+
+    /// Waits for a frame to send or a close request (which takes precedence). Cancel-safe:
+    /// nothing is taken from the queue unless it is returned.
+    pub async fn next(&self) -> Next {
+        loop {
+            {
+                let mut state = self.lock();
+                if let Some(code) = state.close {
+                    return Next::Close(code);
+                }
+                if let Some(frame) = state.frames.pop_front() {
+                    return Next::Send(frame);
+                }
+            }
+            // A push between the check above and this wait leaves a permit: no lost wake-up.
+            self.wake.notified().await;
+        }
+    }
+}
+
+/// Handle to one live connection: it can push frames and ask for a close, nothing else.
+#[derive(Clone)]
+pub struct ConnectionHandle {
+    id: ConnId,
+    outbox: Arc<Outbox>,
+}
+
+impl ConnectionHandle {
+    /// Creates a handle and the outbox the connection task reads.
+    pub fn new(id: ConnId, capacity: usize) -> (Self, Arc<Outbox>) {
+        let outbox = Arc::new(Outbox::new(capacity));
+        (
+            ConnectionHandle {
+                id,
+                outbox: outbox.clone(),
+            },
+            outbox,
+        )
+    }
+
+    pub fn push(&self, frame: Frame) {
+        self.outbox.push(frame);
+    }
+
+    pub fn close(&self, code: u16) {
+        self.outbox.close(code);
     }
 }
 
@@ -109,5 +152,61 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.connections.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64) -> Frame {
+        Frame {
+            seq: Some(seq),
+            text: format!("{{\"seq\":{seq}}}").into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn delivers_in_order_then_closes_a_slow_consumer() {
+        let registry = Registry::default();
+        let user: UserId = "u".into();
+        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 2);
+        registry.register(user.clone(), handle);
+        registry.push(&user, frame(1));
+        registry.push(&user, frame(2));
+        assert!(matches!(outbox.next().await, Next::Send(f) if f.seq == Some(1)));
+        registry.push(&user, frame(3));
+        registry.push(&user, frame(4)); // over capacity: 2 and 3 are queued
+        assert!(matches!(
+            outbox.next().await,
+            Next::Close(close::SLOW_CONSUMER)
+        ));
+        // Closing is final: later frames are not queued.
+        registry.push(&user, frame(5));
+        assert!(matches!(
+            outbox.next().await,
+            Next::Close(close::SLOW_CONSUMER)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_newer_connection_is_not_unregistered_by_the_old_one() {
+        let registry = Registry::default();
+        let user: UserId = "u".into();
+        let (old, old_outbox) = ConnectionHandle::new(ConnId(1), 8);
+        let (new, new_outbox) = ConnectionHandle::new(ConnId(2), 8);
+        registry.register(user.clone(), old);
+        let replaced = registry.register(user.clone(), new).expect("replaces");
+        replaced.close(close::REPLACED);
+        assert!(matches!(
+            old_outbox.next().await,
+            Next::Close(close::REPLACED)
+        ));
+        registry.unregister(&user, ConnId(1));
+        assert_eq!(registry.len(), 1);
+        registry.push(&user, frame(1));
+        assert!(matches!(new_outbox.next().await, Next::Send(_)));
+        registry.unregister(&user, ConnId(2));
+        assert!(registry.is_empty());
     }
 }
