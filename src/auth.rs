@@ -157,12 +157,18 @@ impl Authenticator {
         validation.leeway = config.jwt_leeway_secs;
         validation.validate_nbf = true;
         validation.required_spec_claims = HashSet::from(["exp".to_string(), "sub".to_string()]);
+        // jsonwebtoken only compares `aud`/`iss` when present: configured ones must also be
+        // required, or a token that leaves them out would pass.
         match &config.jwt_audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &config.jwt_issuer {
             validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".into());
         }
         Ok(Authenticator {
             mode,

@@ -80,7 +80,15 @@ struct DevTokenRequest {
 }
 
 async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let request: DevTokenRequest = match serde_json::from_slice(&body) {
+    // Only a JSON object: serde would also read a struct from an array.
+    let parsed = serde_json::from_slice::<serde_json::Value>(&body).and_then(|v| {
+        if v.is_object() {
+            serde_json::from_value::<DevTokenRequest>(v)
+        } else {
+            Err(serde::de::Error::custom("not a JSON object"))
+        }
+    });
+    let request = match parsed {
         Ok(r) => r,
         Err(e) => {
             return refusal(

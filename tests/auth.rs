@@ -1,0 +1,485 @@
+//! Authentication and admission at the handshake: JWT checks (HS256, ES256, leeway, audience,
+//! issuer), the dev-mode token endpoint, the origin allow-list, the connection limit, and one
+//! connection per user.
+
+mod common;
+
+use std::path::PathBuf;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use common::{
+    http_request, metric_value, now_secs, refused_handshake, sign, token, Client, TestServer,
+    PATIENCE, SECRET,
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// A fixed P-256 key pair made for these tests only (`tests/fixtures/`); it protects nothing.
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn sign_es256(claims: Value) -> String {
+    let pem = std::fs::read(fixture("es256-private.pem")).unwrap();
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::ES256),
+        &claims,
+        &EncodingKey::from_ec_pem(&pem).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A hand-built `alg: none` token: header, payload, empty signature.
+fn unsigned_token(sub: &str) -> String {
+    let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let body = URL_SAFE_NO_PAD.encode(json!({"sub": sub, "exp": now_secs() + 3600}).to_string());
+    format!("{head}.{body}.")
+}
+
+/// Attempts a handshake with these headers; the raw result, for tests that inspect refusals.
+async fn try_handshake(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    tungstenite::Error,
+> {
+    let mut request = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        request.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake answers")
+        .map(|(ws, _)| ws)
+}
+
+/// Connects to `url` with these headers (the token travels in them or in the URL) and reads
+/// the `welcome`.
+async fn connect_at(url: &str, headers: &[(&str, &str)]) -> Client {
+    let ws = try_handshake(url, headers)
+        .await
+        .unwrap_or_else(|e| panic!("handshake to {url} should succeed: {e}"));
+    let mut client = Client {
+        ws,
+        user: url.to_string(),
+        seen: Vec::new(),
+        welcome: Value::Null,
+    };
+    client.welcome = client.expect("welcome").await;
+    client
+}
+
+async fn connect_bearer(server: &TestServer, jwt: &str) -> Client {
+    let auth = format!("Bearer {jwt}");
+    connect_at(&server.ws_url(), &[("authorization", &auth)]).await
+}
+
+/// Expects the handshake with this token to be refused with 401 and a well-formed body.
+/// Returns the reason.
+async fn expect_unauthorized(server: &TestServer, jwt: &str) -> String {
+    let auth = format!("Bearer {jwt}");
+    expect_unauthorized_with(server, &[("authorization", &auth)], jwt).await
+}
+
+async fn expect_unauthorized_with(
+    server: &TestServer,
+    headers: &[(&str, &str)],
+    secret_part: &str,
+) -> String {
+    let (status, body) = refused_handshake(&server.ws_url(), headers).await;
+    assert_eq!(status, 401, "body: {body}");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["error"], "unauthorized", "{v}");
+    let reason = v["reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("reason is a string: {v}"))
+        .to_string();
+    assert!(
+        !reason.is_empty() && reason.len() <= 80,
+        "reason should be short: {reason:?}"
+    );
+    if !secret_part.is_empty() {
+        assert!(
+            !reason.contains(secret_part),
+            "reason leaks the token: {reason:?}"
+        );
+        // Not even a recognisable piece of it (the signature or the payload).
+        for piece in secret_part.split('.').filter(|p| p.len() >= 8) {
+            assert!(
+                !reason.contains(piece),
+                "reason leaks the token: {reason:?}"
+            );
+        }
+    }
+    assert_eq!(
+        v.as_object().unwrap().len(),
+        2,
+        "only error and reason: {v}"
+    );
+    reason
+}
+
+async fn refused_count(server: &TestServer, reason: &str) -> f64 {
+    let name = format!("matchgate_handshakes_refused_total{{reason=\"{reason}\"}}");
+    metric_value(&server.metrics().await, &name).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn bearer_header_and_query_parameter_are_accepted() {
+    let server = TestServer::start(&[]).await;
+    let mut header = connect_bearer(&server, &token("alice")).await;
+    assert_eq!(header.welcome["user_id"], "alice");
+    let ack = header.request(json!({"type": "heartbeat"}), "h").await;
+    assert_eq!(ack["type"], "heartbeat_ack");
+
+    let url = format!("{}?access_token={}", server.ws_url(), token("bob"));
+    let mut query = connect_at(&url, &[]).await;
+    assert_eq!(query.welcome["user_id"], "bob");
+    let status = query.request(json!({"type": "status"}), "s").await;
+    assert_eq!(status["state"], "idle");
+    assert_eq!(refused_count(&server, "unauthorized").await, 0.0);
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
+    let server = TestServer::start(&[]).await;
+    let url = server.ws_url();
+
+    // No token at all.
+    let (status, body) = refused_handshake(&url, &[]).await;
+    assert_eq!(status, 401, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "unauthorized");
+    assert!(v["reason"].is_string(), "{v}");
+
+    // Expired well beyond the leeway.
+    let expired = sign(json!({"sub": "u", "exp": now_secs() - 3600}), SECRET);
+    let reason = expect_unauthorized(&server, &expired).await;
+    assert!(reason.contains("expired"), "{reason}");
+
+    // Signed with another secret.
+    let forged = sign(
+        json!({"sub": "u", "exp": now_secs() + 3600}),
+        "not-the-secret-not-the-secret-not-the-secret",
+    );
+    expect_unauthorized(&server, &forged).await;
+
+    // alg none, in the header and in the query parameter.
+    let unsigned = unsigned_token("u");
+    expect_unauthorized(&server, &unsigned).await;
+    let (status, _) = refused_handshake(&format!("{url}?access_token={unsigned}"), &[]).await;
+    assert_eq!(status, 401);
+
+    // Missing claims.
+    let no_sub = sign(json!({"exp": now_secs() + 3600}), SECRET);
+    let reason = expect_unauthorized(&server, &no_sub).await;
+    assert!(reason.contains("sub"), "{reason}");
+    let no_exp = sign(json!({"sub": "u"}), SECRET);
+    let reason = expect_unauthorized(&server, &no_exp).await;
+    assert!(reason.contains("exp"), "{reason}");
+
+    // Another scheme, even with a good token.
+    let good = token("u");
+    let basic = format!("Basic {good}");
+    expect_unauthorized_with(&server, &[("authorization", &basic)], &good).await;
+    let bare = good.clone();
+    expect_unauthorized_with(&server, &[("authorization", &bare)], &good).await;
+
+    // Garbage.
+    expect_unauthorized(&server, "garbage").await;
+    expect_unauthorized(&server, "a.b.c").await;
+    let long_garbage = "x".repeat(2000);
+    expect_unauthorized(&server, &long_garbage).await;
+
+    // 1 missing + expired + forged + 2 unsigned + 2 claims + 2 schemes + 3 garbage.
+    assert_eq!(refused_count(&server, "unauthorized").await, 12.0);
+    // The good token still works afterwards.
+    let client = connect_bearer(&server, &good).await;
+    assert_eq!(client.welcome["user_id"], "u");
+}
+
+#[tokio::test]
+async fn expiry_leeway_is_configurable() {
+    let recently_expired = sign(json!({"sub": "late", "exp": now_secs() - 5}), SECRET);
+
+    let lenient = TestServer::start(&[]).await;
+    let client = connect_bearer(&lenient, &recently_expired).await;
+    assert_eq!(client.welcome["user_id"], "late");
+
+    let strict = TestServer::start(&["--jwt-leeway-secs", "0"]).await;
+    let reason = expect_unauthorized(&strict, &recently_expired).await;
+    assert!(reason.contains("expired"), "{reason}");
+}
+
+#[tokio::test]
+async fn es256_public_key_accepts_only_es256_tokens() {
+    let public = fixture("es256-public.pem");
+    let server = TestServer::start_raw(&[
+        "--jwt-public-key-file",
+        public.to_str().unwrap(),
+        "--jwt-algorithm",
+        "ES256",
+    ])
+    .await;
+
+    let good = sign_es256(json!({"sub": "ec-user", "exp": now_secs() + 3600}));
+    let client = connect_bearer(&server, &good).await;
+    assert_eq!(client.welcome["user_id"], "ec-user");
+
+    // Algorithm confusion: HS256 "signed" with the public key text as the shared secret.
+    let public_text = std::fs::read_to_string(&public).unwrap();
+    let confused = sign(
+        json!({"sub": "attacker", "exp": now_secs() + 3600}),
+        &public_text,
+    );
+    expect_unauthorized(&server, &confused).await;
+    // Any HS256 token, e.g. one with the usual test secret.
+    expect_unauthorized(&server, &token("attacker")).await;
+    // alg none.
+    expect_unauthorized(&server, &unsigned_token("attacker")).await;
+    // An ES256 token that expired long ago.
+    let expired = sign_es256(json!({"sub": "ec-user", "exp": now_secs() - 3600}));
+    expect_unauthorized(&server, &expired).await;
+    // A tampered payload with the original signature.
+    let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+    parts[1] =
+        URL_SAFE_NO_PAD.encode(json!({"sub": "admin", "exp": now_secs() + 3600}).to_string());
+    expect_unauthorized(&server, &parts.join(".")).await;
+    assert_eq!(refused_count(&server, "unauthorized").await, 5.0);
+}
+
+#[tokio::test]
+async fn audience_and_issuer_are_checked_when_configured() {
+    let server = TestServer::start(&[
+        "--jwt-audience",
+        "matchgate",
+        "--jwt-issuer",
+        "https://auth.example",
+    ])
+    .await;
+    let exp = now_secs() + 3600;
+    let good = sign(
+        json!({"sub": "u1", "exp": exp, "aud": "matchgate", "iss": "https://auth.example"}),
+        SECRET,
+    );
+    let client = connect_bearer(&server, &good).await;
+    assert_eq!(client.welcome["user_id"], "u1");
+
+    let wrong_aud = sign(
+        json!({"sub": "u2", "exp": exp, "aud": "another-app", "iss": "https://auth.example"}),
+        SECRET,
+    );
+    expect_unauthorized(&server, &wrong_aud).await;
+    let wrong_iss = sign(
+        json!({"sub": "u2", "exp": exp, "aud": "matchgate", "iss": "https://evil.example"}),
+        SECRET,
+    );
+    expect_unauthorized(&server, &wrong_iss).await;
+    let both_wrong = sign(
+        json!({"sub": "u2", "exp": exp, "aud": ["a", "b"], "iss": "x"}),
+        SECRET,
+    );
+    expect_unauthorized(&server, &both_wrong).await;
+    assert_eq!(refused_count(&server, "unauthorized").await, 3.0);
+}
+
+/// `--jwt-audience` and `--jwt-issuer` are documented as *required* claims: a token that lacks
+/// them must not get in.
+#[tokio::test]
+async fn configured_audience_and_issuer_are_required_claims() {
+    let server = TestServer::start(&[
+        "--jwt-audience",
+        "matchgate",
+        "--jwt-issuer",
+        "https://auth.example",
+    ])
+    .await;
+    let exp = now_secs() + 3600;
+    let no_aud = sign(
+        json!({"sub": "u3", "exp": exp, "iss": "https://auth.example"}),
+        SECRET,
+    );
+    let reason = expect_unauthorized(&server, &no_aud).await;
+    assert!(reason.contains("aud"), "{reason}");
+    let no_iss = sign(json!({"sub": "u4", "exp": exp, "aud": "matchgate"}), SECRET);
+    let reason = expect_unauthorized(&server, &no_iss).await;
+    assert!(reason.contains("iss"), "{reason}");
+}
+
+#[tokio::test]
+async fn dev_mode_mints_tokens_that_connect() {
+    let server = TestServer::start_raw(&[]).await;
+    let json_header = [("content-type", "application/json")];
+    let (status, body) = http_request(
+        server.addr,
+        "POST",
+        "/v1/dev/token",
+        &json_header,
+        r#"{"device_id":"abc"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["user_id"], "dev-abc");
+    assert!(v["expires_in"].as_u64().is_some_and(|s| s > 0), "{v}");
+    let jwt = v["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string();
+
+    let mut client = connect_bearer(&server, &jwt).await;
+    assert_eq!(client.welcome["user_id"], "dev-abc");
+    let ack = client.request(json!({"type": "heartbeat"}), "h").await;
+    assert_eq!(ack["type"], "heartbeat_ack");
+
+    // A token signed with some other secret is no good in dev mode either.
+    expect_unauthorized(&server, &token("abc")).await;
+
+    let too_long = format!(r#"{{"device_id":"{}"}}"#, "a".repeat(129));
+    for bad in [
+        "not json",
+        "",
+        "{}",
+        r#"{"device_id":""}"#,
+        r#"{"device_id":"has spaces"}"#,
+        r#"{"device_id":5}"#,
+        r#"{"device_id":null}"#,
+        r#"["abc"]"#,
+        &too_long,
+    ] {
+        let (status, body) =
+            http_request(server.addr, "POST", "/v1/dev/token", &json_header, bad).await;
+        assert_eq!(status, 400, "{bad:?} gave {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(v["error"], "bad_request", "{v}");
+        assert!(v["reason"].is_string(), "{v}");
+    }
+    // 128 characters is still fine.
+    let longest = format!(r#"{{"device_id":"{}"}}"#, "b".repeat(128));
+    let (status, body) =
+        http_request(server.addr, "POST", "/v1/dev/token", &json_header, &longest).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn dev_token_endpoint_is_absent_with_a_secret() {
+    let server = TestServer::start(&[]).await;
+    let (status, _) = http_request(
+        server.addr,
+        "POST",
+        "/v1/dev/token",
+        &[("content-type", "application/json")],
+        r#"{"device_id":"abc"}"#,
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn origin_allow_list() {
+    let server = TestServer::start(&["--allowed-origins", "https://app.example"]).await;
+    let jwt = token("o");
+    let auth = format!("Bearer {jwt}");
+
+    let (status, body) = refused_handshake(
+        &server.ws_url(),
+        &[("authorization", &auth), ("origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "forbidden", "{v}");
+    assert_eq!(refused_count(&server, "origin").await, 1.0);
+
+    let allowed = connect_at(
+        &server.ws_url(),
+        &[("authorization", &auth), ("origin", "https://app.example")],
+    )
+    .await;
+    assert_eq!(allowed.welcome["user_id"], "o");
+    allowed.close().await;
+
+    // Mobile apps send no Origin.
+    let native = connect_bearer(&server, &token("native")).await;
+    assert_eq!(native.welcome["user_id"], "native");
+}
+
+#[tokio::test]
+async fn connection_limit_refuses_with_503_then_frees_the_slot() {
+    let server = TestServer::start(&["--max-connections", "2"]).await;
+    let a = server.connect("a").await;
+    let _b = server.connect("b").await;
+
+    let auth = format!("Bearer {}", token("c"));
+    match try_handshake(&server.ws_url(), &[("authorization", &auth)]).await {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503);
+            let retry = response
+                .headers()
+                .get("retry-after")
+                .expect("Retry-After header")
+                .to_str()
+                .unwrap();
+            assert!(retry.parse::<u64>().is_ok(), "Retry-After: {retry}");
+            let body = response.body().as_deref().unwrap_or_default();
+            let v: Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(v["error"], "unavailable", "{v}");
+        }
+        Ok(_) => panic!("a third connection should be refused"),
+        Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+    assert_eq!(refused_count(&server, "capacity").await, 1.0);
+
+    a.close().await;
+    // The slot comes back once the server has finished with a's connection.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let ws = loop {
+        match try_handshake(&server.ws_url(), &[("authorization", &auth)]).await {
+            Ok(ws) => break ws,
+            Err(tungstenite::Error::Http(r)) if r.status().as_u16() == 503 => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the slot never came back"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("unexpected handshake error: {e}"),
+        }
+    };
+    let mut c = Client {
+        ws,
+        user: "c".into(),
+        seen: Vec::new(),
+        welcome: Value::Null,
+    };
+    let welcome = c.expect("welcome").await;
+    assert_eq!(welcome["user_id"], "c");
+}
+
+#[tokio::test]
+async fn a_second_connection_replaces_the_first() {
+    let server = TestServer::start(&[]).await;
+    let mut first = server.connect("same").await;
+    first.send(json!({"type": "enqueue"})).await;
+    first.expect("queued").await;
+
+    let mut second = server.connect("same").await;
+    assert_eq!(second.welcome["user_id"], "same");
+    assert_eq!(second.welcome["state"], "queued", "{}", second.welcome);
+    match first.closed().await {
+        common::Closed::Code(code) => assert_eq!(code, 4001),
+        other => panic!("first connection should be closed with 4001, got {other:?}"),
+    }
+    let status = second.request(json!({"type": "status"}), "st").await;
+    assert_eq!(status["state"], "queued");
+    assert_eq!(status["position"], 0);
+}
