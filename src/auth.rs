@@ -207,7 +207,10 @@ impl Authenticator {
             .exp
             .ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
         match data.claims.sub {
-            Some(sub) if !sub.is_empty() && sub.len() <= 256 => Ok(Claims { sub, exp }),
+            // User ids travel inside Redis keys and pub/sub messages: no control characters.
+            Some(sub) if !sub.is_empty() && sub.len() <= 256 && !sub.chars().any(char::is_control) => {
+                Ok(Claims { sub, exp })
+            }
             _ => Err(AuthError::MissingClaim("sub".into())),
         }
     }

@@ -183,6 +183,33 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_RECONNECT_JITTER_MS", default_value_t = 5_000)]
     pub reconnect_jitter_ms: u64,
 
+    /// Redis URL: switches matching state and cross-instance delivery from memory to Redis
+    /// (scale-out mode). With `--redis-cluster`, a comma-separated list of cluster nodes.
+    #[arg(long, env = "MATCHGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Treat `--redis-url` as a Redis Cluster (comma-separated seed nodes).
+    #[arg(long, env = "MATCHGATE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
+    /// Namespace of all Redis keys and channels; also the keys' hash tag. Deployments that share
+    /// a Redis need different namespaces.
+    #[arg(long, env = "MATCHGATE_REDIS_NAMESPACE", default_value = "mg")]
+    pub redis_namespace: String,
+
+    /// Redis connections in the command pool.
+    #[arg(long, env = "MATCHGATE_REDIS_POOL_SIZE", default_value_t = 16)]
+    pub redis_pool_size: usize,
+
+    /// This instance's id among the instances sharing a Redis. Default: random at start-up.
+    #[arg(long, env = "MATCHGATE_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// How often an instance refreshes its liveness in Redis and helps with clean-up, in ms.
+    /// An instance silent for two periods is treated as dead.
+    #[arg(long, env = "MATCHGATE_INSTANCE_HEARTBEAT_MS", default_value_t = 2_000)]
+    pub instance_heartbeat_ms: u64,
+
     /// Instead of serving: probe `GET /healthz` of the gateway at `--listen` and exit 0 when it
     /// answers 200 (for container health checks in images without curl).
     #[arg(long)]
@@ -250,6 +277,47 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(url) = &self.redis_url {
+            let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+            if urls.len() > 1 && !self.redis_cluster {
+                return fail(
+                    "MATCHGATE_REDIS_URL lists several nodes: set MATCHGATE_REDIS_CLUSTER=true"
+                        .into(),
+                );
+            }
+            for u in urls {
+                if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
+                    return fail(format!("MATCHGATE_REDIS_URL {u:?} is invalid: {e}"));
+                }
+            }
+        } else if self.redis_cluster {
+            return fail("MATCHGATE_REDIS_CLUSTER needs MATCHGATE_REDIS_URL".into());
+        }
+        let ns_ok = !self.redis_namespace.is_empty()
+            && self.redis_namespace.len() <= 32
+            && self
+                .redis_namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ns_ok {
+            return fail(format!(
+                "MATCHGATE_REDIS_NAMESPACE must be 1 to 32 of A-Z a-z 0-9 _ - (got {:?})",
+                self.redis_namespace
+            ));
+        }
+        if let Some(id) = &self.instance_id {
+            if id.is_empty() || id.len() > 64 || id.bytes().any(|b| !b.is_ascii_graphic()) {
+                return fail(format!(
+                    "MATCHGATE_INSTANCE_ID must be 1 to 64 printable characters (got {id:?})"
+                ));
+            }
+        }
+        if self.instance_heartbeat_ms < 50 || self.redis_pool_size == 0 {
+            return fail(
+                "MATCHGATE_INSTANCE_HEARTBEAT_MS must be at least 50 and MATCHGATE_REDIS_POOL_SIZE at least 1"
+                    .into(),
+            );
+        }
         for origin in &self.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))
                 || origin.ends_with('/')
@@ -273,6 +341,13 @@ impl Config {
 
     pub fn resume_grace(&self) -> Duration {
         Duration::from_millis(self.resume_grace_ms)
+    }
+
+    /// The Redis node URLs, if the scale-out mode is on.
+    pub fn redis_urls(&self) -> Option<Vec<String>> {
+        self.redis_url
+            .as_ref()
+            .map(|u| u.split(',').map(|s| s.trim().to_string()).collect())
     }
 
     /// Whether tokens are checked against a configured key (otherwise: dev mode).
@@ -309,6 +384,17 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("MAX_MESSAGE_BYTES"), "{e}");
+        let e = parse(&["--redis-url", "http://nope"]).validate().unwrap_err();
+        assert!(e.to_string().contains("REDIS_URL"), "{e}");
+        let e = parse(&["--redis-url", "redis://a:1,redis://b:2"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("REDIS_CLUSTER"), "{e}");
+        parse(&["--redis-url", "redis://a:1,redis://b:2", "--redis-cluster"])
+            .validate()
+            .unwrap();
+        let e = parse(&["--redis-namespace", "a{b}"]).validate().unwrap_err();
+        assert!(e.to_string().contains("NAMESPACE"), "{e}");
         let e = parse(&["--allowed-origins", "example.com"])
             .validate()
             .unwrap_err();

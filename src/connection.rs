@@ -86,6 +86,9 @@ fn close_reason(code: u16) -> &'static str {
         close::HEARTBEAT_TIMEOUT => "heartbeat timeout",
         close::SLOW_CONSUMER => "slow consumer",
         close::TOO_MANY_ERRORS => "too many errors",
+        close::RESYNC => "resync: reconnect with resume",
+        close::STATE_LOST => "state lost: reconnect",
+        close::TRY_AGAIN_LATER => "try again later",
         _ => "internal error",
     }
 }
@@ -126,15 +129,17 @@ impl Connection {
                 }
                 match exit {
                     Some(exit) => exit,
-                    None => self.serve(&mut ws, &outbox, attached.last_seq).await,
+                    None => {
+                        outbox.start_at(attached.last_seq);
+                        self.serve(&mut ws, &outbox).await
+                    }
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "attach failed");
-                let frame =
-                    gateway.error_frame(ErrorCode::Unavailable, &e.to_string(), None, Some(1_000));
+                let frame = gateway.error_frame(e.code(), &e.to_string(), None, Some(1_000));
                 let _ = self.send(&mut ws, frame).await;
-                Exit::Close(close::INTERNAL, "internal error")
+                Exit::Close(close::TRY_AGAIN_LATER, "try again later")
             }
         };
 
@@ -155,9 +160,8 @@ impl Connection {
         gateway.detach(&self.user, self.id).await;
     }
 
-    /// The main loop. `replayed_up_to`: frames with a `seq` up to this one were covered by the
-    /// welcome (state) and the replay, so queued duplicates are dropped.
-    async fn serve(&mut self, ws: &mut WebSocket, outbox: &Outbox, replayed_up_to: u64) -> Exit {
+    /// The main loop.
+    async fn serve(&mut self, ws: &mut WebSocket, outbox: &Outbox) -> Exit {
         let s = self.settings.clone();
         let mut rate = TokenBucket::new(s.rate_burst, s.rate_per_minute as f64 / 60.0);
         let mut errors = TokenBucket::new(s.error_budget, 1.0 / s.error_refill.as_secs_f64());
@@ -172,17 +176,15 @@ impl Connection {
             let reply = tokio::select! {
                 biased;
                 next = outbox.next() => match next {
+                    Next::Close(code @ (close::RESYNC | close::STATE_LOST)) => {
+                        let reason = if code == close::RESYNC { "resync" } else { "state_lost" };
+                        return self.reconnect(ws, reason, code).await;
+                    }
                     Next::Close(code) => return Exit::Close(code, close_reason(code)),
-                    Next::Send(frame) if frame.seq.is_some_and(|seq| seq <= replayed_up_to) => continue,
                     Next::Send(frame) => Some(frame.text),
                 },
                 _ = self.shutdown.recv() => {
-                    let jitter = rand::rng().random_range(0..=s.reconnect_jitter_ms);
-                    let frame = Reply::Reconnect { reason: "shutdown", retry_after_ms: jitter }.encode();
-                    if let Some(exit) = self.send(ws, frame).await {
-                        return exit;
-                    }
-                    return Exit::Close(close::GOING_AWAY, close_reason(close::GOING_AWAY));
+                    return self.reconnect(ws, "shutdown", close::GOING_AWAY).await;
                 }
                 incoming = ws.recv() => {
                     let message = match incoming {
@@ -252,6 +254,21 @@ impl Connection {
         }
     }
 
+    /// Tells the client to reconnect after a jittered delay (so that clients do not all come
+    /// back at once), then closes with `code`.
+    async fn reconnect(&self, ws: &mut WebSocket, reason: &str, code: u16) -> Exit {
+        let jitter = rand::rng().random_range(0..=self.settings.reconnect_jitter_ms);
+        let frame = Reply::Reconnect {
+            reason,
+            retry_after_ms: jitter,
+        }
+        .encode();
+        if let Some(exit) = self.send(ws, frame).await {
+            return exit;
+        }
+        Exit::Close(code, close_reason(code))
+    }
+
     /// Sends an error frame and charges the error budget; an empty budget closes.
     async fn send_error(
         &self,
@@ -308,6 +325,9 @@ fn code_label(code: u16) -> &'static str {
         close::HEARTBEAT_TIMEOUT => "4002",
         close::SLOW_CONSUMER => "4003",
         close::TOO_MANY_ERRORS => "4004",
+        close::RESYNC => "4005",
+        close::STATE_LOST => "4006",
+        close::TRY_AGAIN_LATER => "1013",
         _ => "1011",
     }
 }

@@ -21,15 +21,20 @@ use crate::metrics::Metrics;
 use crate::protocol::{Action, ErrorCode, Reply, Request};
 use crate::registry::Registry;
 
+/// Tries of a failed detach: with the backoff capped at 5 s, about ten minutes.
+const DETACH_RETRIES: u32 = 125;
+
 pub struct Gateway {
     matchmaker: Arc<dyn Matchmaker>,
     pub registry: Arc<Registry>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     resume_grace: Duration,
     queue_update_interval: Duration,
     /// Pools with a queue update already scheduled: at most one per pool and interval.
     refresh_pending: DashMap<Arc<str>, ()>,
     draining: AtomicBool,
+    /// False while a scale-out instance has no pub/sub subscription yet.
+    subscribed: AtomicBool,
 }
 
 impl Gateway {
@@ -45,20 +50,38 @@ impl Gateway {
                 history_ttl: config.resume_grace(),
             },
         ));
+        Self::new(config, matchmaker, registry, Arc::new(Metrics::new()))
+    }
+
+    /// A gateway over any matchmaker; `registry` must be the one its bus delivers into.
+    pub fn new(
+        config: &Config,
+        matchmaker: Arc<dyn Matchmaker>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Gateway {
             matchmaker,
             registry,
-            metrics: Metrics::new(),
+            metrics,
             resume_grace: config.resume_grace(),
             queue_update_interval: Duration::from_millis(config.queue_update_interval_ms),
             refresh_pending: DashMap::new(),
             draining: AtomicBool::new(false),
+            subscribed: AtomicBool::new(true),
         })
     }
 
-    /// Whether the instance should get traffic: not draining, and its backend answers.
+    /// Whether the instance should get traffic: not draining, subscribed for deliveries, and
+    /// its backend answers.
     pub async fn ready(&self) -> bool {
-        !self.draining.load(Ordering::Acquire) && self.matchmaker.stats().await.is_ok()
+        !self.draining.load(Ordering::Acquire)
+            && self.subscribed.load(Ordering::Acquire)
+            && self.matchmaker.stats().await.is_ok()
+    }
+
+    pub fn set_subscribed(&self, subscribed: bool) {
+        self.subscribed.store(subscribed, Ordering::Release);
     }
 
     pub fn start_draining(&self) {
@@ -81,10 +104,28 @@ impl Gateway {
         Ok(attached)
     }
 
+    /// Tells the matchmaker that a connection is gone. While the backend is unavailable this is
+    /// retried in the background, or the user would look connected forever.
     pub async fn detach(self: &Arc<Self>, user: &UserId, conn: ConnId) {
         match self.matchmaker.detach(user, conn).await {
             Ok(outcome) => self.apply(user, conn, outcome),
-            Err(e) => tracing::warn!(error = %e, "detach failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "detach failed: retrying in the background");
+                let gateway = self.clone();
+                let user = user.clone();
+                tokio::spawn(async move {
+                    let mut delay = Duration::from_millis(250);
+                    for _ in 0..DETACH_RETRIES {
+                        tokio::time::sleep(delay).await;
+                        if let Ok(outcome) = gateway.matchmaker.detach(&user, conn).await {
+                            gateway.apply(&user, conn, outcome);
+                            return;
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    tracing::error!("giving up on a detach after {DETACH_RETRIES} tries");
+                });
+            }
         }
     }
 
@@ -156,17 +197,30 @@ impl Gateway {
         .encode()
     }
 
-    /// Acts on what an operation reported.
-    fn apply(self: &Arc<Self>, user: &UserId, conn: ConnId, outcome: Outcome) {
+    /// Acts on what a background operation (not tied to one connection) reported.
+    pub fn apply_outcome(self: &Arc<Self>, outcome: Outcome) {
+        debug_assert!(!outcome.held, "held states need a user and a connection");
+        self.record(&outcome);
+        for pool in outcome.changed_pools {
+            self.schedule_refresh(pool);
+        }
+    }
+
+    fn record(&self, outcome: &Outcome) {
         for waited in &outcome.waits {
             self.metrics.matched_after(*waited);
         }
         for _ in 0..outcome.waits.len() / 2 {
             self.metrics.matches.inc();
         }
-        for reason in outcome.ended {
-            self.metrics.session_ended(reason);
+        for reason in &outcome.ended {
+            self.metrics.session_ended(*reason);
         }
+    }
+
+    /// Acts on what an operation reported.
+    fn apply(self: &Arc<Self>, user: &UserId, conn: ConnId, outcome: Outcome) {
+        self.record(&outcome);
         for pool in outcome.changed_pools {
             self.schedule_refresh(pool);
         }

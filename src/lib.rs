@@ -9,6 +9,8 @@
 //! - [`matching`] (state: queue, sessions, event logs) and [`bus`] (delivery to wherever a
 //!   user's connection lives) are narrow traits with swappable backends; [`registry`] maps
 //!   users to this instance's live connections.
+//! - [`scaleout`] wires the Redis backends together and runs each instance's heartbeat,
+//!   clean-up and recovery loops.
 
 pub mod auth;
 pub mod bus;
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
 pub mod registry;
+pub mod scaleout;
 pub mod server;
 pub mod shutdown;
 

@@ -14,7 +14,6 @@ async fn main() {
         std::process::exit(healthcheck(config.listen).await);
     }
     init_logging(&config);
-    let mode = "embedded (in-memory state, single instance)";
     let server = match Server::bind(config).await {
         Ok(server) => server,
         Err(e) => {
@@ -23,6 +22,7 @@ async fn main() {
         }
     };
     let addr = server.local_addr();
+    let mode = server.mode().clone();
     if server.auth_mode() == AuthMode::Dev {
         tracing::warn!(
             "DEV MODE: no MATCHGATE_JWT_SECRET or MATCHGATE_JWT_PUBLIC_KEY_FILE set; anyone can get a token from POST /v1/dev/token. Never run this in production."

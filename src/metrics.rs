@@ -28,6 +28,11 @@ pub struct Metrics {
     handshakes_refused: Labelled,
     disconnects: Labelled,
     match_latency: Histogram,
+    redis_call_seconds: Histogram,
+    redis_errors: Counter,
+    pubsub: Labelled,
+    cleanup_runs: Counter,
+    cleaned_users: Counter,
 }
 
 impl Default for Metrics {
@@ -49,6 +54,11 @@ impl Metrics {
         let disconnects = Labelled::default();
         // 0.1 ms to ~3.3 s: loopback matches sit at the low end, real waits at the high end.
         let match_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let redis_call_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        let redis_errors = Counter::default();
+        let pubsub = Labelled::default();
+        let cleanup_runs = Counter::default();
+        let cleaned_users = Counter::default();
         registry.register(
             "connections",
             "Live WebSocket connections on this instance",
@@ -90,9 +100,37 @@ impl Metrics {
             "Time from enqueue to matched, per matched user",
             match_latency.clone(),
         );
+        registry.register(
+            "redis_call_seconds",
+            "Latency of matching calls to Redis (Redis mode)",
+            redis_call_seconds.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Failed matching calls to Redis: errors, timeouts, script failures (Redis mode)",
+            redis_errors.clone(),
+        );
+        registry.register(
+            "pubsub_messages",
+            "Pub/sub messages published by this instance's calls (out) and received (in) (Redis mode)",
+            pubsub.clone(),
+        );
+        registry.register(
+            "cleanup_runs",
+            "Heartbeat ticks that cleaned up after dead instances or expired held states (Redis mode)",
+            cleanup_runs.clone(),
+        );
+        registry.register(
+            "cleanup_users",
+            "Users of dead instances marked disconnected, plus held states expired, by this instance (Redis mode)",
+            cleaned_users.clone(),
+        );
         // Every label value shows up from the start, so dashboards see zeros, not gaps.
         for reason in [EndReason::Skip, EndReason::End, EndReason::Timeout] {
             let _ = sessions_ended.get_or_create(&[("reason", reason.as_str())]);
+        }
+        for direction in ["in", "out"] {
+            let _ = pubsub.get_or_create(&[("direction", direction)]);
         }
         for code in ErrorCode::ALL {
             let _ = protocol_errors.get_or_create(&[("code", code.as_str())]);
@@ -108,6 +146,37 @@ impl Metrics {
             handshakes_refused,
             disconnects,
             match_latency,
+            redis_call_seconds,
+            redis_errors,
+            pubsub,
+            cleanup_runs,
+            cleaned_users,
+        }
+    }
+
+    pub fn redis_call(&self, took: Duration, ok: bool) {
+        self.redis_call_seconds.observe(took.as_secs_f64());
+        if !ok {
+            self.redis_errors.inc();
+        }
+    }
+
+    pub fn pubsub_published(&self, n: u64) {
+        if n > 0 {
+            self.pubsub
+                .get_or_create(&[("direction", "out")])
+                .inc_by(n);
+        }
+    }
+
+    pub fn pubsub_received(&self) {
+        self.pubsub.get_or_create(&[("direction", "in")]).inc();
+    }
+
+    pub fn cleanup(&self, users: u64) {
+        if users > 0 {
+            self.cleanup_runs.inc();
+            self.cleaned_users.inc_by(users);
         }
     }
 

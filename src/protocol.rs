@@ -227,6 +227,8 @@ pub mod close {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// Internal error.
     pub const INTERNAL: u16 = 1011;
+    /// The backend is unavailable right now (connecting while Redis is down).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Another connection for the same user took over.
     pub const REPLACED: u16 = 4001;
     /// No client message within the heartbeat timeout.
@@ -235,6 +237,12 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4003;
     /// The per-connection error budget ran out.
     pub const TOO_MANY_ERRORS: u16 = 4004;
+    /// Events may have been lost between instances: reconnect with `resume` to get them from
+    /// the log, in order.
+    pub const RESYNC: u16 = 4005;
+    /// The gateway's backend lost all state (e.g. Redis restarted empty): reconnect; the queue
+    /// place or session is gone.
+    pub const STATE_LOST: u16 = 4006;
 }
 
 /// A user's state as the protocol names it.

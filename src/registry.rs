@@ -31,6 +31,9 @@ struct OutboxState {
     frames: VecDeque<Frame>,
     /// The first close request wins.
     close: Option<u16>,
+    /// The `seq` of the last event queued; `None` until the connection has attached (frames
+    /// are buffered as they come until then).
+    last_seq: Option<u64>,
 }
 
 /// What a connection should do next.
@@ -54,11 +57,29 @@ impl Outbox {
     }
 
     /// Queues a frame; on overflow asks the connection to close as a slow consumer.
+    ///
+    /// Events arrive in `seq` order. One at or below the last queued `seq` is a duplicate
+    /// (already replayed or re-sent) and is dropped; one beyond the next `seq` means frames were
+    /// lost in transit, and the connection is closed so that the client resumes and gets them
+    /// from the log in order.
     pub fn push(&self, frame: Frame) {
         {
             let mut state = self.lock();
             if state.close.is_some() {
                 return;
+            }
+            if let (Some(seq), Some(last)) = (frame.seq, state.last_seq) {
+                if seq <= last {
+                    return;
+                }
+                if seq > last + 1 {
+                    state.close = Some(close::RESYNC);
+                    state.frames = VecDeque::new();
+                    drop(state);
+                    self.wake.notify_one();
+                    return;
+                }
+                state.last_seq = Some(seq);
             }
             if state.frames.len() >= self.capacity {
                 state.close = Some(close::SLOW_CONSUMER);
@@ -68,6 +89,30 @@ impl Outbox {
             }
         }
         self.wake.notify_one();
+    }
+
+    /// Starts ordered delivery after the client has been brought up to `last_seq` (by the
+    /// `welcome` state and the replay): buffered events up to it are dropped.
+    pub fn start_at(&self, last_seq: u64) {
+        let mut state = self.lock();
+        state.frames.retain(|f| f.seq.is_none_or(|s| s > last_seq));
+        let mut last = last_seq;
+        let mut contiguous = true;
+        for seq in state.frames.iter().filter_map(|f| f.seq) {
+            contiguous &= seq == last + 1;
+            last = seq;
+        }
+        if !contiguous {
+            state.close.get_or_insert(close::RESYNC);
+        }
+        state.last_seq = Some(last);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// The `seq` of the last event queued, once delivery has started.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.lock().last_seq
     }
 
     /// Asks the connection to close with `code`.
@@ -115,12 +160,20 @@ impl ConnectionHandle {
         )
     }
 
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
     pub fn push(&self, frame: Frame) {
         self.outbox.push(frame);
     }
 
     pub fn close(&self, code: u16) {
         self.outbox.close(code);
+    }
+
+    pub fn last_seq(&self) -> Option<u64> {
+        self.outbox.last_seq()
     }
 }
 
@@ -144,6 +197,30 @@ impl Registry {
         if let Some(handle) = self.connections.get(user) {
             handle.push(frame);
         }
+    }
+
+    /// Closes the user's connection if it is still connection `id`.
+    pub fn close_if(&self, user: &str, id: ConnId, code: u16) {
+        if let Some(handle) = self.connections.get(user) {
+            if handle.id == id {
+                handle.close(code);
+            }
+        }
+    }
+
+    /// Asks every connection to close with `code`.
+    pub fn close_all(&self, code: u16) {
+        for entry in self.connections.iter() {
+            entry.value().close(code);
+        }
+    }
+
+    /// A snapshot of the live connections, for catching them up after lost deliveries.
+    pub fn snapshot(&self) -> Vec<(UserId, ConnectionHandle)> {
+        self.connections
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -172,6 +249,7 @@ mod tests {
         let user: UserId = "u".into();
         let (handle, outbox) = ConnectionHandle::new(ConnId(1), 2);
         registry.register(user.clone(), handle);
+        outbox.start_at(0);
         registry.push(&user, frame(1));
         registry.push(&user, frame(2));
         assert!(matches!(outbox.next().await, Next::Send(f) if f.seq == Some(1)));
@@ -190,11 +268,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn drops_duplicates_and_closes_on_a_gap() {
+        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 8);
+        // Before attaching, frames are buffered whatever their seq.
+        handle.push(frame(4));
+        handle.push(frame(6));
+        handle.push(frame(5));
+        // The client was brought up to 5: 4 and 5 go, 6 stays.
+        outbox.start_at(5);
+        assert!(matches!(outbox.next().await, Next::Send(f) if f.seq == Some(6)));
+        handle.push(frame(6)); // duplicate
+        handle.push(frame(7));
+        assert!(matches!(outbox.next().await, Next::Send(f) if f.seq == Some(7)));
+        assert_eq!(outbox.last_seq(), Some(7));
+        handle.push(frame(9)); // 8 was lost
+        assert!(matches!(outbox.next().await, Next::Close(close::RESYNC)));
+    }
+
+    #[tokio::test]
     async fn a_newer_connection_is_not_unregistered_by_the_old_one() {
         let registry = Registry::default();
         let user: UserId = "u".into();
         let (old, old_outbox) = ConnectionHandle::new(ConnId(1), 8);
         let (new, new_outbox) = ConnectionHandle::new(ConnId(2), 8);
+        new_outbox.start_at(0);
         registry.register(user.clone(), old);
         let replaced = registry.register(user.clone(), new).expect("replaces");
         replaced.close(close::REPLACED);

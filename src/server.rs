@@ -20,6 +20,10 @@ use crate::config::{Config, ConfigError};
 use crate::connection::Settings;
 use crate::gateway::Gateway;
 use crate::http::{router, App};
+use crate::matching::MatchError;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::scaleout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -27,6 +31,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("cannot set up Redis: {0}")]
+    Redis(MatchError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -34,7 +40,28 @@ pub enum StartError {
     },
 }
 
+/// Which backend an instance runs, for the start-up line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Embedded,
+    Redis { instance: String, cluster: bool },
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Embedded => f.write_str("embedded (in-memory state, single instance)"),
+            Mode::Redis { instance, cluster } => write!(
+                f,
+                "scale-out ({}, instance {instance})",
+                if *cluster { "Redis Cluster" } else { "Redis" }
+            ),
+        }
+    }
+}
+
 pub struct Server {
+    mode: Mode,
     listener: TcpListener,
     app: Arc<App>,
     stop: watch::Sender<bool>,
@@ -56,8 +83,30 @@ impl Server {
                 })?;
         let (stop, stop_rx) = watch::channel(false);
         let (done_tx, done) = mpsc::channel(1);
+        let (gateway, mode) = match scaleout::settings(&config) {
+            None => (Gateway::in_memory(&config), Mode::Embedded),
+            Some(settings) => {
+                let registry = Arc::new(Registry::default());
+                let metrics = Arc::new(Metrics::new());
+                let redis = scaleout::matchmaker(settings.clone(), metrics.clone())
+                    .map_err(StartError::Redis)?;
+                let gateway = Gateway::new(&config, redis.clone(), registry, metrics);
+                let mode = Mode::Redis {
+                    instance: settings.instance.clone(),
+                    cluster: settings.cluster,
+                };
+                scaleout::spawn(
+                    gateway.clone(),
+                    redis,
+                    settings,
+                    Duration::from_millis(config.instance_heartbeat_ms),
+                    stop_rx.clone(),
+                );
+                (gateway, mode)
+            }
+        };
         let app = Arc::new(App {
-            gateway: Gateway::in_memory(&config),
+            gateway,
             auth,
             settings: Arc::new(Settings::from_config(&config)),
             allowed_origins: config.allowed_origins.clone(),
@@ -67,6 +116,7 @@ impl Server {
             next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
         });
         Ok(Server {
+            mode,
             listener,
             app,
             stop,
@@ -81,6 +131,10 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
     pub fn auth_mode(&self) -> AuthMode {
         self.app.auth.mode()
     }
@@ -89,6 +143,7 @@ impl Server {
     /// reconnect elsewhere, and waits for them up to the drain timeout.
     pub async fn run(self, signal: impl Future<Output = ()> + Send + 'static) {
         let Server {
+            mode: _,
             listener,
             app,
             stop,

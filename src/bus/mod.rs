@@ -9,6 +9,7 @@
 //! resume and replay.
 
 pub mod local;
+pub mod redis;
 
 use axum::extract::ws::Utf8Bytes;
 

@@ -195,13 +195,13 @@ impl State {
     fn user(&self, id: &UserId) -> Result<&User, MatchError> {
         self.users
             .get(id)
-            .ok_or(MatchError::InvalidState("no live connection for this user"))
+            .ok_or(MatchError::InvalidState("no live connection for this user".into()))
     }
 
     fn user_mut(&mut self, id: &UserId) -> Result<&mut User, MatchError> {
         self.users
             .get_mut(id)
-            .ok_or(MatchError::InvalidState("no live connection for this user"))
+            .ok_or(MatchError::InvalidState("no live connection for this user".into()))
     }
 
     /// Appends an event to the user's log (if it has a `seq`) and hands it to the bus.
@@ -404,7 +404,7 @@ impl State {
     ) -> Result<(), MatchError> {
         let (session_id, peer) = self
             .session_of(id)
-            .ok_or(MatchError::InvalidState("not in a session"))?;
+            .ok_or(MatchError::InvalidState("not in a session".into()))?;
         self.sessions.remove(&session_id);
         let mut prefs = Vec::with_capacity(2);
         for (who, reason, requeue) in [
@@ -598,10 +598,10 @@ impl Matchmaker for MemoryMatchmaker {
         let ((), outcome) = self.step(Some(user), reference, |state, step| {
             match state.user(user)?.activity {
                 Activity::Idle => {}
-                Activity::Queued(_) => return Err(MatchError::InvalidState("already queued")),
+                Activity::Queued(_) => return Err(MatchError::InvalidState("already queued".into())),
                 Activity::InSession { .. } => {
                     return Err(MatchError::InvalidState(
-                        "already in a session: skip or end it first",
+                        "already in a session: skip or end it first".into(),
                     ))
                 }
             }
@@ -615,7 +615,7 @@ impl Matchmaker for MemoryMatchmaker {
         let ((), outcome) = self.step(Some(user), reference, |state, step| {
             let (_, peer) = state
                 .session_of(user)
-                .ok_or(MatchError::InvalidState("not in a session"))?;
+                .ok_or(MatchError::InvalidState("not in a session".into()))?;
             state.user_mut(user)?.avoid = Some(peer.clone());
             state.user_mut(&peer)?.avoid = Some(user.clone());
             let requeue_peer = step.policy.requeue_peer_on_skip;
@@ -632,7 +632,7 @@ impl Matchmaker for MemoryMatchmaker {
     async fn end(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError> {
         let ((), outcome) = self.step(Some(user), reference, |state, step| {
             match state.user(user)?.activity {
-                Activity::Idle => Err(MatchError::InvalidState("not queued or in a session")),
+                Activity::Idle => Err(MatchError::InvalidState("not queued or in a session".into())),
                 Activity::Queued(_) => {
                     if let Some(w) = state.take_waiting(user) {
                         state.emit(

@@ -9,6 +9,7 @@
 //! script. The transport never knows which one runs.
 
 pub mod memory;
+pub mod redis;
 
 use std::time::Duration;
 
@@ -100,9 +101,11 @@ pub struct Stats {
 #[derive(Debug, thiserror::Error)]
 pub enum MatchError {
     #[error("{0}")]
-    InvalidState(&'static str),
+    InvalidState(std::borrow::Cow<'static, str>),
     #[error("matching backend unavailable: {0}")]
     Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl MatchError {
@@ -110,6 +113,7 @@ impl MatchError {
         match self {
             MatchError::InvalidState(_) => ErrorCode::InvalidState,
             MatchError::Unavailable(_) => ErrorCode::Unavailable,
+            MatchError::Internal(_) => ErrorCode::Internal,
         }
     }
 }

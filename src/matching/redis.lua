@@ -1,0 +1,446 @@
+-- matchgate's matching engine in Redis: every operation is one call of this script, so each is
+-- atomic however many gateway instances race. It mirrors matching/memory.rs rule for rule.
+--
+-- KEYS[1]: any key with the deployment's hash tag (routes the call in Redis Cluster; every key
+--          below shares that tag, so a call touches one slot).
+-- ARGV: 1 key prefix (e.g. "{mg}"), 2 operation, 3 requeue peer on skip ("1"/"0"),
+--       4 history length, 5 history ttl ms, 6 grace ms, 7 channel prefix, 8 entropy (random,
+--       for ids), 9 user (or instance for instance-level operations), 10.. operation arguments.
+-- Returns a JSON object: {"error": ..} or the operation's result plus the outcome fields
+-- waits (ms), ended (reasons), changed (pools), held, published.
+--
+-- Key layout (P = prefix):
+--   P:u:<user>      hash: conn inst away state pool prefs ticket since told_pos told_est sid
+--                         avoid epoch seq
+--   P:log:<user>    list of "<seq> <ms> <frame>", newest last, bounded, expires
+--   P:pool:<pool>   zset of waiting users by ticket (FIFO)
+--   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles)
+--   P:ticket        counter; P:stat hash: queued sessions; P:gw global wait ms; P:pw pool waits
+--   P:instances     zset instance -> last heartbeat ms; P:iu:<inst> set of users attached there
+--   P:dead          set of dead instances whose users still need cleanup
+--   P:exp           zset "<user>\n<conn>" -> ms when the held state expires
+--   P:epoch         random id of this dataset: a new one means Redis lost everything
+-- Frames go out with PUBLISH on <channel prefix><instance>: "F<user>\n<seq>\n<frame>" for a
+-- frame (seq 0: none), "K<user>\n<conn>" to close a connection replaced from elsewhere.
+
+local P = ARGV[1]
+local OP = ARGV[2]
+local REQUEUE_PEER = ARGV[3] == '1'
+local HISTORY_LEN = tonumber(ARGV[4])
+local HISTORY_TTL = tonumber(ARGV[5])
+local GRACE = tonumber(ARGV[6])
+local CH = ARGV[7]
+local ENTROPY = ARGV[8]
+local USER = ARGV[9]
+local t = redis.call('TIME')
+local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local out = { waits = {}, ended = {}, changed = {}, held = false, published = 0 }
+local actor, ref = nil, nil
+local id_counter = 0
+
+local function ukey(u) return P .. ':u:' .. u end
+local function skey(s) return P .. ':s:' .. s end
+local function zkey(pk) return P .. ':pool:' .. pk end
+
+local function new_id(prefix, len)
+  id_counter = id_counter + 1
+  return prefix .. string.sub(redis.sha1hex(ENTROPY .. ':' .. id_counter), 1, len)
+end
+
+local function fail(code, message)
+  return cjson.encode({ error = code, message = message })
+end
+
+local function publish(inst, payload)
+  redis.call('PUBLISH', CH .. inst, payload)
+  out.published = out.published + 1
+end
+
+-- Appends an event to the user's log (if it carries a seq) and sends it to their instance.
+local function emit(u, ev)
+  local h = ukey(u)
+  local inst, away = unpack(redis.call('HMGET', h, 'inst', 'away'))
+  if not inst then return end
+  if ref and u == actor then
+    ev['ref'] = ref
+    ref = nil
+  end
+  local seq = 0
+  if ev['type'] ~= 'queue_update' then
+    seq = redis.call('HINCRBY', h, 'seq', 1)
+    ev['seq'] = seq
+  end
+  local text = cjson.encode(ev)
+  if seq > 0 then
+    local lk = P .. ':log:' .. u
+    redis.call('RPUSH', lk, seq .. ' ' .. NOW .. ' ' .. text)
+    redis.call('LTRIM', lk, -HISTORY_LEN, -1)
+    redis.call('PEXPIRE', lk, HISTORY_TTL)
+  end
+  if away ~= '1' then
+    publish(inst, 'F' .. u .. '\n' .. seq .. '\n' .. text)
+  end
+end
+
+local function ewma(prev, sample)
+  if not prev then return sample end
+  prev = tonumber(prev)
+  return prev + 0.2 * (sample - prev)
+end
+
+local function estimate(pk, position)
+  local w = redis.call('HGET', P .. ':pw', pk)
+  if not w then w = redis.call('GET', P .. ':gw') end
+  if not w then return nil end
+  local ms = tonumber(w) * (position + 1)
+  return math.floor(ms / 100 + 0.5) * 100
+end
+
+local function null_or(v)
+  if v == nil then return cjson.null end
+  return v
+end
+
+local function add_changed(pk)
+  for _, p in ipairs(out.changed) do
+    if p == pk then return end
+  end
+  table.insert(out.changed, pk)
+end
+
+-- Drops the wait history of a pool nobody waits in, or reports that positions changed.
+local function pool_changed(pk)
+  if redis.call('ZCARD', zkey(pk)) == 0 then
+    redis.call('HDEL', P .. ':pw', pk)
+  else
+    add_changed(pk)
+  end
+end
+
+local function take_waiting(u)
+  local h = ukey(u)
+  local state, pk, since = unpack(redis.call('HMGET', h, 'state', 'pool', 'since'))
+  if state ~= 'queued' then return nil end
+  redis.call('ZREM', zkey(pk), u)
+  redis.call('HSET', h, 'state', 'idle')
+  redis.call('HDEL', h, 'ticket', 'since', 'told_pos', 'told_est')
+  redis.call('HINCRBY', P .. ':stat', 'queued', -1)
+  return { pk = pk, since = tonumber(since) }
+end
+
+local function session_of(u)
+  local state, sid = unpack(redis.call('HMGET', ukey(u), 'state', 'sid'))
+  if state ~= 'session' then return nil end
+  local u1, u2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2'))
+  if not u1 then return nil end
+  if u1 == u then return sid, u2 end
+  return sid, u1
+end
+
+local function start_session(pk, a, b)
+  local ta = tonumber(redis.call('HGET', ukey(a), 'ticket'))
+  local tb = tonumber(redis.call('HGET', ukey(b), 'ticket'))
+  local wa, wb = take_waiting(a), take_waiting(b)
+  -- The user who waited longer offers.
+  local first, second, wf, ws = a, b, wa, wb
+  if tb < ta then first, second, wf, ws = b, a, wb, wa end
+  local sid = new_id('s_', 32)
+  local hf, hs = new_id('p_', 16), new_id('p_', 16)
+  for _, w in ipairs({ wf, ws }) do
+    local waited = NOW - w.since
+    if waited < 0 then waited = 0 end
+    table.insert(out.waits, waited)
+    redis.call('SET', P .. ':gw', ewma(redis.call('GET', P .. ':gw'), waited))
+    redis.call('HSET', P .. ':pw', pk, ewma(redis.call('HGET', P .. ':pw', pk), waited))
+  end
+  for _, u in ipairs({ first, second }) do
+    redis.call('HSET', ukey(u), 'state', 'session', 'sid', sid)
+    redis.call('HDEL', ukey(u), 'avoid')
+  end
+  redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs)
+  redis.call('HINCRBY', P .. ':stat', 'sessions', 1)
+  emit(first, { type = 'matched', session_id = sid, peer = hs, role = 'offerer', started_at_ms = NOW })
+  emit(second, { type = 'matched', session_id = sid, peer = hf, role = 'answerer', started_at_ms = NOW })
+  pool_changed(pk)
+end
+
+-- Matches a waiting, connected user with the longest-waiting compatible user in its pool.
+local function try_match(u)
+  local state, away, pk, avoid = unpack(redis.call('HMGET', ukey(u), 'state', 'away', 'pool', 'avoid'))
+  if state ~= 'queued' or away == '1' then return end
+  local start = 0
+  while true do
+    local batch = redis.call('ZRANGE', zkey(pk), start, start + 99)
+    if #batch == 0 then return end
+    for _, c in ipairs(batch) do
+      if c ~= u and c ~= avoid then
+        local caway, cavoid = unpack(redis.call('HMGET', ukey(c), 'away', 'avoid'))
+        if caway == '0' and cavoid ~= u then
+          start_session(pk, u, c)
+          return
+        end
+      end
+    end
+    start = start + 100
+  end
+end
+
+-- Puts an idle user in the queue of pool `pk`, tells them, and matches them if possible.
+local function queue(u, pk)
+  local ticket = redis.call('INCR', P .. ':ticket')
+  local position = redis.call('ZCARD', zkey(pk))
+  redis.call('ZADD', zkey(pk), ticket, u)
+  local est = estimate(pk, position)
+  redis.call('HSET', ukey(u), 'state', 'queued', 'pool', pk, 'ticket', ticket, 'since', NOW,
+    'told_pos', position, 'told_est', est or '')
+  redis.call('HINCRBY', P .. ':stat', 'queued', 1)
+  emit(u, { type = 'queued', position = position, estimated_wait_ms = null_or(est) })
+  try_match(u)
+end
+
+-- Ends u's session: tells both sides why, then re-queues whoever the rule says.
+local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue)
+  local sid, peer = session_of(u)
+  redis.call('DEL', skey(sid))
+  redis.call('HINCRBY', P .. ':stat', 'sessions', -1)
+  local requeue = {}
+  for _, x in ipairs({ { u, own_reason, own_requeue }, { peer, peer_reason, peer_requeue } }) do
+    local h = ukey(x[1])
+    if redis.call('HGET', h, 'state') == 'session' then
+      redis.call('HSET', h, 'state', 'idle')
+      redis.call('HDEL', h, 'sid')
+      if x[3] then table.insert(requeue, x[1]) end
+    end
+    emit(x[1], { type = 'session_ended', session_id = sid, reason = x[2], requeued = x[3] })
+  end
+  table.insert(out.ended, own_reason)
+  for _, who in ipairs(requeue) do
+    queue(who, redis.call('HGET', ukey(who), 'pool'))
+  end
+end
+
+-- The connection `conn` of u went away: hold the state for the grace period.
+local function detach(u, conn)
+  local h = ukey(u)
+  local c, a, inst = unpack(redis.call('HMGET', h, 'conn', 'away', 'inst'))
+  if c ~= conn or a == '1' then return end
+  redis.call('HSET', h, 'away', '1')
+  redis.call('SREM', P .. ':iu:' .. inst, u)
+  redis.call('ZADD', P .. ':exp', NOW + GRACE, u .. '\n' .. conn)
+  out.held = true
+  local sid, peer = session_of(u)
+  if sid then emit(peer, { type = 'peer_status', session_id = sid, state = 'reconnecting' }) end
+end
+
+-- The grace period of (u, conn) ran out: drop the held state unless u came back.
+local function expire(u, conn)
+  redis.call('ZREM', P .. ':exp', u .. '\n' .. conn)
+  local h = ukey(u)
+  local c, a, state = unpack(redis.call('HMGET', h, 'conn', 'away', 'state'))
+  if c ~= conn or a ~= '1' then return end
+  if state == 'queued' then
+    local w = take_waiting(u)
+    pool_changed(w.pk)
+  elseif state == 'session' and session_of(u) then
+    end_session(u, 'timeout', false, 'peer_disconnected', REQUEUE_PEER)
+  end
+  redis.call('DEL', h, P .. ':log:' .. u)
+end
+
+-- The logged events of u after `last`, if the log still holds all of them.
+local function events_since(u, seq, last)
+  if last > seq then return false, {} end
+  if last == seq then return true, {} end
+  local entries = redis.call('LRANGE', P .. ':log:' .. u, 0, -1)
+  if #entries == 0 or tonumber(string.match(entries[1], '^(%d+) ')) > last + 1 then
+    return false, {}
+  end
+  local replay = {}
+  for _, e in ipairs(entries) do
+    local s, text = string.match(e, '^(%d+) %d+ (.*)$')
+    if tonumber(s) > last then table.insert(replay, { tonumber(s), text }) end
+  end
+  return true, replay
+end
+
+local function state_name(state)
+  if state == 'session' then return 'in_session' end
+  return state
+end
+
+local function result(extra)
+  extra = extra or {}
+  for k, v in pairs(out) do extra[k] = v end
+  return cjson.encode(extra)
+end
+
+-- A `ref` argument is "" when absent and "=<ref>" when present (an empty ref is valid).
+local function set_ref(arg)
+  actor = USER
+  if arg ~= '' then ref = string.sub(arg, 2) end
+end
+
+local function with_user(required)
+  local state = redis.call('HGET', ukey(USER), 'state')
+  if not state and required then return nil end
+  return state
+end
+
+if OP == 'attach' then
+  local conn, inst, token, last = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13]) or 0
+  local h = ukey(USER)
+  local was_away = false
+  if redis.call('EXISTS', h) == 0 then
+    redis.call('HSET', h, 'conn', conn, 'inst', inst, 'away', '0', 'state', 'idle',
+      'epoch', new_id('r_', 32), 'seq', 0)
+  else
+    local old_inst, old_conn, a = unpack(redis.call('HMGET', h, 'inst', 'conn', 'away'))
+    was_away = a == '1'
+    if old_inst ~= inst then
+      -- A live connection on another instance is replaced: that instance closes it.
+      if not was_away then publish(old_inst, 'K' .. USER .. '\n' .. old_conn) end
+      redis.call('SREM', P .. ':iu:' .. old_inst, USER)
+    end
+    redis.call('ZREM', P .. ':exp', USER .. '\n' .. old_conn)
+    redis.call('HSET', h, 'conn', conn, 'inst', inst, 'away', '0')
+  end
+  redis.call('SADD', P .. ':iu:' .. inst, USER)
+  local epoch, seq, state = unpack(redis.call('HMGET', h, 'epoch', 'seq', 'state'))
+  seq = tonumber(seq)
+  local resumed, replay = false, {}
+  if token ~= '' and token == epoch then
+    resumed, replay = events_since(USER, seq, last)
+  end
+  local attached = { state = state_name(state), resume_token = epoch, last_seq = seq,
+    resumed = resumed, replay = replay }
+  if was_away then
+    local sid, peer = session_of(USER)
+    if sid then
+      emit(peer, { type = 'peer_status', session_id = sid, state = 'connected' })
+    else
+      try_match(USER)
+    end
+  end
+  return result(attached)
+elseif OP == 'detach' then
+  detach(USER, ARGV[10])
+  return result()
+elseif OP == 'expire' then
+  expire(USER, ARGV[10])
+  return result()
+elseif OP == 'enqueue' then
+  set_ref(ARGV[12])
+  local state = with_user(true)
+  if not state then return fail('invalid_state', 'no live connection for this user') end
+  if state == 'queued' then return fail('invalid_state', 'already queued') end
+  if state == 'session' then
+    return fail('invalid_state', 'already in a session: skip or end it first')
+  end
+  redis.call('HSET', ukey(USER), 'prefs', ARGV[10])
+  queue(USER, ARGV[11])
+  return result()
+elseif OP == 'skip' then
+  set_ref(ARGV[10])
+  local sid, peer = session_of(USER)
+  if not sid then return fail('invalid_state', 'not in a session') end
+  redis.call('HSET', ukey(USER), 'avoid', peer)
+  redis.call('HSET', ukey(peer), 'avoid', USER)
+  end_session(USER, 'skip', true, 'peer_skipped', REQUEUE_PEER)
+  return result()
+elseif OP == 'end' then
+  set_ref(ARGV[10])
+  local state = with_user(true)
+  if state == 'queued' then
+    local w = take_waiting(USER)
+    emit(USER, { type = 'dequeued', reason = 'end' })
+    pool_changed(w.pk)
+  elseif state == 'session' and session_of(USER) then
+    end_session(USER, 'end', false, 'peer_ended', false)
+  else
+    return fail('invalid_state', 'not queued or in a session')
+  end
+  return result()
+elseif OP == 'status' then
+  local state, pk, ticket, sid = unpack(redis.call('HMGET', ukey(USER), 'state', 'pool', 'ticket', 'sid'))
+  if not state then return fail('invalid_state', 'no live connection for this user') end
+  local st = { state = state_name(state) }
+  if state == 'queued' then
+    st.position = redis.call('ZCOUNT', zkey(pk), '-inf', '(' .. ticket)
+    st.estimated_wait_ms = estimate(pk, st.position)
+  elseif state == 'session' then
+    st.session_id = sid
+  end
+  return result({ status = st })
+elseif OP == 'refresh' then
+  local pk = ARGV[10]
+  local users = redis.call('ZRANGE', zkey(pk), 0, -1)
+  for i, u in ipairs(users) do
+    local position = i - 1
+    local est = estimate(pk, position)
+    local away, told_pos, told_est = unpack(redis.call('HMGET', ukey(u), 'away', 'told_pos', 'told_est'))
+    local old = tonumber(told_est)
+    local moved
+    if old and est then
+      moved = math.abs(old - est) * 5 > math.max(old, est)
+    else
+      moved = (old == nil) ~= (est == nil)
+    end
+    if away == '0' and (tonumber(told_pos) ~= position or moved) then
+      redis.call('HSET', ukey(u), 'told_pos', position, 'told_est', est or '')
+      emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est) })
+    end
+  end
+  return result()
+elseif OP == 'since' then
+  local c, seq = unpack(redis.call('HMGET', ukey(USER), 'conn', 'seq'))
+  if c ~= ARGV[10] then return result({ resumed = false }) end
+  local ok, replay = events_since(USER, tonumber(seq), tonumber(ARGV[11]))
+  return result({ resumed = ok, replay = replay })
+elseif OP == 'stats' then
+  local queued, sessions = unpack(redis.call('HMGET', P .. ':stat', 'queued', 'sessions'))
+  return result({ queued = tonumber(queued) or 0, sessions = tonumber(sessions) or 0 })
+elseif OP == 'tick' then
+  -- Instance heartbeat and shared clean-up, run by every instance periodically. USER is the
+  -- calling instance; ARGV[10] its heartbeat period, ARGV[11] the dataset epoch it knows, and
+  -- ARGV[12] how many users or expiries to handle in this call.
+  local inst, period, known, budget = USER, tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+  local epoch = redis.call('GET', P .. ':epoch')
+  if not epoch then
+    epoch = new_id('d_', 32)
+    redis.call('SET', P .. ':epoch', epoch)
+  end
+  -- ZADD answers 1 when the instance was not listed: others took it for dead (or Redis lost
+  -- everything), so its users were cleaned up and its connections must re-attach.
+  local added = redis.call('ZADD', P .. ':instances', NOW, inst)
+  -- Instances silent for two periods are dead; moving them to P:dead makes exactly one caller
+  -- claim each, and any instance may finish the clean-up later.
+  local dead = redis.call('ZRANGEBYSCORE', P .. ':instances', '-inf', NOW - 2 * period)
+  for _, d in ipairs(dead) do
+    redis.call('ZREM', P .. ':instances', d)
+    redis.call('SADD', P .. ':dead', d)
+  end
+  local cleaned = 0
+  for _, d in ipairs(redis.call('SMEMBERS', P .. ':dead')) do
+    local users = redis.call('SPOP', P .. ':iu:' .. d, budget)
+    for _, u in ipairs(users) do
+      local c, i = unpack(redis.call('HMGET', ukey(u), 'conn', 'inst'))
+      if i == d and c then detach(u, c) end
+      cleaned = cleaned + 1
+    end
+    budget = budget - #users
+    if redis.call('SCARD', P .. ':iu:' .. d) == 0 then redis.call('SREM', P .. ':dead', d) end
+    if budget <= 0 then break end
+  end
+  local due = redis.call('ZRANGEBYSCORE', P .. ':exp', '-inf', NOW, 'LIMIT', 0, math.max(budget, 1))
+  for _, m in ipairs(due) do
+    local u, c = string.match(m, '^(.*)\n(.*)$')
+    expire(u, c)
+  end
+  -- Held states from detaches above expire through P:exp, not through a timer of the caller.
+  out.held = false
+  return result({ epoch = epoch, epoch_changed = known ~= '' and known ~= epoch,
+    rejoined = known ~= '' and added == 1,
+    cleaned_users = cleaned, expired = #due, dead_instances = #dead })
+end
+return fail('internal', 'unknown operation ' .. tostring(OP))

@@ -1,0 +1,405 @@
+//! The Redis matchmaker of the scale-out mode: queue, sessions and event logs live in Redis and
+//! every operation is one call of `redis.lua`, so N instances racing on the same pool can never
+//! match a user twice or put a user in two sessions.
+//!
+//! The script also publishes each frame on the pub/sub channel of the instance that holds the
+//! user's connection (see [`crate::bus::redis`]), inside the same atomic step that appends it to
+//! the user's log, so events reach every user in `seq` order. All keys share one hash tag, so
+//! every call touches one slot and the same code runs against Redis Cluster.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_redis::{Runtime, Timeouts};
+use serde::{Deserialize, Deserializer};
+
+use super::{Attached, ConnId, MatchError, Matchmaker, Outcome, Resume, Stats, Status, UserId};
+use crate::bus::Frame;
+use crate::ids::random_id;
+use crate::metrics::Metrics;
+use crate::protocol::{EndReason, Prefs, StateName};
+
+const SCRIPT: &str = include_str!("redis.lua");
+
+/// How long one Redis call may take before the operation counts as unavailable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the Redis keys and channels of one deployment live.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Key prefix with the hash tag, e.g. `{mg}`.
+    pub prefix: String,
+    /// Pub/sub channel prefix; an instance listens on `<prefix><instance id>`.
+    pub channel_prefix: String,
+}
+
+impl Layout {
+    pub fn new(namespace: &str) -> Self {
+        Layout {
+            prefix: format!("{{{namespace}}}"),
+            channel_prefix: format!("{namespace}:i:"),
+        }
+    }
+
+    pub fn channel(&self, instance: &str) -> String {
+        format!("{}{instance}", self.channel_prefix)
+    }
+}
+
+/// Settings of the Redis matchmaker.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    pub layout: Layout,
+    pub instance: String,
+    pub requeue_peer_on_skip: bool,
+    pub history_len: usize,
+    pub history_ttl: Duration,
+    pub resume_grace: Duration,
+    pub pool_size: usize,
+}
+
+enum Pool {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+pub struct RedisMatchmaker {
+    pool: Pool,
+    script: redis::Script,
+    settings: RedisSettings,
+    route_key: String,
+    metrics: Arc<Metrics>,
+}
+
+/// What the instance learns from one heartbeat tick.
+#[derive(Debug, Default)]
+pub struct Tick {
+    pub outcome: Outcome,
+    /// The dataset id; a different one than before means Redis lost its data.
+    pub epoch: String,
+    pub epoch_changed: bool,
+    /// This instance had been taken for dead: its users were cleaned up.
+    pub rejoined: bool,
+    pub cleaned_users: u64,
+    pub expired: u64,
+    pub dead_instances: u64,
+}
+
+/// Lua's cjson encodes an empty table as `{}`: accept that for every list.
+fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrEmpty<T> {
+        List(Vec<T>),
+        Empty {},
+    }
+    Ok(match ListOrEmpty::deserialize(d)? {
+        ListOrEmpty::List(v) => v,
+        ListOrEmpty::Empty {} => Vec::new(),
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Reply {
+    error: Option<String>,
+    message: Option<String>,
+    #[serde(deserialize_with = "list")]
+    waits: Vec<u64>,
+    #[serde(deserialize_with = "list")]
+    ended: Vec<EndReason>,
+    #[serde(deserialize_with = "list")]
+    changed: Vec<Arc<str>>,
+    held: bool,
+    published: u64,
+    // attach
+    state: Option<StateName>,
+    resume_token: String,
+    last_seq: u64,
+    resumed: bool,
+    #[serde(deserialize_with = "list")]
+    replay: Vec<(u64, String)>,
+    // status
+    status: Option<StatusReply>,
+    // stats
+    queued: u64,
+    sessions: u64,
+    // tick
+    epoch: String,
+    epoch_changed: bool,
+    rejoined: bool,
+    cleaned_users: u64,
+    expired: u64,
+    dead_instances: u64,
+}
+
+#[derive(Deserialize)]
+struct StatusReply {
+    state: StateName,
+    position: Option<u64>,
+    estimated_wait_ms: Option<u64>,
+    session_id: Option<Arc<str>>,
+}
+
+impl Reply {
+    fn outcome(&mut self) -> Outcome {
+        Outcome {
+            waits: self
+                .waits
+                .drain(..)
+                .map(Duration::from_millis)
+                .collect(),
+            ended: std::mem::take(&mut self.ended),
+            changed_pools: std::mem::take(&mut self.changed),
+            held: self.held,
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> MatchError {
+    MatchError::Unavailable(e.to_string())
+}
+
+impl RedisMatchmaker {
+    pub fn new(settings: RedisSettings, metrics: Arc<Metrics>) -> Result<Self, MatchError> {
+        let pool_config = deadpool_redis::PoolConfig {
+            max_size: settings.pool_size,
+            timeouts: Timeouts {
+                wait: Some(CALL_TIMEOUT),
+                create: Some(CALL_TIMEOUT),
+                recycle: Some(CALL_TIMEOUT),
+            },
+            ..Default::default()
+        };
+        let pool = if settings.cluster {
+            let mut config = deadpool_redis::cluster::Config::from_urls(settings.urls.clone());
+            config.pool = Some(pool_config);
+            Pool::Cluster(config.create_pool(Some(Runtime::Tokio1)).map_err(unavailable)?)
+        } else {
+            let mut config = deadpool_redis::Config::from_url(settings.urls[0].clone());
+            config.pool = Some(pool_config);
+            Pool::Single(config.create_pool(Some(Runtime::Tokio1)).map_err(unavailable)?)
+        };
+        Ok(RedisMatchmaker {
+            pool,
+            script: redis::Script::new(SCRIPT),
+            route_key: format!("{}:route", settings.layout.prefix),
+            settings,
+            metrics,
+        })
+    }
+
+    /// Runs one operation of the script.
+    async fn call(&self, op: &str, subject: &str, args: &[&str]) -> Result<Reply, MatchError> {
+        let s = &self.settings;
+        let mut invocation = self.script.key(&self.route_key);
+        invocation
+            .arg(&s.layout.prefix)
+            .arg(op)
+            .arg(if s.requeue_peer_on_skip { "1" } else { "0" })
+            .arg(s.history_len)
+            .arg(s.history_ttl.as_millis() as u64)
+            .arg(s.resume_grace.as_millis() as u64)
+            .arg(&s.layout.channel_prefix)
+            .arg(random_id("", 16))
+            .arg(subject);
+        for a in args {
+            invocation.arg(*a);
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(CALL_TIMEOUT, async {
+            match &self.pool {
+                Pool::Single(p) => {
+                    let mut c = p.get().await.map_err(unavailable)?;
+                    invocation
+                        .invoke_async::<String>(&mut c)
+                        .await
+                        .map_err(unavailable)
+                }
+                Pool::Cluster(p) => {
+                    let mut c = p.get().await.map_err(unavailable)?;
+                    invocation
+                        .invoke_async::<String>(&mut c)
+                        .await
+                        .map_err(unavailable)
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(unavailable("Redis call timed out")));
+        self.metrics.redis_call(started.elapsed(), result.is_ok());
+        let text = result?;
+        let mut reply: Reply = serde_json::from_str(&text)
+            .map_err(|e| MatchError::Internal(format!("bad script reply: {e}")))?;
+        self.metrics.pubsub_published(reply.published);
+        match reply.error.take() {
+            None => Ok(reply),
+            Some(code) => {
+                let message = reply.message.take().unwrap_or_default();
+                Err(match code.as_str() {
+                    "invalid_state" => MatchError::InvalidState(message.into()),
+                    _ => MatchError::Internal(message),
+                })
+            }
+        }
+    }
+
+    /// Heartbeat of this instance plus a share of the clean-up every instance does: users of
+    /// dead instances are treated as disconnected, held states past their grace expire.
+    pub async fn tick(&self, period: Duration, known_epoch: &str) -> Result<Tick, MatchError> {
+        let period_ms = (period.as_millis() as u64).to_string();
+        let mut reply = self
+            .call(
+                "tick",
+                &self.settings.instance,
+                &[&period_ms, known_epoch, "1000"],
+            )
+            .await?;
+        Ok(Tick {
+            outcome: reply.outcome(),
+            epoch: std::mem::take(&mut reply.epoch),
+            epoch_changed: reply.epoch_changed,
+            rejoined: reply.rejoined,
+            cleaned_users: reply.cleaned_users,
+            expired: reply.expired,
+            dead_instances: reply.dead_instances,
+        })
+    }
+
+    /// Events of `user` after `last_seq`, for catching a connection up after pub/sub lost
+    /// messages. `None` when the log no longer covers them.
+    pub async fn since(
+        &self,
+        user: &UserId,
+        conn: ConnId,
+        last_seq: u64,
+    ) -> Result<Option<Vec<Frame>>, MatchError> {
+        let conn = conn.0.to_string();
+        let last = last_seq.to_string();
+        let reply = self.call("since", user, &[&conn, &last]).await?;
+        Ok(reply.resumed.then(|| frames(reply.replay)))
+    }
+}
+
+/// The script's encoding of an optional `ref`: "" when absent, "=<ref>" when present.
+fn ref_arg(reference: Option<&str>) -> String {
+    reference.map(|r| format!("={r}")).unwrap_or_default()
+}
+
+fn frames(replay: Vec<(u64, String)>) -> Vec<Frame> {
+    replay
+        .into_iter()
+        .map(|(seq, text)| Frame {
+            seq: Some(seq),
+            text: text.into(),
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Matchmaker for RedisMatchmaker {
+    async fn attach(
+        &self,
+        user: &UserId,
+        conn: ConnId,
+        resume: Option<Resume>,
+    ) -> Result<Attached, MatchError> {
+        let conn = conn.0.to_string();
+        let (token, last) = match &resume {
+            Some(r) => (r.token.as_str(), r.last_seq.to_string()),
+            None => ("", String::new()),
+        };
+        let mut reply = self
+            .call(
+                "attach",
+                user,
+                &[&conn, &self.settings.instance, token, &last],
+            )
+            .await?;
+        Ok(Attached {
+            state: reply.state.unwrap_or(StateName::Idle),
+            resume_token: std::mem::take(&mut reply.resume_token),
+            last_seq: reply.last_seq,
+            resumed: reply.resumed,
+            outcome: reply.outcome(),
+            replay: frames(std::mem::take(&mut reply.replay)),
+        })
+    }
+
+    async fn detach(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("detach", user, &[&conn.0.to_string()])
+            .await?
+            .outcome())
+    }
+
+    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("expire", user, &[&conn.0.to_string()])
+            .await?
+            .outcome())
+    }
+
+    async fn enqueue(
+        &self,
+        user: &UserId,
+        prefs: Prefs,
+        reference: Option<&str>,
+    ) -> Result<Outcome, MatchError> {
+        let json = serde_json::to_string(&prefs).expect("prefs serialise");
+        Ok(self
+            .call(
+                "enqueue",
+                user,
+                &[&json, &prefs.pool_key(), &ref_arg(reference)],
+            )
+            .await?
+            .outcome())
+    }
+
+    async fn skip(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("skip", user, &[&ref_arg(reference)])
+            .await?
+            .outcome())
+    }
+
+    async fn end(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("end", user, &[&ref_arg(reference)])
+            .await?
+            .outcome())
+    }
+
+    async fn status(&self, user: &UserId) -> Result<Status, MatchError> {
+        let reply = self.call("status", user, &[]).await?;
+        let s = reply
+            .status
+            .ok_or_else(|| MatchError::Internal("status reply without status".into()))?;
+        Ok(Status {
+            state: s.state,
+            position: s.position,
+            estimated_wait_ms: s.estimated_wait_ms,
+            session_id: s.session_id,
+        })
+    }
+
+    async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError> {
+        self.call("refresh", "", &[pool]).await.map(|_| ())
+    }
+
+    async fn stats(&self) -> Result<Stats, MatchError> {
+        let reply = self.call("stats", "", &[]).await?;
+        Ok(Stats {
+            queued: reply.queued,
+            sessions: reply.sessions,
+        })
+    }
+}

@@ -1,0 +1,175 @@
+//! The scale-out mode: N identical instances sharing one Redis (or Redis Cluster), with no
+//! sticky sessions.
+//!
+//! Besides the [`RedisMatchmaker`] (state) and the pub/sub subscriber (delivery), each instance
+//! runs two background loops:
+//! - a heartbeat tick: refreshes this instance's liveness key and takes a share of the
+//!   clean-up every instance does (users of instances that died without a clean shutdown,
+//!   held states whose grace period ran out); and notices when Redis lost its data, or when
+//!   this instance was itself taken for dead, and sends its clients to reconnect;
+//! - a recovery loop: after the pub/sub connection was lost and restored, catches every local
+//!   connection up from the users' logs, since messages published meanwhile are gone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::bus::redis::{subscribe, Recovery};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::ids::random_id;
+use crate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
+use crate::matching::MatchError;
+use crate::metrics::Metrics;
+use crate::protocol::close;
+
+/// Settings of the Redis matchmaker from the configuration; `None` in the embedded mode.
+pub fn settings(config: &Config) -> Option<RedisSettings> {
+    let urls = config.redis_urls()?;
+    Some(RedisSettings {
+        urls,
+        cluster: config.redis_cluster,
+        layout: Layout::new(&config.redis_namespace),
+        instance: config
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| random_id("", 6)),
+        requeue_peer_on_skip: config.requeue_peer_on_skip,
+        history_len: config.history_len,
+        history_ttl: config.resume_grace(),
+        resume_grace: config.resume_grace(),
+        pool_size: config.redis_pool_size,
+    })
+}
+
+pub fn matchmaker(
+    settings: RedisSettings,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<RedisMatchmaker>, MatchError> {
+    Ok(Arc::new(RedisMatchmaker::new(settings, metrics)?))
+}
+
+/// Starts the subscriber, the heartbeat and the recovery loops; they end when `stop` flips.
+pub fn spawn(
+    gateway: Arc<Gateway>,
+    redis: Arc<RedisMatchmaker>,
+    settings: RedisSettings,
+    heartbeat: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    let recovery = Arc::new(Recovery::default());
+    gateway.set_subscribed(false);
+    tokio::spawn(subscriber(
+        gateway.clone(),
+        settings,
+        recovery.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(ticks(gateway.clone(), redis.clone(), heartbeat, stop.clone()));
+    tokio::spawn(catch_up(gateway, redis, recovery, stop));
+}
+
+/// Keeps this instance subscribed to its channel. The connection manager re-subscribes after
+/// disconnections by itself; this loop only has to get the first subscription in place, which
+/// may take a while when the gateway starts before Redis does.
+async fn subscriber(
+    gateway: Arc<Gateway>,
+    settings: RedisSettings,
+    recovery: Arc<Recovery>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let channel = settings.layout.channel(&settings.instance);
+    let mut delay = Duration::from_millis(100);
+    let manager = loop {
+        let attempt = subscribe(
+            &settings.urls[0],
+            &channel,
+            gateway.registry.clone(),
+            gateway.metrics.clone(),
+            recovery.clone(),
+        );
+        tokio::select! {
+            result = attempt => match result {
+                Ok(manager) => break manager,
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe yet; retrying"),
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    };
+    gateway.set_subscribed(true);
+    tracing::info!(%channel, "subscribed");
+    let _ = stop.wait_for(|s| *s).await;
+    drop(manager);
+}
+
+async fn ticks(
+    gateway: Arc<Gateway>,
+    redis: Arc<RedisMatchmaker>,
+    period: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut known_epoch = String::new();
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match redis.tick(period, &known_epoch).await {
+            Ok(tick) => {
+                if tick.epoch_changed {
+                    tracing::error!(
+                        "Redis lost its data (restarted without persistence?): every client must start over"
+                    );
+                    gateway.registry.close_all(close::STATE_LOST);
+                } else if tick.rejoined {
+                    tracing::warn!(
+                        "this instance had been taken for dead: its clients reconnect to re-attach"
+                    );
+                    gateway.registry.close_all(close::RESYNC);
+                }
+                known_epoch = tick.epoch;
+                if tick.dead_instances > 0 {
+                    tracing::warn!(count = tick.dead_instances, "instances found dead");
+                }
+                gateway.metrics.cleanup(tick.cleaned_users + tick.expired);
+                gateway.apply_outcome(tick.outcome);
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+async fn catch_up(
+    gateway: Arc<Gateway>,
+    redis: Arc<RedisMatchmaker>,
+    recovery: Arc<Recovery>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = recovery.restored.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tracing::info!("pub/sub restored: catching connections up from the logs");
+        for (user, handle) in gateway.registry.snapshot() {
+            // A connection still attaching gets its replay from the attach itself.
+            let Some(last) = handle.last_seq() else {
+                continue;
+            };
+            match redis.since(&user, handle.id(), last).await {
+                Ok(Some(frames)) => frames.into_iter().for_each(|f| handle.push(f)),
+                // The log no longer covers the gap, or Redis is not back yet: the client
+                // resumes, which recovers whatever can be recovered.
+                Ok(None) | Err(_) => handle.close(close::RESYNC),
+            }
+        }
+    }
+}
