@@ -80,6 +80,12 @@ impl Gateway {
             && self.matchmaker.stats().await.is_ok()
     }
 
+    /// Whether deliveries can reach connections here (false until a scale-out instance has
+    /// subscribed): a connection accepted earlier could miss its first events.
+    pub fn subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+
     pub fn set_subscribed(&self, subscribed: bool) {
         self.subscribed.store(subscribed, Ordering::Release);
     }

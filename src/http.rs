@@ -198,6 +198,10 @@ async fn ws_handshake(
         gateway.metrics.handshake_refused("draining");
         return unavailable("draining");
     }
+    if !gateway.subscribed() {
+        gateway.metrics.handshake_refused("not_ready");
+        return unavailable("not ready");
+    }
     let Ok(permit) = app.connection_slots.clone().try_acquire_owned() else {
         gateway.metrics.handshake_refused("capacity");
         return unavailable("connection limit reached");

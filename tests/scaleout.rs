@@ -1,0 +1,151 @@
+//! Scale-out mode: several gateway instances sharing a real `redis-server` started on an
+//! ephemeral loopback port, clients spread across them like a load balancer without sticky
+//! sessions.
+
+mod common;
+
+use common::redis::RedisServer;
+use common::{Client, TestServer};
+use serde_json::json;
+
+/// `n` in-process instances against `redis`, with extra flags.
+async fn instances(redis: &RedisServer, n: usize, extra: &[&str]) -> Vec<TestServer> {
+    let url = redis.url();
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let id = format!("inst{i}");
+        let mut args = vec![
+            "--redis-url",
+            &url,
+            "--instance-id",
+            &id,
+            "--instance-heartbeat-ms",
+            "100",
+        ];
+        args.extend_from_slice(extra);
+        servers.push(TestServer::start(&args).await);
+    }
+    servers
+}
+
+async fn matched_pair(a: &mut Client, b: &mut Client) -> String {
+    a.send(json!({"type": "enqueue"})).await;
+    a.expect("queued").await;
+    b.send(json!({"type": "enqueue"})).await;
+    b.expect("queued").await;
+    let ma = a.expect("matched").await;
+    let mb = b.expect("matched").await;
+    assert_eq!(ma["session_id"], mb["session_id"]);
+    assert_ne!(ma["role"], mb["role"]);
+    ma["session_id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn users_on_different_instances_match_skip_and_end() {
+    let redis = RedisServer::start().await;
+    let servers = instances(&redis, 2, &[]).await;
+    let mut a = servers[0].connect("alice").await;
+    let mut b = servers[1].connect("bob").await;
+    let sid = matched_pair(&mut a, &mut b).await;
+
+    // skip across instances: both told, both re-queued (and they avoid each other).
+    let ended = a.request(json!({"type": "skip"}), "s1").await;
+    assert_eq!(ended["reason"], "skip");
+    assert_eq!(ended["session_id"], sid.as_str());
+    a.expect("queued").await;
+    let eb = b.expect("session_ended").await;
+    assert_eq!(eb["reason"], "peer_skipped");
+    assert_eq!(eb["requeued"], true);
+    let qb = b.expect("queued").await;
+    assert_eq!(qb["position"], 1);
+
+    // A third user on instance 0 takes alice (longest waiting), a fourth on 1 takes bob.
+    let mut c = servers[0].connect("carol").await;
+    c.send(json!({"type": "enqueue"})).await;
+    c.expect("queued").await;
+    let mc = c.expect("matched").await;
+    let ma = a.expect("matched").await;
+    assert_eq!(mc["session_id"], ma["session_id"]);
+
+    // end across instances.
+    let e = c.request(json!({"type": "end"}), "e").await;
+    assert_eq!(e["reason"], "end");
+    let ea = a.expect("session_ended").await;
+    assert_eq!(ea["reason"], "peer_ended");
+    assert_eq!(ea["requeued"], false);
+
+    let s = a.request(json!({"type": "status"}), "st").await;
+    assert_eq!(s["state"], "idle");
+    let s = b.request(json!({"type": "status"}), "st").await;
+    assert_eq!(s["state"], "queued");
+    assert_eq!(servers[1].metric("matchgate_queue_length").await, 1.0);
+    assert_eq!(servers[0].metric("matchgate_sessions_active").await, 0.0);
+    assert!(
+        servers[0]
+            .metric(r#"matchgate_pubsub_messages_total{direction="out"}"#)
+            .await
+            > 0.0
+    );
+    assert!(
+        servers[1]
+            .metric(r#"matchgate_pubsub_messages_total{direction="in"}"#)
+            .await
+            > 0.0
+    );
+}
+
+#[tokio::test]
+async fn resume_on_another_instance_replays_missed_events() {
+    let redis = RedisServer::start().await;
+    let servers = instances(&redis, 2, &["--resume-grace-ms", "20000"]).await;
+    let mut a = servers[0].connect("alice").await;
+    let mut b = servers[1].connect("bob").await;
+    matched_pair(&mut a, &mut b).await;
+    let token = a.welcome["resume_token"].as_str().unwrap().to_string();
+    let last = a.last_seq();
+    drop(a); // the connection drops without a close handshake
+    let ps = b.expect("peer_status").await;
+    assert_eq!(ps["state"], "reconnecting");
+    // While alice is away, bob ends the session: alice's session_ended goes to her log.
+    b.send(json!({"type": "end"})).await;
+    b.expect("session_ended").await;
+
+    let mut a2 = servers[1]
+        .connect_with("alice", &format!("resume={token}&last_seq={last}"))
+        .await;
+    assert_eq!(a2.welcome["resumed"], true, "{}", a2.welcome);
+    assert_eq!(a2.welcome["state"], "idle");
+    let replayed = a2.expect("session_ended").await;
+    assert_eq!(replayed["reason"], "peer_ended");
+    assert_eq!(replayed["seq"], last + 1);
+    // Nothing is delivered twice: the next event has the next seq.
+    a2.send(json!({"type": "enqueue"})).await;
+    let q = a2.expect("queued").await;
+    assert_eq!(q["seq"], last + 2);
+}
+
+#[tokio::test]
+async fn a_second_connection_on_another_instance_replaces_the_first() {
+    let redis = RedisServer::start().await;
+    let servers = instances(&redis, 2, &[]).await;
+    let mut first = servers[0].connect("dana").await;
+    first.send(json!({"type": "enqueue"})).await;
+    first.expect("queued").await;
+    let token = first.welcome["resume_token"].as_str().unwrap().to_string();
+    let mut second = servers[1]
+        .connect_with("dana", &format!("resume={token}&last_seq=1"))
+        .await;
+    assert_eq!(second.welcome["state"], "queued");
+    assert_eq!(second.welcome["resumed"], true);
+    match first.closed().await {
+        common::Closed::Code(code) => assert_eq!(code, 4001),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    // The new connection gets the match.
+    let mut eve = servers[0].connect("eve").await;
+    eve.send(json!({"type": "enqueue"})).await;
+    eve.expect("queued").await;
+    eve.expect("matched").await;
+    let m = second.expect("matched").await;
+    assert_eq!(m["seq"], 2);
+}
