@@ -1,31 +1,74 @@
-//! Scale-out mode: several gateway instances sharing a real `redis-server` started on an
-//! ephemeral loopback port, clients spread across them like a load balancer without sticky
-//! sessions.
+//! Scale-out mode: several gateway instances sharing real Redis, clients spread across them
+//! like a load balancer without sticky sessions. Every scenario runs twice: against one
+//! `redis-server` and against a 3-master Redis Cluster, both started on ephemeral loopback
+//! ports by the test.
 
 mod common;
 
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use common::{Client, TestServer};
 use serde_json::json;
 
-/// `n` in-process instances against `redis`, with extra flags.
-async fn instances(redis: &RedisServer, n: usize, extra: &[&str]) -> Vec<TestServer> {
-    let url = redis.url();
+/// The Redis a scenario runs against.
+enum Backend {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    async fn single() -> Backend {
+        Backend::Single(RedisServer::start().await)
+    }
+
+    async fn cluster() -> Backend {
+        Backend::Cluster(RedisCluster::start().await)
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            Backend::Single(r) => vec!["--redis-url".into(), r.url()],
+            Backend::Cluster(c) => vec![
+                "--redis-url".into(),
+                c.urls().join(","),
+                "--redis-cluster".into(),
+            ],
+        }
+    }
+}
+
+/// `n` in-process instances against `backend`, with extra flags.
+async fn instances(backend: &Backend, n: usize, extra: &[&str]) -> Vec<TestServer> {
     let mut servers = Vec::new();
     for i in 0..n {
-        let id = format!("inst{i}");
-        let mut args = vec![
-            "--redis-url",
-            &url,
-            "--instance-id",
-            &id,
-            "--instance-heartbeat-ms",
-            "100",
-        ];
-        args.extend_from_slice(extra);
+        let mut args: Vec<String> = backend.args();
+        args.extend([
+            "--instance-id".into(),
+            format!("inst{i}"),
+            "--instance-heartbeat-ms".into(),
+            "100".into(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         servers.push(TestServer::start(&args).await);
     }
     servers
+}
+
+/// Runs a scenario against a single Redis and against a Redis Cluster.
+macro_rules! on_both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn single_redis() {
+                super::$name(super::Backend::single().await).await;
+            }
+
+            #[tokio::test]
+            async fn redis_cluster() {
+                super::$name(super::Backend::cluster().await).await;
+            }
+        }
+    };
 }
 
 async fn matched_pair(a: &mut Client, b: &mut Client) -> String {
@@ -40,9 +83,8 @@ async fn matched_pair(a: &mut Client, b: &mut Client) -> String {
     ma["session_id"].as_str().unwrap().to_string()
 }
 
-#[tokio::test]
-async fn users_on_different_instances_match_skip_and_end() {
-    let redis = RedisServer::start().await;
+on_both!(users_on_different_instances_match_skip_and_end);
+async fn users_on_different_instances_match_skip_and_end(redis: Backend) {
     let servers = instances(&redis, 2, &[]).await;
     let mut a = servers[0].connect("alice").await;
     let mut b = servers[1].connect("bob").await;
@@ -94,9 +136,8 @@ async fn users_on_different_instances_match_skip_and_end() {
     );
 }
 
-#[tokio::test]
-async fn resume_on_another_instance_replays_missed_events() {
-    let redis = RedisServer::start().await;
+on_both!(resume_on_another_instance_replays_missed_events);
+async fn resume_on_another_instance_replays_missed_events(redis: Backend) {
     let servers = instances(&redis, 2, &["--resume-grace-ms", "20000"]).await;
     let mut a = servers[0].connect("alice").await;
     let mut b = servers[1].connect("bob").await;
@@ -124,9 +165,8 @@ async fn resume_on_another_instance_replays_missed_events() {
     assert_eq!(q["seq"], last + 2);
 }
 
-#[tokio::test]
-async fn a_second_connection_on_another_instance_replaces_the_first() {
-    let redis = RedisServer::start().await;
+on_both!(a_second_connection_on_another_instance_replaces_the_first);
+async fn a_second_connection_on_another_instance_replaces_the_first(redis: Backend) {
     let servers = instances(&redis, 2, &[]).await;
     let mut first = servers[0].connect("dana").await;
     first.send(json!({"type": "enqueue"})).await;
