@@ -208,7 +208,9 @@ impl Authenticator {
             .ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
         match data.claims.sub {
             // User ids travel inside Redis keys and pub/sub messages: no control characters.
-            Some(sub) if !sub.is_empty() && sub.len() <= 256 && !sub.chars().any(char::is_control) => {
+            Some(sub)
+                if !sub.is_empty() && sub.len() <= 256 && !sub.chars().any(char::is_control) =>
+            {
                 Ok(Claims { sub, exp })
             }
             _ => Err(AuthError::MissingClaim("sub".into())),

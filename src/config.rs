@@ -384,7 +384,9 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("MAX_MESSAGE_BYTES"), "{e}");
-        let e = parse(&["--redis-url", "http://nope"]).validate().unwrap_err();
+        let e = parse(&["--redis-url", "http://nope"])
+            .validate()
+            .unwrap_err();
         assert!(e.to_string().contains("REDIS_URL"), "{e}");
         let e = parse(&["--redis-url", "redis://a:1,redis://b:2"])
             .validate()
@@ -393,7 +395,9 @@ mod tests {
         parse(&["--redis-url", "redis://a:1,redis://b:2", "--redis-cluster"])
             .validate()
             .unwrap();
-        let e = parse(&["--redis-namespace", "a{b}"]).validate().unwrap_err();
+        let e = parse(&["--redis-namespace", "a{b}"])
+            .validate()
+            .unwrap_err();
         assert!(e.to_string().contains("NAMESPACE"), "{e}");
         let e = parse(&["--allowed-origins", "example.com"])
             .validate()

@@ -163,9 +163,7 @@ impl Metrics {
 
     pub fn pubsub_published(&self, n: u64) {
         if n > 0 {
-            self.pubsub
-                .get_or_create(&[("direction", "out")])
-                .inc_by(n);
+            self.pubsub.get_or_create(&[("direction", "out")]).inc_by(n);
         }
     }
 

@@ -66,7 +66,12 @@ pub fn spawn(
         recovery.clone(),
         stop.clone(),
     ));
-    tokio::spawn(ticks(gateway.clone(), redis.clone(), heartbeat, stop.clone()));
+    tokio::spawn(ticks(
+        gateway.clone(),
+        redis.clone(),
+        heartbeat,
+        stop.clone(),
+    ));
     tokio::spawn(catch_up(gateway, redis, recovery, stop));
 }
 

@@ -54,10 +54,9 @@ pub async fn subscribe(
             PushKind::Disconnection => {
                 recovery.lost.store(true, Ordering::Release);
             }
-            PushKind::Subscribe => {
-                if recovery.lost.swap(false, Ordering::AcqRel) {
-                    recovery.restored.notify_one();
-                }
+            // A subscription confirmed after a disconnection: the manager re-subscribed.
+            PushKind::Subscribe if recovery.lost.swap(false, Ordering::AcqRel) => {
+                recovery.restored.notify_one();
             }
             _ => {}
         }

@@ -193,15 +193,15 @@ fn ewma(prev: Option<f64>, sample: f64) -> f64 {
 
 impl State {
     fn user(&self, id: &UserId) -> Result<&User, MatchError> {
-        self.users
-            .get(id)
-            .ok_or(MatchError::InvalidState("no live connection for this user".into()))
+        self.users.get(id).ok_or(MatchError::InvalidState(
+            "no live connection for this user".into(),
+        ))
     }
 
     fn user_mut(&mut self, id: &UserId) -> Result<&mut User, MatchError> {
-        self.users
-            .get_mut(id)
-            .ok_or(MatchError::InvalidState("no live connection for this user".into()))
+        self.users.get_mut(id).ok_or(MatchError::InvalidState(
+            "no live connection for this user".into(),
+        ))
     }
 
     /// Appends an event to the user's log (if it has a `seq`) and hands it to the bus.
@@ -598,7 +598,9 @@ impl Matchmaker for MemoryMatchmaker {
         let ((), outcome) = self.step(Some(user), reference, |state, step| {
             match state.user(user)?.activity {
                 Activity::Idle => {}
-                Activity::Queued(_) => return Err(MatchError::InvalidState("already queued".into())),
+                Activity::Queued(_) => {
+                    return Err(MatchError::InvalidState("already queued".into()))
+                }
                 Activity::InSession { .. } => {
                     return Err(MatchError::InvalidState(
                         "already in a session: skip or end it first".into(),
@@ -632,7 +634,9 @@ impl Matchmaker for MemoryMatchmaker {
     async fn end(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError> {
         let ((), outcome) = self.step(Some(user), reference, |state, step| {
             match state.user(user)?.activity {
-                Activity::Idle => Err(MatchError::InvalidState("not queued or in a session".into())),
+                Activity::Idle => Err(MatchError::InvalidState(
+                    "not queued or in a session".into(),
+                )),
                 Activity::Queued(_) => {
                     if let Some(w) = state.take_waiting(user) {
                         state.emit(

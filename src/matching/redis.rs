@@ -151,11 +151,7 @@ struct StatusReply {
 impl Reply {
     fn outcome(&mut self) -> Outcome {
         Outcome {
-            waits: self
-                .waits
-                .drain(..)
-                .map(Duration::from_millis)
-                .collect(),
+            waits: self.waits.drain(..).map(Duration::from_millis).collect(),
             ended: std::mem::take(&mut self.ended),
             changed_pools: std::mem::take(&mut self.changed),
             held: self.held,
@@ -181,11 +177,19 @@ impl RedisMatchmaker {
         let pool = if settings.cluster {
             let mut config = deadpool_redis::cluster::Config::from_urls(settings.urls.clone());
             config.pool = Some(pool_config);
-            Pool::Cluster(config.create_pool(Some(Runtime::Tokio1)).map_err(unavailable)?)
+            Pool::Cluster(
+                config
+                    .create_pool(Some(Runtime::Tokio1))
+                    .map_err(unavailable)?,
+            )
         } else {
             let mut config = deadpool_redis::Config::from_url(settings.urls[0].clone());
             config.pool = Some(pool_config);
-            Pool::Single(config.create_pool(Some(Runtime::Tokio1)).map_err(unavailable)?)
+            Pool::Single(
+                config
+                    .create_pool(Some(Runtime::Tokio1))
+                    .map_err(unavailable)?,
+            )
         };
         Ok(RedisMatchmaker {
             pool,

@@ -6,6 +6,9 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod process;
+pub mod redis;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -58,11 +61,21 @@ impl TestServer {
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
         }));
-        TestServer {
+        let server = TestServer {
             addr,
             stop: Some(stop),
             task: Some(task),
-        }
+        };
+        // A scale-out instance takes traffic once it has subscribed.
+        let ready = async {
+            while http_get(addr, "/readyz").await.0 != 200 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, ready)
+            .await
+            .expect("server becomes ready");
+        server
     }
 
     pub fn ws_url(&self) -> String {

@@ -1,0 +1,249 @@
+//! Scale-out failures: an instance killed with SIGKILL in the middle of sessions, Redis stopped
+//! and restarted empty under load, and the pub/sub connection cut. Real `redis-server` and real
+//! gateway processes; no timing assertions, only waiting for the documented outcome.
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::GatewayProcess;
+use common::redis::RedisServer;
+use common::{http_get, Closed, TestServer, PATIENCE};
+use serde_json::json;
+
+/// Polls `check` until it holds (bounded by the harness' patience).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let wait = async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("never happened: {what}"));
+}
+
+fn process_args(redis: &RedisServer, id: &str) -> Vec<String> {
+    [
+        "--jwt-secret",
+        common::SECRET,
+        "--redis-url",
+        &redis.url(),
+        "--instance-id",
+        id,
+        "--instance-heartbeat-ms",
+        "100",
+        "--resume-grace-ms",
+        "300",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+async fn gateway(redis: &RedisServer, id: &str) -> GatewayProcess {
+    let args = process_args(redis, id);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let g = GatewayProcess::start(&args).await;
+    g.wait_ready().await;
+    g
+}
+
+#[tokio::test]
+async fn a_killed_instance_is_cleaned_up_by_exactly_one_survivor() {
+    let redis = RedisServer::start().await;
+    let mut doomed = gateway(&redis, "doomed").await;
+    let survivors = [gateway(&redis, "s1").await, gateway(&redis, "s2").await];
+
+    // Three sessions with one side on the doomed instance, plus a user waiting there alone.
+    let mut peers = Vec::new();
+    let mut on_doomed = Vec::new();
+    for i in 0..3 {
+        let mut a = doomed.connect(&format!("d{i}")).await;
+        let mut b = survivors[i % 2].connect(&format!("p{i}")).await;
+        a.send(json!({"type": "enqueue"})).await;
+        a.expect("queued").await;
+        b.send(json!({"type": "enqueue"})).await;
+        b.expect("queued").await;
+        a.expect("matched").await;
+        b.expect("matched").await;
+        on_doomed.push(a);
+        peers.push(b);
+    }
+    let mut lonely = doomed.connect("lonely").await;
+    lonely
+        .send(json!({"type": "enqueue", "prefs": {"topic": "nobody-else"}}))
+        .await;
+    lonely.expect("queued").await;
+
+    doomed.kill9();
+
+    // Each peer is told at once that its partner is reconnecting, then, after the grace
+    // period, that the session is over; it goes back to the queue.
+    for b in &mut peers {
+        let ps = b.expect("peer_status").await;
+        assert_eq!(ps["state"], "reconnecting");
+        let ended = b.expect("session_ended").await;
+        assert_eq!(ended["reason"], "peer_disconnected");
+        assert_eq!(ended["requeued"], true);
+        b.expect("queued").await;
+    }
+    // The three peers now wait together (they are compatible), so the queue holds at most
+    // the peers that did not match each other; the lonely user is gone from it.
+    let s0 = &survivors[0];
+    eventually("sessions and queue settle", || async {
+        let sessions = s0.metric("matchgate_sessions_active").await;
+        let queued = s0.metric("matchgate_queue_length").await;
+        sessions * 2.0 + queued == 3.0
+    })
+    .await;
+    // Exactly one survivor cleaned up each of the four users of the dead instance.
+    eventually("clean-up counted", || async {
+        let mut users = 0.0;
+        for s in &survivors {
+            users += s.metric("matchgate_cleanup_users_total").await;
+        }
+        // 4 users marked disconnected, then 4 held states expired.
+        users >= 8.0
+    })
+    .await;
+    let mut total = 0.0;
+    for s in &survivors {
+        total += s.metric("matchgate_cleanup_users_total").await;
+    }
+    assert_eq!(total, 8.0, "each clean-up happens exactly once");
+
+    // A user of the dead instance who comes back later finds a clean slate.
+    let back = survivors[0].connect("d0").await;
+    assert_eq!(back.welcome["state"], "idle");
+    let lonely_back = survivors[1].connect("lonely").await;
+    assert_eq!(lonely_back.welcome["state"], "idle");
+}
+
+#[tokio::test]
+async fn redis_outage_gives_clear_errors_and_recovers_without_a_restart() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--instance-heartbeat-ms",
+        "100",
+    ];
+    let server = TestServer::start(&args).await;
+    let mut a = server.connect("a").await;
+    let mut b = server.connect("b").await;
+    a.send(json!({"type": "enqueue"})).await;
+    a.expect("queued").await;
+    b.send(json!({"type": "enqueue"})).await;
+    b.expect("queued").await;
+    a.expect("matched").await;
+    b.expect("matched").await;
+
+    redis.stop();
+
+    // Actions that need Redis fail clearly; the connection stays; heartbeats still work.
+    let e = a.request(json!({"type": "skip"}), "while-down").await;
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["code"], "unavailable");
+    assert!(e["retry_after_ms"].as_u64().unwrap() > 0);
+    let ack = a.request(json!({"type": "heartbeat"}), "hb").await;
+    assert_eq!(ack["type"], "heartbeat_ack");
+    eventually("readyz turns 503", || async {
+        http_get(server.addr, "/readyz").await.0 == 503
+    })
+    .await;
+
+    // Redis comes back empty: the gateway notices and tells every client its state is gone.
+    redis.restart().await;
+    for c in [&mut a, &mut b] {
+        let r = c.expect("reconnect").await;
+        assert_eq!(r["reason"], "state_lost");
+        match c.closed().await {
+            Closed::Code(code) => assert_eq!(code, 4006),
+            other => panic!("expected close 4006, got {other:?}"),
+        }
+    }
+    eventually("readyz back to 200", || async {
+        http_get(server.addr, "/readyz").await.0 == 200
+    })
+    .await;
+    // Everything works again without restarting the gateway.
+    let mut a = server.connect("a").await;
+    let mut b = server.connect("b").await;
+    assert_eq!(a.welcome["state"], "idle");
+    a.send(json!({"type": "enqueue"})).await;
+    a.expect("queued").await;
+    b.send(json!({"type": "enqueue"})).await;
+    b.expect("queued").await;
+    let ma = a.expect("matched").await;
+    let mb = b.expect("matched").await;
+    assert_eq!(ma["session_id"], mb["session_id"]);
+    assert!(server.metric("matchgate_redis_errors_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_cut_subscription_is_restored_and_nothing_is_lost() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let make = |id: &'static str| {
+        let url = url.clone();
+        async move {
+            TestServer::start(&[
+                "--redis-url",
+                &url,
+                "--instance-id",
+                id,
+                "--instance-heartbeat-ms",
+                "100",
+            ])
+            .await
+        }
+    };
+    let s0 = make("a").await;
+    let s1 = make("b").await;
+    let mut a = s0.connect("alice").await;
+    let mut b = s1.connect("bob").await;
+    a.send(json!({"type": "enqueue"})).await;
+    a.expect("queued").await;
+
+    // Cut every pub/sub connection, then act at once: frames may be published while the
+    // subscribers reconnect.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "both instances had a subscriber");
+    b.send(json!({"type": "enqueue"})).await;
+
+    // Each side ends up with the match: delivered live, caught up after the subscription came
+    // back, or (if the log had to be consulted) after a resume.
+    let mut sessions = Vec::new();
+    for c in [&mut a, &mut b] {
+        let session = loop {
+            match c.next().await {
+                Ok(f) if f["type"] == "matched" => break f["session_id"].clone(),
+                Ok(_) => continue,
+                Err(Closed::Code(4005)) => panic!("resync close: covered by the resume path"),
+                Err(other) => panic!("connection ended: {other:?}"),
+            }
+        };
+        sessions.push(session);
+    }
+    assert_eq!(sessions[0], sessions[1]);
+    // And the seqs have no holes.
+    for c in [&a, &b] {
+        let seqs: Vec<u64> = c.seen.iter().filter_map(|f| f["seq"].as_u64()).collect();
+        let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, expected, "{}", c.user);
+    }
+}
