@@ -343,6 +343,15 @@ impl Config {
         Duration::from_millis(self.resume_grace_ms)
     }
 
+    /// How long events stay replayable. A connection that dies silently is noticed only after
+    /// the heartbeat timeout (or a write timeout), and the grace period starts then: events
+    /// sent just before the silence must still be there when the client resumes.
+    pub fn history_ttl(&self) -> Duration {
+        self.resume_grace()
+            + self.heartbeat_timeout()
+            + Duration::from_millis(self.write_timeout_ms)
+    }
+
     /// The Redis node URLs, if the scale-out mode is on.
     pub fn redis_urls(&self) -> Option<Vec<String>> {
         self.redis_url

@@ -47,7 +47,7 @@ impl Gateway {
             Policy {
                 requeue_peer_on_skip: config.requeue_peer_on_skip,
                 history_len: config.history_len,
-                history_ttl: config.resume_grace(),
+                history_ttl: config.history_ttl(),
             },
         ));
         Self::new(config, matchmaker, registry, Arc::new(Metrics::new()))

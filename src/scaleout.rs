@@ -37,7 +37,7 @@ pub fn settings(config: &Config) -> Option<RedisSettings> {
             .unwrap_or_else(|| random_id("", 6)),
         requeue_peer_on_skip: config.requeue_peer_on_skip,
         history_len: config.history_len,
-        history_ttl: config.resume_grace(),
+        history_ttl: config.history_ttl(),
         resume_grace: config.resume_grace(),
         pool_size: config.redis_pool_size,
     })

@@ -565,12 +565,25 @@ impl Matchmaker for MemoryMatchmaker {
             if entry.conn != conn || !entry.away {
                 return Ok(());
             }
+            // Two phases, one grace period apart: first the queue place or session goes (the
+            // user's own `dequeued`/`session_ended` with reason `timeout` stays in the log, so a
+            // client that comes back a little later learns why); then the idle user and the log.
             match &entry.activity {
-                Activity::Idle => {}
+                Activity::Idle => {
+                    state.users.remove(user);
+                }
                 Activity::Queued(_) => {
                     if let Some(w) = state.take_waiting(user) {
+                        state.emit(
+                            step,
+                            user,
+                            Event::Dequeued {
+                                reason: DequeueReason::Timeout,
+                            },
+                        );
                         state.pool_changed(step, &w.pool);
                     }
+                    step.outcome.held = true;
                 }
                 Activity::InSession { .. } => {
                     let requeue_peer = step.policy.requeue_peer_on_skip;
@@ -580,10 +593,9 @@ impl Matchmaker for MemoryMatchmaker {
                         (EndReason::Timeout, false),
                         (EndReason::PeerDisconnected, requeue_peer),
                     )?;
+                    step.outcome.held = true;
                 }
             }
-            // Nobody is left to replay to: drop the user and their log.
-            state.users.remove(user);
             Ok(())
         })?;
         Ok(outcome)

@@ -228,24 +228,36 @@ local function detach(u, conn)
   redis.call('HSET', h, 'away', '1')
   redis.call('SREM', P .. ':iu:' .. inst, u)
   redis.call('ZADD', P .. ':exp', NOW + GRACE, u .. '\n' .. conn)
+  if redis.call('PTTL', P .. ':log:' .. u) < 2 * GRACE then
+    redis.call('PEXPIRE', P .. ':log:' .. u, 2 * GRACE)
+  end
   out.held = true
   local sid, peer = session_of(u)
   if sid then emit(peer, { type = 'peer_status', session_id = sid, state = 'reconnecting' }) end
 end
 
--- The grace period of (u, conn) ran out: drop the held state unless u came back.
+-- The grace period of (u, conn) ran out and u did not come back. Two phases, one grace period
+-- apart: first the queue place or session goes (u's own `dequeued`/`session_ended` with reason
+-- `timeout` stays in the log for a client that comes back a little later), then the user.
 local function expire(u, conn)
-  redis.call('ZREM', P .. ':exp', u .. '\n' .. conn)
+  local member = u .. '\n' .. conn
+  redis.call('ZREM', P .. ':exp', member)
   local h = ukey(u)
   local c, a, state = unpack(redis.call('HMGET', h, 'conn', 'away', 'state'))
   if c ~= conn or a ~= '1' then return end
   if state == 'queued' then
     local w = take_waiting(u)
+    emit(u, { type = 'dequeued', reason = 'timeout' })
     pool_changed(w.pk)
   elseif state == 'session' and session_of(u) then
     end_session(u, 'timeout', false, 'peer_disconnected', REQUEUE_PEER)
+  else
+    redis.call('DEL', h, P .. ':log:' .. u)
+    return
   end
-  redis.call('DEL', h, P .. ':log:' .. u)
+  redis.call('ZADD', P .. ':exp', NOW + GRACE, member)
+  redis.call('PEXPIRE', P .. ':log:' .. u, 2 * GRACE)
+  out.held = true
 end
 
 -- The logged events of u after `last`, if the log still holds all of them.
