@@ -66,13 +66,14 @@ pub fn spawn(
         recovery.clone(),
         stop.clone(),
     ));
-    tokio::spawn(ticks(
-        gateway.clone(),
-        redis.clone(),
-        heartbeat,
-        stop.clone(),
-    ));
-    tokio::spawn(catch_up(gateway, redis, recovery, stop));
+    let instance = Arc::new(Instance {
+        gateway,
+        redis,
+        period: heartbeat,
+        known_epoch: tokio::sync::Mutex::new(String::new()),
+    });
+    tokio::spawn(ticks(instance.clone(), stop.clone()));
+    tokio::spawn(catch_up(instance, recovery, stop));
 }
 
 /// Keeps this instance subscribed to its channel. The connection manager re-subscribes after
@@ -113,48 +114,84 @@ async fn subscriber(
     drop(manager);
 }
 
-async fn ticks(
+/// One instance's view of the shared dataset, used by the heartbeat and recovery loops.
+struct Instance {
     gateway: Arc<Gateway>,
     redis: Arc<RedisMatchmaker>,
     period: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut known_epoch = String::new();
-    let mut interval = tokio::time::interval(period);
+    /// The dataset id this instance has seen; a different one means Redis lost everything.
+    known_epoch: tokio::sync::Mutex<String>,
+}
+
+impl Instance {
+    /// One heartbeat: liveness, a share of the clean-up, and the check that Redis still holds
+    /// the state this instance's clients rely on. Returns false when that state is gone.
+    async fn tick(&self) -> Result<bool, MatchError> {
+        let mut known = self.known_epoch.lock().await;
+        let tick = self.redis.tick(self.period, &known).await?;
+        let intact = !tick.epoch_changed;
+        if tick.epoch_changed {
+            tracing::error!(
+                "Redis lost its data (restarted without persistence?): every client must start over"
+            );
+            self.gateway.registry.close_all(close::STATE_LOST);
+        } else if tick.rejoined {
+            tracing::warn!(
+                "this instance had been taken for dead: its clients reconnect to re-attach"
+            );
+            self.gateway.registry.close_all(close::RESYNC);
+        }
+        *known = tick.epoch;
+        if tick.dead_instances > 0 {
+            tracing::warn!(count = tick.dead_instances, "instances found dead");
+        }
+        self.gateway
+            .metrics
+            .cleanup(tick.cleaned_users + tick.expired);
+        self.gateway.apply_outcome(tick.outcome);
+        Ok(intact)
+    }
+
+    /// Brings every local connection up to date from the logs after pub/sub lost messages.
+    async fn catch_up(&self) {
+        // If Redis came back empty, the clients are told so; there is nothing to catch up.
+        match self.tick().await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => tracing::warn!(error = %e, "cannot check Redis before catching up"),
+        }
+        tracing::info!("pub/sub restored: catching connections up from the logs");
+        for (user, handle) in self.gateway.registry.snapshot() {
+            // A connection still attaching gets its replay from the attach itself.
+            let Some(last) = handle.last_seq() else {
+                continue;
+            };
+            match self.redis.since(&user, handle.id(), last).await {
+                Ok(Some(frames)) => frames.into_iter().for_each(|f| handle.push(f)),
+                // The log no longer covers the gap, or Redis is not back yet: the client
+                // resumes, which recovers whatever can be recovered.
+                Ok(None) | Err(_) => handle.close(close::RESYNC),
+            }
+        }
+    }
+}
+
+async fn ticks(instance: Arc<Instance>, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(instance.period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match redis.tick(period, &known_epoch).await {
-            Ok(tick) => {
-                if tick.epoch_changed {
-                    tracing::error!(
-                        "Redis lost its data (restarted without persistence?): every client must start over"
-                    );
-                    gateway.registry.close_all(close::STATE_LOST);
-                } else if tick.rejoined {
-                    tracing::warn!(
-                        "this instance had been taken for dead: its clients reconnect to re-attach"
-                    );
-                    gateway.registry.close_all(close::RESYNC);
-                }
-                known_epoch = tick.epoch;
-                if tick.dead_instances > 0 {
-                    tracing::warn!(count = tick.dead_instances, "instances found dead");
-                }
-                gateway.metrics.cleanup(tick.cleaned_users + tick.expired);
-                gateway.apply_outcome(tick.outcome);
-            }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        if let Err(e) = instance.tick().await {
+            tracing::warn!(error = %e, "heartbeat failed");
         }
     }
 }
 
 async fn catch_up(
-    gateway: Arc<Gateway>,
-    redis: Arc<RedisMatchmaker>,
+    instance: Arc<Instance>,
     recovery: Arc<Recovery>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -163,18 +200,6 @@ async fn catch_up(
             _ = recovery.restored.notified() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        tracing::info!("pub/sub restored: catching connections up from the logs");
-        for (user, handle) in gateway.registry.snapshot() {
-            // A connection still attaching gets its replay from the attach itself.
-            let Some(last) = handle.last_seq() else {
-                continue;
-            };
-            match redis.since(&user, handle.id(), last).await {
-                Ok(Some(frames)) => frames.into_iter().for_each(|f| handle.push(f)),
-                // The log no longer covers the gap, or Redis is not back yet: the client
-                // resumes, which recovers whatever can be recovered.
-                Ok(None) | Err(_) => handle.close(close::RESYNC),
-            }
-        }
+        instance.catch_up().await;
     }
 }

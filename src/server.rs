@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
@@ -159,6 +160,12 @@ impl Server {
             let _ = stop.send(true);
             let _ = signalled.send(());
         };
+        // Frames are small and latency matters: no Nagle delay on any socket.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let serve = axum::serve(listener, router(app))
             .with_graceful_shutdown(stop_accepting)
             .into_future();

@@ -249,3 +249,106 @@ async fn a_cut_subscription_is_restored_and_nothing_is_lost() {
         assert_eq!(seqs, expected, "{}", c.user);
     }
 }
+
+#[tokio::test]
+async fn redis_restarting_under_load_costs_no_crash_and_no_stuck_client() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let mut servers = Vec::new();
+    for id in ["x", "y"] {
+        servers.push(
+            TestServer::start(&[
+                "--redis-url",
+                &url,
+                "--instance-id",
+                id,
+                "--instance-heartbeat-ms",
+                "100",
+                "--rate-limit-burst",
+                "100000",
+                "--rate-limit-per-minute",
+                "6000000",
+                "--error-budget",
+                "100000",
+            ])
+            .await,
+        );
+    }
+    const USERS: usize = 60;
+    let mut tasks = Vec::new();
+    for i in 0..USERS {
+        let mut c = servers[i % 2].connect(&format!("load{i}")).await;
+        tasks.push(tokio::spawn(async move {
+            // Cycle enqueue / end as fast as answers come, through the outage. Every error
+            // must be `unavailable` (or `invalid_state` when a match raced the script), and
+            // the connection must stay open until the gateway says the state is lost.
+            let mut unavailable = 0;
+            let mut n = 0u64;
+            loop {
+                let action = if n % 2 == 0 { "enqueue" } else { "end" };
+                n += 1;
+                c.send(json!({"type": action, "ref": n.to_string()})).await;
+                let reply = loop {
+                    match c.next().await {
+                        Ok(f) if f["ref"] == n.to_string() || f["type"] == "reconnect" => break f,
+                        Ok(_) => continue,
+                        Err(closed) => panic!("{}: closed before state_lost: {closed:?}", c.user),
+                    }
+                };
+                match reply["type"].as_str().unwrap() {
+                    "reconnect" => {
+                        assert_eq!(reply["reason"], "state_lost");
+                        match c.closed().await {
+                            Closed::Code(code) => assert_eq!(code, 4006),
+                            other => panic!("expected 4006, got {other:?}"),
+                        }
+                        return unavailable;
+                    }
+                    "error" => {
+                        let code = reply["code"].as_str().unwrap();
+                        assert!(
+                            code == "unavailable" || code == "invalid_state",
+                            "unexpected error {reply}"
+                        );
+                        if code == "unavailable" {
+                            unavailable += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+    // Let the load run, take Redis away, bring it back empty.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart().await;
+    let mut errors = 0;
+    for t in tasks {
+        errors += tokio::time::timeout(PATIENCE, t)
+            .await
+            .expect("every client hears that its state is lost")
+            .expect("client task");
+    }
+    assert!(errors > 0, "the outage was noticed by some requests");
+    // Both instances are alive and serve a fresh round of matches.
+    for s in &servers {
+        assert_eq!(http_get(s.addr, "/healthz").await.0, 200);
+        eventually("ready again", || async {
+            http_get(s.addr, "/readyz").await.0 == 200
+        })
+        .await;
+    }
+    let mut a = servers[0].connect("load0").await;
+    let mut b = servers[1].connect("load1").await;
+    a.send(json!({"type": "enqueue"})).await;
+    a.expect("queued").await;
+    b.send(json!({"type": "enqueue"})).await;
+    b.expect("queued").await;
+    assert_eq!(
+        a.expect("matched").await["session_id"],
+        b.expect("matched").await["session_id"]
+    );
+}
