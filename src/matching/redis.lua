@@ -241,6 +241,11 @@ end
 -- `timeout` stays in the log for a client that comes back a little later), then the user.
 local function expire(u, conn)
   local member = u .. '\n' .. conn
+  -- Both the instance's own timer and any instance's sweep may call this: only a due entry
+  -- counts, so the first call does the work and the second finds nothing (or the next phase,
+  -- not yet due).
+  local due = tonumber(redis.call('ZSCORE', P .. ':exp', member))
+  if not due or due > NOW then return end
   redis.call('ZREM', P .. ':exp', member)
   local h = ukey(u)
   local c, a, state = unpack(redis.call('HMGET', h, 'conn', 'away', 'state'))
