@@ -285,12 +285,19 @@ async fn redis_restarting_under_load_costs_no_crash_and_no_stuck_client() {
             let mut unavailable = 0;
             let mut n = 0u64;
             loop {
-                let action = if n % 2 == 0 { "enqueue" } else { "end" };
+                let action = if n.is_multiple_of(2) {
+                    "enqueue"
+                } else {
+                    "end"
+                };
                 n += 1;
-                c.send(json!({"type": action, "ref": n.to_string()})).await;
+                let reference = n.to_string();
+                c.send(json!({"type": action, "ref": reference})).await;
                 let reply = loop {
                     match c.next().await {
-                        Ok(f) if f["ref"] == n.to_string() || f["type"] == "reconnect" => break f,
+                        Ok(f) if f["ref"] == reference.as_str() || f["type"] == "reconnect" => {
+                            break f
+                        }
                         Ok(_) => continue,
                         Err(closed) => panic!("{}: closed before state_lost: {closed:?}", c.user),
                     }
