@@ -638,6 +638,19 @@ async fn a_thousand_clients_on_three_redis_instances_keep_every_matching_invaria
     soak("Redis, 3 instances", servers).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_clients_on_three_instances_over_redis_cluster_keep_every_matching_invariant() {
+    let cluster = common::redis::RedisCluster::start().await;
+    let urls = cluster.urls().join(",");
+    let mut servers = Vec::new();
+    for id in ["c0", "c1", "c2"] {
+        let mut args = FLAGS.to_vec();
+        args.extend(["--redis-url", &urls, "--redis-cluster", "--instance-id", id]);
+        servers.push(Arc::new(TestServer::start(&args).await));
+    }
+    soak("Redis Cluster, 3 instances", servers).await;
+}
+
 /// Runs the random scripts of all clients, spread round-robin over `servers` like a load
 /// balancer without stickiness, and checks every invariant.
 async fn soak(label: &str, servers: Vec<Arc<TestServer>>) {
