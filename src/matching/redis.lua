@@ -74,8 +74,9 @@ local function emit(u, ev)
   local text = cjson.encode(ev)
   if seq > 0 then
     local lk = P .. ':log:' .. u
-    redis.call('RPUSH', lk, seq .. ' ' .. NOW .. ' ' .. text)
-    redis.call('LTRIM', lk, -HISTORY_LEN, -1)
+    if redis.call('RPUSH', lk, seq .. ' ' .. NOW .. ' ' .. text) > HISTORY_LEN then
+      redis.call('LTRIM', lk, -HISTORY_LEN, -1)
+    end
     redis.call('PEXPIRE', lk, HISTORY_TTL)
   end
   if away ~= '1' then
@@ -172,7 +173,6 @@ local function try_match(u)
   local start = 0
   while true do
     local batch = redis.call('ZRANGE', zkey(pk), start, start + 99)
-    if #batch == 0 then return end
     for _, c in ipairs(batch) do
       if c ~= u and c ~= avoid then
         local caway, cavoid = unpack(redis.call('HMGET', ukey(c), 'away', 'avoid'))
@@ -182,6 +182,7 @@ local function try_match(u)
         end
       end
     end
+    if #batch < 100 then return end
     start = start + 100
   end
 end
