@@ -151,12 +151,7 @@ async fn oversized_frame_closes_with_1009_and_nobody_else_notices() {
     waiting.expect("queued").await;
     let mut a = server.connect("a").await;
     let mut b = server.connect("b").await;
-    a.send(json!({"type": "enqueue"})).await;
-    a.expect("queued").await;
-    b.send(json!({"type": "enqueue"})).await;
-    b.expect("queued").await;
-    a.expect("matched").await;
-    b.expect("matched").await;
+    common::match_up(&mut a, &mut b).await;
 
     let mut offender = server.connect("offender").await;
     assert_eq!(offender.welcome["max_message_bytes"], 4096);

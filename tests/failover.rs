@@ -65,12 +65,7 @@ async fn a_killed_instance_is_cleaned_up_by_exactly_one_survivor() {
     for i in 0..3 {
         let mut a = doomed.connect(&format!("d{i}")).await;
         let mut b = survivors[i % 2].connect(&format!("p{i}")).await;
-        a.send(json!({"type": "enqueue"})).await;
-        a.expect("queued").await;
-        b.send(json!({"type": "enqueue"})).await;
-        b.expect("queued").await;
-        a.expect("matched").await;
-        b.expect("matched").await;
+        common::match_up(&mut a, &mut b).await;
         on_doomed.push(a);
         peers.push(b);
     }
@@ -139,12 +134,7 @@ async fn redis_outage_gives_clear_errors_and_recovers_without_a_restart() {
     let server = TestServer::start(&args).await;
     let mut a = server.connect("a").await;
     let mut b = server.connect("b").await;
-    a.send(json!({"type": "enqueue"})).await;
-    a.expect("queued").await;
-    b.send(json!({"type": "enqueue"})).await;
-    b.expect("queued").await;
-    a.expect("matched").await;
-    b.expect("matched").await;
+    common::match_up(&mut a, &mut b).await;
 
     redis.stop();
 

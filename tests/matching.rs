@@ -42,12 +42,7 @@ async fn fifo_takes_the_longest_waiting_compatible_user() {
     let server = TestServer::start(&[]).await;
     let mut a = server.connect("a").await;
     let mut b = server.connect("b").await;
-    a.send(json!({"type": "enqueue"})).await;
-    a.expect("queued").await;
-    b.send(json!({"type": "enqueue"})).await;
-    b.expect("queued").await;
-    a.expect("matched").await;
-    b.expect("matched").await;
+    common::match_up(&mut a, &mut b).await;
 
     // a skips: a is re-queued first, then b; they avoid each other, so both wait.
     let ended = a.request(json!({"type": "skip"}), "s").await;

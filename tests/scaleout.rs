@@ -6,7 +6,7 @@
 mod common;
 
 use common::redis::{RedisCluster, RedisServer};
-use common::{Client, TestServer};
+use common::TestServer;
 use serde_json::json;
 
 /// The Redis a scenario runs against.
@@ -71,24 +71,13 @@ macro_rules! on_both {
     };
 }
 
-async fn matched_pair(a: &mut Client, b: &mut Client) -> String {
-    a.send(json!({"type": "enqueue"})).await;
-    a.expect("queued").await;
-    b.send(json!({"type": "enqueue"})).await;
-    b.expect("queued").await;
-    let ma = a.expect("matched").await;
-    let mb = b.expect("matched").await;
-    assert_eq!(ma["session_id"], mb["session_id"]);
-    assert_ne!(ma["role"], mb["role"]);
-    ma["session_id"].as_str().unwrap().to_string()
-}
-
 on_both!(users_on_different_instances_match_skip_and_end);
 async fn users_on_different_instances_match_skip_and_end(redis: Backend) {
     let servers = instances(&redis, 2, &[]).await;
     let mut a = servers[0].connect("alice").await;
     let mut b = servers[1].connect("bob").await;
-    let sid = matched_pair(&mut a, &mut b).await;
+    let (m, _) = common::match_up(&mut a, &mut b).await;
+    let sid = m["session_id"].as_str().unwrap().to_string();
 
     // skip across instances: both told, both re-queued (and they avoid each other).
     let ended = a.request(json!({"type": "skip"}), "s1").await;
@@ -141,7 +130,7 @@ async fn resume_on_another_instance_replays_missed_events(redis: Backend) {
     let servers = instances(&redis, 2, &["--resume-grace-ms", "20000"]).await;
     let mut a = servers[0].connect("alice").await;
     let mut b = servers[1].connect("bob").await;
-    matched_pair(&mut a, &mut b).await;
+    common::match_up(&mut a, &mut b).await;
     let token = a.welcome["resume_token"].as_str().unwrap().to_string();
     let last = a.last_seq();
     drop(a); // the connection drops without a close handshake

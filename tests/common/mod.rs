@@ -93,28 +93,7 @@ impl TestServer {
 
     /// Connects with extra query parameters (e.g. `resume=...&last_seq=3`).
     pub async fn connect_with(&self, user: &str, query: &str) -> Client {
-        let url = if query.is_empty() {
-            self.ws_url()
-        } else {
-            format!("{}?{}", self.ws_url(), query)
-        };
-        let mut request = url.into_client_request().unwrap();
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", token(user)).parse().unwrap(),
-        );
-        let (ws, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .expect("handshake succeeds");
-        let mut client = Client {
-            ws,
-            user: user.to_string(),
-            seen: Vec::new(),
-            welcome: Value::Null,
-        };
-        let welcome = client.expect("welcome").await;
-        client.welcome = welcome;
-        client
+        connect_to(&self.ws_url(), user, query).await
     }
 
     /// Triggers a graceful shutdown and waits for the server to finish draining.
@@ -160,6 +139,46 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// Opens a WebSocket to `ws_url` as `user` (a fresh token in the `Authorization` header), with
+/// extra query parameters, and reads the `welcome`.
+pub async fn connect_to(ws_url: &str, user: &str, query: &str) -> Client {
+    let url = if query.is_empty() {
+        ws_url.to_string()
+    } else {
+        format!("{ws_url}?{query}")
+    };
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", token(user)).parse().unwrap(),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .unwrap_or_else(|e| panic!("handshake to {ws_url} fails: {e}"));
+    let mut client = Client {
+        ws,
+        user: user.to_string(),
+        seen: Vec::new(),
+        welcome: Value::Null,
+    };
+    client.welcome = client.expect("welcome").await;
+    client
+}
+
+/// `a` then `b` enqueue with no prefs and are matched with each other (so `a` offers); returns
+/// both `matched` frames.
+pub async fn match_up(a: &mut Client, b: &mut Client) -> (Value, Value) {
+    a.send(json!({"type": "enqueue"})).await;
+    a.expect("queued").await;
+    b.send(json!({"type": "enqueue"})).await;
+    b.expect("queued").await;
+    let ma = a.expect("matched").await;
+    let mb = b.expect("matched").await;
+    assert_eq!(ma["session_id"], mb["session_id"]);
+    assert_ne!(ma["role"], mb["role"]);
+    (ma, mb)
 }
 
 /// A signed HS256 token for `sub`, valid for an hour.

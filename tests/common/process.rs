@@ -12,9 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-use super::{http_get, metric_value, token, Client, PATIENCE};
+use super::{http_get, metric_value, Client, PATIENCE};
 
 /// How often the harness re-checks the child and its output.
 const POLL: Duration = Duration::from_millis(20);
@@ -226,27 +224,7 @@ impl GatewayProcess {
     /// Connects with extra query parameters (e.g. `resume=...&last_seq=3`) and reads the
     /// `welcome`.
     pub async fn connect_with(&self, user: &str, query: &str) -> Client {
-        let url = if query.is_empty() {
-            self.ws_url()
-        } else {
-            format!("{}?{}", self.ws_url(), query)
-        };
-        let mut request = url.into_client_request().unwrap();
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", token(user)).parse().unwrap(),
-        );
-        let (ws, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .unwrap_or_else(|e| panic!("handshake to {} fails: {e}", self.addr));
-        let mut client = Client {
-            ws,
-            user: user.to_string(),
-            seen: Vec::new(),
-            welcome: serde_json::Value::Null,
-        };
-        client.welcome = client.expect("welcome").await;
-        client
+        super::connect_to(&self.ws_url(), user, query).await
     }
 
     /// The Prometheus text of `/metrics`.
