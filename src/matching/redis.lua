@@ -1,5 +1,8 @@
--- matchgate's matching engine in Redis: every operation is one call of this script, so each is
--- atomic however many gateway instances race. It mirrors matching/memory.rs rule for rule.
+#!lua name=matchgate
+-- matchgate's matching engine in Redis, a function library: every operation is one call of
+-- the function `matchgate` (FCALL), so each is atomic however many gateway instances race. It
+-- mirrors matching/memory.rs rule for rule. A library rather than a script: its helpers are
+-- created once at load, not on every call.
 --
 -- KEYS[1]: any key with the deployment's hash tag (routes the call in Redis Cluster; every key
 --          below shares that tag, so a call touches one slot).
@@ -15,7 +18,8 @@
 --   P:log:<user>    list of "<seq> <ms> <frame>", newest last, bounded, expires
 --   P:pool:<pool>   zset of waiting users by ticket (FIFO)
 --   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles)
---   P:ticket        counter; P:stat hash: queued sessions; P:gw global wait ms; P:pw pool waits
+--   P:ticket        counter; P:stat hash: queued sessions
+--   P:waits         hash: smoothed wait in ms per pool, and over all pools under "*"
 --   P:instances     zset instance -> last heartbeat ms; P:iu:<inst> set of users attached there
 --   P:dead          set of dead instances whose users still need cleanup
 --   P:exp           zset "<user>\n<conn>" -> ms when the held state expires
@@ -23,21 +27,9 @@
 -- Frames go out with PUBLISH on <channel prefix><instance>: "F<user>\n<seq>\n<frame>" for a
 -- frame (seq 0: none), "K<user>\n<conn>" to close a connection replaced from elsewhere.
 
-local P = ARGV[1]
-local OP = ARGV[2]
-local REQUEUE_PEER = ARGV[3] == '1'
-local HISTORY_LEN = tonumber(ARGV[4])
-local HISTORY_TTL = tonumber(ARGV[5])
-local GRACE = tonumber(ARGV[6])
-local CH = ARGV[7]
-local ENTROPY = ARGV[8]
-local USER = ARGV[9]
-local t = redis.call('TIME')
-local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
-local out = { waits = {}, ended = {}, changed = {}, held = false, published = 0 }
-local actor, ref = nil, nil
-local id_counter = 0
+-- Set at the start of every call (the library's functions are created once, at load).
+local ARGV, P, OP, REQUEUE_PEER, HISTORY_LEN, HISTORY_TTL, GRACE, CH, ENTROPY, USER, NOW
+local out, actor, ref, id_counter
 
 local function ukey(u) return P .. ':u:' .. u end
 local function skey(s) return P .. ':s:' .. s end
@@ -91,8 +83,8 @@ local function ewma(prev, sample)
 end
 
 local function estimate(pk, position)
-  local w = redis.call('HGET', P .. ':pw', pk)
-  if not w then w = redis.call('GET', P .. ':gw') end
+  local pool_wait, all_wait = unpack(redis.call('HMGET', P .. ':waits', pk, '*'))
+  local w = pool_wait or all_wait
   if not w then return nil end
   local ms = tonumber(w) * (position + 1)
   return math.floor(ms / 100 + 0.5) * 100
@@ -113,7 +105,7 @@ end
 -- Drops the wait history of a pool nobody waits in, or reports that positions changed.
 local function pool_changed(pk)
   if redis.call('ZCARD', zkey(pk)) == 0 then
-    redis.call('HDEL', P .. ':pw', pk)
+    redis.call('HDEL', P .. ':waits', pk)
   else
     add_changed(pk)
   end
@@ -121,13 +113,13 @@ end
 
 local function take_waiting(u)
   local h = ukey(u)
-  local state, pk, since = unpack(redis.call('HMGET', h, 'state', 'pool', 'since'))
+  local state, pk, since, ticket = unpack(redis.call('HMGET', h, 'state', 'pool', 'since', 'ticket'))
   if state ~= 'queued' then return nil end
   redis.call('ZREM', zkey(pk), u)
   redis.call('HSET', h, 'state', 'idle')
   redis.call('HDEL', h, 'ticket', 'since', 'told_pos', 'told_est')
   redis.call('HINCRBY', P .. ':stat', 'queued', -1)
-  return { pk = pk, since = tonumber(since) }
+  return { pk = pk, since = tonumber(since), ticket = tonumber(ticket) }
 end
 
 local function session_of(u)
@@ -140,21 +132,20 @@ local function session_of(u)
 end
 
 local function start_session(pk, a, b)
-  local ta = tonumber(redis.call('HGET', ukey(a), 'ticket'))
-  local tb = tonumber(redis.call('HGET', ukey(b), 'ticket'))
   local wa, wb = take_waiting(a), take_waiting(b)
   -- The user who waited longer offers.
   local first, second, wf, ws = a, b, wa, wb
-  if tb < ta then first, second, wf, ws = b, a, wb, wa end
+  if wb.ticket < wa.ticket then first, second, wf, ws = b, a, wb, wa end
   local sid = new_id('s_', 32)
   local hf, hs = new_id('p_', 16), new_id('p_', 16)
+  local pool_wait, all_wait = unpack(redis.call('HMGET', P .. ':waits', pk, '*'))
   for _, w in ipairs({ wf, ws }) do
     local waited = NOW - w.since
     if waited < 0 then waited = 0 end
     table.insert(out.waits, waited)
-    redis.call('SET', P .. ':gw', ewma(redis.call('GET', P .. ':gw'), waited))
-    redis.call('HSET', P .. ':pw', pk, ewma(redis.call('HGET', P .. ':pw', pk), waited))
+    pool_wait, all_wait = ewma(pool_wait, waited), ewma(all_wait, waited)
   end
+  redis.call('HSET', P .. ':waits', pk, pool_wait, '*', all_wait)
   for _, u in ipairs({ first, second }) do
     redis.call('HSET', ukey(u), 'state', 'session', 'sid', sid)
     redis.call('HDEL', ukey(u), 'avoid')
@@ -305,160 +296,174 @@ local function with_user(required)
   return state
 end
 
-if OP == 'attach' then
-  local conn, inst, token, last = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13]) or 0
-  local h = ukey(USER)
-  local was_away = false
-  if redis.call('EXISTS', h) == 0 then
-    redis.call('HSET', h, 'conn', conn, 'inst', inst, 'away', '0', 'state', 'idle',
-      'epoch', new_id('r_', 32), 'seq', 0)
-  else
-    local old_inst, old_conn, a = unpack(redis.call('HMGET', h, 'inst', 'conn', 'away'))
-    was_away = a == '1'
-    if old_inst ~= inst then
-      -- A live connection on another instance is replaced: that instance closes it.
-      if not was_away then publish(old_inst, 'K' .. USER .. '\n' .. old_conn) end
-      redis.call('SREM', P .. ':iu:' .. old_inst, USER)
+local function call(_keys, args)
+  ARGV = args
+  P, OP = ARGV[1], ARGV[2]
+  REQUEUE_PEER = ARGV[3] == '1'
+  HISTORY_LEN, HISTORY_TTL, GRACE = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  CH, ENTROPY, USER = ARGV[7], ARGV[8], ARGV[9]
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  out = { waits = {}, ended = {}, changed = {}, held = false, published = 0 }
+  actor, ref, id_counter = nil, nil, 0
+
+  if OP == 'attach' then
+    local conn, inst, token, last = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13]) or 0
+    local h = ukey(USER)
+    local was_away = false
+    if redis.call('EXISTS', h) == 0 then
+      redis.call('HSET', h, 'conn', conn, 'inst', inst, 'away', '0', 'state', 'idle',
+        'epoch', new_id('r_', 32), 'seq', 0)
+    else
+      local old_inst, old_conn, a = unpack(redis.call('HMGET', h, 'inst', 'conn', 'away'))
+      was_away = a == '1'
+      if old_inst ~= inst then
+        -- A live connection on another instance is replaced: that instance closes it.
+        if not was_away then publish(old_inst, 'K' .. USER .. '\n' .. old_conn) end
+        redis.call('SREM', P .. ':iu:' .. old_inst, USER)
+      end
+      redis.call('ZREM', P .. ':exp', USER .. '\n' .. old_conn)
+      redis.call('HSET', h, 'conn', conn, 'inst', inst, 'away', '0')
     end
-    redis.call('ZREM', P .. ':exp', USER .. '\n' .. old_conn)
-    redis.call('HSET', h, 'conn', conn, 'inst', inst, 'away', '0')
-  end
-  redis.call('SADD', P .. ':iu:' .. inst, USER)
-  local epoch, seq, state = unpack(redis.call('HMGET', h, 'epoch', 'seq', 'state'))
-  seq = tonumber(seq)
-  local resumed, replay = false, {}
-  if token ~= '' and token == epoch then
-    resumed, replay = events_since(USER, seq, last)
-  end
-  local attached = { state = state_name(state), resume_token = epoch, last_seq = seq,
-    resumed = resumed, replay = replay }
-  if was_away then
+    redis.call('SADD', P .. ':iu:' .. inst, USER)
+    local epoch, seq, state = unpack(redis.call('HMGET', h, 'epoch', 'seq', 'state'))
+    seq = tonumber(seq)
+    local resumed, replay = false, {}
+    if token ~= '' and token == epoch then
+      resumed, replay = events_since(USER, seq, last)
+    end
+    local attached = { state = state_name(state), resume_token = epoch, last_seq = seq,
+      resumed = resumed, replay = replay }
+    if was_away then
+      local sid, peer = session_of(USER)
+      if sid then
+        emit(peer, { type = 'peer_status', session_id = sid, state = 'connected' })
+      else
+        try_match(USER)
+      end
+    end
+    return result(attached)
+  elseif OP == 'detach' then
+    detach(USER, ARGV[10])
+    return result()
+  elseif OP == 'expire' then
+    expire(USER, ARGV[10])
+    return result()
+  elseif OP == 'enqueue' then
+    set_ref(ARGV[12])
+    local state = with_user(true)
+    if not state then return fail('invalid_state', 'no live connection for this user') end
+    if state == 'queued' then return fail('invalid_state', 'already queued') end
+    if state == 'session' then
+      return fail('invalid_state', 'already in a session: skip or end it first')
+    end
+    redis.call('HSET', ukey(USER), 'prefs', ARGV[10])
+    queue(USER, ARGV[11])
+    return result()
+  elseif OP == 'skip' then
+    set_ref(ARGV[10])
     local sid, peer = session_of(USER)
-    if sid then
-      emit(peer, { type = 'peer_status', session_id = sid, state = 'connected' })
+    if not sid then return fail('invalid_state', 'not in a session') end
+    redis.call('HSET', ukey(USER), 'avoid', peer)
+    redis.call('HSET', ukey(peer), 'avoid', USER)
+    end_session(USER, 'skip', true, 'peer_skipped', REQUEUE_PEER)
+    return result()
+  elseif OP == 'end' then
+    set_ref(ARGV[10])
+    local state = with_user(true)
+    if state == 'queued' then
+      local w = take_waiting(USER)
+      emit(USER, { type = 'dequeued', reason = 'end' })
+      pool_changed(w.pk)
+    elseif state == 'session' and session_of(USER) then
+      end_session(USER, 'end', false, 'peer_ended', false)
     else
-      try_match(USER)
+      return fail('invalid_state', 'not queued or in a session')
     end
-  end
-  return result(attached)
-elseif OP == 'detach' then
-  detach(USER, ARGV[10])
-  return result()
-elseif OP == 'expire' then
-  expire(USER, ARGV[10])
-  return result()
-elseif OP == 'enqueue' then
-  set_ref(ARGV[12])
-  local state = with_user(true)
-  if not state then return fail('invalid_state', 'no live connection for this user') end
-  if state == 'queued' then return fail('invalid_state', 'already queued') end
-  if state == 'session' then
-    return fail('invalid_state', 'already in a session: skip or end it first')
-  end
-  redis.call('HSET', ukey(USER), 'prefs', ARGV[10])
-  queue(USER, ARGV[11])
-  return result()
-elseif OP == 'skip' then
-  set_ref(ARGV[10])
-  local sid, peer = session_of(USER)
-  if not sid then return fail('invalid_state', 'not in a session') end
-  redis.call('HSET', ukey(USER), 'avoid', peer)
-  redis.call('HSET', ukey(peer), 'avoid', USER)
-  end_session(USER, 'skip', true, 'peer_skipped', REQUEUE_PEER)
-  return result()
-elseif OP == 'end' then
-  set_ref(ARGV[10])
-  local state = with_user(true)
-  if state == 'queued' then
-    local w = take_waiting(USER)
-    emit(USER, { type = 'dequeued', reason = 'end' })
-    pool_changed(w.pk)
-  elseif state == 'session' and session_of(USER) then
-    end_session(USER, 'end', false, 'peer_ended', false)
-  else
-    return fail('invalid_state', 'not queued or in a session')
-  end
-  return result()
-elseif OP == 'status' then
-  local state, pk, ticket, sid = unpack(redis.call('HMGET', ukey(USER), 'state', 'pool', 'ticket', 'sid'))
-  if not state then return fail('invalid_state', 'no live connection for this user') end
-  local st = { state = state_name(state) }
-  if state == 'queued' then
-    st.position = redis.call('ZCOUNT', zkey(pk), '-inf', '(' .. ticket)
-    st.estimated_wait_ms = estimate(pk, st.position)
-  elseif state == 'session' then
-    st.session_id = sid
-  end
-  return result({ status = st })
-elseif OP == 'refresh' then
-  local pk = ARGV[10]
-  local users = redis.call('ZRANGE', zkey(pk), 0, -1)
-  for i, u in ipairs(users) do
-    local position = i - 1
-    local est = estimate(pk, position)
-    local away, told_pos, told_est = unpack(redis.call('HMGET', ukey(u), 'away', 'told_pos', 'told_est'))
-    local old = tonumber(told_est)
-    local moved
-    if old and est then
-      moved = math.abs(old - est) * 5 > math.max(old, est)
-    else
-      moved = (old == nil) ~= (est == nil)
+    return result()
+  elseif OP == 'status' then
+    local state, pk, ticket, sid = unpack(redis.call('HMGET', ukey(USER), 'state', 'pool', 'ticket', 'sid'))
+    if not state then return fail('invalid_state', 'no live connection for this user') end
+    local st = { state = state_name(state) }
+    if state == 'queued' then
+      st.position = redis.call('ZCOUNT', zkey(pk), '-inf', '(' .. ticket)
+      st.estimated_wait_ms = estimate(pk, st.position)
+    elseif state == 'session' then
+      st.session_id = sid
     end
-    if away == '0' and (tonumber(told_pos) ~= position or moved) then
-      redis.call('HSET', ukey(u), 'told_pos', position, 'told_est', est or '')
-      emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est) })
+    return result({ status = st })
+  elseif OP == 'refresh' then
+    local pk = ARGV[10]
+    local users = redis.call('ZRANGE', zkey(pk), 0, -1)
+    for i, u in ipairs(users) do
+      local position = i - 1
+      local est = estimate(pk, position)
+      local away, told_pos, told_est = unpack(redis.call('HMGET', ukey(u), 'away', 'told_pos', 'told_est'))
+      local old = tonumber(told_est)
+      local moved
+      if old and est then
+        moved = math.abs(old - est) * 5 > math.max(old, est)
+      else
+        moved = (old == nil) ~= (est == nil)
+      end
+      if away == '0' and (tonumber(told_pos) ~= position or moved) then
+        redis.call('HSET', ukey(u), 'told_pos', position, 'told_est', est or '')
+        emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est) })
+      end
     end
-  end
-  return result()
-elseif OP == 'since' then
-  local c, seq = unpack(redis.call('HMGET', ukey(USER), 'conn', 'seq'))
-  if c ~= ARGV[10] then return result({ resumed = false }) end
-  local ok, replay = events_since(USER, tonumber(seq), tonumber(ARGV[11]))
-  return result({ resumed = ok, replay = replay })
-elseif OP == 'stats' then
-  local queued, sessions = unpack(redis.call('HMGET', P .. ':stat', 'queued', 'sessions'))
-  return result({ queued = tonumber(queued) or 0, sessions = tonumber(sessions) or 0 })
-elseif OP == 'tick' then
-  -- Instance heartbeat and shared clean-up, run by every instance periodically. USER is the
-  -- calling instance; ARGV[10] its heartbeat period, ARGV[11] the dataset epoch it knows, and
-  -- ARGV[12] how many users or expiries to handle in this call.
-  local inst, period, known, budget = USER, tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
-  local epoch = redis.call('GET', P .. ':epoch')
-  if not epoch then
-    epoch = new_id('d_', 32)
-    redis.call('SET', P .. ':epoch', epoch)
-  end
-  -- ZADD answers 1 when the instance was not listed: others took it for dead (or Redis lost
-  -- everything), so its users were cleaned up and its connections must re-attach.
-  local added = redis.call('ZADD', P .. ':instances', NOW, inst)
-  -- Instances silent for two periods are dead; moving them to P:dead makes exactly one caller
-  -- claim each, and any instance may finish the clean-up later.
-  local dead = redis.call('ZRANGEBYSCORE', P .. ':instances', '-inf', NOW - 2 * period)
-  for _, d in ipairs(dead) do
-    redis.call('ZREM', P .. ':instances', d)
-    redis.call('SADD', P .. ':dead', d)
-  end
-  local cleaned = 0
-  for _, d in ipairs(redis.call('SMEMBERS', P .. ':dead')) do
-    local users = redis.call('SPOP', P .. ':iu:' .. d, budget)
-    for _, u in ipairs(users) do
-      local c, i = unpack(redis.call('HMGET', ukey(u), 'conn', 'inst'))
-      if i == d and c then detach(u, c) end
-      cleaned = cleaned + 1
+    return result()
+  elseif OP == 'since' then
+    local c, seq = unpack(redis.call('HMGET', ukey(USER), 'conn', 'seq'))
+    if c ~= ARGV[10] then return result({ resumed = false }) end
+    local ok, replay = events_since(USER, tonumber(seq), tonumber(ARGV[11]))
+    return result({ resumed = ok, replay = replay })
+  elseif OP == 'stats' then
+    local queued, sessions = unpack(redis.call('HMGET', P .. ':stat', 'queued', 'sessions'))
+    return result({ queued = tonumber(queued) or 0, sessions = tonumber(sessions) or 0 })
+  elseif OP == 'tick' then
+    -- Instance heartbeat and shared clean-up, run by every instance periodically. USER is the
+    -- calling instance; ARGV[10] its heartbeat period, ARGV[11] the dataset epoch it knows, and
+    -- ARGV[12] how many users or expiries to handle in this call.
+    local inst, period, known, budget = USER, tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+    local epoch = redis.call('GET', P .. ':epoch')
+    if not epoch then
+      epoch = new_id('d_', 32)
+      redis.call('SET', P .. ':epoch', epoch)
     end
-    budget = budget - #users
-    if redis.call('SCARD', P .. ':iu:' .. d) == 0 then redis.call('SREM', P .. ':dead', d) end
-    if budget <= 0 then break end
+    -- ZADD answers 1 when the instance was not listed: others took it for dead (or Redis lost
+    -- everything), so its users were cleaned up and its connections must re-attach.
+    local added = redis.call('ZADD', P .. ':instances', NOW, inst)
+    -- Instances silent for two periods are dead; moving them to P:dead makes exactly one caller
+    -- claim each, and any instance may finish the clean-up later.
+    local dead = redis.call('ZRANGEBYSCORE', P .. ':instances', '-inf', NOW - 2 * period)
+    for _, d in ipairs(dead) do
+      redis.call('ZREM', P .. ':instances', d)
+      redis.call('SADD', P .. ':dead', d)
+    end
+    local cleaned = 0
+    for _, d in ipairs(redis.call('SMEMBERS', P .. ':dead')) do
+      local users = redis.call('SPOP', P .. ':iu:' .. d, budget)
+      for _, u in ipairs(users) do
+        local c, i = unpack(redis.call('HMGET', ukey(u), 'conn', 'inst'))
+        if i == d and c then detach(u, c) end
+        cleaned = cleaned + 1
+      end
+      budget = budget - #users
+      if redis.call('SCARD', P .. ':iu:' .. d) == 0 then redis.call('SREM', P .. ':dead', d) end
+      if budget <= 0 then break end
+    end
+    local due = redis.call('ZRANGEBYSCORE', P .. ':exp', '-inf', NOW, 'LIMIT', 0, math.max(budget, 1))
+    for _, m in ipairs(due) do
+      local u, c = string.match(m, '^(.*)\n(.*)$')
+      expire(u, c)
+    end
+    -- Held states from detaches above expire through P:exp, not through a timer of the caller.
+    out.held = false
+    return result({ epoch = epoch, epoch_changed = known ~= '' and known ~= epoch,
+      rejoined = known ~= '' and added == 1,
+      cleaned_users = cleaned, expired = #due, dead_instances = #dead })
   end
-  local due = redis.call('ZRANGEBYSCORE', P .. ':exp', '-inf', NOW, 'LIMIT', 0, math.max(budget, 1))
-  for _, m in ipairs(due) do
-    local u, c = string.match(m, '^(.*)\n(.*)$')
-    expire(u, c)
-  end
-  -- Held states from detaches above expire through P:exp, not through a timer of the caller.
-  out.held = false
-  return result({ epoch = epoch, epoch_changed = known ~= '' and known ~= epoch,
-    rejoined = known ~= '' and added == 1,
-    cleaned_users = cleaned, expired = #due, dead_instances = #dead })
+  return fail('internal', 'unknown operation ' .. tostring(OP))
 end
-return fail('internal', 'unknown operation ' .. tostring(OP))
+
+redis.register_function('matchgate', call)

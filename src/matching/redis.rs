@@ -1,8 +1,8 @@
 //! The Redis matchmaker of the scale-out mode: queue, sessions and event logs live in Redis and
-//! every operation is one call of `redis.lua`, so N instances racing on the same pool can never
-//! match a user twice or put a user in two sessions.
+//! every operation is one call (FCALL) of the function library `redis.lua`, so N instances
+//! racing on the same pool can never match a user twice or put a user in two sessions.
 //!
-//! The script also publishes each frame on the pub/sub channel of the instance that holds the
+//! The library also publishes each frame on the pub/sub channel of the instance that holds the
 //! user's connection (see [`crate::bus::redis`]), inside the same atomic step that appends it to
 //! the user's log, so events reach every user in `seq` order. All keys share one hash tag, so
 //! every call touches one slot and the same code runs against Redis Cluster.
@@ -20,7 +20,8 @@ use crate::ids::random_id;
 use crate::metrics::Metrics;
 use crate::protocol::{EndReason, Prefs, StateName};
 
-const SCRIPT: &str = include_str!("redis.lua");
+/// The function library with every matching operation (`FCALL matchgate ...`).
+const LIBRARY: &str = include_str!("redis.lua");
 
 /// How long one Redis call may take before the operation counts as unavailable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -66,9 +67,37 @@ enum Pool {
     Cluster(deadpool_redis::cluster::Pool),
 }
 
+impl Shared {
+    async fn query(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<String> {
+        match self {
+            Shared::Single(c) => cmd.query_async(c).await,
+            Shared::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+
+    /// Loads (or replaces) the function library; on a cluster, on every primary.
+    async fn load_library(&mut self) -> redis::RedisResult<()> {
+        let mut load = redis::cmd("FUNCTION");
+        load.arg("LOAD").arg("REPLACE").arg(LIBRARY);
+        match self {
+            Shared::Single(c) => load.query_async::<()>(c).await,
+            Shared::Cluster(c) => load.query_async::<()>(c).await,
+        }
+    }
+}
+
+/// A connection taken from the pool. deadpool checks a connection with a PING each time it
+/// hands one out, a round trip per operation; but a multiplexed connection is built to be
+/// shared, so one is cloned for every call and replaced through the pool only after an error.
+#[derive(Clone)]
+enum Shared {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
 pub struct RedisMatchmaker {
     pool: Pool,
-    script: redis::Script,
+    shared: std::sync::Mutex<Option<Shared>>,
     settings: RedisSettings,
     route_key: String,
     metrics: Arc<Metrics>,
@@ -193,18 +222,37 @@ impl RedisMatchmaker {
         };
         Ok(RedisMatchmaker {
             pool,
-            script: redis::Script::new(SCRIPT),
+            shared: std::sync::Mutex::new(None),
             route_key: format!("{}:route", settings.layout.prefix),
             settings,
             metrics,
         })
     }
 
-    /// Runs one operation of the script.
+    fn lock_shared(&self) -> std::sync::MutexGuard<'_, Option<Shared>> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn connection(&self) -> Result<Shared, MatchError> {
+        if let Some(shared) = self.lock_shared().clone() {
+            return Ok(shared);
+        }
+        let shared = match &self.pool {
+            Pool::Single(p) => Shared::Single((*p.get().await.map_err(unavailable)?).clone()),
+            Pool::Cluster(p) => Shared::Cluster((*p.get().await.map_err(unavailable)?).clone()),
+        };
+        *self.lock_shared() = Some(shared.clone());
+        Ok(shared)
+    }
+
+    /// Runs one operation of the library.
     async fn call(&self, op: &str, subject: &str, args: &[&str]) -> Result<Reply, MatchError> {
         let s = &self.settings;
-        let mut invocation = self.script.key(&self.route_key);
-        invocation
+        let mut fcall = redis::cmd("FCALL");
+        fcall
+            .arg("matchgate")
+            .arg(1)
+            .arg(&self.route_key)
             .arg(&s.layout.prefix)
             .arg(op)
             .arg(if s.requeue_peer_on_skip { "1" } else { "0" })
@@ -215,29 +263,28 @@ impl RedisMatchmaker {
             .arg(random_id("", 16))
             .arg(subject);
         for a in args {
-            invocation.arg(*a);
+            fcall.arg(*a);
         }
         let started = Instant::now();
         let result = tokio::time::timeout(CALL_TIMEOUT, async {
-            match &self.pool {
-                Pool::Single(p) => {
-                    let mut c = p.get().await.map_err(unavailable)?;
-                    invocation
-                        .invoke_async::<String>(&mut c)
-                        .await
-                        .map_err(unavailable)
+            let mut conn = self.connection().await?;
+            match conn.query(&fcall).await {
+                // A Redis that started empty (or a new cluster node) lacks the library: load it
+                // and try once more.
+                Err(e) if e.to_string().contains("Function not found") => {
+                    conn.load_library().await.map_err(unavailable)?;
+                    conn.query(&fcall).await
                 }
-                Pool::Cluster(p) => {
-                    let mut c = p.get().await.map_err(unavailable)?;
-                    invocation
-                        .invoke_async::<String>(&mut c)
-                        .await
-                        .map_err(unavailable)
-                }
+                other => other,
             }
+            .map_err(unavailable)
         })
         .await
         .unwrap_or_else(|_| Err(unavailable("Redis call timed out")));
+        if result.is_err() {
+            // The connection may be broken: the next call takes a fresh one from the pool.
+            self.lock_shared().take();
+        }
         self.metrics.redis_call(started.elapsed(), result.is_ok());
         let text = result?;
         let mut reply: Reply = serde_json::from_str(&text)
