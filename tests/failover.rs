@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::process::GatewayProcess;
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use common::{http_get, Closed, TestServer, PATIENCE};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -28,12 +28,23 @@ where
         .unwrap_or_else(|_| panic!("never happened: {what}"));
 }
 
-fn process_args(redis: &RedisServer, id: &str) -> Vec<String> {
-    [
+/// Flags selecting the Redis a gateway process uses: one server, or a cluster.
+fn redis_args(redis: &RedisServer) -> Vec<String> {
+    vec!["--redis-url".into(), redis.url()]
+}
+
+fn cluster_args(cluster: &RedisCluster) -> Vec<String> {
+    vec![
+        "--redis-url".into(),
+        cluster.urls().join(","),
+        "--redis-cluster".into(),
+    ]
+}
+
+async fn gateway(backend: &[String], id: &str) -> GatewayProcess {
+    let mut args: Vec<String> = [
         "--jwt-secret",
         common::SECRET,
-        "--redis-url",
-        &redis.url(),
         "--instance-id",
         id,
         "--instance-heartbeat-ms",
@@ -43,11 +54,8 @@ fn process_args(redis: &RedisServer, id: &str) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
-}
-
-async fn gateway(redis: &RedisServer, id: &str) -> GatewayProcess {
-    let args = process_args(redis, id);
+    .collect();
+    args.extend_from_slice(backend);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let g = GatewayProcess::start(&args).await;
     g.wait_ready().await;
@@ -57,8 +65,18 @@ async fn gateway(redis: &RedisServer, id: &str) -> GatewayProcess {
 #[tokio::test]
 async fn a_killed_instance_is_cleaned_up_by_exactly_one_survivor() {
     let redis = RedisServer::start().await;
-    let mut doomed = gateway(&redis, "doomed").await;
-    let survivors = [gateway(&redis, "s1").await, gateway(&redis, "s2").await];
+    killed_instance(&redis_args(&redis)).await;
+}
+
+#[tokio::test]
+async fn a_killed_instance_is_cleaned_up_by_exactly_one_survivor_on_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    killed_instance(&cluster_args(&cluster)).await;
+}
+
+async fn killed_instance(backend: &[String]) {
+    let mut doomed = gateway(backend, "doomed").await;
+    let survivors = [gateway(backend, "s1").await, gateway(backend, "s2").await];
 
     // Three sessions with one side on the doomed instance, plus a user waiting there alone.
     let mut peers = Vec::new();
