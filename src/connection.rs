@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite;
 
 use crate::config::Config;
 use crate::gateway::Gateway;
-use crate::matching::{ConnId, Resume, UserId};
+use crate::matching::{ConnId, MatchError, Resume, UserId};
 use crate::protocol::{close, parse_request, ErrorCode, Reply, PROTOCOL_VERSION};
 use crate::ratelimit::TokenBucket;
 use crate::registry::{ConnectionHandle, Next, Outbox};
@@ -97,15 +97,19 @@ impl Connection {
     pub async fn run(mut self, mut ws: WebSocket) {
         let gateway = self.gateway.clone();
         let (handle, outbox) = ConnectionHandle::new(self.id, self.settings.outbound_queue);
-        if let Some(old) = gateway.registry.register(self.user.clone(), handle) {
-            old.close(close::REPLACED);
-        }
+        // If a newer connection of this user is already here, this one is not registered and
+        // ends with 4001 without attaching.
+        let current = gateway.registry.register(self.user.clone(), handle);
         gateway.metrics.connections.inc();
 
-        let exit = match gateway
-            .attach(&self.user, self.id, self.resume.take())
-            .await
-        {
+        let attached = if current {
+            gateway
+                .attach(&self.user, self.id, self.resume.take())
+                .await
+        } else {
+            Err(MatchError::Replaced)
+        };
+        let exit = match attached {
             Ok(attached) => {
                 let welcome = Reply::Welcome {
                     user_id: &self.user,
@@ -134,6 +138,9 @@ impl Connection {
                         self.serve(&mut ws, &outbox).await
                     }
                 }
+            }
+            Err(MatchError::Replaced) => {
+                Exit::Close(close::REPLACED, close_reason(close::REPLACED))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "attach failed");

@@ -21,9 +21,6 @@ use crate::metrics::Metrics;
 use crate::protocol::{Action, ErrorCode, Reply, Request};
 use crate::registry::Registry;
 
-/// Tries of a failed detach: with the backoff capped at 5 s, about ten minutes.
-const DETACH_RETRIES: u32 = 125;
-
 pub struct Gateway {
     matchmaker: Arc<dyn Matchmaker>,
     pub registry: Arc<Registry>,
@@ -119,9 +116,12 @@ impl Gateway {
                 tracing::warn!(error = %e, "detach failed: retrying in the background");
                 let gateway = self.clone();
                 let user = user.clone();
+                // Until it succeeds, however long the outage: a user left attached would sit in
+                // queues and sessions forever. One small task per connection that closed during
+                // the outage.
                 tokio::spawn(async move {
                     let mut delay = Duration::from_millis(250);
-                    for _ in 0..DETACH_RETRIES {
+                    loop {
                         tokio::time::sleep(delay).await;
                         if let Ok(outcome) = gateway.matchmaker.detach(&user, conn).await {
                             gateway.apply(&user, conn, outcome);
@@ -129,7 +129,6 @@ impl Gateway {
                         }
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
-                    tracing::error!("giving up on a detach after {DETACH_RETRIES} tries");
                 });
             }
         }

@@ -183,9 +183,24 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Registers `handle` for `user` and returns the connection it replaces, if any.
-    pub fn register(&self, user: UserId, handle: ConnectionHandle) -> Option<ConnectionHandle> {
-        self.connections.insert(user, handle)
+    /// Registers `handle` for `user` and closes the connection it replaces, if any. Connection
+    /// ids grow, so a connection older than the registered one (its upgrade finished later)
+    /// does not take over: it is closed instead, and `false` is returned.
+    pub fn register(&self, user: UserId, handle: ConnectionHandle) -> bool {
+        match self.connections.entry(user) {
+            dashmap::Entry::Occupied(mut e) if e.get().id.0 < handle.id.0 => {
+                e.insert(handle).close(close::REPLACED);
+                true
+            }
+            dashmap::Entry::Occupied(_) => {
+                handle.close(close::REPLACED);
+                false
+            }
+            dashmap::Entry::Vacant(e) => {
+                e.insert(handle);
+                true
+            }
+        }
     }
 
     /// Removes the user's entry only if it still belongs to connection `id`.
@@ -292,9 +307,15 @@ mod tests {
         let (old, old_outbox) = ConnectionHandle::new(ConnId(1), 8);
         let (new, new_outbox) = ConnectionHandle::new(ConnId(2), 8);
         new_outbox.start_at(0);
-        registry.register(user.clone(), old);
-        let replaced = registry.register(user.clone(), new).expect("replaces");
-        replaced.close(close::REPLACED);
+        let (older, older_outbox) = ConnectionHandle::new(ConnId(0), 8);
+        assert!(registry.register(user.clone(), old));
+        assert!(registry.register(user.clone(), new));
+        // An older connection arriving late does not take over.
+        assert!(!registry.register(user.clone(), older));
+        assert!(matches!(
+            older_outbox.next().await,
+            Next::Close(close::REPLACED)
+        ));
         assert!(matches!(
             old_outbox.next().await,
             Next::Close(close::REPLACED)

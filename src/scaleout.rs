@@ -31,10 +31,12 @@ pub fn settings(config: &Config) -> Option<RedisSettings> {
         urls,
         cluster: config.redis_cluster,
         layout: Layout::new(&config.redis_namespace),
-        instance: config
-            .instance_id
-            .clone()
-            .unwrap_or_else(|| random_id("", 6)),
+        // A per-process suffix: an instance restarted under the same configured id must not
+        // inherit (and so never clean up) the users its previous run left behind.
+        instance: match &config.instance_id {
+            Some(id) => format!("{id}-{}", random_id("", 4)),
+            None => random_id("", 6),
+        },
         requeue_peer_on_skip: config.requeue_peer_on_skip,
         history_len: config.history_len,
         history_ttl: config.history_ttl(),
@@ -60,18 +62,18 @@ pub fn spawn(
 ) {
     let recovery = Arc::new(Recovery::default());
     gateway.set_subscribed(false);
-    tokio::spawn(subscriber(
-        gateway.clone(),
-        settings,
-        recovery.clone(),
-        stop.clone(),
-    ));
     let instance = Arc::new(Instance {
         gateway,
         redis,
         period: heartbeat,
         known_epoch: tokio::sync::Mutex::new(String::new()),
     });
+    tokio::spawn(subscriber(
+        instance.clone(),
+        settings,
+        recovery.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(ticks(instance.clone(), stop.clone()));
     tokio::spawn(catch_up(instance, recovery, stop));
 }
@@ -80,7 +82,7 @@ pub fn spawn(
 /// disconnections by itself; this loop only has to get the first subscription in place, which
 /// may take a while when the gateway starts before Redis does.
 async fn subscriber(
-    gateway: Arc<Gateway>,
+    instance: Arc<Instance>,
     settings: RedisSettings,
     recovery: Arc<Recovery>,
     mut stop: watch::Receiver<bool>,
@@ -91,8 +93,8 @@ async fn subscriber(
         let attempt = subscribe(
             &settings.urls[0],
             &channel,
-            gateway.registry.clone(),
-            gateway.metrics.clone(),
+            instance.gateway.registry.clone(),
+            instance.gateway.metrics.clone(),
             recovery.clone(),
         );
         tokio::select! {
@@ -108,8 +110,22 @@ async fn subscriber(
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     };
-    gateway.set_subscribed(true);
     tracing::info!(%channel, "subscribed");
+    // Take traffic only once this instance is on the liveness list: an instance that crashed
+    // before its first heartbeat would otherwise leave users nobody ever cleans up.
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match instance.tick().await {
+            Ok(_) => break,
+            Err(e) => tracing::warn!(error = %e, "first heartbeat failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    instance.gateway.set_subscribed(true);
     let _ = stop.wait_for(|s| *s).await;
     drop(manager);
 }

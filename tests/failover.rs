@@ -389,3 +389,118 @@ async fn redis_restarting_under_load_costs_no_crash_and_no_stuck_client() {
         b.expect("matched").await["session_id"]
     );
 }
+
+fn signal(process: &GatewayProcess, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &process.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn an_instance_restarted_under_the_same_id_does_not_inherit_ghosts() {
+    let redis = RedisServer::start().await;
+    let backend = redis_args(&redis);
+    let witness = gateway(&backend, "witness").await;
+    let mut a = gateway(&backend, "a").await;
+    let mut ghost = a.connect("ghost").await;
+    ghost.send(json!({"type": "enqueue"})).await;
+    ghost.expect("queued").await;
+    a.kill9();
+    let _a_again = gateway(&backend, "a").await;
+    // The previous run of "a" is found dead and its user leaves the queue, although an
+    // instance called "a" is alive again.
+    eventually("the ghost leaves the queue", || async {
+        witness.metric("matchgate_queue_length").await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pause_of_redis_itself_kills_nobody() {
+    let redis = RedisServer::start().await;
+    let backend = redis_args(&redis);
+    let g = [gateway(&backend, "g0").await, gateway(&backend, "g1").await];
+    let mut a = g[0].connect("a").await;
+    let mut b = g[1].connect("b").await;
+    common::match_up(&mut a, &mut b).await;
+    // Redis stalls for ten heartbeat periods: nobody can check in, every score goes stale.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // Several periods later, nobody was declared dead: no clean-up, the session goes on.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for gw in &g {
+        assert_eq!(gw.metric("matchgate_cleanup_users_total").await, 0.0);
+    }
+    let s = a.request(json!({"type": "status"}), "st").await;
+    assert_eq!(s["state"], "in_session");
+    let e = a.request(json!({"type": "end"}), "e").await;
+    assert_eq!(e["reason"], "end");
+    let eb = b.expect("session_ended").await;
+    assert_eq!(
+        eb["reason"], "peer_ended",
+        "no peer_status came first: {eb}"
+    );
+}
+
+#[tokio::test]
+async fn an_instance_taken_for_dead_sends_its_clients_back_and_serves_them_again() {
+    let redis = RedisServer::start().await;
+    let backend = redis_args(&redis);
+    let other = gateway(&backend, "other").await;
+    let sleepy = gateway(&backend, "sleepy").await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut c = sleepy.connect(&format!("s{i}")).await;
+        c.send(json!({"type": "enqueue", "prefs": {"topic": format!("t{i}")}}))
+            .await;
+        c.expect("queued").await;
+        clients.push(c);
+    }
+    // Frozen for many heartbeat periods: the other instance takes it for dead and cleans up.
+    signal(&sleepy, "-STOP");
+    eventually("the other instance cleaned up", || async {
+        other.metric("matchgate_cleanup_users_total").await >= 3.0
+    })
+    .await;
+    signal(&sleepy, "-CONT");
+    for c in &mut clients {
+        let r = c.expect("reconnect").await;
+        assert_eq!(r["reason"], "resync");
+        match c.closed().await {
+            Closed::Code(code) => assert_eq!(code, 4005),
+            other => panic!("expected 4005, got {other:?}"),
+        }
+    }
+    // Back on the same instance, the clients are served and stay served.
+    let mut back = Vec::new();
+    for i in 0..3 {
+        let mut c = sleepy.connect(&format!("s{i}")).await;
+        // Within the grace period the old place is still held; either way, start over.
+        if c.welcome["state"] == "queued" {
+            c.send(json!({"type": "end"})).await;
+            c.expect("dequeued").await;
+        }
+        c.send(json!({"type": "enqueue", "prefs": {"topic": "together"}}))
+            .await;
+        c.expect("queued").await;
+        back.push(c);
+    }
+    // Several heartbeat periods later they are still attached: the newcomer is matched.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut newcomer = other.connect("newcomer").await;
+    newcomer
+        .send(json!({"type": "enqueue", "prefs": {"topic": "together"}}))
+        .await;
+    newcomer.expect("queued").await;
+    newcomer.expect("matched").await;
+}

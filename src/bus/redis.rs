@@ -71,7 +71,8 @@ pub async fn subscribe(
 }
 
 /// Hands one published message to the local connection it is for:
-/// `F<user>\n<seq>\n<frame>` (seq 0: none) or `K<user>\n<conn>` (close a replaced connection).
+/// `F<user>\n<seq>\n<frame>` (seq 0: none) or `K<user>\n<conn>` (close a replaced connection;
+/// `conn` as [`ConnId`] displays it).
 fn dispatch(registry: &Registry, payload: &[u8]) {
     let Ok(text) = std::str::from_utf8(payload) else {
         return;
@@ -96,8 +97,8 @@ fn dispatch(registry: &Registry, payload: &[u8]) {
             );
         }
         "K" => {
-            if let Ok(conn) = rest.parse::<u64>() {
-                registry.close_if(user, ConnId(conn), close::REPLACED);
+            if let Some(conn) = ConnId::parse(rest) {
+                registry.close_if(user, conn, close::REPLACED);
             }
         }
         _ => {}
@@ -125,8 +126,8 @@ mod tests {
             }
             Next::Close(c) => panic!("closed {c}"),
         }
-        dispatch(&registry, "Ku\u{e9}\n8".as_bytes()); // another connection: ignored
-        dispatch(&registry, "Ku\u{e9}\n7".as_bytes());
+        dispatch(&registry, "Ku\u{e9}\nc0000000000000008".as_bytes()); // another: ignored
+        dispatch(&registry, "Ku\u{e9}\nc0000000000000007".as_bytes());
         assert!(matches!(outbox.next().await, Next::Close(close::REPLACED)));
     }
 }

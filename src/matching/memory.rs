@@ -491,6 +491,11 @@ impl Matchmaker for MemoryMatchmaker {
                 avoid: None,
                 log: Log::new(),
             });
+            // Connection ids grow: an older connection whose attach comes after a newer one's
+            // must not take the user back.
+            if !entry.away && entry.conn.0 > conn.0 {
+                return Err(MatchError::Replaced);
+            }
             let was_away = entry.away;
             entry.conn = conn;
             entry.away = false;

@@ -26,9 +26,18 @@ pub type UserId = std::sync::Arc<str>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId(pub u64);
 
+/// Fixed-width hex, so that ids of one instance (which grow) also compare as strings.
 impl std::fmt::Display for ConnId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "c{:016x}", self.0)
+    }
+}
+
+impl ConnId {
+    /// Reads the form [`ConnId`]'s `Display` writes.
+    pub fn parse(s: &str) -> Option<ConnId> {
+        let hex = s.strip_prefix('c').filter(|h| h.len() == 16)?;
+        u64::from_str_radix(hex, 16).ok().map(ConnId)
     }
 }
 
@@ -106,6 +115,9 @@ pub enum MatchError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A newer connection of the same user took over while this one was attaching.
+    #[error("replaced by a newer connection")]
+    Replaced,
 }
 
 impl MatchError {
@@ -113,7 +125,7 @@ impl MatchError {
         match self {
             MatchError::InvalidState(_) => ErrorCode::InvalidState,
             MatchError::Unavailable(_) => ErrorCode::Unavailable,
-            MatchError::Internal(_) => ErrorCode::Internal,
+            MatchError::Internal(_) | MatchError::Replaced => ErrorCode::Internal,
         }
     }
 }

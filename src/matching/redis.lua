@@ -22,6 +22,8 @@
 --   P:waits         hash: smoothed wait in ms per pool, and over all pools under "*"
 --   P:instances     zset instance -> last heartbeat ms; P:iu:<inst> set of users attached there
 --   P:dead          set of dead instances whose users still need cleanup
+--   P:last_tick     when any instance last ticked; P:judge_after: no deaths declared before
+--                   this (set after a pause that affected everybody)
 --   P:exp           zset "<user>\n<conn>" -> ms when the held state expires
 --   P:epoch         random id of this dataset: a new one means Redis lost everything
 -- Frames go out with PUBLISH on <channel prefix><instance>: "F<user>\n<seq>\n<frame>" for a
@@ -317,6 +319,11 @@ local function call(_keys, args)
     else
       local old_inst, old_conn, a = unpack(redis.call('HMGET', h, 'inst', 'conn', 'away'))
       was_away = a == '1'
+      -- Connection ids of one instance grow (fixed-width hex): an older connection whose
+      -- attach arrives after a newer one's must not take the user back.
+      if not was_away and old_inst == inst and old_conn > conn then
+        return fail('replaced', 'a newer connection of this user took over')
+      end
       if old_inst ~= inst then
         -- A live connection on another instance is replaced: that instance closes it.
         if not was_away then publish(old_inst, 'K' .. USER .. '\n' .. old_conn) end
@@ -433,12 +440,26 @@ local function call(_keys, args)
     -- ZADD answers 1 when the instance was not listed: others took it for dead (or Redis lost
     -- everything), so its users were cleaned up and its connections must re-attach.
     local added = redis.call('ZADD', P .. ':instances', NOW, inst)
-    -- Instances silent for two periods are dead; moving them to P:dead makes exactly one caller
-    -- claim each, and any instance may finish the clean-up later.
-    local dead = redis.call('ZRANGEBYSCORE', P .. ':instances', '-inf', NOW - 2 * period)
-    for _, d in ipairs(dead) do
-      redis.call('ZREM', P .. ':instances', d)
-      redis.call('SADD', P .. ':dead', d)
+    -- An instance that ticks is alive, whatever others concluded while it was silent.
+    redis.call('SREM', P .. ':dead', inst)
+    -- If nobody ticked for more than a period, Redis (or the network to it) was away for
+    -- everyone: every score is stale. Give all instances two periods to check in again before
+    -- anyone is judged.
+    local last = tonumber(redis.call('GET', P .. ':last_tick'))
+    redis.call('SET', P .. ':last_tick', NOW)
+    if last and NOW - last > period then
+      redis.call('SET', P .. ':judge_after', NOW + 2 * period)
+    end
+    local dead = {}
+    local judge_after = tonumber(redis.call('GET', P .. ':judge_after'))
+    if not judge_after or NOW >= judge_after then
+      -- Instances silent for two periods are dead; moving them to P:dead makes exactly one
+      -- caller claim each, and any instance may finish the clean-up later.
+      dead = redis.call('ZRANGEBYSCORE', P .. ':instances', '-inf', NOW - 2 * period)
+      for _, d in ipairs(dead) do
+        redis.call('ZREM', P .. ':instances', d)
+        redis.call('SADD', P .. ':dead', d)
+      end
     end
     local cleaned = 0
     for _, d in ipairs(redis.call('SMEMBERS', P .. ':dead')) do

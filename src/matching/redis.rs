@@ -296,6 +296,7 @@ impl RedisMatchmaker {
                 let message = reply.message.take().unwrap_or_default();
                 Err(match code.as_str() {
                     "invalid_state" => MatchError::InvalidState(message.into()),
+                    "replaced" => MatchError::Replaced,
                     _ => MatchError::Internal(message),
                 })
             }
@@ -332,7 +333,7 @@ impl RedisMatchmaker {
         conn: ConnId,
         last_seq: u64,
     ) -> Result<Option<Vec<Frame>>, MatchError> {
-        let conn = conn.0.to_string();
+        let conn = conn.to_string();
         let last = last_seq.to_string();
         let reply = self.call("since", user, &[&conn, &last]).await?;
         Ok(reply.resumed.then(|| frames(reply.replay)))
@@ -362,7 +363,7 @@ impl Matchmaker for RedisMatchmaker {
         conn: ConnId,
         resume: Option<Resume>,
     ) -> Result<Attached, MatchError> {
-        let conn = conn.0.to_string();
+        let conn = conn.to_string();
         let (token, last) = match &resume {
             Some(r) => (r.token.as_str(), r.last_seq.to_string()),
             None => ("", String::new()),
@@ -386,14 +387,14 @@ impl Matchmaker for RedisMatchmaker {
 
     async fn detach(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
         Ok(self
-            .call("detach", user, &[&conn.0.to_string()])
+            .call("detach", user, &[&conn.to_string()])
             .await?
             .outcome())
     }
 
     async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
         Ok(self
-            .call("expire", user, &[&conn.0.to_string()])
+            .call("expire", user, &[&conn.to_string()])
             .await?
             .outcome())
     }
