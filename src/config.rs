@@ -83,6 +83,11 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
+    /// Allow dev mode (no key configured) on an address other than loopback. Without it such
+    /// a start is refused: anyone who can reach the gateway could mint tokens for any user.
+    #[arg(long, env = "MATCHGATE_DEV")]
+    pub dev: bool,
+
     /// Lifetime of tokens from the dev-mode endpoint `POST /v1/dev/token`, in seconds.
     #[arg(long, env = "MATCHGATE_DEV_TOKEN_TTL_SECS", default_value_t = 3600)]
     pub dev_token_ttl_secs: u64,
@@ -135,7 +140,9 @@ pub struct Config {
     pub resume_grace_ms: u64,
 
     /// Events kept per user for replay after a resume.
-    #[arg(long, env = "MATCHGATE_HISTORY_LEN", default_value_t = 32)]
+    /// Keep it above the outbound queue, so that a slow consumer closed for a full queue gets
+    /// everything back by resuming.
+    #[arg(long, env = "MATCHGATE_HISTORY_LEN", default_value_t = 128)]
     pub history_len: usize,
 
     /// Whether the peer of a user who skips (or times out) is put back in the queue.
@@ -232,6 +239,13 @@ impl Config {
                     secret.len()
                 ));
             }
+        }
+        if self.dev_mode() && !self.listen.ip().is_loopback() && !self.dev {
+            return fail(format!(
+                "no MATCHGATE_JWT_SECRET or MATCHGATE_JWT_PUBLIC_KEY_FILE, and {} is not a loopback address: \
+                 configure a key, or set MATCHGATE_DEV=true to run the unauthenticated dev mode there",
+                self.listen
+            ));
         }
         if let Some(aud) = &self.jwt_audience {
             if aud.is_empty() {
@@ -393,6 +407,11 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("MAX_MESSAGE_BYTES"), "{e}");
+        let e = parse(&["--listen", "0.0.0.0:8080"]).validate().unwrap_err();
+        assert!(e.to_string().contains("MATCHGATE_DEV"), "{e}");
+        parse(&["--listen", "0.0.0.0:8080", "--dev"])
+            .validate()
+            .unwrap();
         let e = parse(&["--redis-url", "http://nope"])
             .validate()
             .unwrap_err();

@@ -233,7 +233,16 @@ impl Connection {
                         continue;
                     }
                     match parse_request(&text) {
-                        Ok(request) => self.gateway.handle(&self.user, self.id, request).await,
+                        Ok(request) => match self.gateway.handle(&self.user, self.id, request).await {
+                            Some((frame, true)) => {
+                                if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
+                                    return exit;
+                                }
+                                continue;
+                            }
+                            Some((frame, false)) => Some(frame),
+                            None => None,
+                        },
                         Err((e, reference)) => {
                             let frame = self.gateway.error_frame(e.code(), &e.to_string(), reference.as_deref(), None);
                             if let Some(exit) = self.send_error(ws, frame, &mut errors).await {

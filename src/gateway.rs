@@ -135,37 +135,39 @@ impl Gateway {
     }
 
     /// Handles one request and returns the direct reply frame, if the reply is not an event
-    /// (events travel through the bus).
+    /// (events travel through the bus), and whether it is an error the client caused.
     pub async fn handle(
         self: &Arc<Self>,
         user: &UserId,
         conn: ConnId,
         req: Request,
-    ) -> Option<Utf8Bytes> {
+    ) -> Option<(Utf8Bytes, bool)> {
         let reference = req.reference.as_deref();
         let result = match req.action {
             Action::Enqueue(prefs) => self.matchmaker.enqueue(user, prefs, reference).await,
             Action::Skip => self.matchmaker.skip(user, reference).await,
             Action::End => self.matchmaker.end(user, reference).await,
             Action::Heartbeat => {
-                return Some(
-                    Reply::HeartbeatAck {
-                        server_time_ms: unix_ms(),
-                        reference,
-                    }
-                    .encode(),
-                )
+                let ack = Reply::HeartbeatAck {
+                    server_time_ms: unix_ms(),
+                    reference,
+                };
+                return Some((ack.encode(), false));
             }
             Action::Status => {
                 return Some(match self.matchmaker.status(user).await {
-                    Ok(s) => Reply::Status {
-                        state: s.state,
-                        position: s.position,
-                        estimated_wait_ms: s.estimated_wait_ms,
-                        session_id: s.session_id.as_deref(),
-                        reference,
+                    Ok(s) => {
+                        let status = Reply::Status {
+                            state: s.state,
+                            position: s.position,
+                            estimated_wait_ms: s.estimated_wait_ms,
+                            session_id: s.session_id.as_deref(),
+                            peer: s.peer.as_deref(),
+                            role: s.role,
+                            reference,
+                        };
+                        (status.encode(), false)
                     }
-                    .encode(),
                     Err(e) => self.match_error(&e, reference),
                 })
             }
@@ -179,9 +181,12 @@ impl Gateway {
         }
     }
 
-    fn match_error(&self, e: &MatchError, reference: Option<&str>) -> Utf8Bytes {
+    /// The error frame for a failed operation, and whether the client caused it (and so
+    /// pays from its error budget): not when the backend is down or we have a bug.
+    fn match_error(&self, e: &MatchError, reference: Option<&str>) -> (Utf8Bytes, bool) {
         let retry = matches!(e, MatchError::Unavailable(_)).then_some(1_000);
-        self.error_frame(e.code(), &e.to_string(), reference, retry)
+        let frame = self.error_frame(e.code(), &e.to_string(), reference, retry);
+        (frame, matches!(e, MatchError::InvalidState(_)))
     }
 
     /// Builds an `error` frame and counts it.

@@ -397,6 +397,10 @@ pub enum Reply<'a> {
         estimated_wait_ms: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         session_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        peer: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<Role>,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
     },

@@ -76,8 +76,14 @@ async fn users_on_different_instances_match_skip_and_end(redis: Backend) {
     let servers = instances(&redis, 2, &[]).await;
     let mut a = servers[0].connect("alice").await;
     let mut b = servers[1].connect("bob").await;
-    let (m, _) = common::match_up(&mut a, &mut b).await;
+    let (m, mb) = common::match_up(&mut a, &mut b).await;
     let sid = m["session_id"].as_str().unwrap().to_string();
+    for (c, matched) in [(&mut a, &m), (&mut b, &mb)] {
+        let s = c.request(json!({"type": "status"}), "st").await;
+        assert_eq!(s["session_id"], matched["session_id"]);
+        assert_eq!(s["peer"], matched["peer"]);
+        assert_eq!(s["role"], matched["role"]);
+    }
 
     // skip across instances: both told, both re-queued (and they avoid each other).
     let ended = a.request(json!({"type": "skip"}), "s1").await;

@@ -445,6 +445,8 @@ impl State {
                 position: None,
                 estimated_wait_ms: None,
                 session_id: None,
+                peer: None,
+                role: None,
             },
             Activity::Queued(w) => {
                 let pool = &self.pools[&w.pool];
@@ -454,14 +456,29 @@ impl State {
                     position: Some(position),
                     estimated_wait_ms: self.estimate(pool, position),
                     session_id: None,
+                    peer: None,
+                    role: None,
                 }
             }
-            Activity::InSession { session_id, .. } => Status {
-                state: StateName::InSession,
-                position: None,
-                estimated_wait_ms: None,
-                session_id: Some(session_id.clone()),
-            },
+            Activity::InSession { session_id, .. } => {
+                // members[0] offers; each member's peer is the other one's handle.
+                let members = self.sessions.get(session_id).map(|s| &s.members);
+                let me = members.and_then(|m| m.iter().position(|x| &x.user == id));
+                Status {
+                    state: StateName::InSession,
+                    position: None,
+                    estimated_wait_ms: None,
+                    session_id: Some(session_id.clone()),
+                    peer: members.zip(me).map(|(m, i)| m[1 - i].handle.clone()),
+                    role: me.map(|i| {
+                        if i == 0 {
+                            Role::Offerer
+                        } else {
+                            Role::Answerer
+                        }
+                    }),
+                }
+            }
         })
     }
 }

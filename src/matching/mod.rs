@@ -70,6 +70,9 @@ pub struct Status {
     pub position: Option<u64>,
     pub estimated_wait_ms: Option<u64>,
     pub session_id: Option<std::sync::Arc<str>>,
+    /// In a session: the peer's handle and this user's role, as `matched` said them.
+    pub peer: Option<std::sync::Arc<str>>,
+    pub role: Option<crate::protocol::Role>,
 }
 
 /// Side effects of an operation that the gateway acts on beyond delivery: metrics, throttled

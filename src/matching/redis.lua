@@ -397,6 +397,12 @@ local function call(_keys, args)
       st.estimated_wait_ms = estimate(pk, st.position)
     elseif state == 'session' then
       st.session_id = sid
+      local u1, h1, h2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'h1', 'h2'))
+      if u1 == USER then
+        st.role, st.peer = 'offerer', h2
+      elseif u1 then
+        st.role, st.peer = 'answerer', h1
+      end
     end
     return result({ status = st })
   elseif OP == 'refresh' then

@@ -175,6 +175,8 @@ struct StatusReply {
     position: Option<u64>,
     estimated_wait_ms: Option<u64>,
     session_id: Option<Arc<str>>,
+    peer: Option<Arc<str>>,
+    role: Option<crate::protocol::Role>,
 }
 
 impl Reply {
@@ -440,6 +442,8 @@ impl Matchmaker for RedisMatchmaker {
             position: s.position,
             estimated_wait_ms: s.estimated_wait_ms,
             session_id: s.session_id,
+            peer: s.peer,
+            role: s.role,
         })
     }
 
