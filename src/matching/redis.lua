@@ -1,8 +1,10 @@
-#!lua name=matchgate
+#!lua name=matchgate_@VERSION@
 -- matchgate's matching engine in Redis, a function library: every operation is one call of
--- the function `matchgate` (FCALL), so each is atomic however many gateway instances race. It
--- mirrors matching/memory.rs rule for rule. A library rather than a script: its helpers are
--- created once at load, not on every call.
+-- the function `matchgate_<version>` (FCALL), so each is atomic however many gateway instances
+-- race. It mirrors matching/memory.rs rule for rule. A library rather than a script: its
+-- helpers are created once at load, not on every call. The gateway replaces @VERSION@ with a
+-- hash of this text, so that during a rolling upgrade old and new gateways each call their own
+-- version side by side.
 --
 -- KEYS[1]: any key with the deployment's hash tag (routes the call in Redis Cluster; every key
 --          below shares that tag, so a call touches one slot).
@@ -493,4 +495,4 @@ local function call(_keys, args)
   return fail('internal', 'unknown operation ' .. tostring(OP))
 end
 
-redis.register_function('matchgate', call)
+redis.register_function('matchgate_@VERSION@', call)

@@ -20,8 +20,25 @@ use crate::ids::random_id;
 use crate::metrics::Metrics;
 use crate::protocol::{EndReason, Prefs, StateName};
 
-/// The function library with every matching operation (`FCALL matchgate ...`).
+/// The function library with every matching operation, with `@VERSION@` for its version.
 const LIBRARY: &str = include_str!("redis.lua");
+
+/// The library text and its function's name, versioned by a hash of the text.
+struct Library {
+    code: String,
+    function: String,
+}
+
+impl Library {
+    fn new() -> Self {
+        let hash = redis::Script::new(LIBRARY).get_hash().to_string();
+        let version = &hash[..12];
+        Library {
+            code: LIBRARY.replace("@VERSION@", version),
+            function: format!("matchgate_{version}"),
+        }
+    }
+}
 
 /// How long one Redis call may take before the operation counts as unavailable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -76,9 +93,9 @@ impl Shared {
     }
 
     /// Loads (or replaces) the function library; on a cluster, on every primary.
-    async fn load_library(&mut self) -> redis::RedisResult<()> {
+    async fn load_library(&mut self, library: &Library) -> redis::RedisResult<()> {
         let mut load = redis::cmd("FUNCTION");
-        load.arg("LOAD").arg("REPLACE").arg(LIBRARY);
+        load.arg("LOAD").arg("REPLACE").arg(&library.code);
         match self {
             Shared::Single(c) => load.query_async::<()>(c).await,
             Shared::Cluster(c) => load.query_async::<()>(c).await,
@@ -98,6 +115,7 @@ enum Shared {
 pub struct RedisMatchmaker {
     pool: Pool,
     shared: std::sync::Mutex<Option<Shared>>,
+    library: Library,
     settings: RedisSettings,
     route_key: String,
     metrics: Arc<Metrics>,
@@ -225,6 +243,7 @@ impl RedisMatchmaker {
         Ok(RedisMatchmaker {
             pool,
             shared: std::sync::Mutex::new(None),
+            library: Library::new(),
             route_key: format!("{}:route", settings.layout.prefix),
             settings,
             metrics,
@@ -252,7 +271,7 @@ impl RedisMatchmaker {
         let s = &self.settings;
         let mut fcall = redis::cmd("FCALL");
         fcall
-            .arg("matchgate")
+            .arg(&self.library.function)
             .arg(1)
             .arg(&self.route_key)
             .arg(&s.layout.prefix)
@@ -274,7 +293,9 @@ impl RedisMatchmaker {
                 // A Redis that started empty (or a new cluster node) lacks the library: load it
                 // and try once more.
                 Err(e) if e.to_string().contains("Function not found") => {
-                    conn.load_library().await.map_err(unavailable)?;
+                    conn.load_library(&self.library)
+                        .await
+                        .map_err(unavailable)?;
                     conn.query(&fcall).await
                 }
                 other => other,
