@@ -184,6 +184,9 @@ impl Instance {
             };
             match self.redis.since(&user, handle.id(), last).await {
                 Ok(Some(frames)) => frames.into_iter().for_each(|f| handle.push(f)),
+                // Replaced elsewhere while the notice to close was lost: close as replaced,
+                // so that this (older) client does not come back and take over again.
+                Err(MatchError::Replaced) => handle.close(close::REPLACED),
                 // The log no longer covers the gap, or Redis is not back yet: the client
                 // resumes, which recovers whatever can be recovered.
                 Ok(None) | Err(_) => handle.close(close::RESYNC),

@@ -429,7 +429,8 @@ local function call(_keys, args)
     return result()
   elseif OP == 'since' then
     local c, seq = unpack(redis.call('HMGET', ukey(USER), 'conn', 'seq'))
-    if c ~= ARGV[10] then return result({ resumed = false }) end
+    -- Another connection took over meanwhile (its notice may have been lost with pub/sub).
+    if c ~= ARGV[10] then return fail('replaced', 'a newer connection of this user took over') end
     local ok, replay = events_since(USER, tonumber(seq), tonumber(ARGV[11]))
     return result({ resumed = ok, replay = replay })
   elseif OP == 'stats' then
