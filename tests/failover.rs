@@ -10,7 +10,6 @@ use common::process::GatewayProcess;
 use common::redis::{RedisCluster, RedisServer};
 use common::{http_get, Closed, TestServer, PATIENCE};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// Polls `check` until it holds (bounded by the harness' patience).
 async fn eventually<F, Fut>(what: &str, mut check: F)
@@ -169,20 +168,9 @@ async fn redis_outage_gives_clear_errors_and_recovers_without_a_restart() {
     })
     .await;
     // A client that connects meanwhile is told to come back later, not left hanging.
-    let mut request = server.ws_url().into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", common::token("newcomer"))
-            .parse()
-            .unwrap(),
-    );
+    let request = common::ws_request(&server.ws_url(), "newcomer", "");
     let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    let mut newcomer = common::Client {
-        ws,
-        user: "newcomer".into(),
-        seen: Vec::new(),
-        welcome: serde_json::Value::Null,
-    };
+    let mut newcomer = common::Client::new(ws, "newcomer");
     let e = newcomer.expect("error").await;
     assert_eq!(e["code"], "unavailable");
     match newcomer.closed().await {

@@ -16,11 +16,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{metric_value, token, Client, Closed, TestServer, PATIENCE};
+use common::{metric_value, Client, Closed, TestServer, PATIENCE};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
@@ -611,11 +610,7 @@ async fn shutdown_asks_every_client_to_reconnect_then_closes_with_1001() {
     }
 
     // Draining: a new handshake must not succeed (refused with 503, or the port is closed).
-    let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token("late")).parse().unwrap(),
-    );
+    let request = common::ws_request(&url, "late", "");
     match tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
         .await
         .expect("the handshake attempt ends")
@@ -696,11 +691,7 @@ async fn health_readiness_and_metrics() {
 /// Connects `user` over a socket whose receive buffer is shrunk before the handshake, so that
 /// the server's writes back up quickly once the client stops reading.
 async fn connect_small_receive_buffer(server: &TestServer, user: &str) -> Client {
-    let mut request = server.ws_url().into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token(user)).parse().unwrap(),
-    );
+    let request = common::ws_request(&server.ws_url(), user, "");
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     clamp_mss(&socket);
@@ -708,14 +699,7 @@ async fn connect_small_receive_buffer(server: &TestServer, user: &str) -> Client
     let (ws, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
         .await
         .expect("handshake succeeds");
-    let mut client = Client {
-        ws,
-        user: user.to_string(),
-        seen: Vec::new(),
-        welcome: Value::Null,
-    };
-    client.welcome = client.expect("welcome").await;
-    client
+    Client::new(ws, user).welcomed().await
 }
 
 /// Advertises a small MSS in the SYN (Linux). The server's kernel sizes the socket's initial

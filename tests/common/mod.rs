@@ -141,9 +141,9 @@ impl Drop for TestServer {
     }
 }
 
-/// Opens a WebSocket to `ws_url` as `user` (a fresh token in the `Authorization` header), with
-/// extra query parameters, and reads the `welcome`.
-pub async fn connect_to(ws_url: &str, user: &str, query: &str) -> Client {
+/// The handshake request for `ws_url` as `user` (a fresh token in the `Authorization` header),
+/// with extra query parameters.
+pub fn ws_request(ws_url: &str, user: &str, query: &str) -> http::Request<()> {
     let url = if query.is_empty() {
         ws_url.to_string()
     } else {
@@ -154,17 +154,16 @@ pub async fn connect_to(ws_url: &str, user: &str, query: &str) -> Client {
         "authorization",
         format!("Bearer {}", token(user)).parse().unwrap(),
     );
-    let (ws, _) = tokio_tungstenite::connect_async(request)
+    request
+}
+
+/// Opens a WebSocket to `ws_url` as `user`, with extra query parameters, and reads the
+/// `welcome`.
+pub async fn connect_to(ws_url: &str, user: &str, query: &str) -> Client {
+    let (ws, _) = tokio_tungstenite::connect_async(ws_request(ws_url, user, query))
         .await
         .unwrap_or_else(|e| panic!("handshake to {ws_url} fails: {e}"));
-    let mut client = Client {
-        ws,
-        user: user.to_string(),
-        seen: Vec::new(),
-        welcome: Value::Null,
-    };
-    client.welcome = client.expect("welcome").await;
-    client
+    Client::new(ws, user).welcomed().await
 }
 
 /// `a` then `b` enqueue with no prefs and are matched with each other (so `a` offers); returns
@@ -261,6 +260,22 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client over an open WebSocket whose `welcome` has not been read yet.
+    pub fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>, user: &str) -> Client {
+        Client {
+            ws,
+            user: user.to_string(),
+            seen: Vec::new(),
+            welcome: Value::Null,
+        }
+    }
+
+    /// Reads the `welcome` and keeps it.
+    pub async fn welcomed(mut self) -> Client {
+        self.welcome = self.expect("welcome").await;
+        self
+    }
+
     pub async fn send(&mut self, frame: Value) {
         self.ws
             .send(Message::text(frame.to_string()))
