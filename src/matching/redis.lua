@@ -70,7 +70,8 @@ local function emit(u, ev)
   local text = cjson.encode(ev)
   if seq > 0 then
     local lk = P .. ':log:' .. u
-    if redis.call('RPUSH', lk, seq .. ' ' .. NOW .. ' ' .. text) > HISTORY_LEN then
+    -- Trimmed in batches: the log may briefly hold a few more than HISTORY_LEN entries.
+    if redis.call('RPUSH', lk, seq .. ' ' .. NOW .. ' ' .. text) > HISTORY_LEN + 16 then
       redis.call('LTRIM', lk, -HISTORY_LEN, -1)
     end
     redis.call('PEXPIRE', lk, HISTORY_TTL)
@@ -120,8 +121,8 @@ local function take_waiting(u)
   local state, pk, since, ticket = unpack(redis.call('HMGET', h, 'state', 'pool', 'since', 'ticket'))
   if state ~= 'queued' then return nil end
   redis.call('ZREM', zkey(pk), u)
+  -- Only the state changes: the queue fields are read only while the state is `queued`.
   redis.call('HSET', h, 'state', 'idle')
-  redis.call('HDEL', h, 'ticket', 'since', 'told_pos', 'told_est')
   redis.call('HINCRBY', P .. ':stat', 'queued', -1)
   return { pk = pk, since = tonumber(since), ticket = tonumber(ticket) }
 end
@@ -151,8 +152,8 @@ local function start_session(pk, a, b)
   end
   redis.call('HSET', P .. ':waits', pk, pool_wait, '*', all_wait)
   for _, u in ipairs({ first, second }) do
-    redis.call('HSET', ukey(u), 'state', 'session', 'sid', sid)
-    redis.call('HDEL', ukey(u), 'avoid')
+    -- Matched with someone: nobody is avoided any more (user ids are never empty).
+    redis.call('HSET', ukey(u), 'state', 'session', 'sid', sid, 'avoid', '')
   end
   redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs)
   redis.call('HINCRBY', P .. ':stat', 'sessions', 1)
@@ -205,7 +206,6 @@ local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue
     local h = ukey(x[1])
     if redis.call('HGET', h, 'state') == 'session' then
       redis.call('HSET', h, 'state', 'idle')
-      redis.call('HDEL', h, 'sid')
       if x[3] then table.insert(requeue, x[1]) end
     end
     emit(x[1], { type = 'session_ended', session_id = sid, reason = x[2], requeued = x[3] })
