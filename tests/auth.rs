@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-/// A fixed P-256 key pair made for these tests only (`tests/fixtures/`); it protects nothing.
+/// Fixed key pairs (P-256 and RSA-2048) made for these tests only (`tests/fixtures/`); they
+/// protect nothing.
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -30,6 +31,16 @@ fn sign_es256(claims: Value) -> String {
         &Header::new(Algorithm::ES256),
         &claims,
         &EncodingKey::from_ec_pem(&pem).unwrap(),
+    )
+    .unwrap()
+}
+
+fn sign_rs256(claims: Value) -> String {
+    let pem = std::fs::read(fixture("rs256-private.pem")).unwrap();
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &claims,
+        &EncodingKey::from_rsa_pem(&pem).unwrap(),
     )
     .unwrap()
 }
@@ -255,6 +266,52 @@ async fn es256_public_key_accepts_only_es256_tokens() {
         URL_SAFE_NO_PAD.encode(json!({"sub": "admin", "exp": now_secs() + 3600}).to_string());
     expect_unauthorized(&server, &parts.join(".")).await;
     assert_eq!(refused_count(&server, "unauthorized").await, 5.0);
+}
+
+#[tokio::test]
+async fn rs256_public_key_accepts_only_rs256_tokens() {
+    let public = fixture("rs256-public.pem");
+    // RS256 is the default algorithm for a key file.
+    let server = TestServer::start_raw(&["--jwt-public-key-file", public.to_str().unwrap()]).await;
+    let good = sign_rs256(json!({"sub": "rsa-user", "exp": now_secs() + 3600}));
+    let client = connect_bearer(&server, &good).await;
+    assert_eq!(client.welcome["user_id"], "rsa-user");
+    let public_text = std::fs::read_to_string(&public).unwrap();
+    let confused = sign(
+        json!({"sub": "attacker", "exp": now_secs() + 3600}),
+        &public_text,
+    );
+    expect_unauthorized(&server, &confused).await;
+    // An ES256 token: right shape, wrong algorithm for this deployment.
+    let es = sign_es256(json!({"sub": "attacker", "exp": now_secs() + 3600}));
+    expect_unauthorized(&server, &es).await;
+    expect_unauthorized(&server, &unsigned_token("attacker")).await;
+    assert_eq!(refused_count(&server, "unauthorized").await, 3.0);
+}
+
+#[tokio::test]
+async fn a_bad_key_file_stops_the_start_with_a_clear_message() {
+    let missing = matchgate::Server::bind(<matchgate::Config as clap::Parser>::parse_from([
+        "matchgate",
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-public-key-file",
+        "/nonexistent/key.pem",
+    ]))
+    .await;
+    let e = missing.err().expect("refused").to_string();
+    assert!(e.contains("/nonexistent/key.pem"), "{e}");
+    // An EC key where RSA is expected.
+    let wrong = matchgate::Server::bind(<matchgate::Config as clap::Parser>::parse_from([
+        "matchgate",
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-public-key-file",
+        fixture("es256-public.pem").to_str().unwrap(),
+    ]))
+    .await;
+    let e = wrong.err().expect("refused").to_string();
+    assert!(e.contains("RS256"), "{e}");
 }
 
 #[tokio::test]
