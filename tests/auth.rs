@@ -45,6 +45,16 @@ fn sign_rs256(claims: Value) -> String {
     .unwrap()
 }
 
+/// Algorithm confusion: an HS256 token "signed" with the public key file's text as the shared
+/// secret, which a verifier that lets the token pick the algorithm would accept.
+fn confused_token(public_key: &std::path::Path) -> String {
+    let public_text = std::fs::read_to_string(public_key).unwrap();
+    sign(
+        json!({"sub": "attacker", "exp": now_secs() + 3600}),
+        &public_text,
+    )
+}
+
 /// A hand-built `alg: none` token: header, payload, empty signature.
 fn unsigned_token(sub: &str) -> String {
     let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
@@ -246,13 +256,7 @@ async fn es256_public_key_accepts_only_es256_tokens() {
     let client = connect_bearer(&server, &good).await;
     assert_eq!(client.welcome["user_id"], "ec-user");
 
-    // Algorithm confusion: HS256 "signed" with the public key text as the shared secret.
-    let public_text = std::fs::read_to_string(&public).unwrap();
-    let confused = sign(
-        json!({"sub": "attacker", "exp": now_secs() + 3600}),
-        &public_text,
-    );
-    expect_unauthorized(&server, &confused).await;
+    expect_unauthorized(&server, &confused_token(&public)).await;
     // Any HS256 token, e.g. one with the usual test secret.
     expect_unauthorized(&server, &token("attacker")).await;
     // alg none.
@@ -276,12 +280,7 @@ async fn rs256_public_key_accepts_only_rs256_tokens() {
     let good = sign_rs256(json!({"sub": "rsa-user", "exp": now_secs() + 3600}));
     let client = connect_bearer(&server, &good).await;
     assert_eq!(client.welcome["user_id"], "rsa-user");
-    let public_text = std::fs::read_to_string(&public).unwrap();
-    let confused = sign(
-        json!({"sub": "attacker", "exp": now_secs() + 3600}),
-        &public_text,
-    );
-    expect_unauthorized(&server, &confused).await;
+    expect_unauthorized(&server, &confused_token(&public)).await;
     // An ES256 token: right shape, wrong algorithm for this deployment.
     let es = sign_es256(json!({"sub": "attacker", "exp": now_secs() + 3600}));
     expect_unauthorized(&server, &es).await;

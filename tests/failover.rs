@@ -61,6 +61,21 @@ async fn gateway(backend: &[String], id: &str) -> GatewayProcess {
     g
 }
 
+/// An in-process instance `id` on `redis`, with a short heartbeat and extra flags.
+async fn in_process(redis: &RedisServer, id: &str, extra: &[&str]) -> TestServer {
+    let url = redis.url();
+    let mut args = vec![
+        "--redis-url",
+        &url,
+        "--instance-id",
+        id,
+        "--instance-heartbeat-ms",
+        "100",
+    ];
+    args.extend_from_slice(extra);
+    TestServer::start(&args).await
+}
+
 #[tokio::test]
 async fn a_killed_instance_is_cleaned_up_by_exactly_one_survivor() {
     let redis = RedisServer::start().await;
@@ -142,14 +157,7 @@ async fn killed_instance(backend: &[String]) {
 #[tokio::test]
 async fn redis_outage_gives_clear_errors_and_recovers_without_a_restart() {
     let mut redis = RedisServer::start().await;
-    let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--instance-heartbeat-ms",
-        "100",
-    ];
-    let server = TestServer::start(&args).await;
+    let server = in_process(&redis, "solo", &[]).await;
     let mut a = server.connect("a").await;
     let mut b = server.connect("b").await;
     common::match_up(&mut a, &mut b).await;
@@ -196,13 +204,7 @@ async fn redis_outage_gives_clear_errors_and_recovers_without_a_restart() {
     let mut a = server.connect("a").await;
     let mut b = server.connect("b").await;
     assert_eq!(a.welcome["state"], "idle");
-    a.send(json!({"type": "enqueue"})).await;
-    a.expect("queued").await;
-    b.send(json!({"type": "enqueue"})).await;
-    b.expect("queued").await;
-    let ma = a.expect("matched").await;
-    let mb = b.expect("matched").await;
-    assert_eq!(ma["session_id"], mb["session_id"]);
+    common::match_up(&mut a, &mut b).await;
     assert!(server.metric("matchgate_redis_errors_total").await >= 1.0);
 }
 
@@ -210,22 +212,8 @@ async fn redis_outage_gives_clear_errors_and_recovers_without_a_restart() {
 async fn a_cut_subscription_is_restored_and_nothing_is_lost() {
     let redis = RedisServer::start().await;
     let url = redis.url();
-    let make = |id: &'static str| {
-        let url = url.clone();
-        async move {
-            TestServer::start(&[
-                "--redis-url",
-                &url,
-                "--instance-id",
-                id,
-                "--instance-heartbeat-ms",
-                "100",
-            ])
-            .await
-        }
-    };
-    let s0 = make("a").await;
-    let s1 = make("b").await;
+    let s0 = in_process(&redis, "a", &[]).await;
+    let s1 = in_process(&redis, "b", &[]).await;
     let mut a = s0.connect("alice").await;
     let mut b = s1.connect("bob").await;
     a.send(json!({"type": "enqueue"})).await;
@@ -271,26 +259,17 @@ async fn a_cut_subscription_is_restored_and_nothing_is_lost() {
 #[tokio::test]
 async fn redis_restarting_under_load_costs_no_crash_and_no_stuck_client() {
     let mut redis = RedisServer::start().await;
-    let url = redis.url();
     let mut servers = Vec::new();
     for id in ["x", "y"] {
-        servers.push(
-            TestServer::start(&[
-                "--redis-url",
-                &url,
-                "--instance-id",
-                id,
-                "--instance-heartbeat-ms",
-                "100",
-                "--rate-limit-burst",
-                "100000",
-                "--rate-limit-per-minute",
-                "6000000",
-                "--error-budget",
-                "100000",
-            ])
-            .await,
-        );
+        let unlimited = [
+            "--rate-limit-burst",
+            "100000",
+            "--rate-limit-per-minute",
+            "6000000",
+            "--error-budget",
+            "100000",
+        ];
+        servers.push(in_process(&redis, id, &unlimited).await);
     }
     const USERS: usize = 60;
     let mut tasks = Vec::new();
@@ -368,14 +347,7 @@ async fn redis_restarting_under_load_costs_no_crash_and_no_stuck_client() {
     }
     let mut a = servers[0].connect("load0").await;
     let mut b = servers[1].connect("load1").await;
-    a.send(json!({"type": "enqueue"})).await;
-    a.expect("queued").await;
-    b.send(json!({"type": "enqueue"})).await;
-    b.expect("queued").await;
-    assert_eq!(
-        a.expect("matched").await["session_id"],
-        b.expect("matched").await["session_id"]
-    );
+    common::match_up(&mut a, &mut b).await;
 }
 
 fn signal(process: &GatewayProcess, sig: &str) {

@@ -313,6 +313,14 @@ impl State {
         Some(waiting)
     }
 
+    /// Takes a waiting user out of the queue and tells them why.
+    fn dequeue(&mut self, step: &mut Step<'_>, id: &UserId, reason: DequeueReason) {
+        if let Some(w) = self.take_waiting(id) {
+            self.emit(step, id, Event::Dequeued { reason });
+            self.pool_changed(step, &w.pool);
+        }
+    }
+
     /// Drops a pool that nobody waits in any more, or reports that its positions changed.
     fn pool_changed(&mut self, step: &mut Step<'_>, key: &Arc<str>) {
         match self.pools.get(key) {
@@ -595,16 +603,7 @@ impl Matchmaker for MemoryMatchmaker {
                     state.users.remove(user);
                 }
                 Activity::Queued(_) => {
-                    if let Some(w) = state.take_waiting(user) {
-                        state.emit(
-                            step,
-                            user,
-                            Event::Dequeued {
-                                reason: DequeueReason::Timeout,
-                            },
-                        );
-                        state.pool_changed(step, &w.pool);
-                    }
+                    state.dequeue(step, user, DequeueReason::Timeout);
                     step.outcome.held = true;
                 }
                 Activity::InSession { .. } => {
@@ -672,16 +671,7 @@ impl Matchmaker for MemoryMatchmaker {
                     "not queued or in a session".into(),
                 )),
                 Activity::Queued(_) => {
-                    if let Some(w) = state.take_waiting(user) {
-                        state.emit(
-                            step,
-                            user,
-                            Event::Dequeued {
-                                reason: DequeueReason::End,
-                            },
-                        );
-                        state.pool_changed(step, &w.pool);
-                    }
+                    state.dequeue(step, user, DequeueReason::End);
                     Ok(())
                 }
                 Activity::InSession { .. } => state.end_session(

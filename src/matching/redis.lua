@@ -127,6 +127,13 @@ local function take_waiting(u)
   return { pk = pk, since = tonumber(since), ticket = tonumber(ticket) }
 end
 
+-- Takes a waiting user out of the queue and tells them why.
+local function dequeue(u, reason)
+  local w = take_waiting(u)
+  emit(u, { type = 'dequeued', reason = reason })
+  pool_changed(w.pk)
+end
+
 local function session_of(u)
   local state, sid = unpack(redis.call('HMGET', ukey(u), 'state', 'sid'))
   if state ~= 'session' then return nil end
@@ -247,9 +254,7 @@ local function expire(u, conn)
   local c, a, state = unpack(redis.call('HMGET', h, 'conn', 'away', 'state'))
   if c ~= conn or a ~= '1' then return end
   if state == 'queued' then
-    local w = take_waiting(u)
-    emit(u, { type = 'dequeued', reason = 'timeout' })
-    pool_changed(w.pk)
+    dequeue(u, 'timeout')
   elseif state == 'session' and session_of(u) then
     end_session(u, 'timeout', false, 'peer_disconnected', REQUEUE_PEER)
   else
@@ -381,9 +386,7 @@ local function call(_keys, args)
     set_ref(ARGV[10])
     local state = with_user(true)
     if state == 'queued' then
-      local w = take_waiting(USER)
-      emit(USER, { type = 'dequeued', reason = 'end' })
-      pool_changed(w.pk)
+      dequeue(USER, 'end')
     elseif state == 'session' and session_of(USER) then
       end_session(USER, 'end', false, 'peer_ended', false)
     else

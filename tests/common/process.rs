@@ -186,15 +186,9 @@ impl GatewayProcess {
     pub fn wait(&mut self) -> ExitStatus {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if let Some(status) = self.try_status() {
+            if let Some(status) = self.exited_by(deadline) {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "matchgate (pid {}) did not exit within {PATIENCE:?}; output:\n{}",
-                self.child.id(),
-                self.logs()
-            );
             std::thread::sleep(POLL);
         }
     }
@@ -203,17 +197,23 @@ impl GatewayProcess {
     pub async fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if let Some(status) = self.try_status() {
+            if let Some(status) = self.exited_by(deadline) {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "matchgate (pid {}) did not exit within {PATIENCE:?}; output:\n{}",
-                self.child.id(),
-                self.logs()
-            );
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// The exit status if the process has exited; panics with the logs once `deadline` passed.
+    fn exited_by(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        let status = self.try_status();
+        assert!(
+            status.is_some() || Instant::now() < deadline,
+            "matchgate (pid {}) did not exit within {PATIENCE:?}; output:\n{}",
+            self.child.id(),
+            self.logs()
+        );
+        status
     }
 
     /// Connects `user` with a fresh token and reads the `welcome`.
