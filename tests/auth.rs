@@ -25,24 +25,23 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Signs with a fixture private key: ES256 or RS256.
+fn sign_with_fixture(algorithm: Algorithm, claims: Value) -> String {
+    let (file, key): (_, fn(&[u8]) -> _) = match algorithm {
+        Algorithm::ES256 => ("es256-private.pem", EncodingKey::from_ec_pem),
+        Algorithm::RS256 => ("rs256-private.pem", EncodingKey::from_rsa_pem),
+        other => panic!("no fixture key for {other:?}"),
+    };
+    let pem = std::fs::read(fixture(file)).unwrap();
+    jsonwebtoken::encode(&Header::new(algorithm), &claims, &key(&pem).unwrap()).unwrap()
+}
+
 fn sign_es256(claims: Value) -> String {
-    let pem = std::fs::read(fixture("es256-private.pem")).unwrap();
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::ES256),
-        &claims,
-        &EncodingKey::from_ec_pem(&pem).unwrap(),
-    )
-    .unwrap()
+    sign_with_fixture(Algorithm::ES256, claims)
 }
 
 fn sign_rs256(claims: Value) -> String {
-    let pem = std::fs::read(fixture("rs256-private.pem")).unwrap();
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::RS256),
-        &claims,
-        &EncodingKey::from_rsa_pem(&pem).unwrap(),
-    )
-    .unwrap()
+    sign_with_fixture(Algorithm::RS256, claims)
 }
 
 /// Algorithm confusion: an HS256 token "signed" with the public key file's text as the shared
