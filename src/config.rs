@@ -217,6 +217,82 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_INSTANCE_HEARTBEAT_MS", default_value_t = 2_000)]
     pub instance_heartbeat_ms: u64,
 
+    /// LiveKit URL that clients connect to (`wss://...`). With it, plus the API key and secret,
+    /// media mode is `livekit`: every match gets a room and a join token per user.
+    #[arg(long, env = "MATCHGATE_LIVEKIT_URL")]
+    pub livekit_url: Option<String>,
+
+    /// LiveKit API (RoomService) base URL. Default: the client URL over http(s).
+    #[arg(long, env = "MATCHGATE_LIVEKIT_API_URL")]
+    pub livekit_api_url: Option<String>,
+
+    /// LiveKit API key: signs RoomService calls and join tokens, checks webhooks.
+    #[arg(long, env = "MATCHGATE_LIVEKIT_API_KEY")]
+    pub livekit_api_key: Option<String>,
+
+    /// LiveKit API secret.
+    #[arg(long, env = "MATCHGATE_LIVEKIT_API_SECRET", hide_env_values = true)]
+    pub livekit_api_secret: Option<String>,
+
+    /// Prefix of room names; a room is `<prefix><session id>`. The sweep only ever deletes
+    /// rooms with this prefix.
+    #[arg(long, env = "MATCHGATE_LIVEKIT_ROOM_PREFIX", default_value = "mg_")]
+    pub livekit_room_prefix: String,
+
+    /// Seconds LiveKit keeps a room nobody joined.
+    #[arg(long, env = "MATCHGATE_LIVEKIT_EMPTY_TIMEOUT_S", default_value_t = 30)]
+    pub livekit_empty_timeout_s: u32,
+
+    /// Seconds LiveKit keeps a room after the last participant left.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_DEPARTURE_TIMEOUT_S",
+        default_value_t = 10
+    )]
+    pub livekit_departure_timeout_s: u32,
+
+    /// Participants a room admits.
+    #[arg(long, env = "MATCHGATE_LIVEKIT_MAX_PARTICIPANTS", default_value_t = 2)]
+    pub livekit_max_participants: u32,
+
+    /// Lifetime of a join token, in seconds (the time a client has to join the room).
+    #[arg(long, env = "MATCHGATE_LIVEKIT_TOKEN_TTL_S", default_value_t = 600)]
+    pub livekit_token_ttl_s: u64,
+
+    /// Timeout of one RoomService request, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_REQUEST_TIMEOUT_MS",
+        default_value_t = 2_000
+    )]
+    pub livekit_request_timeout_ms: u64,
+
+    /// How long room creation is retried (with backoff) before both users get
+    /// `media_unavailable` and go back to the head of the queue, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_CREATE_DEADLINE_MS",
+        default_value_t = 8_000
+    )]
+    pub livekit_create_deadline_ms: u64,
+
+    /// How often one instance compares LiveKit's rooms with the live sessions and cleans up
+    /// both sides, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_SWEEP_INTERVAL_MS",
+        default_value_t = 60_000
+    )]
+    pub livekit_sweep_interval_ms: u64,
+
+    /// How long webhook event ids are remembered to drop duplicates, in seconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_WEBHOOK_DEDUPE_S",
+        default_value_t = 600
+    )]
+    pub livekit_webhook_dedupe_s: u64,
+
     /// Instead of serving: probe `GET /healthz` of the gateway at `--listen` and exit 0 when it
     /// answers 200 (for container health checks in images without curl).
     #[arg(long)]
@@ -332,6 +408,7 @@ impl Config {
                     .into(),
             );
         }
+        self.validate_livekit()?;
         for origin in &self.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))
                 || origin.ends_with('/')
@@ -342,6 +419,100 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_livekit(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        let (url, key, secret) = (
+            &self.livekit_url,
+            &self.livekit_api_key,
+            &self.livekit_api_secret,
+        );
+        if url.is_none() {
+            if key.is_some() || secret.is_some() || self.livekit_api_url.is_some() {
+                return fail("MATCHGATE_LIVEKIT_API_* are set but MATCHGATE_LIVEKIT_URL is not: set it to turn media on".into());
+            }
+            return Ok(());
+        }
+        if key.as_deref().is_none_or(str::is_empty) || secret.as_deref().is_none_or(str::is_empty) {
+            return fail(
+                "MATCHGATE_LIVEKIT_URL needs MATCHGATE_LIVEKIT_API_KEY and MATCHGATE_LIVEKIT_API_SECRET"
+                    .into(),
+            );
+        }
+        let schemes = ["ws://", "wss://", "http://", "https://"];
+        if !url
+            .as_deref()
+            .is_some_and(|u| schemes.iter().any(|s| u.starts_with(s)))
+        {
+            return fail(format!(
+                "MATCHGATE_LIVEKIT_URL must start with wss:// (or ws://, https://, http://), got {url:?}"
+            ));
+        }
+        if let Some(api) = &self.livekit_api_url {
+            if !(api.starts_with("http://") || api.starts_with("https://")) {
+                return fail(format!(
+                    "MATCHGATE_LIVEKIT_API_URL must start with https:// or http://, got {api:?}"
+                ));
+            }
+        }
+        let prefix_ok = !self.livekit_room_prefix.is_empty()
+            && self.livekit_room_prefix.len() <= 32
+            && self
+                .livekit_room_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !prefix_ok {
+            return fail(format!(
+                "MATCHGATE_LIVEKIT_ROOM_PREFIX must be 1 to 32 of A-Z a-z 0-9 _ - (got {:?})",
+                self.livekit_room_prefix
+            ));
+        }
+        if self.livekit_max_participants < 2 {
+            return fail("MATCHGATE_LIVEKIT_MAX_PARTICIPANTS must be at least 2".into());
+        }
+        if self.livekit_token_ttl_s == 0
+            || self.livekit_request_timeout_ms == 0
+            || self.livekit_create_deadline_ms == 0
+            || self.livekit_sweep_interval_ms < 100
+            || self.livekit_webhook_dedupe_s == 0
+        {
+            return fail(
+                "MATCHGATE_LIVEKIT_TOKEN_TTL_S, _REQUEST_TIMEOUT_MS, _CREATE_DEADLINE_MS and \
+                 _WEBHOOK_DEDUPE_S must be at least 1, _SWEEP_INTERVAL_MS at least 100"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The RoomService base URL: as configured, or the client URL over http(s).
+    pub fn livekit_api_base(&self) -> Option<String> {
+        if let Some(api) = &self.livekit_api_url {
+            return Some(api.clone());
+        }
+        let url = self.livekit_url.as_ref()?;
+        Some(if let Some(rest) = url.strip_prefix("wss://") {
+            format!("https://{rest}")
+        } else if let Some(rest) = url.strip_prefix("ws://") {
+            format!("http://{rest}")
+        } else {
+            url.clone()
+        })
+    }
+
+    /// Whether matches get LiveKit rooms.
+    pub fn media(&self) -> bool {
+        self.livekit_url.is_some()
+    }
+
+    /// How long a matched pair may wait for its room before the match is undone by the
+    /// backend itself (beyond the creation deadline: the instance creating it may have died).
+    pub fn media_pending(&self) -> Option<Duration> {
+        self.media().then(|| {
+            Duration::from_millis(self.livekit_create_deadline_ms + self.livekit_request_timeout_ms)
+                + self.resume_grace()
+        })
     }
 
     pub fn heartbeat_interval(&self) -> Duration {

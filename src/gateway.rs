@@ -5,7 +5,9 @@
 //! parsed requests; it never touches a socket. Frames reach sockets through the
 //! [`Bus`](crate::bus::Bus) and the [`Registry`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+mod media;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use dashmap::DashMap;
 use crate::bus::local::LocalBus;
 use crate::config::Config;
 use crate::ids::unix_ms;
+use crate::livekit::LiveKit;
 use crate::matching::memory::{MemoryMatchmaker, Policy};
 use crate::matching::{Attached, ConnId, MatchError, Matchmaker, Outcome, Resume, UserId};
 use crate::metrics::Metrics;
@@ -32,6 +35,8 @@ pub struct Gateway {
     draining: AtomicBool,
     /// False while a scale-out instance has no pub/sub subscription yet.
     subscribed: AtomicBool,
+    /// Media mode: LiveKit rooms for sessions.
+    media: Option<media::Rooms>,
 }
 
 impl Gateway {
@@ -45,6 +50,7 @@ impl Gateway {
                 requeue_peer_on_skip: config.requeue_peer_on_skip,
                 history_len: config.history_len,
                 history_ttl: config.history_ttl(),
+                media: config.media(),
             },
         ));
         Self::new(config, matchmaker, registry, Arc::new(Metrics::new()))
@@ -60,12 +66,22 @@ impl Gateway {
         Arc::new(Gateway {
             matchmaker,
             registry,
-            metrics,
             resume_grace: config.resume_grace(),
             queue_update_interval: Duration::from_millis(config.queue_update_interval_ms),
             refresh_pending: DashMap::new(),
             draining: AtomicBool::new(false),
             subscribed: AtomicBool::new(true),
+            media: LiveKit::from_config(config, metrics.clone()).map(|livekit| media::Rooms {
+                livekit,
+                create_deadline: Duration::from_millis(config.livekit_create_deadline_ms),
+                orphan_age: config.media_pending().unwrap_or_default(),
+                webhook_dedupe: Duration::from_secs(config.livekit_webhook_dedupe_s),
+                sweep_interval: Duration::from_millis(config.livekit_sweep_interval_ms),
+                creating: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_CREATES)),
+                deleting: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_DELETES)),
+                queued_deletes: Arc::new(AtomicUsize::new(0)),
+            }),
+            metrics,
         })
     }
 
@@ -85,6 +101,11 @@ impl Gateway {
 
     pub fn set_subscribed(&self, subscribed: bool) {
         self.subscribed.store(subscribed, Ordering::Release);
+    }
+
+    /// Whether matches get media rooms.
+    pub fn media_mode(&self) -> bool {
+        self.media.is_some()
     }
 
     pub fn start_draining(&self) {
@@ -210,13 +231,11 @@ impl Gateway {
     /// Acts on what a background operation (not tied to one connection) reported.
     pub fn apply_outcome(self: &Arc<Self>, outcome: Outcome) {
         debug_assert!(!outcome.held, "held states need a user and a connection");
-        self.record(&outcome);
-        for pool in outcome.changed_pools {
-            self.schedule_refresh(pool);
-        }
+        self.effects(outcome);
     }
 
-    fn record(&self, outcome: &Outcome) {
+    /// What every outcome entails: metrics, queue updates, and rooms to set up or remove.
+    fn effects(self: &Arc<Self>, outcome: Outcome) {
         for waited in &outcome.waits {
             self.metrics.matched_after(*waited);
         }
@@ -226,17 +245,23 @@ impl Gateway {
         for reason in &outcome.ended {
             self.metrics.session_ended(*reason);
         }
+        for pool in outcome.changed_pools {
+            self.schedule_refresh(pool);
+        }
+        for pending in outcome.pending {
+            self.set_up_room(pending);
+        }
+        for session in outcome.ended_sessions {
+            self.remove_room(&session);
+        }
     }
 
     /// Acts on what an operation reported.
     fn apply(self: &Arc<Self>, user: &UserId, conn: ConnId, outcome: Outcome) {
-        self.record(&outcome);
-        for pool in outcome.changed_pools {
-            self.schedule_refresh(pool);
-        }
         if outcome.held {
             self.schedule_expiry(user.clone(), conn);
         }
+        self.effects(outcome);
     }
 
     /// Queue updates are throttled per pool: the first change arms one timer, later changes

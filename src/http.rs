@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Query, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -43,7 +43,28 @@ pub fn router(app: Arc<App>) -> Router {
     if app.auth.mint_dev_token("probe").is_some() {
         router = router.route("/v1/dev/token", post(dev_token));
     }
+    if app.gateway.media_mode() {
+        router = router.route(
+            "/v1/livekit/webhook",
+            post(livekit_webhook).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
+        );
+    }
     router.with_state(app)
+}
+
+/// LiveKit's webhook bodies are a few KiB at most.
+const MAX_WEBHOOK_BYTES: usize = 64 * 1024;
+
+/// LiveKit signs the exact body bytes, so they are passed on untouched.
+async fn livekit_webhook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(body) = std::str::from_utf8(&body) else {
+        return (StatusCode::BAD_REQUEST, "body is not UTF-8\n").into_response();
+    };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let (status, text) = app.gateway.livekit_webhook(body, authorization).await;
+    (status, format!("{text}\n")).into_response()
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {

@@ -19,6 +19,7 @@ pub mod connection;
 pub mod gateway;
 pub mod http;
 pub mod ids;
+pub mod livekit;
 pub mod matching;
 pub mod metrics;
 pub mod protocol;

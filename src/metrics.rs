@@ -15,7 +15,9 @@ use prometheus_client::registry::Registry;
 use crate::matching::Stats;
 use crate::protocol::{EndReason, ErrorCode};
 
-type Labelled = Family<[(&'static str, &'static str); 1], Counter>;
+type Label = [(&'static str, &'static str); 1];
+type Labelled = Family<Label, Counter>;
+type LabelledHistogram = Family<Label, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
     registry: Registry,
@@ -33,6 +35,11 @@ pub struct Metrics {
     pubsub: Labelled,
     cleanup_runs: Counter,
     cleaned_users: Counter,
+    livekit_rooms: Labelled,
+    livekit_request_seconds: LabelledHistogram,
+    livekit_request_errors: Labelled,
+    livekit_webhooks: Labelled,
+    pub livekit_sweeps: Counter,
 }
 
 impl Default for Metrics {
@@ -59,6 +66,39 @@ impl Metrics {
         let pubsub = Labelled::default();
         let cleanup_runs = Counter::default();
         let cleaned_users = Counter::default();
+        let livekit_rooms = Labelled::default();
+        let livekit_request_seconds: LabelledHistogram =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16)));
+        let livekit_request_errors = Labelled::default();
+        let livekit_webhooks = Labelled::default();
+        let livekit_sweeps = Counter::default();
+        registry.register(
+            "livekit_sweeps",
+            "Room sweeps run by this instance (one instance of a deployment holds the sweep lease)",
+            livekit_sweeps.clone(),
+        );
+        registry.register(
+            "livekit_rooms",
+            "LiveKit rooms by what happened: created, deleted, create_failed (match undone), \
+             delete_failed (after retries; the sweep catches it), orphan_found (a room without a session, deleted by the sweep)",
+            livekit_rooms.clone(),
+        );
+        registry.register(
+            "livekit_request_seconds",
+            "Latency of LiveKit RoomService requests, by method",
+            livekit_request_seconds.clone(),
+        );
+        registry.register(
+            "livekit_request_errors",
+            "Failed LiveKit RoomService requests (every attempt), by method",
+            livekit_request_errors.clone(),
+        );
+        registry.register(
+            "livekit_webhooks",
+            "LiveKit webhooks by result: ended, no_session, duplicate, ignored (accepted); \
+             unauthorized, bad_request, unavailable (rejected)",
+            livekit_webhooks.clone(),
+        );
         registry.register(
             "connections",
             "Live WebSocket connections on this instance",
@@ -151,7 +191,33 @@ impl Metrics {
             pubsub,
             cleanup_runs,
             cleaned_users,
+            livekit_rooms,
+            livekit_request_seconds,
+            livekit_request_errors,
+            livekit_webhooks,
+            livekit_sweeps,
         }
+    }
+
+    pub fn livekit_request(&self, method: &'static str, took: Duration, ok: bool) {
+        self.livekit_request_seconds
+            .get_or_create(&[("method", method)])
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.livekit_request_errors
+                .get_or_create(&[("method", method)])
+                .inc();
+        }
+    }
+
+    pub fn livekit_room(&self, what: &'static str) {
+        self.livekit_rooms.get_or_create(&[("event", what)]).inc();
+    }
+
+    pub fn livekit_webhook(&self, result: &'static str) {
+        self.livekit_webhooks
+            .get_or_create(&[("result", result)])
+            .inc();
     }
 
     pub fn redis_call(&self, took: Duration, ok: bool) {

@@ -195,16 +195,19 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     Internal,
+    /// No media room could be set up for a match; both users went back to the queue.
+    MediaUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 6] = [
+    pub const ALL: [ErrorCode; 7] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::InvalidState,
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::MediaUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -215,6 +218,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::MediaUnavailable => "media_unavailable",
         }
     }
 }
@@ -271,16 +275,19 @@ pub enum EndReason {
     PeerEnded,
     PeerDisconnected,
     Timeout,
+    /// The media server reported that a participant left the room or the room closed.
+    MediaDisconnected,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 6] = [
+    pub const ALL: [EndReason; 7] = [
         EndReason::Skip,
         EndReason::End,
         EndReason::PeerSkipped,
         EndReason::PeerEnded,
         EndReason::PeerDisconnected,
         EndReason::Timeout,
+        EndReason::MediaDisconnected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -291,6 +298,7 @@ impl EndReason {
             EndReason::PeerEnded => "peer_ended",
             EndReason::PeerDisconnected => "peer_disconnected",
             EndReason::Timeout => "timeout",
+            EndReason::MediaDisconnected => "media_disconnected",
         }
     }
 }
@@ -330,6 +338,9 @@ pub enum Event {
         peer: Arc<str>,
         role: Role,
         started_at_ms: u64,
+        /// Where and how to join the call, when the gateway provides media.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media: Option<Media>,
     },
     SessionEnded {
         session_id: Arc<str>,
@@ -340,13 +351,30 @@ pub enum Event {
         session_id: Arc<str>,
         state: PeerState,
     },
+    /// A pushed error that is not a reply (e.g. `media_unavailable`): the state it reports
+    /// (back in the queue) is the one the client already knew, so it needs no `seq`.
+    Error {
+        code: ErrorCode,
+        message: Arc<str>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
 }
 
 impl Event {
     /// Whether this event changes the user's state (and so carries a `seq`).
     pub fn has_seq(&self) -> bool {
-        !matches!(self, Event::QueueUpdate { .. })
+        !matches!(self, Event::QueueUpdate { .. } | Event::Error { .. })
     }
+}
+
+/// A media room for one session member: what `matched.media` carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Media {
+    pub provider: Arc<str>,
+    pub url: Arc<str>,
+    pub room: Arc<str>,
+    pub token: String,
 }
 
 #[derive(Serialize)]

@@ -38,6 +38,7 @@ pub fn settings(config: &Config) -> Option<RedisSettings> {
             None => random_id("", 6),
         },
         requeue_peer_on_skip: config.requeue_peer_on_skip,
+        media_pending: config.media_pending(),
         history_len: config.history_len,
         history_ttl: config.history_ttl(),
         resume_grace: config.resume_grace(),

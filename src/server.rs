@@ -106,6 +106,7 @@ impl Server {
                 (gateway, mode)
             }
         };
+        gateway.spawn_room_sweep(stop_rx.clone());
         let app = Arc::new(App {
             gateway,
             auth,

@@ -12,11 +12,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Attached, ConnId, MatchError, Matchmaker, Outcome, Resume, Stats, Status, UserId};
+use super::{
+    Attached, ConnId, MatchError, Matchmaker, MediaEffect, Outcome, PendingSession, Resume,
+    SessionInfo, Stats, Status, UserId,
+};
 use crate::bus::{Bus, Frame};
 use crate::ids::{random_id, unix_ms};
 use crate::protocol::{
-    encode_event, DequeueReason, EndReason, Event, PeerState, Prefs, Role, StateName,
+    encode_event, DequeueReason, EndReason, ErrorCode, Event, Media, PeerState, Prefs, Role,
+    StateName,
 };
 
 /// Tunables of the matching rules and the replay log.
@@ -28,6 +32,8 @@ pub struct Policy {
     pub history_len: usize,
     /// Events older than this are not replayed.
     pub history_ttl: Duration,
+    /// Media mode: a new session stays pending (no `matched` yet) until its room is ready.
+    pub media: bool,
 }
 
 pub struct MemoryMatchmaker {
@@ -84,6 +90,9 @@ struct State {
     users: HashMap<UserId, User>,
     pools: HashMap<Arc<str>, Pool>,
     sessions: HashMap<Arc<str>, Session>,
+    /// Media event ids already acted on, with when they may be forgotten, oldest first.
+    seen_events: HashMap<String, Instant>,
+    seen_order: VecDeque<(Instant, String)>,
     next_ticket: u64,
     queued: u64,
     /// Smoothed wait of recently matched users across all pools, in ms.
@@ -103,7 +112,16 @@ struct User {
 enum Activity {
     Idle,
     Queued(Waiting),
-    InSession { session_id: Arc<str>, prefs: Prefs },
+    /// Matched, waiting for the media room; to the client still `queued`. Keeps the queue
+    /// place so that a failed room puts the user back where they were.
+    Pending {
+        session_id: Arc<str>,
+        waiting: Waiting,
+    },
+    InSession {
+        session_id: Arc<str>,
+        prefs: Prefs,
+    },
 }
 
 struct Waiting {
@@ -174,12 +192,23 @@ struct Pool {
 
 struct Session {
     members: [Member; 2],
+    created_ms: u64,
+    /// Waiting for its media room.
+    pending: bool,
 }
 
+#[derive(Clone)]
 struct Member {
     user: UserId,
     handle: Arc<str>,
 }
+
+/// At most this many media event ids are remembered for de-duplication.
+const MAX_SEEN_EVENTS: usize = 100_000;
+
+/// The message of the `media_unavailable` error.
+pub(crate) const MEDIA_UNAVAILABLE: &str =
+    "no media room could be set up for your match; you are back at your place in the queue";
 
 /// Weight of a new observation in the smoothed waits.
 const EWMA_ALPHA: f64 = 0.2;
@@ -365,31 +394,121 @@ impl State {
                 pool.recent_wait_ms = Some(ewma(pool.recent_wait_ms, ms));
             }
         }
+        let pending = step.policy.media;
         for (member, w) in [(first, w_first), (second, w_second)] {
             if let Some(user) = self.users.get_mut(member) {
-                user.activity = Activity::InSession {
-                    session_id: session_id.clone(),
-                    prefs: w.prefs,
+                user.activity = if pending {
+                    Activity::Pending {
+                        session_id: session_id.clone(),
+                        waiting: w,
+                    }
+                } else {
+                    Activity::InSession {
+                        session_id: session_id.clone(),
+                        prefs: w.prefs,
+                    }
                 };
                 user.avoid = None;
             }
         }
+        if pending {
+            step.outcome.pending.push(PendingSession {
+                session_id: session_id.clone(),
+                handles: [members[0].handle.clone(), members[1].handle.clone()],
+            });
+        } else {
+            self.announce(step, &session_id, &members, started_at_ms, None);
+        }
+        self.sessions.insert(
+            session_id,
+            Session {
+                members,
+                created_ms: started_at_ms,
+                pending,
+            },
+        );
+        self.pool_changed(step, key);
+    }
+
+    /// Sends `matched` to both members (offerer first), with their media when there is some.
+    fn announce(
+        &mut self,
+        step: &mut Step<'_>,
+        session_id: &Arc<str>,
+        members: &[Member; 2],
+        started_at_ms: u64,
+        media: Option<[Media; 2]>,
+    ) {
+        let mut media = media.map(|[a, b]| [Some(a), Some(b)]);
         for (i, role) in [(0, Role::Offerer), (1, Role::Answerer)] {
-            let to = members[i].user.clone();
-            let peer = members[1 - i].handle.clone();
             self.emit(
                 step,
-                &to,
+                &members[i].user,
                 Event::Matched {
                     session_id: session_id.clone(),
-                    peer,
+                    peer: members[1 - i].handle.clone(),
                     role,
                     started_at_ms,
+                    media: media.as_mut().and_then(|m| m[i].take()),
                 },
             );
         }
-        self.sessions.insert(session_id, Session { members });
-        self.pool_changed(step, key);
+    }
+
+    /// Undoes a pending session. `leaver` (with why) becomes idle and is told; every other
+    /// member goes back to its old place in the queue, told `error` when `error` says so, and
+    /// is matched again if it can be.
+    fn cancel_pending(
+        &mut self,
+        step: &mut Step<'_>,
+        session_id: &Arc<str>,
+        leaver: Option<(&UserId, DequeueReason)>,
+        error: Option<&Arc<str>>,
+    ) {
+        let Some(session) = self.sessions.remove(session_id) else {
+            return;
+        };
+        step.outcome.ended_sessions.push(session_id.clone());
+        let mut back = Vec::with_capacity(2);
+        for member in &session.members {
+            let Some(user) = self.users.get_mut(&member.user) else {
+                continue;
+            };
+            let Activity::Pending { waiting, .. } =
+                std::mem::replace(&mut user.activity, Activity::Idle)
+            else {
+                continue;
+            };
+            match leaver {
+                Some((id, reason)) if *id == member.user => {
+                    self.emit(step, id, Event::Dequeued { reason });
+                }
+                _ => {
+                    let pool = self.pools.entry(waiting.pool.clone()).or_default();
+                    pool.waiting.insert(waiting.ticket, member.user.clone());
+                    self.queued += 1;
+                    if !step.outcome.changed_pools.contains(&waiting.pool) {
+                        step.outcome.changed_pools.push(waiting.pool.clone());
+                    }
+                    user.activity = Activity::Queued(waiting);
+                    if let Some(message) = error {
+                        self.emit(
+                            step,
+                            &member.user,
+                            Event::Error {
+                                code: ErrorCode::MediaUnavailable,
+                                message: message.clone(),
+                                retry_after_ms: None,
+                            },
+                        );
+                    }
+                    back.push(member.user.clone());
+                }
+            }
+        }
+        for id in back {
+            self.try_match(step, &id);
+        }
     }
 
     /// The session `id` is in, and the peer's user id.
@@ -414,6 +533,7 @@ impl State {
             .session_of(id)
             .ok_or(MatchError::InvalidState("not in a session".into()))?;
         self.sessions.remove(&session_id);
+        step.outcome.ended_sessions.push(session_id.clone());
         let mut prefs = Vec::with_capacity(2);
         for (who, reason, requeue) in [
             (id, own_reason, own_requeue),
@@ -445,12 +565,40 @@ impl State {
         Ok(())
     }
 
+    /// Records a media event id; false when it was seen within its dedupe window.
+    fn first_sight(&mut self, event_id: &str, now: Instant, dedupe: Duration) -> bool {
+        while let Some((until, _)) = self.seen_order.front() {
+            if *until > now && self.seen_order.len() < MAX_SEEN_EVENTS {
+                break;
+            }
+            if let Some((_, id)) = self.seen_order.pop_front() {
+                self.seen_events.remove(&id);
+            }
+        }
+        if self.seen_events.contains_key(event_id) {
+            return false;
+        }
+        let until = now + dedupe;
+        self.seen_events.insert(event_id.to_string(), until);
+        self.seen_order.push_back((until, event_id.to_string()));
+        true
+    }
+
     fn status(&self, id: &UserId) -> Result<Status, MatchError> {
         let user = self.user(id)?;
         Ok(match &user.activity {
             Activity::Idle => Status {
                 state: StateName::Idle,
                 position: None,
+                estimated_wait_ms: None,
+                session_id: None,
+                peer: None,
+                role: None,
+            },
+            // The client learns of the match only with `matched`.
+            Activity::Pending { .. } => Status {
+                state: StateName::Queued,
+                position: Some(0),
                 estimated_wait_ms: None,
                 session_id: None,
                 peer: None,
@@ -531,7 +679,7 @@ impl Matchmaker for MemoryMatchmaker {
             let attached = Attached {
                 state: match entry.activity {
                     Activity::Idle => StateName::Idle,
-                    Activity::Queued(_) => StateName::Queued,
+                    Activity::Queued(_) | Activity::Pending { .. } => StateName::Queued,
                     Activity::InSession { .. } => StateName::InSession,
                 },
                 resume_token: entry.log.epoch.clone(),
@@ -606,6 +754,16 @@ impl Matchmaker for MemoryMatchmaker {
                     state.dequeue(step, user, DequeueReason::Timeout);
                     step.outcome.held = true;
                 }
+                Activity::Pending { session_id, .. } => {
+                    let session_id = session_id.clone();
+                    state.cancel_pending(
+                        step,
+                        &session_id,
+                        Some((user, DequeueReason::Timeout)),
+                        None,
+                    );
+                    step.outcome.held = true;
+                }
                 Activity::InSession { .. } => {
                     let requeue_peer = step.policy.requeue_peer_on_skip;
                     state.end_session(
@@ -631,7 +789,7 @@ impl Matchmaker for MemoryMatchmaker {
         let ((), outcome) = self.step(Some(user), reference, |state, step| {
             match state.user(user)?.activity {
                 Activity::Idle => {}
-                Activity::Queued(_) => {
+                Activity::Queued(_) | Activity::Pending { .. } => {
                     return Err(MatchError::InvalidState("already queued".into()))
                 }
                 Activity::InSession { .. } => {
@@ -672,6 +830,11 @@ impl Matchmaker for MemoryMatchmaker {
                 )),
                 Activity::Queued(_) => {
                     state.dequeue(step, user, DequeueReason::End);
+                    Ok(())
+                }
+                Activity::Pending { ref session_id, .. } => {
+                    let session_id = session_id.clone();
+                    state.cancel_pending(step, &session_id, Some((user, DequeueReason::End)), None);
                     Ok(())
                 }
                 Activity::InSession { .. } => state.end_session(
@@ -738,5 +901,98 @@ impl Matchmaker for MemoryMatchmaker {
             queued: state.queued,
             sessions: state.sessions.len() as u64,
         })
+    }
+
+    async fn media_ready(
+        &self,
+        session: &str,
+        media: [Media; 2],
+    ) -> Result<(bool, Outcome), MatchError> {
+        self.step(None, None, |state, step| {
+            let Some(s) = state.sessions.get_mut(session).filter(|s| s.pending) else {
+                return Ok(false);
+            };
+            s.pending = false;
+            let members = s.members.clone();
+            let session_id: Arc<str> = session.into();
+            for member in &members {
+                if let Some(user) = state.users.get_mut(&member.user) {
+                    if let Activity::Pending { waiting, .. } =
+                        std::mem::replace(&mut user.activity, Activity::Idle)
+                    {
+                        user.activity = Activity::InSession {
+                            session_id: session_id.clone(),
+                            prefs: waiting.prefs,
+                        };
+                    }
+                }
+            }
+            state.announce(step, &session_id, &members, unix_ms(), Some(media));
+            Ok(true)
+        })
+    }
+
+    async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            if state.sessions.get(session).is_some_and(|s| s.pending) {
+                let message: Arc<str> = MEDIA_UNAVAILABLE.into();
+                state.cancel_pending(step, &session.into(), None, Some(&message));
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    async fn media_left(
+        &self,
+        session: &str,
+        left: Option<&str>,
+        event_id: &str,
+        dedupe: Duration,
+    ) -> Result<(MediaEffect, Outcome), MatchError> {
+        self.step(None, None, |state, step| {
+            if !state.first_sight(event_id, step.now, dedupe) {
+                return Ok(MediaEffect::Duplicate);
+            }
+            let Some(s) = state.sessions.get(session).filter(|s| !s.pending) else {
+                return Ok(MediaEffect::NoSession);
+            };
+            let requeue_peer = step.policy.requeue_peer_on_skip;
+            let reason = EndReason::MediaDisconnected;
+            let ended = match left {
+                // Whoever left ends it; the peer is treated as if skipped.
+                Some(handle) => match s.members.iter().find(|m| &*m.handle == handle) {
+                    Some(m) => {
+                        let user = m.user.clone();
+                        state.end_session(step, &user, (reason, false), (reason, requeue_peer))
+                    }
+                    None => return Ok(MediaEffect::NoSession),
+                },
+                // The room is gone for both.
+                None => {
+                    let user = s.members[0].user.clone();
+                    state.end_session(step, &user, (reason, false), (reason, false))
+                }
+            };
+            ended.map(|()| MediaEffect::Ended)
+        })
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError> {
+        let state = self.state.lock().expect("matchmaker state poisoned");
+        Ok(state
+            .sessions
+            .iter()
+            .map(|(id, s)| SessionInfo {
+                session_id: id.clone(),
+                created_ms: s.created_ms,
+                pending: s.pending,
+            })
+            .collect())
+    }
+
+    /// One process holds all the state: it always holds every lease.
+    async fn lease(&self, _name: &str, _ttl: Duration) -> Result<bool, MatchError> {
+        Ok(true)
     }
 }

@@ -11,15 +11,16 @@
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::bus::Frame;
-use crate::protocol::{EndReason, ErrorCode, Prefs, StateName};
+use crate::protocol::{EndReason, ErrorCode, Media, Prefs, StateName};
 
 /// A user id: the JWT `sub`.
-pub type UserId = std::sync::Arc<str>;
+pub type UserId = Arc<str>;
 
 /// Identifies one WebSocket connection, so that a late disconnect of a replaced connection
 /// cannot touch the state its successor took over.
@@ -69,9 +70,9 @@ pub struct Status {
     pub state: StateName,
     pub position: Option<u64>,
     pub estimated_wait_ms: Option<u64>,
-    pub session_id: Option<std::sync::Arc<str>>,
+    pub session_id: Option<Arc<str>>,
     /// In a session: the peer's handle and this user's role, as `matched` said them.
-    pub peer: Option<std::sync::Arc<str>>,
+    pub peer: Option<Arc<str>>,
     pub role: Option<crate::protocol::Role>,
 }
 
@@ -84,9 +85,43 @@ pub struct Outcome {
     /// For each session ended by this operation: why (from the initiator's side).
     pub ended: Vec<EndReason>,
     /// Pools whose waiting users' positions may have changed.
-    pub changed_pools: Vec<std::sync::Arc<str>>,
+    pub changed_pools: Vec<Arc<str>>,
     /// After `detach`: the user's state is held and expires after the grace period.
     pub held: bool,
+    /// In media mode: sessions matched by this operation that wait for their room
+    /// ([`Matchmaker::media_ready`] or [`Matchmaker::media_failed`] must follow).
+    pub pending: Vec<PendingSession>,
+    /// Sessions (live or pending) that this operation ended: their rooms must go.
+    pub ended_sessions: Vec<Arc<str>>,
+}
+
+/// A matched pair whose `matched` events wait for a media room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSession {
+    pub session_id: Arc<str>,
+    /// The members' opaque per-session handles, offerer first.
+    pub handles: [Arc<str>; 2],
+}
+
+/// A session as the media sweep sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub session_id: Arc<str>,
+    /// When the pair was matched (unix ms).
+    pub created_ms: u64,
+    /// Still waiting for its room.
+    pub pending: bool,
+}
+
+/// What a media event (a LiveKit webhook, or the sweep) did to its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaEffect {
+    /// The session was live and is now ended.
+    Ended,
+    /// The same event id was seen before: nothing done.
+    Duplicate,
+    /// No live session for that room (already ended, still pending, or never ours).
+    NoSession,
 }
 
 impl Outcome {
@@ -99,6 +134,8 @@ impl Outcome {
             }
         }
         self.held |= other.held;
+        self.pending.extend(other.pending);
+        self.ended_sessions.extend(other.ended_sessions);
     }
 }
 
@@ -170,4 +207,35 @@ pub trait Matchmaker: Send + Sync + 'static {
     async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError>;
 
     async fn stats(&self) -> Result<Stats, MatchError>;
+
+    /// The room of a pending session is ready: both members get `matched` with their `media`
+    /// (offerer first). Returns false when the session is no longer pending (a member left
+    /// meanwhile): the room is then the caller's to delete.
+    async fn media_ready(
+        &self,
+        session: &str,
+        media: [Media; 2],
+    ) -> Result<(bool, Outcome), MatchError>;
+
+    /// No room could be set up for a pending session: both members go back to their places
+    /// at the head of the queue and get a `media_unavailable` error.
+    async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError>;
+
+    /// The media server reports that `left` (a member's handle), or everybody when `None`,
+    /// left the session's room: a live session ends with `media_disconnected`. Events are
+    /// de-duplicated by `event_id` within `dedupe`.
+    async fn media_left(
+        &self,
+        session: &str,
+        left: Option<&str>,
+        event_id: &str,
+        dedupe: Duration,
+    ) -> Result<(MediaEffect, Outcome), MatchError>;
+
+    /// Every session, for the sweep that matches them against the media server's rooms.
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError>;
+
+    /// Whether this instance holds the lease `name` for `ttl` (one instance of a deployment
+    /// runs each periodic clean-up). Taking it again before it runs out extends it.
+    async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError>;
 }

@@ -10,16 +10,23 @@
 --          below shares that tag, so a call touches one slot).
 -- ARGV: 1 key prefix (e.g. "{mg}"), 2 operation, 3 requeue peer on skip ("1"/"0"),
 --       4 history length, 5 history ttl ms, 6 grace ms, 7 channel prefix, 8 entropy (random,
---       for ids), 9 user (or instance for instance-level operations), 10.. operation arguments.
+--       for ids), 9 user (or instance for instance-level operations), 10 media: how long a
+--       session may wait for its room in ms ("0": no media, sessions start live),
+--       11.. operation arguments.
 -- Returns a JSON object: {"error": ..} or the operation's result plus the outcome fields
 -- waits (ms), ended (reasons), changed (pools), held, published.
 --
 -- Key layout (P = prefix):
 --   P:u:<user>      hash: conn inst away state pool prefs ticket since told_pos told_est sid
---                         avoid epoch seq
+--                         avoid epoch seq; state is idle, queued, pending (matched, waiting
+--                         for the media room; the queue fields are kept) or session
 --   P:log:<user>    list of "<seq> <ms> <frame>", newest last, bounded, expires
 --   P:pool:<pool>   zset of waiting users by ticket (FIFO)
---   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles)
+--   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles) created pending
+--   P:sessions      zset session -> ms matched (media mode only: what the room sweep checks)
+--   P:pending       zset session -> ms by which its room must be ready, else it is undone
+--   P:seen:<event>  a media event id acted on (de-duplication), expires
+--   P:lease:<name>  the instance that runs the periodic job <name>, expires
 --   P:ticket        counter; P:stat hash: queued sessions
 --   P:waits         hash: smoothed wait in ms per pool, and over all pools under "*"
 --   P:instances     zset instance -> last heartbeat ms; P:iu:<inst> set of users attached there
@@ -33,6 +40,7 @@
 
 -- Set at the start of every call (the library's functions are created once, at load).
 local ARGV, P, OP, REQUEUE_PEER, HISTORY_LEN, HISTORY_TTL, GRACE, CH, ENTROPY, USER, NOW
+local MEDIA_PENDING
 local out, actor, ref, id_counter
 
 local function ukey(u) return P .. ':u:' .. u end
@@ -63,7 +71,7 @@ local function emit(u, ev)
     ref = nil
   end
   local seq = 0
-  if ev['type'] ~= 'queue_update' then
+  if ev['type'] ~= 'queue_update' and ev['type'] ~= 'error' then
     seq = redis.call('HINCRBY', h, 'seq', 1)
     ev['seq'] = seq
   end
@@ -143,6 +151,15 @@ local function session_of(u)
   return sid, u1
 end
 
+-- Sends `matched` to both members, with their media (JSON) when there is some.
+local function announce(sid, first, second, hf, hs, mf, ms)
+  local ef = { type = 'matched', session_id = sid, peer = hs, role = 'offerer', started_at_ms = NOW }
+  local es = { type = 'matched', session_id = sid, peer = hf, role = 'answerer', started_at_ms = NOW }
+  if mf then ef.media, es.media = cjson.decode(mf), cjson.decode(ms) end
+  emit(first, ef)
+  emit(second, es)
+end
+
 local function start_session(pk, a, b)
   local wa, wb = take_waiting(a), take_waiting(b)
   -- The user who waited longer offers.
@@ -158,14 +175,24 @@ local function start_session(pk, a, b)
     pool_wait, all_wait = ewma(pool_wait, waited), ewma(all_wait, waited)
   end
   redis.call('HSET', P .. ':waits', pk, pool_wait, '*', all_wait)
+  -- With media, the pair waits for its room; take_waiting kept the queue fields, so that a
+  -- failed room puts both back where they were.
+  local state = 'session'
+  if MEDIA_PENDING > 0 then state = 'pending' end
   for _, u in ipairs({ first, second }) do
     -- Matched with someone: nobody is avoided any more (user ids are never empty).
-    redis.call('HSET', ukey(u), 'state', 'session', 'sid', sid, 'avoid', '')
+    redis.call('HSET', ukey(u), 'state', state, 'sid', sid, 'avoid', '')
   end
-  redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs)
+  redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs, 'created', NOW)
   redis.call('HINCRBY', P .. ':stat', 'sessions', 1)
-  emit(first, { type = 'matched', session_id = sid, peer = hs, role = 'offerer', started_at_ms = NOW })
-  emit(second, { type = 'matched', session_id = sid, peer = hf, role = 'answerer', started_at_ms = NOW })
+  if MEDIA_PENDING > 0 then
+    redis.call('HSET', skey(sid), 'pending', '1')
+    redis.call('ZADD', P .. ':sessions', NOW, sid)
+    redis.call('ZADD', P .. ':pending', NOW + MEDIA_PENDING, sid)
+    table.insert(out.pending, { sid, hf, hs })
+  else
+    announce(sid, first, second, hf, hs, nil, nil)
+  end
   pool_changed(pk)
 end
 
@@ -203,11 +230,49 @@ local function queue(u, pk)
   try_match(u)
 end
 
+-- Removes a session's own keys.
+local function drop_session(sid)
+  redis.call('DEL', skey(sid))
+  redis.call('HINCRBY', P .. ':stat', 'sessions', -1)
+  if MEDIA_PENDING > 0 then
+    redis.call('ZREM', P .. ':sessions', sid)
+    redis.call('ZREM', P .. ':pending', sid)
+  end
+  table.insert(out.ended_sessions, sid)
+end
+
+-- Undoes a pending session. `leaver` (may be nil) becomes idle and is told `reason`; every
+-- other member goes back to its old place in the queue (its ticket), gets an `error` when
+-- `message` is given, and is matched again if it can be.
+local function cancel_pending(sid, leaver, reason, message)
+  local u1, u2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2'))
+  if not u1 then return end
+  drop_session(sid)
+  local back = {}
+  for _, u in ipairs({ u1, u2 }) do
+    local h = ukey(u)
+    local state, pk, ticket = unpack(redis.call('HMGET', h, 'state', 'pool', 'ticket'))
+    if state == 'pending' then
+      if u == leaver then
+        redis.call('HSET', h, 'state', 'idle')
+        emit(u, { type = 'dequeued', reason = reason })
+      else
+        redis.call('HSET', h, 'state', 'queued')
+        redis.call('ZADD', zkey(pk), ticket, u)
+        redis.call('HINCRBY', P .. ':stat', 'queued', 1)
+        add_changed(pk)
+        if message then emit(u, { type = 'error', code = 'media_unavailable', message = message }) end
+        table.insert(back, u)
+      end
+    end
+  end
+  for _, u in ipairs(back) do try_match(u) end
+end
+
 -- Ends u's session: tells both sides why, then re-queues whoever the rule says.
 local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue)
   local sid, peer = session_of(u)
-  redis.call('DEL', skey(sid))
-  redis.call('HINCRBY', P .. ':stat', 'sessions', -1)
+  drop_session(sid)
   local requeue = {}
   for _, x in ipairs({ { u, own_reason, own_requeue }, { peer, peer_reason, peer_requeue } }) do
     local h = ukey(x[1])
@@ -257,6 +322,8 @@ local function expire(u, conn)
     dequeue(u, 'timeout')
   elseif state == 'session' and session_of(u) then
     end_session(u, 'timeout', false, 'peer_disconnected', REQUEUE_PEER)
+  elseif state == 'pending' then
+    cancel_pending(redis.call('HGET', h, 'sid'), u, 'timeout', nil)
   else
     redis.call('DEL', h, P .. ':log:' .. u)
     return
@@ -284,6 +351,8 @@ end
 
 local function state_name(state)
   if state == 'session' then return 'in_session' end
+  -- The client learns of the match only with `matched`.
+  if state == 'pending' then return 'queued' end
   return state
 end
 
@@ -311,13 +380,15 @@ local function call(_keys, args)
   REQUEUE_PEER = ARGV[3] == '1'
   HISTORY_LEN, HISTORY_TTL, GRACE = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   CH, ENTROPY, USER = ARGV[7], ARGV[8], ARGV[9]
+  MEDIA_PENDING = tonumber(ARGV[10])
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  out = { waits = {}, ended = {}, changed = {}, held = false, published = 0 }
+  out = { waits = {}, ended = {}, changed = {}, held = false, published = 0, pending = {},
+    ended_sessions = {} }
   actor, ref, id_counter = nil, nil, 0
 
   if OP == 'attach' then
-    local conn, inst, token, last = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13]) or 0
+    local conn, inst, token, last = ARGV[11], ARGV[12], ARGV[13], tonumber(ARGV[14]) or 0
     local h = ukey(USER)
     local was_away = false
     if redis.call('EXISTS', h) == 0 then
@@ -358,24 +429,24 @@ local function call(_keys, args)
     end
     return result(attached)
   elseif OP == 'detach' then
-    detach(USER, ARGV[10])
+    detach(USER, ARGV[11])
     return result()
   elseif OP == 'expire' then
-    expire(USER, ARGV[10])
+    expire(USER, ARGV[11])
     return result()
   elseif OP == 'enqueue' then
-    set_ref(ARGV[12])
+    set_ref(ARGV[13])
     local state = with_user(true)
     if not state then return fail('invalid_state', 'no live connection for this user') end
-    if state == 'queued' then return fail('invalid_state', 'already queued') end
+    if state == 'queued' or state == 'pending' then return fail('invalid_state', 'already queued') end
     if state == 'session' then
       return fail('invalid_state', 'already in a session: skip or end it first')
     end
-    redis.call('HSET', ukey(USER), 'prefs', ARGV[10])
-    queue(USER, ARGV[11])
+    redis.call('HSET', ukey(USER), 'prefs', ARGV[11])
+    queue(USER, ARGV[12])
     return result()
   elseif OP == 'skip' then
-    set_ref(ARGV[10])
+    set_ref(ARGV[11])
     local sid, peer = session_of(USER)
     if not sid then return fail('invalid_state', 'not in a session') end
     redis.call('HSET', ukey(USER), 'avoid', peer)
@@ -383,10 +454,12 @@ local function call(_keys, args)
     end_session(USER, 'skip', true, 'peer_skipped', REQUEUE_PEER)
     return result()
   elseif OP == 'end' then
-    set_ref(ARGV[10])
+    set_ref(ARGV[11])
     local state = with_user(true)
     if state == 'queued' then
       dequeue(USER, 'end')
+    elseif state == 'pending' then
+      cancel_pending(redis.call('HGET', ukey(USER), 'sid'), USER, 'end', nil)
     elseif state == 'session' and session_of(USER) then
       end_session(USER, 'end', false, 'peer_ended', false)
     else
@@ -400,6 +473,8 @@ local function call(_keys, args)
     if state == 'queued' then
       st.position = redis.call('ZCOUNT', zkey(pk), '-inf', '(' .. ticket)
       st.estimated_wait_ms = estimate(pk, st.position)
+    elseif state == 'pending' then
+      st.position = 0
     elseif state == 'session' then
       st.session_id = sid
       local u1, h1, h2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'h1', 'h2'))
@@ -411,7 +486,7 @@ local function call(_keys, args)
     end
     return result({ status = st })
   elseif OP == 'refresh' then
-    local pk = ARGV[10]
+    local pk = ARGV[11]
     local users = redis.call('ZRANGE', zkey(pk), 0, -1)
     for i, u in ipairs(users) do
       local position = i - 1
@@ -433,17 +508,17 @@ local function call(_keys, args)
   elseif OP == 'since' then
     local c, seq = unpack(redis.call('HMGET', ukey(USER), 'conn', 'seq'))
     -- Another connection took over meanwhile (its notice may have been lost with pub/sub).
-    if c ~= ARGV[10] then return fail('replaced', 'a newer connection of this user took over') end
-    local ok, replay = events_since(USER, tonumber(seq), tonumber(ARGV[11]))
+    if c ~= ARGV[11] then return fail('replaced', 'a newer connection of this user took over') end
+    local ok, replay = events_since(USER, tonumber(seq), tonumber(ARGV[12]))
     return result({ resumed = ok, replay = replay })
   elseif OP == 'stats' then
     local queued, sessions = unpack(redis.call('HMGET', P .. ':stat', 'queued', 'sessions'))
     return result({ queued = tonumber(queued) or 0, sessions = tonumber(sessions) or 0 })
   elseif OP == 'tick' then
     -- Instance heartbeat and shared clean-up, run by every instance periodically. USER is the
-    -- calling instance; ARGV[10] its heartbeat period, ARGV[11] the dataset epoch it knows, and
-    -- ARGV[12] how many users or expiries to handle in this call.
-    local inst, period, known, budget = USER, tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+    -- calling instance; ARGV[11] its heartbeat period, ARGV[12] the dataset epoch it knows, and
+    -- ARGV[13] how many users or expiries to handle in this call.
+    local inst, period, known, budget = USER, tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
     local epoch = redis.call('GET', P .. ':epoch')
     if not epoch then
       epoch = new_id('d_', 32)
@@ -490,11 +565,63 @@ local function call(_keys, args)
       local u, c = string.match(m, '^(.*)\n(.*)$')
       expire(u, c)
     end
+    -- Pending sessions whose room never came (the instance setting it up died).
+    local stuck = redis.call('ZRANGEBYSCORE', P .. ':pending', '-inf', NOW, 'LIMIT', 0, 100)
+    for _, sid in ipairs(stuck) do
+      redis.call('ZREM', P .. ':pending', sid)
+      cancel_pending(sid, nil, nil, ARGV[14])
+    end
     -- Held states from detaches above expire through P:exp, not through a timer of the caller.
     out.held = false
     return result({ epoch = epoch, epoch_changed = known ~= '' and known ~= epoch,
       rejoined = known ~= '' and added == 1,
       cleaned_users = cleaned, expired = #due, dead_instances = #dead })
+  elseif OP == 'media_ready' then
+    local sid = ARGV[11]
+    local u1, u2, h1, h2, pending = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2', 'h1', 'h2', 'pending'))
+    if pending ~= '1' then return result({ live = false }) end
+    redis.call('HDEL', skey(sid), 'pending')
+    redis.call('ZREM', P .. ':pending', sid)
+    for _, u in ipairs({ u1, u2 }) do redis.call('HSET', ukey(u), 'state', 'session') end
+    announce(sid, u1, u2, h1, h2, ARGV[12], ARGV[13])
+    return result({ live = true })
+  elseif OP == 'media_failed' then
+    local sid = ARGV[11]
+    if redis.call('HGET', skey(sid), 'pending') == '1' then cancel_pending(sid, nil, nil, ARGV[12]) end
+    return result()
+  elseif OP == 'media_left' then
+    -- ARGV: 11 session, 12 handle of who left ("" for everybody), 13 event id, 14 dedupe ms.
+    local sid, left = ARGV[11], ARGV[12]
+    if not redis.call('SET', P .. ':seen:' .. ARGV[13], '1', 'NX', 'PX', ARGV[14]) then
+      return result({ effect = 'duplicate' })
+    end
+    local u1, u2, h1, h2, pending = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2', 'h1', 'h2', 'pending'))
+    if not u1 or pending == '1' then return result({ effect = 'no_session' }) end
+    if left == '' then
+      end_session(u1, 'media_disconnected', false, 'media_disconnected', false)
+    elseif left == h1 or left == h2 then
+      local who = u1
+      if left == h2 then who = u2 end
+      end_session(who, 'media_disconnected', false, 'media_disconnected', REQUEUE_PEER)
+    else
+      return result({ effect = 'no_session' })
+    end
+    return result({ effect = 'ended' })
+  elseif OP == 'sessions' then
+    local all = redis.call('ZRANGE', P .. ':sessions', 0, -1, 'WITHSCORES')
+    local list = {}
+    for i = 1, #all, 2 do
+      local pending = redis.call('ZSCORE', P .. ':pending', all[i]) ~= false
+      table.insert(list, { all[i], tonumber(all[i + 1]), pending })
+    end
+    return result({ session_list = list })
+  elseif OP == 'lease' then
+    -- USER is the instance; ARGV[11] the lease name, ARGV[12] its ttl in ms.
+    local k = P .. ':lease:' .. ARGV[11]
+    local holder = redis.call('GET', k)
+    if holder and holder ~= USER then return result({ live = false }) end
+    redis.call('SET', k, USER, 'PX', ARGV[12])
+    return result({ live = true })
   end
   return fail('internal', 'unknown operation ' .. tostring(OP))
 end

@@ -14,11 +14,15 @@ use async_trait::async_trait;
 use deadpool_redis::{Runtime, Timeouts};
 use serde::{Deserialize, Deserializer};
 
-use super::{Attached, ConnId, MatchError, Matchmaker, Outcome, Resume, Stats, Status, UserId};
+use super::memory::MEDIA_UNAVAILABLE;
+use super::{
+    Attached, ConnId, MatchError, Matchmaker, MediaEffect, Outcome, PendingSession, Resume,
+    SessionInfo, Stats, Status, UserId,
+};
 use crate::bus::Frame;
 use crate::ids::random_id;
 use crate::metrics::Metrics;
-use crate::protocol::{EndReason, Prefs, StateName};
+use crate::protocol::{EndReason, Media, Prefs, StateName};
 
 /// The function library with every matching operation, with `@VERSION@` for its version.
 const LIBRARY: &str = include_str!("redis.lua");
@@ -77,6 +81,9 @@ pub struct RedisSettings {
     pub history_ttl: Duration,
     pub resume_grace: Duration,
     pub pool_size: usize,
+    /// Media mode: how long a matched pair may wait for its room before the tick undoes the
+    /// match (covers an instance that died while setting the room up).
+    pub media_pending: Option<Duration>,
 }
 
 enum Pool {
@@ -166,6 +173,17 @@ struct Reply {
     changed: Vec<Arc<str>>,
     held: bool,
     published: u64,
+    #[serde(deserialize_with = "list")]
+    pending: Vec<(Arc<str>, Arc<str>, Arc<str>)>,
+    #[serde(deserialize_with = "list")]
+    ended_sessions: Vec<Arc<str>>,
+    // media_ready, lease
+    live: bool,
+    // media_left
+    effect: Option<String>,
+    // sessions
+    #[serde(deserialize_with = "list")]
+    session_list: Vec<(Arc<str>, u64, bool)>,
     // attach
     state: Option<StateName>,
     resume_token: String,
@@ -204,6 +222,15 @@ impl Reply {
             ended: std::mem::take(&mut self.ended),
             changed_pools: std::mem::take(&mut self.changed),
             held: self.held,
+            pending: self
+                .pending
+                .drain(..)
+                .map(|(session_id, h1, h2)| PendingSession {
+                    session_id,
+                    handles: [h1, h2],
+                })
+                .collect(),
+            ended_sessions: std::mem::take(&mut self.ended_sessions),
         }
     }
 }
@@ -282,7 +309,8 @@ impl RedisMatchmaker {
             .arg(s.resume_grace.as_millis() as u64)
             .arg(&s.layout.channel_prefix)
             .arg(random_id("", 16))
-            .arg(subject);
+            .arg(subject)
+            .arg(s.media_pending.map_or(0, |d| d.as_millis() as u64));
         for a in args {
             fcall.arg(*a);
         }
@@ -334,7 +362,7 @@ impl RedisMatchmaker {
             .call(
                 "tick",
                 &self.settings.instance,
-                &[&period_ms, known_epoch, "1000"],
+                &[&period_ms, known_epoch, "1000", MEDIA_UNAVAILABLE],
             )
             .await?;
         Ok(Tick {
@@ -478,5 +506,61 @@ impl Matchmaker for RedisMatchmaker {
             queued: reply.queued,
             sessions: reply.sessions,
         })
+    }
+
+    async fn media_ready(
+        &self,
+        session: &str,
+        media: [Media; 2],
+    ) -> Result<(bool, Outcome), MatchError> {
+        let [a, b] = media.map(|m| serde_json::to_string(&m).expect("media serialises"));
+        let mut reply = self.call("media_ready", "", &[session, &a, &b]).await?;
+        Ok((reply.live, reply.outcome()))
+    }
+
+    async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("media_failed", "", &[session, MEDIA_UNAVAILABLE])
+            .await?
+            .outcome())
+    }
+
+    async fn media_left(
+        &self,
+        session: &str,
+        left: Option<&str>,
+        event_id: &str,
+        dedupe: Duration,
+    ) -> Result<(MediaEffect, Outcome), MatchError> {
+        let ttl = dedupe.as_millis().max(1).to_string();
+        let args = [session, left.unwrap_or(""), event_id, &ttl];
+        let mut reply = self.call("media_left", "", &args).await?;
+        let effect = match reply.effect.as_deref() {
+            Some("ended") => MediaEffect::Ended,
+            Some("duplicate") => MediaEffect::Duplicate,
+            _ => MediaEffect::NoSession,
+        };
+        Ok((effect, reply.outcome()))
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError> {
+        let reply = self.call("sessions", "", &[]).await?;
+        Ok(reply
+            .session_list
+            .into_iter()
+            .map(|(session_id, created_ms, pending)| SessionInfo {
+                session_id,
+                created_ms,
+                pending,
+            })
+            .collect())
+    }
+
+    async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError> {
+        let ttl = ttl.as_millis().max(1).to_string();
+        let reply = self
+            .call("lease", &self.settings.instance, &[name, &ttl])
+            .await?;
+        Ok(reply.live)
     }
 }
