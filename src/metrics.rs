@@ -166,7 +166,12 @@ impl Metrics {
             cleaned_users.clone(),
         );
         // Every label value shows up from the start, so dashboards see zeros, not gaps.
-        for reason in [EndReason::Skip, EndReason::End, EndReason::Timeout] {
+        for reason in [
+            EndReason::Skip,
+            EndReason::End,
+            EndReason::Timeout,
+            EndReason::MediaDisconnected,
+        ] {
             let _ = sessions_ended.get_or_create(&[("reason", reason.as_str())]);
         }
         for direction in ["in", "out"] {

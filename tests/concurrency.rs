@@ -140,7 +140,14 @@ impl Script {
     async fn recv(&mut self) -> Value {
         let inbound = tokio::time::timeout(PATIENCE, self.inbox.recv())
             .await
-            .unwrap_or_else(|_| panic!("{}: no frame from the server", self.user))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{}: no frame from the server (state {:?}, sent {:?})",
+                    self.user,
+                    self.state as u8,
+                    self.sent.len()
+                )
+            })
             .unwrap_or_else(|| panic!("{}: reader stopped", self.user));
         self.absorb(inbound)
     }
@@ -651,9 +658,58 @@ async fn a_thousand_clients_on_three_instances_over_redis_cluster_keep_every_mat
     soak("Redis Cluster, 3 instances", servers).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_clients_with_livekit_rooms_on_two_redis_instances_keep_every_invariant() {
+    use common::livekit::{FakeLiveKit, KEY, SECRET};
+    let fake = FakeLiveKit::start(KEY, SECRET).await;
+    let redis = common::redis::RedisServer::start().await;
+    let (url, api) = (redis.url(), fake.url());
+    let mut servers = Vec::new();
+    for id in ["m0", "m1"] {
+        let mut args = FLAGS.to_vec();
+        args.extend(["--redis-url", &url, "--instance-id", id]);
+        args.extend([
+            "--livekit-url",
+            "wss://media.example.test",
+            "--livekit-api-url",
+            &api,
+        ]);
+        args.extend(["--livekit-api-key", KEY, "--livekit-api-secret", SECRET]);
+        servers.push(Arc::new(TestServer::start(&args).await));
+    }
+    let sessions = soak("Redis, 2 instances, LiveKit rooms", servers).await;
+    // Every session had its room before `matched`, and every room is gone once everybody
+    // is idle (the deletes run in the background).
+    let calls = fake
+        .wait_for(|calls| {
+            let deleted: BTreeSet<&str> = calls
+                .iter()
+                .filter(|c| c.method == "DeleteRoom")
+                .map(|c| c.room.as_str())
+                .collect();
+            sessions
+                .iter()
+                .all(|s| deleted.contains(format!("mg_{s}").as_str()))
+        })
+        .await;
+    let created: BTreeSet<&str> = calls
+        .iter()
+        .filter(|c| c.method == "CreateRoom" && c.status == 200)
+        .map(|c| c.room.as_str())
+        .collect();
+    for s in &sessions {
+        assert!(
+            created.contains(format!("mg_{s}").as_str()),
+            "no room for {s}"
+        );
+    }
+    let left = fake.rooms();
+    assert!(left.is_empty(), "rooms outlived their sessions: {left:?}");
+}
+
 /// Runs the random scripts of all clients, spread round-robin over `servers` like a load
-/// balancer without stickiness, and checks every invariant.
-async fn soak(label: &str, servers: Vec<Arc<TestServer>>) {
+/// balancer without stickiness, and checks every invariant. Returns the matched session ids.
+async fn soak(label: &str, servers: Vec<Arc<TestServer>>) -> BTreeSet<String> {
     check_open_files_limit();
     let seed = std::env::var("MATCHGATE_SOAK_SEED")
         .ok()
@@ -837,4 +893,5 @@ async fn soak(label: &str, servers: Vec<Arc<TestServer>>) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    sides.into_keys().collect()
 }

@@ -26,6 +26,7 @@ use super::Gateway;
 use crate::ids::{random_id, unix_ms};
 use crate::livekit::{LiveKit, LiveKitError};
 use crate::matching::{MatchError, MediaEffect, PendingSession};
+use crate::protocol::ErrorCode;
 
 /// Room creations in flight at once; more pending sessions wait for a slot (their deadline
 /// runs meanwhile).
@@ -119,7 +120,15 @@ impl Gateway {
                 None => {
                     gateway.metrics.livekit_room("create_failed");
                     match gateway.matchmaker.media_failed(&pending.session_id).await {
-                        Ok(outcome) => gateway.apply_outcome(outcome),
+                        Ok(outcome) => {
+                            // Undone now (not by a member leaving before): both were told.
+                            if !outcome.ended_sessions.is_empty() {
+                                for _ in 0..2 {
+                                    gateway.metrics.protocol_error(ErrorCode::MediaUnavailable);
+                                }
+                            }
+                            gateway.apply_outcome(outcome);
+                        }
                         Err(e) => tracing::warn!(error = %e, "cannot undo a match"),
                     }
                     // A creation that timed out on our side may still have happened.

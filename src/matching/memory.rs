@@ -385,16 +385,19 @@ impl State {
                 handle: random_id("p_", 9).into(),
             },
         ];
+        let pending = step.policy.media;
         for w in [&w_first, &w_second] {
             let waited = step.now.duration_since(w.since);
-            step.outcome.waits.push(waited);
+            // With media, the wait ends with `matched`, once the room is ready.
+            if !pending {
+                step.outcome.waits.push(waited);
+            }
             let ms = waited.as_secs_f64() * 1000.0;
             self.recent_wait_ms = Some(ewma(self.recent_wait_ms, ms));
             if let Some(pool) = self.pools.get_mut(key) {
                 pool.recent_wait_ms = Some(ewma(pool.recent_wait_ms, ms));
             }
         }
-        let pending = step.policy.media;
         for (member, w) in [(first, w_first), (second, w_second)] {
             if let Some(user) = self.users.get_mut(member) {
                 user.activity = if pending {
@@ -403,12 +406,14 @@ impl State {
                         waiting: w,
                     }
                 } else {
+                    // Met somebody: nobody is avoided any more. (A pending match that is
+                    // undone does not count: the avoided peer stays avoided.)
+                    user.avoid = None;
                     Activity::InSession {
                         session_id: session_id.clone(),
                         prefs: w.prefs,
                     }
                 };
-                user.avoid = None;
             }
         }
         if pending {
@@ -920,6 +925,10 @@ impl Matchmaker for MemoryMatchmaker {
                     if let Activity::Pending { waiting, .. } =
                         std::mem::replace(&mut user.activity, Activity::Idle)
                     {
+                        step.outcome
+                            .waits
+                            .push(step.now.duration_since(waiting.since));
+                        user.avoid = None;
                         user.activity = Activity::InSession {
                             session_id: session_id.clone(),
                             prefs: waiting.prefs,

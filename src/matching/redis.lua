@@ -171,7 +171,8 @@ local function start_session(pk, a, b)
   for _, w in ipairs({ wf, ws }) do
     local waited = NOW - w.since
     if waited < 0 then waited = 0 end
-    table.insert(out.waits, waited)
+    -- With media, the wait ends with `matched`, once the room is ready.
+    if MEDIA_PENDING == 0 then table.insert(out.waits, waited) end
     pool_wait, all_wait = ewma(pool_wait, waited), ewma(all_wait, waited)
   end
   redis.call('HSET', P .. ':waits', pk, pool_wait, '*', all_wait)
@@ -180,8 +181,10 @@ local function start_session(pk, a, b)
   local state = 'session'
   if MEDIA_PENDING > 0 then state = 'pending' end
   for _, u in ipairs({ first, second }) do
-    -- Matched with someone: nobody is avoided any more (user ids are never empty).
-    redis.call('HSET', ukey(u), 'state', state, 'sid', sid, 'avoid', '')
+    redis.call('HSET', ukey(u), 'state', state, 'sid', sid)
+    -- Met somebody: nobody is avoided any more (user ids are never empty). A pending match
+    -- that is undone does not count: the avoided peer stays avoided.
+    if state == 'session' then redis.call('HSET', ukey(u), 'avoid', '') end
   end
   redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs, 'created', NOW)
   redis.call('HINCRBY', P .. ':stat', 'sessions', 1)
@@ -582,7 +585,11 @@ local function call(_keys, args)
     if pending ~= '1' then return result({ live = false }) end
     redis.call('HDEL', skey(sid), 'pending')
     redis.call('ZREM', P .. ':pending', sid)
-    for _, u in ipairs({ u1, u2 }) do redis.call('HSET', ukey(u), 'state', 'session') end
+    for _, u in ipairs({ u1, u2 }) do
+      local since = tonumber(redis.call('HGET', ukey(u), 'since'))
+      table.insert(out.waits, math.max(NOW - since, 0))
+      redis.call('HSET', ukey(u), 'state', 'session', 'avoid', '')
+    end
     announce(sid, u1, u2, h1, h2, ARGV[12], ARGV[13])
     return result({ live = true })
   elseif OP == 'media_failed' then
