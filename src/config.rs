@@ -571,6 +571,45 @@ mod tests {
     }
 
     #[test]
+    fn livekit_is_all_or_nothing_and_checked() {
+        let c = parse(&[]);
+        assert!(!c.media() && c.media_pending().is_none());
+        let lk = [
+            "--livekit-url",
+            "wss://x.livekit.cloud",
+            "--livekit-api-key",
+            "k",
+            "--livekit-api-secret",
+            "s",
+        ];
+        let c = parse(&lk);
+        c.validate().unwrap();
+        assert!(c.media());
+        assert_eq!(c.livekit_api_base().unwrap(), "https://x.livekit.cloud");
+        let c = parse(&["--livekit-url", "ws://lk:7880", "--livekit-api-key", "k"]);
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("LIVEKIT_API_SECRET"), "{e}");
+        let e = parse(&["--livekit-api-key", "k"]).validate().unwrap_err();
+        assert!(e.to_string().contains("MATCHGATE_LIVEKIT_URL"), "{e}");
+        let mut bad = lk.to_vec();
+        bad[1] = "livekit.example.com";
+        let e = parse(&bad).validate().unwrap_err();
+        assert!(e.to_string().contains("wss://"), "{e}");
+        let mut bad = lk.to_vec();
+        bad.extend(["--livekit-room-prefix", "a b"]);
+        assert!(parse(&bad).validate().is_err());
+        let mut bad = lk.to_vec();
+        bad.extend(["--livekit-max-participants", "1"]);
+        assert!(parse(&bad).validate().is_err());
+        let mut api = lk.to_vec();
+        api.extend(["--livekit-api-url", "http://10.0.0.5:7880"]);
+        assert_eq!(
+            parse(&api).livekit_api_base().unwrap(),
+            "http://10.0.0.5:7880"
+        );
+    }
+
+    #[test]
     fn rejects_nonsense_with_a_clear_message() {
         let e = parse(&["--jwt-secret", "short"]).validate().unwrap_err();
         assert!(e.to_string().contains("at least 32 bytes"), "{e}");

@@ -29,8 +29,9 @@ async fn main() {
         );
     }
     tracing::info!(
-        "matchgate listening on {addr} (ws://{addr}/v1/ws), mode: {mode}, auth: {}",
-        server.auth_mode()
+        "matchgate listening on {addr} (ws://{addr}/v1/ws), mode: {mode}, auth: {}, media: {}",
+        server.auth_mode(),
+        server.media()
     );
     server.run(shutdown_signal()).await;
 }

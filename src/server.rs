@@ -137,6 +137,15 @@ impl Server {
         &self.mode
     }
 
+    /// The media mode, for the start-up line.
+    pub fn media(&self) -> &'static str {
+        if self.app.gateway.media_mode() {
+            "livekit"
+        } else {
+            "none"
+        }
+    }
+
     pub fn auth_mode(&self) -> AuthMode {
         self.app.auth.mode()
     }

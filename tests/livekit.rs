@@ -610,3 +610,107 @@ async fn official_sdk_accepts_our_tokens_and_we_accept_its_webhooks() {
         "media_disconnected"
     );
 }
+
+#[tokio::test]
+async fn a_member_dropping_while_the_room_is_made_is_announced_with_the_match() {
+    let fake = FakeLiveKit::start(KEY, LK_SECRET).await;
+    fake.set_mode(Mode::Hang);
+    let server = gateway(
+        &fake,
+        &[
+            "--resume-grace-ms",
+            "30000",
+            "--livekit-create-deadline-ms",
+            "30000",
+        ],
+    )
+    .await;
+    let mut a = server.connect("alice").await;
+    let mut b = server.connect("bob").await;
+    a.send(json!({"type": "enqueue"})).await;
+    a.expect("queued").await;
+    b.send(json!({"type": "enqueue"})).await;
+    b.expect("queued").await;
+    fake.wait_for(|calls| calls.iter().any(|c| c.method == "CreateRoom"))
+        .await;
+    let token = b.welcome["resume_token"].as_str().unwrap().to_string();
+    let last = b.last_seq();
+    b.close().await;
+    fake.set_mode(Mode::Healthy);
+    let ma = a.expect("matched").await;
+    assert_eq!(a.expect("peer_status").await["state"], "reconnecting");
+    // bob comes back and gets his `matched` from the log; alice hears he is back.
+    let mut b = server
+        .connect_with("bob", &format!("resume={token}&last_seq={last}"))
+        .await;
+    assert_eq!(b.welcome["resumed"], true);
+    let mb = b.expect("matched").await;
+    assert_eq!(ma["session_id"], mb["session_id"]);
+    assert!(mb["media"]["token"].is_string());
+    assert_eq!(a.expect("peer_status").await["state"], "connected");
+}
+
+#[tokio::test]
+async fn a_pending_match_whose_instance_died_is_undone_by_the_others() {
+    use common::process::GatewayProcess;
+    let redis = RedisServer::start().await;
+    let fake = FakeLiveKit::start(KEY, LK_SECRET).await;
+    fake.set_mode(Mode::Hang);
+    // A grace long enough for bob to come back through another instance.
+    let flags = [
+        "--livekit-create-deadline-ms",
+        "1500",
+        "--resume-grace-ms",
+        "5000",
+    ];
+    let mut survivor = redis_pair(&redis, &fake, &flags).await;
+    survivor.truncate(1);
+    let mut args = media_args(&fake, &flags);
+    args.extend([
+        "--jwt-secret".to_string(),
+        common::SECRET.to_string(),
+        "--redis-url".to_string(),
+        redis.url(),
+        "--instance-id".to_string(),
+        "doomed".to_string(),
+        "--instance-heartbeat-ms".to_string(),
+        "100".to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut doomed = GatewayProcess::start(&args).await;
+    doomed.wait_ready().await;
+    let mut a = survivor[0].connect("alice").await;
+    let mut b = doomed.connect("bob").await;
+    a.send(json!({"type": "enqueue"})).await;
+    a.expect("queued").await;
+    // bob's enqueue makes the match, so the doomed instance sets up the room...
+    b.send(json!({"type": "enqueue"})).await;
+    b.expect("queued").await;
+    fake.wait_for(|calls| calls.iter().any(|c| c.method == "CreateRoom"))
+        .await;
+    // ...and dies before LiveKit answers. bob comes back through the other instance, so
+    // nothing expires: only the pending deadline in Redis can undo the match.
+    doomed.kill9();
+    let query = format!(
+        "resume={}&last_seq={}",
+        b.welcome["resume_token"].as_str().unwrap(),
+        b.last_seq()
+    );
+    let mut b = survivor[0].connect_with("bob", &query).await;
+    assert_eq!(b.welcome["resumed"], true);
+    assert_eq!(b.welcome["state"], "queued");
+    for c in [&mut a, &mut b] {
+        let e = loop {
+            let v = c.next().await.expect("open");
+            if v["type"] != "queue_update" {
+                break v;
+            }
+        };
+        assert_eq!(e["code"], "media_unavailable", "{e}");
+    }
+    // Back in the queue, they are paired again by the survivor, which makes the room.
+    fake.set_mode(Mode::Healthy);
+    let ma = next_matched(&mut a).await;
+    let mb = next_matched(&mut b).await;
+    assert_eq!(ma["session_id"], mb["session_id"]);
+}

@@ -937,6 +937,20 @@ impl Matchmaker for MemoryMatchmaker {
                 }
             }
             state.announce(step, &session_id, &members, unix_ms(), Some(media));
+            // A member whose connection dropped while the room was being made: the other one
+            // learns it right away, as in a running session.
+            for i in 0..2 {
+                if state.users.get(&members[i].user).is_some_and(|u| u.away) {
+                    state.emit(
+                        step,
+                        &members[1 - i].user,
+                        Event::PeerStatus {
+                            session_id: session_id.clone(),
+                            state: PeerState::Reconnecting,
+                        },
+                    );
+                }
+            }
             Ok(true)
         })
     }

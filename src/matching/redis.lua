@@ -591,6 +591,13 @@ local function call(_keys, args)
       redis.call('HSET', ukey(u), 'state', 'session', 'avoid', '')
     end
     announce(sid, u1, u2, h1, h2, ARGV[12], ARGV[13])
+    -- A member whose connection dropped while the room was being made: the other one learns
+    -- it right away, as in a running session.
+    for _, pair in ipairs({ { u1, u2 }, { u2, u1 } }) do
+      if redis.call('HGET', ukey(pair[1]), 'away') == '1' then
+        emit(pair[2], { type = 'peer_status', session_id = sid, state = 'reconnecting' })
+      end
+    end
     return result({ live = true })
   elseif OP == 'media_failed' then
     local sid = ARGV[11]
