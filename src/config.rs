@@ -25,6 +25,20 @@ pub enum KeyAlgorithm {
     Es256,
 }
 
+/// Where a user who declined a proposed match goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeclineTo {
+    Idle,
+    Tail,
+}
+
+/// How identities appear in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogIdentities {
+    Hashed,
+    Full,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "matchgate",
@@ -293,6 +307,101 @@ pub struct Config {
     )]
     pub livekit_webhook_dedupe_s: u64,
 
+    // --- Safety and fairness rules (enforced in the matching step, so in both backends) ---
+    /// Two users who were matched are not matched again within this many seconds...
+    #[arg(long, env = "MATCHGATE_ANTI_REPEAT_WINDOW_S", default_value_t = 600)]
+    pub anti_repeat_window_s: u64,
+
+    /// ...unless one of them has waited this long with nobody else to meet, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_ANTI_REPEAT_FALLBACK_MS",
+        default_value_t = 30_000
+    )]
+    pub anti_repeat_fallback_ms: u64,
+
+    /// A skip within this many seconds of the match counts as quick; a session that lasts at
+    /// least this long resets the count and the cooldown level.
+    #[arg(long, env = "MATCHGATE_SKIP_QUICK_S", default_value_t = 30)]
+    pub skip_quick_s: u64,
+
+    /// Quick skips within the window that start a cooldown.
+    #[arg(long, env = "MATCHGATE_SKIP_LIMIT", default_value_t = 5)]
+    pub skip_limit: u32,
+
+    /// The window over which quick skips are counted, in seconds.
+    #[arg(long, env = "MATCHGATE_SKIP_WINDOW_S", default_value_t = 300)]
+    pub skip_window_s: u64,
+
+    /// Cooldowns in seconds, one per consecutive cooldown (the last one repeats).
+    #[arg(
+        long,
+        env = "MATCHGATE_SKIP_COOLDOWNS_S",
+        value_delimiter = ',',
+        default_value = "60,300,900"
+    )]
+    pub skip_cooldowns_s: Vec<u64>,
+
+    /// `enqueue`s allowed per user and minute (shared across instances).
+    #[arg(long, env = "MATCHGATE_ENQUEUE_PER_MINUTE", default_value_t = 30)]
+    pub enqueue_per_minute: u32,
+
+    /// Accept phase: with a value above 0, a match is first proposed (`match_proposed`) and
+    /// both must `accept` within this many ms to get `matched`.
+    #[arg(long, env = "MATCHGATE_ACCEPT_TIMEOUT_MS", default_value_t = 0)]
+    pub accept_timeout_ms: u64,
+
+    /// Where a user who declined a proposal (or let it time out) goes: `idle` or the `tail`
+    /// of the queue. The other one always goes back to the head.
+    #[arg(long, env = "MATCHGATE_DECLINE_TO", value_enum, default_value = "idle")]
+    pub decline_to: DeclineTo,
+
+    /// Preference relaxation: every this many ms of waiting, one more of the user's `soft`
+    /// preference fields is dropped from the search.
+    #[arg(long, env = "MATCHGATE_RELAX_AFTER_MS", default_value_t = 10_000)]
+    pub relax_after_ms: u64,
+
+    // --- Moderation ---
+    /// Bearer token of the admin API under `/v1/admin/` (at least 32 bytes). Without it the
+    /// admin API is off.
+    #[arg(long, env = "MATCHGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// WebSocket connection attempts allowed per client IP and minute (HTTP 429 beyond).
+    #[arg(long, env = "MATCHGATE_IP_CONNECTS_PER_MINUTE", default_value_t = 60)]
+    pub ip_connects_per_minute: u32,
+
+    /// Distinct reporters within the report window that ban a user automatically (0: never).
+    #[arg(long, env = "MATCHGATE_REPORT_BAN_THRESHOLD", default_value_t = 3)]
+    pub report_ban_threshold: u32,
+
+    /// The window for counting distinct reporters, in seconds.
+    #[arg(long, env = "MATCHGATE_REPORT_WINDOW_S", default_value_t = 86_400)]
+    pub report_window_s: u64,
+
+    /// How long an automatic ban lasts, in seconds.
+    #[arg(long, env = "MATCHGATE_REPORT_BAN_TTL_S", default_value_t = 86_400)]
+    pub report_ban_ttl_s: u64,
+
+    /// Reports kept (in memory, or in the Redis stream, trimmed to about this many).
+    #[arg(long, env = "MATCHGATE_REPORTS_KEPT", default_value_t = 100_000)]
+    pub reports_kept: usize,
+
+    /// How user ids and IP addresses appear in logs: `hashed` (a keyed hash, the default) or
+    /// `full`. Debug logging (`MATCHGATE_LOG` at debug) always shows them in full.
+    #[arg(
+        long,
+        env = "MATCHGATE_LOG_IDENTITIES",
+        value_enum,
+        default_value = "hashed"
+    )]
+    pub log_identities: LogIdentities,
+
+    /// Key of the log hash, so that the same user hashes alike on every instance. Default:
+    /// random per process.
+    #[arg(long, env = "MATCHGATE_LOG_HASH_KEY", hide_env_values = true)]
+    pub log_hash_key: Option<String>,
+
     /// Instead of serving: probe `GET /healthz` of the gateway at `--listen` and exit 0 when it
     /// answers 200 (for container health checks in images without curl).
     #[arg(long)]
@@ -409,6 +518,7 @@ impl Config {
             );
         }
         self.validate_livekit()?;
+        self.validate_rules()?;
         for origin in &self.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))
                 || origin.ends_with('/')
@@ -417,6 +527,43 @@ impl Config {
                     "MATCHGATE_ALLOWED_ORIGINS entries look like https://app.example.com (got {origin:?})"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_rules(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        if self.skip_cooldowns_s.is_empty() || self.skip_cooldowns_s.contains(&0) {
+            return fail(
+                "MATCHGATE_SKIP_COOLDOWNS_S must list at least one cooldown, each at least 1 s"
+                    .into(),
+            );
+        }
+        if self.skip_limit == 0 || self.skip_window_s == 0 || self.enqueue_per_minute == 0 {
+            return fail(
+                "MATCHGATE_SKIP_LIMIT, MATCHGATE_SKIP_WINDOW_S and MATCHGATE_ENQUEUE_PER_MINUTE must be at least 1"
+                    .into(),
+            );
+        }
+        if self.relax_after_ms < 100 {
+            return fail("MATCHGATE_RELAX_AFTER_MS must be at least 100".into());
+        }
+        if let Some(token) = &self.admin_token {
+            if token.len() < 32 {
+                return fail(format!(
+                    "MATCHGATE_ADMIN_TOKEN must be at least 32 bytes (got {})",
+                    token.len()
+                ));
+            }
+        }
+        if self.ip_connects_per_minute == 0
+            || self.report_window_s == 0
+            || self.report_ban_ttl_s == 0
+        {
+            return fail(
+                "MATCHGATE_IP_CONNECTS_PER_MINUTE, MATCHGATE_REPORT_WINDOW_S and MATCHGATE_REPORT_BAN_TTL_S must be at least 1"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! [`Bus`](crate::bus::Bus) and the [`Registry`].
 
 mod media;
+mod moderation;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::config::Config;
 use crate::ids::unix_ms;
 use crate::livekit::LiveKit;
 use crate::matching::memory::{MemoryMatchmaker, Policy};
-use crate::matching::{Attached, ConnId, MatchError, Matchmaker, Outcome, Resume, UserId};
+use crate::matching::{Attached, ConnId, MatchError, Matchmaker, Outcome, Resume, Timer, UserId};
 use crate::metrics::Metrics;
 use crate::protocol::{Action, ErrorCode, Reply, Request};
 use crate::registry::Registry;
@@ -51,6 +52,7 @@ impl Gateway {
                 history_len: config.history_len,
                 history_ttl: config.history_ttl(),
                 media: config.media(),
+                rules: crate::matching::Rules::from_config(config),
             },
         ));
         Self::new(config, matchmaker, registry, Arc::new(Metrics::new()))
@@ -168,6 +170,31 @@ impl Gateway {
             Action::Enqueue(prefs) => self.matchmaker.enqueue(user, prefs, reference).await,
             Action::Skip => self.matchmaker.skip(user, reference).await,
             Action::End => self.matchmaker.end(user, reference).await,
+            // These change no state of the sender's that an event would report in every case
+            // (the other one may not have accepted yet; there may be no live session): their
+            // direct reply is an `ack`, and the events they cause carry no `ref`.
+            Action::Accept { match_id } => {
+                let result = self.matchmaker.accept(user, &match_id, reference).await;
+                return Some(self.acknowledge(user, conn, "accept", result, reference));
+            }
+            Action::Decline { match_id } => {
+                let result = self.matchmaker.decline(user, &match_id, reference).await;
+                return Some(self.acknowledge(user, conn, "decline", result, reference));
+            }
+            Action::Block { session_id } => {
+                let result = self.matchmaker.block(user, session_id.as_deref()).await;
+                return Some(self.acknowledge(user, conn, "block", result, reference));
+            }
+            Action::Report {
+                reason,
+                details,
+                session_id,
+            } => {
+                return Some(
+                    self.report(user, reason, details, session_id.as_deref(), reference)
+                        .await,
+                );
+            }
             Action::Heartbeat => {
                 let ack = Reply::HeartbeatAck {
                     server_time_ms: unix_ms(),
@@ -202,12 +229,29 @@ impl Gateway {
         }
     }
 
+    /// Applies an operation answered with an `ack`, or its error.
+    fn acknowledge(
+        self: &Arc<Self>,
+        user: &UserId,
+        conn: ConnId,
+        action: &str,
+        result: Result<Outcome, MatchError>,
+        reference: Option<&str>,
+    ) -> (Utf8Bytes, bool) {
+        match result {
+            Ok(outcome) => {
+                self.apply(user, conn, outcome);
+                (Reply::Ack { action, reference }.encode(), false)
+            }
+            Err(e) => self.match_error(&e, reference),
+        }
+    }
+
     /// The error frame for a failed operation, and whether the client caused it (and so
     /// pays from its error budget): not when the backend is down or we have a bug.
     fn match_error(&self, e: &MatchError, reference: Option<&str>) -> (Utf8Bytes, bool) {
-        let retry = matches!(e, MatchError::Unavailable(_)).then_some(1_000);
-        let frame = self.error_frame(e.code(), &e.to_string(), reference, retry);
-        (frame, matches!(e, MatchError::InvalidState(_)))
+        let frame = self.error_frame(e.code(), &e.to_string(), reference, e.retry_after_ms());
+        (frame, e.client_caused())
     }
 
     /// Builds an `error` frame and counts it.
@@ -254,6 +298,22 @@ impl Gateway {
         for session in outcome.ended_sessions {
             self.remove_room(&session);
         }
+        for (delay, user, timer) in outcome.timers {
+            self.schedule_wake(delay, user, timer);
+        }
+    }
+
+    /// Arms a timer an outcome asked for. One small task per timer; timers only exist for
+    /// users who wait (relaxation, anti-repeat fallback) or have a proposal open.
+    fn schedule_wake(self: &Arc<Self>, delay: Duration, user: UserId, timer: Timer) {
+        let gateway = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            match gateway.matchmaker.wake(&user, timer).await {
+                Ok(outcome) => gateway.apply_outcome(outcome),
+                Err(e) => tracing::warn!(error = %e, "timer failed"),
+            }
+        });
     }
 
     /// Acts on what an operation reported.

@@ -27,6 +27,57 @@ pub enum Action {
     End,
     Heartbeat,
     Status,
+    /// Block the peer of `session_id` (default: the current or most recent session).
+    Block {
+        session_id: Option<String>,
+    },
+    /// Report the peer of `session_id` (default: the current or most recent session).
+    Report {
+        reason: ReportReason,
+        details: Option<String>,
+        session_id: Option<String>,
+    },
+    /// Accept or decline a proposed match (accept phase).
+    Accept {
+        match_id: String,
+    },
+    Decline {
+        match_id: String,
+    },
+}
+
+/// Longest accepted `report.details`, in characters.
+pub const MAX_REPORT_DETAILS: usize = 500;
+
+/// Why a user reports a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportReason {
+    Spam,
+    Nudity,
+    Harassment,
+    Underage,
+    Other,
+}
+
+impl ReportReason {
+    pub const ALL: [ReportReason; 5] = [
+        ReportReason::Spam,
+        ReportReason::Nudity,
+        ReportReason::Harassment,
+        ReportReason::Underage,
+        ReportReason::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportReason::Spam => "spam",
+            ReportReason::Nudity => "nudity",
+            ReportReason::Harassment => "harassment",
+            ReportReason::Underage => "underage",
+            ReportReason::Other => "other",
+        }
+    }
 }
 
 /// A parsed client frame: the action and the `ref` its direct reply echoes.
@@ -36,7 +87,8 @@ pub struct Request {
     pub reference: Option<String>,
 }
 
-/// Matching preferences. Two users are compatible when all four fields are equal.
+/// Matching preferences. Two users are compatible when all four fields are equal. Fields named
+/// in `soft` may be dropped, in that order, one per relaxation step, when the user waits long.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Prefs {
@@ -48,6 +100,18 @@ pub struct Prefs {
     pub language: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub soft: Vec<PrefField>,
+}
+
+/// A preference field, as `soft` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefField {
+    Topic,
+    Format,
+    Language,
+    Region,
 }
 
 impl Prefs {
@@ -66,11 +130,53 @@ impl Prefs {
                 }
             }
         }
+        for (i, f) in self.soft.iter().enumerate() {
+            if self.soft[..i].contains(f) {
+                return Err(ParseError::BadRequest(
+                    "prefs.soft must not name a field twice".into(),
+                ));
+            }
+            if self.field(*f).is_none() {
+                return Err(ParseError::BadRequest(format!(
+                    "prefs.soft names {f:?}, which is not set"
+                )));
+            }
+        }
         Ok(())
     }
 
-    /// The pool these preferences belong to. Values are length-prefixed so that no two
-    /// different preference sets can produce the same key.
+    fn field(&self, f: PrefField) -> Option<&String> {
+        match f {
+            PrefField::Topic => self.topic.as_ref(),
+            PrefField::Format => self.format.as_ref(),
+            PrefField::Language => self.language.as_ref(),
+            PrefField::Region => self.region.as_ref(),
+        }
+    }
+
+    /// The preferences searched at relaxation step `step`: the first `step` soft fields
+    /// dropped. `None` past the last step.
+    pub fn relaxed(&self, step: usize) -> Option<Prefs> {
+        if step > self.soft.len() {
+            return None;
+        }
+        let mut p = Prefs {
+            soft: Vec::new(),
+            ..self.clone()
+        };
+        for f in &self.soft[..step] {
+            match f {
+                PrefField::Topic => p.topic = None,
+                PrefField::Format => p.format = None,
+                PrefField::Language => p.language = None,
+                PrefField::Region => p.region = None,
+            }
+        }
+        Some(p)
+    }
+
+    /// The pool these preferences belong to (`soft` aside). Values are length-prefixed so that
+    /// no two different preference sets can produce the same key.
     pub fn pool_key(&self) -> String {
         let mut key = String::new();
         for v in [&self.topic, &self.format, &self.language, &self.region] {
@@ -120,6 +226,40 @@ struct Envelope {
 struct EnqueueBody {
     #[serde(default)]
     prefs: Option<Prefs>,
+}
+
+#[derive(Deserialize)]
+struct SessionBody {
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ReportBody {
+    reason: ReportReason,
+    #[serde(default)]
+    details: Option<String>,
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MatchBody {
+    match_id: String,
+}
+
+/// Reads the typed body of a frame of type `kind`.
+fn body<T: serde::de::DeserializeOwned>(
+    text: &str,
+    kind: &str,
+    reference: &Option<String>,
+) -> Result<T, (ParseError, Option<String>)> {
+    serde_json::from_str(text).map_err(|e| {
+        (
+            ParseError::BadRequest(format!("invalid {kind}: {e}")),
+            reference.clone(),
+        )
+    })
 }
 
 /// Parses one client text frame. On failure returns the error together with the `ref` if the
@@ -176,6 +316,37 @@ pub fn parse_request(text: &str) -> Result<Request, (ParseError, Option<String>)
         "end" => Action::End,
         "heartbeat" => Action::Heartbeat,
         "status" => Action::Status,
+        "block" => {
+            let b: SessionBody = body(text, "block", &reference)?;
+            Action::Block {
+                session_id: b.session_id,
+            }
+        }
+        "report" => {
+            let b: ReportBody = body(text, "report", &reference)?;
+            if b.details
+                .as_ref()
+                .is_some_and(|d| d.chars().count() > MAX_REPORT_DETAILS)
+            {
+                return Err((
+                    ParseError::BadRequest(format!(
+                        "report.details must be at most {MAX_REPORT_DETAILS} characters"
+                    )),
+                    reference,
+                ));
+            }
+            Action::Report {
+                reason: b.reason,
+                details: b.details,
+                session_id: b.session_id,
+            }
+        }
+        "accept" => Action::Accept {
+            match_id: body::<MatchBody>(text, "accept", &reference)?.match_id,
+        },
+        "decline" => Action::Decline {
+            match_id: body::<MatchBody>(text, "decline", &reference)?.match_id,
+        },
         _ => {
             let mut shown = kind;
             shown.truncate(shown.floor_char_boundary(MAX_REF_LEN));
@@ -197,10 +368,12 @@ pub enum ErrorCode {
     Internal,
     /// No media room could be set up for a match; both users went back to the queue.
     MediaUnavailable,
+    /// Too many quick skips: `enqueue` and `skip` are refused until `retry_after_ms`.
+    Cooldown,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 7] = [
+    pub const ALL: [ErrorCode; 8] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::InvalidState,
@@ -208,6 +381,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::MediaUnavailable,
+        ErrorCode::Cooldown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -219,6 +393,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::MediaUnavailable => "media_unavailable",
+            ErrorCode::Cooldown => "cooldown",
         }
     }
 }
@@ -247,6 +422,8 @@ pub mod close {
     /// The gateway's backend lost all state (e.g. Redis restarted empty): reconnect; the queue
     /// place or session is gone.
     pub const STATE_LOST: u16 = 4006;
+    /// The user, device or address was banned. Do not reconnect.
+    pub const BANNED: u16 = 4007;
 }
 
 /// A user's state as the protocol names it.
@@ -310,6 +487,22 @@ pub enum DequeueReason {
     Timeout,
 }
 
+/// Why a proposed match was called off, from the receiver's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    /// You declined.
+    Declined,
+    /// The other one declined.
+    PeerDeclined,
+    /// You did not accept in time.
+    Timeout,
+    /// The other one did not accept in time.
+    PeerTimeout,
+    /// The other one left (ended, disconnected past the grace period).
+    PeerLeft,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerState {
@@ -329,6 +522,9 @@ pub enum Event {
     QueueUpdate {
         position: u64,
         estimated_wait_ms: Option<u64>,
+        /// Set when the search just widened: the preferences searched from now on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        widened_to: Option<Prefs>,
     },
     Dequeued {
         reason: DequeueReason,
@@ -350,6 +546,18 @@ pub enum Event {
     PeerStatus {
         session_id: Arc<str>,
         state: PeerState,
+    },
+    /// Accept phase: a partner was found; `accept` (or `decline`) before `expires_at_ms`.
+    MatchProposed {
+        match_id: Arc<str>,
+        peer: Arc<str>,
+        expires_at_ms: u64,
+    },
+    /// Accept phase: the proposal is off.
+    MatchCancelled {
+        match_id: Arc<str>,
+        reason: CancelReason,
+        requeued: bool,
     },
     /// A pushed error that is not a reply (e.g. `media_unavailable`): the state it reports
     /// (back in the queue) is the one the client already knew, so it needs no `seq`.
@@ -443,6 +651,13 @@ pub enum Reply<'a> {
     Reconnect {
         reason: &'a str,
         retry_after_ms: u64,
+    },
+    /// The direct reply to `block`, `report`, `accept` and `decline`: the events they may
+    /// cause (a session ending, `matched`, `match_cancelled`) carry no `ref`.
+    Ack {
+        action: &'a str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
     },
 }
 

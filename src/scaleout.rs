@@ -39,6 +39,7 @@ pub fn settings(config: &Config) -> Option<RedisSettings> {
         },
         requeue_peer_on_skip: config.requeue_peer_on_skip,
         media_pending: config.media_pending(),
+        rules: crate::matching::Rules::from_config(config),
         history_len: config.history_len,
         history_ttl: config.history_ttl(),
         resume_grace: config.resume_grace(),

@@ -4,23 +4,30 @@
 //! `.await` inside, which makes each operation atomic and keeps events in `seq` order. Pools
 //! are keyed by the exact preference set, so an enqueue only ever looks at its own pool: its
 //! cost does not depend on how many users wait elsewhere. Within a pool, waiting users are
-//! ordered by an increasing ticket (FIFO); the matcher takes the first compatible one.
+//! ordered by an increasing ticket (FIFO); the matcher takes the first eligible one: not the
+//! user, not blocked either way, not just skipped, not met within the anti-repeat window
+//! (unless one of them waited past the fallback). A user whose search widened (soft
+//! preferences) is listed, with the same ticket, in the wider pools too.
+//!
+//! A pair goes through up to three phases: *proposed* (accept phase on: both must accept),
+//! *pending* (media mode: the room is being made) and *live* (`matched` sent). Until live,
+//! both keep their queue places, so that undoing the match puts them back where they were.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::{
-    Attached, ConnId, MatchError, Matchmaker, MediaEffect, Outcome, PendingSession, Resume,
-    SessionInfo, Stats, Status, UserId,
+    Attached, ConnId, MatchError, Matchmaker, MediaEffect, Outcome, PendingSession, Resume, Rules,
+    SessionInfo, Stats, Status, Timer, UserId,
 };
 use crate::bus::{Bus, Frame};
 use crate::ids::{random_id, unix_ms};
 use crate::protocol::{
-    encode_event, DequeueReason, EndReason, ErrorCode, Event, Media, PeerState, Prefs, Role,
-    StateName,
+    encode_event, CancelReason, DequeueReason, EndReason, ErrorCode, Event, Media, PeerState,
+    Prefs, Role, StateName,
 };
 
 /// Tunables of the matching rules and the replay log.
@@ -34,6 +41,7 @@ pub struct Policy {
     pub history_ttl: Duration,
     /// Media mode: a new session stays pending (no `matched` yet) until its room is ready.
     pub media: bool,
+    pub rules: Rules,
 }
 
 pub struct MemoryMatchmaker {
@@ -93,6 +101,10 @@ struct State {
     /// Media event ids already acted on, with when they may be forgotten, oldest first.
     seen_events: HashMap<String, Instant>,
     seen_order: VecDeque<(Instant, String)>,
+    /// Blocker to the users they blocked; checked both ways. Kept for the process lifetime.
+    blocks: HashMap<UserId, HashSet<UserId>>,
+    /// Skip and enqueue history per user; outlives the user's connection state.
+    conduct: HashMap<UserId, Conduct>,
     next_ticket: u64,
     queued: u64,
     /// Smoothed wait of recently matched users across all pools, in ms.
@@ -106,14 +118,68 @@ struct User {
     activity: Activity,
     /// The peer this user just skipped or was skipped by: never matched again right away.
     avoid: Option<UserId>,
+    /// Sessions that went live, newest last: for anti-repeat, and the default target of
+    /// `block` and `report`.
+    recent: VecDeque<Met>,
     log: Log,
+}
+
+/// A session a user had.
+struct Met {
+    session_id: Arc<str>,
+    peer: UserId,
+    at: Instant,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// The message of the error that announces a cooldown.
+pub(crate) const COOLDOWN: &str = "too many quick skips: enqueue again when the cooldown is over";
+
+/// At most this many recent sessions are kept per user.
+const RECENT_KEPT: usize = 16;
+
+/// A user's skip and enqueue history.
+#[derive(Default)]
+struct Conduct {
+    /// Quick skips within the window, oldest first.
+    quick_skips: VecDeque<Instant>,
+    /// Cooldowns in a row so far.
+    level: usize,
+    cooldown_until: Option<Instant>,
+    /// Enqueues within the last minute, oldest first.
+    enqueues: VecDeque<Instant>,
+}
+
+impl Conduct {
+    fn cooldown_left(&self, now: Instant) -> Option<Duration> {
+        self.cooldown_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
+    }
+
+    /// Nothing worth keeping once the user is gone.
+    fn is_clear(&self, now: Instant) -> bool {
+        self.cooldown_left(now).is_none() && self.quick_skips.is_empty() && self.level == 0
+    }
+}
+
+/// What undoing a not-yet-live match does to one member.
+enum Undo {
+    /// Back to its old place in the queue, told this (if anything), and matched again.
+    Back(Option<Event>),
+    /// Out of the queue (idle), told this.
+    Out(Event),
+    /// Told this, then to the tail of the queue.
+    Tail(Event),
 }
 
 enum Activity {
     Idle,
     Queued(Waiting),
-    /// Matched, waiting for the media room; to the client still `queued`. Keeps the queue
-    /// place so that a failed room puts the user back where they were.
+    /// Paired, but not live yet (proposed, or waiting for the media room); to the client
+    /// still `queued`. Keeps the queue place so that undoing the match puts the user back.
     Pending {
         session_id: Arc<str>,
         waiting: Waiting,
@@ -125,12 +191,24 @@ enum Activity {
 }
 
 struct Waiting {
+    /// The pool of the full preferences (where the position counts).
     pool: Arc<str>,
+    /// Wider pools the user is also listed in, one per relaxation step so far.
+    wider: Vec<Arc<str>>,
     ticket: u64,
     prefs: Prefs,
     since: Instant,
     /// Position and estimate the user was last told.
     told: (u64, Option<u64>),
+    /// The anti-repeat fallback timer is armed.
+    fallback_armed: bool,
+}
+
+impl Waiting {
+    /// Every pool the user is listed in.
+    fn pools(&self) -> impl Iterator<Item = &Arc<str>> {
+        std::iter::once(&self.pool).chain(self.wider.iter())
+    }
 }
 
 /// The user's event log: what resume replays.
@@ -193,8 +271,20 @@ struct Pool {
 struct Session {
     members: [Member; 2],
     created_ms: u64,
-    /// Waiting for its media room.
-    pending: bool,
+    phase: Phase,
+    /// When it went live.
+    live_since: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accept phase: who accepted so far.
+    Proposed {
+        accepted: [bool; 2],
+    },
+    /// Waiting for the media room.
+    Pending,
+    Live,
 }
 
 #[derive(Clone)]
@@ -280,13 +370,21 @@ impl State {
         let pool = &self.pools[&key];
         let estimate = self.estimate(pool, position);
         self.queued += 1;
+        if !prefs.soft.is_empty() {
+            let after = step.policy.rules.relax_after;
+            step.outcome
+                .timers
+                .push((after, id.clone(), Timer::Relax { ticket }));
+        }
         if let Some(user) = self.users.get_mut(id) {
             user.activity = Activity::Queued(Waiting {
                 pool: key,
+                wider: Vec::new(),
                 ticket,
                 prefs,
                 since: step.now,
                 told: (position, estimate),
+                fallback_armed: false,
             });
         }
         self.emit(
@@ -300,53 +398,128 @@ impl State {
         self.try_match(step, id);
     }
 
-    /// Matches a waiting, connected user with the longest-waiting compatible user in its pool.
+    fn blocked(&self, a: &UserId, b: &UserId) -> bool {
+        self.blocks.get(a).is_some_and(|s| s.contains(b))
+            || self.blocks.get(b).is_some_and(|s| s.contains(a))
+    }
+
+    /// Whether waiting `id` may be matched with `other`: `Some(true)` yes, `Some(false)` only
+    /// once the anti-repeat fallback applies, `None` never (now).
+    fn eligible(&self, step: &Step<'_>, id: &UserId, other: &UserId) -> Option<bool> {
+        if other == id {
+            return None;
+        }
+        let (user, o) = (self.users.get(id)?, self.users.get(other)?);
+        let (Activity::Queued(w), Activity::Queued(ow)) = (&user.activity, &o.activity) else {
+            return None;
+        };
+        if o.away || user.avoid.as_ref() == Some(other) || o.avoid.as_ref() == Some(id) {
+            return None;
+        }
+        if self.blocked(id, other) {
+            return None;
+        }
+        let rules = &step.policy.rules;
+        let met = user
+            .recent
+            .iter()
+            .any(|m| &m.peer == other && step.now.duration_since(m.at) < rules.anti_repeat_window);
+        let waited_enough =
+            |since: Instant| step.now.duration_since(since) >= rules.anti_repeat_fallback;
+        Some(!met || waited_enough(w.since) || waited_enough(ow.since))
+    }
+
+    /// Matches a waiting, connected user with the longest-waiting eligible user in any of its
+    /// pools. When only recently met users are there, arms the anti-repeat fallback.
     fn try_match(&mut self, step: &mut Step<'_>, id: &UserId) {
         let Some(user) = self.users.get(id) else {
             return;
         };
-        let Activity::Queued(waiting) = &user.activity else {
+        let Activity::Queued(w) = &user.activity else {
             return;
         };
         if user.away {
             return;
         }
-        let key = waiting.pool.clone();
-        let Some(pool) = self.pools.get(&key) else {
+        let mut best: Option<(u64, UserId)> = None;
+        let mut held_back = false;
+        for key in w.pools() {
+            let Some(pool) = self.pools.get(key) else {
+                continue;
+            };
+            for (ticket, other) in &pool.waiting {
+                if best.as_ref().is_some_and(|(t, _)| t <= ticket) {
+                    break;
+                }
+                match self.eligible(step, id, other) {
+                    Some(true) => {
+                        best = Some((*ticket, other.clone()));
+                        break;
+                    }
+                    Some(false) => held_back = true,
+                    None => {}
+                }
+            }
+        }
+        if let Some((_, partner)) = best {
+            self.start_session(step, id, &partner);
             return;
-        };
-        let partner = pool.waiting.values().find(|other| {
-            *other != id
-                && user.avoid.as_ref() != Some(*other)
-                && self
-                    .users
-                    .get(*other)
-                    .is_some_and(|o| !o.away && o.avoid.as_ref() != Some(id))
-        });
-        let Some(partner) = partner.cloned() else {
-            return;
-        };
-        self.start_session(step, &key, id, &partner);
+        }
+        let fallback = step.policy.rules.anti_repeat_fallback;
+        if held_back && !w.fallback_armed {
+            let delay = fallback.saturating_sub(step.now.duration_since(w.since));
+            let ticket = w.ticket;
+            if let Some(User {
+                activity: Activity::Queued(w),
+                ..
+            }) = self.users.get_mut(id)
+            {
+                w.fallback_armed = true;
+            }
+            step.outcome
+                .timers
+                .push((delay, id.clone(), Timer::Rematch { ticket }));
+        }
     }
 
-    fn take_waiting(&mut self, id: &UserId) -> Option<Waiting> {
+    /// Takes a waiting user out of every pool it is listed in.
+    fn take_waiting(&mut self, step: &mut Step<'_>, id: &UserId) -> Option<Waiting> {
         let user = self.users.get_mut(id)?;
         let Activity::Queued(waiting) = std::mem::replace(&mut user.activity, Activity::Idle)
         else {
             return None;
         };
-        if let Some(pool) = self.pools.get_mut(&waiting.pool) {
-            pool.waiting.remove(&waiting.ticket);
+        for key in waiting.pools() {
+            if let Some(pool) = self.pools.get_mut(key) {
+                pool.waiting.remove(&waiting.ticket);
+            }
         }
         self.queued -= 1;
+        for key in waiting.pools() {
+            self.pool_changed(step, key);
+        }
         Some(waiting)
+    }
+
+    /// Puts a paired user back at its old place (its ticket) in every pool it was listed in.
+    fn restore(&mut self, step: &mut Step<'_>, id: &UserId, waiting: Waiting) {
+        for key in waiting.pools() {
+            let pool = self.pools.entry(key.clone()).or_default();
+            pool.waiting.insert(waiting.ticket, id.clone());
+            if !step.outcome.changed_pools.contains(key) {
+                step.outcome.changed_pools.push(key.clone());
+            }
+        }
+        self.queued += 1;
+        if let Some(user) = self.users.get_mut(id) {
+            user.activity = Activity::Queued(waiting);
+        }
     }
 
     /// Takes a waiting user out of the queue and tells them why.
     fn dequeue(&mut self, step: &mut Step<'_>, id: &UserId, reason: DequeueReason) {
-        if let Some(w) = self.take_waiting(id) {
+        if self.take_waiting(step, id).is_some() {
             self.emit(step, id, Event::Dequeued { reason });
-            self.pool_changed(step, &w.pool);
         }
     }
 
@@ -363,8 +536,10 @@ impl State {
         }
     }
 
-    fn start_session(&mut self, step: &mut Step<'_>, key: &Arc<str>, a: &UserId, b: &UserId) {
-        let (Some(wa), Some(wb)) = (self.take_waiting(a), self.take_waiting(b)) else {
+    /// Pairs two waiting users: a proposal (accept phase), a pending session (media) or a live
+    /// one.
+    fn start_session(&mut self, step: &mut Step<'_>, a: &UserId, b: &UserId) {
+        let (Some(wa), Some(wb)) = (self.take_waiting(step, a), self.take_waiting(step, b)) else {
             return;
         };
         // The user who waited longer offers.
@@ -374,7 +549,6 @@ impl State {
             ((b, wb), (a, wa))
         };
         let session_id: Arc<str> = random_id("s_", 16).into();
-        let started_at_ms = unix_ms();
         let members = [
             Member {
                 user: first.clone(),
@@ -385,66 +559,121 @@ impl State {
                 handle: random_id("p_", 9).into(),
             },
         ];
-        let pending = step.policy.media;
         for w in [&w_first, &w_second] {
-            let waited = step.now.duration_since(w.since);
-            // With media, the wait ends with `matched`, once the room is ready.
-            if !pending {
-                step.outcome.waits.push(waited);
-            }
-            let ms = waited.as_secs_f64() * 1000.0;
+            let ms = step.now.duration_since(w.since).as_secs_f64() * 1000.0;
             self.recent_wait_ms = Some(ewma(self.recent_wait_ms, ms));
-            if let Some(pool) = self.pools.get_mut(key) {
+            if let Some(pool) = self.pools.get_mut(&w.pool) {
                 pool.recent_wait_ms = Some(ewma(pool.recent_wait_ms, ms));
             }
         }
         for (member, w) in [(first, w_first), (second, w_second)] {
             if let Some(user) = self.users.get_mut(member) {
-                user.activity = if pending {
-                    Activity::Pending {
-                        session_id: session_id.clone(),
-                        waiting: w,
-                    }
-                } else {
-                    // Met somebody: nobody is avoided any more. (A pending match that is
-                    // undone does not count: the avoided peer stays avoided.)
-                    user.avoid = None;
-                    Activity::InSession {
-                        session_id: session_id.clone(),
-                        prefs: w.prefs,
-                    }
+                user.activity = Activity::Pending {
+                    session_id: session_id.clone(),
+                    waiting: w,
                 };
             }
         }
-        if pending {
-            step.outcome.pending.push(PendingSession {
-                session_id: session_id.clone(),
-                handles: [members[0].handle.clone(), members[1].handle.clone()],
-            });
-        } else {
-            self.announce(step, &session_id, &members, started_at_ms, None);
-        }
+        let policy = step.policy;
+        let phase = match policy.rules.accept_timeout {
+            Some(_) => Phase::Proposed {
+                accepted: [false; 2],
+            },
+            None if step.policy.media => Phase::Pending,
+            None => Phase::Live,
+        };
         self.sessions.insert(
-            session_id,
+            session_id.clone(),
             Session {
-                members,
-                created_ms: started_at_ms,
-                pending,
+                members: members.clone(),
+                created_ms: unix_ms(),
+                phase,
+                live_since: None,
             },
         );
-        self.pool_changed(step, key);
+        match phase {
+            Phase::Proposed { .. } => {
+                let timeout = policy.rules.accept_timeout.unwrap_or_default();
+                let expires_at_ms = unix_ms() + timeout.as_millis() as u64;
+                for i in 0..2 {
+                    self.emit(
+                        step,
+                        &members[i].user,
+                        Event::MatchProposed {
+                            match_id: session_id.clone(),
+                            peer: members[1 - i].handle.clone(),
+                            expires_at_ms,
+                        },
+                    );
+                }
+                step.outcome.timers.push((
+                    timeout,
+                    first.clone(),
+                    Timer::Proposal {
+                        match_id: session_id,
+                    },
+                ));
+            }
+            Phase::Pending => self.await_room(step, &session_id),
+            Phase::Live => self.go_live(step, &session_id, None),
+        }
     }
 
-    /// Sends `matched` to both members (offerer first), with their media when there is some.
-    fn announce(
-        &mut self,
-        step: &mut Step<'_>,
-        session_id: &Arc<str>,
-        members: &[Member; 2],
-        started_at_ms: u64,
-        media: Option<[Media; 2]>,
-    ) {
+    /// Hands a paired session to the media side: its room is made outside this step.
+    fn await_room(&mut self, step: &mut Step<'_>, session_id: &Arc<str>) {
+        let Some(s) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        s.phase = Phase::Pending;
+        step.outcome.pending.push(PendingSession {
+            session_id: session_id.clone(),
+            handles: [s.members[0].handle.clone(), s.members[1].handle.clone()],
+        });
+    }
+
+    /// Turns a paired session live: both get `matched` (with their media, if any).
+    fn go_live(&mut self, step: &mut Step<'_>, session_id: &Arc<str>, media: Option<[Media; 2]>) {
+        let Some(s) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        s.phase = Phase::Live;
+        s.live_since = Some(step.now);
+        let members = s.members.clone();
+        let window = step.policy.rules.anti_repeat_window;
+        for i in 0..2 {
+            let Some(user) = self.users.get_mut(&members[i].user) else {
+                continue;
+            };
+            let Activity::Pending { waiting, .. } =
+                std::mem::replace(&mut user.activity, Activity::Idle)
+            else {
+                continue;
+            };
+            step.outcome
+                .waits
+                .push(step.now.duration_since(waiting.since));
+            // Met somebody: nobody is avoided any more.
+            user.avoid = None;
+            user.recent.push_back(Met {
+                session_id: session_id.clone(),
+                peer: members[1 - i].user.clone(),
+                at: step.now,
+            });
+            while user.recent.len() > RECENT_KEPT
+                || user
+                    .recent
+                    .front()
+                    .is_some_and(|m| step.now.duration_since(m.at) > window.max(HOUR))
+            {
+                user.recent.pop_front();
+            }
+            user.activity = Activity::InSession {
+                session_id: session_id.clone(),
+                prefs: waiting.prefs,
+            };
+        }
         let mut media = media.map(|[a, b]| [Some(a), Some(b)]);
+        let started_at_ms = unix_ms();
         for (i, role) in [(0, Role::Offerer), (1, Role::Answerer)] {
             self.emit(
                 step,
@@ -458,24 +687,40 @@ impl State {
                 },
             );
         }
+        // A member whose connection dropped before the match went live: the other one learns
+        // it right away, as in a running session.
+        for i in 0..2 {
+            if self.users.get(&members[i].user).is_some_and(|u| u.away) {
+                self.emit(
+                    step,
+                    &members[1 - i].user,
+                    Event::PeerStatus {
+                        session_id: session_id.clone(),
+                        state: PeerState::Reconnecting,
+                    },
+                );
+            }
+        }
     }
 
-    /// Undoes a pending session. `leaver` (with why) becomes idle and is told; every other
-    /// member goes back to its old place in the queue, told `error` when `error` says so, and
-    /// is matched again if it can be.
-    fn cancel_pending(
+    /// Undoes a paired session that is not live yet; `verdict` says what happens to each
+    /// member (given whether it had accepted).
+    fn undo_match(
         &mut self,
         step: &mut Step<'_>,
         session_id: &Arc<str>,
-        leaver: Option<(&UserId, DequeueReason)>,
-        error: Option<&Arc<str>>,
+        verdict: impl Fn(&UserId, bool) -> Undo,
     ) {
         let Some(session) = self.sessions.remove(session_id) else {
             return;
         };
         step.outcome.ended_sessions.push(session_id.clone());
+        let accepted = match session.phase {
+            Phase::Proposed { accepted } => accepted,
+            _ => [true; 2],
+        };
         let mut back = Vec::with_capacity(2);
-        for member in &session.members {
+        for (member, accepted) in session.members.iter().zip(accepted) {
             let Some(user) = self.users.get_mut(&member.user) else {
                 continue;
             };
@@ -484,35 +729,48 @@ impl State {
             else {
                 continue;
             };
-            match leaver {
-                Some((id, reason)) if *id == member.user => {
-                    self.emit(step, id, Event::Dequeued { reason });
-                }
-                _ => {
-                    let pool = self.pools.entry(waiting.pool.clone()).or_default();
-                    pool.waiting.insert(waiting.ticket, member.user.clone());
-                    self.queued += 1;
-                    if !step.outcome.changed_pools.contains(&waiting.pool) {
-                        step.outcome.changed_pools.push(waiting.pool.clone());
-                    }
-                    user.activity = Activity::Queued(waiting);
-                    if let Some(message) = error {
-                        self.emit(
-                            step,
-                            &member.user,
-                            Event::Error {
-                                code: ErrorCode::MediaUnavailable,
-                                message: message.clone(),
-                                retry_after_ms: None,
-                            },
-                        );
+            match verdict(&member.user, accepted) {
+                Undo::Back(notice) => {
+                    self.restore(step, &member.user, waiting);
+                    if let Some(event) = notice {
+                        self.emit(step, &member.user, event);
                     }
                     back.push(member.user.clone());
+                }
+                Undo::Out(event) => self.emit(step, &member.user, event),
+                Undo::Tail(event) => {
+                    self.emit(step, &member.user, event);
+                    self.queue(step, &member.user, waiting.prefs);
                 }
             }
         }
         for id in back {
             self.try_match(step, &id);
+        }
+    }
+
+    /// What the member left behind learns when the other one leaves a not-yet-live match: a
+    /// proposal it saw is called off; a pending room it never heard of is not mentioned.
+    fn left_behind(rules: &Rules, session_id: &Arc<str>) -> Undo {
+        Undo::Back(rules.accept_timeout.map(|_| Event::MatchCancelled {
+            match_id: session_id.clone(),
+            reason: CancelReason::PeerLeft,
+            requeued: true,
+        }))
+    }
+
+    /// A user who declined or let a proposal lapse: idle, or the tail of the queue.
+    fn refused(rules: &Rules, session_id: &Arc<str>, reason: CancelReason) -> Undo {
+        let tail = rules.decline_to_tail;
+        let event = Event::MatchCancelled {
+            match_id: session_id.clone(),
+            reason,
+            requeued: tail,
+        };
+        if tail {
+            Undo::Tail(event)
+        } else {
+            Undo::Out(event)
         }
     }
 
@@ -526,19 +784,50 @@ impl State {
         Some((session_id.clone(), peer))
     }
 
+    /// The peer of `id` in `session` (default: the current live session, else the most recent
+    /// one).
+    fn peer_in(&self, id: &UserId, session: Option<&str>) -> Option<(Arc<str>, UserId)> {
+        if let Some((sid, peer)) = self.session_of(id) {
+            if session.is_none_or(|s| *s == *sid) {
+                return Some((sid, peer));
+            }
+        }
+        self.users
+            .get(id)?
+            .recent
+            .iter()
+            .rev()
+            .find(|m| session.is_none_or(|s| *s == *m.session_id))
+            .map(|m| (m.session_id.clone(), m.peer.clone()))
+    }
+
     /// Ends `id`'s session: tells both sides why, then re-queues whoever the rule says.
+    /// Returns how long the session was live.
     fn end_session(
         &mut self,
         step: &mut Step<'_>,
         id: &UserId,
         (own_reason, own_requeue): (EndReason, bool),
         (peer_reason, peer_requeue): (EndReason, bool),
-    ) -> Result<(), MatchError> {
+    ) -> Result<Duration, MatchError> {
         let (session_id, peer) = self
             .session_of(id)
             .ok_or(MatchError::InvalidState("not in a session".into()))?;
-        self.sessions.remove(&session_id);
+        let lived = self
+            .sessions
+            .remove(&session_id)
+            .and_then(|s| s.live_since)
+            .map_or(Duration::ZERO, |t| step.now.duration_since(t));
         step.outcome.ended_sessions.push(session_id.clone());
+        // A real conversation: whatever skipping came before is forgiven.
+        if lived >= step.policy.rules.skip_quick {
+            for who in [id, &peer] {
+                if let Some(c) = self.conduct.get_mut(who) {
+                    c.quick_skips.clear();
+                    c.level = 0;
+                }
+            }
+        }
         let mut prefs = Vec::with_capacity(2);
         for (who, reason, requeue) in [
             (id, own_reason, own_requeue),
@@ -567,7 +856,140 @@ impl State {
                 self.queue(step, &who, p);
             }
         }
+        Ok(lived)
+    }
+
+    /// Refuses `enqueue` and `skip` during a cooldown.
+    fn check_cooldown(&self, step: &Step<'_>, id: &UserId) -> Result<(), MatchError> {
+        match self.conduct.get(id).and_then(|c| c.cooldown_left(step.now)) {
+            Some(left) => Err(MatchError::Cooldown {
+                retry_after_ms: left.as_millis() as u64 + 1,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts an enqueue against the per-user rate.
+    fn count_enqueue(&mut self, step: &Step<'_>, id: &UserId) -> Result<(), MatchError> {
+        let limit = step.policy.rules.enqueue_per_minute as usize;
+        let c = self.conduct.entry(id.clone()).or_default();
+        while c
+            .enqueues
+            .front()
+            .is_some_and(|t| step.now.duration_since(*t) >= MINUTE)
+        {
+            c.enqueues.pop_front();
+        }
+        if c.enqueues.len() >= limit {
+            let oldest = c.enqueues.front().copied().unwrap_or(step.now);
+            let left = MINUTE.saturating_sub(step.now.duration_since(oldest));
+            return Err(MatchError::RateLimited {
+                retry_after_ms: left.as_millis() as u64 + 1,
+            });
+        }
+        c.enqueues.push_back(step.now);
         Ok(())
+    }
+
+    /// Records a skip after a session of `lived`; returns the cooldown it starts, if any.
+    fn count_skip(&mut self, step: &Step<'_>, id: &UserId, lived: Duration) -> Option<Duration> {
+        let rules = &step.policy.rules;
+        if lived >= rules.skip_quick {
+            return None;
+        }
+        let c = self.conduct.entry(id.clone()).or_default();
+        // A skip window without a cooldown since the last one: the next one starts short again.
+        if c.cooldown_until
+            .is_some_and(|until| step.now >= until + rules.skip_window)
+        {
+            c.level = 0;
+            c.cooldown_until = None;
+        }
+        while c
+            .quick_skips
+            .front()
+            .is_some_and(|t| step.now.duration_since(*t) >= rules.skip_window)
+        {
+            c.quick_skips.pop_front();
+        }
+        c.quick_skips.push_back(step.now);
+        if c.quick_skips.len() < rules.skip_limit as usize {
+            return None;
+        }
+        c.quick_skips.clear();
+        c.level += 1;
+        let cooldown = rules.cooldown(c.level);
+        c.cooldown_until = Some(step.now + cooldown);
+        Some(cooldown)
+    }
+
+    /// Which member (0 or 1) of the open proposal `match_id` the user is.
+    fn proposal_member(&self, id: &UserId, match_id: &str) -> Result<usize, MatchError> {
+        let no = || MatchError::InvalidState("no such proposal open".into());
+        match &self.user(id)?.activity {
+            Activity::Pending { session_id, .. } if **session_id == *match_id => {}
+            _ => return Err(no()),
+        }
+        let s = self.sessions.get(match_id).ok_or_else(no)?;
+        if !matches!(s.phase, Phase::Proposed { .. }) {
+            return Err(no());
+        }
+        s.members.iter().position(|m| &m.user == id).ok_or_else(no)
+    }
+
+    /// Widens the search of a waiting user by one relaxation step.
+    fn relax(&mut self, step: &mut Step<'_>, id: &UserId, ticket: u64) {
+        let w = match self.users.get(id).map(|u| &u.activity) {
+            Some(Activity::Queued(w)) if w.ticket == ticket => w,
+            // Paired meanwhile: if the match is undone, the search goes on widening.
+            Some(Activity::Pending { waiting, .. }) if waiting.ticket == ticket => {
+                let after = step.policy.rules.relax_after;
+                step.outcome
+                    .timers
+                    .push((after, id.clone(), Timer::Relax { ticket }));
+                return;
+            }
+            _ => return,
+        };
+        let level = w.wider.len() + 1;
+        let Some(widened) = w.prefs.relaxed(level) else {
+            return;
+        };
+        let key: Arc<str> = widened.pool_key().into();
+        let more = level < w.prefs.soft.len();
+        let base = w.pool.clone();
+        self.pools
+            .entry(key.clone())
+            .or_default()
+            .waiting
+            .insert(ticket, id.clone());
+        let pool = &self.pools[&base];
+        let position = pool.waiting.range(..ticket).count() as u64;
+        let estimate = self.estimate(pool, position);
+        if let Some(User {
+            activity: Activity::Queued(w),
+            ..
+        }) = self.users.get_mut(id)
+        {
+            w.wider.push(key);
+            w.told = (position, estimate);
+        }
+        self.emit(
+            step,
+            id,
+            Event::QueueUpdate {
+                position,
+                estimated_wait_ms: estimate,
+                widened_to: Some(widened),
+            },
+        );
+        if more {
+            let after = step.policy.rules.relax_after;
+            step.outcome
+                .timers
+                .push((after, id.clone(), Timer::Relax { ticket }));
+        }
+        self.try_match(step, id);
     }
 
     /// Records a media event id; false when it was seen within its dedupe window.
@@ -600,7 +1022,8 @@ impl State {
                 peer: None,
                 role: None,
             },
-            // The client learns of the match only with `matched`.
+            // The client learns of the match only with `matched` (a proposal names its
+            // match id).
             Activity::Pending { .. } => Status {
                 state: StateName::Queued,
                 position: Some(0),
@@ -667,6 +1090,7 @@ impl Matchmaker for MemoryMatchmaker {
                 away: false,
                 activity: Activity::Idle,
                 avoid: None,
+                recent: VecDeque::new(),
                 log: Log::new(),
             });
             // Connection ids grow: an older connection whose attach comes after a newer one's
@@ -754,6 +1178,13 @@ impl Matchmaker for MemoryMatchmaker {
             match &entry.activity {
                 Activity::Idle => {
                     state.users.remove(user);
+                    if state
+                        .conduct
+                        .get(user)
+                        .is_some_and(|c| c.is_clear(step.now))
+                    {
+                        state.conduct.remove(user);
+                    }
                 }
                 Activity::Queued(_) => {
                     state.dequeue(step, user, DequeueReason::Timeout);
@@ -761,12 +1192,16 @@ impl Matchmaker for MemoryMatchmaker {
                 }
                 Activity::Pending { session_id, .. } => {
                     let session_id = session_id.clone();
-                    state.cancel_pending(
-                        step,
-                        &session_id,
-                        Some((user, DequeueReason::Timeout)),
-                        None,
-                    );
+                    let rules = &step.policy.rules;
+                    state.undo_match(step, &session_id, |member, _| {
+                        if member == user {
+                            Undo::Out(Event::Dequeued {
+                                reason: DequeueReason::Timeout,
+                            })
+                        } else {
+                            State::left_behind(rules, &session_id)
+                        }
+                    });
                     step.outcome.held = true;
                 }
                 Activity::InSession { .. } => {
@@ -803,6 +1238,8 @@ impl Matchmaker for MemoryMatchmaker {
                     ))
                 }
             }
+            state.check_cooldown(step, user)?;
+            state.count_enqueue(step, user)?;
             state.queue(step, user, prefs);
             Ok(())
         })?;
@@ -811,18 +1248,38 @@ impl Matchmaker for MemoryMatchmaker {
 
     async fn skip(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError> {
         let ((), outcome) = self.step(Some(user), reference, |state, step| {
-            let (_, peer) = state
+            state.check_cooldown(step, user)?;
+            let (session_id, peer) = state
                 .session_of(user)
                 .ok_or(MatchError::InvalidState("not in a session".into()))?;
             state.user_mut(user)?.avoid = Some(peer.clone());
             state.user_mut(&peer)?.avoid = Some(user.clone());
+            let lived = state
+                .sessions
+                .get(&session_id)
+                .and_then(|s| s.live_since)
+                .map_or(Duration::ZERO, |t| step.now.duration_since(t));
+            // The skip that starts a cooldown still ends the session, but does not re-queue.
+            let cooldown = state.count_skip(step, user, lived);
             let requeue_peer = step.policy.requeue_peer_on_skip;
             state.end_session(
                 step,
                 user,
-                (EndReason::Skip, true),
+                (EndReason::Skip, cooldown.is_none()),
                 (EndReason::PeerSkipped, requeue_peer),
-            )
+            )?;
+            if let Some(cooldown) = cooldown {
+                state.emit(
+                    step,
+                    user,
+                    Event::Error {
+                        code: ErrorCode::Cooldown,
+                        message: COOLDOWN.into(),
+                        retry_after_ms: Some(cooldown.as_millis() as u64),
+                    },
+                );
+            }
+            Ok(())
         })?;
         Ok(outcome)
     }
@@ -839,15 +1296,26 @@ impl Matchmaker for MemoryMatchmaker {
                 }
                 Activity::Pending { ref session_id, .. } => {
                     let session_id = session_id.clone();
-                    state.cancel_pending(step, &session_id, Some((user, DequeueReason::End)), None);
+                    let rules = &step.policy.rules;
+                    state.undo_match(step, &session_id, |member, _| {
+                        if member == user {
+                            Undo::Out(Event::Dequeued {
+                                reason: DequeueReason::End,
+                            })
+                        } else {
+                            State::left_behind(rules, &session_id)
+                        }
+                    });
                     Ok(())
                 }
-                Activity::InSession { .. } => state.end_session(
-                    step,
-                    user,
-                    (EndReason::End, false),
-                    (EndReason::PeerEnded, false),
-                ),
+                Activity::InSession { .. } => state
+                    .end_session(
+                        step,
+                        user,
+                        (EndReason::End, false),
+                        (EndReason::PeerEnded, false),
+                    )
+                    .map(|_| ()),
             }
         })?;
         Ok(outcome)
@@ -873,6 +1341,10 @@ impl Matchmaker for MemoryMatchmaker {
                 let Activity::Queued(w) = &user.activity else {
                     continue;
                 };
+                // Users listed here because their search widened are told about their own pool.
+                if *w.pool != *pool {
+                    continue;
+                }
                 if user.away || (w.told.0 == position && !estimate_moved(w.told.1, estimate)) {
                     continue;
                 }
@@ -892,6 +1364,7 @@ impl Matchmaker for MemoryMatchmaker {
                     Event::QueueUpdate {
                         position,
                         estimated_wait_ms: estimate,
+                        widened_to: None,
                     },
                 );
             }
@@ -914,52 +1387,33 @@ impl Matchmaker for MemoryMatchmaker {
         media: [Media; 2],
     ) -> Result<(bool, Outcome), MatchError> {
         self.step(None, None, |state, step| {
-            let Some(s) = state.sessions.get_mut(session).filter(|s| s.pending) else {
+            if !state
+                .sessions
+                .get(session)
+                .is_some_and(|s| s.phase == Phase::Pending)
+            {
                 return Ok(false);
-            };
-            s.pending = false;
-            let members = s.members.clone();
-            let session_id: Arc<str> = session.into();
-            for member in &members {
-                if let Some(user) = state.users.get_mut(&member.user) {
-                    if let Activity::Pending { waiting, .. } =
-                        std::mem::replace(&mut user.activity, Activity::Idle)
-                    {
-                        step.outcome
-                            .waits
-                            .push(step.now.duration_since(waiting.since));
-                        user.avoid = None;
-                        user.activity = Activity::InSession {
-                            session_id: session_id.clone(),
-                            prefs: waiting.prefs,
-                        };
-                    }
-                }
             }
-            state.announce(step, &session_id, &members, unix_ms(), Some(media));
-            // A member whose connection dropped while the room was being made: the other one
-            // learns it right away, as in a running session.
-            for i in 0..2 {
-                if state.users.get(&members[i].user).is_some_and(|u| u.away) {
-                    state.emit(
-                        step,
-                        &members[1 - i].user,
-                        Event::PeerStatus {
-                            session_id: session_id.clone(),
-                            state: PeerState::Reconnecting,
-                        },
-                    );
-                }
-            }
+            state.go_live(step, &session.into(), Some(media));
             Ok(true)
         })
     }
 
     async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError> {
         let ((), outcome) = self.step(None, None, |state, step| {
-            if state.sessions.get(session).is_some_and(|s| s.pending) {
+            if state
+                .sessions
+                .get(session)
+                .is_some_and(|s| s.phase == Phase::Pending)
+            {
                 let message: Arc<str> = MEDIA_UNAVAILABLE.into();
-                state.cancel_pending(step, &session.into(), None, Some(&message));
+                state.undo_match(step, &session.into(), |_, _| {
+                    Undo::Back(Some(Event::Error {
+                        code: ErrorCode::MediaUnavailable,
+                        message: message.clone(),
+                        retry_after_ms: None,
+                    }))
+                });
             }
             Ok(())
         })?;
@@ -977,7 +1431,11 @@ impl Matchmaker for MemoryMatchmaker {
             if !state.first_sight(event_id, step.now, dedupe) {
                 return Ok(MediaEffect::Duplicate);
             }
-            let Some(s) = state.sessions.get(session).filter(|s| !s.pending) else {
+            let Some(s) = state
+                .sessions
+                .get(session)
+                .filter(|s| s.phase == Phase::Live)
+            else {
                 return Ok(MediaEffect::NoSession);
             };
             let requeue_peer = step.policy.requeue_peer_on_skip;
@@ -997,7 +1455,7 @@ impl Matchmaker for MemoryMatchmaker {
                     state.end_session(step, &user, (reason, false), (reason, false))
                 }
             };
-            ended.map(|()| MediaEffect::Ended)
+            ended.map(|_| MediaEffect::Ended)
         })
     }
 
@@ -1009,9 +1467,154 @@ impl Matchmaker for MemoryMatchmaker {
             .map(|(id, s)| SessionInfo {
                 session_id: id.clone(),
                 created_ms: s.created_ms,
-                pending: s.pending,
+                pending: s.phase != Phase::Live,
             })
             .collect())
+    }
+
+    async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            state.user(user)?;
+            let (session_id, peer) =
+                state
+                    .peer_in(user, session)
+                    .ok_or(MatchError::InvalidState(
+                        "no such session to block a peer from".into(),
+                    ))?;
+            state
+                .blocks
+                .entry(user.clone())
+                .or_default()
+                .insert(peer.clone());
+            if state.session_of(user).is_some_and(|(s, _)| s == session_id) {
+                state.end_session(
+                    step,
+                    user,
+                    (EndReason::End, false),
+                    (EndReason::PeerEnded, false),
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    async fn recent_peer(
+        &self,
+        user: &UserId,
+        session: Option<&str>,
+    ) -> Result<(Arc<str>, UserId), MatchError> {
+        let state = self.state.lock().expect("matchmaker state poisoned");
+        state.user(user)?;
+        state
+            .peer_in(user, session)
+            .ok_or(MatchError::InvalidState("no such session".into()))
+    }
+
+    async fn accept(
+        &self,
+        user: &UserId,
+        match_id: &str,
+        _reference: Option<&str>,
+    ) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            let i = state.proposal_member(user, match_id)?;
+            let session_id: Arc<str> = match_id.into();
+            let Some(s) = state.sessions.get_mut(match_id) else {
+                return Ok(());
+            };
+            let Phase::Proposed { mut accepted } = s.phase else {
+                return Ok(());
+            };
+            accepted[i] = true;
+            s.phase = Phase::Proposed { accepted };
+            if accepted == [true; 2] {
+                if step.policy.media {
+                    state.await_room(step, &session_id);
+                } else {
+                    state.go_live(step, &session_id, None);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    async fn decline(
+        &self,
+        user: &UserId,
+        match_id: &str,
+        _reference: Option<&str>,
+    ) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            let i = state.proposal_member(user, match_id)?;
+            let session_id: Arc<str> = match_id.into();
+            // Like a skip: the pair is not proposed to each other again right away.
+            if let Some(peer) = state
+                .sessions
+                .get(match_id)
+                .map(|s| s.members[1 - i].user.clone())
+            {
+                state.user_mut(user)?.avoid = Some(peer.clone());
+                state.user_mut(&peer)?.avoid = Some(user.clone());
+            }
+            let rules = &step.policy.rules;
+            state.undo_match(step, &session_id, |member, _| {
+                if member == user {
+                    State::refused(rules, &session_id, CancelReason::Declined)
+                } else {
+                    Undo::Back(Some(Event::MatchCancelled {
+                        match_id: session_id.clone(),
+                        reason: CancelReason::PeerDeclined,
+                        requeued: true,
+                    }))
+                }
+            });
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            match timer {
+                Timer::Relax { ticket } => state.relax(step, user, ticket),
+                Timer::Rematch { ticket } => {
+                    if let Some(User {
+                        activity: Activity::Queued(w),
+                        ..
+                    }) = state.users.get_mut(user)
+                    {
+                        if w.ticket == ticket {
+                            w.fallback_armed = false;
+                            state.try_match(step, user);
+                        }
+                    }
+                }
+                Timer::Proposal { match_id } => {
+                    let proposed = state
+                        .sessions
+                        .get(&match_id)
+                        .is_some_and(|s| matches!(s.phase, Phase::Proposed { .. }));
+                    if proposed {
+                        let rules = &step.policy.rules;
+                        state.undo_match(step, &match_id, |_, accepted| {
+                            if accepted {
+                                Undo::Back(Some(Event::MatchCancelled {
+                                    match_id: match_id.clone(),
+                                    reason: CancelReason::PeerTimeout,
+                                    requeued: true,
+                                }))
+                            } else {
+                                State::refused(rules, &match_id, CancelReason::Timeout)
+                            }
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
     }
 
     /// One process holds all the state: it always holds every lease.

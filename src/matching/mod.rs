@@ -19,6 +19,58 @@ use async_trait::async_trait;
 use crate::bus::Frame;
 use crate::protocol::{EndReason, ErrorCode, Media, Prefs, StateName};
 
+/// The safety and fairness rules both backends enforce inside their atomic matching step.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Users who met are not matched again within this window...
+    pub anti_repeat_window: Duration,
+    /// ...unless one of them has waited this long.
+    pub anti_repeat_fallback: Duration,
+    /// A skip this soon after the match is quick; a session this long resets the count.
+    pub skip_quick: Duration,
+    /// Quick skips within `skip_window` that start a cooldown.
+    pub skip_limit: u32,
+    pub skip_window: Duration,
+    /// Consecutive cooldowns; the last one repeats.
+    pub skip_cooldowns: Vec<Duration>,
+    pub enqueue_per_minute: u32,
+    /// Accept phase, when set: how long both have to accept.
+    pub accept_timeout: Option<Duration>,
+    /// A user who declined (or let a proposal time out) goes to the tail of the queue rather
+    /// than idle.
+    pub decline_to_tail: bool,
+    /// Wait per preference relaxation step.
+    pub relax_after: Duration,
+}
+
+impl Rules {
+    pub fn from_config(c: &crate::config::Config) -> Rules {
+        Rules {
+            anti_repeat_window: Duration::from_secs(c.anti_repeat_window_s),
+            anti_repeat_fallback: Duration::from_millis(c.anti_repeat_fallback_ms),
+            skip_quick: Duration::from_secs(c.skip_quick_s),
+            skip_limit: c.skip_limit,
+            skip_window: Duration::from_secs(c.skip_window_s),
+            skip_cooldowns: c
+                .skip_cooldowns_s
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+            enqueue_per_minute: c.enqueue_per_minute,
+            accept_timeout: (c.accept_timeout_ms > 0)
+                .then(|| Duration::from_millis(c.accept_timeout_ms)),
+            decline_to_tail: c.decline_to == crate::config::DeclineTo::Tail,
+            relax_after: Duration::from_millis(c.relax_after_ms),
+        }
+    }
+
+    /// The cooldown after the `level`-th cooldown in a row (1-based).
+    pub fn cooldown(&self, level: usize) -> Duration {
+        let i = level.clamp(1, self.skip_cooldowns.len()) - 1;
+        self.skip_cooldowns[i]
+    }
+}
+
 /// A user id: the JWT `sub`.
 pub type UserId = Arc<str>;
 
@@ -93,6 +145,19 @@ pub struct Outcome {
     pub pending: Vec<PendingSession>,
     /// Sessions (live or pending) that this operation ended: their rooms must go.
     pub ended_sessions: Vec<Arc<str>>,
+    /// Timers to arm: after the delay, [`Matchmaker::wake`] with the user and the timer.
+    pub timers: Vec<(Duration, UserId, Timer)>,
+}
+
+/// Something a waiting user's state needs later, without anybody polling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Timer {
+    /// Widen the search of the user's queue place `ticket` by one relaxation step.
+    Relax { ticket: u64 },
+    /// The anti-repeat fallback of queue place `ticket` is due: recent peers are fair game.
+    Rematch { ticket: u64 },
+    /// The proposal `match_id` expires.
+    Proposal { match_id: Arc<str> },
 }
 
 /// A matched pair whose `matched` events wait for a media room.
@@ -136,6 +201,7 @@ impl Outcome {
         self.held |= other.held;
         self.pending.extend(other.pending);
         self.ended_sessions.extend(other.ended_sessions);
+        self.timers.extend(other.timers);
     }
 }
 
@@ -158,6 +224,12 @@ pub enum MatchError {
     /// A newer connection of the same user took over while this one was attaching.
     #[error("replaced by a newer connection")]
     Replaced,
+    /// Too many quick skips: refused until the cooldown is over.
+    #[error("too many quick skips: wait for the cooldown")]
+    Cooldown { retry_after_ms: u64 },
+    /// Too many enqueues.
+    #[error("too many enqueues: slow down")]
+    RateLimited { retry_after_ms: u64 },
 }
 
 impl MatchError {
@@ -166,7 +238,29 @@ impl MatchError {
             MatchError::InvalidState(_) => ErrorCode::InvalidState,
             MatchError::Unavailable(_) => ErrorCode::Unavailable,
             MatchError::Internal(_) | MatchError::Replaced => ErrorCode::Internal,
+            MatchError::Cooldown { .. } => ErrorCode::Cooldown,
+            MatchError::RateLimited { .. } => ErrorCode::RateLimited,
         }
+    }
+
+    /// When the client may try again, where that is known.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            MatchError::Unavailable(_) => Some(1_000),
+            MatchError::Cooldown { retry_after_ms }
+            | MatchError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
+            _ => None,
+        }
+    }
+
+    /// Whether the client caused it (and pays from its error budget).
+    pub fn client_caused(&self) -> bool {
+        matches!(
+            self,
+            MatchError::InvalidState(_)
+                | MatchError::Cooldown { .. }
+                | MatchError::RateLimited { .. }
+        )
     }
 }
 
@@ -234,6 +328,38 @@ pub trait Matchmaker: Send + Sync + 'static {
 
     /// Every session, for the sweep that matches them against the media server's rooms.
     async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError>;
+
+    /// Blocks the peer of `session` (default: the current or most recent one) for good, in
+    /// both directions; a live session with them ends (`end` for the blocker, `peer_ended`
+    /// for the blocked).
+    async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError>;
+
+    /// The peer of `user` in `session` (default: the current or most recent session), for
+    /// reports: the session id and the peer's user id.
+    async fn recent_peer(
+        &self,
+        user: &UserId,
+        session: Option<&str>,
+    ) -> Result<(Arc<str>, UserId), MatchError>;
+
+    /// Accept phase: `user` accepts the proposal `match_id`.
+    async fn accept(
+        &self,
+        user: &UserId,
+        match_id: &str,
+        reference: Option<&str>,
+    ) -> Result<Outcome, MatchError>;
+
+    /// Accept phase: `user` declines the proposal `match_id`.
+    async fn decline(
+        &self,
+        user: &UserId,
+        match_id: &str,
+        reference: Option<&str>,
+    ) -> Result<Outcome, MatchError>;
+
+    /// A timer an earlier outcome armed went off.
+    async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError>;
 
     /// Whether this instance holds the lease `name` for `ttl` (one instance of a deployment
     /// runs each periodic clean-up). Taking it again before it runs out extends it.

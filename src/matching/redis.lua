@@ -11,20 +11,27 @@
 -- ARGV: 1 key prefix (e.g. "{mg}"), 2 operation, 3 requeue peer on skip ("1"/"0"),
 --       4 history length, 5 history ttl ms, 6 grace ms, 7 channel prefix, 8 entropy (random,
 --       for ids), 9 user (or instance for instance-level operations), 10 media: how long a
---       session may wait for its room in ms ("0": no media, sessions start live),
---       11.. operation arguments.
+--       session may wait for its room in ms ("0": no media, sessions start live), 11 the
+--       rules (see `read_rules`), 12.. operation arguments.
 -- Returns a JSON object: {"error": ..} or the operation's result plus the outcome fields
--- waits (ms), ended (reasons), changed (pools), held, published.
+-- waits (ms), ended (reasons), changed (pools), held, published, pending, ended_sessions,
+-- timers.
 --
 -- Key layout (P = prefix):
---   P:u:<user>      hash: conn inst away state pool prefs ticket since told_pos told_est sid
---                         avoid epoch seq; state is idle, queued, pending (matched, waiting
---                         for the media room; the queue fields are kept) or session
+--   P:u:<user>      hash: conn inst away state pool wider prefs rkeys rprefs ticket since
+--                         told_pos told_est fb sid avoid epoch seq; state is idle, queued,
+--                         pending (paired, not live yet; the queue fields are kept) or session
 --   P:log:<user>    list of "<seq> <ms> <frame>", newest last, bounded, expires
---   P:pool:<pool>   zset of waiting users by ticket (FIFO)
---   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles) created pending
+--   P:pool:<pool>   zset of waiting users by ticket (FIFO); a user whose search widened is
+--                   also listed, with the same ticket, in the pools in its `wider` field
+--   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles) created phase (proposed,
+--                   pending or live) a1 a2 (accepted) live (ms it went live)
+--   P:met:<user>    list of "<session> <ms> <peer>", newest first: sessions that went live
+--   P:blk:<user>    set of the users this user blocked (never expires)
+--   P:cd:<user>     hash: qs (quick skip times) lvl until (cooldown); expires
+--   P:enq:<user>    list of enqueue times in the last minute, newest first
 --   P:sessions      zset session -> ms matched (media mode only: what the room sweep checks)
---   P:pending       zset session -> ms by which its room must be ready, else it is undone
+--   P:pending       zset session -> ms by which a paired session must be live, else undone
 --   P:seen:<event>  a media event id acted on (de-duplication), expires
 --   P:lease:<name>  the instance that runs the periodic job <name>, expires
 --   P:ticket        counter; P:stat hash: queued sessions
@@ -40,8 +47,24 @@
 
 -- Set at the start of every call (the library's functions are created once, at load).
 local ARGV, P, OP, REQUEUE_PEER, HISTORY_LEN, HISTORY_TTL, GRACE, CH, ENTROPY, USER, NOW
-local MEDIA_PENDING
+local MEDIA_PENDING, R
 local out, actor, ref, id_counter
+
+-- The rules, one comma-separated string: anti-repeat window ms, fallback ms, quick skip ms,
+-- skip limit, skip window ms, enqueues per minute, accept timeout ms (0: off), decline to
+-- tail (1/0), relax after ms, then the cooldowns in ms separated by ";".
+local function read_rules(s)
+  local f = {}
+  for v in string.gmatch(s, '[^,]+') do table.insert(f, v) end
+  local cds = {}
+  for v in string.gmatch(f[10], '[^;]+') do table.insert(cds, tonumber(v)) end
+  return { window = tonumber(f[1]), fallback = tonumber(f[2]), quick = tonumber(f[3]),
+    limit = tonumber(f[4]), skip_window = tonumber(f[5]), enq = tonumber(f[6]),
+    accept = tonumber(f[7]), tail = f[8] == '1', relax = tonumber(f[9]), cooldowns = cds }
+end
+
+-- The i-th operation argument.
+local function arg(i) return ARGV[11 + i] end
 
 local function ukey(u) return P .. ':u:' .. u end
 local function skey(s) return P .. ':s:' .. s end
@@ -52,8 +75,8 @@ local function new_id(prefix, len)
   return prefix .. string.sub(redis.sha1hex(ENTROPY .. ':' .. id_counter), 1, len)
 end
 
-local function fail(code, message)
-  return cjson.encode({ error = code, message = message })
+local function fail(code, message, retry_after_ms)
+  return cjson.encode({ error = code, message = message, retry_after_ms = retry_after_ms })
 end
 
 local function publish(inst, payload)
@@ -124,22 +147,54 @@ local function pool_changed(pk)
   end
 end
 
+local function split(s, sep)
+  local t = {}
+  if not s or s == '' then return t end
+  for v in string.gmatch(s, '[^' .. sep .. ']+') do table.insert(t, v) end
+  return t
+end
+
+local function timer(delay, u, kind, a)
+  table.insert(out.timers, { math.max(delay, 0), u, kind, tostring(a) })
+end
+
+-- Every pool a waiting user is listed in.
+local function pools_of(pk, wider)
+  local t = { pk }
+  for _, k in ipairs(split(wider, '\n')) do table.insert(t, k) end
+  return t
+end
+
+-- Takes a waiting user out of every pool it is listed in.
 local function take_waiting(u)
   local h = ukey(u)
-  local state, pk, since, ticket = unpack(redis.call('HMGET', h, 'state', 'pool', 'since', 'ticket'))
+  local state, pk, since, ticket, wider = unpack(redis.call('HMGET', h, 'state', 'pool', 'since', 'ticket', 'wider'))
   if state ~= 'queued' then return nil end
-  redis.call('ZREM', zkey(pk), u)
-  -- Only the state changes: the queue fields are read only while the state is `queued`.
+  local pools = pools_of(pk, wider)
+  for _, k in ipairs(pools) do redis.call('ZREM', zkey(k), u) end
+  -- Only the state changes: the queue fields are read only while the state is `queued` or
+  -- `pending`.
   redis.call('HSET', h, 'state', 'idle')
   redis.call('HINCRBY', P .. ':stat', 'queued', -1)
+  for _, k in ipairs(pools) do pool_changed(k) end
   return { pk = pk, since = tonumber(since), ticket = tonumber(ticket) }
+end
+
+-- Puts a paired user back at its old place (its ticket) in every pool it was listed in.
+local function restore(u)
+  local h = ukey(u)
+  local pk, ticket, wider = unpack(redis.call('HMGET', h, 'pool', 'ticket', 'wider'))
+  for _, k in ipairs(pools_of(pk, wider)) do
+    redis.call('ZADD', zkey(k), ticket, u)
+    add_changed(k)
+  end
+  redis.call('HSET', h, 'state', 'queued')
+  redis.call('HINCRBY', P .. ':stat', 'queued', 1)
 end
 
 -- Takes a waiting user out of the queue and tells them why.
 local function dequeue(u, reason)
-  local w = take_waiting(u)
-  emit(u, { type = 'dequeued', reason = reason })
-  pool_changed(w.pk)
+  if take_waiting(u) then emit(u, { type = 'dequeued', reason = reason }) end
 end
 
 local function session_of(u)
@@ -151,72 +206,138 @@ local function session_of(u)
   return sid, u1
 end
 
--- Sends `matched` to both members, with their media (JSON) when there is some.
-local function announce(sid, first, second, hf, hs, mf, ms)
-  local ef = { type = 'matched', session_id = sid, peer = hs, role = 'offerer', started_at_ms = NOW }
-  local es = { type = 'matched', session_id = sid, peer = hf, role = 'answerer', started_at_ms = NOW }
-  if mf then ef.media, es.media = cjson.decode(mf), cjson.decode(ms) end
-  emit(first, ef)
-  emit(second, es)
+local function blocked(a, b)
+  return redis.call('SISMEMBER', P .. ':blk:' .. a, b) == 1
+    or redis.call('SISMEMBER', P .. ':blk:' .. b, a) == 1
 end
 
-local function start_session(pk, a, b)
+-- When u last met each peer within the anti-repeat window.
+local function met_within(u)
+  local t = {}
+  for _, e in ipairs(redis.call('LRANGE', P .. ':met:' .. u, 0, -1)) do
+    local _, ms, peer = string.match(e, '^(%S+) (%d+) (.*)$')
+    if NOW - tonumber(ms) < R.window and not t[peer] then t[peer] = tonumber(ms) end
+  end
+  return t
+end
+
+-- Turns a paired session live: both get `matched` (with their media JSON, if any).
+local function go_live(sid, mf, ms)
+  local u1, u2, h1, h2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2', 'h1', 'h2'))
+  redis.call('HSET', skey(sid), 'phase', 'live', 'live', NOW)
+  redis.call('ZREM', P .. ':pending', sid)
+  local keep = math.max(R.window, 3600000)
+  for _, pair in ipairs({ { u1, u2 }, { u2, u1 } }) do
+    local h = ukey(pair[1])
+    local since = tonumber(redis.call('HGET', h, 'since'))
+    table.insert(out.waits, math.max(NOW - since, 0))
+    -- Met somebody: nobody is avoided any more (user ids are never empty).
+    redis.call('HSET', h, 'state', 'session', 'avoid', '')
+    local mk = P .. ':met:' .. pair[1]
+    redis.call('LPUSH', mk, sid .. ' ' .. NOW .. ' ' .. pair[2])
+    redis.call('LTRIM', mk, 0, 15)
+    redis.call('PEXPIRE', mk, keep)
+  end
+  local e1 = { type = 'matched', session_id = sid, peer = h2, role = 'offerer', started_at_ms = NOW }
+  local e2 = { type = 'matched', session_id = sid, peer = h1, role = 'answerer', started_at_ms = NOW }
+  if mf then e1.media, e2.media = cjson.decode(mf), cjson.decode(ms) end
+  emit(u1, e1)
+  emit(u2, e2)
+  -- A member whose connection dropped before the match went live: the other one learns it
+  -- right away, as in a running session.
+  for _, pair in ipairs({ { u1, u2 }, { u2, u1 } }) do
+    if redis.call('HGET', ukey(pair[1]), 'away') == '1' then
+      emit(pair[2], { type = 'peer_status', session_id = sid, state = 'reconnecting' })
+    end
+  end
+end
+
+-- Hands a paired session to the media side: its room is made outside this call.
+local function await_room(sid)
+  local h1, h2 = unpack(redis.call('HMGET', skey(sid), 'h1', 'h2'))
+  redis.call('HSET', skey(sid), 'phase', 'pending')
+  redis.call('ZADD', P .. ':pending', NOW + MEDIA_PENDING, sid)
+  table.insert(out.pending, { sid, h1, h2 })
+end
+
+local function start_session(a, b)
   local wa, wb = take_waiting(a), take_waiting(b)
   -- The user who waited longer offers.
   local first, second, wf, ws = a, b, wa, wb
   if wb.ticket < wa.ticket then first, second, wf, ws = b, a, wb, wa end
   local sid = new_id('s_', 32)
   local hf, hs = new_id('p_', 16), new_id('p_', 16)
-  local pool_wait, all_wait = unpack(redis.call('HMGET', P .. ':waits', pk, '*'))
   for _, w in ipairs({ wf, ws }) do
-    local waited = NOW - w.since
-    if waited < 0 then waited = 0 end
-    -- With media, the wait ends with `matched`, once the room is ready.
-    if MEDIA_PENDING == 0 then table.insert(out.waits, waited) end
-    pool_wait, all_wait = ewma(pool_wait, waited), ewma(all_wait, waited)
+    local waited = math.max(NOW - w.since, 0)
+    local pool_wait, all_wait = unpack(redis.call('HMGET', P .. ':waits', w.pk, '*'))
+    redis.call('HSET', P .. ':waits', w.pk, ewma(pool_wait, waited), '*', ewma(all_wait, waited))
   end
-  redis.call('HSET', P .. ':waits', pk, pool_wait, '*', all_wait)
-  -- With media, the pair waits for its room; take_waiting kept the queue fields, so that a
-  -- failed room puts both back where they were.
-  local state = 'session'
-  if MEDIA_PENDING > 0 then state = 'pending' end
   for _, u in ipairs({ first, second }) do
-    redis.call('HSET', ukey(u), 'state', state, 'sid', sid)
-    -- Met somebody: nobody is avoided any more (user ids are never empty). A pending match
-    -- that is undone does not count: the avoided peer stays avoided.
-    if state == 'session' then redis.call('HSET', ukey(u), 'avoid', '') end
+    redis.call('HSET', ukey(u), 'state', 'pending', 'sid', sid)
   end
-  redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs, 'created', NOW)
+  redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs, 'created', NOW,
+    'phase', 'pending')
   redis.call('HINCRBY', P .. ':stat', 'sessions', 1)
-  if MEDIA_PENDING > 0 then
-    redis.call('HSET', skey(sid), 'pending', '1')
-    redis.call('ZADD', P .. ':sessions', NOW, sid)
-    redis.call('ZADD', P .. ':pending', NOW + MEDIA_PENDING, sid)
-    table.insert(out.pending, { sid, hf, hs })
+  if MEDIA_PENDING > 0 then redis.call('ZADD', P .. ':sessions', NOW, sid) end
+  if R.accept > 0 then
+    redis.call('HSET', skey(sid), 'phase', 'proposed')
+    -- The timer runs on the instance that made the match; the deadline here covers its death.
+    redis.call('ZADD', P .. ':pending', NOW + R.accept + GRACE, sid)
+    local expires = NOW + R.accept
+    emit(first, { type = 'match_proposed', match_id = sid, peer = hs, expires_at_ms = expires })
+    emit(second, { type = 'match_proposed', match_id = sid, peer = hf, expires_at_ms = expires })
+    timer(R.accept, first, 'proposal', sid)
+  elseif MEDIA_PENDING > 0 then
+    await_room(sid)
   else
-    announce(sid, first, second, hf, hs, nil, nil)
+    go_live(sid, nil, nil)
   end
-  pool_changed(pk)
 end
 
--- Matches a waiting, connected user with the longest-waiting compatible user in its pool.
+-- Whether waiting u may be matched with c: true yes, false only once the anti-repeat
+-- fallback applies, nil never (now).
+local function eligible(u, uf, met, c)
+  if c == u or c == uf.avoid then return nil end
+  local cstate, caway, cavoid, csince = unpack(redis.call('HMGET', ukey(c), 'state', 'away', 'avoid', 'since'))
+  if cstate ~= 'queued' or caway ~= '0' or cavoid == u then return nil end
+  if blocked(u, c) then return nil end
+  if not met[c] then return true end
+  return NOW - uf.since >= R.fallback or NOW - tonumber(csince) >= R.fallback
+end
+
+-- Matches a waiting, connected user with the longest-waiting eligible user in any of its
+-- pools. When only recently met users are there, arms the anti-repeat fallback.
 local function try_match(u)
-  local state, away, pk, avoid = unpack(redis.call('HMGET', ukey(u), 'state', 'away', 'pool', 'avoid'))
+  local state, away, pk, wider, avoid, since, ticket, fb = unpack(redis.call('HMGET', ukey(u),
+    'state', 'away', 'pool', 'wider', 'avoid', 'since', 'ticket', 'fb'))
   if state ~= 'queued' or away == '1' then return end
-  local start = 0
-  while true do
-    local batch = redis.call('ZRANGE', zkey(pk), start, start + 99)
-    for _, c in ipairs(batch) do
-      if c ~= u and c ~= avoid then
-        local caway, cavoid = unpack(redis.call('HMGET', ukey(c), 'away', 'avoid'))
-        if caway == '0' and cavoid ~= u then
-          start_session(pk, u, c)
-          return
+  local uf = { avoid = avoid, since = tonumber(since) }
+  local met = met_within(u)
+  local best, best_ticket, held_back = nil, nil, false
+  for _, k in ipairs(pools_of(pk, wider)) do
+    local start, done = 0, false
+    while not done do
+      local batch = redis.call('ZRANGE', zkey(k), start, start + 99, 'WITHSCORES')
+      for i = 1, #batch, 2 do
+        local c, t = batch[i], tonumber(batch[i + 1])
+        if best_ticket and t >= best_ticket then done = true break end
+        local ok = eligible(u, uf, met, c)
+        if ok then
+          best, best_ticket, done = c, t, true
+          break
+        elseif ok == false then
+          held_back = true
         end
       end
+      if #batch < 200 then done = true end
+      start = start + 100
     end
-    if #batch < 100 then return end
-    start = start + 100
+  end
+  if best then
+    start_session(u, best)
+  elseif held_back and fb ~= '1' then
+    redis.call('HSET', ukey(u), 'fb', '1')
+    timer(R.fallback - (NOW - uf.since), u, 'rematch', ticket)
   end
 end
 
@@ -226,9 +347,11 @@ local function queue(u, pk)
   local position = redis.call('ZCARD', zkey(pk))
   redis.call('ZADD', zkey(pk), ticket, u)
   local est = estimate(pk, position)
-  redis.call('HSET', ukey(u), 'state', 'queued', 'pool', pk, 'ticket', ticket, 'since', NOW,
-    'told_pos', position, 'told_est', est or '')
+  local h = ukey(u)
+  redis.call('HSET', h, 'state', 'queued', 'pool', pk, 'wider', '', 'fb', '0', 'ticket', ticket,
+    'since', NOW, 'told_pos', position, 'told_est', est or '')
   redis.call('HINCRBY', P .. ':stat', 'queued', 1)
+  if (redis.call('HGET', h, 'rkeys') or '') ~= '' then timer(R.relax, u, 'relax', ticket) end
   emit(u, { type = 'queued', position = position, estimated_wait_ms = null_or(est) })
   try_match(u)
 end
@@ -237,45 +360,89 @@ end
 local function drop_session(sid)
   redis.call('DEL', skey(sid))
   redis.call('HINCRBY', P .. ':stat', 'sessions', -1)
-  if MEDIA_PENDING > 0 then
-    redis.call('ZREM', P .. ':sessions', sid)
-    redis.call('ZREM', P .. ':pending', sid)
-  end
+  if MEDIA_PENDING > 0 then redis.call('ZREM', P .. ':sessions', sid) end
+  if MEDIA_PENDING > 0 or R.accept > 0 then redis.call('ZREM', P .. ':pending', sid) end
   table.insert(out.ended_sessions, sid)
 end
 
--- Undoes a pending session. `leaver` (may be nil) becomes idle and is told `reason`; every
--- other member goes back to its old place in the queue (its ticket), gets an `error` when
--- `message` is given, and is matched again if it can be.
-local function cancel_pending(sid, leaver, reason, message)
-  local u1, u2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2'))
+-- Undoes a paired session that is not live yet. `verdict(u, accepted)` says what happens to
+-- each member: { 'back', event or nil } (back to its old place, matched again), { 'out',
+-- event } (idle) or { 'tail', event } (to the tail of the queue).
+local function undo_match(sid, verdict)
+  local u1, u2, a1, a2, phase = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2', 'a1', 'a2', 'phase'))
   if not u1 then return end
   drop_session(sid)
+  local accepted = { a1 == '1', a2 == '1' }
+  if phase ~= 'proposed' then accepted = { true, true } end
   local back = {}
-  for _, u in ipairs({ u1, u2 }) do
-    local h = ukey(u)
-    local state, pk, ticket = unpack(redis.call('HMGET', h, 'state', 'pool', 'ticket'))
-    if state == 'pending' then
-      if u == leaver then
-        redis.call('HSET', h, 'state', 'idle')
-        emit(u, { type = 'dequeued', reason = reason })
-      else
-        redis.call('HSET', h, 'state', 'queued')
-        redis.call('ZADD', zkey(pk), ticket, u)
-        redis.call('HINCRBY', P .. ':stat', 'queued', 1)
-        add_changed(pk)
-        if message then emit(u, { type = 'error', code = 'media_unavailable', message = message }) end
+  for i, u in ipairs({ u1, u2 }) do
+    if redis.call('HGET', ukey(u), 'state') == 'pending' then
+      local v = verdict(u, accepted[i])
+      if v[1] == 'back' then
+        restore(u)
+        if v[2] then emit(u, v[2]) end
         table.insert(back, u)
+      else
+        redis.call('HSET', ukey(u), 'state', 'idle')
+        emit(u, v[2])
+        if v[1] == 'tail' then queue(u, redis.call('HGET', ukey(u), 'pool')) end
       end
     end
   end
   for _, u in ipairs(back) do try_match(u) end
 end
 
--- Ends u's session: tells both sides why, then re-queues whoever the rule says.
+-- What the member left behind learns when the other leaves a not-yet-live match.
+local function left_behind(sid)
+  if R.accept > 0 then
+    return { 'back', { type = 'match_cancelled', match_id = sid, reason = 'peer_left', requeued = true } }
+  end
+  return { 'back', nil }
+end
+
+-- A user who declined or let a proposal lapse: idle, or the tail of the queue.
+local function refused(sid, reason)
+  local ev = { type = 'match_cancelled', match_id = sid, reason = reason, requeued = R.tail }
+  if R.tail then return { 'tail', ev } end
+  return { 'out', ev }
+end
+
+-- The member u leaves its not-yet-live match with `reason` (end, timeout).
+local function leave_match(u, reason)
+  local sid = redis.call('HGET', ukey(u), 'sid')
+  undo_match(sid, function(m)
+    if m == u then return { 'out', { type = 'dequeued', reason = reason } } end
+    return left_behind(sid)
+  end)
+end
+
+local function proposal_expired(sid)
+  undo_match(sid, function(_, accepted)
+    if accepted then
+      return { 'back', { type = 'match_cancelled', match_id = sid, reason = 'peer_timeout', requeued = true } }
+    end
+    return refused(sid, 'timeout')
+  end)
+end
+
+local function media_failed(sid, message)
+  if redis.call('HGET', skey(sid), 'phase') ~= 'pending' then return end
+  undo_match(sid, function()
+    return { 'back', { type = 'error', code = 'media_unavailable', message = message } }
+  end)
+end
+
+-- Ends u's session: tells both sides why, then re-queues whoever the rule says. Returns how
+-- long it was live, in ms.
 local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue)
   local sid, peer = session_of(u)
+  local live = tonumber(redis.call('HGET', skey(sid), 'live')) or NOW
+  local lived = NOW - live
   drop_session(sid)
+  -- A real conversation: whatever skipping came before is forgiven.
+  if lived >= R.quick then
+    for _, who in ipairs({ u, peer }) do redis.call('HDEL', P .. ':cd:' .. who, 'qs', 'lvl') end
+  end
   local requeue = {}
   for _, x in ipairs({ { u, own_reason, own_requeue }, { peer, peer_reason, peer_requeue } }) do
     local h = ukey(x[1])
@@ -289,6 +456,100 @@ local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue
   for _, who in ipairs(requeue) do
     queue(who, redis.call('HGET', ukey(who), 'pool'))
   end
+  return lived
+end
+
+-- The cooldown left for u, in ms (0: none).
+local function cooldown_left(u)
+  local untl = tonumber(redis.call('HGET', P .. ':cd:' .. u, 'until')) or 0
+  return math.max(untl - NOW, 0)
+end
+
+-- Records a skip by u after a session of `lived` ms; returns the cooldown it starts, if any.
+local function count_skip(u, lived)
+  if lived >= R.quick then return nil end
+  local k = P .. ':cd:' .. u
+  -- A skip window without a cooldown since the last one: the next one starts short again.
+  local untl = tonumber(redis.call('HGET', k, 'until'))
+  if untl and NOW >= untl + R.skip_window then redis.call('HDEL', k, 'lvl', 'until') end
+  local qs = {}
+  for _, t in ipairs(split(redis.call('HGET', k, 'qs'), ',')) do
+    if NOW - tonumber(t) < R.skip_window then table.insert(qs, t) end
+  end
+  table.insert(qs, tostring(NOW))
+  local cooldown = nil
+  if #qs >= R.limit then
+    local level = (tonumber(redis.call('HGET', k, 'lvl')) or 0) + 1
+    cooldown = R.cooldowns[math.min(level, #R.cooldowns)]
+    redis.call('HSET', k, 'lvl', level, 'until', NOW + cooldown)
+    qs = {}
+  end
+  redis.call('HSET', k, 'qs', table.concat(qs, ','))
+  -- Kept while it can still matter: the cooldown, then a skip window.
+  local left = math.max((tonumber(redis.call('HGET', k, 'until')) or 0) - NOW, 0)
+  redis.call('PEXPIRE', k, left + R.skip_window)
+  return cooldown
+end
+
+-- Counts an enqueue of u against the per-user rate; returns the ms to wait when over it.
+local function count_enqueue(u)
+  local k = P .. ':enq:' .. u
+  local n = redis.call('LLEN', k)
+  if n >= R.enq then
+    local oldest = tonumber(redis.call('LINDEX', k, R.enq - 1))
+    if NOW - oldest < 60000 then return 60000 - (NOW - oldest) end
+  end
+  redis.call('LPUSH', k, NOW)
+  redis.call('LTRIM', k, 0, R.enq - 1)
+  redis.call('PEXPIRE', k, 60000)
+  return nil
+end
+
+-- Widens the search of waiting u (queue place `ticket`) by one relaxation step.
+local function relax(u, ticket)
+  local h = ukey(u)
+  local state, t, pk, wider, rkeys, rprefs = unpack(redis.call('HMGET', h, 'state', 'ticket',
+    'pool', 'wider', 'rkeys', 'rprefs'))
+  if t ~= ticket then return end
+  -- Paired meanwhile: if the match is undone, the search goes on widening.
+  if state == 'pending' then timer(R.relax, u, 'relax', ticket) end
+  if state ~= 'queued' then return end
+  local done, keys = split(wider, '\n'), split(rkeys, '\n')
+  local level = #done + 1
+  if level > #keys then return end
+  local key = keys[level]
+  redis.call('ZADD', zkey(key), ticket, u)
+  table.insert(done, key)
+  local position = redis.call('ZCOUNT', zkey(pk), '-inf', '(' .. ticket)
+  local est = estimate(pk, position)
+  redis.call('HSET', h, 'wider', table.concat(done, '\n'), 'told_pos', position, 'told_est', est or '')
+  emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est),
+    widened_to = cjson.decode(rprefs)[level] })
+  if level < #keys then timer(R.relax, u, 'relax', ticket) end
+  try_match(u)
+end
+
+-- The peer of u in `session` ("" for the current live session, else the most recent one):
+-- session id and peer, or nil.
+local function peer_in(u, session)
+  local sid, peer = session_of(u)
+  if sid and (session == '' or session == sid) then return sid, peer end
+  for _, e in ipairs(redis.call('LRANGE', P .. ':met:' .. u, 0, -1)) do
+    local s, _, p = string.match(e, '^(%S+) (%d+) (.*)$')
+    if session == '' or session == s then return s, p end
+  end
+  return nil
+end
+
+-- Which member (1 or 2) of the open proposal `mid` u is, or nil.
+local function proposal_member(u, mid)
+  local state, sid = unpack(redis.call('HMGET', ukey(u), 'state', 'sid'))
+  if state ~= 'pending' or sid ~= mid then return nil end
+  local u1, u2, phase = unpack(redis.call('HMGET', skey(mid), 'u1', 'u2', 'phase'))
+  if phase ~= 'proposed' then return nil end
+  if u1 == u then return 1 end
+  if u2 == u then return 2 end
+  return nil
 end
 
 -- The connection `conn` of u went away: hold the state for the grace period.
@@ -326,7 +587,7 @@ local function expire(u, conn)
   elseif state == 'session' and session_of(u) then
     end_session(u, 'timeout', false, 'peer_disconnected', REQUEUE_PEER)
   elseif state == 'pending' then
-    cancel_pending(redis.call('HGET', h, 'sid'), u, 'timeout', nil)
+    leave_match(u, 'timeout')
   else
     redis.call('DEL', h, P .. ':log:' .. u)
     return
@@ -384,14 +645,15 @@ local function call(_keys, args)
   HISTORY_LEN, HISTORY_TTL, GRACE = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   CH, ENTROPY, USER = ARGV[7], ARGV[8], ARGV[9]
   MEDIA_PENDING = tonumber(ARGV[10])
+  R = read_rules(ARGV[11])
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   out = { waits = {}, ended = {}, changed = {}, held = false, published = 0, pending = {},
-    ended_sessions = {} }
+    ended_sessions = {}, timers = {} }
   actor, ref, id_counter = nil, nil, 0
 
   if OP == 'attach' then
-    local conn, inst, token, last = ARGV[11], ARGV[12], ARGV[13], tonumber(ARGV[14]) or 0
+    local conn, inst, token, last = ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15]) or 0
     local h = ukey(USER)
     local was_away = false
     if redis.call('EXISTS', h) == 0 then
@@ -432,37 +694,51 @@ local function call(_keys, args)
     end
     return result(attached)
   elseif OP == 'detach' then
-    detach(USER, ARGV[11])
+    detach(USER, ARGV[12])
     return result()
   elseif OP == 'expire' then
-    expire(USER, ARGV[11])
+    expire(USER, ARGV[12])
     return result()
   elseif OP == 'enqueue' then
-    set_ref(ARGV[13])
+    -- arg: 1 prefs JSON, 2 pool key, 3 ref, 4 relaxed pool keys ("\n"-separated), 5 relaxed
+    -- prefs (JSON array, one per step).
+    set_ref(arg(3))
     local state = with_user(true)
     if not state then return fail('invalid_state', 'no live connection for this user') end
     if state == 'queued' or state == 'pending' then return fail('invalid_state', 'already queued') end
     if state == 'session' then
       return fail('invalid_state', 'already in a session: skip or end it first')
     end
-    redis.call('HSET', ukey(USER), 'prefs', ARGV[11])
-    queue(USER, ARGV[12])
+    local left = cooldown_left(USER)
+    if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
+    local wait = count_enqueue(USER)
+    if wait then return fail('rate_limited', 'too many enqueues: slow down', wait) end
+    redis.call('HSET', ukey(USER), 'prefs', arg(1), 'rkeys', arg(4), 'rprefs', arg(5))
+    queue(USER, arg(2))
     return result()
   elseif OP == 'skip' then
-    set_ref(ARGV[11])
+    set_ref(arg(1))
+    local left = cooldown_left(USER)
+    if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
     local sid, peer = session_of(USER)
     if not sid then return fail('invalid_state', 'not in a session') end
     redis.call('HSET', ukey(USER), 'avoid', peer)
     redis.call('HSET', ukey(peer), 'avoid', USER)
-    end_session(USER, 'skip', true, 'peer_skipped', REQUEUE_PEER)
+    local live = tonumber(redis.call('HGET', skey(sid), 'live')) or NOW
+    -- The skip that starts a cooldown still ends the session, but does not re-queue.
+    local cooldown = count_skip(USER, NOW - live)
+    end_session(USER, 'skip', cooldown == nil, 'peer_skipped', REQUEUE_PEER)
+    if cooldown then
+      emit(USER, { type = 'error', code = 'cooldown', message = arg(2), retry_after_ms = cooldown })
+    end
     return result()
   elseif OP == 'end' then
-    set_ref(ARGV[11])
+    set_ref(arg(1))
     local state = with_user(true)
     if state == 'queued' then
       dequeue(USER, 'end')
     elseif state == 'pending' then
-      cancel_pending(redis.call('HGET', ukey(USER), 'sid'), USER, 'end', nil)
+      leave_match(USER, 'end')
     elseif state == 'session' and session_of(USER) then
       end_session(USER, 'end', false, 'peer_ended', false)
     else
@@ -489,12 +765,12 @@ local function call(_keys, args)
     end
     return result({ status = st })
   elseif OP == 'refresh' then
-    local pk = ARGV[11]
+    local pk = arg(1)
     local users = redis.call('ZRANGE', zkey(pk), 0, -1)
     for i, u in ipairs(users) do
       local position = i - 1
       local est = estimate(pk, position)
-      local away, told_pos, told_est = unpack(redis.call('HMGET', ukey(u), 'away', 'told_pos', 'told_est'))
+      local away, told_pos, told_est, own = unpack(redis.call('HMGET', ukey(u), 'away', 'told_pos', 'told_est', 'pool'))
       local old = tonumber(told_est)
       local moved
       if old and est then
@@ -502,7 +778,8 @@ local function call(_keys, args)
       else
         moved = (old == nil) ~= (est == nil)
       end
-      if away == '0' and (tonumber(told_pos) ~= position or moved) then
+      -- Users listed here because their search widened are told about their own pool.
+      if own == pk and away == '0' and (tonumber(told_pos) ~= position or moved) then
         redis.call('HSET', ukey(u), 'told_pos', position, 'told_est', est or '')
         emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est) })
       end
@@ -511,17 +788,17 @@ local function call(_keys, args)
   elseif OP == 'since' then
     local c, seq = unpack(redis.call('HMGET', ukey(USER), 'conn', 'seq'))
     -- Another connection took over meanwhile (its notice may have been lost with pub/sub).
-    if c ~= ARGV[11] then return fail('replaced', 'a newer connection of this user took over') end
-    local ok, replay = events_since(USER, tonumber(seq), tonumber(ARGV[12]))
+    if c ~= ARGV[12] then return fail('replaced', 'a newer connection of this user took over') end
+    local ok, replay = events_since(USER, tonumber(seq), tonumber(ARGV[13]))
     return result({ resumed = ok, replay = replay })
   elseif OP == 'stats' then
     local queued, sessions = unpack(redis.call('HMGET', P .. ':stat', 'queued', 'sessions'))
     return result({ queued = tonumber(queued) or 0, sessions = tonumber(sessions) or 0 })
   elseif OP == 'tick' then
     -- Instance heartbeat and shared clean-up, run by every instance periodically. USER is the
-    -- calling instance; ARGV[11] its heartbeat period, ARGV[12] the dataset epoch it knows, and
-    -- ARGV[13] how many users or expiries to handle in this call.
-    local inst, period, known, budget = USER, tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
+    -- calling instance; ARGV[12] its heartbeat period, ARGV[13] the dataset epoch it knows, and
+    -- ARGV[14] how many users or expiries to handle in this call.
+    local inst, period, known, budget = USER, tonumber(ARGV[12]), ARGV[13], tonumber(ARGV[14])
     local epoch = redis.call('GET', P .. ':epoch')
     if not epoch then
       epoch = new_id('d_', 32)
@@ -568,11 +845,17 @@ local function call(_keys, args)
       local u, c = string.match(m, '^(.*)\n(.*)$')
       expire(u, c)
     end
-    -- Pending sessions whose room never came (the instance setting it up died).
+    -- Paired sessions past their deadline: the instance setting up the room (or holding the
+    -- proposal timer) died.
     local stuck = redis.call('ZRANGEBYSCORE', P .. ':pending', '-inf', NOW, 'LIMIT', 0, 100)
     for _, sid in ipairs(stuck) do
       redis.call('ZREM', P .. ':pending', sid)
-      cancel_pending(sid, nil, nil, ARGV[14])
+      local phase = redis.call('HGET', skey(sid), 'phase')
+      if phase == 'proposed' then
+        proposal_expired(sid)
+      elseif phase == 'pending' then
+        media_failed(sid, ARGV[15])
+      end
     end
     -- Held states from detaches above expire through P:exp, not through a timer of the caller.
     out.held = false
@@ -580,37 +863,21 @@ local function call(_keys, args)
       rejoined = known ~= '' and added == 1,
       cleaned_users = cleaned, expired = #due, dead_instances = #dead })
   elseif OP == 'media_ready' then
-    local sid = ARGV[11]
-    local u1, u2, h1, h2, pending = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2', 'h1', 'h2', 'pending'))
-    if pending ~= '1' then return result({ live = false }) end
-    redis.call('HDEL', skey(sid), 'pending')
-    redis.call('ZREM', P .. ':pending', sid)
-    for _, u in ipairs({ u1, u2 }) do
-      local since = tonumber(redis.call('HGET', ukey(u), 'since'))
-      table.insert(out.waits, math.max(NOW - since, 0))
-      redis.call('HSET', ukey(u), 'state', 'session', 'avoid', '')
-    end
-    announce(sid, u1, u2, h1, h2, ARGV[12], ARGV[13])
-    -- A member whose connection dropped while the room was being made: the other one learns
-    -- it right away, as in a running session.
-    for _, pair in ipairs({ { u1, u2 }, { u2, u1 } }) do
-      if redis.call('HGET', ukey(pair[1]), 'away') == '1' then
-        emit(pair[2], { type = 'peer_status', session_id = sid, state = 'reconnecting' })
-      end
-    end
+    local sid = arg(1)
+    if redis.call('HGET', skey(sid), 'phase') ~= 'pending' then return result({ live = false }) end
+    go_live(sid, arg(2), arg(3))
     return result({ live = true })
   elseif OP == 'media_failed' then
-    local sid = ARGV[11]
-    if redis.call('HGET', skey(sid), 'pending') == '1' then cancel_pending(sid, nil, nil, ARGV[12]) end
+    media_failed(arg(1), arg(2))
     return result()
   elseif OP == 'media_left' then
     -- ARGV: 11 session, 12 handle of who left ("" for everybody), 13 event id, 14 dedupe ms.
-    local sid, left = ARGV[11], ARGV[12]
-    if not redis.call('SET', P .. ':seen:' .. ARGV[13], '1', 'NX', 'PX', ARGV[14]) then
+    local sid, left = ARGV[12], ARGV[13]
+    if not redis.call('SET', P .. ':seen:' .. ARGV[14], '1', 'NX', 'PX', ARGV[15]) then
       return result({ effect = 'duplicate' })
     end
-    local u1, u2, h1, h2, pending = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2', 'h1', 'h2', 'pending'))
-    if not u1 or pending == '1' then return result({ effect = 'no_session' }) end
+    local u1, u2, h1, h2, phase = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2', 'h1', 'h2', 'phase'))
+    if not u1 or phase ~= 'live' then return result({ effect = 'no_session' }) end
     if left == '' then
       end_session(u1, 'media_disconnected', false, 'media_disconnected', false)
     elseif left == h1 or left == h2 then
@@ -625,16 +892,66 @@ local function call(_keys, args)
     local all = redis.call('ZRANGE', P .. ':sessions', 0, -1, 'WITHSCORES')
     local list = {}
     for i = 1, #all, 2 do
-      local pending = redis.call('ZSCORE', P .. ':pending', all[i]) ~= false
+      local pending = redis.call('HGET', skey(all[i]), 'phase') ~= 'live'
       table.insert(list, { all[i], tonumber(all[i + 1]), pending })
     end
     return result({ session_list = list })
+  elseif OP == 'block' then
+    if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
+    local sid, peer = peer_in(USER, arg(1))
+    if not sid then return fail('invalid_state', 'no such session to block a peer from') end
+    redis.call('SADD', P .. ':blk:' .. USER, peer)
+    if session_of(USER) == sid then end_session(USER, 'end', false, 'peer_ended', false) end
+    return result()
+  elseif OP == 'peer' then
+    if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
+    local sid, peer = peer_in(USER, arg(1))
+    if not sid then return fail('invalid_state', 'no such session') end
+    return result({ session = sid, peer = peer })
+  elseif OP == 'accept' then
+    local mid = arg(1)
+    local i = proposal_member(USER, mid)
+    if not i then return fail('invalid_state', 'no such proposal open') end
+    redis.call('HSET', skey(mid), 'a' .. i, '1')
+    local a1, a2 = unpack(redis.call('HMGET', skey(mid), 'a1', 'a2'))
+    if a1 == '1' and a2 == '1' then
+      if MEDIA_PENDING > 0 then await_room(mid) else go_live(mid, nil, nil) end
+    end
+    return result()
+  elseif OP == 'decline' then
+    local mid = arg(1)
+    local i = proposal_member(USER, mid)
+    if not i then return fail('invalid_state', 'no such proposal open') end
+    -- Like a skip: the pair is not proposed to each other again right away.
+    local peer = redis.call('HGET', skey(mid), 'u' .. (3 - i))
+    redis.call('HSET', ukey(USER), 'avoid', peer)
+    redis.call('HSET', ukey(peer), 'avoid', USER)
+    undo_match(mid, function(m)
+      if m == USER then return refused(mid, 'declined') end
+      return { 'back', { type = 'match_cancelled', match_id = mid, reason = 'peer_declined', requeued = true } }
+    end)
+    return result()
+  elseif OP == 'wake' then
+    -- arg: 1 kind (relax, rematch, proposal), 2 ticket or match id.
+    local kind, a = arg(1), arg(2)
+    if kind == 'relax' then
+      relax(USER, a)
+    elseif kind == 'rematch' then
+      local state, t = unpack(redis.call('HMGET', ukey(USER), 'state', 'ticket'))
+      if state == 'queued' and t == a then
+        redis.call('HSET', ukey(USER), 'fb', '0')
+        try_match(USER)
+      end
+    elseif kind == 'proposal' then
+      if redis.call('HGET', skey(a), 'phase') == 'proposed' then proposal_expired(a) end
+    end
+    return result()
   elseif OP == 'lease' then
-    -- USER is the instance; ARGV[11] the lease name, ARGV[12] its ttl in ms.
-    local k = P .. ':lease:' .. ARGV[11]
+    -- USER is the instance; ARGV[12] the lease name, ARGV[13] its ttl in ms.
+    local k = P .. ':lease:' .. ARGV[12]
     local holder = redis.call('GET', k)
     if holder and holder ~= USER then return result({ live = false }) end
-    redis.call('SET', k, USER, 'PX', ARGV[12])
+    redis.call('SET', k, USER, 'PX', ARGV[13])
     return result({ live = true })
   end
   return fail('internal', 'unknown operation ' .. tostring(OP))

@@ -14,10 +14,10 @@ use async_trait::async_trait;
 use deadpool_redis::{Runtime, Timeouts};
 use serde::{Deserialize, Deserializer};
 
-use super::memory::MEDIA_UNAVAILABLE;
+use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
 use super::{
-    Attached, ConnId, MatchError, Matchmaker, MediaEffect, Outcome, PendingSession, Resume,
-    SessionInfo, Stats, Status, UserId,
+    Attached, ConnId, MatchError, Matchmaker, MediaEffect, Outcome, PendingSession, Resume, Rules,
+    SessionInfo, Stats, Status, Timer, UserId,
 };
 use crate::bus::Frame;
 use crate::ids::random_id;
@@ -84,6 +84,26 @@ pub struct RedisSettings {
     /// Media mode: how long a matched pair may wait for its room before the tick undoes the
     /// match (covers an instance that died while setting the room up).
     pub media_pending: Option<Duration>,
+    pub rules: Rules,
+}
+
+/// The rules as the library reads them (see `read_rules` in redis.lua).
+fn rules_arg(r: &Rules) -> String {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let cooldowns: Vec<String> = r.skip_cooldowns.iter().map(|d| ms(*d)).collect();
+    [
+        ms(r.anti_repeat_window),
+        ms(r.anti_repeat_fallback),
+        ms(r.skip_quick),
+        r.skip_limit.to_string(),
+        ms(r.skip_window),
+        r.enqueue_per_minute.to_string(),
+        ms(r.accept_timeout.unwrap_or_default()),
+        if r.decline_to_tail { "1" } else { "0" }.to_string(),
+        ms(r.relax_after),
+        cooldowns.join(";"),
+    ]
+    .join(",")
 }
 
 enum Pool {
@@ -125,6 +145,7 @@ pub struct RedisMatchmaker {
     library: Library,
     settings: RedisSettings,
     route_key: String,
+    rules: String,
     metrics: Arc<Metrics>,
 }
 
@@ -165,6 +186,12 @@ where
 struct Reply {
     error: Option<String>,
     message: Option<String>,
+    retry_after_ms: Option<u64>,
+    #[serde(deserialize_with = "list")]
+    timers: Vec<(u64, Arc<str>, String, String)>,
+    // peer
+    session: Option<Arc<str>>,
+    peer: Option<Arc<str>>,
     #[serde(deserialize_with = "list")]
     waits: Vec<u64>,
     #[serde(deserialize_with = "list")]
@@ -231,6 +258,25 @@ impl Reply {
                 })
                 .collect(),
             ended_sessions: std::mem::take(&mut self.ended_sessions),
+            timers: self
+                .timers
+                .drain(..)
+                .filter_map(|(delay, user, kind, arg)| {
+                    let timer = match kind.as_str() {
+                        "relax" => Timer::Relax {
+                            ticket: arg.parse().ok()?,
+                        },
+                        "rematch" => Timer::Rematch {
+                            ticket: arg.parse().ok()?,
+                        },
+                        "proposal" => Timer::Proposal {
+                            match_id: arg.into(),
+                        },
+                        _ => return None,
+                    };
+                    Some((Duration::from_millis(delay), user, timer))
+                })
+                .collect(),
         }
     }
 }
@@ -272,6 +318,7 @@ impl RedisMatchmaker {
             shared: std::sync::Mutex::new(None),
             library: Library::new(),
             route_key: format!("{}:route", settings.layout.prefix),
+            rules: rules_arg(&settings.rules),
             settings,
             metrics,
         })
@@ -310,7 +357,8 @@ impl RedisMatchmaker {
             .arg(&s.layout.channel_prefix)
             .arg(random_id("", 16))
             .arg(subject)
-            .arg(s.media_pending.map_or(0, |d| d.as_millis() as u64));
+            .arg(s.media_pending.map_or(0, |d| d.as_millis() as u64))
+            .arg(&self.rules);
         for a in args {
             fcall.arg(*a);
         }
@@ -345,9 +393,12 @@ impl RedisMatchmaker {
             None => Ok(reply),
             Some(code) => {
                 let message = reply.message.take().unwrap_or_default();
+                let retry_after_ms = reply.retry_after_ms.unwrap_or(1);
                 Err(match code.as_str() {
                     "invalid_state" => MatchError::InvalidState(message.into()),
                     "replaced" => MatchError::Replaced,
+                    "cooldown" => MatchError::Cooldown { retry_after_ms },
+                    "rate_limited" => MatchError::RateLimited { retry_after_ms },
                     _ => MatchError::Internal(message),
                 })
             }
@@ -457,11 +508,24 @@ impl Matchmaker for RedisMatchmaker {
         reference: Option<&str>,
     ) -> Result<Outcome, MatchError> {
         let json = serde_json::to_string(&prefs).expect("prefs serialise");
+        // Every relaxation step's pool and preferences, so that the library can widen the
+        // search without knowing how pools are keyed.
+        let steps: Vec<Prefs> = (1..=prefs.soft.len())
+            .filter_map(|step| prefs.relaxed(step))
+            .collect();
+        let keys: Vec<String> = steps.iter().map(Prefs::pool_key).collect();
+        let relaxed = serde_json::to_string(&steps).expect("prefs serialise");
         Ok(self
             .call(
                 "enqueue",
                 user,
-                &[&json, &prefs.pool_key(), &ref_arg(reference)],
+                &[
+                    &json,
+                    &prefs.pool_key(),
+                    &ref_arg(reference),
+                    &keys.join("\n"),
+                    &relaxed,
+                ],
             )
             .await?
             .outcome())
@@ -469,7 +533,7 @@ impl Matchmaker for RedisMatchmaker {
 
     async fn skip(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError> {
         Ok(self
-            .call("skip", user, &[&ref_arg(reference)])
+            .call("skip", user, &[&ref_arg(reference), COOLDOWN])
             .await?
             .outcome())
     }
@@ -554,6 +618,52 @@ impl Matchmaker for RedisMatchmaker {
                 pending,
             })
             .collect())
+    }
+
+    async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("block", user, &[session.unwrap_or("")])
+            .await?
+            .outcome())
+    }
+
+    async fn recent_peer(
+        &self,
+        user: &UserId,
+        session: Option<&str>,
+    ) -> Result<(Arc<str>, UserId), MatchError> {
+        let reply = self.call("peer", user, &[session.unwrap_or("")]).await?;
+        reply
+            .session
+            .zip(reply.peer)
+            .ok_or_else(|| MatchError::Internal("peer reply without a peer".into()))
+    }
+
+    async fn accept(
+        &self,
+        user: &UserId,
+        match_id: &str,
+        _reference: Option<&str>,
+    ) -> Result<Outcome, MatchError> {
+        Ok(self.call("accept", user, &[match_id]).await?.outcome())
+    }
+
+    async fn decline(
+        &self,
+        user: &UserId,
+        match_id: &str,
+        _reference: Option<&str>,
+    ) -> Result<Outcome, MatchError> {
+        Ok(self.call("decline", user, &[match_id]).await?.outcome())
+    }
+
+    async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {
+        let (kind, arg) = match timer {
+            Timer::Relax { ticket } => ("relax", ticket.to_string()),
+            Timer::Rematch { ticket } => ("rematch", ticket.to_string()),
+            Timer::Proposal { match_id } => ("proposal", match_id.to_string()),
+        };
+        Ok(self.call("wake", user, &[kind, &arg]).await?.outcome())
     }
 
     async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError> {

@@ -33,6 +33,24 @@ use matchgate::{Config, Server};
 /// The HS256 secret test servers run with.
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 
+/// Rules that would get in the way of tests about other things (the same pairs meet again
+/// and again, users skip and enqueue fast); the tests of these rules set them explicitly.
+pub const RELAXED_RULES: [&str; 6] = [
+    "--anti-repeat-window-s",
+    "0",
+    "--skip-limit",
+    "1000000",
+    "--enqueue-per-minute",
+    "1000000",
+];
+
+/// [`RELAXED_RULES`] as environment variables, for gateway processes.
+pub const RELAXED_RULES_ENV: [(&str, &str); 3] = [
+    ("MATCHGATE_ANTI_REPEAT_WINDOW_S", "0"),
+    ("MATCHGATE_SKIP_LIMIT", "1000000"),
+    ("MATCHGATE_ENQUEUE_PER_MINUTE", "1000000"),
+];
+
 /// Hang protection for every wait.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -50,11 +68,17 @@ impl TestServer {
         Self::start_raw(&args).await
     }
 
-    /// A server with exactly these flags (plus an ephemeral listen address).
+    /// A server with exactly these flags (plus an ephemeral listen address, and the relaxed
+    /// rules of [`RELAXED_RULES`] where the flags do not say otherwise).
     pub async fn start_raw(extra: &[&str]) -> TestServer {
         let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
         let mut args = vec!["matchgate", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
+        for pair in RELAXED_RULES.chunks(2) {
+            if !extra.contains(&pair[0]) {
+                args.extend_from_slice(pair);
+            }
+        }
         let config = <Config as clap::Parser>::try_parse_from(args).expect("test config parses");
         let server = Server::bind(config).await.expect("server binds");
         let addr = server.local_addr();

@@ -58,6 +58,7 @@ impl GatewayProcess {
             .env_remove("MATCHGATE_LISTEN")
             .env("MATCHGATE_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(super::RELAXED_RULES_ENV)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
