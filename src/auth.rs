@@ -21,6 +21,9 @@ use crate::ids::random_id;
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
+    /// The client device, if the issuer names one: devices can be banned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
 }
 
 /// Claims as they arrive: presence is checked after the signature, so that a missing claim is
@@ -29,6 +32,16 @@ pub struct Claims {
 struct RawClaims {
     sub: Option<String>,
     exp: Option<u64>,
+    device_id: Option<String>,
+}
+
+/// Longest user or device id, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Whether `id` can be a user or device id: ids travel inside Redis keys and pub/sub messages,
+/// so they have a bounded length and no control characters.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control)
 }
 
 /// Why a token was refused. The text is the short reason sent with the 401; it never contains
@@ -49,6 +62,8 @@ pub enum AuthError {
     WrongAlgorithm,
     #[error("token lacks required claim {0}")]
     MissingClaim(String),
+    #[error("token claim {0} is not a valid id")]
+    InvalidClaim(&'static str),
     #[error("wrong issuer or audience")]
     WrongIssuerOrAudience,
     #[error("malformed token")]
@@ -206,15 +221,20 @@ impl Authenticator {
             .claims
             .exp
             .ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
-        match data.claims.sub {
-            // User ids travel inside Redis keys and pub/sub messages: no control characters.
-            Some(sub)
-                if !sub.is_empty() && sub.len() <= 256 && !sub.chars().any(char::is_control) =>
-            {
-                Ok(Claims { sub, exp })
-            }
-            _ => Err(AuthError::MissingClaim("sub".into())),
+        let sub = data
+            .claims
+            .sub
+            .filter(|sub| is_valid_id(sub))
+            .ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
+        let device_id = data.claims.device_id;
+        if device_id.as_deref().is_some_and(|d| !is_valid_id(d)) {
+            return Err(AuthError::InvalidClaim("device_id"));
         }
+        Ok(Claims {
+            sub,
+            exp,
+            device_id,
+        })
     }
 
     /// Mints a dev-mode token for an anonymous device. `None` outside dev mode.
@@ -223,6 +243,7 @@ impl Authenticator {
         let claims = Claims {
             sub: format!("dev-{device_id}"),
             exp: jsonwebtoken::get_current_timestamp() + ttl,
+            device_id: None,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .expect("HS256 signing with an in-memory secret cannot fail");
@@ -275,7 +296,27 @@ mod tests {
     #[test]
     fn accepts_a_good_token() {
         let t = sign(serde_json::json!({"sub": "u1", "exp": now() + 60}), SECRET);
-        assert_eq!(hs256().verify(&t).unwrap().sub, "u1");
+        let claims = hs256().verify(&t).unwrap();
+        assert_eq!(claims.sub, "u1");
+        assert_eq!(claims.device_id, None);
+    }
+
+    #[test]
+    fn reads_the_device_id() {
+        let claims = |device: serde_json::Value| {
+            let t = sign(
+                serde_json::json!({"sub": "u1", "exp": now() + 60, "device_id": device}),
+                SECRET,
+            );
+            hs256().verify(&t)
+        };
+        let phone = claims("phone-1".into()).unwrap();
+        assert_eq!(phone.device_id.as_deref(), Some("phone-1"));
+        assert_eq!(
+            claims("".into()).unwrap_err(),
+            AuthError::InvalidClaim("device_id")
+        );
+        assert_eq!(claims(7.into()).unwrap_err(), AuthError::Malformed);
     }
 
     #[test]

@@ -222,6 +222,11 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: usize,
 
+    /// How long one matching call to Redis may take before the action answers `unavailable`
+    /// (the operation may still have been applied), in ms.
+    #[arg(long, env = "MATCHGATE_REDIS_CALL_TIMEOUT_MS", default_value_t = 2_000)]
+    pub redis_call_timeout_ms: u64,
+
     /// This instance's id among the instances sharing a Redis. Default: random at start-up.
     #[arg(long, env = "MATCHGATE_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -511,9 +516,12 @@ impl Config {
                 ));
             }
         }
-        if self.instance_heartbeat_ms < 50 || self.redis_pool_size == 0 {
+        if self.instance_heartbeat_ms < 50
+            || self.redis_pool_size == 0
+            || self.redis_call_timeout_ms < 10
+        {
             return fail(
-                "MATCHGATE_INSTANCE_HEARTBEAT_MS must be at least 50 and MATCHGATE_REDIS_POOL_SIZE at least 1"
+                "MATCHGATE_INSTANCE_HEARTBEAT_MS must be at least 50, MATCHGATE_REDIS_POOL_SIZE at least 1 and MATCHGATE_REDIS_CALL_TIMEOUT_MS at least 10"
                     .into(),
             );
         }

@@ -7,6 +7,7 @@
 //! connection decides (limits, errors, close codes) is decided here; what a request means is
 //! the [`Gateway`]'s business.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +63,12 @@ pub struct Connection {
     pub settings: Arc<Settings>,
     pub user: UserId,
     pub id: ConnId,
+    /// The client's address and device id, which bans can name.
+    pub ip: IpAddr,
+    pub device: Option<Arc<str>>,
+    /// Set when the handshake could not finish its checks (the ban check needs the backend):
+    /// the connection then ends like one whose attach failed, so the client comes back later.
+    pub unchecked: Option<MatchError>,
     pub resume: Option<Resume>,
     pub shutdown: Shutdown,
     /// Dropped when the task ends: the server's drain waits for all of these.
@@ -89,6 +96,7 @@ fn close_reason(code: u16) -> &'static str {
         close::RESYNC => "resync: reconnect with resume",
         close::STATE_LOST => "state lost: reconnect",
         close::TRY_AGAIN_LATER => "try again later",
+        close::BANNED => "banned",
         _ => "internal error",
     }
 }
@@ -96,18 +104,25 @@ fn close_reason(code: u16) -> &'static str {
 impl Connection {
     pub async fn run(mut self, mut ws: WebSocket) {
         let gateway = self.gateway.clone();
-        let (handle, outbox) = ConnectionHandle::new(self.id, self.settings.outbound_queue);
+        let (handle, outbox) = ConnectionHandle::new(
+            self.id,
+            self.settings.outbound_queue,
+            self.ip,
+            self.device.take(),
+        );
         // If a newer connection of this user is already here, this one is not registered and
         // ends with 4001 without attaching.
         let current = gateway.registry.register(self.user.clone(), handle);
         gateway.metrics.connections.inc();
 
-        let attached = if current {
-            gateway
-                .attach(&self.user, self.id, self.resume.take())
-                .await
-        } else {
-            Err(MatchError::Replaced)
+        let attached = match (current, self.unchecked.take()) {
+            (false, _) => Err(MatchError::Replaced),
+            (true, Some(e)) => Err(e),
+            (true, None) => {
+                gateway
+                    .attach(&self.user, self.id, self.resume.take())
+                    .await
+            }
         };
         let exit = match attached {
             Ok(attached) => {
@@ -344,6 +359,7 @@ fn code_label(code: u16) -> &'static str {
         close::RESYNC => "4005",
         close::STATE_LOST => "4006",
         close::TRY_AGAIN_LATER => "1013",
+        close::BANNED => "4007",
         _ => "1011",
     }
 }

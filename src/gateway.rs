@@ -38,6 +38,8 @@ pub struct Gateway {
     subscribed: AtomicBool,
     /// Media mode: LiveKit rooms for sessions.
     media: Option<media::Rooms>,
+    /// Reports and bans.
+    pub(crate) moderation: Arc<dyn crate::moderation::Moderation>,
 }
 
 impl Gateway {
@@ -66,6 +68,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Gateway {
+            moderation: crate::moderation::from_config(config, &registry, &metrics),
             matchmaker,
             registry,
             resume_grace: config.resume_grace(),

@@ -1,12 +1,21 @@
-//! HTTP endpoints: health, readiness, metrics, the dev token endpoint, and the WebSocket
-//! handshake, where every check (origin, token, capacity) happens before the upgrade.
+//! HTTP endpoints: health, readiness, metrics, the dev token endpoint, the admin API, and the
+//! WebSocket handshake, where every check (attempts per address, origin, token, bans,
+//! capacity) happens before the upgrade.
+//!
+//! The client address is the TCP peer address. Behind a load balancer that is the balancer's
+//! address: `X-Forwarded-For` is not read, since without a list of trusted proxies any client
+//! could claim any address in it.
 
+mod admin;
+mod connect_limit;
+
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{DefaultBodyLimit, Query, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,7 +27,11 @@ use crate::auth::{AuthError, Authenticator};
 use crate::connection::{Connection, Settings};
 use crate::gateway::Gateway;
 use crate::matching::{ConnId, Resume};
+use crate::moderation::Identity;
+use crate::privacy;
 use crate::shutdown::Shutdown;
+
+pub use connect_limit::ConnectLimiter;
 
 /// Shared state of the HTTP layer.
 pub struct App {
@@ -27,6 +40,10 @@ pub struct App {
     pub settings: Arc<Settings>,
     pub allowed_origins: Vec<String>,
     pub connection_slots: Arc<Semaphore>,
+    /// WebSocket connection attempts per client address.
+    pub connect_limiter: ConnectLimiter,
+    /// With it, the admin API exists.
+    pub admin_token: Option<String>,
     pub shutdown: watch::Receiver<bool>,
     pub done: mpsc::Sender<()>,
     /// Connection ids: a random instance prefix in the high bits keeps them unique across
@@ -42,6 +59,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/ws", get(ws_handshake));
     if app.auth.mint_dev_token("probe").is_some() {
         router = router.route("/v1/dev/token", post(dev_token));
+    }
+    if let Some(token) = &app.admin_token {
+        router = router.merge(admin::routes(token));
     }
     if app.gateway.media_mode() {
         router = router.route(
@@ -100,16 +120,20 @@ struct DevTokenRequest {
     device_id: String,
 }
 
-async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    // Only a JSON object: serde would also read a struct from an array.
-    let parsed = serde_json::from_slice::<serde_json::Value>(&body).and_then(|v| {
+/// Reads a request body that must be a JSON object: serde would also read a struct from an
+/// array.
+fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice::<serde_json::Value>(body).and_then(|v| {
         if v.is_object() {
-            serde_json::from_value::<DevTokenRequest>(v)
+            serde_json::from_value::<T>(v)
         } else {
             Err(serde::de::Error::custom("not a JSON object"))
         }
-    });
-    let request = match parsed {
+    })
+}
+
+async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let request = match json_object::<DevTokenRequest>(&body) {
         Ok(r) => r,
         Err(e) => {
             return refusal(
@@ -163,11 +187,18 @@ fn bearer_token<'a>(headers: &'a HeaderMap, query: &'a WsQuery) -> Result<&'a st
 
 async fn ws_handshake(
     State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let gateway = &app.gateway;
+    let ip = peer.ip().to_canonical();
+    if let Err(wait) = app.connect_limiter.attempt(ip) {
+        tracing::debug!(ip = %privacy::shown(ip), "too many connection attempts");
+        gateway.metrics.handshake_refused("rate_limited");
+        return rate_limited(wait);
+    }
     let Ok(Query(query)) = query else {
         gateway.metrics.handshake_refused("bad_request");
         return refusal(
@@ -223,6 +254,31 @@ async fn ws_handshake(
         gateway.metrics.handshake_refused("not_ready");
         return unavailable("not ready");
     }
+    let identity = Identity {
+        user: &claims.sub,
+        device: claims.device_id.as_deref(),
+        ip,
+    };
+    let unchecked = match gateway.moderation.ban_of(&identity).await {
+        Ok(None) => None,
+        Ok(Some(ban)) => {
+            tracing::debug!(
+                user = %privacy::shown(&claims.sub),
+                ip = %privacy::shown(ip),
+                ban = ban.kind.as_str(),
+                "banned client refused"
+            );
+            gateway.metrics.handshake_refused("banned");
+            return refusal(StatusCode::FORBIDDEN, "banned", ban.refusal_reason());
+        }
+        // Not let in: a ban that holds only while the backend answers would be no ban. The
+        // client is told as when the matching backend is down (usually it is as well):
+        // `error` `unavailable`, then 1013.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check bans");
+            Some(e.into())
+        }
+    };
     let Ok(permit) = app.connection_slots.clone().try_acquire_owned() else {
         gateway.metrics.handshake_refused("capacity");
         return unavailable("connection limit reached");
@@ -233,6 +289,9 @@ async fn ws_handshake(
         settings: app.settings.clone(),
         user: claims.sub.into(),
         id: ConnId(app.next_conn.fetch_add(1, Ordering::Relaxed)),
+        ip,
+        device: claims.device_id.map(Into::into),
+        unchecked,
         resume,
         shutdown: Shutdown::new(app.shutdown.clone()),
         _done: app.done.clone(),
@@ -249,6 +308,21 @@ async fn ws_handshake(
         .max_message_size(s.max_message_bytes)
         .max_frame_size(s.max_message_bytes)
         .on_upgrade(move |ws| connection.run(ws))
+}
+
+/// 429 with when to try again, in the `Retry-After` header (whole seconds, rounded up) and in
+/// the body (ms).
+fn rate_limited(wait: std::time::Duration) -> Response {
+    let retry_after_ms = wait.as_millis() as u64 + 1;
+    let mut response = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(serde_json::json!({ "error": "rate_limited", "retry_after_ms": retry_after_ms })),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, retry_after_ms.div_ceil(1000).into());
+    response
 }
 
 fn unavailable(reason: &str) -> Response {

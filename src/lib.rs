@@ -11,6 +11,8 @@
 //!   users to this instance's live connections.
 //! - [`scaleout`] wires the Redis backends together and runs each instance's heartbeat,
 //!   clean-up and recovery loops.
+//! - [`moderation`] (reports and bans, in memory or in Redis) is another narrow backend trait;
+//!   [`privacy`] decides how identities appear in logs.
 
 pub mod auth;
 pub mod bus;
@@ -22,6 +24,8 @@ pub mod ids;
 pub mod livekit;
 pub mod matching;
 pub mod metrics;
+pub mod moderation;
+pub mod privacy;
 pub mod protocol;
 pub mod ratelimit;
 pub mod registry;

@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::matching::Stats;
-use crate::protocol::{EndReason, ErrorCode};
+use crate::protocol::{EndReason, ErrorCode, ReportReason};
 
 type Label = [(&'static str, &'static str); 1];
 type Labelled = Family<Label, Counter>;
@@ -40,6 +40,27 @@ pub struct Metrics {
     livekit_request_errors: Labelled,
     livekit_webhooks: Labelled,
     pub livekit_sweeps: Counter,
+    reports: Labelled,
+    bans: Labelled,
+    ban_disconnects: Counter,
+}
+
+/// Who made a ban.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BanSource {
+    /// The admin API.
+    Admin,
+    /// Reports reaching the threshold.
+    Reports,
+}
+
+impl BanSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            BanSource::Admin => "admin",
+            BanSource::Reports => "reports",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -72,6 +93,20 @@ impl Metrics {
         let livekit_request_errors = Labelled::default();
         let livekit_webhooks = Labelled::default();
         let livekit_sweeps = Counter::default();
+        let reports = Labelled::default();
+        let bans = Labelled::default();
+        let ban_disconnects = Counter::default();
+        registry.register("reports", "Reports users made, by reason", reports.clone());
+        registry.register(
+            "bans",
+            "Bans made through this instance, by source: admin (the admin API), reports (automatic)",
+            bans.clone(),
+        );
+        registry.register(
+            "ban_disconnects",
+            "Connections this instance closed because a ban named them (close code 4007)",
+            ban_disconnects.clone(),
+        );
         registry.register(
             "livekit_sweeps",
             "Room sweeps run by this instance (one instance of a deployment holds the sweep lease)",
@@ -180,6 +215,12 @@ impl Metrics {
         for code in ErrorCode::ALL {
             let _ = protocol_errors.get_or_create(&[("code", code.as_str())]);
         }
+        for reason in ReportReason::ALL {
+            let _ = reports.get_or_create(&[("reason", reason.as_str())]);
+        }
+        for source in [BanSource::Admin, BanSource::Reports] {
+            let _ = bans.get_or_create(&[("source", source.as_str())]);
+        }
         Metrics {
             registry,
             connections,
@@ -201,7 +242,26 @@ impl Metrics {
             livekit_request_errors,
             livekit_webhooks,
             livekit_sweeps,
+            reports,
+            bans,
+            ban_disconnects,
         }
+    }
+
+    pub fn report(&self, reason: ReportReason) {
+        self.reports
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc();
+    }
+
+    pub fn ban(&self, source: BanSource) {
+        self.bans
+            .get_or_create(&[("source", source.as_str())])
+            .inc();
+    }
+
+    pub fn ban_disconnects(&self, connections: u64) {
+        self.ban_disconnects.inc_by(connections);
     }
 
     pub fn livekit_request(&self, method: &'static str, took: Duration, ok: bool) {

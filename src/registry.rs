@@ -5,8 +5,12 @@
 //! the socket. Pushing never blocks: when a client's queue is full the connection is closed as a
 //! slow consumer (its events stay in the user's log for replay), so one slow reader cannot
 //! stall matching for everyone else or grow memory without bound.
+//!
+//! A handle also knows the connection's client address and device id (when the token names
+//! one), so that a ban of either finds the connections it must close.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -115,10 +119,17 @@ impl Outbox {
         self.lock().last_seq
     }
 
-    /// Asks the connection to close with `code`.
-    pub fn close(&self, code: u16) {
-        self.lock().close.get_or_insert(code);
+    /// Asks the connection to close with `code`; false when it was asked before (the first
+    /// request wins).
+    pub fn close(&self, code: u16) -> bool {
+        let first = {
+            let mut state = self.lock();
+            let first = state.close.is_none();
+            state.close.get_or_insert(code);
+            first
+        };
         self.wake.notify_one();
+        first
     }
 
     /// Waits for a frame to send or a close request (which takes precedence). Cancel-safe:
@@ -145,16 +156,26 @@ impl Outbox {
 pub struct ConnectionHandle {
     id: ConnId,
     outbox: Arc<Outbox>,
+    ip: IpAddr,
+    device: Option<Arc<str>>,
 }
 
 impl ConnectionHandle {
-    /// Creates a handle and the outbox the connection task reads.
-    pub fn new(id: ConnId, capacity: usize) -> (Self, Arc<Outbox>) {
+    /// Creates a handle for a connection from `ip` (and `device`, if its token names one) and
+    /// the outbox the connection task reads.
+    pub fn new(
+        id: ConnId,
+        capacity: usize,
+        ip: IpAddr,
+        device: Option<Arc<str>>,
+    ) -> (Self, Arc<Outbox>) {
         let outbox = Arc::new(Outbox::new(capacity));
         (
             ConnectionHandle {
                 id,
                 outbox: outbox.clone(),
+                ip,
+                device,
             },
             outbox,
         )
@@ -164,12 +185,22 @@ impl ConnectionHandle {
         self.id
     }
 
+    /// The client's address (canonical: an IPv4-mapped IPv6 address is the IPv4 address).
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn device(&self) -> Option<&str> {
+        self.device.as_deref()
+    }
+
     pub fn push(&self, frame: Frame) {
         self.outbox.push(frame);
     }
 
-    pub fn close(&self, code: u16) {
-        self.outbox.close(code);
+    /// Asks the connection to close; false when it was asked before.
+    pub fn close(&self, code: u16) -> bool {
+        self.outbox.close(code)
     }
 
     pub fn last_seq(&self) -> Option<u64> {
@@ -223,6 +254,19 @@ impl Registry {
         }
     }
 
+    /// Closes every connection `matches` picks; returns how many were not closing already. A
+    /// scan of all connections: for rare events (bans), not for delivery.
+    pub fn close_where(
+        &self,
+        matches: impl Fn(&str, &ConnectionHandle) -> bool,
+        code: u16,
+    ) -> usize {
+        self.connections
+            .iter()
+            .filter(|entry| matches(entry.key(), entry.value()) && entry.value().close(code))
+            .count()
+    }
+
     /// Asks every connection to close with `code`.
     pub fn close_all(&self, code: u16) {
         for entry in self.connections.iter() {
@@ -251,6 +295,8 @@ impl Registry {
 mod tests {
     use super::*;
 
+    const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     fn frame(seq: u64) -> Frame {
         Frame {
             seq: Some(seq),
@@ -262,7 +308,7 @@ mod tests {
     async fn delivers_in_order_then_closes_a_slow_consumer() {
         let registry = Registry::default();
         let user: UserId = "u".into();
-        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 2);
+        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 2, LOOPBACK, None);
         registry.register(user.clone(), handle);
         outbox.start_at(0);
         registry.push(&user, frame(1));
@@ -284,7 +330,7 @@ mod tests {
 
     #[tokio::test]
     async fn drops_duplicates_and_closes_on_a_gap() {
-        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 8);
+        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 8, LOOPBACK, None);
         // Before attaching, frames are buffered whatever their seq.
         handle.push(frame(4));
         handle.push(frame(6));
@@ -304,10 +350,10 @@ mod tests {
     async fn a_newer_connection_is_not_unregistered_by_the_old_one() {
         let registry = Registry::default();
         let user: UserId = "u".into();
-        let (old, old_outbox) = ConnectionHandle::new(ConnId(1), 8);
-        let (new, new_outbox) = ConnectionHandle::new(ConnId(2), 8);
+        let (old, old_outbox) = ConnectionHandle::new(ConnId(1), 8, LOOPBACK, None);
+        let (new, new_outbox) = ConnectionHandle::new(ConnId(2), 8, LOOPBACK, None);
         new_outbox.start_at(0);
-        let (older, older_outbox) = ConnectionHandle::new(ConnId(0), 8);
+        let (older, older_outbox) = ConnectionHandle::new(ConnId(0), 8, LOOPBACK, None);
         assert!(registry.register(user.clone(), old));
         assert!(registry.register(user.clone(), new));
         // An older connection arriving late does not take over.

@@ -8,7 +8,8 @@
 //!   held states whose grace period ran out); and notices when Redis lost its data, or when
 //!   this instance was itself taken for dead, and sends its clients to reconnect;
 //! - a recovery loop: after the pub/sub connection was lost and restored, catches every local
-//!   connection up from the users' logs, since messages published meanwhile are gone.
+//!   connection up from the users' logs, since messages published meanwhile are gone, and
+//!   closes the local connections that bans announced meanwhile name.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use crate::ids::random_id;
 use crate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
+use crate::moderation::disconnect_banned;
 use crate::protocol::close;
 
 /// Settings of the Redis matchmaker from the configuration; `None` in the embedded mode.
@@ -40,6 +42,7 @@ pub fn settings(config: &Config) -> Option<RedisSettings> {
         requeue_peer_on_skip: config.requeue_peer_on_skip,
         media_pending: config.media_pending(),
         rules: crate::matching::Rules::from_config(config),
+        call_timeout: Duration::from_millis(config.redis_call_timeout_ms),
         history_len: config.history_len,
         history_ttl: config.history_ttl(),
         resume_grace: config.resume_grace(),
@@ -54,11 +57,13 @@ pub fn matchmaker(
     Ok(Arc::new(RedisMatchmaker::new(settings, metrics)?))
 }
 
-/// Starts the subscriber, the heartbeat and the recovery loops; they end when `stop` flips.
+/// Starts the subscriber (on this instance's channel and the deployment's `broadcast`
+/// channel), the heartbeat and the recovery loops; they end when `stop` flips.
 pub fn spawn(
     gateway: Arc<Gateway>,
     redis: Arc<RedisMatchmaker>,
     settings: RedisSettings,
+    broadcast: String,
     heartbeat: Duration,
     stop: watch::Receiver<bool>,
 ) {
@@ -73,6 +78,7 @@ pub fn spawn(
     tokio::spawn(subscriber(
         instance.clone(),
         settings,
+        broadcast,
         recovery.clone(),
         stop.clone(),
     ));
@@ -80,21 +86,23 @@ pub fn spawn(
     tokio::spawn(catch_up(instance, recovery, stop));
 }
 
-/// Keeps this instance subscribed to its channel. The connection manager re-subscribes after
-/// disconnections by itself; this loop only has to get the first subscription in place, which
-/// may take a while when the gateway starts before Redis does.
+/// Keeps this instance subscribed to its channel and the broadcast channel. The connection
+/// manager re-subscribes after disconnections by itself; this loop only has to get the first
+/// subscription in place, which may take a while when the gateway starts before Redis does.
 async fn subscriber(
     instance: Arc<Instance>,
     settings: RedisSettings,
+    broadcast: String,
     recovery: Arc<Recovery>,
     mut stop: watch::Receiver<bool>,
 ) {
     let channel = settings.layout.channel(&settings.instance);
+    let channels = [channel.as_str(), broadcast.as_str()];
     let mut delay = Duration::from_millis(100);
     let manager = loop {
         let attempt = subscribe(
             &settings.urls[0],
-            &channel,
+            &channels,
             instance.gateway.registry.clone(),
             instance.gateway.metrics.clone(),
             recovery.clone(),
@@ -188,11 +196,23 @@ impl Instance {
                 Ok(Some(frames)) => frames.into_iter().for_each(|f| handle.push(f)),
                 // Replaced elsewhere while the notice to close was lost: close as replaced,
                 // so that this (older) client does not come back and take over again.
-                Err(MatchError::Replaced) => handle.close(close::REPLACED),
+                Err(MatchError::Replaced) => {
+                    handle.close(close::REPLACED);
+                }
                 // The log no longer covers the gap, or Redis is not back yet: the client
                 // resumes, which recovers whatever can be recovered.
-                Ok(None) | Err(_) => handle.close(close::RESYNC),
+                Ok(None) | Err(_) => {
+                    handle.close(close::RESYNC);
+                }
             }
+        }
+        // Bans announced meanwhile were missed too: whatever the bans in force name goes.
+        match self.gateway.moderation.bans().await {
+            Ok(bans) => {
+                let banned = bans.iter().map(|b| (b.kind, b.value.as_str()));
+                disconnect_banned(&self.gateway.registry, &self.gateway.metrics, banned);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot catch up with bans"),
         }
     }
 }

@@ -20,9 +20,10 @@ use crate::auth::{AuthMode, Authenticator, KeyError};
 use crate::config::{Config, ConfigError};
 use crate::connection::Settings;
 use crate::gateway::Gateway;
-use crate::http::{router, App};
+use crate::http::{router, App, ConnectLimiter};
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
+use crate::privacy;
 use crate::registry::Registry;
 use crate::scaleout;
 
@@ -74,6 +75,7 @@ impl Server {
     /// Validates the configuration, builds the layers and binds the listener.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         config.validate()?;
+        privacy::init(&config);
         let auth = Authenticator::from_config(&config)?;
         let listener =
             TcpListener::bind(config.listen)
@@ -100,6 +102,7 @@ impl Server {
                     gateway.clone(),
                     redis,
                     settings,
+                    crate::bus::redis::broadcast_channel(&config.redis_namespace),
                     Duration::from_millis(config.instance_heartbeat_ms),
                     stop_rx.clone(),
                 );
@@ -113,6 +116,8 @@ impl Server {
             settings: Arc::new(Settings::from_config(&config)),
             allowed_origins: config.allowed_origins.clone(),
             connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+            connect_limiter: ConnectLimiter::new(config.ip_connects_per_minute),
+            admin_token: config.admin_token.clone(),
             shutdown: stop_rx,
             done: done_tx,
             next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
@@ -176,9 +181,13 @@ impl Server {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
-        let serve = axum::serve(listener, router(app))
-            .with_graceful_shutdown(stop_accepting)
-            .into_future();
+        // The peer address is the client's address for bans and the per-address limit.
+        let serve = axum::serve(
+            listener,
+            router(app).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop_accepting)
+        .into_future();
         tokio::pin!(serve);
         let mut served = false;
         tokio::select! {

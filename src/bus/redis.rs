@@ -6,6 +6,10 @@
 //! [`Registry`](crate::registry::Registry) straight from the connection's reader: no queue in
 //! between, and pushing never blocks.
 //!
+//! Every instance also listens on one broadcast channel of the deployment, where the
+//! moderation backend announces new bans: each instance closes the banned identity's
+//! connections it holds.
+//!
 //! The subscription runs on a `ConnectionManager` that reconnects and re-subscribes by itself.
 //! Pub/sub is at-most-once: messages published while the subscriber was away are lost, so
 //! after a reconnection the [`Recovery`] signal fires and the instance catches every local
@@ -21,8 +25,19 @@ use tokio::sync::Notify;
 use super::Frame;
 use crate::matching::ConnId;
 use crate::metrics::Metrics;
+use crate::moderation::{disconnect_banned, BanKind};
 use crate::protocol::close;
 use crate::registry::Registry;
+
+/// The channel every instance of the deployment `namespace` listens on, besides its own.
+pub fn broadcast_channel(namespace: &str) -> String {
+    format!("{namespace}:all")
+}
+
+/// The broadcast message that announces a ban (see [`dispatch`]).
+pub fn ban_notice(kind: BanKind, value: &str) -> String {
+    format!("B{}\n{value}", kind.as_str())
+}
 
 /// Raised after the subscription was lost and restored.
 #[derive(Default)]
@@ -31,11 +46,11 @@ pub struct Recovery {
     pub restored: Notify,
 }
 
-/// Opens the subscriber connection and subscribes to `channel`. The returned manager must be
+/// Opens the subscriber connection and subscribes to `channels`. The returned manager must be
 /// kept alive for as long as the subscription should last.
 pub async fn subscribe(
     url: &str,
-    channel: &str,
+    channels: &[&str],
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     recovery: Arc<Recovery>,
@@ -48,7 +63,7 @@ pub async fn subscribe(
             PushKind::Message => {
                 if let Some(Value::BulkString(payload)) = push.data.get(1) {
                     metrics.pubsub_received();
-                    dispatch(&registry, payload);
+                    dispatch(&registry, &metrics, payload);
                 }
             }
             PushKind::Disconnection => {
@@ -66,19 +81,19 @@ pub async fn subscribe(
         .set_push_sender(sink)
         .set_automatic_resubscription();
     let mut manager = client.get_connection_manager_with_config(config).await?;
-    manager.subscribe(channel).await?;
+    manager.subscribe(channels).await?;
     Ok(manager)
 }
 
-/// Hands one published message to the local connection it is for:
-/// `F<user>\n<seq>\n<frame>` (seq 0: none) or `K<user>\n<conn>` (close a replaced connection;
-/// `conn` as [`ConnId`] displays it).
-fn dispatch(registry: &Registry, payload: &[u8]) {
+/// Acts on one published message: `F<user>\n<seq>\n<frame>` (a frame for a local connection;
+/// seq 0: none), `K<user>\n<conn>` (close a replaced connection; `conn` as [`ConnId`] displays
+/// it) or `B<kind>\n<value>` (a ban: close the connections it names).
+fn dispatch(registry: &Registry, metrics: &Metrics, payload: &[u8]) {
     let Ok(text) = std::str::from_utf8(payload) else {
         return;
     };
     let (kind, rest) = text.split_at(text.len().min(1));
-    let Some((user, rest)) = rest.split_once('\n') else {
+    let Some((subject, rest)) = rest.split_once('\n') else {
         return;
     };
     match kind {
@@ -87,7 +102,7 @@ fn dispatch(registry: &Registry, payload: &[u8]) {
                 return;
             };
             let seq = seq.parse::<u64>().ok().filter(|s| *s > 0);
-            let user: crate::matching::UserId = user.into();
+            let user: crate::matching::UserId = subject.into();
             registry.push(
                 &user,
                 Frame {
@@ -98,7 +113,12 @@ fn dispatch(registry: &Registry, payload: &[u8]) {
         }
         "K" => {
             if let Some(conn) = ConnId::parse(rest) {
-                registry.close_if(user, conn, close::REPLACED);
+                registry.close_if(subject, conn, close::REPLACED);
+            }
+        }
+        "B" => {
+            if let Some(ban) = BanKind::parse(subject) {
+                disconnect_banned(registry, metrics, [(ban, rest)]);
             }
         }
         _ => {}
@@ -110,15 +130,30 @@ mod tests {
     use super::*;
     use crate::registry::{ConnectionHandle, Next};
 
+    fn connection(
+        registry: &Registry,
+        user: &str,
+        id: u64,
+        ip: &str,
+    ) -> Arc<crate::registry::Outbox> {
+        let (handle, outbox) = ConnectionHandle::new(ConnId(id), 8, ip.parse().unwrap(), None);
+        registry.register(user.into(), handle);
+        outbox.start_at(0);
+        outbox
+    }
+
     #[tokio::test]
     async fn dispatches_frames_and_kicks() {
         let registry = Registry::default();
-        let (handle, outbox) = ConnectionHandle::new(ConnId(7), 8);
-        registry.register("u\u{e9}".into(), handle);
-        outbox.start_at(0);
-        dispatch(&registry, "Fu\u{e9}\n1\n{\"type\":\"queued\"}".as_bytes());
-        dispatch(&registry, b"Fnobody\n1\n{}");
-        dispatch(&registry, b"garbage");
+        let metrics = Metrics::new();
+        let outbox = connection(&registry, "u\u{e9}", 7, "10.0.0.1");
+        dispatch(
+            &registry,
+            &metrics,
+            "Fu\u{e9}\n1\n{\"type\":\"queued\"}".as_bytes(),
+        );
+        dispatch(&registry, &metrics, b"Fnobody\n1\n{}");
+        dispatch(&registry, &metrics, b"garbage");
         match outbox.next().await {
             Next::Send(f) => {
                 assert_eq!(f.seq, Some(1));
@@ -126,8 +161,37 @@ mod tests {
             }
             Next::Close(c) => panic!("closed {c}"),
         }
-        dispatch(&registry, "Ku\u{e9}\nc0000000000000008".as_bytes()); // another: ignored
-        dispatch(&registry, "Ku\u{e9}\nc0000000000000007".as_bytes());
+        dispatch(
+            &registry,
+            &metrics,
+            "Ku\u{e9}\nc0000000000000008".as_bytes(),
+        ); // another: ignored
+        dispatch(
+            &registry,
+            &metrics,
+            "Ku\u{e9}\nc0000000000000007".as_bytes(),
+        );
         assert!(matches!(outbox.next().await, Next::Close(close::REPLACED)));
+    }
+
+    #[tokio::test]
+    async fn a_ban_notice_closes_the_connections_it_names() {
+        let registry = Registry::default();
+        let metrics = Metrics::new();
+        let by_user = connection(&registry, "a", 1, "10.0.0.1");
+        let by_ip = connection(&registry, "b", 2, "10.0.0.2");
+        dispatch(&registry, &metrics, b"Bnonsense\n10.0.0.1");
+        dispatch(
+            &registry,
+            &metrics,
+            ban_notice(BanKind::Ip, "10.0.0.2").as_bytes(),
+        );
+        assert!(matches!(by_ip.next().await, Next::Close(close::BANNED)));
+        dispatch(
+            &registry,
+            &metrics,
+            ban_notice(BanKind::User, "a").as_bytes(),
+        );
+        assert!(matches!(by_user.next().await, Next::Close(close::BANNED)));
     }
 }

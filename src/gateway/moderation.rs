@@ -1,12 +1,19 @@
-//! Reports, bans and the admin side of the gateway.
+//! Reports: a user tells on the peer of their current or most recent session (or of the one
+//! they name). The matchmaker says who that peer was; the moderation backend stores the
+//! report and counts it towards an automatic ban, which closes the reported user's
+//! connections wherever they are.
 
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 
 use super::Gateway;
-use crate::matching::UserId;
-use crate::protocol::ReportReason;
+use crate::ids::unix_ms;
+use crate::matching::{MatchError, UserId};
+use crate::metrics::BanSource;
+use crate::moderation::Report;
+use crate::privacy;
+use crate::protocol::{Reply, ReportReason};
 
 impl Gateway {
     /// Handles a `report`: returns the direct reply and whether it is an error the client
@@ -19,7 +26,50 @@ impl Gateway {
         session: Option<&str>,
         reference: Option<&str>,
     ) -> (Utf8Bytes, bool) {
-        let _ = (user, reason, details, session, reference);
-        todo!("reports: issue 5")
+        match self.file_report(user, reason, details, session).await {
+            Ok(()) => {
+                let ack = Reply::Ack {
+                    action: "report",
+                    reference,
+                };
+                (ack.encode(), false)
+            }
+            Err(e) => self.match_error(&e, reference),
+        }
+    }
+
+    async fn file_report(
+        &self,
+        user: &UserId,
+        reason: ReportReason,
+        details: Option<String>,
+        session: Option<&str>,
+    ) -> Result<(), MatchError> {
+        let (session_id, reported) = self.matchmaker.recent_peer(user, session).await?;
+        let report = Report {
+            session_id,
+            reporter: user.clone(),
+            reported: reported.clone(),
+            reason,
+            details,
+            at_ms: unix_ms(),
+        };
+        let ban = self.moderation.report(report).await?;
+        self.metrics.report(reason);
+        tracing::info!(
+            reporter = %privacy::shown(user),
+            reported = %privacy::shown(&reported),
+            reason = reason.as_str(),
+            "report"
+        );
+        if let Some(ban) = ban {
+            self.metrics.ban(BanSource::Reports);
+            tracing::info!(
+                user = %privacy::shown(&ban.value),
+                until_ms = ban.until_ms,
+                "banned after reports"
+            );
+        }
+        Ok(())
     }
 }

@@ -44,9 +44,6 @@ impl Library {
     }
 }
 
-/// How long one Redis call may take before the operation counts as unavailable.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// Where the Redis keys and channels of one deployment live.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -85,6 +82,8 @@ pub struct RedisSettings {
     /// match (covers an instance that died while setting the room up).
     pub media_pending: Option<Duration>,
     pub rules: Rules,
+    /// How long one Redis call may take before the operation counts as unavailable.
+    pub call_timeout: Duration,
 }
 
 /// The rules as the library reads them (see `read_rules` in redis.lua).
@@ -290,9 +289,9 @@ impl RedisMatchmaker {
         let pool_config = deadpool_redis::PoolConfig {
             max_size: settings.pool_size,
             timeouts: Timeouts {
-                wait: Some(CALL_TIMEOUT),
-                create: Some(CALL_TIMEOUT),
-                recycle: Some(CALL_TIMEOUT),
+                wait: Some(settings.call_timeout),
+                create: Some(settings.call_timeout),
+                recycle: Some(settings.call_timeout),
             },
             ..Default::default()
         };
@@ -305,11 +304,19 @@ impl RedisMatchmaker {
                     .map_err(unavailable)?,
             )
         } else {
-            let mut config = deadpool_redis::Config::from_url(settings.urls[0].clone());
-            config.pool = Some(pool_config);
+            // redis-rs gives every multiplexed connection a 500 ms response timeout of its own;
+            // the call timeout is the one that should apply.
+            let connection = redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(settings.call_timeout))
+                .set_connection_timeout(Some(settings.call_timeout));
+            let manager =
+                deadpool_redis::Manager::new_with_config(settings.urls[0].as_str(), connection)
+                    .map_err(unavailable)?;
             Pool::Single(
-                config
-                    .create_pool(Some(Runtime::Tokio1))
+                deadpool_redis::Pool::builder(manager)
+                    .config(pool_config)
+                    .runtime(Runtime::Tokio1)
+                    .build()
                     .map_err(unavailable)?,
             )
         };
@@ -363,7 +370,7 @@ impl RedisMatchmaker {
             fcall.arg(*a);
         }
         let started = Instant::now();
-        let result = tokio::time::timeout(CALL_TIMEOUT, async {
+        let result = tokio::time::timeout(s.call_timeout, async {
             let mut conn = self.connection().await?;
             match conn.query(&fcall).await {
                 // A Redis that started empty (or a new cluster node) lacks the library: load it

@@ -34,21 +34,25 @@ use matchgate::{Config, Server};
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 
 /// Rules that would get in the way of tests about other things (the same pairs meet again
-/// and again, users skip and enqueue fast); the tests of these rules set them explicitly.
-pub const RELAXED_RULES: [&str; 6] = [
+/// and again, users skip, enqueue and connect fast, all from 127.0.0.1); the tests of these
+/// rules set them explicitly.
+pub const RELAXED_RULES: [&str; 8] = [
     "--anti-repeat-window-s",
     "0",
     "--skip-limit",
     "1000000",
     "--enqueue-per-minute",
     "1000000",
+    "--ip-connects-per-minute",
+    "1000000",
 ];
 
 /// [`RELAXED_RULES`] as environment variables, for gateway processes.
-pub const RELAXED_RULES_ENV: [(&str, &str); 3] = [
+pub const RELAXED_RULES_ENV: [(&str, &str); 4] = [
     ("MATCHGATE_ANTI_REPEAT_WINDOW_S", "0"),
     ("MATCHGATE_SKIP_LIMIT", "1000000"),
     ("MATCHGATE_ENQUEUE_PER_MINUTE", "1000000"),
+    ("MATCHGATE_IP_CONNECTS_PER_MINUTE", "1000000"),
 ];
 
 /// Hang protection for every wait.

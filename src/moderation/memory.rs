@@ -1,0 +1,250 @@
+//! The moderation backend of the embedded default: bans and reports in this process, behind
+//! one lock; a new ban closes the banned identity's connections in this instance's registry.
+//!
+//! Memory stays bounded without a background task: reports are a ring of `--reports-kept`;
+//! expired bans and reporters who fell out of the window are dropped when they are looked at,
+//! and all of them in one sweep whenever the maps have doubled since the last one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::{
+    disconnect_banned, Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportPolicy,
+};
+use crate::ids::unix_ms;
+use crate::matching::UserId;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// The smallest size at which a sweep runs: below it, sweeping is not worth the time.
+const MIN_SWEEP: usize = 1024;
+
+pub struct MemoryModeration {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    policy: ReportPolicy,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    bans: HashMap<(BanKind, String), Ban>,
+    /// The latest reports, oldest first.
+    reports: VecDeque<Report>,
+    /// Per reported user: who reported them, and when last (unix ms).
+    reporters: HashMap<UserId, Vec<(UserId, u64)>>,
+    /// Entries in `bans` plus `reporters` at which the next sweep runs.
+    sweep_at: usize,
+}
+
+impl State {
+    /// The ban of `kind`/`value` in force, dropping it if it ran out.
+    fn ban(&mut self, kind: BanKind, value: &str, now: u64) -> Option<Ban> {
+        let key = (kind, value.to_string());
+        match self.bans.get(&key) {
+            Some(ban) if ban.live(now) => Some(ban.clone()),
+            Some(_) => {
+                self.bans.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Drops what ran out once the maps have doubled since the last sweep, so that each entry
+    /// costs O(1) sweeping on average.
+    fn sweep_if_due(&mut self, now: u64, window_ms: u64) {
+        if self.bans.len() + self.reporters.len() < self.sweep_at.max(MIN_SWEEP) {
+            return;
+        }
+        self.bans.retain(|_, ban| ban.live(now));
+        self.reporters.retain(|_, list| {
+            list.retain(|(_, at)| at + window_ms > now);
+            !list.is_empty()
+        });
+        self.sweep_at = 2 * (self.bans.len() + self.reporters.len());
+    }
+}
+
+impl MemoryModeration {
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, policy: ReportPolicy) -> Self {
+        MemoryModeration {
+            registry,
+            metrics,
+            policy,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // No critical section below can panic; recover the data if one ever did.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts `ban` in force (the lock held), then, the lock released, closes the connections
+    /// it names.
+    fn enforce(&self, mut state: std::sync::MutexGuard<'_, State>, ban: &Ban) {
+        state
+            .bans
+            .insert((ban.kind, ban.value.clone()), ban.clone());
+        state.sweep_if_due(unix_ms(), self.policy.window.as_millis() as u64);
+        drop(state);
+        disconnect_banned(
+            &self.registry,
+            &self.metrics,
+            [(ban.kind, ban.value.as_str())],
+        );
+    }
+}
+
+#[async_trait]
+impl Moderation for MemoryModeration {
+    async fn ban_of(&self, who: &Identity<'_>) -> Result<Option<Ban>, ModerationError> {
+        let now = unix_ms();
+        let mut state = self.lock();
+        Ok(who
+            .names()
+            .into_iter()
+            .find_map(|(kind, value)| state.ban(kind, &value, now)))
+    }
+
+    async fn ban(&self, ban: &Ban) -> Result<(), ModerationError> {
+        self.enforce(self.lock(), ban);
+        Ok(())
+    }
+
+    async fn unban(&self, kind: BanKind, value: &str) -> Result<bool, ModerationError> {
+        let now = unix_ms();
+        let removed = self.lock().bans.remove(&(kind, value.to_string()));
+        Ok(removed.is_some_and(|ban| ban.live(now)))
+    }
+
+    async fn bans(&self) -> Result<Vec<Ban>, ModerationError> {
+        let now = unix_ms();
+        let mut state = self.lock();
+        state.bans.retain(|_, ban| ban.live(now));
+        let mut bans: Vec<Ban> = state.bans.values().cloned().collect();
+        drop(state);
+        bans.sort_by(|a, b| (a.until_ms, &a.value).cmp(&(b.until_ms, &b.value)));
+        Ok(bans)
+    }
+
+    async fn report(&self, report: Report) -> Result<Option<Ban>, ModerationError> {
+        let now = unix_ms();
+        let window_ms = self.policy.window.as_millis() as u64;
+        let mut state = self.lock();
+        let reporters = state.reporters.entry(report.reported.clone()).or_default();
+        reporters.retain(|(_, at)| at + window_ms > now);
+        let distinct = match reporters.iter_mut().find(|(r, _)| *r == report.reporter) {
+            Some((_, at)) => {
+                *at = now;
+                None
+            }
+            None => {
+                reporters.push((report.reporter.clone(), now));
+                Some(reporters.len() as u64)
+            }
+        };
+        let banned = state.ban(BanKind::User, &report.reported, now).is_some();
+        let due = self.policy.ban_due(&report, distinct, banned);
+        state.reports.push_back(report);
+        while state.reports.len() > self.policy.kept {
+            state.reports.pop_front();
+        }
+        match &due {
+            Some(ban) => self.enforce(state, ban),
+            None => state.sweep_if_due(now, window_ms),
+        }
+        Ok(due)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::matching::ConnId;
+    use crate::protocol::{close, ReportReason};
+    use crate::registry::{ConnectionHandle, Next};
+
+    fn backend(registry: Arc<Registry>) -> MemoryModeration {
+        let policy = ReportPolicy {
+            threshold: 2,
+            window: Duration::from_secs(60),
+            ban_ttl: Duration::from_secs(60),
+            kept: 2,
+        };
+        MemoryModeration::new(registry, Arc::new(Metrics::new()), policy)
+    }
+
+    fn report(reporter: &str) -> Report {
+        Report {
+            session_id: "s".into(),
+            reporter: reporter.into(),
+            reported: "bad".into(),
+            reason: ReportReason::Harassment,
+            details: None,
+            at_ms: unix_ms(),
+        }
+    }
+
+    #[tokio::test]
+    async fn distinct_reporters_ban_and_close_the_connection() {
+        let registry = Arc::new(Registry::default());
+        let ip = "10.0.0.1".parse().unwrap();
+        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 8, ip, None);
+        registry.register("bad".into(), handle);
+        let m = backend(registry.clone());
+        assert_eq!(m.report(report("r1")).await.unwrap(), None);
+        assert_eq!(m.report(report("r1")).await.unwrap(), None, "counts once");
+        let ban = m.report(report("r2")).await.unwrap().expect("banned");
+        assert_eq!(ban.value, "bad");
+        assert!(matches!(outbox.next().await, Next::Close(close::BANNED)));
+        assert_eq!(m.report(report("r3")).await.unwrap(), None, "already");
+        assert_eq!(m.lock().reports.len(), 2, "only the latest are kept");
+        let who = Identity {
+            user: "bad",
+            device: None,
+            ip,
+        };
+        assert_eq!(m.ban_of(&who).await.unwrap(), Some(ban));
+        assert!(m.unban(BanKind::User, "bad").await.unwrap());
+        assert!(!m.unban(BanKind::User, "bad").await.unwrap());
+        assert_eq!(m.ban_of(&who).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn bans_by_device_and_address_and_lists_live_ones() {
+        let registry = Arc::new(Registry::default());
+        let ip: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let (phone, phone_out) = ConnectionHandle::new(ConnId(1), 8, ip, Some("phone".into()));
+        let (other, _) = ConnectionHandle::new(ConnId(2), 8, ip, None);
+        registry.register("u1".into(), phone);
+        registry.register("u2".into(), other);
+        let m = backend(registry.clone());
+        let by_device = Ban::new(
+            BanKind::Device,
+            "phone".into(),
+            None,
+            Duration::from_secs(60),
+        );
+        m.ban(&by_device).await.unwrap();
+        assert!(matches!(phone_out.next().await, Next::Close(close::BANNED)));
+        let who = Identity {
+            user: "u3",
+            device: Some("phone"),
+            ip,
+        };
+        assert_eq!(m.ban_of(&who).await.unwrap(), Some(by_device.clone()));
+        let gone = Ban {
+            until_ms: 1,
+            ..Ban::new(BanKind::Ip, "10.0.0.9".into(), None, Duration::ZERO)
+        };
+        m.ban(&gone).await.unwrap();
+        assert_eq!(m.bans().await.unwrap(), vec![by_device]);
+        assert!(!m.unban(BanKind::Ip, "10.0.0.9").await.unwrap());
+    }
+}

@@ -1,0 +1,338 @@
+//! Moderation: reports users make about their peers, and bans of users, devices and IP
+//! addresses.
+//!
+//! [`Moderation`] is a narrow engine trait like [`Matchmaker`](crate::matching::Matchmaker) and
+//! [`Bus`](crate::bus::Bus): the gateway (reports) and the HTTP layer (the handshake check and
+//! the admin API) call it and never know whether the state lives in this process ([`memory`],
+//! the embedded default) or in Redis, shared by every instance ([`redis`], the scale-out mode).
+//!
+//! A ban is checked once per WebSocket handshake, one backend call for all of the client's
+//! names (user id, device id, address). A new ban also ends the banned identity's live
+//! connections: the memory backend scans this instance's registry at once; the Redis backend
+//! broadcasts the ban on the channel every instance subscribes to, and each instance scans its
+//! own ([`disconnect_banned`]).
+//!
+//! Reports are kept (a bounded number) for people to review, and each counts its reporter
+//! towards an automatic ban of the reported user: enough distinct reporters within the window
+//! ban them ([`ReportPolicy`]).
+
+pub mod memory;
+pub mod redis;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::ids::unix_ms;
+use crate::matching::{MatchError, UserId};
+use crate::metrics::Metrics;
+use crate::protocol::{close, ReportReason};
+use crate::registry::Registry;
+
+/// What a ban names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BanKind {
+    /// A user id (the JWT `sub`).
+    User,
+    /// A device id (the JWT claim `device_id`).
+    Device,
+    /// A client IP address.
+    Ip,
+}
+
+impl BanKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BanKind::User => "user",
+            BanKind::Device => "device",
+            BanKind::Ip => "ip",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BanKind> {
+        [BanKind::User, BanKind::Device, BanKind::Ip]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+
+    /// The canonical form of a value of this kind, or why it cannot be one: ids as the tokens
+    /// carry them, addresses in their canonical text (an IPv4-mapped IPv6 address is the IPv4
+    /// address), so that a ban matches however the address was written.
+    pub fn canonical(self, value: &str) -> Result<String, String> {
+        match self {
+            BanKind::Ip => value
+                .parse::<IpAddr>()
+                .map(|ip| ip.to_canonical().to_string())
+                .map_err(|_| format!("{value:?} is not an IP address")),
+            BanKind::User | BanKind::Device if crate::auth::is_valid_id(value) => {
+                Ok(value.to_string())
+            }
+            BanKind::User | BanKind::Device => Err(format!(
+                "a {} id is 1 to {} bytes without control characters",
+                self.as_str(),
+                crate::auth::MAX_ID_BYTES
+            )),
+        }
+    }
+}
+
+/// A ban: who, why, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ban {
+    pub kind: BanKind,
+    /// The user id, device id, or IP address in canonical text.
+    pub value: String,
+    pub reason: Option<String>,
+    /// When the ban ends (unix ms).
+    pub until_ms: u64,
+}
+
+impl Ban {
+    /// A ban of `kind`/`value` for `ttl` from now.
+    pub fn new(kind: BanKind, value: String, reason: Option<String>, ttl: Duration) -> Ban {
+        Ban {
+            kind,
+            value,
+            reason,
+            until_ms: unix_ms() + ttl.as_millis() as u64,
+        }
+    }
+
+    /// What a refused handshake is told: the reason, or else the kind of ban.
+    pub fn refusal_reason(&self) -> &str {
+        self.reason.as_deref().unwrap_or(self.kind.as_str())
+    }
+
+    fn live(&self, now_ms: u64) -> bool {
+        self.until_ms > now_ms
+    }
+}
+
+/// Who is connecting: every name a ban can give.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a> {
+    pub user: &'a str,
+    pub device: Option<&'a str>,
+    pub ip: IpAddr,
+}
+
+impl Identity<'_> {
+    /// The names a ban would use, user first.
+    fn names(&self) -> Vec<(BanKind, String)> {
+        let mut names = vec![(BanKind::User, self.user.to_string())];
+        if let Some(device) = self.device {
+            names.push((BanKind::Device, device.to_string()));
+        }
+        names.push((BanKind::Ip, self.ip.to_canonical().to_string()));
+        names
+    }
+}
+
+/// One report, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub session_id: Arc<str>,
+    pub reporter: UserId,
+    pub reported: UserId,
+    pub reason: ReportReason,
+    pub details: Option<String>,
+    /// When it was made (unix ms).
+    pub at_ms: u64,
+}
+
+/// When reports ban a user by themselves.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportPolicy {
+    /// Distinct reporters within the window that ban; 0: reports never ban.
+    pub threshold: u32,
+    pub window: Duration,
+    pub ban_ttl: Duration,
+    /// Reports kept for review (the oldest go first).
+    pub kept: usize,
+}
+
+/// The reason automatic bans carry.
+pub const REPORTS_BAN_REASON: &str = "reports";
+
+impl ReportPolicy {
+    pub fn from_config(config: &Config) -> Self {
+        ReportPolicy {
+            threshold: config.report_ban_threshold,
+            window: Duration::from_secs(config.report_window_s),
+            ban_ttl: Duration::from_secs(config.report_ban_ttl_s),
+            kept: config.reports_kept,
+        }
+    }
+
+    /// The automatic ban `report` brings about. `distinct` is how many distinct users
+    /// reported the same user within the window, this one included, or `None` when this
+    /// reporter had already counted; `banned` whether the user is banned already (a ban in
+    /// force, maybe a longer one an admin gave, is left alone).
+    fn ban_due(&self, report: &Report, distinct: Option<u64>, banned: bool) -> Option<Ban> {
+        let reached = distinct.is_some_and(|n| self.threshold > 0 && n >= self.threshold.into());
+        (reached && !banned).then(|| {
+            Ban::new(
+                BanKind::User,
+                report.reported.to_string(),
+                Some(REPORTS_BAN_REASON.into()),
+                self.ban_ttl,
+            )
+        })
+    }
+}
+
+/// Errors of the moderation backends.
+#[derive(Debug, thiserror::Error)]
+pub enum ModerationError {
+    #[error("moderation backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("moderation backend returned bad data: {0}")]
+    Corrupt(String),
+}
+
+/// Reports travel through the gateway's error mapping, like every other client action.
+impl From<ModerationError> for MatchError {
+    fn from(e: ModerationError) -> Self {
+        match e {
+            ModerationError::Unavailable(m) => MatchError::Unavailable(m),
+            ModerationError::Corrupt(m) => MatchError::Internal(m),
+        }
+    }
+}
+
+/// Reports and bans behind one narrow interface. See the module docs.
+#[async_trait]
+pub trait Moderation: Send + Sync + 'static {
+    /// The ban that refuses `who`, if any (one backend call).
+    async fn ban_of(&self, who: &Identity<'_>) -> Result<Option<Ban>, ModerationError>;
+
+    /// Bans (replacing a ban of the same kind and value) and closes the banned identity's
+    /// live connections on every instance.
+    async fn ban(&self, ban: &Ban) -> Result<(), ModerationError>;
+
+    /// Lifts a ban; false when there was none in force.
+    async fn unban(&self, kind: BanKind, value: &str) -> Result<bool, ModerationError>;
+
+    /// The bans in force, the soonest to end first.
+    async fn bans(&self) -> Result<Vec<Ban>, ModerationError>;
+
+    /// Stores a report and counts its reporter towards an automatic ban of the reported user
+    /// (a reporter counts once per reported user and window); returns the ban it brought
+    /// about, already in force.
+    async fn report(&self, report: Report) -> Result<Option<Ban>, ModerationError>;
+}
+
+/// The backend the configuration asks for: Redis in the scale-out mode, memory otherwise.
+/// `registry` and `metrics` are this instance's (the memory backend closes banned connections
+/// in it directly).
+pub fn from_config(
+    config: &Config,
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+) -> Arc<dyn Moderation> {
+    let policy = ReportPolicy::from_config(config);
+    match redis::RedisModeration::from_config(config, policy) {
+        Some(redis) => Arc::new(redis),
+        None => Arc::new(memory::MemoryModeration::new(
+            registry.clone(),
+            metrics.clone(),
+            policy,
+        )),
+    }
+}
+
+/// Closes this instance's connections that any of `banned` (kinds and values) names, with
+/// 4007. One scan of the registry, however many bans.
+pub fn disconnect_banned<'a>(
+    registry: &Registry,
+    metrics: &Metrics,
+    banned: impl IntoIterator<Item = (BanKind, &'a str)>,
+) {
+    let mut users = HashSet::new();
+    let mut devices = HashSet::new();
+    let mut ips = HashSet::new();
+    for (kind, value) in banned {
+        match kind {
+            BanKind::User => {
+                users.insert(value);
+            }
+            BanKind::Device => {
+                devices.insert(value);
+            }
+            BanKind::Ip => ips.extend(value.parse::<IpAddr>()),
+        }
+    }
+    let closed = registry.close_where(
+        |user, h| {
+            users.contains(user)
+                || h.device().is_some_and(|d| devices.contains(d))
+                || ips.contains(&h.ip())
+        },
+        close::BANNED,
+    );
+    if closed > 0 {
+        metrics.ban_disconnects(closed as u64);
+        tracing::info!(
+            connections = closed,
+            "closed the connections of banned clients"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_checked_and_addresses_canonical() {
+        assert_eq!(
+            BanKind::Ip.canonical("::ffff:10.0.0.1").unwrap(),
+            "10.0.0.1"
+        );
+        assert_eq!(
+            BanKind::Ip.canonical("2001:DB8:0:0::1").unwrap(),
+            "2001:db8::1"
+        );
+        assert!(BanKind::Ip.canonical("10.0.0.256").is_err());
+        assert!(BanKind::User.canonical("").is_err());
+        assert!(BanKind::Device.canonical("a\nb").is_err());
+        assert_eq!(BanKind::Device.canonical("phone-1").unwrap(), "phone-1");
+        assert_eq!(BanKind::parse("device"), Some(BanKind::Device));
+        assert_eq!(BanKind::parse("Device"), None);
+    }
+
+    #[test]
+    fn reports_ban_at_the_threshold_of_distinct_reporters() {
+        let policy = ReportPolicy {
+            threshold: 3,
+            window: Duration::from_secs(60),
+            ban_ttl: Duration::from_secs(60),
+            kept: 10,
+        };
+        let report = Report {
+            session_id: "s".into(),
+            reporter: "r".into(),
+            reported: "bad".into(),
+            reason: ReportReason::Spam,
+            details: None,
+            at_ms: 0,
+        };
+        assert!(policy.ban_due(&report, Some(2), false).is_none());
+        let ban = policy.ban_due(&report, Some(3), false).unwrap();
+        assert_eq!((ban.kind, ban.value.as_str()), (BanKind::User, "bad"));
+        assert_eq!(ban.refusal_reason(), REPORTS_BAN_REASON);
+        assert!(policy.ban_due(&report, None, false).is_none(), "a repeat");
+        assert!(policy.ban_due(&report, Some(4), true).is_none(), "banned");
+        let never = ReportPolicy {
+            threshold: 0,
+            ..policy
+        };
+        assert!(never.ban_due(&report, Some(100), false).is_none());
+    }
+}

@@ -1,0 +1,209 @@
+//! The moderation backend of the scale-out mode: bans and reports in the Redis (or Redis
+//! Cluster) the instances share, so a ban made through any instance holds on all of them.
+//!
+//! Keys, all under the deployment's hash tag (the matchmaker's [`Layout`] prefix, `{ns}`):
+//! - `{ns}:ban:<kind>:<value>`: a ban (its JSON), expiring with it (`PX`);
+//! - `{ns}:bans`: a sorted set of `<kind>:<value>` by end time, for listing (pruned on read);
+//! - `{ns}:reporters:<user>`: who reported a user, by time, trimmed to the report window;
+//! - `{ns}:reports`: the report stream, trimmed (`MAXLEN ~`) to `--reports-kept`.
+//!
+//! Every operation is one call of the script `redis.lua`; a new ban is published in the same
+//! call on the channel every instance subscribes to (see [`crate::bus::redis`]), where each
+//! instance closes the banned identity's connections it holds. The connection to Redis is
+//! opened on first use (the gateway may start before Redis) and reconnects by itself.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, RedisResult, Script, ScriptInvocation};
+use tokio::sync::OnceCell;
+
+use super::{Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportPolicy};
+use crate::bus::redis::{ban_notice, broadcast_channel};
+use crate::config::Config;
+use crate::ids::unix_ms;
+use crate::matching::redis::Layout;
+
+/// How long one call may take before it counts as unavailable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct RedisModeration {
+    urls: Vec<String>,
+    cluster: bool,
+    /// `{ns}`: the hash tag every key starts with.
+    prefix: String,
+    /// The channel every instance subscribes to.
+    broadcast: String,
+    policy: ReportPolicy,
+    script: Script,
+    connection: OnceCell<Connection>,
+}
+
+/// A multiplexed connection, cloned for each call.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Connection {
+    async fn invoke<T: FromRedisValue>(mut self, call: &ScriptInvocation<'_>) -> RedisResult<T> {
+        match &mut self {
+            Connection::Single(c) => call.invoke_async(c).await,
+            Connection::Cluster(c) => call.invoke_async(c).await,
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ModerationError {
+    ModerationError::Unavailable(e.to_string())
+}
+
+impl RedisModeration {
+    /// The backend for the scale-out mode; `None` without `--redis-url`.
+    pub fn from_config(config: &Config, policy: ReportPolicy) -> Option<Self> {
+        Some(RedisModeration {
+            urls: config.redis_urls()?,
+            cluster: config.redis_cluster,
+            prefix: Layout::new(&config.redis_namespace).prefix,
+            broadcast: broadcast_channel(&config.redis_namespace),
+            policy,
+            script: Script::new(include_str!("redis.lua")),
+            connection: OnceCell::new(),
+        })
+    }
+
+    async fn connect(&self) -> RedisResult<Connection> {
+        if self.cluster {
+            let client = redis::cluster::ClusterClient::new(self.urls.clone())?;
+            Ok(Connection::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(self.urls[0].as_str())?;
+            Ok(Connection::Single(ConnectionManager::new(client).await?))
+        }
+    }
+
+    /// Runs one call of the script, connecting first if need be. A call that finds the
+    /// connection dropped (Redis restarted, say) is tried once more: the connection has
+    /// reconnected meanwhile, and the first handshake after a blip should not fail for it.
+    async fn call<T: FromRedisValue>(
+        &self,
+        call: ScriptInvocation<'_>,
+    ) -> Result<T, ModerationError> {
+        let run = async {
+            let connection = self
+                .connection
+                .get_or_try_init(|| self.connect())
+                .await
+                .map_err(unavailable)?;
+            match connection.clone().invoke(&call).await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                    connection.clone().invoke(&call).await
+                }
+                other => other,
+            }
+            .map_err(unavailable)
+        };
+        tokio::time::timeout(CALL_TIMEOUT, run)
+            .await
+            .unwrap_or_else(|_| Err(unavailable("Redis call timed out")))
+    }
+
+    fn ban_key(&self, kind: BanKind, value: &str) -> String {
+        format!("{}:ban:{}", self.prefix, member(kind, value))
+    }
+
+    fn listing_key(&self) -> String {
+        format!("{}:bans", self.prefix)
+    }
+}
+
+/// A ban's entry in the listing, and the tail of its key.
+fn member(kind: BanKind, value: &str) -> String {
+    format!("{}:{value}", kind.as_str())
+}
+
+fn decode(json: &str) -> Result<Ban, ModerationError> {
+    serde_json::from_str(json).map_err(|e| ModerationError::Corrupt(format!("a ban: {e}")))
+}
+
+#[async_trait]
+impl Moderation for RedisModeration {
+    async fn ban_of(&self, who: &Identity<'_>) -> Result<Option<Ban>, ModerationError> {
+        let mut call = self.script.prepare_invoke();
+        for (kind, value) in who.names() {
+            call.key(self.ban_key(kind, &value));
+        }
+        call.arg("check");
+        let found: Vec<Option<String>> = self.call(call).await?;
+        // The user's own ban first, as `names` lists them.
+        found
+            .into_iter()
+            .flatten()
+            .next()
+            .map(|json| decode(&json))
+            .transpose()
+    }
+
+    async fn ban(&self, ban: &Ban) -> Result<(), ModerationError> {
+        let json = serde_json::to_string(ban).expect("a ban serialises");
+        let ttl_ms = ban.until_ms.saturating_sub(unix_ms()).max(1);
+        let mut call = self.script.prepare_invoke();
+        call.key(self.ban_key(ban.kind, &ban.value))
+            .key(self.listing_key())
+            .arg("ban")
+            .arg(member(ban.kind, &ban.value))
+            .arg(json)
+            .arg(ban.until_ms)
+            .arg(ttl_ms)
+            .arg(&self.broadcast)
+            .arg(ban_notice(ban.kind, &ban.value));
+        self.call::<i64>(call).await.map(drop)
+    }
+
+    async fn unban(&self, kind: BanKind, value: &str) -> Result<bool, ModerationError> {
+        let mut call = self.script.prepare_invoke();
+        call.key(self.ban_key(kind, value))
+            .key(self.listing_key())
+            .arg("unban")
+            .arg(member(kind, value));
+        Ok(self.call::<i64>(call).await? > 0)
+    }
+
+    async fn bans(&self) -> Result<Vec<Ban>, ModerationError> {
+        let mut call = self.script.prepare_invoke();
+        call.key(self.listing_key())
+            .arg("list")
+            .arg(unix_ms())
+            .arg(format!("{}:ban:", self.prefix));
+        let found: Vec<String> = self.call(call).await?;
+        found.iter().map(|json| decode(json)).collect()
+    }
+
+    async fn report(&self, report: Report) -> Result<Option<Ban>, ModerationError> {
+        let mut call = self.script.prepare_invoke();
+        call.key(format!("{}:reporters:{}", self.prefix, report.reported))
+            .key(format!("{}:reports", self.prefix))
+            .key(self.ban_key(BanKind::User, &report.reported))
+            .arg("report")
+            .arg(report.at_ms)
+            .arg(self.policy.window.as_millis() as u64)
+            .arg(self.policy.kept)
+            .arg(&*report.session_id)
+            .arg(&*report.reporter)
+            .arg(&*report.reported)
+            .arg(report.reason.as_str())
+            .arg(report.details.as_deref().unwrap_or_default());
+        let (distinct, banned): (u64, bool) = self.call(call).await?;
+        // Two reports racing past the threshold may both ban: the second only renews it.
+        let due = self
+            .policy
+            .ban_due(&report, (distinct > 0).then_some(distinct), banned);
+        if let Some(ban) = &due {
+            self.ban(ban).await?;
+        }
+        Ok(due)
+    }
+}
