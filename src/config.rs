@@ -116,6 +116,18 @@ pub struct Config {
     )]
     pub allowed_origins: Vec<String>,
 
+    /// Load balancers and proxies (IPs or CIDRs, comma-separated) whose `X-Forwarded-For` is
+    /// believed: behind them the client address (for the per-address limit, address bans and
+    /// logs) is the nearest untrusted hop of that header. Without it, the TCP peer.
+    #[arg(
+        long,
+        env = "MATCHGATE_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        num_args = 0..,
+        value_parser = parse_net
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// Most concurrent WebSocket connections; beyond it the upgrade is refused with 503.
     #[arg(long, env = "MATCHGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -411,6 +423,14 @@ pub struct Config {
     /// answers 200 (for container health checks in images without curl).
     #[arg(long)]
     pub healthcheck: bool,
+}
+
+/// An IP network, or a single address as the network of just that address.
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR network"))
 }
 
 /// A configuration that parsed but makes no sense.

@@ -2,11 +2,11 @@
 //! WebSocket handshake, where every check (attempts per address, origin, token, bans,
 //! capacity) happens before the upgrade.
 //!
-//! The client address is the TCP peer address. Behind a load balancer that is the balancer's
-//! address: `X-Forwarded-For` is not read, since without a list of trusted proxies any client
-//! could claim any address in it.
+//! The client address is the TCP peer address, or behind `--trusted-proxies` the nearest
+//! untrusted hop of `X-Forwarded-For` (see [`client_ip`]).
 
 mod admin;
+mod client_ip;
 mod connect_limit;
 
 use std::net::SocketAddr;
@@ -44,6 +44,8 @@ pub struct App {
     pub connect_limiter: ConnectLimiter,
     /// With it, the admin API exists.
     pub admin_token: Option<String>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub shutdown: watch::Receiver<bool>,
     pub done: mpsc::Sender<()>,
     /// Connection ids: a random instance prefix in the high bits keeps them unique across
@@ -193,7 +195,7 @@ async fn ws_handshake(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let gateway = &app.gateway;
-    let ip = peer.ip().to_canonical();
+    let ip = client_ip::client_ip(peer.ip(), &headers, &app.trusted_proxies);
     if let Err(wait) = app.connect_limiter.attempt(ip) {
         tracing::debug!(ip = %privacy::shown(ip), "too many connection attempts");
         gateway.metrics.handshake_refused("rate_limited");

@@ -118,6 +118,7 @@ impl Server {
             connection_slots: Arc::new(Semaphore::new(config.max_connections)),
             connect_limiter: ConnectLimiter::new(config.ip_connects_per_minute),
             admin_token: config.admin_token.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
             shutdown: stop_rx,
             done: done_tx,
             next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),

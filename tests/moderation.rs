@@ -398,6 +398,51 @@ async fn too_many_connection_attempts_from_one_address_get_429() {
     assert_eq!(common::http_get(server.addr, "/healthz").await.0, 200);
 }
 
+/// A handshake through a proxy that says the client is `client`.
+fn forwarded(server: &TestServer, user: &str, client: &str) -> http::Request<()> {
+    let mut request = handshake(server, &common::token(user));
+    request.headers_mut().insert(
+        "x-forwarded-for",
+        format!("{client}, 127.0.0.1").parse().unwrap(),
+    );
+    request
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_limits_and_bans_apply_to_the_forwarded_address() {
+    let server = with_admin(&[
+        "--ip-connects-per-minute",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.1,10.0.0.0/8",
+    ])
+    .await;
+    // Each forwarded address has its own budget: one attempt each.
+    for (user, client) in [("a", "198.51.100.1"), ("b", "198.51.100.2")] {
+        let (ws, _) = tokio_tungstenite::connect_async(forwarded(&server, user, client))
+            .await
+            .unwrap_or_else(|e| panic!("{user} via {client}: {e}"));
+        drop(ws);
+    }
+    match tokio_tungstenite::connect_async(forwarded(&server, "c", "198.51.100.1")).await {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status().as_u16(), 429),
+        other => panic!(
+            "a second attempt from 198.51.100.1 should get 429: {:?}",
+            other.is_ok()
+        ),
+    }
+    // An address ban hits the forwarded address, not the proxy.
+    ban(&server, "ip", "198.51.100.3", 60, None).await;
+    match tokio_tungstenite::connect_async(forwarded(&server, "d", "198.51.100.3")).await {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status().as_u16(), 403),
+        other => panic!("198.51.100.3 is banned: {:?}", other.is_ok()),
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(forwarded(&server, "e", "198.51.100.4"))
+        .await
+        .expect("another address gets in");
+    drop(ws);
+}
+
 // --- Reports ---
 
 /// Sends a report and returns the direct reply.
