@@ -69,6 +69,11 @@ fn deletes(calls: &[Call], room: &str) -> usize {
         .count()
 }
 
+/// Posts `body` signed the way LiveKit signs it.
+async fn post_signed(base: &str, body: &str) -> (u16, String) {
+    post_webhook(base, body, Some(&sign_webhook(body, KEY, LK_SECRET))).await
+}
+
 /// Decodes a join token with the API secret, checking signature, issuer and expiry.
 fn join_claims(token: &str) -> Value {
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
@@ -272,8 +277,7 @@ async fn a_participant_leaving_ends_the_session_and_requeues_the_peer() {
     // alice's identity is the handle bob knows her by.
     let alice = mb["peer"].as_str().unwrap();
     let body = webhook_body("participant_left", &room, Some(alice), "EV_1");
-    let (status, text) =
-        post_webhook(&base, &body, Some(&sign_webhook(&body, KEY, LK_SECRET))).await;
+    let (status, text) = post_signed(&base, &body).await;
     assert_eq!((status, text.trim()), (200, "ended"));
     let ea = a.expect("session_ended").await;
     assert_eq!(ea["reason"], "media_disconnected");
@@ -285,13 +289,11 @@ async fn a_participant_leaving_ends_the_session_and_requeues_the_peer() {
     fake.wait_for(|c| deletes(c, &room) == 1).await;
 
     // The same event again: a duplicate, nothing happens.
-    let (status, text) =
-        post_webhook(&base, &body, Some(&sign_webhook(&body, KEY, LK_SECRET))).await;
+    let (status, text) = post_signed(&base, &body).await;
     assert_eq!((status, text.trim()), (200, "duplicate"));
     // A different event for the room of a session that already ended.
     let late = webhook_body("room_finished", &room, None, "EV_2");
-    let (status, text) =
-        post_webhook(&base, &late, Some(&sign_webhook(&late, KEY, LK_SECRET))).await;
+    let (status, text) = post_signed(&base, &late).await;
     assert_eq!((status, text.trim()), (200, "no_session"));
     // Nobody heard anything more: alice is idle, bob still waits.
     assert_eq!(
@@ -319,7 +321,7 @@ async fn room_finished_ends_the_session_for_both() {
     let mut b = server.connect("bob").await;
     let (room, _, _) = matched_room(&mut a, &mut b).await;
     let body = webhook_body("room_finished", &room, None, "EV_9");
-    let (status, _) = post_webhook(&base, &body, Some(&sign_webhook(&body, KEY, LK_SECRET))).await;
+    let (status, _) = post_signed(&base, &body).await;
     assert_eq!(status, 200);
     for c in [&mut a, &mut b] {
         let e = c.expect("session_ended").await;
@@ -376,14 +378,12 @@ async fn forged_tampered_unsigned_and_foreign_webhooks_change_nothing() {
             Some(alice),
             &format!("EV_{other}"),
         );
-        let (status, text) =
-            post_webhook(&base, &body, Some(&sign_webhook(&body, KEY, LK_SECRET))).await;
+        let (status, text) = post_signed(&base, &body).await;
         assert_eq!((status, text.trim()), (200, "no_session"));
     }
     // Events the gateway does not act on are acknowledged.
     let joined = webhook_body("participant_joined", &room, Some(alice), "EV_J");
-    let (status, text) =
-        post_webhook(&base, &joined, Some(&sign_webhook(&joined, KEY, LK_SECRET))).await;
+    let (status, text) = post_signed(&base, &joined).await;
     assert_eq!((status, text.trim()), (200, "ignored"));
 
     // The session is untouched.
@@ -403,7 +403,7 @@ async fn without_media_mode_there_is_no_webhook_endpoint_and_no_media() {
     let server = TestServer::start(&[]).await;
     let base = format!("http://{}", server.addr);
     let body = webhook_body("room_finished", "mg_s_x", None, "EV_X");
-    let (status, _) = post_webhook(&base, &body, Some(&sign_webhook(&body, KEY, LK_SECRET))).await;
+    let (status, _) = post_signed(&base, &body).await;
     assert_eq!(status, 404);
     let mut a = server.connect("alice").await;
     let mut b = server.connect("bob").await;

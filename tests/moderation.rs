@@ -630,16 +630,10 @@ async fn a_ban_made_while_the_subscriptions_are_cut_still_closes_the_connection(
     let mut alice = servers[1].connect("alice").await;
     // Cut every pub/sub connection, then ban at once: the notice may be published while the
     // subscribers reconnect, and is then caught up with from the list of bans.
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(killed >= 2, "both instances had a subscriber");
+    assert!(
+        redis.kill_subscribers().await >= 2,
+        "both instances had a subscriber"
+    );
     ban(&servers[0], "user", "alice", 3600, None).await;
     assert_banned_out(&mut alice).await;
 }

@@ -102,6 +102,13 @@ async fn next_event(c: &mut Client) -> Value {
     }
 }
 
+/// `ender` ends the session with `other`; both hear of it.
+async fn end_session(ender: &mut Client, other: &mut Client) {
+    ender.send(json!({"type": "end"})).await;
+    ender.expect("session_ended").await;
+    other.expect("session_ended").await;
+}
+
 async fn state(c: &mut Client) -> Value {
     c.request(json!({"type": "status"}), "st").await["state"].clone()
 }
@@ -184,9 +191,7 @@ async fn recent_pairs_wait_for_somebody_new_then_fall_back(d: Deployment) {
     let mut b = d.connect(1, "bob").await;
     let mut c = d.connect(2, "carol").await;
     common::match_up(&mut a, &mut b).await;
-    a.send(json!({"type": "end"})).await;
-    a.expect("session_ended").await;
-    b.expect("session_ended").await;
+    end_session(&mut a, &mut b).await;
     // alice and bob wait first, but carol is the one alice meets.
     enqueue(&mut a).await;
     enqueue(&mut b).await;
@@ -195,9 +200,7 @@ async fn recent_pairs_wait_for_somebody_new_then_fall_back(d: Deployment) {
     let mc = next_event(&mut c).await;
     assert_eq!(ma["type"], "matched");
     assert_eq!(ma["session_id"], mc["session_id"]);
-    a.send(json!({"type": "end"})).await;
-    a.expect("session_ended").await;
-    c.expect("session_ended").await;
+    end_session(&mut a, &mut c).await;
     // Nobody new comes: after the fallback, bob and alice meet again after all.
     enqueue(&mut a).await;
     let mb = next_event(&mut b).await;
@@ -326,9 +329,7 @@ async fn accept_phase(d: Deployment) {
         .request(json!({"type": "accept", "match_id": "s_other"}), "a2")
         .await;
     assert_eq!(r["code"], "invalid_state");
-    a.send(json!({"type": "end"})).await;
-    a.expect("session_ended").await;
-    b.expect("session_ended").await;
+    end_session(&mut a, &mut b).await;
 
     // bob declines: he goes idle, alice back to the head of the queue.
     let (pa, _) = proposed(&mut a, &mut b).await;

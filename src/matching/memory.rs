@@ -749,14 +749,28 @@ impl State {
         }
     }
 
-    /// What the member left behind learns when the other one leaves a not-yet-live match: a
-    /// proposal it saw is called off; a pending room it never heard of is not mentioned.
-    fn left_behind(rules: &Rules, session_id: &Arc<str>) -> Undo {
-        Undo::Back(rules.accept_timeout.map(|_| Event::MatchCancelled {
-            match_id: session_id.clone(),
-            reason: CancelReason::PeerLeft,
-            requeued: true,
-        }))
+    /// `id` leaves its not-yet-live match (`end`, or the grace period ran out): it is out of
+    /// the queue, and the other one goes back to its place, told only if it saw a proposal
+    /// (a room being made is news it never had).
+    fn leave_match(
+        &mut self,
+        step: &mut Step<'_>,
+        id: &UserId,
+        session_id: &Arc<str>,
+        reason: DequeueReason,
+    ) {
+        let proposed = step.policy.rules.accept_timeout.is_some();
+        self.undo_match(step, session_id, |member, _| {
+            if member == id {
+                Undo::Out(Event::Dequeued { reason })
+            } else {
+                Undo::Back(proposed.then(|| Event::MatchCancelled {
+                    match_id: session_id.clone(),
+                    reason: CancelReason::PeerLeft,
+                    requeued: true,
+                }))
+            }
+        });
     }
 
     /// A user who declined or let a proposal lapse: idle, or the tail of the queue.
@@ -1192,16 +1206,7 @@ impl Matchmaker for MemoryMatchmaker {
                 }
                 Activity::Pending { session_id, .. } => {
                     let session_id = session_id.clone();
-                    let rules = &step.policy.rules;
-                    state.undo_match(step, &session_id, |member, _| {
-                        if member == user {
-                            Undo::Out(Event::Dequeued {
-                                reason: DequeueReason::Timeout,
-                            })
-                        } else {
-                            State::left_behind(rules, &session_id)
-                        }
-                    });
+                    state.leave_match(step, user, &session_id, DequeueReason::Timeout);
                     step.outcome.held = true;
                 }
                 Activity::InSession { .. } => {
@@ -1296,16 +1301,7 @@ impl Matchmaker for MemoryMatchmaker {
                 }
                 Activity::Pending { ref session_id, .. } => {
                     let session_id = session_id.clone();
-                    let rules = &step.policy.rules;
-                    state.undo_match(step, &session_id, |member, _| {
-                        if member == user {
-                            Undo::Out(Event::Dequeued {
-                                reason: DequeueReason::End,
-                            })
-                        } else {
-                            State::left_behind(rules, &session_id)
-                        }
-                    });
+                    state.leave_match(step, user, &session_id, DequeueReason::End);
                     Ok(())
                 }
                 Activity::InSession { .. } => state

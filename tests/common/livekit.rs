@@ -508,7 +508,8 @@ async fn handle(
         let s = shared.lock().unwrap_or_else(|e| e.into_inner());
         (s.mode, s.key.clone(), s.secret.clone())
     };
-    let record = |status: StatusCode| {
+    // Status 0: no answer (hanging).
+    let record = |status: u16| {
         shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -516,26 +517,17 @@ async fn handle(
             .push(Call {
                 method: method_name.clone(),
                 room: room_label.clone(),
-                status: status.as_u16(),
+                status,
                 request: request_json.clone(),
             });
     };
     let finish = |response: Response| {
-        record(response.status());
+        record(response.status().as_u16());
         response
     };
 
     if mode == Mode::Hang {
-        shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .calls
-            .push(Call {
-                method: method_name.clone(),
-                room: room_label.clone(),
-                status: 0,
-                request: request_json.clone(),
-            });
+        record(0);
         std::future::pending::<()>().await;
     }
     let failing = match mode {

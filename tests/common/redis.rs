@@ -51,6 +51,19 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Cuts every pub/sub connection (the subscribers of all instances) and returns how many.
+    pub async fn kill_subscribers(&self) -> i64 {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
     /// Starts an empty server on a free port and waits until it answers PING.
     pub async fn start() -> RedisServer {
         let mut server = Self::start_in(temp_dir("redis"), |_| Vec::new()).await;
