@@ -148,8 +148,8 @@ struct Conduct {
     /// Cooldowns in a row so far.
     level: usize,
     cooldown_until: Option<Instant>,
-    /// Enqueues within the last minute, oldest first.
-    enqueues: VecDeque<Instant>,
+    /// The current one-minute enqueue window (it starts with its first enqueue) and its count.
+    enqueues: Option<(Instant, u32)>,
 }
 
 impl Conduct {
@@ -883,25 +883,22 @@ impl State {
         }
     }
 
-    /// Counts an enqueue against the per-user rate.
+    /// Counts an enqueue against the per-user rate: a one-minute window that starts with its
+    /// first enqueue.
     fn count_enqueue(&mut self, step: &Step<'_>, id: &UserId) -> Result<(), MatchError> {
-        let limit = step.policy.rules.enqueue_per_minute as usize;
+        let limit = step.policy.rules.enqueue_per_minute;
         let c = self.conduct.entry(id.clone()).or_default();
-        while c
-            .enqueues
-            .front()
-            .is_some_and(|t| step.now.duration_since(*t) >= MINUTE)
-        {
-            c.enqueues.pop_front();
-        }
-        if c.enqueues.len() >= limit {
-            let oldest = c.enqueues.front().copied().unwrap_or(step.now);
-            let left = MINUTE.saturating_sub(step.now.duration_since(oldest));
+        let (start, count) = match c.enqueues {
+            Some((start, count)) if step.now.duration_since(start) < MINUTE => (start, count),
+            _ => (step.now, 0),
+        };
+        if count >= limit {
+            let left = MINUTE.saturating_sub(step.now.duration_since(start));
             return Err(MatchError::RateLimited {
                 retry_after_ms: left.as_millis() as u64 + 1,
             });
         }
-        c.enqueues.push_back(step.now);
+        c.enqueues = Some((start, count + 1));
         Ok(())
     }
 

@@ -19,17 +19,18 @@
 --
 -- Key layout (P = prefix):
 --   P:u:<user>      hash: conn inst away state pool wider prefs rkeys rprefs ticket since
---                         told_pos told_est fb sid avoid epoch seq; state is idle, queued,
+--                         told_pos told_est fb sid avoid epoch seq hb (blocked anyone);
+--                         state is idle, queued,
 --                         pending (paired, not live yet; the queue fields are kept) or session
 --   P:log:<user>    list of "<seq> <ms> <frame>", newest last, bounded, expires
 --   P:pool:<pool>   zset of waiting users by ticket (FIFO); a user whose search widened is
 --                   also listed, with the same ticket, in the pools in its `wider` field
 --   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles) created phase (proposed,
 --                   pending or live) a1 a2 (accepted) live (ms it went live)
---   P:met:<user>    list of "<session> <ms> <peer>", newest first: sessions that went live
+--   P:met:<user>    list of "<session>\t<ms>\t<peer>", newest first: sessions that went live
 --   P:blk:<user>    set of the users this user blocked (never expires)
 --   P:cd:<user>     hash: qs (quick skip times) lvl until (cooldown); expires
---   P:enq:<user>    list of enqueue times in the last minute, newest first
+--   P:enq:<user>    enqueues in the current one-minute window, expires with it
 --   P:sessions      zset session -> ms matched (media mode only: what the room sweep checks)
 --   P:pending       zset session -> ms by which a paired session must be live, else undone
 --   P:seen:<event>  a media event id acted on (de-duplication), expires
@@ -47,7 +48,7 @@
 
 -- Set at the start of every call (the library's functions are created once, at load).
 local ARGV, P, OP, REQUEUE_PEER, HISTORY_LEN, HISTORY_TTL, GRACE, CH, ENTROPY, USER, NOW
-local MEDIA_PENDING, R
+local MEDIA_PENDING, R, RULES_TEXT
 local out, actor, ref, id_counter
 
 -- The rules, one comma-separated string: anti-repeat window ms, fallback ms, quick skip ms,
@@ -206,50 +207,72 @@ local function session_of(u)
   return sid, u1
 end
 
-local function blocked(a, b)
-  return redis.call('SISMEMBER', P .. ':blk:' .. a, b) == 1
-    or redis.call('SISMEMBER', P .. ':blk:' .. b, a) == 1
+-- Whether a (whose hash says `a_blocks`, "1" when a ever blocked anyone) or b blocked the
+-- other. The flags spare the set lookups for the many users who never block.
+local function blocked(a, a_blocks, b, b_blocks)
+  return (a_blocks == '1' and redis.call('SISMEMBER', P .. ':blk:' .. a, b) == 1)
+    or (b_blocks == '1' and redis.call('SISMEMBER', P .. ':blk:' .. b, a) == 1)
+end
+
+-- The sessions u had, newest first: { session, ms, peer } each.
+local function met_list(u)
+  local t = {}
+  for _, e in ipairs(redis.call('LRANGE', P .. ':met:' .. u, 0, -1)) do
+    local sid, ms, peer = string.match(e, '^([^\t]*)\t(%d+)\t(.*)$')
+    table.insert(t, { sid, tonumber(ms), peer })
+  end
+  return t
 end
 
 -- When u last met each peer within the anti-repeat window.
 local function met_within(u)
   local t = {}
-  for _, e in ipairs(redis.call('LRANGE', P .. ':met:' .. u, 0, -1)) do
-    local _, ms, peer = string.match(e, '^(%S+) (%d+) (.*)$')
-    if NOW - tonumber(ms) < R.window and not t[peer] then t[peer] = tonumber(ms) end
+  if R.window == 0 then return t end
+  for _, m in ipairs(met_list(u)) do
+    if NOW - m[2] < R.window and not t[m[3]] then t[m[3]] = m[2] end
   end
   return t
 end
 
--- Turns a paired session live: both get `matched` (with their media JSON, if any).
+-- The session is live: both members learn it with `matched` (with their media JSON, if any).
+-- m1, m2: { user, handle, since (queued at), away }.
+local function announce(sid, m1, m2, mf, ms)
+  local keep = math.max(R.window, 3600000)
+  for _, pair in ipairs({ { m1, m2 }, { m2, m1 } }) do
+    table.insert(out.waits, math.max(NOW - pair[1].since, 0))
+    -- Remembered for anti-repeat and as the default target of block and report.
+    local mk = P .. ':met:' .. pair[1].user
+    redis.call('LPUSH', mk, sid .. '\t' .. NOW .. '\t' .. pair[2].user)
+    redis.call('LTRIM', mk, 0, 15)
+    redis.call('PEXPIRE', mk, keep)
+  end
+  local e1 = { type = 'matched', session_id = sid, peer = m2.handle, role = 'offerer', started_at_ms = NOW }
+  local e2 = { type = 'matched', session_id = sid, peer = m1.handle, role = 'answerer', started_at_ms = NOW }
+  if mf then e1.media, e2.media = cjson.decode(mf), cjson.decode(ms) end
+  emit(m1.user, e1)
+  emit(m2.user, e2)
+  -- A member whose connection dropped before the match went live: the other one learns it
+  -- right away, as in a running session.
+  for _, pair in ipairs({ { m1, m2 }, { m2, m1 } }) do
+    if pair[1].away then
+      emit(pair[2].user, { type = 'peer_status', session_id = sid, state = 'reconnecting' })
+    end
+  end
+end
+
+-- Turns a paired session (proposed, or waiting for its room) live.
 local function go_live(sid, mf, ms)
   local u1, u2, h1, h2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2', 'h1', 'h2'))
   redis.call('HSET', skey(sid), 'phase', 'live', 'live', NOW)
   redis.call('ZREM', P .. ':pending', sid)
-  local keep = math.max(R.window, 3600000)
-  for _, pair in ipairs({ { u1, u2 }, { u2, u1 } }) do
-    local h = ukey(pair[1])
-    local since = tonumber(redis.call('HGET', h, 'since'))
-    table.insert(out.waits, math.max(NOW - since, 0))
+  local m = {}
+  for i, x in ipairs({ { u1, h1 }, { u2, h2 } }) do
+    local since, away = unpack(redis.call('HMGET', ukey(x[1]), 'since', 'away'))
     -- Met somebody: nobody is avoided any more (user ids are never empty).
-    redis.call('HSET', h, 'state', 'session', 'avoid', '')
-    local mk = P .. ':met:' .. pair[1]
-    redis.call('LPUSH', mk, sid .. ' ' .. NOW .. ' ' .. pair[2])
-    redis.call('LTRIM', mk, 0, 15)
-    redis.call('PEXPIRE', mk, keep)
+    redis.call('HSET', ukey(x[1]), 'state', 'session', 'avoid', '')
+    m[i] = { user = x[1], handle = x[2], since = tonumber(since), away = away == '1' }
   end
-  local e1 = { type = 'matched', session_id = sid, peer = h2, role = 'offerer', started_at_ms = NOW }
-  local e2 = { type = 'matched', session_id = sid, peer = h1, role = 'answerer', started_at_ms = NOW }
-  if mf then e1.media, e2.media = cjson.decode(mf), cjson.decode(ms) end
-  emit(u1, e1)
-  emit(u2, e2)
-  -- A member whose connection dropped before the match went live: the other one learns it
-  -- right away, as in a running session.
-  for _, pair in ipairs({ { u1, u2 }, { u2, u1 } }) do
-    if redis.call('HGET', ukey(pair[1]), 'away') == '1' then
-      emit(pair[2], { type = 'peer_status', session_id = sid, state = 'reconnecting' })
-    end
-  end
+  announce(sid, m[1], m[2], mf, ms)
 end
 
 -- Hands a paired session to the media side: its room is made outside this call.
@@ -267,17 +290,36 @@ local function start_session(a, b)
   if wb.ticket < wa.ticket then first, second, wf, ws = b, a, wb, wa end
   local sid = new_id('s_', 32)
   local hf, hs = new_id('p_', 16), new_id('p_', 16)
-  for _, w in ipairs({ wf, ws }) do
-    local waited = math.max(NOW - w.since, 0)
-    local pool_wait, all_wait = unpack(redis.call('HMGET', P .. ':waits', w.pk, '*'))
-    redis.call('HSET', P .. ':waits', w.pk, ewma(pool_wait, waited), '*', ewma(all_wait, waited))
+  -- Smoothed waits, per pool and over all (one read and one write when both share a pool).
+  local pool_wait, all_wait = unpack(redis.call('HMGET', P .. ':waits', wf.pk, '*'))
+  local wait_f, wait_s = math.max(NOW - wf.since, 0), math.max(NOW - ws.since, 0)
+  all_wait = ewma(ewma(all_wait, wait_f), wait_s)
+  if ws.pk == wf.pk then
+    redis.call('HSET', P .. ':waits', wf.pk, ewma(ewma(pool_wait, wait_f), wait_s), '*', all_wait)
+  else
+    local other_wait = redis.call('HGET', P .. ':waits', ws.pk)
+    redis.call('HSET', P .. ':waits', wf.pk, ewma(pool_wait, wait_f), ws.pk,
+      ewma(other_wait, wait_s), '*', all_wait)
+  end
+  redis.call('HINCRBY', P .. ':stat', 'sessions', 1)
+  if R.accept == 0 and MEDIA_PENDING == 0 then
+    -- Live at once (the common case, kept to the fewest calls).
+    for _, u in ipairs({ first, second }) do
+      -- Met somebody: nobody is avoided any more (user ids are never empty).
+      redis.call('HSET', ukey(u), 'state', 'session', 'sid', sid, 'avoid', '')
+    end
+    redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs, 'created', NOW,
+      'phase', 'live', 'live', NOW)
+    -- Both were waiting and connected: try_match pairs only those.
+    announce(sid, { user = first, handle = hf, since = wf.since, away = false },
+      { user = second, handle = hs, since = ws.since, away = false }, nil, nil)
+    return
   end
   for _, u in ipairs({ first, second }) do
     redis.call('HSET', ukey(u), 'state', 'pending', 'sid', sid)
   end
   redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs, 'created', NOW,
     'phase', 'pending')
-  redis.call('HINCRBY', P .. ':stat', 'sessions', 1)
   if MEDIA_PENDING > 0 then redis.call('ZADD', P .. ':sessions', NOW, sid) end
   if R.accept > 0 then
     redis.call('HSET', skey(sid), 'phase', 'proposed')
@@ -287,10 +329,8 @@ local function start_session(a, b)
     emit(first, { type = 'match_proposed', match_id = sid, peer = hs, expires_at_ms = expires })
     emit(second, { type = 'match_proposed', match_id = sid, peer = hf, expires_at_ms = expires })
     timer(R.accept, first, 'proposal', sid)
-  elseif MEDIA_PENDING > 0 then
-    await_room(sid)
   else
-    go_live(sid, nil, nil)
+    await_room(sid)
   end
 end
 
@@ -298,9 +338,10 @@ end
 -- fallback applies, nil never (now).
 local function eligible(u, uf, met, c)
   if c == u or c == uf.avoid then return nil end
-  local cstate, caway, cavoid, csince = unpack(redis.call('HMGET', ukey(c), 'state', 'away', 'avoid', 'since'))
+  local cstate, caway, cavoid, csince, cblocks = unpack(redis.call('HMGET', ukey(c), 'state',
+    'away', 'avoid', 'since', 'hb'))
   if cstate ~= 'queued' or caway ~= '0' or cavoid == u then return nil end
-  if blocked(u, c) then return nil end
+  if blocked(u, uf.blocks, c, cblocks) then return nil end
   if not met[c] then return true end
   return NOW - uf.since >= R.fallback or NOW - tonumber(csince) >= R.fallback
 end
@@ -308,10 +349,10 @@ end
 -- Matches a waiting, connected user with the longest-waiting eligible user in any of its
 -- pools. When only recently met users are there, arms the anti-repeat fallback.
 local function try_match(u)
-  local state, away, pk, wider, avoid, since, ticket, fb = unpack(redis.call('HMGET', ukey(u),
-    'state', 'away', 'pool', 'wider', 'avoid', 'since', 'ticket', 'fb'))
+  local state, away, pk, wider, avoid, since, ticket, fb, hb = unpack(redis.call('HMGET',
+    ukey(u), 'state', 'away', 'pool', 'wider', 'avoid', 'since', 'ticket', 'fb', 'hb'))
   if state ~= 'queued' or away == '1' then return end
-  local uf = { avoid = avoid, since = tonumber(since) }
+  local uf = { avoid = avoid, since = tonumber(since), blocks = hb }
   local met = met_within(u)
   local best, best_ticket, held_back = nil, nil, false
   for _, k in ipairs(pools_of(pk, wider)) do
@@ -342,7 +383,8 @@ local function try_match(u)
 end
 
 -- Puts an idle user in the queue of pool `pk`, tells them, and matches them if possible.
-local function queue(u, pk)
+-- `soft`: whether the user's preferences can widen (relaxation timers).
+local function queue(u, pk, soft)
   local ticket = redis.call('INCR', P .. ':ticket')
   local position = redis.call('ZCARD', zkey(pk))
   redis.call('ZADD', zkey(pk), ticket, u)
@@ -351,9 +393,15 @@ local function queue(u, pk)
   redis.call('HSET', h, 'state', 'queued', 'pool', pk, 'wider', '', 'fb', '0', 'ticket', ticket,
     'since', NOW, 'told_pos', position, 'told_est', est or '')
   redis.call('HINCRBY', P .. ':stat', 'queued', 1)
-  if (redis.call('HGET', h, 'rkeys') or '') ~= '' then timer(R.relax, u, 'relax', ticket) end
+  if soft then timer(R.relax, u, 'relax', ticket) end
   emit(u, { type = 'queued', position = position, estimated_wait_ms = null_or(est) })
   try_match(u)
+end
+
+-- Puts a user who was matched back at the tail of its pool, with the preferences it had.
+local function requeue(u)
+  local pk, rkeys = unpack(redis.call('HMGET', ukey(u), 'pool', 'rkeys'))
+  queue(u, pk, (rkeys or '') ~= '')
 end
 
 -- Removes a session's own keys.
@@ -385,7 +433,7 @@ local function undo_match(sid, verdict)
       else
         redis.call('HSET', ukey(u), 'state', 'idle')
         emit(u, v[2])
-        if v[1] == 'tail' then queue(u, redis.call('HGET', ukey(u), 'pool')) end
+        if v[1] == 'tail' then requeue(u) end
       end
     end
   end
@@ -443,18 +491,18 @@ local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue
   if lived >= R.quick then
     for _, who in ipairs({ u, peer }) do redis.call('HDEL', P .. ':cd:' .. who, 'qs', 'lvl') end
   end
-  local requeue = {}
+  local again = {}
   for _, x in ipairs({ { u, own_reason, own_requeue }, { peer, peer_reason, peer_requeue } }) do
     local h = ukey(x[1])
     if redis.call('HGET', h, 'state') == 'session' then
       redis.call('HSET', h, 'state', 'idle')
-      if x[3] then table.insert(requeue, x[1]) end
+      if x[3] then table.insert(again, x[1]) end
     end
     emit(x[1], { type = 'session_ended', session_id = sid, reason = x[2], requeued = x[3] })
   end
   table.insert(out.ended, own_reason)
-  for _, who in ipairs(requeue) do
-    queue(who, redis.call('HGET', ukey(who), 'pool'))
+  for _, who in ipairs(again) do
+    requeue(who)
   end
   return lived
 end
@@ -491,17 +539,16 @@ local function count_skip(u, lived)
   return cooldown
 end
 
--- Counts an enqueue of u against the per-user rate; returns the ms to wait when over it.
+-- Counts an enqueue of u against the per-user rate (a one-minute window that starts with the
+-- first enqueue); returns the ms to wait when over it.
 local function count_enqueue(u)
   local k = P .. ':enq:' .. u
-  local n = redis.call('LLEN', k)
-  if n >= R.enq then
-    local oldest = tonumber(redis.call('LINDEX', k, R.enq - 1))
-    if NOW - oldest < 60000 then return 60000 - (NOW - oldest) end
+  local n = redis.call('INCR', k)
+  if n == 1 then redis.call('PEXPIRE', k, 60000) end
+  if n > R.enq then
+    redis.call('DECR', k)
+    return math.max(redis.call('PTTL', k), 1)
   end
-  redis.call('LPUSH', k, NOW)
-  redis.call('LTRIM', k, 0, R.enq - 1)
-  redis.call('PEXPIRE', k, 60000)
   return nil
 end
 
@@ -534,9 +581,8 @@ end
 local function peer_in(u, session)
   local sid, peer = session_of(u)
   if sid and (session == '' or session == sid) then return sid, peer end
-  for _, e in ipairs(redis.call('LRANGE', P .. ':met:' .. u, 0, -1)) do
-    local s, _, p = string.match(e, '^(%S+) (%d+) (.*)$')
-    if session == '' or session == s then return s, p end
+  for _, m in ipairs(met_list(u)) do
+    if session == '' or session == m[1] then return m[1], m[3] end
   end
   return nil
 end
@@ -645,7 +691,8 @@ local function call(_keys, args)
   HISTORY_LEN, HISTORY_TTL, GRACE = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   CH, ENTROPY, USER = ARGV[7], ARGV[8], ARGV[9]
   MEDIA_PENDING = tonumber(ARGV[10])
-  R = read_rules(ARGV[11])
+  -- Parsed once per rules text: the library's locals outlive calls.
+  if ARGV[11] ~= RULES_TEXT then R, RULES_TEXT = read_rules(ARGV[11]), ARGV[11] end
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   out = { waits = {}, ended = {}, changed = {}, held = false, published = 0, pending = {},
@@ -658,7 +705,9 @@ local function call(_keys, args)
     local was_away = false
     if redis.call('EXISTS', h) == 0 then
       redis.call('HSET', h, 'conn', conn, 'inst', inst, 'away', '0', 'state', 'idle',
-        'epoch', new_id('r_', 32), 'seq', 0)
+        'epoch', new_id('r_', 32), 'seq', 0,
+        -- Blocks outlive the user's hash.
+        'hb', redis.call('EXISTS', P .. ':blk:' .. USER))
     else
       local old_inst, old_conn, a = unpack(redis.call('HMGET', h, 'inst', 'conn', 'away'))
       was_away = a == '1'
@@ -714,7 +763,7 @@ local function call(_keys, args)
     local wait = count_enqueue(USER)
     if wait then return fail('rate_limited', 'too many enqueues: slow down', wait) end
     redis.call('HSET', ukey(USER), 'prefs', arg(1), 'rkeys', arg(4), 'rprefs', arg(5))
-    queue(USER, arg(2))
+    queue(USER, arg(2), arg(4) ~= '')
     return result()
   elseif OP == 'skip' then
     set_ref(arg(1))
@@ -901,6 +950,7 @@ local function call(_keys, args)
     local sid, peer = peer_in(USER, arg(1))
     if not sid then return fail('invalid_state', 'no such session to block a peer from') end
     redis.call('SADD', P .. ':blk:' .. USER, peer)
+    redis.call('HSET', ukey(USER), 'hb', '1')
     if session_of(USER) == sid then end_session(USER, 'end', false, 'peer_ended', false) end
     return result()
   elseif OP == 'peer' then
