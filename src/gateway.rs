@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 use crate::protocol::{Action, ErrorCode, Reply, Request};
 use crate::registry::Registry;
 
+/// Attempts per timer (about a minute of backend trouble).
+const WAKE_ATTEMPTS: u32 = 15;
+
 pub struct Gateway {
     matchmaker: Arc<dyn Matchmaker>,
     pub registry: Arc<Registry>,
@@ -312,9 +315,16 @@ impl Gateway {
         let gateway = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            match gateway.matchmaker.wake(&user, timer).await {
-                Ok(outcome) => gateway.apply_outcome(outcome),
-                Err(e) => tracing::warn!(error = %e, "timer failed"),
+            // A timer that fails (backend briefly away) is tried again: a lost one would leave
+            // a user waiting for a widening or a fallback that never comes.
+            let mut retry = Duration::from_millis(250);
+            for _ in 0..WAKE_ATTEMPTS {
+                match gateway.matchmaker.wake(&user, timer.clone()).await {
+                    Ok(outcome) => return gateway.apply_outcome(outcome),
+                    Err(e) => tracing::warn!(error = %e, "timer failed: trying again"),
+                }
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(5));
             }
         });
     }

@@ -123,9 +123,12 @@ impl Prefs {
             ("region", &self.region),
         ] {
             if let Some(v) = value {
-                if v.is_empty() || v.chars().count() > MAX_PREF_LEN {
+                if v.is_empty()
+                    || v.chars().count() > MAX_PREF_LEN
+                    || v.chars().any(char::is_control)
+                {
                     return Err(ParseError::BadRequest(format!(
-                        "prefs.{name} must be 1 to {MAX_PREF_LEN} characters"
+                        "prefs.{name} must be 1 to {MAX_PREF_LEN} characters, none of them control characters"
                     )));
                 }
             }
@@ -721,6 +724,10 @@ mod tests {
         );
         assert_eq!(
             code(r#"{"type":"enqueue","prefs":{"topic":""}}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"enqueue","prefs":{"topic":"a\nb"}}"#),
             ErrorCode::BadRequest
         );
         let (_, r) = parse_request(r#"{"type":"dance","ref":"r9"}"#).unwrap_err();

@@ -303,15 +303,15 @@ impl UserModel {
         }
     }
 
-    /// Forgets what the engine dropped with the user's state (blocks stay, and so does
-    /// others' avoiding of this user).
+    /// Forgets what the engine dropped with the user's state (blocks stay, and so do the
+    /// most recent peer, which outlives the connection state, and others' avoiding of this
+    /// user).
     fn drop_state(&mut self) {
         self.exists = false;
         self.epoch += 1;
         self.last_seq = 0;
         self.log.clear();
         self.avoid = None;
-        self.last_peer = None;
         self.pool = None;
     }
 }

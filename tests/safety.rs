@@ -210,6 +210,49 @@ async fn recent_pairs_wait_for_somebody_new_then_fall_back(d: Deployment) {
 }
 
 in_both_modes!(
+    recent_partners_are_remembered_across_reconnects,
+    [
+        "--anti-repeat-window-s",
+        "600",
+        "--anti-repeat-fallback-ms",
+        "600000",
+        "--resume-grace-ms",
+        "100"
+    ]
+);
+async fn recent_partners_are_remembered_across_reconnects(d: Deployment) {
+    let mut a = d.connect(0, "alice").await;
+    let mut b = d.connect(1, "bob").await;
+    common::match_up(&mut a, &mut b).await;
+    end_session(&mut a, &mut b).await;
+    // alice leaves until everything the gateway held for her connection is gone (a new
+    // connection then starts a new event log).
+    // Each look is a new connection that holds her state for another grace period, so look
+    // only every few grace periods.
+    a.close().await;
+    let mut a = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        let c = d.connect(1, "alice").await;
+        if c.welcome["last_seq"] == 0 {
+            break c;
+        }
+        c.close().await;
+    };
+    let mut c = d.connect(2, "carol").await;
+    enqueue(&mut a).await;
+    enqueue(&mut b).await;
+    enqueue(&mut c).await;
+    let ma = next_event(&mut a).await;
+    assert_eq!(ma["session_id"], next_event(&mut c).await["session_id"]);
+    assert_eq!(state(&mut b).await, "queued");
+    // Her most recent peer is still known for block and report.
+    let r = a
+        .request(json!({"type": "report", "reason": "spam"}), "r")
+        .await;
+    assert_eq!(r["type"], "ack");
+}
+
+in_both_modes!(
     quick_skippers_cool_down_and_a_real_conversation_forgives,
     [
         "--skip-limit",
@@ -394,6 +437,31 @@ async fn decliners_go_to_the_tail_when_configured(d: Deployment) {
     assert_eq!(next_event(&mut a).await["type"], "match_cancelled");
     assert_eq!(state(&mut a).await, "queued");
     assert_eq!(state(&mut b).await, "queued");
+}
+
+in_both_modes!(
+    a_lapsed_proposal_is_not_proposed_again_at_once,
+    ["--accept-timeout-ms", "300", "--decline-to", "tail"]
+);
+async fn a_lapsed_proposal_is_not_proposed_again_at_once(d: Deployment) {
+    let mut a = d.connect(0, "alice").await;
+    let mut b = d.connect(1, "bob").await;
+    let (pa, _) = proposed(&mut a, &mut b).await;
+    a.request(json!({"type": "accept", "match_id": pa["match_id"]}), "a")
+        .await;
+    // bob does not answer: he goes to the tail, alice back to her place...
+    let cb = next_event(&mut b).await;
+    assert_eq!(
+        (cb["reason"].as_str(), cb["requeued"].as_bool()),
+        (Some("timeout"), Some(true))
+    );
+    b.expect("queued").await;
+    let ca = next_event(&mut a).await;
+    assert_eq!(ca["reason"], "peer_timeout");
+    // ...and they are not proposed to each other again in the same breath: the next frame
+    // bob gets is the answer to his own question.
+    let status = b.request(json!({"type": "status"}), "st").await;
+    assert_eq!(status["state"], "queued");
 }
 
 in_both_modes!(

@@ -77,6 +77,7 @@ impl MemoryMatchmaker {
         // A panic inside a step would leave the state half-changed; there is no sensible
         // recovery from that, so propagating the poison is correct.
         let mut state = self.state.lock().expect("matchmaker state poisoned");
+        state.prune_conduct(step.now);
         let value = f(&mut state, &mut step)?;
         Ok((value, step.outcome))
     }
@@ -103,8 +104,10 @@ struct State {
     seen_order: VecDeque<(Instant, String)>,
     /// Blocker to the users they blocked; checked both ways. Kept for the process lifetime.
     blocks: HashMap<UserId, HashSet<UserId>>,
-    /// Skip and enqueue history per user; outlives the user's connection state.
+    /// What a user did (sessions, skips, enqueues); outlives the user's connection state.
     conduct: HashMap<UserId, Conduct>,
+    /// Users who left, with when their conduct may be forgotten, oldest first.
+    forget: VecDeque<(Instant, UserId)>,
     next_ticket: u64,
     queued: u64,
     /// Smoothed wait of recently matched users across all pools, in ms.
@@ -118,9 +121,6 @@ struct User {
     activity: Activity,
     /// The peer this user just skipped or was skipped by: never matched again right away.
     avoid: Option<UserId>,
-    /// Sessions that went live, newest last: for anti-repeat, and the default target of
-    /// `block` and `report`.
-    recent: VecDeque<Met>,
     log: Log,
 }
 
@@ -140,9 +140,13 @@ pub(crate) const COOLDOWN: &str = "too many quick skips: enqueue again when the 
 /// At most this many recent sessions are kept per user.
 const RECENT_KEPT: usize = 16;
 
-/// A user's skip and enqueue history.
+/// A user's history: kept while it can matter (see [`State::forget_later`]), however often
+/// the user reconnects.
 #[derive(Default)]
 struct Conduct {
+    /// Sessions that went live, newest last: for anti-repeat, and the default target of
+    /// `block` and `report`.
+    recent: VecDeque<Met>,
     /// Quick skips within the window, oldest first.
     quick_skips: VecDeque<Instant>,
     /// Cooldowns in a row so far.
@@ -157,11 +161,6 @@ impl Conduct {
         self.cooldown_until
             .filter(|until| *until > now)
             .map(|until| until - now)
-    }
-
-    /// Nothing worth keeping once the user is gone.
-    fn is_clear(&self, now: Instant) -> bool {
-        self.cooldown_left(now).is_none() && self.quick_skips.is_empty() && self.level == 0
     }
 }
 
@@ -420,13 +419,22 @@ impl State {
             return None;
         }
         let rules = &step.policy.rules;
-        let met = user
-            .recent
-            .iter()
-            .any(|m| &m.peer == other && step.now.duration_since(m.at) < rules.anti_repeat_window);
+        let met = self.conduct.get(id).is_some_and(|c| {
+            c.recent.iter().any(|m| {
+                &m.peer == other && step.now.duration_since(m.at) < rules.anti_repeat_window
+            })
+        });
         let waited_enough =
             |since: Instant| step.now.duration_since(since) >= rules.anti_repeat_fallback;
         Some(!met || waited_enough(w.since) || waited_enough(ow.since))
+    }
+
+    /// When the waiting user `other` started waiting.
+    fn waiting_since(&self, other: &UserId) -> Option<Instant> {
+        match &self.users.get(other)?.activity {
+            Activity::Queued(w) => Some(w.since),
+            _ => None,
+        }
     }
 
     /// Matches a waiting, connected user with the longest-waiting eligible user in any of its
@@ -442,7 +450,9 @@ impl State {
             return;
         }
         let mut best: Option<(u64, UserId)> = None;
-        let mut held_back = false;
+        // The earliest start of waiting among the candidates held back by anti-repeat: the
+        // fallback is due when either side has waited long enough.
+        let mut held_back: Option<Instant> = None;
         for key in w.pools() {
             let Some(pool) = self.pools.get(key) else {
                 continue;
@@ -456,7 +466,10 @@ impl State {
                         best = Some((*ticket, other.clone()));
                         break;
                     }
-                    Some(false) => held_back = true,
+                    Some(false) => {
+                        let since = self.waiting_since(other).unwrap_or(step.now);
+                        held_back = Some(held_back.map_or(since, |h| h.min(since)));
+                    }
                     None => {}
                 }
             }
@@ -466,8 +479,9 @@ impl State {
             return;
         }
         let fallback = step.policy.rules.anti_repeat_fallback;
-        if held_back && !w.fallback_armed {
-            let delay = fallback.saturating_sub(step.now.duration_since(w.since));
+        if let Some(other_since) = held_back.filter(|_| !w.fallback_armed) {
+            let longest = step.now.duration_since(w.since.min(other_since));
+            let delay = fallback.saturating_sub(longest);
             let ticket = w.ticket;
             if let Some(User {
                 activity: Activity::Queued(w),
@@ -482,8 +496,9 @@ impl State {
         }
     }
 
-    /// Takes a waiting user out of every pool it is listed in.
-    fn take_waiting(&mut self, step: &mut Step<'_>, id: &UserId) -> Option<Waiting> {
+    /// Takes a waiting user out of every pool it is listed in. The caller reports the pools
+    /// as changed ([`State::pools_changed`]) once it is done with them.
+    fn take_waiting(&mut self, id: &UserId) -> Option<Waiting> {
         let user = self.users.get_mut(id)?;
         let Activity::Queued(waiting) = std::mem::replace(&mut user.activity, Activity::Idle)
         else {
@@ -495,10 +510,13 @@ impl State {
             }
         }
         self.queued -= 1;
+        Some(waiting)
+    }
+
+    fn pools_changed(&mut self, step: &mut Step<'_>, waiting: &Waiting) {
         for key in waiting.pools() {
             self.pool_changed(step, key);
         }
-        Some(waiting)
     }
 
     /// Puts a paired user back at its old place (its ticket) in every pool it was listed in.
@@ -518,7 +536,8 @@ impl State {
 
     /// Takes a waiting user out of the queue and tells them why.
     fn dequeue(&mut self, step: &mut Step<'_>, id: &UserId, reason: DequeueReason) {
-        if self.take_waiting(step, id).is_some() {
+        if let Some(w) = self.take_waiting(id) {
+            self.pools_changed(step, &w);
             self.emit(step, id, Event::Dequeued { reason });
         }
     }
@@ -539,7 +558,7 @@ impl State {
     /// Pairs two waiting users: a proposal (accept phase), a pending session (media) or a live
     /// one.
     fn start_session(&mut self, step: &mut Step<'_>, a: &UserId, b: &UserId) {
-        let (Some(wa), Some(wb)) = (self.take_waiting(step, a), self.take_waiting(step, b)) else {
+        let (Some(wa), Some(wb)) = (self.take_waiting(a), self.take_waiting(b)) else {
             return;
         };
         // The user who waited longer offers.
@@ -566,6 +585,9 @@ impl State {
                 pool.recent_wait_ms = Some(ewma(pool.recent_wait_ms, ms));
             }
         }
+        // Only now: a pool the pair leaves empty goes, with its smoothed wait.
+        self.pools_changed(step, &w_first);
+        self.pools_changed(step, &w_second);
         for (member, w) in [(first, w_first), (second, w_second)] {
             if let Some(user) = self.users.get_mut(member) {
                 user.activity = Activity::Pending {
@@ -654,23 +676,27 @@ impl State {
                 .push(step.now.duration_since(waiting.since));
             // Met somebody: nobody is avoided any more.
             user.avoid = None;
-            user.recent.push_back(Met {
-                session_id: session_id.clone(),
-                peer: members[1 - i].user.clone(),
-                at: step.now,
-            });
-            while user.recent.len() > RECENT_KEPT
-                || user
-                    .recent
-                    .front()
-                    .is_some_and(|m| step.now.duration_since(m.at) > window.max(HOUR))
-            {
-                user.recent.pop_front();
-            }
             user.activity = Activity::InSession {
                 session_id: session_id.clone(),
                 prefs: waiting.prefs,
             };
+            let recent = &mut self
+                .conduct
+                .entry(members[i].user.clone())
+                .or_default()
+                .recent;
+            recent.push_back(Met {
+                session_id: session_id.clone(),
+                peer: members[1 - i].user.clone(),
+                at: step.now,
+            });
+            while recent.len() > RECENT_KEPT
+                || recent
+                    .front()
+                    .is_some_and(|m| step.now.duration_since(m.at) > window.max(HOUR))
+            {
+                recent.pop_front();
+            }
         }
         let mut media = media.map(|[a, b]| [Some(a), Some(b)]);
         let started_at_ms = unix_ms();
@@ -806,7 +832,7 @@ impl State {
                 return Some((sid, peer));
             }
         }
-        self.users
+        self.conduct
             .get(id)?
             .recent
             .iter()
@@ -873,6 +899,27 @@ impl State {
         Ok(lived)
     }
 
+    /// The user is gone: their conduct is forgotten once nothing in it can matter any more
+    /// (the anti-repeat window, an hour for `block`/`report` defaults, a skip window after the
+    /// longest cooldown), unless they are back by then.
+    fn forget_later(&mut self, step: &Step<'_>, id: &UserId) {
+        let r = &step.policy.rules;
+        let longest = r.skip_cooldowns.iter().max().copied().unwrap_or_default();
+        let keep = r.anti_repeat_window.max(HOUR).max(longest + r.skip_window);
+        self.forget.push_back((step.now + keep, id.clone()));
+    }
+
+    /// Forgets the conduct of users whose time came and who did not come back.
+    fn prune_conduct(&mut self, now: Instant) {
+        while self.forget.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, id)) = self.forget.pop_front() {
+                if !self.users.contains_key(&id) {
+                    self.conduct.remove(&id);
+                }
+            }
+        }
+    }
+
     /// Refuses `enqueue` and `skip` during a cooldown.
     fn check_cooldown(&self, step: &Step<'_>, id: &UserId) -> Result<(), MatchError> {
         match self.conduct.get(id).and_then(|c| c.cooldown_left(step.now)) {
@@ -932,6 +979,19 @@ impl State {
         let cooldown = rules.cooldown(c.level);
         c.cooldown_until = Some(step.now + cooldown);
         Some(cooldown)
+    }
+
+    /// Like after a skip, the members of a paired session are not paired again right away.
+    fn keep_apart(&mut self, session_id: &str) {
+        let Some(s) = self.sessions.get(session_id) else {
+            return;
+        };
+        let [a, b] = [s.members[0].user.clone(), s.members[1].user.clone()];
+        for (who, other) in [(&a, &b), (&b, &a)] {
+            if let Some(user) = self.users.get_mut(who) {
+                user.avoid = Some(other.clone());
+            }
+        }
     }
 
     /// Which member (0 or 1) of the open proposal `match_id` the user is.
@@ -1101,7 +1161,6 @@ impl Matchmaker for MemoryMatchmaker {
                 away: false,
                 activity: Activity::Idle,
                 avoid: None,
-                recent: VecDeque::new(),
                 log: Log::new(),
             });
             // Connection ids grow: an older connection whose attach comes after a newer one's
@@ -1189,13 +1248,7 @@ impl Matchmaker for MemoryMatchmaker {
             match &entry.activity {
                 Activity::Idle => {
                     state.users.remove(user);
-                    if state
-                        .conduct
-                        .get(user)
-                        .is_some_and(|c| c.is_clear(step.now))
-                    {
-                        state.conduct.remove(user);
-                    }
+                    state.forget_later(step, user);
                 }
                 Activity::Queued(_) => {
                     state.dequeue(step, user, DequeueReason::Timeout);
@@ -1540,17 +1593,9 @@ impl Matchmaker for MemoryMatchmaker {
         _reference: Option<&str>,
     ) -> Result<Outcome, MatchError> {
         let ((), outcome) = self.step(None, None, |state, step| {
-            let i = state.proposal_member(user, match_id)?;
+            state.proposal_member(user, match_id)?;
             let session_id: Arc<str> = match_id.into();
-            // Like a skip: the pair is not proposed to each other again right away.
-            if let Some(peer) = state
-                .sessions
-                .get(match_id)
-                .map(|s| s.members[1 - i].user.clone())
-            {
-                state.user_mut(user)?.avoid = Some(peer.clone());
-                state.user_mut(&peer)?.avoid = Some(user.clone());
-            }
+            state.keep_apart(&session_id);
             let rules = &step.policy.rules;
             state.undo_match(step, &session_id, |member, _| {
                 if member == user {
@@ -1590,6 +1635,7 @@ impl Matchmaker for MemoryMatchmaker {
                         .get(&match_id)
                         .is_some_and(|s| matches!(s.phase, Phase::Proposed { .. }));
                     if proposed {
+                        state.keep_apart(&match_id);
                         let rules = &step.policy.rules;
                         state.undo_match(step, &match_id, |_, accepted| {
                             if accepted {

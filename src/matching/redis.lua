@@ -177,8 +177,12 @@ local function take_waiting(u)
   -- `pending`.
   redis.call('HSET', h, 'state', 'idle')
   redis.call('HINCRBY', P .. ':stat', 'queued', -1)
-  for _, k in ipairs(pools) do pool_changed(k) end
-  return { pk = pk, since = tonumber(since), ticket = tonumber(ticket) }
+  -- The caller reports the pools as changed (`pools_changed`) once it is done with them.
+  return { pk = pk, since = tonumber(since), ticket = tonumber(ticket), pools = pools }
+end
+
+local function pools_changed(w)
+  for _, k in ipairs(w.pools) do pool_changed(k) end
 end
 
 -- Puts a paired user back at its old place (its ticket) in every pool it was listed in.
@@ -195,7 +199,11 @@ end
 
 -- Takes a waiting user out of the queue and tells them why.
 local function dequeue(u, reason)
-  if take_waiting(u) then emit(u, { type = 'dequeued', reason = reason }) end
+  local w = take_waiting(u)
+  if w then
+    pools_changed(w)
+    emit(u, { type = 'dequeued', reason = reason })
+  end
 end
 
 local function session_of(u)
@@ -301,6 +309,9 @@ local function start_session(a, b)
     redis.call('HSET', P .. ':waits', wf.pk, ewma(pool_wait, wait_f), ws.pk,
       ewma(other_wait, wait_s), '*', all_wait)
   end
+  -- Only now: a pool the pair leaves empty goes, with its smoothed wait.
+  pools_changed(wf)
+  pools_changed(ws)
   redis.call('HINCRBY', P .. ':stat', 'sessions', 1)
   if R.accept == 0 and MEDIA_PENDING == 0 then
     -- Live at once (the common case, kept to the fewest calls).
@@ -343,7 +354,8 @@ local function eligible(u, uf, met, c)
   if cstate ~= 'queued' or caway ~= '0' or cavoid == u then return nil end
   if blocked(u, uf.blocks, c, cblocks) then return nil end
   if not met[c] then return true end
-  return NOW - uf.since >= R.fallback or NOW - tonumber(csince) >= R.fallback
+  if NOW - uf.since >= R.fallback or NOW - tonumber(csince) >= R.fallback then return true end
+  return false, tonumber(csince)
 end
 
 -- Matches a waiting, connected user with the longest-waiting eligible user in any of its
@@ -354,7 +366,9 @@ local function try_match(u)
   if state ~= 'queued' or away == '1' then return end
   local uf = { avoid = avoid, since = tonumber(since), blocks = hb }
   local met = met_within(u)
-  local best, best_ticket, held_back = nil, nil, false
+  -- held_back: the earliest start of waiting among candidates held back by anti-repeat (the
+  -- fallback is due when either side has waited long enough).
+  local best, best_ticket, held_back = nil, nil, nil
   for _, k in ipairs(pools_of(pk, wider)) do
     local start, done = 0, false
     while not done do
@@ -362,12 +376,12 @@ local function try_match(u)
       for i = 1, #batch, 2 do
         local c, t = batch[i], tonumber(batch[i + 1])
         if best_ticket and t >= best_ticket then done = true break end
-        local ok = eligible(u, uf, met, c)
+        local ok, csince = eligible(u, uf, met, c)
         if ok then
           best, best_ticket, done = c, t, true
           break
         elseif ok == false then
-          held_back = true
+          held_back = math.min(held_back or csince, csince)
         end
       end
       if #batch < 200 then done = true end
@@ -376,9 +390,15 @@ local function try_match(u)
   end
   if best then
     start_session(u, best)
-  elseif held_back and fb ~= '1' then
-    redis.call('HSET', ukey(u), 'fb', '1')
-    timer(R.fallback - (NOW - uf.since), u, 'rematch', ticket)
+  elseif held_back then
+    -- `fb`: when the armed fallback timer is due. A timer is lost with its instance, so one
+    -- long overdue is armed again here.
+    local due = math.min(uf.since, held_back) + R.fallback
+    local armed = tonumber(fb) or 0
+    if armed == 0 or armed + 1000 < NOW then
+      redis.call('HSET', ukey(u), 'fb', due)
+      timer(due - NOW, u, 'rematch', ticket)
+    end
   end
 end
 
@@ -464,7 +484,17 @@ local function leave_match(u, reason)
   end)
 end
 
+-- Sets `avoid` between the members of a paired session: like after a skip, they are not
+-- paired again right away.
+local function keep_apart(sid)
+  local u1, u2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2'))
+  if not u1 then return end
+  redis.call('HSET', ukey(u1), 'avoid', u2)
+  redis.call('HSET', ukey(u2), 'avoid', u1)
+end
+
 local function proposal_expired(sid)
+  keep_apart(sid)
   undo_match(sid, function(_, accepted)
     if accepted then
       return { 'back', { type = 'match_cancelled', match_id = sid, reason = 'peer_timeout', requeued = true } }
@@ -920,7 +950,7 @@ local function call(_keys, args)
     media_failed(arg(1), arg(2))
     return result()
   elseif OP == 'media_left' then
-    -- ARGV: 11 session, 12 handle of who left ("" for everybody), 13 event id, 14 dedupe ms.
+    -- arg: 1 session, 2 handle of who left ("" for everybody), 3 event id, 4 dedupe ms.
     local sid, left = ARGV[12], ARGV[13]
     if not redis.call('SET', P .. ':seen:' .. ARGV[14], '1', 'NX', 'PX', ARGV[15]) then
       return result({ effect = 'duplicate' })
@@ -970,12 +1000,8 @@ local function call(_keys, args)
     return result()
   elseif OP == 'decline' then
     local mid = arg(1)
-    local i = proposal_member(USER, mid)
-    if not i then return fail('invalid_state', 'no such proposal open') end
-    -- Like a skip: the pair is not proposed to each other again right away.
-    local peer = redis.call('HGET', skey(mid), 'u' .. (3 - i))
-    redis.call('HSET', ukey(USER), 'avoid', peer)
-    redis.call('HSET', ukey(peer), 'avoid', USER)
+    if not proposal_member(USER, mid) then return fail('invalid_state', 'no such proposal open') end
+    keep_apart(mid)
     undo_match(mid, function(m)
       if m == USER then return refused(mid, 'declined') end
       return { 'back', { type = 'match_cancelled', match_id = mid, reason = 'peer_declined', requeued = true } }
