@@ -180,11 +180,11 @@ impl Gateway {
             // (the other one may not have accepted yet; there may be no live session): their
             // direct reply is an `ack`, and the events they cause carry no `ref`.
             Action::Accept { match_id } => {
-                let result = self.matchmaker.accept(user, &match_id, reference).await;
+                let result = self.matchmaker.accept(user, &match_id).await;
                 return Some(self.acknowledge(user, conn, "accept", result, reference));
             }
             Action::Decline { match_id } => {
-                let result = self.matchmaker.decline(user, &match_id, reference).await;
+                let result = self.matchmaker.decline(user, &match_id).await;
                 return Some(self.acknowledge(user, conn, "decline", result, reference));
             }
             Action::Block { session_id } => {

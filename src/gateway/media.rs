@@ -121,8 +121,13 @@ impl Gateway {
                     gateway.metrics.livekit_room("create_failed");
                     match gateway.matchmaker.media_failed(&pending.session_id).await {
                         Ok(outcome) => {
-                            // Undone now (not by a member leaving before): both were told.
-                            if !outcome.ended_sessions.is_empty() {
+                            if outcome.ended_sessions.is_empty() {
+                                // Undone earlier, by a member leaving, perhaps before a
+                                // creation that timed out on our side still happened: that
+                                // room goes too. (Undone now, the outcome deletes it.)
+                                gateway.remove_room(&pending.session_id);
+                            } else {
+                                // Both were told.
                                 for _ in 0..2 {
                                     gateway.metrics.protocol_error(ErrorCode::MediaUnavailable);
                                 }
@@ -131,8 +136,6 @@ impl Gateway {
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot undo a match"),
                     }
-                    // A creation that timed out on our side may still have happened.
-                    gateway.remove_room(&pending.session_id);
                 }
             }
         });

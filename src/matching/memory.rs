@@ -1557,12 +1557,7 @@ impl Matchmaker for MemoryMatchmaker {
             .ok_or(MatchError::InvalidState("no such session".into()))
     }
 
-    async fn accept(
-        &self,
-        user: &UserId,
-        match_id: &str,
-        _reference: Option<&str>,
-    ) -> Result<Outcome, MatchError> {
+    async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
         let ((), outcome) = self.step(None, None, |state, step| {
             let i = state.proposal_member(user, match_id)?;
             let session_id: Arc<str> = match_id.into();
@@ -1586,12 +1581,7 @@ impl Matchmaker for MemoryMatchmaker {
         Ok(outcome)
     }
 
-    async fn decline(
-        &self,
-        user: &UserId,
-        match_id: &str,
-        _reference: Option<&str>,
-    ) -> Result<Outcome, MatchError> {
+    async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
         let ((), outcome) = self.step(None, None, |state, step| {
             state.proposal_member(user, match_id)?;
             let session_id: Arc<str> = match_id.into();

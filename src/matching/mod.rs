@@ -189,22 +189,6 @@ pub enum MediaEffect {
     NoSession,
 }
 
-impl Outcome {
-    pub fn merge(&mut self, other: Outcome) {
-        self.waits.extend(other.waits);
-        self.ended.extend(other.ended);
-        for p in other.changed_pools {
-            if !self.changed_pools.contains(&p) {
-                self.changed_pools.push(p);
-            }
-        }
-        self.held |= other.held;
-        self.pending.extend(other.pending);
-        self.ended_sessions.extend(other.ended_sessions);
-        self.timers.extend(other.timers);
-    }
-}
-
 /// Counts for the metrics endpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -343,20 +327,10 @@ pub trait Matchmaker: Send + Sync + 'static {
     ) -> Result<(Arc<str>, UserId), MatchError>;
 
     /// Accept phase: `user` accepts the proposal `match_id`.
-    async fn accept(
-        &self,
-        user: &UserId,
-        match_id: &str,
-        reference: Option<&str>,
-    ) -> Result<Outcome, MatchError>;
+    async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError>;
 
     /// Accept phase: `user` declines the proposal `match_id`.
-    async fn decline(
-        &self,
-        user: &UserId,
-        match_id: &str,
-        reference: Option<&str>,
-    ) -> Result<Outcome, MatchError>;
+    async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError>;
 
     /// A timer an earlier outcome armed went off.
     async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError>;

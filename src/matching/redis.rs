@@ -646,21 +646,11 @@ impl Matchmaker for RedisMatchmaker {
             .ok_or_else(|| MatchError::Internal("peer reply without a peer".into()))
     }
 
-    async fn accept(
-        &self,
-        user: &UserId,
-        match_id: &str,
-        _reference: Option<&str>,
-    ) -> Result<Outcome, MatchError> {
+    async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
         Ok(self.call("accept", user, &[match_id]).await?.outcome())
     }
 
-    async fn decline(
-        &self,
-        user: &UserId,
-        match_id: &str,
-        _reference: Option<&str>,
-    ) -> Result<Outcome, MatchError> {
+    async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
         Ok(self.call("decline", user, &[match_id]).await?.outcome())
     }
 
