@@ -266,14 +266,47 @@ async fn a_hanging_livekit_is_bounded_and_leaving_meanwhile_loses_nothing() {
     assert_eq!(status["state"], "idle");
 }
 
-#[tokio::test]
-async fn a_participant_leaving_ends_the_session_and_requeues_the_peer() {
+/// A gateway in front of a fresh fake LiveKit, with alice and bob matched in a room.
+struct InRoom {
+    fake: FakeLiveKit,
+    server: TestServer,
+    /// The gateway's base URL, for webhooks.
+    base: String,
+    a: Client,
+    b: Client,
+    room: String,
+    /// bob's `matched`: its `peer` is alice's handle.
+    mb: Value,
+}
+
+async fn in_room() -> InRoom {
     let fake = FakeLiveKit::start(KEY, LK_SECRET).await;
     let server = gateway(&fake, &[]).await;
-    let base = format!("http://{}", server.addr);
     let mut a = server.connect("alice").await;
     let mut b = server.connect("bob").await;
     let (room, _, mb) = matched_room(&mut a, &mut b).await;
+    InRoom {
+        fake,
+        base: server.http_url(""),
+        server,
+        a,
+        b,
+        room,
+        mb,
+    }
+}
+
+#[tokio::test]
+async fn a_participant_leaving_ends_the_session_and_requeues_the_peer() {
+    let InRoom {
+        fake,
+        server,
+        base,
+        mut a,
+        mut b,
+        room,
+        mb,
+    } = in_room().await;
     // alice's identity is the handle bob knows her by.
     let alice = mb["peer"].as_str().unwrap();
     let body = webhook_body("participant_left", &room, Some(alice), "EV_1");
@@ -314,12 +347,15 @@ async fn a_participant_leaving_ends_the_session_and_requeues_the_peer() {
 
 #[tokio::test]
 async fn room_finished_ends_the_session_for_both() {
-    let fake = FakeLiveKit::start(KEY, LK_SECRET).await;
-    let server = gateway(&fake, &[]).await;
-    let base = format!("http://{}", server.addr);
-    let mut a = server.connect("alice").await;
-    let mut b = server.connect("bob").await;
-    let (room, _, _) = matched_room(&mut a, &mut b).await;
+    let InRoom {
+        fake: _fake,
+        server: _server,
+        base,
+        mut a,
+        mut b,
+        room,
+        ..
+    } = in_room().await;
     let body = webhook_body("room_finished", &room, None, "EV_9");
     let (status, _) = post_signed(&base, &body).await;
     assert_eq!(status, 200);
@@ -332,12 +368,15 @@ async fn room_finished_ends_the_session_for_both() {
 
 #[tokio::test]
 async fn forged_tampered_unsigned_and_foreign_webhooks_change_nothing() {
-    let fake = FakeLiveKit::start(KEY, LK_SECRET).await;
-    let server = gateway(&fake, &[]).await;
-    let base = format!("http://{}", server.addr);
-    let mut a = server.connect("alice").await;
-    let mut b = server.connect("bob").await;
-    let (room, _, mb) = matched_room(&mut a, &mut b).await;
+    let InRoom {
+        fake,
+        server,
+        base,
+        mut a,
+        b: _b,
+        room,
+        mb,
+    } = in_room().await;
     let alice = mb["peer"].as_str().unwrap();
     let body = webhook_body("participant_left", &room, Some(alice), "EV_F1");
 
@@ -401,7 +440,7 @@ async fn forged_tampered_unsigned_and_foreign_webhooks_change_nothing() {
 #[tokio::test]
 async fn without_media_mode_there_is_no_webhook_endpoint_and_no_media() {
     let server = TestServer::start(&[]).await;
-    let base = format!("http://{}", server.addr);
+    let base = server.http_url("");
     let body = webhook_body("room_finished", "mg_s_x", None, "EV_X");
     let (status, _) = post_signed(&base, &body).await;
     assert_eq!(status, 404);
@@ -483,18 +522,8 @@ async fn across_instances_media_webhooks_and_the_sweep_work_once() {
     let bob = ma["peer"].as_str().unwrap();
     let body = webhook_body("participant_connection_aborted", &room, Some(bob), "EV_R1");
     let signature = sign_webhook(&body, KEY, LK_SECRET);
-    let first = post_webhook(
-        &format!("http://{}", servers[0].addr),
-        &body,
-        Some(&signature),
-    )
-    .await;
-    let second = post_webhook(
-        &format!("http://{}", servers[1].addr),
-        &body,
-        Some(&signature),
-    )
-    .await;
+    let first = post_webhook(&servers[0].http_url(""), &body, Some(&signature)).await;
+    let second = post_webhook(&servers[1].http_url(""), &body, Some(&signature)).await;
     assert_eq!((first.0, first.1.trim()), (200, "ended"));
     assert_eq!((second.0, second.1.trim()), (200, "duplicate"));
     let eb = b.expect("session_ended").await;
@@ -602,8 +631,7 @@ async fn official_sdk_accepts_our_tokens_and_we_accept_its_webhooks() {
     std::fs::write(&file, &body).unwrap();
     let auth = node(&["sign-webhook", KEY, LK_SECRET, file.to_str().unwrap()]);
     let _ = std::fs::remove_file(&file);
-    let (status, text) =
-        post_webhook(&format!("http://{}", server.addr), &body, Some(auth.trim())).await;
+    let (status, text) = post_webhook(&server.http_url(""), &body, Some(auth.trim())).await;
     assert_eq!((status, text.trim()), (200, "ended"));
     assert_eq!(
         a.expect("session_ended").await["reason"],
