@@ -138,6 +138,16 @@ async fn a_match_gets_a_room_first_then_one_token_per_member() {
     );
 }
 
+/// `a` then `b` enqueue; returns once the gateway has asked LiveKit for their room.
+async fn pair_up_until_the_room_is_asked_for(fake: &FakeLiveKit, a: &mut Client, b: &mut Client) {
+    for c in [a, b] {
+        c.send(json!({"type": "enqueue"})).await;
+        c.expect("queued").await;
+    }
+    fake.wait_for(|calls| calls.iter().any(|c| c.method == "CreateRoom"))
+        .await;
+}
+
 /// Matches `a` and `b` and returns the room and both `matched` frames.
 async fn matched_room(a: &mut Client, b: &mut Client) -> (String, Value, Value) {
     let (ma, mb) = match_up(a, b).await;
@@ -241,12 +251,7 @@ async fn a_hanging_livekit_is_bounded_and_leaving_meanwhile_loses_nothing() {
     let mut a = server.connect("alice").await;
     let mut b = server.connect("bob").await;
     let mut c = server.connect("carol").await;
-    a.send(json!({"type": "enqueue"})).await;
-    a.expect("queued").await;
-    b.send(json!({"type": "enqueue"})).await;
-    b.expect("queued").await;
-    fake.wait_for(|calls| calls.iter().any(|c| c.method == "CreateRoom"))
-        .await;
+    pair_up_until_the_room_is_asked_for(&fake, &mut a, &mut b).await;
     // While the room is being made, both still look queued.
     let status = a.request(json!({"type": "status"}), "s1").await;
     assert_eq!(status["state"], "queued");
@@ -655,12 +660,7 @@ async fn a_member_dropping_while_the_room_is_made_is_announced_with_the_match() 
     .await;
     let mut a = server.connect("alice").await;
     let mut b = server.connect("bob").await;
-    a.send(json!({"type": "enqueue"})).await;
-    a.expect("queued").await;
-    b.send(json!({"type": "enqueue"})).await;
-    b.expect("queued").await;
-    fake.wait_for(|calls| calls.iter().any(|c| c.method == "CreateRoom"))
-        .await;
+    pair_up_until_the_room_is_asked_for(&fake, &mut a, &mut b).await;
     let token = b.welcome["resume_token"].as_str().unwrap().to_string();
     let last = b.last_seq();
     b.close().await;
@@ -709,13 +709,8 @@ async fn a_pending_match_whose_instance_died_is_undone_by_the_others() {
     doomed.wait_ready().await;
     let mut a = survivor[0].connect("alice").await;
     let mut b = doomed.connect("bob").await;
-    a.send(json!({"type": "enqueue"})).await;
-    a.expect("queued").await;
     // bob's enqueue makes the match, so the doomed instance sets up the room...
-    b.send(json!({"type": "enqueue"})).await;
-    b.expect("queued").await;
-    fake.wait_for(|calls| calls.iter().any(|c| c.method == "CreateRoom"))
-        .await;
+    pair_up_until_the_room_is_asked_for(&fake, &mut a, &mut b).await;
     // ...and dies before LiveKit answers. bob comes back through the other instance, so
     // nothing expires: only the pending deadline in Redis can undo the match.
     doomed.kill9();
