@@ -21,8 +21,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
 
+use crate::address::AddressKeys;
 use crate::auth::{AuthError, Authenticator};
 use crate::connection::{Connection, Settings};
 use crate::gateway::Gateway;
@@ -46,32 +48,48 @@ pub struct App {
     pub admin_token: Option<String>,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How client addresses count for the per-address limit and bans.
+    pub addresses: AddressKeys,
     pub shutdown: watch::Receiver<bool>,
-    pub done: mpsc::Sender<()>,
+    /// The server's tasks: every WebSocket connection holds a token, and the drain waits for
+    /// them.
+    pub tasks: TaskTracker,
     /// Connection ids: a random instance prefix in the high bits keeps them unique across
     /// instances, a counter in the low bits keeps them unique here.
     pub next_conn: AtomicU64,
 }
 
-pub fn router(app: Arc<App>) -> Router {
-    let mut router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/ws", get(ws_handshake));
-    if app.auth.mint_dev_token("probe").is_some() {
-        router = router.route("/v1/dev/token", post(dev_token));
-    }
+/// The routes of the public listener and, with `internal`, those of the internal listener:
+/// `/metrics` and the admin API are served on the internal one if there is one, else on the
+/// public one; the health endpoints on both.
+pub fn routers(app: &Arc<App>, internal: bool) -> (Router, Option<Router>) {
+    let health = || {
+        Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+    };
+    let mut operators = Router::new().route("/metrics", get(metrics));
     if let Some(token) = &app.admin_token {
-        router = router.merge(admin::routes(token));
+        operators = operators.merge(admin::routes(token));
+    }
+    let mut public = health().route("/v1/ws", get(ws_handshake));
+    if app.auth.mint_dev_token("probe").is_some() {
+        public = public.route("/v1/dev/token", post(dev_token));
     }
     if app.gateway.media_mode() {
-        router = router.route(
+        public = public.route(
             "/v1/livekit/webhook",
             post(livekit_webhook).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
         );
     }
-    router.with_state(app)
+    if internal {
+        (
+            public.with_state(app.clone()),
+            Some(health().merge(operators).with_state(app.clone())),
+        )
+    } else {
+        (public.merge(operators).with_state(app.clone()), None)
+    }
 }
 
 /// LiveKit's webhook bodies are a few KiB at most.
@@ -296,7 +314,7 @@ async fn ws_handshake(
         unchecked,
         resume,
         shutdown: Shutdown::new(app.shutdown.clone()),
-        _done: app.done.clone(),
+        _tracked: app.tasks.token(),
         _permit: permit,
     };
     let s = &app.settings;

@@ -33,6 +33,11 @@ async fn main() {
         server.auth_mode(),
         server.media()
     );
+    if let Some(internal) = server.internal_addr() {
+        tracing::info!(
+            "internal listener on {internal}: /metrics, the admin API, /healthz, /readyz"
+        );
+    }
     server.run(shutdown_signal()).await;
 }
 
