@@ -3,7 +3,8 @@
 //! capacity) happens before the upgrade.
 //!
 //! The client address is the TCP peer address, or behind `--trusted-proxies` the nearest
-//! untrusted hop of `X-Forwarded-For` (see [`client_ip`]).
+//! untrusted hop of `X-Forwarded-For` (see [`client_ip`]); the per-address limit and address
+//! bans count it as [`AddressKeys`] say (an IPv6 client by its prefix).
 
 mod admin;
 mod client_ip;
@@ -214,10 +215,20 @@ async fn ws_handshake(
 ) -> Response {
     let gateway = &app.gateway;
     let ip = client_ip::client_ip(peer.ip(), &headers, &app.trusted_proxies);
-    if let Err(wait) = app.connect_limiter.attempt(ip) {
+    let address = app.addresses.key(ip);
+    if let Err(refused) = app.connect_limiter.attempt(address) {
         tracing::debug!(ip = %privacy::shown(ip), "too many connection attempts");
+        if refused.shared {
+            tracing::warn!(
+                address = %privacy::shown(address),
+                "connection attempts refused (429) from an address that authenticated as many \
+                 different users lately: it is probably a load balancer or proxy. List it in \
+                 MATCHGATE_TRUSTED_PROXIES so that clients are told apart by X-Forwarded-For \
+                 (or raise MATCHGATE_IP_CONNECTS_PER_MINUTE)"
+            );
+        }
         gateway.metrics.handshake_refused("rate_limited");
-        return rate_limited(wait);
+        return rate_limited(refused.wait);
     }
     let Ok(Query(query)) = query else {
         gateway.metrics.handshake_refused("bad_request");
@@ -247,6 +258,7 @@ async fn ws_handshake(
             return refusal(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
         }
     };
+    app.connect_limiter.authenticated(address, &claims.sub);
     let resume = match (query.resume, query.last_seq) {
         (None, _) => None,
         (Some(token), None) => Some(Resume { token, last_seq: 0 }),
@@ -274,10 +286,11 @@ async fn ws_handshake(
         gateway.metrics.handshake_refused("not_ready");
         return unavailable("not ready");
     }
+    let networks = app.addresses.covering(ip);
     let identity = Identity {
         user: &claims.sub,
         device: claims.device_id.as_deref(),
-        ip,
+        networks: &networks,
     };
     let unchecked = match gateway.moderation.ban_of(&identity).await {
         Ok(None) => None,
