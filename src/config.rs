@@ -102,6 +102,12 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_DEV")]
     pub dev: bool,
 
+    /// Serve the demo page (a small video chat built on the JavaScript SDK) at `/` even with a
+    /// key configured. In dev mode it is always served; otherwise it is off, since a production
+    /// gateway's own site is elsewhere.
+    #[arg(long, env = "MATCHGATE_DEMO")]
+    pub demo: bool,
+
     /// Lifetime of tokens from the dev-mode endpoint `POST /v1/dev/token`, in seconds.
     #[arg(long, env = "MATCHGATE_DEV_TOKEN_TTL_SECS", default_value_t = 3600)]
     pub dev_token_ttl_secs: u64,
@@ -719,6 +725,11 @@ impl Config {
             .map(|u| u.split(',').map(|s| s.trim().to_string()).collect())
     }
 
+    /// Whether the demo page is served: in dev mode, or when asked for with `--demo`.
+    pub fn demo_page(&self) -> bool {
+        self.demo || self.dev_mode()
+    }
+
     /// Whether tokens are checked against a configured key (otherwise: dev mode).
     pub fn dev_mode(&self) -> bool {
         self.jwt_secret.is_none() && self.jwt_public_key_file.is_none()
@@ -825,6 +836,17 @@ mod tests {
             "/k.pem"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn demo_page_in_dev_mode_or_when_asked_for() {
+        assert!(parse(&[]).demo_page());
+        let keyed = ["--jwt-secret", "0123456789abcdef0123456789abcdef"];
+        assert!(!parse(&keyed).demo_page());
+        let mut asked = keyed.to_vec();
+        asked.push("--demo");
+        assert!(parse(&asked).demo_page());
+        assert!(Config::try_parse_from(["matchgate", "--demo=maybe"]).is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 mod admin;
 mod client_ip;
 mod connect_limit;
+pub mod demo;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -20,7 +20,7 @@ use crate::auth::{AuthMode, Authenticator, KeyError};
 use crate::config::{Config, ConfigError};
 use crate::connection::Settings;
 use crate::gateway::Gateway;
-use crate::http::{router, App, ConnectLimiter};
+use crate::http::{demo, router, App, ConnectLimiter};
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::privacy;
@@ -69,6 +69,8 @@ pub struct Server {
     stop: watch::Sender<bool>,
     done: mpsc::Receiver<()>,
     drain_timeout: Duration,
+    /// Whether the demo page is served at `/`.
+    demo: bool,
 }
 
 impl Server {
@@ -130,6 +132,7 @@ impl Server {
             stop,
             done,
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+            demo: config.demo_page(),
         })
     }
 
@@ -166,6 +169,7 @@ impl Server {
             stop,
             mut done,
             drain_timeout,
+            demo,
         } = self;
         let gateway = app.gateway.clone();
         let (signalled, mut signalled_rx) = oneshot::channel();
@@ -182,10 +186,14 @@ impl Server {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
+        let mut routes = router(app);
+        if demo {
+            routes = routes.merge(demo::routes());
+        }
         // The peer address is the client's address for bans and the per-address limit.
         let serve = axum::serve(
             listener,
-            router(app).into_make_service_with_connect_info::<SocketAddr>(),
+            routes.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(stop_accepting)
         .into_future();
