@@ -15,10 +15,11 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
 
 import { chromium } from "playwright-core";
 
-const root = path.resolve(import.meta.dirname, "../..");
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const gatewayBin = path.resolve(root, process.env.MATCHGATE_BIN ?? "target/debug/matchgate");
 const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const turnserverPath = process.env.TURNSERVER ?? "turnserver";
