@@ -66,7 +66,7 @@ pub fn router(app: Arc<App>) -> Router {
     if let Some(token) = &app.admin_token {
         router = router.merge(admin::routes(token));
     }
-    if app.gateway.media_mode() {
+    if app.gateway.livekit_mode() {
         router = router.route(
             "/v1/livekit/webhook",
             post(livekit_webhook).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
@@ -307,9 +307,9 @@ async fn ws_handshake(
         // small; a larger one grows the buffer only while it is read.
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(s.max_message_bytes.max(64 * 1024) * 4)
-        .max_message_size(s.max_message_bytes)
-        .max_frame_size(s.max_message_bytes)
+        .max_write_buffer_size(s.max_frame_bytes().max(64 * 1024) * 4)
+        .max_message_size(s.max_frame_bytes())
+        .max_frame_size(s.max_frame_bytes())
         .on_upgrade(move |ws| connection.run(ws))
 }
 

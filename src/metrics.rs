@@ -43,6 +43,7 @@ pub struct Metrics {
     reports: Labelled,
     bans: Labelled,
     ban_disconnects: Counter,
+    relayed: Labelled,
 }
 
 /// Who made a ban.
@@ -96,6 +97,12 @@ impl Metrics {
         let reports = Labelled::default();
         let bans = Labelled::default();
         let ban_disconnects = Counter::default();
+        let relayed = Labelled::default();
+        registry.register(
+            "relayed",
+            "Messages clients of this instance relayed to their peers, by kind: signal, chat",
+            relayed.clone(),
+        );
         registry.register("reports", "Reports users made, by reason", reports.clone());
         registry.register(
             "bans",
@@ -221,6 +228,9 @@ impl Metrics {
         for source in [BanSource::Admin, BanSource::Reports] {
             let _ = bans.get_or_create(&[("source", source.as_str())]);
         }
+        for kind in ["signal", "chat"] {
+            let _ = relayed.get_or_create(&[("kind", kind)]);
+        }
         Metrics {
             registry,
             connections,
@@ -245,7 +255,13 @@ impl Metrics {
             reports,
             bans,
             ban_disconnects,
+            relayed,
         }
+    }
+
+    /// A `signal` or `chat` passed on (its kind: `signal` or `chat`).
+    pub fn relayed(&self, kind: &'static str) {
+        self.relayed.get_or_create(&[("kind", kind)]).inc();
     }
 
     pub fn report(&self, reason: ReportReason) {

@@ -148,10 +148,10 @@ impl Server {
 
     /// The media mode, for the start-up line.
     pub fn media(&self) -> &'static str {
-        if self.app.gateway.media_mode() {
+        if self.app.gateway.livekit_mode() {
             "livekit"
         } else {
-            "none"
+            "p2p"
         }
     }
 

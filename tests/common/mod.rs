@@ -285,6 +285,8 @@ pub struct Client {
     pub user: String,
     /// Every text frame received, in order, already schema-checked.
     pub seen: Vec<Value>,
+    /// The last text frame received, exactly as it came.
+    pub last_raw: String,
     pub welcome: Value,
 }
 
@@ -295,6 +297,7 @@ impl Client {
             ws,
             user: user.to_string(),
             seen: Vec::new(),
+            last_raw: String::new(),
             welcome: Value::Null,
         }
     }
@@ -327,6 +330,7 @@ impl Client {
                     let v: Value = serde_json::from_str(&t).expect("server frames are JSON");
                     check_frame(&v);
                     self.seen.push(v.clone());
+                    self.last_raw = t.to_string();
                     return Ok(v);
                 }
                 Some(Ok(Message::Close(frame))) => {
