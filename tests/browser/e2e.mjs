@@ -165,6 +165,18 @@ async function openPair(url) {
       permissions: ["camera", "microphone"],
       viewport: { width: 1000, height: 760 },
     });
+    // Test-side instrumentation (the page knows nothing of it): every ICE candidate error
+    // (e.g. a TURN server refusing credentials with 401) of every peer connection.
+    await context.addInitScript(() => {
+      const Original = window.RTCPeerConnection;
+      window.iceCandidateErrors = [];
+      window.RTCPeerConnection = class extends Original {
+        constructor(...args) {
+          super(...args);
+          this.addEventListener("icecandidateerror", (e) => window.iceCandidateErrors.push(e.errorCode));
+        }
+      };
+    });
     const page = await context.newPage();
     page.who = who;
     page.problems = [];
@@ -351,6 +363,8 @@ test("with a TURN secret coturn does not share, the relay-only call does not con
         return n;
       });
       check(relays === 0, `coturn allocated no relay for page ${page.who} (${relays})`);
+      // The browser did ask coturn, which refused the credentials.
+      await until(`a 401 from coturn on page ${page.who}`, () => demo(page, () => window.iceCandidateErrors.includes(401)));
     }
   } finally {
     await closePair(pages);
