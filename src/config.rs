@@ -6,9 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+
+use crate::matching::MediaMode;
+use crate::p2p::{IceServers, Turn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -108,6 +112,12 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_DEV")]
     pub dev: bool,
 
+    /// Serve the demo page (a small video chat built on the JavaScript SDK) at `/` even with a
+    /// key configured. In dev mode it is always served; otherwise it is off, since a production
+    /// gateway's own site is elsewhere.
+    #[arg(long, env = "MATCHGATE_DEMO")]
+    pub demo: bool,
+
     /// Lifetime of tokens from the dev-mode endpoint `POST /v1/dev/token`, in seconds.
     #[arg(long, env = "MATCHGATE_DEV_TOKEN_TTL_SECS", default_value_t = 3600)]
     pub dev_token_ttl_secs: u64,
@@ -169,9 +179,24 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_IPV6_PREFIX_LEN", default_value_t = 64)]
     pub ipv6_prefix_len: u8,
 
-    /// Largest client frame in bytes; larger frames close the connection with 1009.
+    /// Largest client frame in bytes; larger frames close the connection with 1009 (`signal`
+    /// frames have a limit of their own, `--max-signal-bytes`).
     #[arg(long, env = "MATCHGATE_MAX_MESSAGE_BYTES", default_value_t = 4096)]
     pub max_message_bytes: usize,
+
+    /// Largest `signal` payload in bytes (real SDP offers are often 4 to 8 KB). A larger
+    /// payload gets `bad_request`; a `signal` frame larger than this plus 1 KiB closes with 1009.
+    #[arg(long, env = "MATCHGATE_MAX_SIGNAL_BYTES", default_value_t = 16_384)]
+    pub max_signal_bytes: usize,
+
+    /// `signal`s allowed per minute and connection (a token bucket of its own, apart from the
+    /// general message rate).
+    #[arg(long, env = "MATCHGATE_SIGNAL_PER_MINUTE", default_value_t = 600)]
+    pub signal_per_minute: u32,
+
+    /// Burst size of the `signal` rate limit (a burst of ICE candidates).
+    #[arg(long, env = "MATCHGATE_SIGNAL_BURST", default_value_t = 60)]
+    pub signal_burst: u32,
 
     /// Capacity of each connection's outbound queue, in frames. A client that lets it fill up is
     /// closed with 4003.
@@ -361,6 +386,26 @@ pub struct Config {
     )]
     pub livekit_webhook_dedupe_s: u64,
 
+    /// STUN server URLs (`stun:host:port`, comma-separated) listed in every `matched` of media
+    /// mode `p2p` (the mode without LiveKit).
+    #[arg(long, env = "MATCHGATE_STUN_URLS", value_delimiter = ',', num_args = 0..)]
+    pub stun_urls: Vec<String>,
+
+    /// TURN server URLs (`turn:host:port?transport=udp`, `turns:...`, comma-separated) listed,
+    /// with per-member credentials, in every `matched` of media mode `p2p`. Needs
+    /// `--turn-secret`.
+    #[arg(long, env = "MATCHGATE_TURN_URLS", value_delimiter = ',', num_args = 0..)]
+    pub turn_urls: Vec<String>,
+
+    /// Secret shared with the TURN server (coturn: `use-auth-secret` with this as
+    /// `static-auth-secret`), at least 32 bytes; it signs the time-limited TURN credentials.
+    #[arg(long, env = "MATCHGATE_TURN_SECRET", hide_env_values = true)]
+    pub turn_secret: Option<String>,
+
+    /// Lifetime of TURN credentials, from the match, in seconds.
+    #[arg(long, env = "MATCHGATE_TURN_TTL_S", default_value_t = 3600)]
+    pub turn_ttl_s: u64,
+
     // --- Safety and fairness rules (enforced in the matching step, so in both backends) ---
     /// Two users who were matched are not matched again within this many seconds...
     #[arg(long, env = "MATCHGATE_ANTI_REPEAT_WINDOW_S", default_value_t = 600)]
@@ -505,6 +550,17 @@ impl Config {
                 self.max_message_bytes
             ));
         }
+        if !(256..=1 << 20).contains(&self.max_signal_bytes) {
+            return fail(format!(
+                "MATCHGATE_MAX_SIGNAL_BYTES must be between 256 and 1048576 (got {})",
+                self.max_signal_bytes
+            ));
+        }
+        if self.signal_per_minute == 0 || self.signal_burst == 0 {
+            return fail(
+                "MATCHGATE_SIGNAL_PER_MINUTE and MATCHGATE_SIGNAL_BURST must be at least 1".into(),
+            );
+        }
         if self.max_connections == 0 {
             return fail("MATCHGATE_MAX_CONNECTIONS must be at least 1".into());
         }
@@ -584,6 +640,7 @@ impl Config {
             );
         }
         self.validate_livekit()?;
+        self.validate_p2p()?;
         self.validate_rules()?;
         for origin in &self.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))
@@ -739,6 +796,65 @@ impl Config {
         Ok(())
     }
 
+    fn validate_p2p(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        let configured =
+            !self.stun_urls.is_empty() || !self.turn_urls.is_empty() || self.turn_secret.is_some();
+        if self.livekit() && configured {
+            return fail(
+                "MATCHGATE_STUN_URLS, MATCHGATE_TURN_URLS and MATCHGATE_TURN_SECRET are for media mode p2p, \
+                 but MATCHGATE_LIVEKIT_URL turns LiveKit on: set one or the other"
+                    .into(),
+            );
+        }
+        for (var, urls, schemes) in [
+            ("MATCHGATE_STUN_URLS", &self.stun_urls, ["stun:", "stuns:"]),
+            ("MATCHGATE_TURN_URLS", &self.turn_urls, ["turn:", "turns:"]),
+        ] {
+            for url in urls {
+                let scheme_ok = schemes
+                    .iter()
+                    .any(|s| url.strip_prefix(s).is_some_and(|rest| !rest.is_empty()));
+                if !scheme_ok || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return fail(format!(
+                        "{var} entries look like {}host:port (got {url:?})",
+                        schemes[0]
+                    ));
+                }
+            }
+        }
+        match (&self.turn_secret, self.turn_urls.is_empty()) {
+            (None, false) => {
+                return fail(
+                    "MATCHGATE_TURN_URLS needs MATCHGATE_TURN_SECRET: TURN credentials are signed with it"
+                        .into(),
+                )
+            }
+            (Some(_), true) => {
+                return fail(
+                    "MATCHGATE_TURN_SECRET is set but MATCHGATE_TURN_URLS is not: list the TURN servers"
+                        .into(),
+                )
+            }
+            // Every client sees usernames and credentials: a short secret could be found by
+            // trying candidates against them offline.
+            (Some(secret), false) if secret.len() < 32 => {
+                return fail(format!(
+                    "MATCHGATE_TURN_SECRET must be at least 32 bytes (got {})",
+                    secret.len()
+                ))
+            }
+            _ => {}
+        }
+        if !(60..=7 * 86_400).contains(&self.turn_ttl_s) {
+            return fail(format!(
+                "MATCHGATE_TURN_TTL_S must be between 60 and 604800 (got {})",
+                self.turn_ttl_s
+            ));
+        }
+        Ok(())
+    }
+
     /// The RoomService base URL: as configured, or the client URL over http(s).
     pub fn livekit_api_base(&self) -> Option<String> {
         if let Some(api) = &self.livekit_api_url {
@@ -754,15 +870,30 @@ impl Config {
         })
     }
 
-    /// Whether matches get LiveKit rooms.
-    pub fn media(&self) -> bool {
+    /// Whether matches get LiveKit rooms (media mode `livekit`; otherwise `p2p`).
+    pub fn livekit(&self) -> bool {
         self.livekit_url.is_some()
+    }
+
+    /// How matches get their media.
+    pub fn media_mode(&self) -> MediaMode {
+        match self.media_pending() {
+            Some(pending) => MediaMode::LiveKit { pending },
+            None => {
+                let turn = self.turn_secret.as_ref().map(|secret| Turn {
+                    urls: self.turn_urls.clone().into(),
+                    secret: secret.clone(),
+                    ttl: Duration::from_secs(self.turn_ttl_s),
+                });
+                MediaMode::P2p(Arc::new(IceServers::new(self.stun_urls.clone(), turn)))
+            }
+        }
     }
 
     /// How long a matched pair may wait for its room before the match is undone by the
     /// backend itself (beyond the creation deadline: the instance creating it may have died).
     pub fn media_pending(&self) -> Option<Duration> {
-        self.media().then(|| {
+        self.livekit().then(|| {
             Duration::from_millis(self.livekit_create_deadline_ms + self.livekit_request_timeout_ms)
                 + self.resume_grace()
         })
@@ -797,6 +928,11 @@ impl Config {
             .map(|u| u.split(',').map(|s| s.trim().to_string()).collect())
     }
 
+    /// Whether the demo page is served: in dev mode, or when asked for with `--demo`.
+    pub fn demo_page(&self) -> bool {
+        self.demo || self.dev_mode()
+    }
+
     /// Whether tokens are checked against a configured key (otherwise: dev mode).
     pub fn dev_mode(&self) -> bool {
         self.jwt_secret.is_none() && self.jwt_public_key_file.is_none()
@@ -826,7 +962,7 @@ mod tests {
     #[test]
     fn livekit_is_all_or_nothing_and_checked() {
         let c = parse(&[]);
-        assert!(!c.media() && c.media_pending().is_none());
+        assert!(!c.livekit() && c.media_pending().is_none());
         let lk = [
             "--livekit-url",
             "wss://x.livekit.cloud",
@@ -837,7 +973,8 @@ mod tests {
         ];
         let c = parse(&lk);
         c.validate().unwrap();
-        assert!(c.media());
+        assert!(c.livekit());
+        assert!(matches!(c.media_mode(), MediaMode::LiveKit { .. }));
         assert_eq!(c.livekit_api_base().unwrap(), "https://x.livekit.cloud");
         let c = parse(&["--livekit-url", "ws://lk:7880", "--livekit-api-key", "k"]);
         let e = c.validate().unwrap_err();
@@ -860,6 +997,70 @@ mod tests {
             parse(&api).livekit_api_base().unwrap(),
             "http://10.0.0.5:7880"
         );
+    }
+
+    #[test]
+    fn p2p_is_the_default_and_turn_needs_urls_and_a_long_secret() {
+        let c = parse(&[]);
+        let MediaMode::P2p(ice) = c.media_mode() else {
+            panic!("p2p is the default")
+        };
+        assert!(ice.stun_urls().is_empty() && ice.turn().is_none());
+        let secret = "s".repeat(32);
+        let turn = [
+            "--stun-urls",
+            "stun:stun.example.com:3478,stuns:stun.example.com:5349",
+            "--turn-urls",
+            "turn:turn.example.com:3478?transport=udp,turns:turn.example.com:5349",
+            "--turn-secret",
+            &secret,
+        ];
+        let c = parse(&turn);
+        c.validate().unwrap();
+        let MediaMode::P2p(ice) = c.media_mode() else {
+            panic!("p2p")
+        };
+        assert_eq!(ice.stun_urls().len(), 2);
+        let t = ice.turn().unwrap();
+        assert_eq!(t.urls.len(), 2);
+        assert_eq!(t.ttl, Duration::from_secs(3600));
+        let refused = |args: &[&str], says: &str| {
+            let e = parse(args).validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{args:?}: {e}");
+        };
+        refused(
+            &turn[..4],
+            "MATCHGATE_TURN_URLS needs MATCHGATE_TURN_SECRET",
+        );
+        refused(&["--turn-secret", &secret], "MATCHGATE_TURN_URLS is not");
+        refused(
+            &["--turn-urls", "turn:t:3478", "--turn-secret", "short"],
+            "MATCHGATE_TURN_SECRET must be at least 32 bytes",
+        );
+        refused(&["--stun-urls", "stun.example.com"], "MATCHGATE_STUN_URLS");
+        refused(&["--stun-urls", "stun:"], "MATCHGATE_STUN_URLS");
+        refused(
+            &["--turn-urls", "http://t", "--turn-secret", &secret],
+            "MATCHGATE_TURN_URLS",
+        );
+        let mut short_ttl = turn.to_vec();
+        short_ttl.extend(["--turn-ttl-s", "0"]);
+        refused(&short_ttl, "MATCHGATE_TURN_TTL_S");
+        refused(
+            &[
+                "--livekit-url",
+                "wss://x.livekit.cloud",
+                "--livekit-api-key",
+                "k",
+                "--livekit-api-secret",
+                "s",
+                "--stun-urls",
+                "stun:s:3478",
+            ],
+            "media mode p2p",
+        );
+        refused(&["--max-signal-bytes", "100"], "MATCHGATE_MAX_SIGNAL_BYTES");
+        refused(&["--signal-burst", "0"], "MATCHGATE_SIGNAL_BURST");
     }
 
     #[test]
@@ -903,6 +1104,17 @@ mod tests {
             "/k.pem"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn demo_page_in_dev_mode_or_when_asked_for() {
+        assert!(parse(&[]).demo_page());
+        let keyed = ["--jwt-secret", "0123456789abcdef0123456789abcdef"];
+        assert!(!parse(&keyed).demo_page());
+        let mut asked = keyed.to_vec();
+        asked.push("--demo");
+        assert!(parse(&asked).demo_page());
+        assert!(Config::try_parse_from(["matchgate", "--demo=maybe"]).is_err());
     }
 
     #[test]

@@ -21,7 +21,10 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::matching::{ConnId, MatchError, Resume, UserId};
-use crate::protocol::{close, parse_request, ErrorCode, Reply, PROTOCOL_VERSION};
+use crate::protocol::{
+    close, is_signal, parse_request, Action, ErrorCode, Relay, Reply, Request, PROTOCOL_VERSION,
+    SIGNAL_ENVELOPE_BYTES,
+};
 use crate::ratelimit::TokenBucket;
 use crate::registry::{ConnectionHandle, Next, Outbox};
 use crate::shutdown::Shutdown;
@@ -32,10 +35,14 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Largest `signal` payload; a `signal` frame may be this plus [`SIGNAL_ENVELOPE_BYTES`].
+    pub max_signal_bytes: usize,
     pub outbound_queue: usize,
     pub write_timeout: Duration,
     pub rate_per_minute: u32,
     pub rate_burst: u32,
+    pub signal_per_minute: u32,
+    pub signal_burst: u32,
     pub error_budget: u32,
     pub error_refill: Duration,
     pub reconnect_jitter_ms: u64,
@@ -47,14 +54,24 @@ impl Settings {
             heartbeat_interval: c.heartbeat_interval(),
             heartbeat_timeout: c.heartbeat_timeout(),
             max_message_bytes: c.max_message_bytes,
+            max_signal_bytes: c.max_signal_bytes,
             outbound_queue: c.outbound_queue,
             write_timeout: Duration::from_millis(c.write_timeout_ms),
             rate_per_minute: c.rate_limit_per_minute,
             rate_burst: c.rate_limit_burst,
+            signal_per_minute: c.signal_per_minute,
+            signal_burst: c.signal_burst,
             error_budget: c.error_budget,
             error_refill: Duration::from_millis(c.error_budget_refill_ms),
             reconnect_jitter_ms: c.reconnect_jitter_ms,
         }
+    }
+
+    /// The largest frame the WebSocket layer reads: a `signal` frame's limit, when above
+    /// `max_message_bytes` (the connection itself holds other frames to the smaller limit).
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_message_bytes
+            .max(self.max_signal_bytes + SIGNAL_ENVELOPE_BYTES)
     }
 }
 
@@ -134,6 +151,7 @@ impl Connection {
                     heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
                     heartbeat_timeout_ms: self.settings.heartbeat_timeout.as_millis() as u64,
                     max_message_bytes: self.settings.max_message_bytes,
+                    max_signal_bytes: self.settings.max_signal_bytes,
                     resume_token: &attached.resume_token,
                     resumed: attached.resumed,
                     last_seq: attached.last_seq,
@@ -187,6 +205,7 @@ impl Connection {
     async fn serve(&mut self, ws: &mut WebSocket, outbox: &Outbox) -> Exit {
         let s = self.settings.clone();
         let mut rate = TokenBucket::new(s.rate_burst, s.rate_per_minute as f64 / 60.0);
+        let mut signals = TokenBucket::new(s.signal_burst, s.signal_per_minute as f64 / 60.0);
         let mut errors = TokenBucket::new(s.error_budget, 1.0 / s.error_refill.as_secs_f64());
         // The first ping is jittered so that connections opened together do not ping together.
         let first_ping = rand::rng().random_range(Duration::ZERO..s.heartbeat_interval);
@@ -236,11 +255,27 @@ impl Connection {
                         Message::Close(_) => return Exit::Gone,
                     };
                     deadline.as_mut().reset(Instant::now() + s.heartbeat_timeout);
-                    if let Err(wait) = rate.take() {
+                    // The WebSocket layer reads frames up to a signal's limit: only a signal
+                    // may be larger than max_message_bytes.
+                    if text.len() > s.max_message_bytes && !is_signal(&text) {
+                        return Exit::Close(close::MESSAGE_TOO_BIG, close_reason(close::MESSAGE_TOO_BIG));
+                    }
+                    let parsed = parse_request(&text, s.max_signal_bytes);
+                    // Signals spend a budget of their own: a burst of ICE candidates must not
+                    // starve the other messages, nor be starved by them. A refused signal's
+                    // error echoes its `ref`; the general `rate_limited` stays without one.
+                    let signal = match &parsed {
+                        Ok(Request { action: Action::Relay(Relay::Signal(_)), reference }) => {
+                            Some(reference.as_deref())
+                        }
+                        _ => None,
+                    };
+                    let bucket = if signal.is_some() { &mut signals } else { &mut rate };
+                    if let Err(wait) = bucket.take() {
                         let frame = self.gateway.error_frame(
                             ErrorCode::RateLimited,
-                            "too many messages",
-                            None,
+                            if signal.is_some() { "too many signals" } else { "too many messages" },
+                            signal.flatten(),
                             Some(wait.as_millis() as u64 + 1),
                         );
                         if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
@@ -248,7 +283,7 @@ impl Connection {
                         }
                         continue;
                     }
-                    match parse_request(&text) {
+                    match parsed {
                         Ok(request) => match self.gateway.handle(&self.user, self.id, request).await {
                             Some((frame, true)) => {
                                 if let Some(exit) = self.send_error(ws, frame, &mut errors).await {

@@ -56,7 +56,7 @@ impl Gateway {
                 requeue_peer_on_skip: config.requeue_peer_on_skip,
                 history_len: config.history_len,
                 history_ttl: config.history_ttl(),
-                media: config.media(),
+                media: config.media_mode(),
                 rules: crate::matching::Rules::from_config(config),
             },
         ));
@@ -111,8 +111,8 @@ impl Gateway {
         self.subscribed.store(subscribed, Ordering::Release);
     }
 
-    /// Whether matches get media rooms.
-    pub fn media_mode(&self) -> bool {
+    /// Whether matches get LiveKit rooms (media mode `livekit`; otherwise `p2p`).
+    pub fn livekit_mode(&self) -> bool {
         self.media.is_some()
     }
 
@@ -169,7 +169,7 @@ impl Gateway {
         self: &Arc<Self>,
         user: &UserId,
         conn: ConnId,
-        req: Request,
+        req: Request<'_>,
     ) -> Option<(Utf8Bytes, bool)> {
         let reference = req.reference.as_deref();
         let result = match req.action {
@@ -186,6 +186,17 @@ impl Gateway {
             Action::Decline { match_id } => {
                 let result = self.matchmaker.decline(user, &match_id).await;
                 return Some(self.acknowledge(user, conn, "decline", result, reference));
+            }
+            // Relayed as they come: awaited one after the other, so the peer gets one
+            // connection's messages in the order it sent them. Never logged.
+            Action::Relay(message) => {
+                let action = message.name();
+                let result = self.matchmaker.relay(user, message).await;
+                if result.is_ok() {
+                    self.metrics.relayed(action);
+                }
+                let result = result.map(|()| Outcome::default());
+                return Some(self.acknowledge(user, conn, action, result, reference));
             }
             Action::Block { session_id } => {
                 let result = self.matchmaker.block(user, session_id.as_deref()).await;

@@ -9,6 +9,7 @@
 mod admin;
 mod client_ip;
 mod connect_limit;
+pub mod demo;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,7 +78,7 @@ pub fn routers(app: &Arc<App>, internal: bool) -> (Router, Option<Router>) {
     if app.auth.mint_dev_token("probe").is_some() {
         public = public.route("/v1/dev/token", post(dev_token));
     }
-    if app.gateway.media_mode() {
+    if app.gateway.livekit_mode() {
         public = public.route(
             "/v1/livekit/webhook",
             post(livekit_webhook).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
@@ -337,9 +338,9 @@ async fn ws_handshake(
         // small; a larger one grows the buffer only while it is read.
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(s.max_message_bytes.max(64 * 1024) * 4)
-        .max_message_size(s.max_message_bytes)
-        .max_frame_size(s.max_message_bytes)
+        .max_write_buffer_size(s.max_frame_bytes().max(64 * 1024) * 4)
+        .max_message_size(s.max_frame_bytes())
+        .max_frame_size(s.max_frame_bytes())
         .on_upgrade(move |ws| connection.run(ws))
 }
 

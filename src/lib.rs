@@ -14,6 +14,8 @@
 //!   clean-up and recovery loops.
 //! - [`moderation`] (reports and bans, in memory or in Redis) is another narrow backend trait;
 //!   [`privacy`] decides how identities appear in logs.
+//! - [`livekit`] and [`p2p`] are the two media modes: LiveKit rooms, or direct WebRTC with the
+//!   ICE servers and TURN credentials `matched` carries.
 
 pub mod address;
 pub mod auth;
@@ -27,6 +29,7 @@ pub mod livekit;
 pub mod matching;
 pub mod metrics;
 pub mod moderation;
+pub mod p2p;
 pub mod privacy;
 pub mod protocol;
 pub mod ratelimit;

@@ -183,8 +183,7 @@ impl LiveKit {
     pub fn media(&self, room: &str, handles: &[Arc<str>; 2]) -> Result<[Media; 2], LiveKitError> {
         let room: Arc<str> = room.into();
         let media = |handle: &str| -> Result<Media, LiveKitError> {
-            Ok(Media {
-                provider: "livekit".into(),
+            Ok(Media::LiveKit {
                 url: self.url.clone(),
                 room: room.clone(),
                 token: self.join_token(&room, handle)?,

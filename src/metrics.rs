@@ -46,6 +46,7 @@ pub struct Metrics {
     ban_disconnects: Counter,
     pending_connections: Family<Label, Gauge>,
     pending_refused: Labelled2,
+    relayed: Labelled,
 }
 
 /// Who made a ban.
@@ -113,6 +114,12 @@ impl Metrics {
              by listener and cap: listener (--max-pending-connections), address \
              (--max-pending-per-address)",
             pending_refused.clone(),
+        );
+        let relayed = Labelled::default();
+        registry.register(
+            "relayed",
+            "Messages clients of this instance relayed to their peers, by kind: signal, chat",
+            relayed.clone(),
         );
         registry.register("reports", "Reports users made, by reason", reports.clone());
         registry.register(
@@ -243,6 +250,9 @@ impl Metrics {
         for cap in ["listener", "address"] {
             let _ = pending_refused.get_or_create(&[("listener", "public"), ("cap", cap)]);
         }
+        for kind in ["signal", "chat"] {
+            let _ = relayed.get_or_create(&[("kind", kind)]);
+        }
         Metrics {
             registry,
             connections,
@@ -269,6 +279,7 @@ impl Metrics {
             ban_disconnects,
             pending_connections,
             pending_refused,
+            relayed,
         }
     }
 
@@ -283,6 +294,11 @@ impl Metrics {
         self.pending_refused
             .get_or_create(&[("listener", listener), ("cap", cap)])
             .inc();
+    }
+
+    /// A `signal` or `chat` passed on (its kind: `signal` or `chat`).
+    pub fn relayed(&self, kind: &'static str) {
+        self.relayed.get_or_create(&[("kind", kind)]).inc();
     }
 
     pub fn report(&self, reason: ReportReason) {

@@ -4,11 +4,16 @@
 //! document). Client frames are parsed in two steps so that every failure maps to a precise
 //! error code: first the envelope (`type`, `ref`), then the typed body. Server events are
 //! serialised exactly once, into a shared `Arc<str>` frame, together with their `seq`.
+//!
+//! Relayed messages (`signal`, `chat`) borrow from the client's frame: a signal's payload is
+//! kept as the raw JSON text the client sent and relayed byte for byte, never re-serialised.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// Protocol version announced in `welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -19,9 +24,16 @@ pub const MAX_REF_LEN: usize = 64;
 /// Longest accepted preference value.
 pub const MAX_PREF_LEN: usize = 64;
 
-/// What a client asks for.
+/// Longest accepted `chat.text`, in characters.
+pub const MAX_CHAT_CHARS: usize = 1000;
+
+/// How much larger than `max_signal_bytes` a `signal` frame may be: room for `type`, a `ref`
+/// (up to 64 characters, escaped) and a few unknown fields around the payload.
+pub const SIGNAL_ENVELOPE_BYTES: usize = 1024;
+
+/// What a client asks for. Borrows from the client's frame (see [`Relay`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub enum Action<'a> {
     Enqueue(Prefs),
     Skip,
     End,
@@ -43,6 +55,72 @@ pub enum Action {
     },
     Decline {
         match_id: String,
+    },
+    /// A message for the peer of the live session.
+    Relay(Relay<'a>),
+}
+
+/// A message a member of a live session sends its peer through the gateway: not logged, not
+/// replayed, no `seq`. The gateway only checks it and adds the session id.
+#[derive(Debug, Clone)]
+pub enum Relay<'a> {
+    /// `signal`: a JSON object of at most `max_signal_bytes` (WebRTC offers, answers, ICE
+    /// candidates, or anything the app wants), exactly as the client wrote it.
+    Signal(&'a RawValue),
+    /// `chat`: 1 to [`MAX_CHAT_CHARS`] characters, none of them control characters.
+    Chat(Cow<'a, str>),
+}
+
+impl Relay<'_> {
+    /// The client message type, which is also the `action` of its `ack`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Relay::Signal(_) => "signal",
+            Relay::Chat(_) => "chat",
+        }
+    }
+
+    /// The frame the peer receives: one serialisation, the payload copied as it came.
+    pub fn frame(&self, session_id: &str, sent_at_ms: u64) -> Utf8Bytes {
+        match self {
+            Relay::Signal(payload) => encode(&Relayed::Signal {
+                session_id,
+                payload,
+            }),
+            Relay::Chat(text) => encode(&Relayed::Chat {
+                session_id,
+                text,
+                sent_at_ms,
+            }),
+        }
+    }
+}
+
+/// Payloads compare by their text (`RawValue` has no equality of its own).
+impl PartialEq for Relay<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Relay::Signal(a), Relay::Signal(b)) => a.get() == b.get(),
+            (Relay::Chat(a), Relay::Chat(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Relay<'_> {}
+
+/// A relayed message as the peer receives it.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Relayed<'a> {
+    Signal {
+        session_id: &'a str,
+        payload: &'a RawValue,
+    },
+    Chat {
+        session_id: &'a str,
+        text: &'a str,
+        sent_at_ms: u64,
     },
 }
 
@@ -82,8 +160,8 @@ impl ReportReason {
 
 /// A parsed client frame: the action and the `ref` its direct reply echoes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub action: Action,
+pub struct Request<'a> {
+    pub action: Action<'a>,
     pub reference: Option<String>,
 }
 
@@ -251,9 +329,28 @@ struct MatchBody {
     match_id: String,
 }
 
+#[derive(Deserialize)]
+struct SignalBody<'a> {
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChatBody<'a> {
+    #[serde(borrow)]
+    text: Cow<'a, str>,
+}
+
+/// Whether a client frame is a `signal`, the one kind of frame that may be larger than
+/// `max_message_bytes`.
+pub fn is_signal(text: &str) -> bool {
+    serde_json::from_str::<Envelope>(text)
+        .is_ok_and(|e| matches!(e.kind, Some(serde_json::Value::String(k)) if k == "signal"))
+}
+
 /// Reads the typed body of a frame of type `kind`.
-fn body<T: serde::de::DeserializeOwned>(
-    text: &str,
+fn body<'a, T: Deserialize<'a>>(
+    text: &'a str,
     kind: &str,
     reference: &Option<String>,
 ) -> Result<T, (ParseError, Option<String>)> {
@@ -265,9 +362,12 @@ fn body<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Parses one client text frame. On failure returns the error together with the `ref` if the
-/// frame carried a valid one.
-pub fn parse_request(text: &str) -> Result<Request, (ParseError, Option<String>)> {
+/// Parses one client text frame; a `signal` payload may have up to `max_signal_bytes`. On
+/// failure returns the error together with the `ref` if the frame carried a valid one.
+pub fn parse_request(
+    text: &str,
+    max_signal_bytes: usize,
+) -> Result<Request<'_>, (ParseError, Option<String>)> {
     let envelope: Envelope = serde_json::from_str(text).map_err(|e| {
         let msg = if e.is_data() {
             "a frame must be a JSON object".to_string()
@@ -350,6 +450,39 @@ pub fn parse_request(text: &str) -> Result<Request, (ParseError, Option<String>)
         "decline" => Action::Decline {
             match_id: body::<MatchBody>(text, "decline", &reference)?.match_id,
         },
+        "signal" => {
+            let b: SignalBody = body(text, "signal", &reference)?;
+            match b.payload {
+                Some(p) if !p.get().starts_with('{') || p.get().len() > max_signal_bytes => {
+                    return Err((
+                        ParseError::BadRequest(format!(
+                            "signal.payload must be a JSON object of at most {max_signal_bytes} bytes"
+                        )),
+                        reference,
+                    ))
+                }
+                Some(p) => Action::Relay(Relay::Signal(p)),
+                None => {
+                    return Err((
+                        ParseError::BadRequest("signal needs a payload (a JSON object)".into()),
+                        reference,
+                    ))
+                }
+            }
+        }
+        "chat" => {
+            let b: ChatBody = body(text, "chat", &reference)?;
+            let chars = b.text.chars().count();
+            if chars == 0 || chars > MAX_CHAT_CHARS || b.text.chars().any(char::is_control) {
+                return Err((
+                    ParseError::BadRequest(format!(
+                        "chat.text must be 1 to {MAX_CHAT_CHARS} characters, none of them control characters"
+                    )),
+                    reference,
+                ));
+            }
+            Action::Relay(Relay::Chat(b.text))
+        }
         _ => {
             let mut shown = kind;
             shown.truncate(shown.floor_char_boundary(MAX_REF_LEN));
@@ -537,9 +670,8 @@ pub enum Event {
         peer: Arc<str>,
         role: Role,
         started_at_ms: u64,
-        /// Where and how to join the call, when the gateway provides media.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        media: Option<Media>,
+        /// How to set up the call.
+        media: Media,
     },
     SessionEnded {
         session_id: Arc<str>,
@@ -579,13 +711,33 @@ impl Event {
     }
 }
 
-/// A media room for one session member: what `matched.media` carries.
+/// How one session member sets up the call: what `matched.media` carries, by provider.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Media {
-    pub provider: Arc<str>,
-    pub url: Arc<str>,
-    pub room: Arc<str>,
-    pub token: String,
+#[serde(tag = "provider")]
+pub enum Media {
+    /// A LiveKit room and this member's join token.
+    #[serde(rename = "livekit")]
+    LiveKit {
+        url: Arc<str>,
+        room: Arc<str>,
+        token: String,
+    },
+    /// A direct WebRTC connection between the two clients, signalled through `signal`, with
+    /// these ICE servers.
+    #[serde(rename = "p2p")]
+    P2p { ice_servers: Vec<IceServer> },
+}
+
+/// One entry of `media.ice_servers`, in the shape of the browser's `RTCIceServer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Arc<[String]>,
+    /// TURN only: `<unix expiry>:<the member's handle>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN only: base64(HMAC-SHA1(TURN secret, username)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -618,6 +770,7 @@ pub enum Reply<'a> {
         heartbeat_interval_ms: u64,
         heartbeat_timeout_ms: u64,
         max_message_bytes: usize,
+        max_signal_bytes: usize,
         resume_token: &'a str,
         resumed: bool,
         last_seq: u64,
@@ -655,8 +808,8 @@ pub enum Reply<'a> {
         reason: &'a str,
         retry_after_ms: u64,
     },
-    /// The direct reply to `block`, `report`, `accept` and `decline`: the events they may
-    /// cause (a session ending, `matched`, `match_cancelled`) carry no `ref`.
+    /// The direct reply to `block`, `report`, `accept`, `decline`, `signal` and `chat`: the
+    /// events they may cause (a session ending, `matched`, `match_cancelled`) carry no `ref`.
     Ack {
         action: &'a str,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
@@ -682,10 +835,15 @@ fn encode<T: Serialize>(value: &T) -> Utf8Bytes {
 mod tests {
     use super::*;
 
+    const MAX_SIGNAL: usize = 16_384;
+
+    fn parse(text: &str) -> Result<Request<'_>, (ParseError, Option<String>)> {
+        parse_request(text, MAX_SIGNAL)
+    }
+
     #[test]
     fn parses_every_action() {
-        let r =
-            parse_request(r#"{"type":"enqueue","ref":"a1","prefs":{"topic":"music"}}"#).unwrap();
+        let r = parse(r#"{"type":"enqueue","ref":"a1","prefs":{"topic":"music"}}"#).unwrap();
         assert_eq!(r.reference.as_deref(), Some("a1"));
         assert_eq!(
             r.action,
@@ -700,7 +858,8 @@ mod tests {
             ("heartbeat", Action::Heartbeat),
             ("status", Action::Status),
         ] {
-            let r = parse_request(&format!(r#"{{"type":"{t}","extra":1}}"#)).unwrap();
+            let text = format!(r#"{{"type":"{t}","extra":1}}"#);
+            let r = parse(&text).unwrap();
             assert_eq!(r.action, a);
             assert_eq!(r.reference, None);
         }
@@ -708,7 +867,7 @@ mod tests {
 
     #[test]
     fn classifies_bad_frames() {
-        let code = |s: &str| parse_request(s).unwrap_err().0.code();
+        let code = |s: &str| parse(s).unwrap_err().0.code();
         assert_eq!(code("{not json"), ErrorCode::BadRequest);
         assert_eq!(code("[1,2]"), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"ref":"x"}"#), ErrorCode::BadRequest);
@@ -730,8 +889,121 @@ mod tests {
             code(r#"{"type":"enqueue","prefs":{"topic":"a\nb"}}"#),
             ErrorCode::BadRequest
         );
-        let (_, r) = parse_request(r#"{"type":"dance","ref":"r9"}"#).unwrap_err();
+        let (_, r) = parse(r#"{"type":"dance","ref":"r9"}"#).unwrap_err();
         assert_eq!(r.as_deref(), Some("r9"));
+    }
+
+    #[test]
+    fn a_signal_payload_is_kept_byte_for_byte() {
+        let text = r#"{"type":"signal","ref":"s1","payload":{ "sdp" : "v=0\r\n", "n":1.50 }}"#;
+        let r = parse(text).unwrap();
+        assert_eq!(r.reference.as_deref(), Some("s1"));
+        let Action::Relay(relay) = r.action else {
+            panic!("not a relay: {:?}", r.action)
+        };
+        assert_eq!(relay.name(), "signal");
+        let frame = relay.frame("s_1", 5);
+        assert_eq!(
+            frame.as_str(),
+            r#"{"type":"signal","session_id":"s_1","payload":{ "sdp" : "v=0\r\n", "n":1.50 }}"#
+        );
+        assert!(is_signal(text));
+        assert!(!is_signal(r#"{"type":"chat","text":"signal"}"#));
+        assert!(!is_signal("{not json"));
+    }
+
+    #[test]
+    fn refuses_bad_signals() {
+        let refused = |s: &str| {
+            let (e, r) = parse(s).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::BadRequest, "{s}");
+            assert_eq!(r.as_deref(), Some("x"), "{s}");
+        };
+        refused(r#"{"type":"signal","ref":"x"}"#);
+        refused(r#"{"type":"signal","ref":"x","payload":null}"#);
+        refused(r#"{"type":"signal","ref":"x","payload":[1]}"#);
+        refused(r#"{"type":"signal","ref":"x","payload":"offer"}"#);
+        // Not JSON at all: no `ref` can be read.
+        let (e, r) = parse(r#"{"type":"signal","ref":"x","payload":{"a":}}"#).unwrap_err();
+        assert_eq!((e.code(), r), (ErrorCode::BadRequest, None));
+        // The limit is on the payload's bytes as sent.
+        let fits = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_SIGNAL - 8));
+        assert_eq!(fits.len(), MAX_SIGNAL);
+        parse(&format!(r#"{{"type":"signal","payload":{fits}}}"#)).unwrap();
+        let over = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_SIGNAL - 7));
+        refused(&format!(
+            r#"{{"type":"signal","ref":"x","payload":{over}}}"#
+        ));
+    }
+
+    #[test]
+    fn checks_chat_text() {
+        let chat = |text: &str| {
+            let frame = serde_json::json!({"type": "chat", "ref": "c", "text": text}).to_string();
+            match parse(&frame) {
+                Ok(Request {
+                    action: Action::Relay(Relay::Chat(text)),
+                    ..
+                }) => Ok(text.into_owned()),
+                Ok(r) => panic!("not a chat: {r:?}"),
+                Err((e, _)) => Err(e.code()),
+            }
+        };
+        assert_eq!(chat("h\u{e9}llo \"you\""), Ok("h\u{e9}llo \"you\"".into()));
+        assert_eq!(
+            chat(&"\u{1f600}".repeat(MAX_CHAT_CHARS)).map(|_| ()),
+            Ok(())
+        );
+        for bad in ["", "a\nb", "tab\t", "\u{7f}", "\u{85}"] {
+            assert_eq!(chat(bad), Err(ErrorCode::BadRequest), "{bad:?}");
+        }
+        assert_eq!(
+            chat(&"a".repeat(MAX_CHAT_CHARS + 1)),
+            Err(ErrorCode::BadRequest)
+        );
+        let code = |s: &str| parse(s).unwrap_err().0.code();
+        assert_eq!(code(r#"{"type":"chat"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":"chat","text":5}"#), ErrorCode::BadRequest);
+        // Escaped in the frame, the text is relayed as one JSON string.
+        let r = parse(r#"{"type":"chat","text":"\u0041\"b"}"#).unwrap();
+        let Action::Relay(relay) = r.action else {
+            panic!("not a relay")
+        };
+        assert_eq!(
+            relay.frame("s_2", 7).as_str(),
+            r#"{"type":"chat","session_id":"s_2","text":"A\"b","sent_at_ms":7}"#
+        );
+    }
+
+    #[test]
+    fn media_is_tagged_by_provider() {
+        let p2p = Media::P2p {
+            ice_servers: vec![
+                IceServer {
+                    urls: vec!["stun:stun.example.com:3478".to_string()].into(),
+                    username: None,
+                    credential: None,
+                },
+                IceServer {
+                    urls: vec!["turn:turn.example.com:3478?transport=udp".to_string()].into(),
+                    username: Some("1764090000:p_a".into()),
+                    credential: Some("c2VjcmV0".into()),
+                },
+            ],
+        };
+        assert_eq!(
+            serde_json::to_string(&p2p).unwrap(),
+            r#"{"provider":"p2p","ice_servers":[{"urls":["stun:stun.example.com:3478"]},{"urls":["turn:turn.example.com:3478?transport=udp"],"username":"1764090000:p_a","credential":"c2VjcmV0"}]}"#
+        );
+        let lk = Media::LiveKit {
+            url: "wss://lk.example".into(),
+            room: "mg_s".into(),
+            token: "a.b.c".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&lk).unwrap(),
+            r#"{"provider":"livekit","url":"wss://lk.example","room":"mg_s","token":"a.b.c"}"#
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub fn settings(config: &Config) -> Option<RedisSettings> {
             None => random_id("", 6),
         },
         requeue_peer_on_skip: config.requeue_peer_on_skip,
-        media_pending: config.media_pending(),
+        media: config.media_mode(),
         rules: crate::matching::Rules::from_config(config),
         call_timeout: Duration::from_millis(config.redis_call_timeout_ms),
         history_len: config.history_len,

@@ -29,7 +29,7 @@ use crate::auth::{AuthMode, Authenticator, KeyError};
 use crate::config::{Config, ConfigError};
 use crate::connection::Settings;
 use crate::gateway::Gateway;
-use crate::http::{routers, App, ConnectLimiter};
+use crate::http::{demo, routers, App, ConnectLimiter};
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::privacy;
@@ -143,7 +143,10 @@ impl Server {
             next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
         });
         let metrics = app.gateway.metrics.clone();
-        let (public_router, internal_router) = routers(&app, internal.is_some());
+        let (mut public_router, internal_router) = routers(&app, internal.is_some());
+        if config.demo_page() {
+            public_router = public_router.merge(demo::routes());
+        }
         let public = accept::Listener {
             name: "public",
             tcp: public,
@@ -213,10 +216,10 @@ impl Server {
 
     /// The media mode, for the start-up line.
     pub fn media(&self) -> &'static str {
-        if self.app.gateway.media_mode() {
+        if self.app.gateway.livekit_mode() {
             "livekit"
         } else {
-            "none"
+            "p2p"
         }
     }
 

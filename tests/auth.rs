@@ -88,14 +88,7 @@ async fn connect_at(url: &str, headers: &[(&str, &str)]) -> Client {
     let ws = try_handshake(url, headers)
         .await
         .unwrap_or_else(|e| panic!("handshake to {url} should succeed: {e}"));
-    let mut client = Client {
-        ws,
-        user: url.to_string(),
-        seen: Vec::new(),
-        welcome: Value::Null,
-    };
-    client.welcome = client.expect("welcome").await;
-    client
+    Client::new(ws, url).welcomed().await
 }
 
 async fn connect_bearer(server: &TestServer, jwt: &str) -> Client {
@@ -510,12 +503,7 @@ async fn connection_limit_refuses_with_503_then_frees_the_slot() {
             Err(e) => panic!("unexpected handshake error: {e}"),
         }
     };
-    let mut c = Client {
-        ws,
-        user: "c".into(),
-        seen: Vec::new(),
-        welcome: Value::Null,
-    };
+    let mut c = Client::new(ws, "c");
     let welcome = c.expect("welcome").await;
     assert_eq!(welcome["user_id"], "c");
 }

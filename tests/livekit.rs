@@ -443,7 +443,7 @@ async fn forged_tampered_unsigned_and_foreign_webhooks_change_nothing() {
 }
 
 #[tokio::test]
-async fn without_media_mode_there_is_no_webhook_endpoint_and_no_media() {
+async fn without_livekit_there_is_no_webhook_endpoint_and_media_is_p2p() {
     let server = TestServer::start(&[]).await;
     let base = server.http_url("");
     let body = webhook_body("room_finished", "mg_s_x", None, "EV_X");
@@ -452,7 +452,7 @@ async fn without_media_mode_there_is_no_webhook_endpoint_and_no_media() {
     let mut a = server.connect("alice").await;
     let mut b = server.connect("bob").await;
     let (ma, _) = match_up(&mut a, &mut b).await;
-    assert!(ma.get("media").is_none());
+    assert_eq!(ma["media"], json!({"provider": "p2p", "ice_servers": []}));
 }
 
 #[tokio::test]

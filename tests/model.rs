@@ -40,7 +40,7 @@
 //! The policy keeps the rules that are not modelled out of the way: `anti_repeat_window` is
 //! zero (anti-repeat would otherwise hold back eligible pairs and break the liveness property
 //! above), skips and enqueues are never limited, there is no accept phase, no preference
-//! relaxation (no `soft` fields) and no media, so no timers are armed (the outcome's timers
+//! relaxation (no `soft` fields) and p2p media, so no timers are armed (the outcome's timers
 //! are ignored). Those rules are tested end to end elsewhere: anti-repeat, cooldowns, the
 //! enqueue rate, the accept phase and relaxation in `tests/safety.rs`, media in
 //! `tests/livekit.rs`. `requeue_peer_on_skip` is generated both ways.
@@ -57,7 +57,10 @@ use std::time::Duration;
 
 use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
-use matchgate::matching::{ConnId, MatchError, Matchmaker, Outcome, Resume, Rules, UserId};
+use matchgate::matching::{
+    ConnId, MatchError, Matchmaker, MediaMode, Outcome, Resume, Rules, UserId,
+};
+use matchgate::p2p::IceServers;
 use matchgate::protocol::{Prefs, Role, StateName};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -363,7 +366,7 @@ fn policy(requeue_peer_on_skip: bool) -> Policy {
         requeue_peer_on_skip,
         history_len: 1000,
         history_ttl: Duration::from_secs(3600),
-        media: false,
+        media: MediaMode::P2p(Arc::new(IceServers::new(Vec::new(), None))),
         rules: Rules {
             // Zero: anti-repeat would hold back eligible pairs (tested in tests/safety.rs).
             anti_repeat_window: Duration::ZERO,

@@ -5,54 +5,8 @@
 
 mod common;
 
-use common::redis::{RedisCluster, RedisServer};
-use common::TestServer;
+use common::redis::Backend;
 use serde_json::json;
-
-/// The Redis a scenario runs against.
-enum Backend {
-    Single(RedisServer),
-    Cluster(RedisCluster),
-}
-
-impl Backend {
-    async fn single() -> Backend {
-        Backend::Single(RedisServer::start().await)
-    }
-
-    async fn cluster() -> Backend {
-        Backend::Cluster(RedisCluster::start().await)
-    }
-
-    fn args(&self) -> Vec<String> {
-        match self {
-            Backend::Single(r) => vec!["--redis-url".into(), r.url()],
-            Backend::Cluster(c) => vec![
-                "--redis-url".into(),
-                c.urls().join(","),
-                "--redis-cluster".into(),
-            ],
-        }
-    }
-}
-
-/// `n` in-process instances against `backend`, with extra flags.
-async fn instances(backend: &Backend, n: usize, extra: &[&str]) -> Vec<TestServer> {
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let mut args: Vec<String> = backend.args();
-        args.extend([
-            "--instance-id".into(),
-            format!("inst{i}"),
-            "--instance-heartbeat-ms".into(),
-            "100".into(),
-        ]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        servers.push(TestServer::start(&args).await);
-    }
-    servers
-}
 
 /// Runs a scenario against a single Redis and against a Redis Cluster.
 macro_rules! on_both {
@@ -73,7 +27,7 @@ macro_rules! on_both {
 
 on_both!(users_on_different_instances_match_skip_and_end);
 async fn users_on_different_instances_match_skip_and_end(redis: Backend) {
-    let servers = instances(&redis, 2, &[]).await;
+    let servers = redis.instances(2, &[]).await;
     let mut a = servers[0].connect("alice").await;
     let mut b = servers[1].connect("bob").await;
     let (m, mb) = common::match_up(&mut a, &mut b).await;
@@ -133,7 +87,7 @@ async fn users_on_different_instances_match_skip_and_end(redis: Backend) {
 
 on_both!(resume_on_another_instance_replays_missed_events);
 async fn resume_on_another_instance_replays_missed_events(redis: Backend) {
-    let servers = instances(&redis, 2, &["--resume-grace-ms", "20000"]).await;
+    let servers = redis.instances(2, &["--resume-grace-ms", "20000"]).await;
     let mut a = servers[0].connect("alice").await;
     let mut b = servers[1].connect("bob").await;
     common::match_up(&mut a, &mut b).await;
@@ -162,7 +116,7 @@ async fn resume_on_another_instance_replays_missed_events(redis: Backend) {
 
 on_both!(a_second_connection_on_another_instance_replaces_the_first);
 async fn a_second_connection_on_another_instance_replaces_the_first(redis: Backend) {
-    let servers = instances(&redis, 2, &[]).await;
+    let servers = redis.instances(2, &[]).await;
     let mut first = servers[0].connect("dana").await;
     first.send(json!({"type": "enqueue"})).await;
     first.expect("queued").await;

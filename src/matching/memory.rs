@@ -20,14 +20,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Attached, ConnId, MatchError, Matchmaker, MediaEffect, Outcome, PendingSession, Resume, Rules,
-    SessionInfo, Stats, Status, Timer, UserId,
+    Attached, ConnId, MatchError, Matchmaker, MediaEffect, MediaMode, Outcome, PendingSession,
+    Resume, Rules, SessionInfo, Stats, Status, Timer, UserId,
 };
 use crate::bus::{Bus, Frame};
 use crate::ids::{random_id, unix_ms};
 use crate::protocol::{
     encode_event, CancelReason, DequeueReason, EndReason, ErrorCode, Event, Media, PeerState,
-    Prefs, Role, StateName,
+    Prefs, Relay, Role, StateName,
 };
 
 /// Tunables of the matching rules and the replay log.
@@ -39,8 +39,9 @@ pub struct Policy {
     pub history_len: usize,
     /// Events older than this are not replayed.
     pub history_ttl: Duration,
-    /// Media mode: a new session stays pending (no `matched` yet) until its room is ready.
-    pub media: bool,
+    /// How matches get their media (LiveKit: a new session stays pending, no `matched` yet,
+    /// until its room is ready).
+    pub media: MediaMode,
     pub rules: Rules,
 }
 
@@ -601,7 +602,7 @@ impl State {
             Some(_) => Phase::Proposed {
                 accepted: [false; 2],
             },
-            None if step.policy.media => Phase::Pending,
+            None if step.policy.media.waits_for_room() => Phase::Pending,
             None => Phase::Live,
         };
         self.sessions.insert(
@@ -653,10 +654,21 @@ impl State {
         });
     }
 
-    /// Turns a paired session live: both get `matched` (with their media, if any).
-    fn go_live(&mut self, step: &mut Step<'_>, session_id: &Arc<str>, media: Option<[Media; 2]>) {
+    /// Turns a paired session live: both get `matched` with their media: the room's (`rooms`,
+    /// LiveKit), or else the ICE servers with TURN credentials minted here (p2p).
+    fn go_live(&mut self, step: &mut Step<'_>, session_id: &Arc<str>, rooms: Option<[Media; 2]>) {
         let Some(s) = self.sessions.get_mut(session_id) else {
             return;
+        };
+        let started_at_ms = unix_ms();
+        let media = match (rooms, &step.policy.media) {
+            (Some(rooms), _) => rooms,
+            // Each member's credentials name its own handle (what its peer knows it by).
+            (None, MediaMode::P2p(ice)) => {
+                [0, 1].map(|i| ice.media(&s.members[i].handle, started_at_ms))
+            }
+            // A LiveKit session goes live with its room only (`media_ready`).
+            (None, MediaMode::LiveKit { .. }) => return,
         };
         s.phase = Phase::Live;
         s.live_since = Some(step.now);
@@ -698,9 +710,10 @@ impl State {
                 recent.pop_front();
             }
         }
-        let mut media = media.map(|[a, b]| [Some(a), Some(b)]);
-        let started_at_ms = unix_ms();
-        for (i, role) in [(0, Role::Offerer), (1, Role::Answerer)] {
+        for ((i, role), media) in [(0, Role::Offerer), (1, Role::Answerer)]
+            .into_iter()
+            .zip(media)
+        {
             self.emit(
                 step,
                 &members[i].user,
@@ -709,7 +722,7 @@ impl State {
                     peer: members[1 - i].handle.clone(),
                     role,
                     started_at_ms,
-                    media: media.as_mut().and_then(|m| m[i].take()),
+                    media,
                 },
             );
         }
@@ -1570,7 +1583,7 @@ impl Matchmaker for MemoryMatchmaker {
             accepted[i] = true;
             s.phase = Phase::Proposed { accepted };
             if accepted == [true; 2] {
-                if step.policy.media {
+                if step.policy.media.waits_for_room() {
                     state.await_room(step, &session_id);
                 } else {
                     state.go_live(step, &session_id, None);
@@ -1649,5 +1662,16 @@ impl Matchmaker for MemoryMatchmaker {
     /// One process holds all the state: it always holds every lease.
     async fn lease(&self, _name: &str, _ttl: Duration) -> Result<bool, MatchError> {
         Ok(true)
+    }
+
+    async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError> {
+        let state = self.state.lock().expect("matchmaker state poisoned");
+        let (session_id, peer) = state
+            .session_of(user)
+            .ok_or(MatchError::InvalidState("not in a session".into()))?;
+        // Delivered under the lock, so that it cannot overtake the end of its session.
+        let text = message.frame(&session_id, unix_ms());
+        self.bus.deliver(&peer, Frame { seq: None, text });
+        Ok(())
     }
 }

@@ -17,7 +17,26 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::bus::Frame;
-use crate::protocol::{EndReason, ErrorCode, Media, Prefs, StateName};
+use crate::p2p::IceServers;
+use crate::protocol::{EndReason, ErrorCode, Media, Prefs, Relay, StateName};
+
+/// How matches get their media; both engines act on it inside their atomic matching step.
+#[derive(Debug, Clone)]
+pub enum MediaMode {
+    /// LiveKit: a pair is *pending* until its room is ready ([`Matchmaker::media_ready`]);
+    /// a pair still pending after `pending` is undone by the backend itself.
+    LiveKit { pending: Duration },
+    /// Peer to peer: a pair is live at once, and each member's `matched` lists the ICE
+    /// servers, with TURN credentials minted for it in the same step.
+    P2p(Arc<IceServers>),
+}
+
+impl MediaMode {
+    /// Whether a pair waits for a media room before it goes live.
+    pub fn waits_for_room(&self) -> bool {
+        matches!(self, MediaMode::LiveKit { .. })
+    }
+}
 
 /// The safety and fairness rules both backends enforce inside their atomic matching step.
 #[derive(Debug, Clone)]
@@ -338,4 +357,10 @@ pub trait Matchmaker: Send + Sync + 'static {
     /// Whether this instance holds the lease `name` for `ttl` (one instance of a deployment
     /// runs each periodic clean-up). Taking it again before it runs out extends it.
     async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError>;
+
+    /// Passes `message` to the peer of `user`'s live session, wherever the peer is connected,
+    /// with the session id and (chat) the time: no `seq`, not logged, not replayed. A peer
+    /// who is away misses it. `invalid_state` outside a live session. One user's messages
+    /// reach the peer in the order of the calls.
+    async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError>;
 }

@@ -10,9 +10,10 @@
 --          below shares that tag, so a call touches one slot).
 -- ARGV: 1 key prefix (e.g. "{mg}"), 2 operation, 3 requeue peer on skip ("1"/"0"),
 --       4 history length, 5 history ttl ms, 6 grace ms, 7 channel prefix, 8 entropy (random,
---       for ids), 9 user (or instance for instance-level operations), 10 media: how long a
---       session may wait for its room in ms ("0": no media, sessions start live), 11 the
---       rules (see `read_rules`), 12.. operation arguments.
+--       for ids), 9 user (or instance for instance-level operations), 10 media mode:
+--       "livekit <ms>" (a session waits for its room, at most that long) or "p2p <instance>"
+--       (sessions start live with the ICE servers of P:p2p:<instance>, see `load_p2p`),
+--       11 the rules (see `read_rules`), 12.. operation arguments.
 -- Returns a JSON object: {"error": ..} or the operation's result plus the outcome fields
 -- waits (ms), ended (reasons), changed (pools), held, published, pending, ended_sessions,
 -- timers.
@@ -43,12 +44,19 @@
 --                   this (set after a pause that affected everybody)
 --   P:exp           zset "<user>\n<conn>" -> ms when the held state expires
 --   P:epoch         random id of this dataset: a new one means Redis lost everything
+--   P:p2p:<inst>    hash: secret (TURN, "" without), ttl (of TURN credentials, s), stun (the
+--                   STUN entry's JSON, "" without), turn (the TURN urls' JSON, "" without):
+--                   what the matches of instance <inst> list in media mode p2p; written by
+--                   that instance (operation p2p_config), expires
 -- Frames go out with PUBLISH on <channel prefix><instance>: "F<user>\n<seq>\n<frame>" for a
 -- frame (seq 0: none), "K<user>\n<conn>" to close a connection replaced from elsewhere.
+-- Relayed messages (signal, chat) go out the same way, without seq and without a log entry.
 
 -- Set at the start of every call (the library's functions are created once, at load).
 local ARGV, P, OP, REQUEUE_PEER, HISTORY_LEN, HISTORY_TTL, GRACE, CH, ENTROPY, USER, NOW
 local MEDIA_PENDING, R, RULES_TEXT
+-- Media mode p2p: the key of this instance's ICE servers, and what it holds (see `load_p2p`).
+local P2P_KEY, ICE
 local out, actor, ref, id_counter
 
 -- The rules, one comma-separated string: anti-repeat window ms, fallback ms, quick skip ms,
@@ -86,7 +94,8 @@ local function publish(inst, payload)
 end
 
 -- Appends an event to the user's log (if it carries a seq) and sends it to their instance.
-local function emit(u, ev)
+-- `raw`, if given, is one more member ("name":<JSON>) spliced into the frame as it is.
+local function emit(u, ev, raw)
   local h = ukey(u)
   local inst, away = unpack(redis.call('HMGET', h, 'inst', 'away'))
   if not inst then return end
@@ -100,6 +109,7 @@ local function emit(u, ev)
     ev['seq'] = seq
   end
   local text = cjson.encode(ev)
+  if raw then text = string.sub(text, 1, -2) .. ',' .. raw .. '}' end
   if seq > 0 then
     local lk = P .. ':log:' .. u
     -- Trimmed in batches: the log may briefly hold a few more than HISTORY_LEN entries.
@@ -242,7 +252,74 @@ local function met_within(u)
   return t
 end
 
--- The session is live: both members learn it with `matched` (with their media JSON, if any).
+-- Media mode p2p: the ICE servers of this instance's matches, or false when the instance must
+-- write them first (at its start, after they expired, or after Redis lost its data).
+local function load_p2p()
+  local secret, ttl, stun, turn = unpack(redis.call('HMGET', P2P_KEY, 'secret', 'ttl', 'stun', 'turn'))
+  if not ttl then return false end
+  ICE = { secret = secret, ttl = tonumber(ttl), stun = stun, turn = turn }
+  return true
+end
+
+local function bytes_of_hex(h)
+  return (string.gsub(h, '..', function(x) return string.char(tonumber(x, 16)) end))
+end
+
+-- The key blocks of HMAC-SHA1 for the last secret seen (kept across calls, like the rules).
+local PADS_FOR, IPAD, OPAD
+
+-- HMAC-SHA1 (RFC 2104) of msg under key, as 20 bytes.
+local function hmac_sha1(key, msg)
+  if key ~= PADS_FOR then
+    local k = key
+    if #k > 64 then k = bytes_of_hex(redis.sha1hex(k)) end
+    local i, o = {}, {}
+    for n = 1, 64 do
+      local b = string.byte(k, n) or 0
+      i[n] = string.char(bit.bxor(b, 0x36))
+      o[n] = string.char(bit.bxor(b, 0x5c))
+    end
+    PADS_FOR, IPAD, OPAD = key, table.concat(i), table.concat(o)
+  end
+  return bytes_of_hex(redis.sha1hex(OPAD .. bytes_of_hex(redis.sha1hex(IPAD .. msg))))
+end
+
+local B64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
+
+-- Standard base64 (RFC 4648, with padding).
+local function base64(s)
+  local t = {}
+  for i = 1, #s, 3 do
+    local a, b, c = string.byte(s, i, i + 2)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local sextets = { math.floor(n / 262144), math.floor(n / 4096) % 64, math.floor(n / 64) % 64, n % 64 }
+    for j = 1, 4 do
+      if (j == 3 and not b) or (j == 4 and not c) then
+        t[#t + 1] = '='
+      else
+        t[#t + 1] = string.sub(B64, sextets[j] + 1, sextets[j] + 1)
+      end
+    end
+  end
+  return table.concat(t)
+end
+
+-- The p2p media JSON of the member with handle h: the STUN entry, and the TURN entry with
+-- credentials in the TURN REST scheme (username "<unix expiry>:<h>", credential
+-- base64(HMAC-SHA1(secret, username))), as p2p.rs mints them for the in-memory engine.
+local function p2p_media(h)
+  local servers = {}
+  if ICE.stun ~= '' then servers[1] = ICE.stun end
+  if ICE.turn ~= '' then
+    local username = (math.floor(NOW / 1000) + ICE.ttl) .. ':' .. h
+    servers[#servers + 1] = '{"urls":' .. ICE.turn .. ',"username":"' .. username ..
+      '","credential":"' .. base64(hmac_sha1(ICE.secret, username)) .. '"}'
+  end
+  return '{"provider":"p2p","ice_servers":[' .. table.concat(servers, ',') .. ']}'
+end
+
+-- The session is live: both members learn it with `matched`, with their media: the room's
+-- (mf, ms: JSON, LiveKit), or else the ICE servers with credentials minted now (p2p).
 -- m1, m2: { user, handle, since (queued at), away }.
 local function announce(sid, m1, m2, mf, ms)
   local keep = math.max(R.window, 3600000)
@@ -256,9 +333,9 @@ local function announce(sid, m1, m2, mf, ms)
   end
   local e1 = { type = 'matched', session_id = sid, peer = m2.handle, role = 'offerer', started_at_ms = NOW }
   local e2 = { type = 'matched', session_id = sid, peer = m1.handle, role = 'answerer', started_at_ms = NOW }
-  if mf then e1.media, e2.media = cjson.decode(mf), cjson.decode(ms) end
-  emit(m1.user, e1)
-  emit(m2.user, e2)
+  if not mf then mf, ms = p2p_media(m1.handle), p2p_media(m2.handle) end
+  emit(m1.user, e1, '"media":' .. mf)
+  emit(m2.user, e2, '"media":' .. ms)
   -- A member whose connection dropped before the match went live: the other one learns it
   -- right away, as in a running session.
   for _, pair in ipairs({ { m1, m2 }, { m2, m1 } }) do
@@ -720,7 +797,13 @@ local function call(_keys, args)
   REQUEUE_PEER = ARGV[3] == '1'
   HISTORY_LEN, HISTORY_TTL, GRACE = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   CH, ENTROPY, USER = ARGV[7], ARGV[8], ARGV[9]
-  MEDIA_PENDING = tonumber(ARGV[10])
+  local media, media_arg = string.match(ARGV[10], '^(%S+) (.*)$')
+  MEDIA_PENDING, P2P_KEY, ICE = 0, nil, nil
+  if media == 'livekit' then
+    MEDIA_PENDING = tonumber(media_arg)
+  else
+    P2P_KEY = P .. ':p2p:' .. media_arg
+  end
   -- Parsed once per rules text: the library's locals outlive calls.
   if ARGV[11] ~= RULES_TEXT then R, RULES_TEXT = read_rules(ARGV[11]), ARGV[11] end
   local t = redis.call('TIME')
@@ -728,6 +811,10 @@ local function call(_keys, args)
   out = { waits = {}, ended = {}, changed = {}, held = false, published = 0, pending = {},
     ended_sessions = {}, timers = {} }
   actor, ref, id_counter = nil, nil, 0
+  -- Checked before anything changes: any operation may make a match.
+  if P2P_KEY and OP ~= 'p2p_config' and not load_p2p() then
+    return fail('p2p_config_missing', 'this instance has not written its p2p configuration')
+  end
 
   if OP == 'attach' then
     local conn, inst, token, last = ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15]) or 0
@@ -1021,6 +1108,27 @@ local function call(_keys, args)
     elseif kind == 'proposal' then
       if redis.call('HGET', skey(a), 'phase') == 'proposed' then proposal_expired(a) end
     end
+    return result()
+  elseif OP == 'relay' then
+    -- arg: 1 kind (signal, chat), 2 its JSON, checked and encoded by the gateway: the
+    -- payload object as the client sent it, or the chat text as a string literal.
+    local sid, peer = session_of(USER)
+    if not sid then return fail('invalid_state', 'not in a session') end
+    local frame
+    if arg(1) == 'signal' then
+      frame = '{"type":"signal","session_id":"' .. sid .. '","payload":' .. arg(2) .. '}'
+    else
+      frame = '{"type":"chat","session_id":"' .. sid .. '","text":' .. arg(2) .. ',"sent_at_ms":' .. NOW .. '}'
+    end
+    -- Not logged: a peer who is away misses it.
+    local inst, away = unpack(redis.call('HMGET', ukey(peer), 'inst', 'away'))
+    if inst and away == '0' then publish(inst, 'F' .. peer .. '\n0\n' .. frame) end
+    return result()
+  elseif OP == 'p2p_config' then
+    -- USER is the instance; arg: 1 TURN secret, 2 credential lifetime s, 3 STUN entry JSON,
+    -- 4 TURN urls JSON (each "" when not configured), 5 how long the key lives, ms.
+    redis.call('HSET', P2P_KEY, 'secret', arg(1), 'ttl', arg(2), 'stun', arg(3), 'turn', arg(4))
+    redis.call('PEXPIRE', P2P_KEY, arg(5))
     return result()
   elseif OP == 'lease' then
     -- USER is the instance; ARGV[12] the lease name, ARGV[13] its ttl in ms.

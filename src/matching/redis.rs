@@ -16,13 +16,19 @@ use serde::{Deserialize, Deserializer};
 
 use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
 use super::{
-    Attached, ConnId, MatchError, Matchmaker, MediaEffect, Outcome, PendingSession, Resume, Rules,
-    SessionInfo, Stats, Status, Timer, UserId,
+    Attached, ConnId, MatchError, Matchmaker, MediaEffect, MediaMode, Outcome, PendingSession,
+    Resume, Rules, SessionInfo, Stats, Status, Timer, UserId,
 };
 use crate::bus::Frame;
 use crate::ids::random_id;
 use crate::metrics::Metrics;
-use crate::protocol::{EndReason, Media, Prefs, StateName};
+use crate::protocol::{EndReason, IceServer, Media, Prefs, Relay, StateName};
+
+/// The error of a call made before this instance's p2p configuration was in Redis.
+const P2P_CONFIG_MISSING: &str = "p2p_config_missing";
+
+/// How long an instance's p2p configuration stays in Redis; a call after that writes it again.
+const P2P_CONFIG_TTL: Duration = Duration::from_secs(3600);
 
 /// The function library with every matching operation, with `@VERSION@` for its version.
 const LIBRARY: &str = include_str!("redis.lua");
@@ -78,9 +84,10 @@ pub struct RedisSettings {
     pub history_ttl: Duration,
     pub resume_grace: Duration,
     pub pool_size: usize,
-    /// Media mode: how long a matched pair may wait for its room before the tick undoes the
-    /// match (covers an instance that died while setting the room up).
-    pub media_pending: Option<Duration>,
+    /// How matches get their media. LiveKit: how long a matched pair may wait for its room
+    /// before the tick undoes the match (covers an instance that died while setting the room
+    /// up).
+    pub media: MediaMode,
     pub rules: Rules,
     /// How long one Redis call may take before the operation counts as unavailable.
     pub call_timeout: Duration,
@@ -145,6 +152,8 @@ pub struct RedisMatchmaker {
     settings: RedisSettings,
     route_key: String,
     rules: String,
+    /// The media mode as the library reads it (argument 10).
+    media: String,
     metrics: Arc<Metrics>,
 }
 
@@ -242,6 +251,24 @@ struct StatusReply {
 }
 
 impl Reply {
+    /// The reply, or the error it reports.
+    fn into_result(mut self) -> Result<Reply, MatchError> {
+        match self.error.take() {
+            None => Ok(self),
+            Some(code) => {
+                let message = self.message.take().unwrap_or_default();
+                let retry_after_ms = self.retry_after_ms.unwrap_or(1);
+                Err(match code.as_str() {
+                    "invalid_state" => MatchError::InvalidState(message.into()),
+                    "replaced" => MatchError::Replaced,
+                    "cooldown" => MatchError::Cooldown { retry_after_ms },
+                    "rate_limited" => MatchError::RateLimited { retry_after_ms },
+                    _ => MatchError::Internal(message),
+                })
+            }
+        }
+    }
+
     fn outcome(&mut self) -> Outcome {
         Outcome {
             waits: self.waits.drain(..).map(Duration::from_millis).collect(),
@@ -326,6 +353,10 @@ impl RedisMatchmaker {
             library: Library::new(),
             route_key: format!("{}:route", settings.layout.prefix),
             rules: rules_arg(&settings.rules),
+            media: match &settings.media {
+                MediaMode::LiveKit { pending } => format!("livekit {}", pending.as_millis()),
+                MediaMode::P2p(_) => format!("p2p {}", settings.instance),
+            },
             settings,
             metrics,
         })
@@ -347,8 +378,57 @@ impl RedisMatchmaker {
         Ok(shared)
     }
 
-    /// Runs one operation of the library.
+    /// Runs one operation of the library. In media mode p2p, the first call of an instance
+    /// (and the first after its configuration expired or Redis lost its data) finds no ICE
+    /// servers of this instance in Redis: they are written, and the call runs again.
     async fn call(&self, op: &str, subject: &str, args: &[&str]) -> Result<Reply, MatchError> {
+        let fcall = self.fcall(op, subject, args);
+        let mut reply = self.run(&fcall).await?;
+        if reply.error.as_deref() == Some(P2P_CONFIG_MISSING) {
+            self.write_p2p_config().await?;
+            reply = self.run(&fcall).await?;
+        }
+        self.metrics.pubsub_published(reply.published);
+        reply.into_result()
+    }
+
+    /// Writes this instance's ICE servers where its calls read them (`P:p2p:<instance>`).
+    /// The TURN secret travels as an argument of this call only, never of the others.
+    async fn write_p2p_config(&self) -> Result<(), MatchError> {
+        let MediaMode::P2p(ice) = &self.settings.media else {
+            return Err(MatchError::Internal(
+                "p2p configuration asked for in LiveKit mode".into(),
+            ));
+        };
+        let stun = if ice.stun_urls().is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&IceServer {
+                urls: ice.stun_urls().into(),
+                username: None,
+                credential: None,
+            })
+            .expect("ICE servers serialise")
+        };
+        let (secret, turn_urls) = match ice.turn() {
+            Some(t) => (
+                t.secret.as_str(),
+                serde_json::to_string(&t.urls).expect("URLs serialise"),
+            ),
+            None => ("", String::new()),
+        };
+        let ttl = ice.turn().map_or(0, |t| t.ttl.as_secs()).to_string();
+        let keep = P2P_CONFIG_TTL.as_millis().to_string();
+        let fcall = self.fcall(
+            "p2p_config",
+            &self.settings.instance,
+            &[secret, &ttl, &stun, &turn_urls, &keep],
+        );
+        self.run(&fcall).await?.into_result().map(|_| ())
+    }
+
+    /// The FCALL of one operation.
+    fn fcall(&self, op: &str, subject: &str, args: &[&str]) -> redis::Cmd {
         let s = &self.settings;
         let mut fcall = redis::cmd("FCALL");
         fcall
@@ -364,22 +444,28 @@ impl RedisMatchmaker {
             .arg(&s.layout.channel_prefix)
             .arg(random_id("", 16))
             .arg(subject)
-            .arg(s.media_pending.map_or(0, |d| d.as_millis() as u64))
+            .arg(&self.media)
             .arg(&self.rules);
         for a in args {
             fcall.arg(*a);
         }
+        fcall
+    }
+
+    /// Sends one FCALL and reads its reply (loading the library where Redis lacks it).
+    async fn run(&self, fcall: &redis::Cmd) -> Result<Reply, MatchError> {
+        let s = &self.settings;
         let started = Instant::now();
         let result = tokio::time::timeout(s.call_timeout, async {
             let mut conn = self.connection().await?;
-            match conn.query(&fcall).await {
+            match conn.query(fcall).await {
                 // A Redis that started empty (or a new cluster node) lacks the library: load it
                 // and try once more.
                 Err(e) if e.to_string().contains("Function not found") => {
                     conn.load_library(&self.library)
                         .await
                         .map_err(unavailable)?;
-                    conn.query(&fcall).await
+                    conn.query(fcall).await
                 }
                 other => other,
             }
@@ -393,23 +479,8 @@ impl RedisMatchmaker {
         }
         self.metrics.redis_call(started.elapsed(), result.is_ok());
         let text = result?;
-        let mut reply: Reply = serde_json::from_str(&text)
-            .map_err(|e| MatchError::Internal(format!("bad script reply: {e}")))?;
-        self.metrics.pubsub_published(reply.published);
-        match reply.error.take() {
-            None => Ok(reply),
-            Some(code) => {
-                let message = reply.message.take().unwrap_or_default();
-                let retry_after_ms = reply.retry_after_ms.unwrap_or(1);
-                Err(match code.as_str() {
-                    "invalid_state" => MatchError::InvalidState(message.into()),
-                    "replaced" => MatchError::Replaced,
-                    "cooldown" => MatchError::Cooldown { retry_after_ms },
-                    "rate_limited" => MatchError::RateLimited { retry_after_ms },
-                    _ => MatchError::Internal(message),
-                })
-            }
-        }
+        serde_json::from_str(&text)
+            .map_err(|e| MatchError::Internal(format!("bad script reply: {e}")))
     }
 
     /// Heartbeat of this instance plus a share of the clean-up every instance does: users of
@@ -669,5 +740,19 @@ impl Matchmaker for RedisMatchmaker {
             .call("lease", &self.settings.instance, &[name, &ttl])
             .await?;
         Ok(reply.live)
+    }
+
+    async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError> {
+        // The library splices these into the frame as they are: the payload exactly as the
+        // client sent it, the chat text as a JSON string.
+        let json = match &message {
+            Relay::Signal(payload) => std::borrow::Cow::Borrowed(payload.get()),
+            Relay::Chat(text) => serde_json::to_string(text)
+                .expect("strings serialise")
+                .into(),
+        };
+        self.call("relay", user, &[message.name(), &json])
+            .await
+            .map(|_| ())
     }
 }

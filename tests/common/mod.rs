@@ -285,6 +285,8 @@ pub struct Client {
     pub user: String,
     /// Every text frame received, in order, already schema-checked.
     pub seen: Vec<Value>,
+    /// The last text frame received, exactly as it came.
+    pub last_raw: String,
     pub welcome: Value,
 }
 
@@ -295,6 +297,7 @@ impl Client {
             ws,
             user: user.to_string(),
             seen: Vec::new(),
+            last_raw: String::new(),
             welcome: Value::Null,
         }
     }
@@ -327,6 +330,7 @@ impl Client {
                     let v: Value = serde_json::from_str(&t).expect("server frames are JSON");
                     check_frame(&v);
                     self.seen.push(v.clone());
+                    self.last_raw = t.to_string();
                     return Ok(v);
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -400,6 +404,26 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
+    let response = http_exchange(addr, method, path, headers, body).await;
+    (response.status, response.body)
+}
+
+/// An HTTP response as [`http_exchange`] reads it.
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+/// A minimal HTTP/1.1 request over a raw socket; returns status, headers and body.
+pub async fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
@@ -414,16 +438,22 @@ pub async fn http_request(
         .expect("HTTP response")
         .unwrap();
     let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    }
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::TestServer;
+
 /// How long a server may take to answer PING, or a cluster to report `cluster_state:ok`.
 const STARTUP: Duration = Duration::from_secs(10);
 /// How often start-up conditions are re-checked.
@@ -318,6 +320,52 @@ impl Drop for RedisCluster {
         }
         self.nodes.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The Redis a scale-out scenario runs against: one server, or a 3-master cluster.
+pub enum Backend {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    pub async fn single() -> Backend {
+        Backend::Single(RedisServer::start().await)
+    }
+
+    pub async fn cluster() -> Backend {
+        Backend::Cluster(RedisCluster::start().await)
+    }
+
+    /// The gateway flags that point at this Redis.
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            Backend::Single(r) => vec!["--redis-url".into(), r.url()],
+            Backend::Cluster(c) => vec![
+                "--redis-url".into(),
+                c.urls().join(","),
+                "--redis-cluster".into(),
+            ],
+        }
+    }
+
+    /// `n` in-process instances against this Redis, with extra flags.
+    pub async fn instances(&self, n: usize, extra: &[&str]) -> Vec<TestServer> {
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let mut args: Vec<String> = self.args();
+            args.extend([
+                "--instance-id".into(),
+                format!("inst{i}"),
+                "--instance-heartbeat-ms".into(),
+                "100".into(),
+            ]);
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            servers.push(TestServer::start(&args).await);
+        }
+        servers
     }
 }
 

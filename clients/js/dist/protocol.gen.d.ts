@@ -1,0 +1,501 @@
+/**
+ * Client to server (accept phase only): accept the proposed match `match_id`. Direct reply: `ack` (action `accept`). When both have accepted, both get `matched` (in media mode once the room is ready). Accepting twice is harmless. `invalid_state` error when no such proposal is open for you (already decided, expired, or not yours). Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface AcceptMessage {
+    type: "accept";
+    /**
+     * The `match_id` of the open `match_proposed`.
+     */
+    match_id: string;
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
+ * Client to server: never be matched with the peer of your current or most recent session (or of `session_id`, one of your recent sessions) again, in either direction. A live session with that peer ends: you get `session_ended` (reason `end`, `requeued: false`), the peer `peer_ended`. Direct reply: `ack` (action `block`). `invalid_state` error when there is no such session. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface BlockMessage {
+    type: "block";
+    /**
+     * The `session_id` (from `matched`) of one of your recent sessions whose peer is meant. Absent: your current session, or else your most recent one.
+     */
+    session_id?: string;
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
+ * Client to server (accept phase only): decline the proposed match `match_id`. Direct reply: `ack` (action `decline`). You get `match_cancelled` (reason `declined`) and leave the queue (or, when the gateway runs with `MATCHGATE_DECLINE_TO=tail`, go to the tail of the queue: `requeued: true` and a new `queued`); the other user gets `match_cancelled` (reason `peer_declined`) and is back at its old place in the queue. The two are not proposed to each other again until one of them has been matched with somebody else. `invalid_state` error when no such proposal is open for you. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface DeclineMessage {
+    type: "decline";
+    /**
+     * The `match_id` of the open `match_proposed`.
+     */
+    match_id: string;
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
+ * Client to server: stop. Direct reply: `session_ended` (reason `end`) when in a session, `dequeued` (reason `end`) when queued. `invalid_state` error when idle. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface EndMessage {
+    type: "end";
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
+ * Client to server: join the queue. Direct reply: `queued` (then `matched` at once if a compatible partner waits; with the accept phase on, `match_proposed`). Compatible means exactly the same `prefs` (all four fields equal, an absent field only equals an absent field; `soft` widens this over time), not blocked either way, and not met within the anti-repeat window. Refused with `cooldown` during a skip cooldown and with `rate_limited` beyond the per-user enqueue rate. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface EnqueueMessage {
+    type: "enqueue";
+    /**
+     * Matching preferences; users are only matched with users whose preferences are exactly equal, unless `soft` lets the search widen.
+     */
+    prefs?: {
+        /**
+         * Wanted topic (1 to 64 characters). Absent only matches absent.
+         */
+        topic?: string;
+        /**
+         * Wanted format (1 to 64 characters). Absent only matches absent.
+         */
+        format?: string;
+        /**
+         * Wanted language (1 to 64 characters). Absent only matches absent.
+         */
+        language?: string;
+        /**
+         * Wanted region (1 to 64 characters). Absent only matches absent.
+         */
+        region?: string;
+        /**
+         * Preference relaxation: fields that may be dropped from the search when you wait long, in this order, one per `MATCHGATE_RELAX_AFTER_MS` of waiting (default 10 s); each step is announced by a `queue_update` with `widened_to`. Each field at most once, and each must be set in these `prefs`. Absent or empty: the search never widens.
+         */
+        soft?: ("topic" | "format" | "language" | "region")[];
+    };
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
+ * Client to server: keep-alive; send any message at least every `heartbeat_interval_ms`. Direct reply: `heartbeat_ack`. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface HeartbeatMessage {
+    type: "heartbeat";
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
+ * Client to server: report the peer of your current or most recent session (or of `session_id`, one of your recent sessions) to the operator. The report is stored; a user reported by enough distinct users within the report window is banned automatically. A report changes nothing else: the session goes on (send `block`, `skip` or `end` as well to get away from the peer). Direct reply: `ack` (action `report`). `invalid_state` error when there is no such session. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface ReportMessage {
+    type: "report";
+    /**
+     * What the peer did.
+     */
+    reason: "spam" | "nudity" | "harassment" | "underage" | "other";
+    /**
+     * Free text for the moderators (at most 500 characters).
+     */
+    details?: string;
+    /**
+     * The `session_id` (from `matched`) of one of your recent sessions whose peer is meant. Absent: your current session, or else your most recent one.
+     */
+    session_id?: string;
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
+ * Client to server: leave the current session and go back in the queue. Direct reply: `session_ended` (reason `skip`), then `queued` (or `matched`). `invalid_state` error when not in a session. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface SkipMessage {
+    type: "skip";
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
+ * Client to server: ask for the current state. Direct reply: `status`. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface StatusMessage {
+    type: "status";
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
+ * Server to client (reply, no `seq`, never replayed): the request named by `action` was carried out. The direct reply to `block`, `report`, `accept` and `decline`; the events such a request causes travel separately and may arrive before or after it (`session_ended` when a `block` ends a live session; `matched` when an `accept` completes a match; `match_cancelled`, and with `MATCHGATE_DECLINE_TO=tail` a `queued`, after a `decline`).
+ */
+export interface AckFrame {
+    type: "ack";
+    /**
+     * The `type` of the client message acknowledged.
+     */
+    action: "block" | "report" | "accept" | "decline";
+    /**
+     * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
+     */
+    ref?: string;
+}
+/**
+ * Server to client (state-changing, carries `seq`): you left the queue, because you sent `end` or because you did not reconnect within the resume grace period (`timeout`). This includes the moment between a match and `matched`, while the match is proposed (accept phase) or its room is being set up (media mode): the match is undone and the other user goes back to its place in the queue; with the accept phase on it gets `match_cancelled` (reason `peer_left`), otherwise it is not told.
+ */
+export interface DequeuedFrame {
+    type: "dequeued";
+    /**
+     * Per-user sequence number of this state-changing event: increases by one per event, kept across reconnects while the user's state is held, replayed after a resume.
+     */
+    seq: number;
+    /**
+     * `end`: you sent `end`; `timeout`: the resume grace period ran out while you were disconnected.
+     */
+    reason: "end" | "timeout";
+    /**
+     * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
+     */
+    ref?: string;
+}
+/**
+ * Server to client (no `seq`, never replayed). Usually the reply to a client message that was refused; every error the client caused (all codes but `unavailable`, `internal` and the pushed ones) counts against the per-connection error budget (exhausted: close 4004). Two codes are also pushed, without `ref` and without costing error budget: `media_unavailable` (media mode), when no room could be set up for your match and you are back at your place in the queue, still `queued`; and `cooldown`, right after the `session_ended` of the skip that started a cooldown. A `rate_limited` for the per-connection message rate carries no `ref` either: the message was not carried out.
+ */
+export interface ErrorFrame {
+    type: "error";
+    /**
+     * Stable error code. New codes may be added in later versions: treat unknown codes like `internal`. `media_unavailable` is never a reply: it is pushed to both members of a match whose room could not be set up. `cooldown` is the reply to `enqueue` and `skip` during a skip cooldown, and is pushed once when a skip starts one.
+     */
+    code: "bad_request" | "unknown_type" | "invalid_state" | "rate_limited" | "unavailable" | "internal" | "media_unavailable" | "cooldown";
+    /**
+     * Human-readable explanation, for logs; not stable.
+     */
+    message: string;
+    /**
+     * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
+     */
+    ref?: string;
+    /**
+     * When to try again, in milliseconds (with `rate_limited`, `unavailable` and `cooldown`; the pushed `cooldown` carries the whole length of the cooldown).
+     */
+    retry_after_ms?: number;
+}
+/**
+ * Server to client (reply, no `seq`): answer to `heartbeat`.
+ */
+export interface HeartbeatAckFrame {
+    type: "heartbeat_ack";
+    /**
+     * Gateway clock, in milliseconds since the Unix epoch.
+     */
+    server_time_ms: number;
+    /**
+     * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
+     */
+    ref?: string;
+}
+/**
+ * Server to client (state-changing, carries `seq`; accept phase only): the proposal `match_id` is off. `requeued` says whether you are in the queue now: back at your old place (ahead of everybody who came later) when the other one declined, timed out or left; at the tail (a new `queued` follows) when you declined or timed out and the gateway runs with `MATCHGATE_DECLINE_TO=tail`; otherwise out of the queue (idle).
+ */
+export interface MatchCancelledFrame {
+    type: "match_cancelled";
+    /**
+     * Per-user sequence number of this state-changing event: increases by one per event, kept across reconnects while the user's state is held, replayed after a resume.
+     */
+    seq: number;
+    /**
+     * Id of the proposed match (opaque). If the match goes through it becomes the `session_id` of the session.
+     */
+    match_id: string;
+    /**
+     * From your point of view: you declined, the other one declined, you did not accept before `expires_at_ms`, the other one did not (you had accepted), or the other one left (sent `end`, or did not reconnect within the resume grace period). New reasons may be added in later versions: act on `requeued`.
+     */
+    reason: "declined" | "peer_declined" | "timeout" | "peer_timeout" | "peer_left";
+    /**
+     * Whether you are in the queue now. `peer_declined`, `peer_timeout`, `peer_left`: always `true` (back at your old place, and matched again as soon as a partner is there). `declined`, `timeout`: `false` (idle; `enqueue` again to look for someone), or `true` with `MATCHGATE_DECLINE_TO=tail` (a `queued` with your new place follows).
+     */
+    requeued: boolean;
+}
+/**
+ * Server to client (state-changing, carries `seq`; accept phase only, when the gateway runs with `MATCHGATE_ACCEPT_TIMEOUT_MS` above 0): a partner was found. Send `accept` or `decline` with `match_id` before `expires_at_ms`. When both accept, both get `matched` (in media mode once the room is ready); otherwise both get `match_cancelled`. Until then you are still `queued` (`status` says so, with `position` 0).
+ */
+export interface MatchProposedFrame {
+    type: "match_proposed";
+    /**
+     * Per-user sequence number of this state-changing event: increases by one per event, kept across reconnects while the user's state is held, replayed after a resume.
+     */
+    seq: number;
+    /**
+     * Id of the proposed match (opaque). If the match goes through it becomes the `session_id` of the session.
+     */
+    match_id: string;
+    /**
+     * Opaque handle for the proposed peer, fresh for every match; the same value `matched.peer` carries if the match goes through. Never reveals the peer's user id.
+     */
+    peer: string;
+    /**
+     * When the proposal lapses, in milliseconds since the Unix epoch (gateway clock; compare with `heartbeat_ack.server_time_ms`). Whoever has not accepted by then gets `match_cancelled` with reason `timeout`.
+     */
+    expires_at_ms: number;
+}
+/**
+ * Server to client (state-changing, carries `seq`): you are in a session with a peer. Sent to both users at once. In media mode (`livekit`) it is sent only once the session's room exists, and carries `media`: where and how to join the call.
+ */
+export interface MatchedFrame {
+    type: "matched";
+    /**
+     * Per-user sequence number of this state-changing event: increases by one per event, kept across reconnects while the user's state is held, replayed after a resume.
+     */
+    seq: number;
+    /**
+     * Id of the session (opaque).
+     */
+    session_id: string;
+    /**
+     * Opaque handle for your peer, fresh for every session; never reveals the peer's user id. In media mode it is also your peer's participant identity in the room (yours is your own handle, the identity in your `media.token`).
+     */
+    peer: string;
+    /**
+     * Exactly one side is `offerer` (the user who waited longer) and the other `answerer`; the offerer sends the WebRTC offer. With `media` the LiveKit SDK sets up the connection and `role` is only informational.
+     */
+    role: "offerer" | "answerer";
+    /**
+     * When the session started, in milliseconds since the Unix epoch. In media mode: when its room was ready (the moment `matched` was sent).
+     */
+    started_at_ms: number;
+    /**
+     * Present only when the gateway runs in media mode (`livekit`): the session's room and your own join token; connect with a LiveKit client SDK (`room.connect(url, token)`). Absent otherwise: the clients then set up the call themselves, using `role`.
+     */
+    media?: {
+        /**
+         * The media provider. Only `livekit` in this version; new providers may be added, so treat an unknown one like no media.
+         */
+        provider: "livekit";
+        /**
+         * The LiveKit server URL to connect to (the gateway's `MATCHGATE_LIVEKIT_URL`, usually `wss://...`).
+         */
+        url: string;
+        /**
+         * Name of the room: the gateway's room prefix (default `mg_`) followed by `session_id`. The token admits to this room only.
+         */
+        room: string;
+        /**
+         * LiveKit join token (a JWT signed with the gateway's LiveKit API secret). Its identity is your own opaque handle for this session (what your peer receives as `peer`), never your user id. It grants joining this room only, publishing, subscribing and sending data, and expires after `MATCHGATE_LIVEKIT_TOKEN_TTL_S` (default 600 s): join before then. A credential: do not log it.
+         */
+        token: string;
+    };
+    /**
+     * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
+     */
+    ref?: string;
+}
+/**
+ * Server to client (state-changing, carries `seq`): your peer's connection dropped (`reconnecting`) or came back within the resume grace period (`connected`).
+ */
+export interface PeerStatusFrame {
+    type: "peer_status";
+    /**
+     * Per-user sequence number of this state-changing event: increases by one per event, kept across reconnects while the user's state is held, replayed after a resume.
+     */
+    seq: number;
+    /**
+     * Id of the session (opaque).
+     */
+    session_id: string;
+    /**
+     * The peer's connection state.
+     */
+    state: "reconnecting" | "connected";
+}
+/**
+ * Server to client (informational, no `seq`, never replayed): pushed while you wait, at most once per `queue_update_interval`, and only when your position or estimate changed; and, with `widened_to`, each time your search widens (preference relaxation, see `enqueue.prefs.soft`).
+ */
+export interface QueueUpdateFrame {
+    type: "queue_update";
+    /**
+     * How many users are ahead of you in your pool (0 = you are next). Users who are briefly reconnecting keep their place and count.
+     */
+    position: number;
+    /**
+     * Estimated wait in milliseconds, from the recent waits of users in your pool (or, with no history there, across all pools); null when the gateway has no recent matches to go on.
+     */
+    estimated_wait_ms: number | null;
+    /**
+     * Present when your search just widened (preference relaxation): one more of your `soft` fields was dropped, and these are the preferences searched from now on, besides your original ones and the earlier widened sets. Matching stays exact: you are now also matched with users whose own preferences are exactly this set (a field absent here only matches absent) and with users whose search widened to this same set. `{}` when every field was dropped. `position` and `estimated_wait_ms` still count in the pool of your original preferences.
+     */
+    widened_to?: {
+        /**
+         * The topic still searched for.
+         */
+        topic?: string;
+        /**
+         * The format still searched for.
+         */
+        format?: string;
+        /**
+         * The language still searched for.
+         */
+        language?: string;
+        /**
+         * The region still searched for.
+         */
+        region?: string;
+    };
+}
+/**
+ * Server to client (state-changing, carries `seq`): you are in the queue. Reply to `enqueue`, or follows `session_ended` with `requeued: true`.
+ */
+export interface QueuedFrame {
+    type: "queued";
+    /**
+     * Per-user sequence number of this state-changing event: increases by one per event, kept across reconnects while the user's state is held, replayed after a resume.
+     */
+    seq: number;
+    /**
+     * How many users are ahead of you in your pool (0 = you are next). Users who are briefly reconnecting keep their place and count.
+     */
+    position: number;
+    /**
+     * Estimated wait in milliseconds, from the recent waits of users in your pool (or, with no history there, across all pools); null when the gateway has no recent matches to go on.
+     */
+    estimated_wait_ms: number | null;
+    /**
+     * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
+     */
+    ref?: string;
+}
+/**
+ * Server to client (informational, no `seq`): the gateway is about to close the connection and wants the client back after `retry_after_ms` (jittered, so that clients do not all reconnect at once). `shutdown`: the instance is draining (close 1001); reconnect with `resume` and `last_seq`, usually to another instance. `resync`: events may have been lost between instances (close 4005); reconnect with `resume` and `last_seq` to get them from the log, in order. `state_lost`: the gateway's backend lost all state, e.g. Redis restarted empty (close 4006); the queue place or session is gone, so reconnect and start over (a resume token no longer applies).
+ */
+export interface ReconnectFrame {
+    type: "reconnect";
+    /**
+     * Why the client must reconnect.
+     */
+    reason: "shutdown" | "resync" | "state_lost";
+    /**
+     * Jittered delay before reconnecting, so that clients do not all reconnect at once.
+     */
+    retry_after_ms: number;
+}
+/**
+ * Server to client (state-changing, carries `seq`): your session is over.
+ */
+export interface SessionEndedFrame {
+    type: "session_ended";
+    /**
+     * Per-user sequence number of this state-changing event: increases by one per event, kept across reconnects while the user's state is held, replayed after a resume.
+     */
+    seq: number;
+    /**
+     * Id of the session (opaque).
+     */
+    session_id: string;
+    /**
+     * From your point of view: you skipped / ended (`end` also when you blocked your peer), your peer skipped / ended (`peer_ended` also when your peer blocked you), your peer did not come back within the resume grace period (`peer_disconnected`), or you did not (`timeout`). `media_disconnected` (media mode): LiveKit reported that a participant left the room (you or your peer; both get this reason) or that the room closed, or the room vanished.
+     */
+    reason: "skip" | "end" | "peer_skipped" | "peer_ended" | "peer_disconnected" | "timeout" | "media_disconnected";
+    /**
+     * Whether you were put back in the queue (a `queued` or `matched` follows). After `skip` the skipper is, unless that skip started a skip cooldown (then `false`, and a pushed `error` `cooldown` follows); the peer too unless the gateway runs with `--requeue-peer-on-skip=false`. After `end` (and after `block`) nobody is. After a timeout the user who timed out is not, the peer (`peer_disconnected`) is re-queued like the peer of a skipper. After `media_disconnected`: when a participant left the room, the one who left is not, the other is re-queued like the peer of a skipper; when the room closed or vanished, nobody is.
+     */
+    requeued: boolean;
+    /**
+     * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
+     */
+    ref?: string;
+}
+/**
+ * Server to client (reply, no `seq`): answer to `status`. `position` and `estimated_wait_ms` are present when queued, `session_id`, `peer` and `role` when in a session. A user whose match is proposed (accept phase) or waiting for its room (media mode) is still `queued`, with `position` 0 and no `estimated_wait_ms`; `status` never repeats `matched.media`.
+ */
+export interface StatusFrame {
+    type: "status";
+    /**
+     * The user's state.
+     */
+    state: "idle" | "queued" | "in_session";
+    /**
+     * How many users are ahead of you in your pool (0 = you are next). Users who are briefly reconnecting keep their place and count.
+     */
+    position?: number;
+    /**
+     * Estimated wait in milliseconds, from the recent waits of users in your pool (or, with no history there, across all pools); null when the gateway has no recent matches to go on.
+     */
+    estimated_wait_ms?: number | null;
+    /**
+     * Id of the session (opaque).
+     */
+    session_id?: string;
+    /**
+     * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
+     */
+    ref?: string;
+    /**
+     * In a session: the peer's opaque handle, as in `matched`.
+     */
+    peer?: string;
+    /**
+     * In a session: this user's role, as in `matched`.
+     */
+    role?: "offerer" | "answerer";
+}
+/**
+ * Server to client: first frame on every connection, before any replayed events. Carries no `seq` and is never replayed.
+ */
+export interface WelcomeFrame {
+    type: "welcome";
+    /**
+     * The authenticated user id (the JWT `sub`).
+     */
+    user_id: string;
+    /**
+     * Id of this connection (opaque, for logs and support).
+     */
+    connection_id: string;
+    /**
+     * Protocol version spoken by the gateway.
+     */
+    protocol_version: 1;
+    /**
+     * Send a message (usually `heartbeat`) at least this often.
+     */
+    heartbeat_interval_ms: number;
+    /**
+     * After this much client silence the gateway closes with 4002.
+     */
+    heartbeat_timeout_ms: number;
+    /**
+     * Largest client frame accepted; a larger one closes the connection with 1009.
+     */
+    max_message_bytes: number;
+    /**
+     * Pass as the `resume` query parameter when reconnecting to get the missed events replayed.
+     */
+    resume_token: string;
+    /**
+     * Whether this connection resumed with a valid resume token (events after `last_seq` follow).
+     */
+    resumed: boolean;
+    /**
+     * The latest `seq` of this user, 0 if none.
+     */
+    last_seq: number;
+    /**
+     * The user's state.
+     */
+    state: "idle" | "queued" | "in_session";
+}
+/** Every message a client may send. */
+export type ClientMessage = AcceptMessage | BlockMessage | DeclineMessage | EndMessage | EnqueueMessage | HeartbeatMessage | ReportMessage | SkipMessage | StatusMessage;
+/** Every frame the gateway may send. */
+export type ServerFrame = AckFrame | DequeuedFrame | ErrorFrame | HeartbeatAckFrame | MatchCancelledFrame | MatchProposedFrame | MatchedFrame | PeerStatusFrame | QueueUpdateFrame | QueuedFrame | ReconnectFrame | SessionEndedFrame | StatusFrame | WelcomeFrame;
