@@ -1111,6 +1111,54 @@ mod tests {
     }
 
     #[test]
+    fn http_limits_are_checked() {
+        let c = parse(&[]);
+        assert_eq!(c.http_head_timeout_ms, 10_000);
+        assert_eq!(c.http_max_head_bytes, 16 * 1024);
+        assert_eq!(c.ipv6_prefix_len, 64);
+        assert!(c.internal_listen.is_none());
+        for (args, named) in [
+            (
+                &["--http-head-timeout-ms", "10"][..],
+                "HTTP_HEAD_TIMEOUT_MS",
+            ),
+            (&["--http-max-head-bytes", "100"][..], "HTTP_MAX_HEAD_BYTES"),
+            (&["--max-pending-connections", "0"][..], "MAX_PENDING"),
+            (
+                &[
+                    "--max-pending-connections",
+                    "10",
+                    "--max-pending-per-address",
+                    "11",
+                ][..],
+                "MAX_PENDING_PER_ADDRESS",
+            ),
+            (&["--ipv6-prefix-len", "16"][..], "IPV6_PREFIX_LEN"),
+            (&["--ipv6-prefix-len", "129"][..], "IPV6_PREFIX_LEN"),
+            (
+                &[
+                    "--listen",
+                    "127.0.0.1:8080",
+                    "--internal-listen",
+                    "127.0.0.1:8080",
+                ][..],
+                "INTERNAL_LISTEN",
+            ),
+        ] {
+            let e = parse(args).validate().unwrap_err();
+            assert!(e.to_string().contains(named), "{args:?}: {e}");
+        }
+        parse(&[
+            "--internal-listen",
+            "10.0.0.5:9090",
+            "--ipv6-prefix-len",
+            "48",
+        ])
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
     fn parses_lists_and_booleans() {
         let c = parse(&[
             "--allowed-origins",

@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -83,11 +83,24 @@ pub struct Server {
     drain_timeout: Duration,
 }
 
+/// Connections the kernel queues for a listener until they are accepted (capped by
+/// `net.core.somaxconn`). The usual default, 128, overflows in a reconnect storm while the
+/// process is busy, and every connection beyond it waits for a SYN retransmission (a second
+/// or more).
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds `addr`, or says which address could not be bound.
-async fn listen(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+fn listen(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let bind = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| StartError::Bind { addr, source })
 }
 
 impl Server {
@@ -96,11 +109,8 @@ impl Server {
         config.validate()?;
         privacy::init(&config);
         let auth = Authenticator::from_config(&config)?;
-        let public = listen(config.listen).await?;
-        let internal = match config.internal_listen {
-            Some(addr) => Some(listen(addr).await?),
-            None => None,
-        };
+        let public = listen(config.listen)?;
+        let internal = config.internal_listen.map(listen).transpose()?;
         let (stop, stop_rx) = watch::channel(false);
         let tasks = TaskTracker::new();
         let (gateway, mode) = match scaleout::settings(&config) {
