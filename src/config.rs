@@ -881,18 +881,21 @@ mod tests {
         assert_eq!(c.heartbeat_timeout(), Duration::from_secs(50));
     }
 
+    /// A complete LiveKit configuration.
+    const LIVEKIT: [&str; 6] = [
+        "--livekit-url",
+        "wss://x.livekit.cloud",
+        "--livekit-api-key",
+        "k",
+        "--livekit-api-secret",
+        "s",
+    ];
+
     #[test]
     fn livekit_is_all_or_nothing_and_checked() {
         let c = parse(&[]);
         assert!(!c.livekit() && c.media_pending().is_none());
-        let lk = [
-            "--livekit-url",
-            "wss://x.livekit.cloud",
-            "--livekit-api-key",
-            "k",
-            "--livekit-api-secret",
-            "s",
-        ];
+        let lk = LIVEKIT;
         let c = parse(&lk);
         c.validate().unwrap();
         assert!(c.livekit());
@@ -968,19 +971,9 @@ mod tests {
         let mut short_ttl = turn.to_vec();
         short_ttl.extend(["--turn-ttl-s", "0"]);
         refused(&short_ttl, "MATCHGATE_TURN_TTL_S");
-        refused(
-            &[
-                "--livekit-url",
-                "wss://x.livekit.cloud",
-                "--livekit-api-key",
-                "k",
-                "--livekit-api-secret",
-                "s",
-                "--stun-urls",
-                "stun:s:3478",
-            ],
-            "media mode p2p",
-        );
+        let mut both = LIVEKIT.to_vec();
+        both.extend(["--stun-urls", "stun:s:3478"]);
+        refused(&both, "media mode p2p");
         refused(&["--max-signal-bytes", "100"], "MATCHGATE_MAX_SIGNAL_BYTES");
         refused(&["--signal-burst", "0"], "MATCHGATE_SIGNAL_BURST");
     }

@@ -22,6 +22,7 @@ use super::{
 use crate::bus::Frame;
 use crate::ids::random_id;
 use crate::metrics::Metrics;
+use crate::p2p::IceServers;
 use crate::protocol::{EndReason, IceServer, Media, Prefs, Relay, StateName};
 
 /// The error of a call made before this instance's p2p configuration was in Redis.
@@ -154,7 +155,35 @@ pub struct RedisMatchmaker {
     rules: String,
     /// The media mode as the library reads it (argument 10).
     media: String,
+    /// Media mode p2p: the arguments of the call that writes this instance's ICE servers.
+    p2p_config: Option<[String; 5]>,
     metrics: Arc<Metrics>,
+}
+
+/// What the library keeps of an instance's ICE servers (see `p2p_config` in redis.lua): the
+/// TURN secret, the credential lifetime in s, the STUN entry and the TURN URLs as JSON ("" for
+/// what is not configured), and how long the key lives, in ms.
+fn p2p_config_args(ice: &IceServers) -> [String; 5] {
+    let stun = if ice.stun_urls().is_empty() {
+        String::new()
+    } else {
+        let entry = IceServer {
+            urls: ice.stun_urls().into(),
+            username: None,
+            credential: None,
+        };
+        serde_json::to_string(&entry).expect("ICE servers serialise")
+    };
+    let (secret, ttl, turn) = match ice.turn() {
+        Some(t) => (
+            t.secret.clone(),
+            t.ttl.as_secs().to_string(),
+            serde_json::to_string(&t.urls).expect("URLs serialise"),
+        ),
+        None => (String::new(), "0".into(), String::new()),
+    };
+    let keep = P2P_CONFIG_TTL.as_millis().to_string();
+    [secret, ttl, stun, turn, keep]
 }
 
 /// What the instance learns from one heartbeat tick.
@@ -357,6 +386,10 @@ impl RedisMatchmaker {
                 MediaMode::LiveKit { pending } => format!("livekit {}", pending.as_millis()),
                 MediaMode::P2p(_) => format!("p2p {}", settings.instance),
             },
+            p2p_config: match &settings.media {
+                MediaMode::P2p(ice) => Some(p2p_config_args(ice)),
+                MediaMode::LiveKit { .. } => None,
+            },
             settings,
             metrics,
         })
@@ -395,35 +428,13 @@ impl RedisMatchmaker {
     /// Writes this instance's ICE servers where its calls read them (`P:p2p:<instance>`).
     /// The TURN secret travels as an argument of this call only, never of the others.
     async fn write_p2p_config(&self) -> Result<(), MatchError> {
-        let MediaMode::P2p(ice) = &self.settings.media else {
+        let Some(args) = &self.p2p_config else {
             return Err(MatchError::Internal(
-                "p2p configuration asked for in LiveKit mode".into(),
+                "the library asks for a p2p configuration in LiveKit mode".into(),
             ));
         };
-        let stun = if ice.stun_urls().is_empty() {
-            String::new()
-        } else {
-            serde_json::to_string(&IceServer {
-                urls: ice.stun_urls().into(),
-                username: None,
-                credential: None,
-            })
-            .expect("ICE servers serialise")
-        };
-        let (secret, turn_urls) = match ice.turn() {
-            Some(t) => (
-                t.secret.as_str(),
-                serde_json::to_string(&t.urls).expect("URLs serialise"),
-            ),
-            None => ("", String::new()),
-        };
-        let ttl = ice.turn().map_or(0, |t| t.ttl.as_secs()).to_string();
-        let keep = P2P_CONFIG_TTL.as_millis().to_string();
-        let fcall = self.fcall(
-            "p2p_config",
-            &self.settings.instance,
-            &[secret, &ttl, &stun, &turn_urls, &keep],
-        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let fcall = self.fcall("p2p_config", &self.settings.instance, &args);
         self.run(&fcall).await?.into_result().map(|_| ())
     }
 
