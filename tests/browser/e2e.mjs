@@ -316,6 +316,8 @@ test("the same call through coturn with TURN REST credentials from the gateway (
     `turn:127.0.0.1:${turn.port}?transport=udp`,
     "--turn-secret",
     turn.secret,
+    "--resume-grace-ms",
+    "3600000",
   ]);
   const pages = await openPair(`${gateway}/?relay=1`);
   try {
@@ -332,6 +334,9 @@ test("the same call through coturn with TURN REST credentials from the gateway (
     await sendChat(pages[0], pages[1], "through the relay");
     await screenshots(pages, "relay-call");
     noProblems(pages);
+    // Closing a page ends its call: with a grace period this long, nothing else would.
+    await pages[0].close();
+    await waitForState(pages[1], "idle");
   } finally {
     await closePair(pages);
   }
