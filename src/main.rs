@@ -33,6 +33,9 @@ async fn main() {
         server.auth_mode(),
         server.media()
     );
+    if server.demo() {
+        tracing::info!("demo page at http://{addr}/: open it in two browser windows");
+    }
     server.run(shutdown_signal()).await;
 }
 

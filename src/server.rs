@@ -155,6 +155,11 @@ impl Server {
         }
     }
 
+    /// Whether the demo page is served at `/`.
+    pub fn demo(&self) -> bool {
+        self.demo
+    }
+
     pub fn auth_mode(&self) -> AuthMode {
         self.app.auth.mode()
     }
