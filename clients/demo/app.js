@@ -266,7 +266,14 @@ async function main() {
     view.lastChat = frame.text;
     chatLine("peer", frame.text);
   });
-  mg.on("error", (error) => notice(`${error.code}: ${error.message}`));
+  mg.on("error", (error) => {
+    notice(`${error.code}: ${error.message}`);
+    // A pasted token that may have been refused (browsers hide the handshake's status) is
+    // forgotten, so that the next attempt asks for another one.
+    if (error.code === "unauthorized" || error.code === "handshake_failed") {
+      sessionStorage.removeItem("matchgate-demo-token");
+    }
+  });
 
   $("start").addEventListener("click", () => act(() => mg.enqueue(), () => notice("")));
   $("skip").addEventListener("click", () => act(() => mg.skip()));
