@@ -561,7 +561,10 @@ export class Matchgate {
                 this.ended(attempt, event.code, event.reason);
         };
         ws.onerror = () => {
-            // A close event follows; it carries what can be known.
+            // Once open, the close event that follows says what happened. Before, some
+            // implementations (Node's own WebSocket) report a failed handshake with this alone.
+            if (this.current === attempt && !attempt.opened)
+                this.abandon(attempt, "the connection failed");
         };
         watchRefusal(ws, attempt);
         attempt.cancelTimers.push(this.timers.after(this.connectTimeoutMs, () => {

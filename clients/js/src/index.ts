@@ -698,7 +698,9 @@ export class Matchgate {
       if (this.current === attempt) this.ended(attempt, event.code, event.reason);
     };
     ws.onerror = () => {
-      // A close event follows; it carries what can be known.
+      // Once open, the close event that follows says what happened. Before, some
+      // implementations (Node's own WebSocket) report a failed handshake with this alone.
+      if (this.current === attempt && !attempt.opened) this.abandon(attempt, "the connection failed");
     };
     watchRefusal(ws, attempt);
     attempt.cancelTimers.push(
