@@ -1291,9 +1291,13 @@ export class Call {
   private async offer(iceRestart: boolean): Promise<void> {
     const pc = this.peerConnection;
     if (this.closed) return;
-    // An ICE restart asked for again while the last one is on its way to a present peer
-    // would only cross it; one that may have been lost (peer away, own reconnect) is redone.
-    if (iceRestart && pc.signalingState === "have-local-offer" && this.offerDelivered) return;
+    if (iceRestart) {
+      // To a peer that is away it would be lost: its `peer_status` `connected` triggers it.
+      if (!this.peerPresent) return;
+      // Asked for again while the last one is on its way to a present peer, it would only
+      // cross it; one that may have been lost (peer away, own reconnect) is redone.
+      if (pc.signalingState === "have-local-offer" && this.offerDelivered) return;
+    }
     const offer = await pc.createOffer({ iceRestart });
     await pc.setLocalDescription(offer);
     this.offerDelivered = this.peerPresent && this.mg.state === "matched";
@@ -1312,6 +1316,7 @@ export class Call {
 
   private async handle(signal: CallSignal): Promise<void> {
     if (this.closed) return;
+    this.peerPresent = true; // it just sent this
     const pc = this.peerConnection;
     switch (signal.mg) {
       case "sdp": {
