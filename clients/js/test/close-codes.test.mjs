@@ -9,7 +9,7 @@ import {
   ban,
   client,
   hasRedis,
-  matchUp,
+  matchedPair,
   mintToken,
   sleep,
   startGateway,
@@ -20,6 +20,17 @@ import {
 /** Long enough that a client which (wrongly) reconnects would have done so: its backoff in
  * these tests starts at 100 ms. Waiting for something not to happen, not a timing check. */
 const NO_RECONNECT_WINDOW_MS = 1500;
+
+/** `c` was closed with `code` and does not come back. */
+async function staysClosed(c, code, policy) {
+  const closed = await c.log.waitFor("disconnected");
+  assert.equal(closed.code, code);
+  assert.equal(closed.policy, policy);
+  assert.equal(closed.willReconnect, false);
+  assert.equal(c.mg.state, "closed");
+  await sleep(NO_RECONNECT_WINDOW_MS);
+  assert.equal(c.log.all("welcome").length, 1, "no new connection");
+}
 
 test("the close-code policies are exactly the table of protocol/README.md", () => {
   const readme = readFileSync(new URL("../../../protocol/README.md", import.meta.url), "utf8");
@@ -55,14 +66,8 @@ test("4001 replaced: the old client stays closed, the new one stays connected", 
   await first.mg.enqueue();
   const welcome = await second.mg.connect();
   assert.equal(welcome.state, "queued", "the new connection took the state over");
-  const closed = await first.log.waitFor("disconnected");
-  assert.equal(closed.code, 4001);
-  assert.equal(closed.policy, "replaced");
-  assert.equal(closed.willReconnect, false);
-  assert.equal(first.mg.state, "closed");
-  await sleep(NO_RECONNECT_WINDOW_MS);
   // Had the first one reconnected, it would have replaced the second (a 4001 ping-pong).
-  assert.equal(first.log.all("welcome").length, 1);
+  await staysClosed(first, 4001, "replaced");
   assert.equal(second.log.all("disconnected").length, 0);
   assert.equal(second.mg.state, "queued");
 });
@@ -72,13 +77,7 @@ test("4007 banned through the admin API: closed for good; a new connect() is ref
   const a = client(t, gw.url, "mallory");
   await a.mg.connect();
   await ban(gw, "user", "mallory");
-  const closed = await a.log.waitFor("disconnected");
-  assert.equal(closed.code, 4007);
-  assert.equal(closed.policy, "banned");
-  assert.equal(closed.willReconnect, false);
-  assert.equal(a.mg.state, "closed");
-  await sleep(NO_RECONNECT_WINDOW_MS);
-  assert.equal(a.log.all("welcome").length, 1);
+  await staysClosed(a, 4007, "banned");
 
   const again = client(t, gw.url, "mallory");
   const error = await again.mg.connect().then(
@@ -97,12 +96,7 @@ test("4004 error budget exhausted: the client stays closed", async (t) => {
   await a.mg.connect();
   const refusals = await Promise.allSettled([a.mg.skip(), a.mg.skip(), a.mg.skip()]);
   assert.ok(refusals.every((r) => r.status === "rejected"));
-  const closed = await a.log.waitFor("disconnected");
-  assert.equal(closed.code, 4004);
-  assert.equal(closed.willReconnect, false);
-  assert.equal(a.mg.state, "closed");
-  await sleep(NO_RECONNECT_WINDOW_MS);
-  assert.equal(a.log.all("welcome").length, 1);
+  await staysClosed(a, 4004, "too_many_errors");
 });
 
 test("1001 drain: reconnects after the gateway's retry_after_ms, to the next gateway", async (t) => {
@@ -203,10 +197,7 @@ test("a cached token about to expire is renewed before a reconnect, not sent to 
 test("1013 while the backend is down, then 4006 when it returns empty: start over", { skip: !hasRedis() && "redis-server is not installed" }, async (t) => {
   const redis = await startRedis(t);
   const gw = await startGateway(t, ["--redis-url", redis.url, "--instance-heartbeat-ms", "200"]);
-  const a = client(t, gw.url, "alice");
-  const b = client(t, gw.url, "bob");
-  await Promise.all([a.mg.connect(), b.mg.connect()]);
-  await matchUp(a, b);
+  const { a } = await matchedPair(t, gw.url);
   const fromA = a.log.mark();
 
   await redis.stop();

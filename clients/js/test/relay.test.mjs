@@ -2,19 +2,11 @@
 // for peer-to-peer calls.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { client, matchUp, startGateway, startProxy } from "./support.mjs";
-
-async function pair(t, gw, proxy) {
-  const a = client(t, (proxy ?? gw).url, "alice");
-  const b = client(t, gw.url, "bob");
-  await Promise.all([a.mg.connect(), b.mg.connect()]);
-  const [ma, mb] = await matchUp(a, b);
-  return { a, b, ma, mb };
-}
+import { client, matchedPair, startGateway, startProxy } from "./support.mjs";
 
 test("signals reach the peer in order, each acknowledged; a burst of 50 candidates passes", async (t) => {
   const gw = await startGateway(t);
-  const { a, b, ma } = await pair(t, gw);
+  const { a, b, ma } = await matchedPair(t, gw.url);
   const from = b.log.mark();
   const acks = await Promise.all(
     Array.from({ length: 50 }, (_, i) => a.mg.signal({ kind: "candidate", n: i })),
@@ -34,7 +26,7 @@ test("signals reach the peer in order, each acknowledged; a burst of 50 candidat
 
 test("a signal of a real SDP's size (8 KB, above max_message_bytes) passes", async (t) => {
   const gw = await startGateway(t);
-  const { a, b } = await pair(t, gw);
+  const { a, b } = await matchedPair(t, gw.url);
   assert.ok(a.mg.welcome.max_signal_bytes >= 8192);
   const sdp = "a=candidate:0 1 UDP 2122252543 127.0.0.1 40000 typ host\r\n".repeat(150).slice(0, 8000);
   const from = b.log.mark();
@@ -58,7 +50,7 @@ test("signals: refused without a session, over max_signal_bytes, or not an objec
 test("signals are not replayed: a peer that was away gets none of them after resuming", async (t) => {
   const gw = await startGateway(t);
   const proxy = await startProxy(t, gw.port);
-  const { a, b } = await pair(t, gw, proxy);
+  const { a, b } = await matchedPair(t, proxy.url, gw.url);
   const from = a.log.mark();
   proxy.down();
   await a.log.waitForState("reconnecting", from);
@@ -79,7 +71,7 @@ test("signals are not replayed: a peer that was away gets none of them after res
 
 test("chat: the text reaches the peer with sent_at_ms; the gateway refuses bad text clearly", async (t) => {
   const gw = await startGateway(t);
-  const { a, b, ma } = await pair(t, gw);
+  const { a, b, ma } = await matchedPair(t, gw.url);
   const from = b.log.mark();
   const ack = await a.mg.chat("hello, stranger 👋");
   assert.equal(ack.type, "ack");
@@ -96,7 +88,7 @@ test("chat: the text reaches the peer with sent_at_ms; the gateway refuses bad t
 
 test("matched carries p2p media with ICE servers; call() needs a browser's RTCPeerConnection", async (t) => {
   const gw = await startGateway(t);
-  const { a, ma, mb } = await pair(t, gw);
+  const { a, ma, mb } = await matchedPair(t, gw.url);
   for (const m of [ma, mb]) {
     assert.equal(m.media.provider, "p2p");
     assert.ok(Array.isArray(m.media.ice_servers));

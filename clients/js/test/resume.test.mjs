@@ -3,15 +3,12 @@
 // replayed exactly once.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { client, matchUp, startGateway, startProxy } from "./support.mjs";
+import { client, matchedPair, startGateway, startProxy } from "./support.mjs";
 
 test("a dropped socket resumes into the same session; the peer sees reconnecting, then connected", async (t) => {
   const gw = await startGateway(t);
   const proxy = await startProxy(t, gw.port);
-  const a = client(t, proxy.url, "alice");
-  const b = client(t, gw.url, "bob");
-  await Promise.all([a.mg.connect(), b.mg.connect()]);
-  const [ma] = await matchUp(a, b);
+  const { a, b, ma } = await matchedPair(t, proxy.url, gw.url);
   const fromA = a.log.mark();
   const fromB = b.log.mark();
 
@@ -39,10 +36,7 @@ test("a dropped socket resumes into the same session; the peer sees reconnecting
 test("events missed while the socket was down are replayed once, in order", async (t) => {
   const gw = await startGateway(t);
   const proxy = await startProxy(t, gw.port);
-  const a = client(t, proxy.url, "alice");
-  const b = client(t, gw.url, "bob");
-  await Promise.all([a.mg.connect(), b.mg.connect()]);
-  const [ma] = await matchUp(a, b);
+  const { a, b, ma } = await matchedPair(t, proxy.url, gw.url);
   const fromA = a.log.mark();
 
   proxy.down(); // cut, and refuse reconnects until up()
@@ -100,10 +94,7 @@ test("a frozen connection (no traffic, no close) is noticed by the heartbeat and
 test("a connection that cannot resume into a held session learns the session from status", async (t) => {
   const gw = await startGateway(t, ["--resume-grace-ms", "60000"]);
   const proxy = await startProxy(t, gw.port);
-  const a = client(t, proxy.url, "alice");
-  const b = client(t, gw.url, "bob");
-  await Promise.all([a.mg.connect(), b.mg.connect()]);
-  const [ma] = await matchUp(a, b);
+  const { a, b, ma } = await matchedPair(t, proxy.url, gw.url);
   // A second connection of alice (another tab) takes the session over without resuming...
   const other = client(t, gw.url, "alice");
   const welcome = await other.mg.connect();

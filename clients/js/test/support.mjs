@@ -191,6 +191,15 @@ export async function matchUp(a, b, prefs = { topic: `t${Math.random()}` }) {
   return [await a.log.waitFor("matched", undefined, fromA), await b.log.waitFor("matched", undefined, fromB)];
 }
 
+/** Alice (at `aliceUrl`) and bob (at `bobUrl`), connected and matched with each other. */
+export async function matchedPair(t, aliceUrl, bobUrl = aliceUrl) {
+  const a = client(t, aliceUrl, "alice");
+  const b = client(t, bobUrl, "bob");
+  await Promise.all([a.mg.connect(), b.mg.connect()]);
+  const [ma, mb] = await matchUp(a, b);
+  return { a, b, ma, mb };
+}
+
 /**
  * A TCP proxy on loopback in front of the gateway: `cut()` resets every connection (a real
  * drop, no WebSocket close frame), `down()` also refuses new ones until `up()`, `freeze()`
