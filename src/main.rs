@@ -38,6 +38,9 @@ async fn main() {
             "internal listener on {internal}: /metrics, the admin API, /healthz, /readyz"
         );
     }
+    if server.demo() {
+        tracing::info!("demo page at http://{addr}/: open it in two browser windows");
+    }
     server.run(shutdown_signal()).await;
 }
 

@@ -81,6 +81,8 @@ pub struct Server {
     app: Arc<App>,
     stop: watch::Sender<bool>,
     drain_timeout: Duration,
+    /// Whether the demo page is served at `/`.
+    demo: bool,
 }
 
 /// Connections the kernel queues for a listener until they are accepted (capped by
@@ -153,8 +155,9 @@ impl Server {
             next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
         });
         let metrics = app.gateway.metrics.clone();
+        let demo = config.demo_page();
         let (mut public_router, internal_router) = routers(&app, internal.is_some());
-        if config.demo_page() {
+        if demo {
             public_router = public_router.merge(demo::routes());
         }
         let public = accept::Listener {
@@ -199,6 +202,7 @@ impl Server {
             app,
             stop,
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+            demo,
         })
     }
 
@@ -233,6 +237,11 @@ impl Server {
         }
     }
 
+    /// Whether the demo page is served at `/`.
+    pub fn demo(&self) -> bool {
+        self.demo
+    }
+
     pub fn auth_mode(&self) -> AuthMode {
         self.app.auth.mode()
     }
@@ -248,6 +257,7 @@ impl Server {
             app,
             stop,
             drain_timeout,
+            demo: _,
         } = self;
         let gateway = app.gateway.clone();
         // The routers hold the app from here on; when they are gone, so is it.

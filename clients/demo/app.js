@@ -1,11 +1,11 @@
 // The matchgate demo page: a random video chat in one small ES module on top of the SDK.
 //
 // In dev mode it gets a token from `POST /v1/dev/token` for a random device id kept in
-// sessionStorage (so two tabs are two users; a reload stays the same user and resumes); with a
+// sessionStorage (so two tabs are two users, and a reload stays the same user); with a
 // key configured (`--demo`) it asks for a token instead. In `p2p` mode (or without media
 // configuration) a match becomes a WebRTC call with the camera and microphone; in `livekit`
 // mode the page shows the room it got. A proposal (accept phase) is accepted at once: pressing
-// Start said yes already.
+// Start said yes already. Leaving the page ends the call.
 //
 // `?relay=1` forces `iceTransportPolicy: "relay"` (every packet through TURN). The read-only
 // `window.matchgateDemo` lets tests read the state, the last chat line and the peer connection.
@@ -266,7 +266,14 @@ async function main() {
     view.lastChat = frame.text;
     chatLine("peer", frame.text);
   });
-  mg.on("error", (error) => notice(`${error.code}: ${error.message}`));
+  mg.on("error", (error) => {
+    notice(`${error.code}: ${error.message}`);
+    // A pasted token that may have been refused (browsers hide the handshake's status) is
+    // forgotten, so that the next attempt asks for another one.
+    if (error.code === "unauthorized" || error.code === "handshake_failed") {
+      sessionStorage.removeItem("matchgate-demo-token");
+    }
+  });
 
   $("start").addEventListener("click", () => act(() => mg.enqueue(), () => notice("")));
   $("skip").addEventListener("click", () => act(() => mg.skip()));
@@ -295,6 +302,12 @@ async function main() {
         input.value = "";
       },
     );
+  });
+
+  // Leaving the page leaves the queue or the call at once, instead of holding the place for
+  // the resume grace period while the stranger watches a frozen picture.
+  addEventListener("pagehide", () => {
+    if (["searching", "proposed", "in_call"].includes(view.state)) mg.end().catch(() => {});
   });
 
   view.localStream = await openCamera();

@@ -9,7 +9,7 @@
 // asserts how long anything takes.
 
 import { spawn } from "node:child_process";
-import { randomBytes } from "node:crypto";
+import { createHmac, randomBytes } from "node:crypto";
 import dgram from "node:dgram";
 import fs from "node:fs";
 import net from "node:net";
@@ -157,36 +157,42 @@ async function startTurn(secret) {
 
 let browser;
 
-/** Two users: each a browser context of its own with the demo page open and connected. */
+/** One user: a browser context of its own with the demo page open. */
+async function openPage(url, who) {
+  const context = await browser.newContext({
+    permissions: ["camera", "microphone"],
+    viewport: { width: 1000, height: 760 },
+  });
+  // Test-side instrumentation (the page knows nothing of it): every ICE candidate error
+  // (e.g. a TURN server refusing credentials with 401) of every peer connection.
+  await context.addInitScript(() => {
+    const Original = window.RTCPeerConnection;
+    window.iceCandidateErrors = [];
+    window.RTCPeerConnection = class extends Original {
+      constructor(...args) {
+        super(...args);
+        this.addEventListener("icecandidateerror", (e) => window.iceCandidateErrors.push(e.errorCode));
+      }
+    };
+  });
+  const page = await context.newPage();
+  page.who = who;
+  page.problems = [];
+  page.on("pageerror", (e) => page.problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => {
+    if (m.type() === "error") page.problems.push(`console: ${m.text()}`);
+  });
+  await page.goto(url);
+  return page;
+}
+
+/** Two users, both connected (dev mode: the page fetches its own token). */
 async function openPair(url) {
   const pages = [];
   for (const who of ["a", "b"]) {
-    const context = await browser.newContext({
-      permissions: ["camera", "microphone"],
-      viewport: { width: 1000, height: 760 },
-    });
-    // Test-side instrumentation (the page knows nothing of it): every ICE candidate error
-    // (e.g. a TURN server refusing credentials with 401) of every peer connection.
-    await context.addInitScript(() => {
-      const Original = window.RTCPeerConnection;
-      window.iceCandidateErrors = [];
-      window.RTCPeerConnection = class extends Original {
-        constructor(...args) {
-          super(...args);
-          this.addEventListener("icecandidateerror", (e) => window.iceCandidateErrors.push(e.errorCode));
-        }
-      };
-    });
-    const page = await context.newPage();
-    page.who = who;
-    page.problems = [];
-    page.on("pageerror", (e) => page.problems.push(`page error: ${e.message}`));
-    page.on("console", (m) => {
-      if (m.type() === "error") page.problems.push(`console: ${m.text()}`);
-    });
-    await page.goto(url);
-    await page.waitForFunction(() => window.matchgateDemo?.state === "idle", null, { timeout: PATIENCE_MS });
+    const page = await openPage(url, who);
     pages.push(page);
+    await waitForState(page, "idle");
   }
   return pages;
 }
@@ -280,8 +286,12 @@ function check(condition, what) {
   if (!condition) throw new Error(`expected: ${what}`);
 }
 
-function noProblems(pages) {
-  for (const page of pages) check(page.problems.length === 0, `no errors on page ${page.who}: ${page.problems.join("; ")}`);
+/** No page errors and no console errors, except those matching `expected`. */
+function noProblems(pages, expected = null) {
+  for (const page of pages) {
+    const problems = page.problems.filter((p) => expected === null || !expected.test(p));
+    check(problems.length === 0, `no errors on page ${page.who}: ${problems.join("; ")}`);
+  }
 }
 
 // --- the cases -------------------------------------------------------------------------------
@@ -316,6 +326,8 @@ test("the same call through coturn with TURN REST credentials from the gateway (
     `turn:127.0.0.1:${turn.port}?transport=udp`,
     "--turn-secret",
     turn.secret,
+    "--resume-grace-ms",
+    "3600000",
   ]);
   const pages = await openPair(`${gateway}/?relay=1`);
   try {
@@ -332,6 +344,9 @@ test("the same call through coturn with TURN REST credentials from the gateway (
     await sendChat(pages[0], pages[1], "through the relay");
     await screenshots(pages, "relay-call");
     noProblems(pages);
+    // Closing a page ends its call: with a grace period this long, nothing else would.
+    await pages[0].close();
+    await waitForState(pages[1], "idle");
   } finally {
     await closePair(pages);
   }
@@ -366,6 +381,44 @@ test("with a TURN secret coturn does not share, the relay-only call does not con
       // The browser did ask coturn, which refused the credentials.
       await until(`a 401 from coturn on page ${page.who}`, () => demo(page, () => window.iceCandidateErrors.includes(401)));
     }
+  } finally {
+    await closePair(pages);
+  }
+});
+
+/** An HS256 token, as an app's backend would issue it. */
+function hs256Token(secret, sub) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part({ sub, exp: Math.floor(Date.now() / 1000) + 600 })}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+
+test("with a key and --demo the page asks for a token and two users with tokens are matched", async () => {
+  const secret = randomBytes(32).toString("hex");
+  const gateway = await startGateway("gateway-keyed-demo", ["--jwt-secret", secret, "--demo"]);
+  const pages = [];
+  try {
+    for (const who of ["a", "b"]) {
+      const page = await openPage(`${gateway}/`, who);
+      pages.push(page);
+      // No dev mode here: the page shows the token form instead of connecting.
+      await page.locator("#token-form").waitFor({ state: "visible", timeout: PATIENCE_MS });
+      check((await demo(page, () => window.matchgateDemo.state)) === "connecting", "not connected without a token");
+      if (who === "a") {
+        // A token the gateway refuses: the page asks again.
+        await page.fill("#token-input", hs256Token(`not-${secret}`, "keyed-a"));
+        await page.click("#token-form button");
+        await page.locator("#token-form").waitFor({ state: "visible", timeout: PATIENCE_MS });
+      }
+      await page.fill("#token-input", hs256Token(secret, `keyed-${who}`));
+      await page.click("#token-form button");
+      await waitForState(page, "idle");
+    }
+    await matchPair(pages);
+    for (const page of pages) await waitConnected(page);
+    // The page's probe of the dev token endpoint, which does not exist here, and the refused
+    // handshake.
+    noProblems(pages, /status of 404|WebSocket connection to .* failed/);
   } finally {
     await closePair(pages);
   }

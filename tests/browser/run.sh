@@ -14,6 +14,10 @@ if [ -z "${MATCHGATE_BIN:-}" ]; then
     MATCHGATE_BIN=target/debug/matchgate
 fi
 export MATCHGATE_BIN
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
+    echo "tests/browser: playwright-core needs Node 20 or later (found $(node --version))" >&2
+    exit 1
+fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
     # playwright-core never downloads a browser; the test uses the system's Chromium.
     (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)

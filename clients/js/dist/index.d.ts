@@ -64,7 +64,18 @@ export declare function closePolicy(code: number): ClosePolicy;
 /** Jittered exponential backoff: the first retry within `initial`, then half to all of
  * `initial * 2^attempt`, capped at `max`. */
 export declare function backoffDelay(attempt: number, initialMs: number, maxMs: number): number;
-export declare class Matchgate {
+type Handler = (...args: any[]) => void;
+/** Typed events: `on` returns a function that unsubscribes. A handler that throws does not
+ * stop the others or the client; its error is rethrown on its own. */
+declare class Emitter<Events extends {
+    [E in keyof Events]: Handler;
+}> {
+    private readonly handlers;
+    on<E extends keyof Events>(event: E, handler: Events[E]): () => void;
+    off<E extends keyof Events>(event: E, handler: Events[E]): void;
+    protected emit<E extends keyof Events>(event: E, ...args: Parameters<Events[E]>): void;
+}
+export declare class Matchgate extends Emitter<MatchgateEvents> {
     private readonly url;
     private readonly WebSocketImpl;
     private readonly tokens;
@@ -73,7 +84,6 @@ export declare class Matchgate {
     private readonly backoffInitialMs;
     private readonly backoffMaxMs;
     private readonly useWorkerTimers;
-    private readonly handlers;
     private timers;
     private current;
     private cancelRetry;
@@ -106,8 +116,6 @@ export declare class Matchgate {
     get session(): SessionInfo | null;
     /** The open proposal, while `state` is `proposed`. */
     get proposal(): MatchProposedFrame | null;
-    on<E extends keyof MatchgateEvents>(event: E, handler: MatchgateEvents[E]): () => void;
-    off<E extends keyof MatchgateEvents>(event: E, handler: MatchgateEvents[E]): void;
     /**
      * Connects (if not connected yet) and resolves with the `welcome` once the client knows its
      * state. Failed attempts are retried with backoff meanwhile (see the `disconnected` and
@@ -182,7 +190,6 @@ export declare class Matchgate {
     private failed;
     private setProtocolState;
     private setState;
-    private emit;
 }
 /**
  * The WebRTC call of one `p2p` session: an `RTCPeerConnection` built from `media.ice_servers`.
@@ -196,7 +203,7 @@ export declare class Matchgate {
  * `peer_status` `connected`, or when the answerer, having resumed, asks with `{mg:"restart"}`.
  * The call closes by itself when the session ends (or the client learns it is over).
  */
-export declare class Call {
+export declare class Call extends Emitter<CallEvents> {
     private readonly mg;
     private readonly options;
     private readonly detach;
@@ -204,7 +211,6 @@ export declare class Call {
     readonly role: "offerer" | "answerer";
     readonly peerConnection: RTCPeerConnection;
     private _remoteStream;
-    private readonly handlers;
     private readonly unsubscribe;
     private chain;
     private readonly pendingCandidates;
@@ -216,7 +222,6 @@ export declare class Call {
     private offerDelivered;
     constructor(mg: Matchgate, session: SessionInfo, iceServers: RTCIceServer[], options: CallOptions, buffered: SignalFrame[], detach: () => void);
     get remoteStream(): MediaStream | null;
-    on<E extends keyof CallEvents>(event: E, handler: CallEvents[E]): () => void;
     /** Closes the peer connection (the session goes on: `skip()` or `end()` for that). The local
      * stream's tracks are the app's and stay as they are. */
     close(): void;
@@ -231,5 +236,4 @@ export declare class Call {
     private handle;
     private addCandidate;
     private send;
-    private emit;
 }

@@ -238,13 +238,40 @@ class TokenCache {
         this.token = null;
     }
 }
+/** Typed events: `on` returns a function that unsubscribes. A handler that throws does not
+ * stop the others or the client; its error is rethrown on its own. */
+class Emitter {
+    handlers = new Map();
+    on(event, handler) {
+        let set = this.handlers.get(event);
+        if (set === undefined)
+            this.handlers.set(event, (set = new Set()));
+        set.add(handler);
+        return () => this.off(event, handler);
+    }
+    off(event, handler) {
+        this.handlers.get(event)?.delete(handler);
+    }
+    emit(event, ...args) {
+        for (const handler of [...(this.handlers.get(event) ?? [])]) {
+            try {
+                handler(...args);
+            }
+            catch (e) {
+                queueMicrotask(() => {
+                    throw e;
+                });
+            }
+        }
+    }
+}
 // ---------------------------------------------------------------------------------------------
 // The client
 const OPEN = 1;
 const ABNORMAL_CLOSURE = 1006;
 /** Signals of the current session kept for a `Call` created after they arrived. */
 const CALL_SIGNAL_BUFFER = 256;
-export class Matchgate {
+export class Matchgate extends Emitter {
     url;
     WebSocketImpl;
     tokens;
@@ -253,7 +280,6 @@ export class Matchgate {
     backoffInitialMs;
     backoffMaxMs;
     useWorkerTimers;
-    handlers = new Map();
     timers = null;
     current = null;
     cancelRetry = null;
@@ -279,6 +305,7 @@ export class Matchgate {
     callSignals = [];
     activeCall = null;
     constructor(options) {
+        super();
         if (typeof options?.url !== "string" || !/^wss?:\/\//.test(options.url)) {
             throw new TypeError("Matchgate: `url` must be a ws:// or wss:// URL");
         }
@@ -312,16 +339,6 @@ export class Matchgate {
     /** The open proposal, while `state` is `proposed`. */
     get proposal() {
         return this._proposal;
-    }
-    on(event, handler) {
-        let set = this.handlers.get(event);
-        if (set === undefined)
-            this.handlers.set(event, (set = new Set()));
-        set.add(handler);
-        return () => this.off(event, handler);
-    }
-    off(event, handler) {
-        this.handlers.get(event)?.delete(handler);
     }
     // --- connection ---------------------------------------------------------------------------
     /**
@@ -561,7 +578,10 @@ export class Matchgate {
                 this.ended(attempt, event.code, event.reason);
         };
         ws.onerror = () => {
-            // A close event follows; it carries what can be known.
+            // Once open, the close event that follows says what happened. Before, some
+            // implementations (Node's own WebSocket) report a failed handshake with this alone.
+            if (this.current === attempt && !attempt.opened)
+                this.abandon(attempt, "the connection failed");
         };
         watchRefusal(ws, attempt);
         attempt.cancelTimers.push(this.timers.after(this.connectTimeoutMs, () => {
@@ -937,22 +957,6 @@ export class Matchgate {
         const change = { previous };
         this.emit("state", state, change);
     }
-    emit(event, ...args) {
-        const set = this.handlers.get(event);
-        if (set === undefined)
-            return;
-        for (const handler of [...set]) {
-            try {
-                handler(...args);
-            }
-            catch (e) {
-                // A failing handler must not stop the client; report it where it belongs.
-                queueMicrotask(() => {
-                    throw e;
-                });
-            }
-        }
-    }
 }
 /** With the `ws` package, read the status, `Retry-After` and body of a refused handshake;
  * the standard WebSocket API hides them. */
@@ -1019,7 +1023,7 @@ function isCallSignal(payload) {
  * `peer_status` `connected`, or when the answerer, having resumed, asks with `{mg:"restart"}`.
  * The call closes by itself when the session ends (or the client learns it is over).
  */
-export class Call {
+export class Call extends Emitter {
     mg;
     options;
     detach;
@@ -1027,7 +1031,6 @@ export class Call {
     role;
     peerConnection;
     _remoteStream = null;
-    handlers = new Map();
     unsubscribe = [];
     chain = Promise.resolve();
     pendingCandidates = [];
@@ -1038,6 +1041,7 @@ export class Call {
     /** An ICE-restart offer that the answerer is sure to get is outstanding. */
     offerDelivered = false;
     constructor(mg, session, iceServers, options, buffered, detach) {
+        super();
         this.mg = mg;
         this.options = options;
         this.detach = detach;
@@ -1107,13 +1111,6 @@ export class Call {
     get remoteStream() {
         return this._remoteStream;
     }
-    on(event, handler) {
-        let set = this.handlers.get(event);
-        if (set === undefined)
-            this.handlers.set(event, (set = new Set()));
-        set.add(handler);
-        return () => set.delete(handler);
-    }
     /** Closes the peer connection (the session goes on: `skip()` or `end()` for that). The local
      * stream's tracks are the app's and stay as they are. */
     close() {
@@ -1157,10 +1154,15 @@ export class Call {
         const pc = this.peerConnection;
         if (this.closed)
             return;
-        // An ICE restart asked for again while the last one is on its way to a present peer
-        // would only cross it; one that may have been lost (peer away, own reconnect) is redone.
-        if (iceRestart && pc.signalingState === "have-local-offer" && this.offerDelivered)
-            return;
+        if (iceRestart) {
+            // To a peer that is away it would be lost: its `peer_status` `connected` triggers it.
+            if (!this.peerPresent)
+                return;
+            // Asked for again while the last one is on its way to a present peer, it would only
+            // cross it; one that may have been lost (peer away, own reconnect) is redone.
+            if (pc.signalingState === "have-local-offer" && this.offerDelivered)
+                return;
+        }
         const offer = await pc.createOffer({ iceRestart });
         await pc.setLocalDescription(offer);
         this.offerDelivered = this.peerPresent && this.mg.state === "matched";
@@ -1178,6 +1180,7 @@ export class Call {
     async handle(signal) {
         if (this.closed)
             return;
+        this.peerPresent = true; // it just sent this
         const pc = this.peerConnection;
         switch (signal.mg) {
             case "sdp": {
@@ -1232,17 +1235,5 @@ export class Call {
             if (e.code !== "disconnected" && e.code !== "not_connected" && !this.closed)
                 this.emit("error", e);
         });
-    }
-    emit(event, ...args) {
-        for (const handler of [...(this.handlers.get(event) ?? [])]) {
-            try {
-                handler(...args);
-            }
-            catch (e) {
-                queueMicrotask(() => {
-                    throw e;
-                });
-            }
-        }
     }
 }

@@ -6,7 +6,8 @@
 // comments). Two adjustments before that, both about what a type can say:
 // - Client schemas allow unknown fields (`additionalProperties: true`, so that old gateways
 //   accept newer clients); the SDK sends only known fields, so its types close them rather
-//   than carry an index signature that would type every field as `unknown`.
+//   than carry an index signature that would type every field as `unknown`. Objects that
+//   list no fields at all stay open (`{ [k: string]: unknown }`).
 // - `allOf` blocks of `if`/`then` rules (e.g. `prefs.soft` may only name fields that are set)
 //   have no TypeScript form; they are dropped here and stay enforced by the gateway.
 // Names: `server/<type>.json` becomes `<Type>Frame`, `client/<type>.json` `<Type>Message`.
@@ -28,8 +29,9 @@ function closeForTypes(schema) {
     if (key === "allOf" && value.every((s) => "if" in s)) continue;
     copy[key] = closeForTypes(value);
   }
-  if (copy.type === "object" && copy.properties && !("additionalProperties" in copy)) {
-    copy.additionalProperties = false;
+  if (copy.type === "object" && !("additionalProperties" in copy)) {
+    // Known fields only; an object with no fields listed (a `signal` payload) is free-form.
+    copy.additionalProperties = copy.properties === undefined;
   }
   return copy;
 }

@@ -316,6 +316,40 @@ class TokenCache {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Events
+
+type Handler = (...args: any[]) => void;
+
+/** Typed events: `on` returns a function that unsubscribes. A handler that throws does not
+ * stop the others or the client; its error is rethrown on its own. */
+class Emitter<Events extends { [E in keyof Events]: Handler }> {
+  private readonly handlers = new Map<keyof Events, Set<Handler>>();
+
+  on<E extends keyof Events>(event: E, handler: Events[E]): () => void {
+    let set = this.handlers.get(event);
+    if (set === undefined) this.handlers.set(event, (set = new Set()));
+    set.add(handler);
+    return () => this.off(event, handler);
+  }
+
+  off<E extends keyof Events>(event: E, handler: Events[E]): void {
+    this.handlers.get(event)?.delete(handler);
+  }
+
+  protected emit<E extends keyof Events>(event: E, ...args: Parameters<Events[E]>): void {
+    for (const handler of [...(this.handlers.get(event) ?? [])]) {
+      try {
+        handler(...args);
+      } catch (e) {
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The client
 
 const OPEN = 1;
@@ -357,9 +391,8 @@ interface CatchUp {
 }
 
 type ProtocolState = "idle" | "queued" | "proposed" | "matched";
-type Handler = (...args: any[]) => void;
 
-export class Matchgate {
+export class Matchgate extends Emitter<MatchgateEvents> {
   private readonly url: string;
   private readonly WebSocketImpl: WebSocketConstructor;
   private readonly tokens: TokenCache;
@@ -368,7 +401,6 @@ export class Matchgate {
   private readonly backoffInitialMs: number;
   private readonly backoffMaxMs: number;
   private readonly useWorkerTimers: boolean;
-  private readonly handlers = new Map<keyof MatchgateEvents, Set<Handler>>();
 
   private timers: Timers | null = null;
   private current: Attempt | null = null;
@@ -398,6 +430,7 @@ export class Matchgate {
   private activeCall: Call | null = null;
 
   constructor(options: MatchgateOptions) {
+    super();
     if (typeof options?.url !== "string" || !/^wss?:\/\//.test(options.url)) {
       throw new TypeError("Matchgate: `url` must be a ws:// or wss:// URL");
     }
@@ -437,17 +470,6 @@ export class Matchgate {
   /** The open proposal, while `state` is `proposed`. */
   get proposal(): MatchProposedFrame | null {
     return this._proposal;
-  }
-
-  on<E extends keyof MatchgateEvents>(event: E, handler: MatchgateEvents[E]): () => void {
-    let set = this.handlers.get(event);
-    if (set === undefined) this.handlers.set(event, (set = new Set()));
-    set.add(handler);
-    return () => this.off(event, handler);
-  }
-
-  off<E extends keyof MatchgateEvents>(event: E, handler: MatchgateEvents[E]): void {
-    this.handlers.get(event)?.delete(handler);
   }
 
   // --- connection ---------------------------------------------------------------------------
@@ -698,7 +720,9 @@ export class Matchgate {
       if (this.current === attempt) this.ended(attempt, event.code, event.reason);
     };
     ws.onerror = () => {
-      // A close event follows; it carries what can be known.
+      // Once open, the close event that follows says what happened. Before, some
+      // implementations (Node's own WebSocket) report a failed handshake with this alone.
+      if (this.current === attempt && !attempt.opened) this.abandon(attempt, "the connection failed");
     };
     watchRefusal(ws, attempt);
     attempt.cancelTimers.push(
@@ -1072,20 +1096,6 @@ export class Matchgate {
     this.emit("state", state, change);
   }
 
-  private emit<E extends keyof MatchgateEvents>(event: E, ...args: Parameters<MatchgateEvents[E]>): void {
-    const set = this.handlers.get(event);
-    if (set === undefined) return;
-    for (const handler of [...set]) {
-      try {
-        handler(...args);
-      } catch (e) {
-        // A failing handler must not stop the client; report it where it belongs.
-        queueMicrotask(() => {
-          throw e;
-        });
-      }
-    }
-  }
 
 }
 
@@ -1158,12 +1168,11 @@ function isCallSignal(payload: unknown): payload is CallSignal {
  * `peer_status` `connected`, or when the answerer, having resumed, asks with `{mg:"restart"}`.
  * The call closes by itself when the session ends (or the client learns it is over).
  */
-export class Call {
+export class Call extends Emitter<CallEvents> {
   readonly sessionId: string;
   readonly role: "offerer" | "answerer";
   readonly peerConnection: RTCPeerConnection;
   private _remoteStream: MediaStream | null = null;
-  private readonly handlers = new Map<keyof CallEvents, Set<Handler>>();
   private readonly unsubscribe: Array<() => void> = [];
   private chain: Promise<void> = Promise.resolve();
   private readonly pendingCandidates: RTCIceCandidateInit[] = [];
@@ -1182,6 +1191,7 @@ export class Call {
     buffered: SignalFrame[],
     private readonly detach: () => void,
   ) {
+    super();
     const PeerConnection = options.RTCPeerConnection ?? globalThis.RTCPeerConnection;
     if (typeof PeerConnection !== "function") {
       throw new MatchgateError("invalid_state", "no RTCPeerConnection in this runtime: pass `RTCPeerConnection`");
@@ -1244,13 +1254,6 @@ export class Call {
     return this._remoteStream;
   }
 
-  on<E extends keyof CallEvents>(event: E, handler: CallEvents[E]): () => void {
-    let set = this.handlers.get(event);
-    if (set === undefined) this.handlers.set(event, (set = new Set()));
-    set.add(handler);
-    return () => set!.delete(handler);
-  }
-
   /** Closes the peer connection (the session goes on: `skip()` or `end()` for that). The local
    * stream's tracks are the app's and stay as they are. */
   close(): void {
@@ -1289,9 +1292,13 @@ export class Call {
   private async offer(iceRestart: boolean): Promise<void> {
     const pc = this.peerConnection;
     if (this.closed) return;
-    // An ICE restart asked for again while the last one is on its way to a present peer
-    // would only cross it; one that may have been lost (peer away, own reconnect) is redone.
-    if (iceRestart && pc.signalingState === "have-local-offer" && this.offerDelivered) return;
+    if (iceRestart) {
+      // To a peer that is away it would be lost: its `peer_status` `connected` triggers it.
+      if (!this.peerPresent) return;
+      // Asked for again while the last one is on its way to a present peer, it would only
+      // cross it; one that may have been lost (peer away, own reconnect) is redone.
+      if (pc.signalingState === "have-local-offer" && this.offerDelivered) return;
+    }
     const offer = await pc.createOffer({ iceRestart });
     await pc.setLocalDescription(offer);
     this.offerDelivered = this.peerPresent && this.mg.state === "matched";
@@ -1310,6 +1317,7 @@ export class Call {
 
   private async handle(signal: CallSignal): Promise<void> {
     if (this.closed) return;
+    this.peerPresent = true; // it just sent this
     const pc = this.peerConnection;
     switch (signal.mg) {
       case "sdp": {
@@ -1355,17 +1363,5 @@ export class Call {
       // Lost with a dropped connection: the restart after the reconnect sends what matters.
       if (e.code !== "disconnected" && e.code !== "not_connected" && !this.closed) this.emit("error", e);
     });
-  }
-
-  private emit<E extends keyof CallEvents>(event: E, ...args: Parameters<CallEvents[E]>): void {
-    for (const handler of [...(this.handlers.get(event) ?? [])]) {
-      try {
-        handler(...args);
-      } catch (e) {
-        queueMicrotask(() => {
-          throw e;
-        });
-      }
-    }
   }
 }

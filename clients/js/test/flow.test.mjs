@@ -3,7 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { MatchgateError } from "../dist/index.js";
-import { client, matchUp, startGateway } from "./support.mjs";
+import { client, matchedPair, startGateway } from "./support.mjs";
 
 test("connect: welcome, then the user's state; connect() resolves with the welcome", async (t) => {
   const gw = await startGateway(t);
@@ -65,10 +65,7 @@ test("two clients: enqueue, queued, matched; skip puts both back; end leaves", a
 
 test("report and block are acknowledged; block ends the session for both", async (t) => {
   const gw = await startGateway(t);
-  const a = client(t, gw.url, "alice");
-  const b = client(t, gw.url, "bob");
-  await Promise.all([a.mg.connect(), b.mg.connect()]);
-  const [ma] = await matchUp(a, b);
+  const { a, b, ma } = await matchedPair(t, gw.url);
 
   const reported = await a.mg.report("spam", "sells things");
   assert.equal(reported.type, "ack");

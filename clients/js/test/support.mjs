@@ -19,6 +19,24 @@ export const ADMIN_TOKEN = "sdk-test-admin-token-at-least-32-bytes-long";
 export const BIN =
   process.env.MATCHGATE_BIN ?? fileURLToPath(new URL("../../../target/debug/matchgate", import.meta.url));
 
+/**
+ * Registers `cleanup` to run when test `t` ends, after everything registered later: clients
+ * close before the proxy in front of the gateway goes, and the proxy before the gateway, so
+ * that nothing reconnects during the teardown.
+ */
+const teardowns = new WeakMap();
+export function onTeardown(t, cleanup) {
+  let stack = teardowns.get(t);
+  if (stack === undefined) {
+    stack = [];
+    teardowns.set(t, stack);
+    t.after(async () => {
+      while (stack.length > 0) await stack.pop()();
+    });
+  }
+  stack.push(cleanup);
+}
+
 /** How long a test waits for something that should happen (never an assertion on speed). */
 export const PATIENCE_MS = 20_000;
 
@@ -65,7 +83,7 @@ export async function startGateway(t, args = [], { listen = "127.0.0.1:0" } = {}
       return exited;
     },
   };
-  t.after(() => gateway.stop());
+  onTeardown(t, () => gateway.stop());
   return gateway;
 }
 
@@ -96,7 +114,7 @@ export function client(t, url, sub, options = {}) {
     ...options,
   });
   const log = record(mg);
-  t.after(() => mg.close());
+  onTeardown(t, () => mg.close());
   return { mg, log, tokens };
 }
 
@@ -173,6 +191,15 @@ export async function matchUp(a, b, prefs = { topic: `t${Math.random()}` }) {
   return [await a.log.waitFor("matched", undefined, fromA), await b.log.waitFor("matched", undefined, fromB)];
 }
 
+/** Alice (at `aliceUrl`) and bob (at `bobUrl`), connected and matched with each other. */
+export async function matchedPair(t, aliceUrl, bobUrl = aliceUrl) {
+  const a = client(t, aliceUrl, "alice");
+  const b = client(t, bobUrl, "bob");
+  await Promise.all([a.mg.connect(), b.mg.connect()]);
+  const [ma, mb] = await matchUp(a, b);
+  return { a, b, ma, mb };
+}
+
 /**
  * A TCP proxy on loopback in front of the gateway: `cut()` resets every connection (a real
  * drop, no WebSocket close frame), `down()` also refuses new ones until `up()`, `freeze()`
@@ -240,10 +267,10 @@ export async function startProxy(t, targetPort) {
       pairs.clear();
     },
   };
-  t.after(() => {
+  onTeardown(t, () => {
     proxy.cut();
     for (const socket of frozen) socket.destroy();
-    server.close();
+    return new Promise((resolve) => server.close(resolve));
   });
   return proxy;
 }
@@ -291,7 +318,7 @@ export async function startRedis(t) {
     },
   };
   await redis.start();
-  t.after(async () => {
+  onTeardown(t, async () => {
     await redis.stop();
     rmSync(dir, { recursive: true, force: true });
   });
