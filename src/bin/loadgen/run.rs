@@ -72,8 +72,13 @@ pub struct Ctx {
     open_connections: AtomicI64,
     /// `rate`: idle users by pool, for the scheduler to pick from.
     free_users: Mutex<Vec<Vec<u32>>>,
-    /// The processes whose CPU is measured, and their meter while the window is open.
-    cpu: Mutex<(Vec<(Role, u32)>, Option<CpuMeter>)>,
+    cpu: Mutex<Measured>,
+}
+
+/// The processes whose CPU is measured, and their meter while the window is open.
+struct Measured {
+    processes: Vec<(Role, u32)>,
+    meter: Option<CpuMeter>,
 }
 
 /// What a [`Ctx`] is made from.
@@ -122,7 +127,10 @@ impl Ctx {
             attempts_done: AtomicU32::new(0),
             attempt_done: Notify::new(),
             open_connections: AtomicI64::new(0),
-            cpu: Mutex::new((setup.measured, None)),
+            cpu: Mutex::new(Measured {
+                processes: setup.measured,
+                meter: None,
+            }),
         })
     }
 
@@ -202,8 +210,8 @@ impl Ctx {
     /// `cluster`: a measured process is about to die.
     pub fn cpu_leave(&self, pid: u32) {
         let mut cpu = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
-        cpu.0.retain(|p| p.1 != pid);
-        if let Some(meter) = cpu.1.as_mut() {
+        cpu.processes.retain(|p| p.1 != pid);
+        if let Some(meter) = cpu.meter.as_mut() {
             meter.leave(pid);
         }
     }
@@ -211,25 +219,23 @@ impl Ctx {
     /// `cluster`: a process to measure from now on.
     pub fn cpu_join(&self, role: Role, pid: u32) {
         let mut cpu = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
-        cpu.0.push((role, pid));
-        if let Some(meter) = cpu.1.as_mut() {
+        cpu.processes.push((role, pid));
+        if let Some(meter) = cpu.meter.as_mut() {
             meter.join(role, pid);
         }
     }
 
     fn cpu_start(&self) {
         let mut cpu = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
-        let processes = cpu
-            .0
-            .clone()
-            .into_iter()
-            .chain([(Role::Loadgen, procfs::own_pid())]);
-        cpu.1 = Some(CpuMeter::start(processes));
+        let processes = cpu.processes.clone().into_iter();
+        cpu.meter = Some(CpuMeter::start(
+            processes.chain([(Role::Loadgen, procfs::own_pid())]),
+        ));
     }
 
     fn cpu_finish(&self) -> Vec<ProcessCpu> {
         let mut cpu = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
-        cpu.1.take().map(CpuMeter::finish).unwrap_or_default()
+        cpu.meter.take().map(CpuMeter::finish).unwrap_or_default()
     }
 
     /// Resolves once the window was told to end.

@@ -125,6 +125,7 @@ pub async fn run(
         resync_pending: false,
         retry_after: None,
         reconnect_hint: None,
+        requested_since_welcome: false,
         ws,
         ctx,
     };
@@ -160,6 +161,9 @@ struct User {
     resync_pending: bool,
     /// `retry_after_ms` of the last refused request.
     retry_after: Option<Duration>,
+    /// A request (`enqueue`, `skip`, `end`) was sent on the current connection: the user's
+    /// state is then newer than the `welcome`'s.
+    requested_since_welcome: bool,
     /// From a `reconnect` frame: whether the state is lost (reconnect without resume), and
     /// when to come back.
     reconnect_hint: Option<(bool, Option<Duration>)>,
@@ -480,6 +484,11 @@ impl User {
     /// After a resume's replay: the `welcome` said `server` (`idle`, `queued`, `in_session`);
     /// repeat what the old connection lost, or start over where the two disagree.
     async fn reconcile(&mut self, server: &str) {
+        if self.requested_since_welcome {
+            // A replayed event already moved the user on (e.g. a `session_ended` after which
+            // it enqueued again): the `welcome`'s state is older than the user's.
+            return;
+        }
         let now = Instant::now();
         match (self.state, server) {
             (
@@ -491,7 +500,7 @@ impl User {
             | (State::InSession { .. }, "in_session") => {}
             (State::Waiting { skipping: true, .. }, "in_session") => {
                 let skip = self.ctx.frames.skip.clone();
-                self.send(skip).await;
+                self.request(skip).await;
             }
             (
                 State::Waiting {
@@ -502,7 +511,7 @@ impl User {
                 "idle",
             ) => {
                 let enqueue = self.ctx.frames.enqueue(self.pool);
-                self.send(enqueue).await;
+                self.request(enqueue).await;
             }
             (
                 State::Waiting {
@@ -516,7 +525,7 @@ impl User {
             }
             (State::Leaving { .. }, "queued" | "in_session") => {
                 let end = self.ctx.frames.end.clone();
-                self.send(end).await;
+                self.request(end).await;
             }
             (State::Idle { .. }, "idle") => {
                 if let State::Idle { retry_at: None } = self.state {
@@ -562,7 +571,7 @@ impl User {
 
     async fn enqueue(&mut self, since: Instant) {
         let enqueue = self.ctx.frames.enqueue(self.pool);
-        self.send(enqueue).await;
+        self.request(enqueue).await;
         self.state = State::Waiting {
             since,
             confirmed: false,
@@ -573,7 +582,7 @@ impl User {
 
     async fn leave(&mut self, now: Instant) {
         let end = self.ctx.frames.end.clone();
-        self.send(end).await;
+        self.request(end).await;
         self.state = State::Leaving { since: now };
     }
 
@@ -585,7 +594,7 @@ impl User {
         };
         if skip {
             let skip = self.ctx.frames.skip.clone();
-            self.send(skip).await;
+            self.request(skip).await;
             self.state = State::Waiting {
                 since: now,
                 confirmed: false,
@@ -595,6 +604,12 @@ impl User {
         } else {
             self.leave(now).await;
         }
+    }
+
+    /// Sends a request that changes the user's state.
+    async fn request(&mut self, frame: Utf8Bytes) {
+        self.requested_since_welcome = true;
+        self.send(frame).await;
     }
 
     /// Sends a frame; a failure shows up on the read side as a lost connection.
@@ -660,6 +675,7 @@ impl User {
         self.home = index;
         self.ws = ws;
         self.resync_pending = false;
+        self.requested_since_welcome = false;
         self.adopt(welcome, query.is_some()).await;
         Flow::Continue
     }
