@@ -89,6 +89,15 @@ async fn loadgen(args: &[&str]) -> Run {
     Run { output, report }
 }
 
+/// `loadgen <scenario> --url <url> --secret <the test secret> --deadline-s 60 <args>`, with
+/// `args` separated by spaces.
+async fn loadgen_at(scenario: &str, url: &str, args: &str) -> Run {
+    let mut all = vec![scenario, "--url", url, "--secret", SECRET];
+    all.extend(["--deadline-s", DEADLINE]);
+    all.extend(args.split_whitespace());
+    loadgen(&all).await
+}
+
 fn number(report: &Value, pointer: &str) -> f64 {
     report
         .pointer(pointer)
@@ -100,28 +109,9 @@ fn number(report: &Value, pointer: &str) -> f64 {
 async fn churn_matches_and_every_session_is_seen_by_both_members_once() {
     let server = TestServer::start(&UNLIMITED).await;
     let url = server.ws_url();
-    let run = loadgen(&[
-        "churn",
-        "--url",
-        &url,
-        "--secret",
-        SECRET,
-        "--users",
-        "10",
-        "--hold-ms",
-        "0..20",
-        "--warmup-s",
-        "0.2",
-        "--duration-s",
-        "3",
-        "--max-matches",
-        "300",
-        "--match-timeout-ms",
-        "30000",
-        "--deadline-s",
-        DEADLINE,
-    ])
-    .await;
+    let args = "--users 10 --hold-ms 0..20 --warmup-s 0.2 --duration-s 3 --max-matches 300 \
+                --match-timeout-ms 30000";
+    let run = loadgen_at("churn", &url, args).await;
     let report = run.report();
     assert_eq!(run.code(), Some(0), "{}{}", run.stdout(), run.stderr());
     assert!(number(report, "/matches") > 0.0, "{report:#}");
@@ -149,25 +139,11 @@ async fn a_user_who_is_never_matched_is_a_no_match_error_not_a_latency_sample() 
     let server = TestServer::start(&UNLIMITED).await;
     let url = server.ws_url();
     // Three users in three preference pools: nobody has a partner.
-    let run = loadgen(&[
+    let run = loadgen_at(
         "churn",
-        "--url",
         &url,
-        "--secret",
-        SECRET,
-        "--users",
-        "3",
-        "--pools",
-        "3",
-        "--match-timeout-ms",
-        "200",
-        "--warmup-s",
-        "0",
-        "--duration-s",
-        "2",
-        "--deadline-s",
-        DEADLINE,
-    ])
+        "--users 3 --pools 3 --match-timeout-ms 200 --warmup-s 0 --duration-s 2",
+    )
     .await;
     let report = run.report();
     assert!(number(report, "/errors/no_match") >= 1.0, "{report:#}");
@@ -182,26 +158,12 @@ async fn a_user_who_is_never_matched_is_a_no_match_error_not_a_latency_sample() 
 async fn rate_writes_every_figure_and_its_configuration_as_json() {
     let server = TestServer::start(&UNLIMITED).await;
     let url = server.ws_url();
-    let run = loadgen(&[
-        "rate",
-        "--url",
-        &url,
-        "--secret",
-        SECRET,
-        "--users",
-        "20",
-        "--rate",
-        "20",
-        "--warmup-s",
-        "0.2",
-        "--duration-s",
-        "1.5",
-        "--gateway-pid",
-        &std::process::id().to_string(),
-        "--deadline-s",
-        DEADLINE,
-    ])
-    .await;
+    // The gateway runs in this process, so its CPU is this process's.
+    let args = format!(
+        "--users 20 --rate 20 --warmup-s 0.2 --duration-s 1.5 --gateway-pid {}",
+        std::process::id()
+    );
+    let run = loadgen_at("rate", &url, &args).await;
     let report = run.report();
     assert_eq!(run.code(), Some(0), "{}{}", run.stdout(), run.stderr());
     for pointer in [
@@ -240,8 +202,7 @@ async fn rate_writes_every_figure_and_its_configuration_as_json() {
     assert_eq!(report["scenario"], "rate");
     assert_eq!(report["config"]["url"][0], url.as_str());
     assert!(report["config"]["user_prefix"].is_string());
-    // The gateway here is this test process, so its CPU per match is there when there
-    // are matches.
+    // Its CPU per match is there whenever there are matches.
     if number(report, "/matches") > 0.0 {
         number(report, "/cpu/gateway_us_per_match");
     }
@@ -254,24 +215,11 @@ async fn idle_reports_the_gateway_rss_per_connection() {
     let gateway = GatewayProcess::start(&["--jwt-secret", SECRET]).await;
     gateway.wait_ready().await;
     let url = gateway.ws_url();
-    let run = loadgen(&[
-        "idle",
-        "--url",
-        &url,
-        "--secret",
-        SECRET,
-        "--conns",
-        "20",
-        "--duration-s",
-        "0.5",
-        "--source-ips",
-        "127.0.0.1,127.0.0.2",
-        "--gateway-pid",
-        &gateway.pid().to_string(),
-        "--deadline-s",
-        DEADLINE,
-    ])
-    .await;
+    let args = format!(
+        "--conns 20 --duration-s 0.5 --source-ips 127.0.0.1,127.0.0.2 --gateway-pid {}",
+        gateway.pid()
+    );
+    let run = loadgen_at("idle", &url, &args).await;
     let report = run.report();
     assert_eq!(run.code(), Some(0), "{}{}", run.stdout(), run.stderr());
     assert_eq!(report["connections"]["opened"], 20, "{report:#}");
@@ -309,6 +257,7 @@ async fn refused_handshakes_are_counted_by_http_status() {
     assert_eq!(report["errors"]["http:401"], 3, "{report:#}");
     assert_eq!(report["connections"]["opened"], 0, "{report:#}");
     assert_eq!(report["connections"]["failed"], 3, "{report:#}");
+    assert_eq!(run.code(), Some(1), "a run without any connection failed");
 }
 
 #[tokio::test]

@@ -7,7 +7,8 @@
 //! code, and the gateway knows nothing of it.
 //!
 //! Exit status: 0 after a run, 2 after a run that found a broken guarantee (a duplicate or
-//! half-seen session, a `seq` gap; in `cluster`, anything lost), 1 when it could not run.
+//! half-seen session, a `seq` gap; in `cluster`, anything lost), 1 when it could not run or
+//! opened no connection at all.
 
 mod cli;
 mod cluster;
@@ -71,6 +72,10 @@ fn main() -> ExitCode {
             eprintln!("loadgen: cannot write {}: {e}", path.display());
             return ExitCode::from(1);
         }
+    }
+    if report.connections.opened == 0 {
+        eprintln!("loadgen: no connection could be opened (see errors)");
+        return ExitCode::from(1);
     }
     let nothing_lost = report
         .cluster
@@ -139,17 +144,8 @@ async fn run_scenario(scenario: Scenario) -> Result<Report, String> {
         Scenario::Idle { target, conns, .. } => {
             let (targets, auth) = connect_args(target).await?;
             let ctx = Ctx::new(base(targets, auth, Policy::Hold, None, None, measured));
-            let plan = Plan {
-                users: *conns,
-                connect_rate: common.connect_rate,
-                warmup: Duration::ZERO,
-                duration: Duration::from_secs_f64(common.duration_s),
-                drain: Duration::ZERO,
-                deadline: Duration::ZERO,
-                measure_rss: true,
-                gateway_pids,
-            };
-            finish("idle", config, *conns, ctx, plan, common, None).await
+            let plan = plan(common, *conns, Duration::ZERO, Duration::ZERO, gateway_pids);
+            finish("idle", config, *conns, ctx, plan, None).await
         }
         Scenario::Churn {
             target,
@@ -164,7 +160,7 @@ async fn run_scenario(scenario: Scenario) -> Result<Report, String> {
             };
             let ctx = Ctx::new(base(targets, auth, policy, Some(matching), None, measured));
             let plan = matching_plan(common, matching, gateway_pids);
-            finish("churn", config, matching.users, ctx, plan, common, None).await
+            finish("churn", config, matching.users, ctx, plan, None).await
         }
         Scenario::Rate {
             target,
@@ -185,7 +181,7 @@ async fn run_scenario(scenario: Scenario) -> Result<Report, String> {
                 measured,
             ));
             let plan = matching_plan(common, matching, gateway_pids);
-            finish("rate", config, matching.users, ctx, plan, common, None).await
+            finish("rate", config, matching.users, ctx, plan, None).await
         }
         Scenario::Cluster {
             matching,
@@ -251,7 +247,6 @@ async fn run_scenario(scenario: Scenario) -> Result<Report, String> {
                 matching.users,
                 ctx.clone(),
                 plan,
-                common,
                 Some(started_tx),
             )
             .await?;
@@ -289,39 +284,55 @@ fn check_ratio(end_ratio: f64) -> Result<(), String> {
 }
 
 fn matching_plan(common: &Common, matching: &Matching, gateway_pids: Vec<u32>) -> Plan {
+    let warmup = Duration::from_secs_f64(matching.warmup_s);
+    let drain = Duration::from_millis(matching.drain_ms);
+    let mut plan = plan(common, matching.users, warmup, drain, gateway_pids);
+    plan.measure_rss = false;
+    plan
+}
+
+/// The run's shape; the hard deadline defaults to the planned time (the connection phase
+/// at `--connect-rate` included) plus a slack.
+fn plan(
+    common: &Common,
+    users: u32,
+    warmup: Duration,
+    drain: Duration,
+    gateway_pids: Vec<u32>,
+) -> Plan {
+    let duration = Duration::from_secs_f64(common.duration_s);
+    let deadline = match common.deadline_s {
+        Some(s) => Duration::from_secs_f64(s),
+        None => {
+            let connecting = if common.connect_rate > 0.0 {
+                Duration::from_secs_f64(f64::from(users) / common.connect_rate)
+            } else {
+                Duration::ZERO
+            };
+            warmup + duration + drain + connecting + DEADLINE_SLACK
+        }
+    };
     Plan {
-        users: matching.users,
+        users,
         connect_rate: common.connect_rate,
-        warmup: Duration::from_secs_f64(matching.warmup_s),
-        duration: Duration::from_secs_f64(common.duration_s),
-        drain: Duration::from_millis(matching.drain_ms),
-        deadline: Duration::ZERO,
-        measure_rss: false,
+        warmup,
+        duration,
+        drain,
+        deadline,
+        measure_rss: true,
         gateway_pids,
     }
 }
 
-/// Sets the hard deadline, runs the plan and builds the report.
+/// Runs the plan and builds the report.
 async fn finish(
     scenario: &'static str,
     mut config: serde_json::Value,
     requested: u32,
     ctx: Arc<Ctx>,
-    mut plan: Plan,
-    common: &Common,
+    plan: Plan,
     started: Option<tokio::sync::oneshot::Sender<Instant>>,
 ) -> Result<Report, String> {
-    plan.deadline = match common.deadline_s {
-        Some(s) => Duration::from_secs_f64(s),
-        None => {
-            let connecting = if plan.connect_rate > 0.0 {
-                Duration::from_secs_f64(f64::from(plan.users) / plan.connect_rate)
-            } else {
-                Duration::ZERO
-            };
-            plan.warmup + plan.duration + plan.drain + connecting + DEADLINE_SLACK
-        }
-    };
     config["deadline_s"] = json!(plan.deadline.as_secs_f64());
     let outcome = run::execute(ctx.clone(), plan, started).await;
     Ok(Report::build(scenario, config, requested, &ctx, &outcome))
