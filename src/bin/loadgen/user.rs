@@ -534,19 +534,25 @@ impl User {
             }
             (_, server) => {
                 self.ctx.tally().error("state_mismatch");
-                match server {
-                    "idle" => self.become_idle(None).await,
-                    "queued" => {
-                        self.state = State::Waiting {
-                            since: now,
-                            confirmed: true,
-                            skipping: false,
-                            timed_out: false,
-                        }
-                    }
-                    _ => self.leave(now).await,
+                self.start_over(server, now).await;
+            }
+        }
+    }
+
+    /// Drops the user's own view and goes by the gateway's `server` state: a queued user
+    /// waits from now on, one in a session it knows nothing of leaves it.
+    async fn start_over(&mut self, server: &str, now: Instant) {
+        match server {
+            "idle" => self.become_idle(None).await,
+            "queued" => {
+                self.state = State::Waiting {
+                    since: now,
+                    confirmed: true,
+                    skipping: false,
+                    timed_out: false,
                 }
             }
+            _ => self.leave(now).await,
         }
     }
 
@@ -703,7 +709,12 @@ impl User {
                 // Nothing is replayed: count from the gateway's seq on.
                 self.last_seq = welcome.last_seq;
             }
-            self.reconcile(&welcome.state).await;
+            if asked_to_resume {
+                self.reconcile(&welcome.state).await;
+            } else {
+                // The gateway said the state is lost (`state_lost`): a fresh start.
+                self.start_over(&welcome.state, Instant::now()).await;
+            }
         }
     }
 
