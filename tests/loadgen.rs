@@ -410,6 +410,9 @@ async fn cluster_loses_nothing_when_an_instance_is_killed_and_restarted() {
     .await;
     let report = run.report();
     let cluster = &report["cluster"];
+    if let Some(logs) = cluster["log_dir"].as_str() {
+        let _ = std::fs::remove_dir_all(logs);
+    }
     assert_eq!(cluster["killed"]["instance"], 1, "{report:#}");
     assert!(cluster["killed"]["new_pid"].is_u64(), "{report:#}");
     assert_eq!(cluster["nothing_lost"], true, "{report:#}");

@@ -25,7 +25,7 @@ const READY_POLL: Duration = Duration::from_millis(50);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Settings every instance runs with (see the module documentation).
-const BENCHMARK_ENV: [(&str, &str); 8] = [
+pub const BENCHMARK_ENV: [(&str, &str); 8] = [
     ("MATCHGATE_LOG", "warn"),
     ("MATCHGATE_ANTI_REPEAT_WINDOW_S", "0"),
     ("MATCHGATE_SKIP_LIMIT", "1000000"),

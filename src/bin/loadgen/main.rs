@@ -398,8 +398,13 @@ fn cluster_figures(
     let nothing_lost = lost
         .as_object()
         .is_some_and(|m| m.values().all(|v| v == &json!(0)));
+    let settings: serde_json::Map<String, serde_json::Value> = cluster::BENCHMARK_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
     json!({
         "instances": pids.len(),
+        "gateway_env": settings,
         "pids": pids,
         "urls": cluster.urls(),
         "log_dir": cluster.log_dir(),

@@ -304,7 +304,7 @@ impl Report {
             );
         }
         if let Some(cluster) = &self.cluster {
-            line("cluster", cluster.to_string());
+            line("cluster", cluster_summary(cluster));
         }
         line(
             "invariants",
@@ -383,6 +383,43 @@ impl Cpu {
             self.clk_tck
         )
     }
+}
+
+/// One line about the `cluster` figures (the JSON has all of them).
+fn cluster_summary(cluster: &serde_json::Value) -> String {
+    let killed = &cluster["killed"];
+    let kill = if killed.is_null() {
+        "no instance killed".to_string()
+    } else {
+        format!(
+            "instance {} killed at {:.1} s, {} after {:.0} ms",
+            killed["instance"],
+            killed["at_s"].as_f64().unwrap_or(0.0),
+            if killed["new_pid"].is_null() {
+                "NOT restarted"
+            } else {
+                "restarted"
+            },
+            killed["restart_ms"].as_f64().unwrap_or(0.0),
+        )
+    };
+    let lost: Vec<String> = cluster["lost"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| **n != serde_json::json!(0))
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    format!(
+        "{} instances; {kill}; lost: {}; logs in {}",
+        cluster["instances"],
+        if lost.is_empty() {
+            "nothing".to_string()
+        } else {
+            lost.join(", ")
+        },
+        cluster["log_dir"].as_str().unwrap_or("-")
+    )
 }
 
 fn counts(map: &BTreeMap<String, u64>) -> String {
