@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use backon::Retryable;
 use dashmap::DashMap;
 
+use crate::backoff;
 use crate::bus::local::LocalBus;
 use crate::config::Config;
 use crate::ids::unix_ms;
@@ -25,8 +27,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{Action, ErrorCode, Reply, Request};
 use crate::registry::Registry;
 
-/// Attempts per timer (about a minute of backend trouble).
-const WAKE_ATTEMPTS: u32 = 15;
+/// Retries per timer (about a minute of backend trouble).
+const WAKE_RETRIES: usize = 14;
 
 pub struct Gateway {
     matchmaker: Arc<dyn Matchmaker>,
@@ -317,14 +319,20 @@ impl Gateway {
             tokio::time::sleep(delay).await;
             // A timer that fails (backend briefly away) is tried again: a lost one would leave
             // a user waiting for a widening or a fallback that never comes.
-            let mut retry = Duration::from_millis(250);
-            for _ in 0..WAKE_ATTEMPTS {
-                match gateway.matchmaker.wake(&user, timer.clone()).await {
-                    Ok(outcome) => return gateway.apply_outcome(outcome),
-                    Err(e) => tracing::warn!(error = %e, "timer failed: trying again"),
-                }
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(5));
+            let wake = || gateway.matchmaker.wake(&user, timer.clone());
+            let policy = backoff::policy(
+                Duration::from_millis(250),
+                Duration::from_secs(5),
+                Some(WAKE_RETRIES),
+            );
+            let woken = wake
+                .retry(policy)
+                .when(|e| matches!(e, MatchError::Unavailable(_)))
+                .notify(|e, _| tracing::warn!(error = %e, "timer failed: trying again"))
+                .await;
+            match woken {
+                Ok(outcome) => gateway.apply_outcome(outcome),
+                Err(e) => tracing::error!(error = %e, "timer failed for good"),
             }
         });
     }

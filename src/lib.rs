@@ -15,6 +15,7 @@
 //!   [`privacy`] decides how identities appear in logs.
 
 pub mod auth;
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod connection;
