@@ -138,6 +138,13 @@ impl Gateway {
         Ok(attached)
     }
 
+    /// The `error` frame for a connection that could not attach (or was let in unchecked):
+    /// details go to the log with the connection's id, the client gets fixed text.
+    pub fn attach_failed(&self, conn: ConnId, e: &MatchError) -> Utf8Bytes {
+        tracing::warn!(%conn, error = %e, "attach failed");
+        self.error_frame(e.code(), &e.client_message(), None, Some(1_000))
+    }
+
     /// Tells the matchmaker that a connection is gone. While the backend is unavailable this is
     /// retried in the background, or the user would look connected forever.
     pub async fn detach(self: &Arc<Self>, user: &UserId, conn: ConnId) {
@@ -199,8 +206,15 @@ impl Gateway {
                 session_id,
             } => {
                 return Some(
-                    self.report(user, reason, details, session_id.as_deref(), reference)
-                        .await,
+                    self.report(
+                        user,
+                        conn,
+                        reason,
+                        details,
+                        session_id.as_deref(),
+                        reference,
+                    )
+                    .await,
                 );
             }
             Action::Heartbeat => {
@@ -224,7 +238,7 @@ impl Gateway {
                         };
                         (status.encode(), false)
                     }
-                    Err(e) => self.match_error(&e, reference),
+                    Err(e) => self.match_error(conn, &e, reference),
                 })
             }
         };
@@ -233,7 +247,7 @@ impl Gateway {
                 self.apply(user, conn, outcome);
                 None
             }
-            Err(e) => Some(self.match_error(&e, reference)),
+            Err(e) => Some(self.match_error(conn, &e, reference)),
         }
     }
 
@@ -251,14 +265,24 @@ impl Gateway {
                 self.apply(user, conn, outcome);
                 (Reply::Ack { action, reference }.encode(), false)
             }
-            Err(e) => self.match_error(&e, reference),
+            Err(e) => self.match_error(conn, &e, reference),
         }
     }
 
-    /// The error frame for a failed operation, and whether the client caused it (and so
-    /// pays from its error budget): not when the backend is down or we have a bug.
-    fn match_error(&self, e: &MatchError, reference: Option<&str>) -> (Utf8Bytes, bool) {
-        let frame = self.error_frame(e.code(), &e.to_string(), reference, e.retry_after_ms());
+    /// The error frame for a failed operation of connection `conn`, and whether the client
+    /// caused it (and so pays from its error budget): not when the backend is down or we have
+    /// a bug. Those are logged with their details, which the client does not get.
+    fn match_error(
+        &self,
+        conn: ConnId,
+        e: &MatchError,
+        reference: Option<&str>,
+    ) -> (Utf8Bytes, bool) {
+        if !e.client_caused() {
+            tracing::warn!(%conn, error = %e, "request failed");
+        }
+        let message = e.client_message();
+        let frame = self.error_frame(e.code(), &message, reference, e.retry_after_ms());
         (frame, e.client_caused())
     }
 

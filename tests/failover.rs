@@ -457,3 +457,41 @@ async fn an_instance_taken_for_dead_sends_its_clients_back_and_serves_them_again
     newcomer.expect("queued").await;
     newcomer.expect("matched").await;
 }
+
+/// A handshake during an outage: the client is let in unchecked (bans cannot be read), told
+/// `unavailable` with fixed text, and closed with 1013.
+async fn turned_away(url: &str, user: &str) {
+    let request = common::ws_request(url, user, "");
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut c = common::Client::new(ws, user);
+    let e = c.expect("error").await;
+    assert_eq!(e["code"], "unavailable", "{e}");
+    assert_eq!(e["message"], UNAVAILABLE, "{e}");
+    match c.closed().await {
+        Closed::Code(code) => assert_eq!(code, 1013),
+        other => panic!("expected close 1013, got {other:?}"),
+    }
+}
+
+/// What clients are told when a backend is down, whatever the Redis client said.
+const UNAVAILABLE: &str = "a backend this action needs is unavailable: try again later";
+
+#[tokio::test]
+async fn clients_get_no_backend_details_and_the_log_names_the_connection() {
+    let mut redis = RedisServer::start().await;
+    let g = gateway(&redis_args(&redis), "solo").await;
+    let mut a = g.connect("a").await;
+    redis.stop();
+    let e = a.request(json!({"type": "enqueue"}), "q").await;
+    assert_eq!(e["code"], "unavailable", "{e}");
+    assert_eq!(e["message"], UNAVAILABLE, "{e}");
+    // The details are in the log, with the connection's id.
+    let conn = a.welcome["connection_id"].as_str().unwrap().to_string();
+    g.wait_for_log("request failed").await;
+    let logs = g.logs();
+    let line = logs.lines().find(|l| l.contains("request failed")).unwrap();
+    assert!(line.contains(&format!("conn={conn}")), "{line}");
+    assert!(line.contains("matching backend unavailable"), "{line}");
+    // The same at the handshake, where the ban check needs Redis.
+    turned_away(&g.ws_url(), "b").await;
+}

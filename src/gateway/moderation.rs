@@ -9,7 +9,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use super::Gateway;
 use crate::ids::unix_ms;
-use crate::matching::{MatchError, UserId};
+use crate::matching::{ConnId, MatchError, UserId};
 use crate::metrics::BanSource;
 use crate::moderation::Report;
 use crate::privacy;
@@ -21,6 +21,7 @@ impl Gateway {
     pub(super) async fn report(
         self: &Arc<Self>,
         user: &UserId,
+        conn: ConnId,
         reason: ReportReason,
         details: Option<String>,
         session: Option<&str>,
@@ -34,7 +35,7 @@ impl Gateway {
                 };
                 (ack.encode(), false)
             }
-            Err(e) => self.match_error(&e, reference),
+            Err(e) => self.match_error(conn, &e, reference),
         }
     }
 

@@ -216,6 +216,12 @@ pub enum MatchError {
     RateLimited { retry_after_ms: u64 },
 }
 
+/// What a client is told when a backend is down: the backend's own error text (addresses,
+/// driver messages) goes to the logs only.
+pub const UNAVAILABLE_MESSAGE: &str = "a backend this action needs is unavailable: try again later";
+/// What a client is told about a bug on our side.
+pub const INTERNAL_MESSAGE: &str = "internal error";
+
 impl MatchError {
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -224,6 +230,16 @@ impl MatchError {
             MatchError::Internal(_) | MatchError::Replaced => ErrorCode::Internal,
             MatchError::Cooldown { .. } => ErrorCode::Cooldown,
             MatchError::RateLimited { .. } => ErrorCode::RateLimited,
+        }
+    }
+
+    /// The `message` of the client's `error` frame: fixed text where the error carries
+    /// details that are only for the logs.
+    pub fn client_message(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            MatchError::Unavailable(_) => UNAVAILABLE_MESSAGE.into(),
+            MatchError::Internal(_) => INTERNAL_MESSAGE.into(),
+            other => other.to_string().into(),
         }
     }
 
