@@ -5,6 +5,7 @@
 //! parsed requests; it never touches a socket. Frames reach sockets through the
 //! [`Bus`](crate::bus::Bus) and the [`Registry`].
 
+mod detach;
 mod media;
 mod moderation;
 
@@ -45,6 +46,8 @@ pub struct Gateway {
     media: Option<media::Rooms>,
     /// Reports and bans.
     pub(crate) moderation: Arc<dyn crate::moderation::Moderation>,
+    /// Which connections to detach, and the detaches waiting for the backend.
+    detaches: detach::Detaches,
 }
 
 impl Gateway {
@@ -91,6 +94,7 @@ impl Gateway {
                 deleting: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_DELETES)),
                 queued_deletes: Arc::new(AtomicUsize::new(0)),
             }),
+            detaches: detach::Detaches::new(metrics.detach_pending.clone()),
             metrics,
         })
     }
@@ -134,6 +138,7 @@ impl Gateway {
         resume: Option<Resume>,
     ) -> Result<Attached, MatchError> {
         let mut attached = self.matchmaker.attach(user, conn, resume).await?;
+        self.detaches.attached(user, conn);
         self.apply(user, conn, std::mem::take(&mut attached.outcome));
         Ok(attached)
     }
@@ -143,33 +148,6 @@ impl Gateway {
     pub fn attach_failed(&self, conn: ConnId, e: &MatchError) -> Utf8Bytes {
         tracing::warn!(%conn, error = %e, "attach failed");
         self.error_frame(e.code(), &e.client_message(), None, Some(1_000))
-    }
-
-    /// Tells the matchmaker that a connection is gone. While the backend is unavailable this is
-    /// retried in the background, or the user would look connected forever.
-    pub async fn detach(self: &Arc<Self>, user: &UserId, conn: ConnId) {
-        match self.matchmaker.detach(user, conn).await {
-            Ok(outcome) => self.apply(user, conn, outcome),
-            Err(e) => {
-                tracing::warn!(error = %e, "detach failed: retrying in the background");
-                let gateway = self.clone();
-                let user = user.clone();
-                // Until it succeeds, however long the outage: a user left attached would sit in
-                // queues and sessions forever. One small task per connection that closed during
-                // the outage.
-                tokio::spawn(async move {
-                    let mut delay = Duration::from_millis(250);
-                    loop {
-                        tokio::time::sleep(delay).await;
-                        if let Ok(outcome) = gateway.matchmaker.detach(&user, conn).await {
-                            gateway.apply(&user, conn, outcome);
-                            return;
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                });
-            }
-        }
     }
 
     /// Handles one request and returns the direct reply frame, if the reply is not an event

@@ -43,6 +43,9 @@ pub struct Metrics {
     reports: Labelled,
     bans: Labelled,
     ban_disconnects: Counter,
+    /// Detaches waiting for the backend (see `gateway::detach`).
+    pub detach_pending: Gauge,
+    detach_calls: Labelled,
 }
 
 /// Who made a ban.
@@ -96,6 +99,18 @@ impl Metrics {
         let reports = Labelled::default();
         let bans = Labelled::default();
         let ban_disconnects = Counter::default();
+        let detach_pending = Gauge::default();
+        let detach_calls = Labelled::default();
+        registry.register(
+            "detach_pending",
+            "Detaches of closed connections waiting for the matching backend (one per user at most)",
+            detach_pending.clone(),
+        );
+        registry.register(
+            "detach_calls",
+            "Detach calls to the matching backend, by result: ok, error (one per closed, attached connection, plus retries)",
+            detach_calls.clone(),
+        );
         registry.register("reports", "Reports users made, by reason", reports.clone());
         registry.register(
             "bans",
@@ -221,6 +236,9 @@ impl Metrics {
         for source in [BanSource::Admin, BanSource::Reports] {
             let _ = bans.get_or_create(&[("source", source.as_str())]);
         }
+        for result in ["ok", "error"] {
+            let _ = detach_calls.get_or_create(&[("result", result)]);
+        }
         Metrics {
             registry,
             connections,
@@ -245,7 +263,14 @@ impl Metrics {
             reports,
             bans,
             ban_disconnects,
+            detach_pending,
+            detach_calls,
         }
+    }
+
+    pub fn detach_call(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.detach_calls.get_or_create(&[("result", result)]).inc();
     }
 
     pub fn report(&self, reason: ReportReason) {
