@@ -404,6 +404,11 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_REPORTS_KEPT", default_value_t = 100_000)]
     pub reports_kept: usize,
 
+    /// Reports one user may file per hour (a window that starts with the first report), across
+    /// connections and instances; beyond it `report` answers `rate_limited`.
+    #[arg(long, env = "MATCHGATE_REPORTS_PER_HOUR", default_value_t = 20)]
+    pub reports_per_hour: u32,
+
     /// How user ids and IP addresses appear in logs: `hashed` (a keyed hash, the default) or
     /// `full`. Debug logging (`MATCHGATE_LOG` at debug) always shows them in full.
     #[arg(
@@ -592,6 +597,9 @@ impl Config {
                 "MATCHGATE_IP_CONNECTS_PER_MINUTE, MATCHGATE_REPORT_WINDOW_S and MATCHGATE_REPORT_BAN_TTL_S must be at least 1"
                     .into(),
             );
+        }
+        if self.reports_per_hour == 0 {
+            return fail("MATCHGATE_REPORTS_PER_HOUR must be at least 1".into());
         }
         Ok(())
     }
@@ -812,6 +820,8 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("NAMESPACE"), "{e}");
+        let e = parse(&["--reports-per-hour", "0"]).validate().unwrap_err();
+        assert!(e.to_string().contains("MATCHGATE_REPORTS_PER_HOUR"), "{e}");
         let e = parse(&["--allowed-origins", "example.com"])
             .validate()
             .unwrap_err();

@@ -1,7 +1,8 @@
 //! Reports: a user tells on the peer of their current or most recent session (or of the one
 //! they name). The matchmaker says who that peer was; the moderation backend stores the
 //! report and counts it towards an automatic ban, which closes the reported user's
-//! connections wherever they are.
+//! connections wherever they are. The backend also keeps one account from flooding the store
+//! (one report per session, an hourly limit per reporter).
 
 use std::sync::Arc;
 

@@ -214,6 +214,9 @@ pub enum MatchError {
     /// Too many enqueues.
     #[error("too many enqueues: slow down")]
     RateLimited { retry_after_ms: u64 },
+    /// Too many reports by this user (see [`crate::moderation`]).
+    #[error("too many reports: try again later")]
+    TooManyReports { retry_after_ms: u64 },
 }
 
 /// What a client is told when a backend is down: the backend's own error text (addresses,
@@ -229,7 +232,9 @@ impl MatchError {
             MatchError::Unavailable(_) => ErrorCode::Unavailable,
             MatchError::Internal(_) | MatchError::Replaced => ErrorCode::Internal,
             MatchError::Cooldown { .. } => ErrorCode::Cooldown,
-            MatchError::RateLimited { .. } => ErrorCode::RateLimited,
+            MatchError::RateLimited { .. } | MatchError::TooManyReports { .. } => {
+                ErrorCode::RateLimited
+            }
         }
     }
 
@@ -248,7 +253,8 @@ impl MatchError {
         match self {
             MatchError::Unavailable(_) => Some(1_000),
             MatchError::Cooldown { retry_after_ms }
-            | MatchError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
+            | MatchError::RateLimited { retry_after_ms }
+            | MatchError::TooManyReports { retry_after_ms } => Some(*retry_after_ms),
             _ => None,
         }
     }
@@ -260,6 +266,7 @@ impl MatchError {
             MatchError::InvalidState(_)
                 | MatchError::Cooldown { .. }
                 | MatchError::RateLimited { .. }
+                | MatchError::TooManyReports { .. }
         )
     }
 }
