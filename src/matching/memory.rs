@@ -9,6 +9,11 @@
 //! (unless one of them waited past the fallback). A user whose search widened (soft
 //! preferences) is listed, with the same ticket, in the wider pools too.
 //!
+//! Waiting users whose connection dropped keep their ticket but are listed apart (see
+//! [`Pool`]), so the matcher never visits them: a match attempt walks only connected waiters,
+//! and among those only the ones the user blocked or was blocked by, avoids, or met recently
+//! (see [`State::try_match`]) before it finds a partner.
+//!
 //! A pair goes through up to three phases: *proposed* (accept phase on: both must accept),
 //! *pending* (media mode: the room is being made) and *live* (`matched` sent). Until live,
 //! both keep their queue places, so that undoing the match puts them back where they were.
@@ -259,12 +264,60 @@ impl Log {
     }
 }
 
+/// The users waiting with one preference set, by ticket: the lowest ticket waited longest.
+/// Connected users and users whose connection dropped (held for a resume) are listed apart:
+/// both keep their place and count in positions, but only the connected ones can be matched,
+/// so a match attempt never visits the others, however many there are.
 #[derive(Default)]
 struct Pool {
-    /// Waiting users by ticket: the lowest ticket waited longest.
+    /// Connected waiting users: the only ones the matcher looks at.
     waiting: BTreeMap<u64, UserId>,
+    /// Waiting users who are away (reconnecting).
+    away: BTreeMap<u64, UserId>,
     /// Smoothed wait of users recently matched from this pool, in ms.
     recent_wait_ms: Option<f64>,
+}
+
+impl Pool {
+    /// Lists a user at `ticket`, among the connected or the away ones.
+    fn list(&mut self, ticket: u64, id: &UserId, away: bool) {
+        let list = if away {
+            &mut self.away
+        } else {
+            &mut self.waiting
+        };
+        list.insert(ticket, id.clone());
+    }
+
+    fn unlist(&mut self, ticket: u64) {
+        self.waiting.remove(&ticket);
+        self.away.remove(&ticket);
+    }
+
+    /// Moves the user at `ticket` between the connected and the away ones.
+    fn set_away(&mut self, ticket: u64, away: bool) {
+        let (from, to) = if away {
+            (&mut self.waiting, &mut self.away)
+        } else {
+            (&mut self.away, &mut self.waiting)
+        };
+        if let Some(id) = from.remove(&ticket) {
+            to.insert(ticket, id);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.away.is_empty()
+    }
+
+    fn len(&self) -> u64 {
+        (self.waiting.len() + self.away.len()) as u64
+    }
+
+    /// How many wait ahead of `ticket`, connected or not.
+    fn ahead(&self, ticket: u64) -> u64 {
+        (self.waiting.range(..ticket).count() + self.away.range(..ticket).count()) as u64
+    }
 }
 
 struct Session {
@@ -363,9 +416,11 @@ impl State {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let key: Arc<str> = prefs.pool_key().into();
+        // A user re-queued while away (the peer of a skipper, say) waits among the away ones.
+        let away = self.users.get(id).is_some_and(|u| u.away);
         let pool = self.pools.entry(key.clone()).or_default();
-        let position = pool.waiting.len() as u64;
-        pool.waiting.insert(ticket, id.clone());
+        let position = pool.len();
+        pool.list(ticket, id, away);
         let pool = &self.pools[&key];
         let estimate = self.estimate(pool, position);
         self.queued += 1;
@@ -412,7 +467,8 @@ impl State {
         let (Activity::Queued(w), Activity::Queued(ow)) = (&user.activity, &o.activity) else {
             return None;
         };
-        if o.away || user.avoid.as_ref() == Some(other) || o.avoid.as_ref() == Some(id) {
+        // Away users are not among the candidates at all (see `Pool`).
+        if user.avoid.as_ref() == Some(other) || o.avoid.as_ref() == Some(id) {
             return None;
         }
         if self.blocked(id, other) {
@@ -439,6 +495,12 @@ impl State {
 
     /// Matches a waiting, connected user with the longest-waiting eligible user in any of its
     /// pools. When only recently met users are there, arms the anti-repeat fallback.
+    ///
+    /// The walk visits connected waiters only, in ticket order, and stops at the first eligible
+    /// one; the ones it passes are those the user blocked or was blocked by, the one it avoids
+    /// and those avoiding it (after skips and declines), and its recent partners (at most 16).
+    /// Nobody else can be passed over, so the work does not grow with the number of users
+    /// waiting or reconnecting.
     fn try_match(&mut self, step: &mut Step<'_>, id: &UserId) {
         let Some(user) = self.users.get(id) else {
             return;
@@ -496,6 +558,23 @@ impl State {
         }
     }
 
+    /// Moves a waiting user between the connected and the away lists of its pools (its
+    /// connection dropped, or it came back).
+    fn set_away(&mut self, id: &UserId, away: bool) {
+        let Some(User {
+            activity: Activity::Queued(w),
+            ..
+        }) = self.users.get(id)
+        else {
+            return;
+        };
+        for key in w.pools() {
+            if let Some(pool) = self.pools.get_mut(key) {
+                pool.set_away(w.ticket, away);
+            }
+        }
+    }
+
     /// Takes a waiting user out of every pool it is listed in. The caller reports the pools
     /// as changed ([`State::pools_changed`]) once it is done with them.
     fn take_waiting(&mut self, id: &UserId) -> Option<Waiting> {
@@ -506,7 +585,7 @@ impl State {
         };
         for key in waiting.pools() {
             if let Some(pool) = self.pools.get_mut(key) {
-                pool.waiting.remove(&waiting.ticket);
+                pool.unlist(waiting.ticket);
             }
         }
         self.queued -= 1;
@@ -521,9 +600,10 @@ impl State {
 
     /// Puts a paired user back at its old place (its ticket) in every pool it was listed in.
     fn restore(&mut self, step: &mut Step<'_>, id: &UserId, waiting: Waiting) {
+        let away = self.users.get(id).is_some_and(|u| u.away);
         for key in waiting.pools() {
             let pool = self.pools.entry(key.clone()).or_default();
-            pool.waiting.insert(waiting.ticket, id.clone());
+            pool.list(waiting.ticket, id, away);
             if !step.outcome.changed_pools.contains(key) {
                 step.outcome.changed_pools.push(key.clone());
             }
@@ -545,7 +625,7 @@ impl State {
     /// Drops a pool that nobody waits in any more, or reports that its positions changed.
     fn pool_changed(&mut self, step: &mut Step<'_>, key: &Arc<str>) {
         match self.pools.get(key) {
-            Some(pool) if pool.waiting.is_empty() => {
+            Some(pool) if pool.is_empty() => {
                 self.pools.remove(key);
             }
             Some(_) if !step.outcome.changed_pools.contains(key) => {
@@ -1010,10 +1090,14 @@ impl State {
 
     /// Widens the search of a waiting user by one relaxation step.
     fn relax(&mut self, step: &mut Step<'_>, id: &UserId, ticket: u64) {
-        let w = match self.users.get(id).map(|u| &u.activity) {
-            Some(Activity::Queued(w)) if w.ticket == ticket => w,
+        let Some(user) = self.users.get(id) else {
+            return;
+        };
+        let away = user.away;
+        let w = match &user.activity {
+            Activity::Queued(w) if w.ticket == ticket => w,
             // Paired meanwhile: if the match is undone, the search goes on widening.
-            Some(Activity::Pending { waiting, .. }) if waiting.ticket == ticket => {
+            Activity::Pending { waiting, .. } if waiting.ticket == ticket => {
                 let after = step.policy.rules.relax_after;
                 step.outcome
                     .timers
@@ -1032,10 +1116,9 @@ impl State {
         self.pools
             .entry(key.clone())
             .or_default()
-            .waiting
-            .insert(ticket, id.clone());
+            .list(ticket, id, away);
         let pool = &self.pools[&base];
-        let position = pool.waiting.range(..ticket).count() as u64;
+        let position = pool.ahead(ticket);
         let estimate = self.estimate(pool, position);
         if let Some(User {
             activity: Activity::Queued(w),
@@ -1105,7 +1188,7 @@ impl State {
             },
             Activity::Queued(w) => {
                 let pool = &self.pools[&w.pool];
-                let position = pool.waiting.range(..w.ticket).count() as u64;
+                let position = pool.ahead(w.ticket);
                 Status {
                     state: StateName::Queued,
                     position: Some(position),
@@ -1198,6 +1281,7 @@ impl Matchmaker for MemoryMatchmaker {
                         },
                     );
                 } else {
+                    state.set_away(user, false);
                     state.try_match(step, user);
                 }
             }
@@ -1219,6 +1303,7 @@ impl Matchmaker for MemoryMatchmaker {
             }
             entry.away = true;
             step.outcome.held = true;
+            state.set_away(user, true);
             if let Some((session_id, peer)) = state.session_of(user) {
                 state.emit(
                     step,
@@ -1378,8 +1463,14 @@ impl Matchmaker for MemoryMatchmaker {
                 return Ok(());
             };
             let mut updates = Vec::new();
-            for (position, id) in p.waiting.values().enumerate() {
-                let position = position as u64;
+            // Positions count the away users too: walk both lists in ticket order.
+            let mut away = p.away.keys().peekable();
+            let mut away_ahead = 0;
+            for (i, (ticket, id)) in p.waiting.iter().enumerate() {
+                while away.next_if(|t| *t < ticket).is_some() {
+                    away_ahead += 1;
+                }
+                let position = (i + away_ahead) as u64;
                 let estimate = state.estimate(p, position);
                 let Some(user) = state.users.get(id) else {
                     continue;
@@ -1391,7 +1482,7 @@ impl Matchmaker for MemoryMatchmaker {
                 if *w.pool != *pool {
                     continue;
                 }
-                if user.away || (w.told.0 == position && !estimate_moved(w.told.1, estimate)) {
+                if w.told.0 == position && !estimate_moved(w.told.1, estimate) {
                     continue;
                 }
                 updates.push((id.clone(), position, estimate));

@@ -23,8 +23,12 @@
 --                         state is idle, queued,
 --                         pending (paired, not live yet; the queue fields are kept) or session
 --   P:log:<user>    list of "<seq> <ms> <frame>", newest last, bounded, expires
---   P:pool:<pool>   zset of waiting users by ticket (FIFO); a user whose search widened is
---                   also listed, with the same ticket, in the pools in its `wider` field
+--   P:pool:<pool>   zset of connected waiting users by ticket (FIFO): the only users a match
+--                   attempt visits; a user whose search widened is also listed, with the same
+--                   ticket, in the pools in its `wider` field
+--   P:held:<pool>   zset of waiting users whose connection dropped (held for a resume), by
+--                   ticket, listed like P:pool: they keep their place and count in positions,
+--                   and move back to P:pool when they reattach
 --   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles) created phase (proposed,
 --                   pending or live) a1 a2 (accepted) live (ms it went live)
 --   P:met:<user>    list of "<session>\t<ms>\t<peer>", newest first: sessions that went live
@@ -70,6 +74,7 @@ local function arg(i) return ARGV[11 + i] end
 local function ukey(u) return P .. ':u:' .. u end
 local function skey(s) return P .. ':s:' .. s end
 local function zkey(pk) return P .. ':pool:' .. pk end
+local function hkey(pk) return P .. ':held:' .. pk end
 
 local function new_id(prefix, len)
   id_counter = id_counter + 1
@@ -141,7 +146,7 @@ end
 
 -- Drops the wait history of a pool nobody waits in, or reports that positions changed.
 local function pool_changed(pk)
-  if redis.call('ZCARD', zkey(pk)) == 0 then
+  if redis.call('ZCARD', zkey(pk)) == 0 and redis.call('ZCARD', hkey(pk)) == 0 then
     redis.call('HDEL', P .. ':waits', pk)
   else
     add_changed(pk)
@@ -166,13 +171,43 @@ local function pools_of(pk, wider)
   return t
 end
 
+-- How many wait in pool pk ahead of `ticket` (all of them when nil), connected or not.
+local function ahead(pk, ticket)
+  local upto = '+inf'
+  if ticket then upto = '(' .. ticket end
+  return redis.call('ZCOUNT', zkey(pk), '-inf', upto) + redis.call('ZCOUNT', hkey(pk), '-inf', upto)
+end
+
+-- Lists u at `ticket` in pool k: among the connected waiters, or the away ones.
+local function list(u, k, ticket, away)
+  if away then
+    redis.call('ZADD', hkey(k), ticket, u)
+  else
+    redis.call('ZADD', zkey(k), ticket, u)
+  end
+end
+
+-- Moves waiting u between the connected and the away lists of its pools (its connection
+-- dropped, or it came back).
+local function set_away(u, away)
+  local state, pk, wider, ticket = unpack(redis.call('HMGET', ukey(u), 'state', 'pool', 'wider', 'ticket'))
+  if state ~= 'queued' then return end
+  for _, k in ipairs(pools_of(pk, wider)) do
+    if away then redis.call('ZREM', zkey(k), u) else redis.call('ZREM', hkey(k), u) end
+    list(u, k, ticket, away)
+  end
+end
+
 -- Takes a waiting user out of every pool it is listed in.
 local function take_waiting(u)
   local h = ukey(u)
   local state, pk, since, ticket, wider = unpack(redis.call('HMGET', h, 'state', 'pool', 'since', 'ticket', 'wider'))
   if state ~= 'queued' then return nil end
   local pools = pools_of(pk, wider)
-  for _, k in ipairs(pools) do redis.call('ZREM', zkey(k), u) end
+  for _, k in ipairs(pools) do
+    redis.call('ZREM', zkey(k), u)
+    redis.call('ZREM', hkey(k), u)
+  end
   -- Only the state changes: the queue fields are read only while the state is `queued` or
   -- `pending`.
   redis.call('HSET', h, 'state', 'idle')
@@ -188,9 +223,9 @@ end
 -- Puts a paired user back at its old place (its ticket) in every pool it was listed in.
 local function restore(u)
   local h = ukey(u)
-  local pk, ticket, wider = unpack(redis.call('HMGET', h, 'pool', 'ticket', 'wider'))
+  local pk, ticket, wider, away = unpack(redis.call('HMGET', h, 'pool', 'ticket', 'wider', 'away'))
   for _, k in ipairs(pools_of(pk, wider)) do
-    redis.call('ZADD', zkey(k), ticket, u)
+    list(u, k, ticket, away == '1')
     add_changed(k)
   end
   redis.call('HSET', h, 'state', 'queued')
@@ -351,6 +386,8 @@ local function eligible(u, uf, met, c)
   if c == u or c == uf.avoid then return nil end
   local cstate, caway, cavoid, csince, cblocks = unpack(redis.call('HMGET', ukey(c), 'state',
     'away', 'avoid', 'since', 'hb'))
+  -- Away users are listed apart (P:held); `caway` covers pools an earlier version of this
+  -- library wrote during a rolling upgrade.
   if cstate ~= 'queued' or caway ~= '0' or cavoid == u then return nil end
   if blocked(u, uf.blocks, c, cblocks) then return nil end
   if not met[c] then return true end
@@ -359,7 +396,9 @@ local function eligible(u, uf, met, c)
 end
 
 -- Matches a waiting, connected user with the longest-waiting eligible user in any of its
--- pools. When only recently met users are there, arms the anti-repeat fallback.
+-- pools. When only recently met users are there, arms the anti-repeat fallback. The walk
+-- visits connected waiters only (see P:held) and passes over only those u blocked or was
+-- blocked by, avoids or is avoided by, and its recent partners, as in memory.rs.
 local function try_match(u)
   local state, away, pk, wider, avoid, since, ticket, fb, hb = unpack(redis.call('HMGET',
     ukey(u), 'state', 'away', 'pool', 'wider', 'avoid', 'since', 'ticket', 'fb', 'hb'))
@@ -406,10 +445,11 @@ end
 -- `soft`: whether the user's preferences can widen (relaxation timers).
 local function queue(u, pk, soft)
   local ticket = redis.call('INCR', P .. ':ticket')
-  local position = redis.call('ZCARD', zkey(pk))
-  redis.call('ZADD', zkey(pk), ticket, u)
-  local est = estimate(pk, position)
+  local position = ahead(pk, nil)
   local h = ukey(u)
+  -- A user re-queued while away (the peer of a skipper, say) waits among the away ones.
+  list(u, pk, ticket, redis.call('HGET', h, 'away') == '1')
+  local est = estimate(pk, position)
   redis.call('HSET', h, 'state', 'queued', 'pool', pk, 'wider', '', 'fb', '0', 'ticket', ticket,
     'since', NOW, 'told_pos', position, 'told_est', est or '')
   redis.call('HINCRBY', P .. ':stat', 'queued', 1)
@@ -585,8 +625,8 @@ end
 -- Widens the search of waiting u (queue place `ticket`) by one relaxation step.
 local function relax(u, ticket)
   local h = ukey(u)
-  local state, t, pk, wider, rkeys, rprefs = unpack(redis.call('HMGET', h, 'state', 'ticket',
-    'pool', 'wider', 'rkeys', 'rprefs'))
+  local state, t, pk, wider, rkeys, rprefs, away = unpack(redis.call('HMGET', h, 'state', 'ticket',
+    'pool', 'wider', 'rkeys', 'rprefs', 'away'))
   if t ~= ticket then return end
   -- Paired meanwhile: if the match is undone, the search goes on widening.
   if state == 'pending' then timer(R.relax, u, 'relax', ticket) end
@@ -595,9 +635,9 @@ local function relax(u, ticket)
   local level = #done + 1
   if level > #keys then return end
   local key = keys[level]
-  redis.call('ZADD', zkey(key), ticket, u)
+  list(u, key, ticket, away == '1')
   table.insert(done, key)
-  local position = redis.call('ZCOUNT', zkey(pk), '-inf', '(' .. ticket)
+  local position = ahead(pk, ticket)
   local est = estimate(pk, position)
   redis.call('HSET', h, 'wider', table.concat(done, '\n'), 'told_pos', position, 'told_est', est or '')
   emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est),
@@ -634,6 +674,7 @@ local function detach(u, conn)
   local c, a, inst = unpack(redis.call('HMGET', h, 'conn', 'away', 'inst'))
   if c ~= conn or a == '1' then return end
   redis.call('HSET', h, 'away', '1')
+  set_away(u, true)
   redis.call('SREM', P .. ':iu:' .. inst, u)
   redis.call('ZADD', P .. ':exp', NOW + GRACE, u .. '\n' .. conn)
   if redis.call('PTTL', P .. ':log:' .. u) < 2 * GRACE then
@@ -714,6 +755,58 @@ local function with_user(required)
   return state
 end
 
+-- Operations with many helpers of their own live in functions like this one rather than in
+-- `call`: a Lua 5.1 function may refer to at most 60 enclosing locals.
+
+-- u's state as `status` reports it, or nil when u has no state.
+local function status_of(u)
+  local state, pk, ticket, sid = unpack(redis.call('HMGET', ukey(u), 'state', 'pool', 'ticket', 'sid'))
+  if not state then return nil end
+  local st = { state = state_name(state) }
+  if state == 'queued' then
+    st.position = ahead(pk, ticket)
+    st.estimated_wait_ms = estimate(pk, st.position)
+  elseif state == 'pending' then
+    st.position = 0
+  elseif state == 'session' then
+    st.session_id = sid
+    local u1, h1, h2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'h1', 'h2'))
+    if u1 == u then
+      st.role, st.peer = 'offerer', h2
+    elseif u1 then
+      st.role, st.peer = 'answerer', h1
+    end
+  end
+  return st
+end
+
+-- Sends `queue_update` to the connected waiting users of pool pk whose position or estimate
+-- moved since they were last told.
+local function refresh_pool(pk)
+  -- The connected waiters, whose positions also count the away ones ahead of them.
+  local users = redis.call('ZRANGE', zkey(pk), 0, -1, 'WITHSCORES')
+  local held = redis.call('ZCARD', hkey(pk))
+  for i = 1, #users, 2 do
+    local u = users[i]
+    local position = (i - 1) / 2
+    if held > 0 then position = position + redis.call('ZCOUNT', hkey(pk), '-inf', '(' .. users[i + 1]) end
+    local est = estimate(pk, position)
+    local away, told_pos, told_est, own = unpack(redis.call('HMGET', ukey(u), 'away', 'told_pos', 'told_est', 'pool'))
+    local old = tonumber(told_est)
+    local moved
+    if old and est then
+      moved = math.abs(old - est) * 5 > math.max(old, est)
+    else
+      moved = (old == nil) ~= (est == nil)
+    end
+    -- Users listed here because their search widened are told about their own pool.
+    if own == pk and away == '0' and (tonumber(told_pos) ~= position or moved) then
+      redis.call('HSET', ukey(u), 'told_pos', position, 'told_est', est or '')
+      emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est) })
+    end
+  end
+end
+
 local function call(_keys, args)
   ARGV = args
   P, OP = ARGV[1], ARGV[2]
@@ -768,6 +861,7 @@ local function call(_keys, args)
       if sid then
         emit(peer, { type = 'peer_status', session_id = sid, state = 'connected' })
       else
+        set_away(USER, false)
         try_match(USER)
       end
     end
@@ -825,44 +919,11 @@ local function call(_keys, args)
     end
     return result()
   elseif OP == 'status' then
-    local state, pk, ticket, sid = unpack(redis.call('HMGET', ukey(USER), 'state', 'pool', 'ticket', 'sid'))
-    if not state then return fail('invalid_state', 'no live connection for this user') end
-    local st = { state = state_name(state) }
-    if state == 'queued' then
-      st.position = redis.call('ZCOUNT', zkey(pk), '-inf', '(' .. ticket)
-      st.estimated_wait_ms = estimate(pk, st.position)
-    elseif state == 'pending' then
-      st.position = 0
-    elseif state == 'session' then
-      st.session_id = sid
-      local u1, h1, h2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'h1', 'h2'))
-      if u1 == USER then
-        st.role, st.peer = 'offerer', h2
-      elseif u1 then
-        st.role, st.peer = 'answerer', h1
-      end
-    end
+    local st = status_of(USER)
+    if not st then return fail('invalid_state', 'no live connection for this user') end
     return result({ status = st })
   elseif OP == 'refresh' then
-    local pk = arg(1)
-    local users = redis.call('ZRANGE', zkey(pk), 0, -1)
-    for i, u in ipairs(users) do
-      local position = i - 1
-      local est = estimate(pk, position)
-      local away, told_pos, told_est, own = unpack(redis.call('HMGET', ukey(u), 'away', 'told_pos', 'told_est', 'pool'))
-      local old = tonumber(told_est)
-      local moved
-      if old and est then
-        moved = math.abs(old - est) * 5 > math.max(old, est)
-      else
-        moved = (old == nil) ~= (est == nil)
-      end
-      -- Users listed here because their search widened are told about their own pool.
-      if own == pk and away == '0' and (tonumber(told_pos) ~= position or moved) then
-        redis.call('HSET', ukey(u), 'told_pos', position, 'told_est', est or '')
-        emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est) })
-      end
-    end
+    refresh_pool(arg(1))
     return result()
   elseif OP == 'since' then
     local c, seq = unpack(redis.call('HMGET', ukey(USER), 'conn', 'seq'))
