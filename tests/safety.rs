@@ -530,3 +530,47 @@ async fn soft_fields_must_be_set_and_unique() {
         assert_eq!(r["code"], "bad_request", "{prefs}");
     }
 }
+
+in_both_modes!(
+    ending_quickly_and_enqueueing_again_counts_as_a_quick_skip,
+    [
+        "--skip-limit",
+        "5",
+        "--skip-quick-s",
+        "30",
+        "--skip-window-s",
+        "600",
+        "--skip-cooldowns-s",
+        "60"
+    ]
+);
+async fn ending_quickly_and_enqueueing_again_counts_as_a_quick_skip(d: Deployment) {
+    let mut a = d.connect(0, "alice").await;
+    let mut b = d.connect(1, "bob").await;
+    // alice cycles partners with `end` and `enqueue` instead of `skip` (bob is the partner
+    // each time: anti-repeat is off).
+    for cycle in 0..10 {
+        let r = a
+            .request(json!({"type": "enqueue"}), &format!("q{cycle}"))
+            .await;
+        if r["type"] == "error" {
+            assert_eq!(r["code"], "cooldown", "{r}");
+            assert_eq!(r["retry_after_ms"], 60_000, "{r}");
+            // The fifth quick end followed by an enqueue, as for skips.
+            assert_eq!(cycle, 5, "quick ends counted: {cycle}");
+            assert_eq!(state(&mut a).await, "idle");
+            // The cooldown holds on every instance.
+            drop(a);
+            let mut a = d.connect(1, "alice").await;
+            let again = a.request(json!({"type": "enqueue"}), "again").await;
+            assert_eq!(again["code"], "cooldown", "{again}");
+            return;
+        }
+        assert_eq!(r["type"], "queued", "{r}");
+        enqueue(&mut b).await;
+        a.expect("matched").await;
+        b.expect("matched").await;
+        end_session(&mut a, &mut b).await;
+    }
+    panic!("ten quick end + enqueue cycles never reached a cooldown");
+}

@@ -159,6 +159,9 @@ struct Conduct {
     cooldown_until: Option<Instant>,
     /// The current one-minute enqueue window (it starts with its first enqueue) and its count.
     enqueues: Option<(Instant, u32)>,
+    /// When the user last ended a session quickly (`end`, `block`, or leaving the media room
+    /// within the quick-skip threshold): an `enqueue` soon after makes it a quick skip.
+    quick_end: Option<Instant>,
 }
 
 impl Conduct {
@@ -1000,6 +1003,31 @@ impl State {
         }
     }
 
+    /// Remembers that the user ended a session that lasted `lived` (by `end`, `block`, or
+    /// leaving the media room), for [`State::count_quick_end`].
+    fn note_quick_end(&mut self, step: &Step<'_>, id: &UserId, lived: Duration) {
+        if lived < step.policy.rules.skip_quick {
+            self.conduct.entry(id.clone()).or_default().quick_end = Some(step.now);
+        }
+    }
+
+    /// An `enqueue` soon after the user ended a session quickly: a quick skip by another name
+    /// (otherwise `end` and `enqueue` would cycle partners with no cooldown). Refuses the
+    /// enqueue with the cooldown it starts, if it starts one.
+    fn count_quick_end(&mut self, step: &Step<'_>, id: &UserId) -> Result<(), MatchError> {
+        let quick = step.policy.rules.skip_quick;
+        let ended = self.conduct.get_mut(id).and_then(|c| c.quick_end.take());
+        if ended.is_none_or(|at| step.now.duration_since(at) >= quick) {
+            return Ok(());
+        }
+        match self.count_skip(step, id, Duration::ZERO) {
+            Some(cooldown) => Err(MatchError::Cooldown {
+                retry_after_ms: cooldown.as_millis() as u64,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses `enqueue` and `skip` during a cooldown.
     fn check_cooldown(&self, step: &Step<'_>, id: &UserId) -> Result<(), MatchError> {
         match self.conduct.get(id).and_then(|c| c.cooldown_left(step.now)) {
@@ -1379,6 +1407,7 @@ impl Matchmaker for MemoryMatchmaker {
                 }
             }
             state.check_cooldown(step, user)?;
+            state.count_quick_end(step, user)?;
             state.count_enqueue(step, user)?;
             state.queue(step, user, prefs);
             Ok(())
@@ -1439,14 +1468,16 @@ impl Matchmaker for MemoryMatchmaker {
                     state.leave_match(step, user, &session_id, DequeueReason::End);
                     Ok(())
                 }
-                Activity::InSession { .. } => state
-                    .end_session(
+                Activity::InSession { .. } => {
+                    let lived = state.end_session(
                         step,
                         user,
                         (EndReason::End, false),
                         (EndReason::PeerEnded, false),
-                    )
-                    .map(|_| ()),
+                    )?;
+                    state.note_quick_end(step, user, lived);
+                    Ok(())
+                }
             }
         })?;
         Ok(outcome)
@@ -1577,22 +1608,28 @@ impl Matchmaker for MemoryMatchmaker {
             };
             let requeue_peer = step.policy.requeue_peer_on_skip;
             let reason = EndReason::MediaDisconnected;
-            let ended = match left {
+            match left {
                 // Whoever left ends it; the peer is treated as if skipped.
                 Some(handle) => match s.members.iter().find(|m| &*m.handle == handle) {
                     Some(m) => {
                         let user = m.user.clone();
-                        state.end_session(step, &user, (reason, false), (reason, requeue_peer))
+                        let lived = state.end_session(
+                            step,
+                            &user,
+                            (reason, false),
+                            (reason, requeue_peer),
+                        )?;
+                        state.note_quick_end(step, &user, lived);
                     }
                     None => return Ok(MediaEffect::NoSession),
                 },
                 // The room is gone for both.
                 None => {
                     let user = s.members[0].user.clone();
-                    state.end_session(step, &user, (reason, false), (reason, false))
+                    state.end_session(step, &user, (reason, false), (reason, false))?;
                 }
-            };
-            ended.map(|_| MediaEffect::Ended)
+            }
+            Ok(MediaEffect::Ended)
         })
     }
 
@@ -1624,12 +1661,13 @@ impl Matchmaker for MemoryMatchmaker {
                 .or_default()
                 .insert(peer.clone());
             if state.session_of(user).is_some_and(|(s, _)| s == session_id) {
-                state.end_session(
+                let lived = state.end_session(
                     step,
                     user,
                     (EndReason::End, false),
                     (EndReason::PeerEnded, false),
                 )?;
+                state.note_quick_end(step, user, lived);
             }
             Ok(())
         })?;

@@ -33,7 +33,8 @@
 --                   pending or live) a1 a2 (accepted) live (ms it went live)
 --   P:met:<user>    list of "<session>\t<ms>\t<peer>", newest first: sessions that went live
 --   P:blk:<user>    set of the users this user blocked (never expires)
---   P:cd:<user>     hash: qs (quick skip times) lvl until (cooldown); expires
+--   P:cd:<user>     hash: qs (quick skip times) lvl until (cooldown) qe (when the user last
+--                   ended a session quickly); expires
 --   P:enq:<user>    enqueues in the current one-minute window, expires with it
 --   P:sessions      zset session -> ms matched (media mode only: what the room sweep checks)
 --   P:pending       zset session -> ms by which a paired session must be live, else undone
@@ -622,6 +623,27 @@ local function count_enqueue(u)
   return nil
 end
 
+-- Remembers that u ended a session that lasted `lived` ms (by end, block, or leaving the media
+-- room), for count_quick_end.
+local function note_quick_end(u, lived)
+  if lived >= R.quick then return end
+  local k = P .. ':cd:' .. u
+  redis.call('HSET', k, 'qe', NOW)
+  if redis.call('PTTL', k) < R.quick then redis.call('PEXPIRE', k, R.quick) end
+end
+
+-- An enqueue soon after u ended a session quickly: a quick skip by another name (otherwise
+-- end and enqueue would cycle partners with no cooldown). Returns the cooldown it starts, if
+-- any: the enqueue is then refused.
+local function count_quick_end(u)
+  local k = P .. ':cd:' .. u
+  local ended = tonumber(redis.call('HGET', k, 'qe'))
+  if not ended then return nil end
+  redis.call('HDEL', k, 'qe')
+  if NOW - ended >= R.quick then return nil end
+  return count_skip(u, 0)
+end
+
 -- Widens the search of waiting u (queue place `ticket`) by one relaxation step.
 local function relax(u, ticket)
   local h = ukey(u)
@@ -884,6 +906,8 @@ local function call(_keys, args)
     end
     local left = cooldown_left(USER)
     if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
+    local cooldown = count_quick_end(USER)
+    if cooldown then return fail('cooldown', 'too many quick skips: wait for the cooldown', cooldown) end
     local wait = count_enqueue(USER)
     if wait then return fail('rate_limited', 'too many enqueues: slow down', wait) end
     redis.call('HSET', ukey(USER), 'prefs', arg(1), 'rkeys', arg(4), 'rprefs', arg(5))
@@ -913,7 +937,7 @@ local function call(_keys, args)
     elseif state == 'pending' then
       leave_match(USER, 'end')
     elseif state == 'session' and session_of(USER) then
-      end_session(USER, 'end', false, 'peer_ended', false)
+      note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
     else
       return fail('invalid_state', 'not queued or in a session')
     end
@@ -1023,7 +1047,7 @@ local function call(_keys, args)
     elseif left == h1 or left == h2 then
       local who = u1
       if left == h2 then who = u2 end
-      end_session(who, 'media_disconnected', false, 'media_disconnected', REQUEUE_PEER)
+      note_quick_end(who, end_session(who, 'media_disconnected', false, 'media_disconnected', REQUEUE_PEER))
     else
       return result({ effect = 'no_session' })
     end
@@ -1042,7 +1066,9 @@ local function call(_keys, args)
     if not sid then return fail('invalid_state', 'no such session to block a peer from') end
     redis.call('SADD', P .. ':blk:' .. USER, peer)
     redis.call('HSET', ukey(USER), 'hb', '1')
-    if session_of(USER) == sid then end_session(USER, 'end', false, 'peer_ended', false) end
+    if session_of(USER) == sid then
+      note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
+    end
     return result()
   elseif OP == 'peer' then
     if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
