@@ -12,13 +12,14 @@
 //! Waiting users whose connection dropped keep their ticket but are listed apart (see
 //! [`Pool`]), so the matcher never visits them: a match attempt walks only connected waiters,
 //! and among those only the ones the user blocked or was blocked by, avoids, or met recently
-//! (see [`State::try_match`]) before it finds a partner.
+//! (each bounded, see [`State::try_match`]) before it finds a partner.
 //!
 //! A pair goes through up to three phases: *proposed* (accept phase on: both must accept),
 //! *pending* (media mode: the room is being made) and *live* (`matched` sent). Until live,
 //! both keep their queue places, so that undoing the match puts them back where they were.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,7 @@ impl MemoryMatchmaker {
         // recovery from that, so propagating the poison is correct.
         let mut state = self.state.lock().expect("matchmaker state poisoned");
         state.prune_conduct(step.now);
+        state.prune_blocks(step.now, self.policy.rules.block_ttl);
         let value = f(&mut state, &mut step)?;
         Ok((value, step.outcome))
     }
@@ -107,8 +109,10 @@ struct State {
     /// Media event ids already acted on, with when they may be forgotten, oldest first.
     seen_events: HashMap<String, Instant>,
     seen_order: VecDeque<(Instant, String)>,
-    /// Blocker to the users they blocked; checked both ways. Kept for the process lifetime.
-    blocks: HashMap<UserId, HashSet<UserId>>,
+    /// Blocker to the users they blocked; checked both ways.
+    blocks: HashMap<UserId, BlockList>,
+    /// Block lists to check for expiry, soonest first: at most one entry per list.
+    block_expiry: BinaryHeap<Reverse<(Instant, UserId)>>,
     /// What a user did (sessions, skips, enqueues); outlives the user's connection state.
     conduct: HashMap<UserId, Conduct>,
     /// Users who left, with when their conduct may be forgotten, oldest first.
@@ -162,6 +166,43 @@ struct Conduct {
     /// When the user last ended a session quickly (`end`, `block`, or leaving the media room
     /// within the quick-skip threshold): an `enqueue` soon after makes it a quick skip.
     quick_end: Option<Instant>,
+}
+
+/// The users one user blocked, bounded by [`Rules::max_blocks`] (the oldest goes first), and
+/// forgotten [`Rules::block_ttl`] after the user was last connected.
+struct BlockList {
+    /// Oldest first; a block made again moves to the end.
+    order: VecDeque<UserId>,
+    members: HashSet<UserId>,
+    /// When the blocker last attached or left for good.
+    last_seen: Instant,
+    /// An entry for this list waits in [`State::block_expiry`].
+    expiry_queued: bool,
+}
+
+impl BlockList {
+    fn new(now: Instant) -> Self {
+        BlockList {
+            order: VecDeque::new(),
+            members: HashSet::new(),
+            last_seen: now,
+            expiry_queued: false,
+        }
+    }
+
+    /// Adds (or refreshes) a block, dropping the oldest beyond `max`.
+    fn add(&mut self, user: &UserId, max: usize) {
+        if !self.members.insert(user.clone()) {
+            // O(max) for a repeated block, which is rare; lookups stay O(1).
+            self.order.retain(|u| u != user);
+        }
+        self.order.push_back(user.clone());
+        while self.order.len() > max {
+            if let Some(oldest) = self.order.pop_front() {
+                self.members.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl Conduct {
@@ -456,8 +497,8 @@ impl State {
     }
 
     fn blocked(&self, a: &UserId, b: &UserId) -> bool {
-        self.blocks.get(a).is_some_and(|s| s.contains(b))
-            || self.blocks.get(b).is_some_and(|s| s.contains(a))
+        self.blocks.get(a).is_some_and(|l| l.members.contains(b))
+            || self.blocks.get(b).is_some_and(|l| l.members.contains(a))
     }
 
     /// Whether waiting `id` may be matched with `other`: `Some(true)` yes, `Some(false)` only
@@ -500,10 +541,10 @@ impl State {
     /// pools. When only recently met users are there, arms the anti-repeat fallback.
     ///
     /// The walk visits connected waiters only, in ticket order, and stops at the first eligible
-    /// one; the ones it passes are those the user blocked or was blocked by, the one it avoids
-    /// and those avoiding it (after skips and declines), and its recent partners (at most 16).
-    /// Nobody else can be passed over, so the work does not grow with the number of users
-    /// waiting or reconnecting.
+    /// one; the ones it passes are those the user blocked (at most [`Rules::max_blocks`]) or
+    /// was blocked by, the one it avoids and those avoiding it (after skips and declines), and
+    /// its recent partners (at most 16). Nobody else can be passed over, so the work does not
+    /// grow with the number of users waiting or reconnecting.
     fn try_match(&mut self, step: &mut Step<'_>, id: &UserId) {
         let Some(user) = self.users.get(id) else {
             return;
@@ -1003,6 +1044,52 @@ impl State {
         }
     }
 
+    /// The user left for good: the blocks it made are forgotten after the block TTL unless it
+    /// comes back by then. One entry per block list waits at a time.
+    fn expire_blocks_later(&mut self, step: &Step<'_>, id: &UserId) {
+        let Some(list) = self.blocks.get_mut(id) else {
+            return;
+        };
+        list.last_seen = step.now;
+        if list.expiry_queued {
+            return;
+        }
+        // A TTL too long to represent never runs out.
+        if let Some(at) = step.now.checked_add(step.policy.rules.block_ttl) {
+            list.expiry_queued = true;
+            self.block_expiry.push(Reverse((at, id.clone())));
+        }
+    }
+
+    /// Drops the block lists of users who have not been seen for `ttl`; a list whose owner is
+    /// here again waits for its next departure, one whose owner came and left again waits
+    /// for its new due time.
+    fn prune_blocks(&mut self, now: Instant, ttl: Duration) {
+        while self
+            .block_expiry
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+        {
+            let Some(Reverse((_, id))) = self.block_expiry.pop() else {
+                break;
+            };
+            let Some(list) = self.blocks.get_mut(&id) else {
+                continue;
+            };
+            if self.users.contains_key(&id) {
+                list.expiry_queued = false;
+                continue;
+            }
+            match list.last_seen.checked_add(ttl) {
+                Some(at) if at <= now => {
+                    self.blocks.remove(&id);
+                }
+                Some(at) => self.block_expiry.push(Reverse((at, id))),
+                None => list.expiry_queued = false,
+            }
+        }
+    }
+
     /// Remembers that the user ended a session that lasted `lived` (by `end`, `block`, or
     /// leaving the media room), for [`State::count_quick_end`].
     fn note_quick_end(&mut self, step: &Step<'_>, id: &UserId, lived: Duration) {
@@ -1283,6 +1370,10 @@ impl Matchmaker for MemoryMatchmaker {
             entry.conn = conn;
             entry.away = false;
             entry.log.trim(step.now, step.policy);
+            // Blocks are kept while their owner comes back (see `State::prune_blocks`).
+            if let Some(blocks) = state.blocks.get_mut(user) {
+                blocks.last_seen = step.now;
+            }
             let replay = resume
                 .filter(|r| r.token == entry.log.epoch)
                 .and_then(|r| entry.log.since(r.last_seq));
@@ -1362,6 +1453,7 @@ impl Matchmaker for MemoryMatchmaker {
                 Activity::Idle => {
                     state.users.remove(user);
                     state.forget_later(step, user);
+                    state.expire_blocks_later(step, user);
                 }
                 Activity::Queued(_) => {
                     state.dequeue(step, user, DequeueReason::Timeout);
@@ -1655,11 +1747,12 @@ impl Matchmaker for MemoryMatchmaker {
                     .ok_or(MatchError::InvalidState(
                         "no such session to block a peer from".into(),
                     ))?;
-            state
+            let list = state
                 .blocks
                 .entry(user.clone())
-                .or_default()
-                .insert(peer.clone());
+                .or_insert_with(|| BlockList::new(step.now));
+            list.add(&peer, step.policy.rules.max_blocks);
+            list.last_seen = step.now;
             if state.session_of(user).is_some_and(|(s, _)| s == session_id) {
                 let lived = state.end_session(
                     step,

@@ -41,6 +41,10 @@ pub struct Rules {
     pub decline_to_tail: bool,
     /// Wait per preference relaxation step.
     pub relax_after: Duration,
+    /// Blocks kept per user: beyond it, the oldest block goes.
+    pub max_blocks: usize,
+    /// The blocks of a user who has not been connected for this long are forgotten.
+    pub block_ttl: Duration,
 }
 
 impl Rules {
@@ -61,6 +65,8 @@ impl Rules {
                 .then(|| Duration::from_millis(c.accept_timeout_ms)),
             decline_to_tail: c.decline_to == crate::config::DeclineTo::Tail,
             relax_after: Duration::from_millis(c.relax_after_ms),
+            max_blocks: c.max_blocks_per_user,
+            block_ttl: Duration::from_secs(c.block_ttl_s),
         }
     }
 

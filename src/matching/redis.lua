@@ -32,7 +32,9 @@
 --   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles) created phase (proposed,
 --                   pending or live) a1 a2 (accepted) live (ms it went live)
 --   P:met:<user>    list of "<session>\t<ms>\t<peer>", newest first: sessions that went live
---   P:blk:<user>    set of the users this user blocked (never expires)
+--   P:blk:<user>    set of the users this user blocked (at most max_blocks)
+--   P:blkt:<user>   zset of the same users by when they were blocked, to drop the oldest; both
+--                   persist while the user's hash exists and expire block_ttl after it goes
 --   P:cd:<user>     hash: qs (quick skip times) lvl until (cooldown) qe (when the user last
 --                   ended a session quickly); expires
 --   P:enq:<user>    enqueues in the current one-minute window, expires with it
@@ -58,7 +60,8 @@ local out, actor, ref, id_counter
 
 -- The rules, one comma-separated string: anti-repeat window ms, fallback ms, quick skip ms,
 -- skip limit, skip window ms, enqueues per minute, accept timeout ms (0: off), decline to
--- tail (1/0), relax after ms, then the cooldowns in ms separated by ";".
+-- tail (1/0), relax after ms, the cooldowns in ms separated by ";", blocks kept per user,
+-- block ttl ms.
 local function read_rules(s)
   local f = {}
   for v in string.gmatch(s, '[^,]+') do table.insert(f, v) end
@@ -66,7 +69,8 @@ local function read_rules(s)
   for v in string.gmatch(f[10], '[^;]+') do table.insert(cds, tonumber(v)) end
   return { window = tonumber(f[1]), fallback = tonumber(f[2]), quick = tonumber(f[3]),
     limit = tonumber(f[4]), skip_window = tonumber(f[5]), enq = tonumber(f[6]),
-    accept = tonumber(f[7]), tail = f[8] == '1', relax = tonumber(f[9]), cooldowns = cds }
+    accept = tonumber(f[7]), tail = f[8] == '1', relax = tonumber(f[9]), cooldowns = cds,
+    max_blocks = tonumber(f[11]), block_ttl = tonumber(f[12]) }
 end
 
 -- The i-th operation argument.
@@ -644,6 +648,22 @@ local function count_quick_end(u)
   return count_skip(u, 0)
 end
 
+-- u blocks `peer`: the newest of u's at most max_blocks blocks (the oldest goes first).
+local function add_block(u, peer)
+  local set, times = P .. ':blk:' .. u, P .. ':blkt:' .. u
+  redis.call('SADD', set, peer)
+  -- Scores only order the blocks: keep them strictly increasing, even within one ms.
+  local newest = redis.call('ZRANGE', times, -1, -1, 'WITHSCORES')
+  redis.call('ZADD', times, math.max(NOW, (tonumber(newest[2]) or 0) + 1), peer)
+  local over = redis.call('ZCARD', times) - R.max_blocks
+  if over > 0 then
+    local oldest = redis.call('ZRANGE', times, 0, over - 1)
+    redis.call('SREM', set, unpack(oldest))
+    redis.call('ZREMRANGEBYRANK', times, 0, over - 1)
+  end
+  redis.call('HSET', ukey(u), 'hb', '1')
+end
+
 -- Widens the search of waiting u (queue place `ticket`) by one relaxation step.
 local function relax(u, ticket)
   local h = ukey(u)
@@ -729,6 +749,10 @@ local function expire(u, conn)
     leave_match(u, 'timeout')
   else
     redis.call('DEL', h, P .. ':log:' .. u)
+    -- Gone for good: the blocks u made go once u has stayed away for the block TTL.
+    for _, k in ipairs({ P .. ':blk:' .. u, P .. ':blkt:' .. u }) do
+      redis.call('PEXPIRE', k, R.block_ttl)
+    end
     return
   end
   redis.call('ZADD', P .. ':exp', NOW + GRACE, member)
@@ -851,8 +875,11 @@ local function call(_keys, args)
     if redis.call('EXISTS', h) == 0 then
       redis.call('HSET', h, 'conn', conn, 'inst', inst, 'away', '0', 'state', 'idle',
         'epoch', new_id('r_', 32), 'seq', 0,
-        -- Blocks outlive the user's hash.
+        -- Blocks outlive the user's hash (for the block TTL).
         'hb', redis.call('EXISTS', P .. ':blk:' .. USER))
+      -- Back in time: the blocks stay while the user is here.
+      redis.call('PERSIST', P .. ':blk:' .. USER)
+      redis.call('PERSIST', P .. ':blkt:' .. USER)
     else
       local old_inst, old_conn, a = unpack(redis.call('HMGET', h, 'inst', 'conn', 'away'))
       was_away = a == '1'
@@ -1064,8 +1091,7 @@ local function call(_keys, args)
     if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
     local sid, peer = peer_in(USER, arg(1))
     if not sid then return fail('invalid_state', 'no such session to block a peer from') end
-    redis.call('SADD', P .. ':blk:' .. USER, peer)
-    redis.call('HSET', ukey(USER), 'hb', '1')
+    add_block(USER, peer)
     if session_of(USER) == sid then
       note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
     end
