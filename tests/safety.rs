@@ -595,22 +595,28 @@ async fn a_block_list_keeps_only_the_most_recent_blocks(d: Deployment) {
     let mut bob = d.connect(1, "bob").await;
     let mut carol = d.connect(2, "carol").await;
     let mut dave = d.connect(3, "dave").await;
-    for c in [&mut bob, &mut carol, &mut dave] {
+    // alice blocks bob, then carol, and just ends her session with dave.
+    for c in [&mut bob, &mut carol] {
         common::match_up(&mut a, c).await;
         send_and_read(&mut a, json!({"type": "block", "ref": "b"}), 2).await;
         c.expect("session_ended").await;
     }
-    // Three blocks with room for two: bob, the oldest, is no longer blocked...
+    common::match_up(&mut a, &mut dave).await;
+    end_session(&mut a, &mut dave).await;
+    // alice and bob wait together, apart: blocked.
     let topic = |t: &str| json!({"type": "enqueue", "prefs": {"topic": t}});
-    a.send(topic("bob")).await;
-    a.expect("queued").await;
     bob.send(topic("bob")).await;
     bob.expect("queued").await;
-    let ma = next_event(&mut a).await;
-    assert_eq!(ma["type"], "matched", "{ma}");
+    a.send(topic("bob")).await;
+    a.expect("queued").await;
+    assert_eq!(state_after_events(&mut bob).await, "queued");
+    // A third block with room for two drops bob's, the oldest: alice meets bob at once.
+    let frames = send_and_read(&mut a, json!({"type": "block", "ref": "b3"}), 2).await;
+    assert_eq!(of_type(&frames, "ack")["ref"], "b3");
+    let ma = of_type(&frames, "matched");
     assert_eq!(next_event(&mut bob).await["session_id"], ma["session_id"]);
     end_session(&mut a, &mut bob).await;
-    // ...carol still is: erin, who came later, gets alice.
+    // carol's block still holds: erin, who came later, gets alice.
     a.send(topic("carol")).await;
     a.expect("queued").await;
     carol.send(topic("carol")).await;

@@ -190,18 +190,22 @@ impl BlockList {
         }
     }
 
-    /// Adds (or refreshes) a block, dropping the oldest beyond `max`.
-    fn add(&mut self, user: &UserId, max: usize) {
+    /// Adds (or refreshes) a block, dropping the oldest beyond `max`; returns whether it
+    /// dropped one.
+    fn add(&mut self, user: &UserId, max: usize) -> bool {
         if !self.members.insert(user.clone()) {
             // O(max) for a repeated block, which is rare; lookups stay O(1).
             self.order.retain(|u| u != user);
         }
         self.order.push_back(user.clone());
+        let mut dropped = false;
         while self.order.len() > max {
             if let Some(oldest) = self.order.pop_front() {
                 self.members.remove(&oldest);
+                dropped = true;
             }
         }
+        dropped
     }
 }
 
@@ -1751,8 +1755,11 @@ impl Matchmaker for MemoryMatchmaker {
                 .blocks
                 .entry(user.clone())
                 .or_insert_with(|| BlockList::new(step.now));
-            list.add(&peer, step.policy.rules.max_blocks);
-            list.last_seen = step.now;
+            // A dropped block may leave the blocker, if it waits, free to meet somebody who
+            // waits too.
+            if list.add(&peer, step.policy.rules.max_blocks) {
+                state.try_match(step, user);
+            }
             if state.session_of(user).is_some_and(|(s, _)| s == session_id) {
                 let lived = state.end_session(
                     step,

@@ -649,6 +649,7 @@ local function count_quick_end(u)
 end
 
 -- u blocks `peer`: the newest of u's at most max_blocks blocks (the oldest goes first).
+-- Returns whether an old block was dropped.
 local function add_block(u, peer)
   local set, times = P .. ':blk:' .. u, P .. ':blkt:' .. u
   redis.call('SADD', set, peer)
@@ -662,6 +663,7 @@ local function add_block(u, peer)
     redis.call('ZREMRANGEBYRANK', times, 0, over - 1)
   end
   redis.call('HSET', ukey(u), 'hb', '1')
+  return over > 0
 end
 
 -- Widens the search of waiting u (queue place `ticket`) by one relaxation step.
@@ -1091,7 +1093,8 @@ local function call(_keys, args)
     if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
     local sid, peer = peer_in(USER, arg(1))
     if not sid then return fail('invalid_state', 'no such session to block a peer from') end
-    add_block(USER, peer)
+    -- A dropped block may leave the blocker, if it waits, free to meet somebody who waits too.
+    if add_block(USER, peer) then try_match(USER) end
     if session_of(USER) == sid then
       note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
     end
