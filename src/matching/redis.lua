@@ -803,8 +803,78 @@ local function with_user(required)
   return state
 end
 
--- Operations with many helpers of their own live in functions like this one rather than in
+-- Operations with many helpers of their own live in functions of their own rather than in
 -- `call`: a Lua 5.1 function may refer to at most 60 enclosing locals.
+
+-- The `enqueue` of USER (arg: 1 prefs JSON, 2 pool key, 3 ref, 4 relaxed pool keys
+-- ("\n"-separated), 5 relaxed prefs (JSON array, one per step)).
+local function enqueue_op()
+  set_ref(arg(3))
+  local state = with_user(true)
+  if not state then return fail('invalid_state', 'no live connection for this user') end
+  if state == 'queued' or state == 'pending' then return fail('invalid_state', 'already queued') end
+  if state == 'session' then
+    return fail('invalid_state', 'already in a session: skip or end it first')
+  end
+  local left = cooldown_left(USER)
+  if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
+  local cooldown = count_quick_end(USER)
+  if cooldown then return fail('cooldown', 'too many quick skips: wait for the cooldown', cooldown) end
+  local wait = count_enqueue(USER)
+  if wait then return fail('rate_limited', 'too many enqueues: slow down', wait) end
+  redis.call('HSET', ukey(USER), 'prefs', arg(1), 'rkeys', arg(4), 'rprefs', arg(5))
+  queue(USER, arg(2), arg(4) ~= '')
+  return result()
+end
+
+-- The `skip` of USER (arg: 1 ref, 2 the message of the error that announces a cooldown).
+local function skip_op()
+  set_ref(arg(1))
+  local left = cooldown_left(USER)
+  if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
+  local sid, peer = session_of(USER)
+  if not sid then return fail('invalid_state', 'not in a session') end
+  redis.call('HSET', ukey(USER), 'avoid', peer)
+  redis.call('HSET', ukey(peer), 'avoid', USER)
+  local live = tonumber(redis.call('HGET', skey(sid), 'live')) or NOW
+  -- The skip that starts a cooldown still ends the session, but does not re-queue.
+  local cooldown = count_skip(USER, NOW - live)
+  end_session(USER, 'skip', cooldown == nil, 'peer_skipped', REQUEUE_PEER)
+  if cooldown then
+    emit(USER, { type = 'error', code = 'cooldown', message = arg(2), retry_after_ms = cooldown })
+  end
+  return result()
+end
+
+-- The `end` of USER (arg: 1 ref).
+local function end_op()
+  set_ref(arg(1))
+  local state = with_user(true)
+  if state == 'queued' then
+    dequeue(USER, 'end')
+  elseif state == 'pending' then
+    leave_match(USER, 'end')
+  elseif state == 'session' and session_of(USER) then
+    note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
+  else
+    return fail('invalid_state', 'not queued or in a session')
+  end
+  return result()
+end
+
+-- The `block` of USER (arg: 1 the session whose peer to block, "" for the current or most
+-- recent one).
+local function block_op()
+  if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
+  local sid, peer = peer_in(USER, arg(1))
+  if not sid then return fail('invalid_state', 'no such session to block a peer from') end
+  -- A dropped block may leave the blocker, if it waits, free to meet somebody who waits too.
+  if add_block(USER, peer) then try_match(USER) end
+  if session_of(USER) == sid then
+    note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
+  end
+  return result()
+end
 
 -- u's state as `status` reports it, or nil when u has no state.
 local function status_of(u)
@@ -924,53 +994,11 @@ local function call(_keys, args)
     expire(USER, ARGV[12])
     return result()
   elseif OP == 'enqueue' then
-    -- arg: 1 prefs JSON, 2 pool key, 3 ref, 4 relaxed pool keys ("\n"-separated), 5 relaxed
-    -- prefs (JSON array, one per step).
-    set_ref(arg(3))
-    local state = with_user(true)
-    if not state then return fail('invalid_state', 'no live connection for this user') end
-    if state == 'queued' or state == 'pending' then return fail('invalid_state', 'already queued') end
-    if state == 'session' then
-      return fail('invalid_state', 'already in a session: skip or end it first')
-    end
-    local left = cooldown_left(USER)
-    if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
-    local cooldown = count_quick_end(USER)
-    if cooldown then return fail('cooldown', 'too many quick skips: wait for the cooldown', cooldown) end
-    local wait = count_enqueue(USER)
-    if wait then return fail('rate_limited', 'too many enqueues: slow down', wait) end
-    redis.call('HSET', ukey(USER), 'prefs', arg(1), 'rkeys', arg(4), 'rprefs', arg(5))
-    queue(USER, arg(2), arg(4) ~= '')
-    return result()
+    return enqueue_op()
   elseif OP == 'skip' then
-    set_ref(arg(1))
-    local left = cooldown_left(USER)
-    if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
-    local sid, peer = session_of(USER)
-    if not sid then return fail('invalid_state', 'not in a session') end
-    redis.call('HSET', ukey(USER), 'avoid', peer)
-    redis.call('HSET', ukey(peer), 'avoid', USER)
-    local live = tonumber(redis.call('HGET', skey(sid), 'live')) or NOW
-    -- The skip that starts a cooldown still ends the session, but does not re-queue.
-    local cooldown = count_skip(USER, NOW - live)
-    end_session(USER, 'skip', cooldown == nil, 'peer_skipped', REQUEUE_PEER)
-    if cooldown then
-      emit(USER, { type = 'error', code = 'cooldown', message = arg(2), retry_after_ms = cooldown })
-    end
-    return result()
+    return skip_op()
   elseif OP == 'end' then
-    set_ref(arg(1))
-    local state = with_user(true)
-    if state == 'queued' then
-      dequeue(USER, 'end')
-    elseif state == 'pending' then
-      leave_match(USER, 'end')
-    elseif state == 'session' and session_of(USER) then
-      note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
-    else
-      return fail('invalid_state', 'not queued or in a session')
-    end
-    return result()
+    return end_op()
   elseif OP == 'status' then
     local st = status_of(USER)
     if not st then return fail('invalid_state', 'no live connection for this user') end
@@ -1090,15 +1118,7 @@ local function call(_keys, args)
     end
     return result({ session_list = list })
   elseif OP == 'block' then
-    if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
-    local sid, peer = peer_in(USER, arg(1))
-    if not sid then return fail('invalid_state', 'no such session to block a peer from') end
-    -- A dropped block may leave the blocker, if it waits, free to meet somebody who waits too.
-    if add_block(USER, peer) then try_match(USER) end
-    if session_of(USER) == sid then
-      note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
-    end
-    return result()
+    return block_op()
   elseif OP == 'peer' then
     if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
     local sid, peer = peer_in(USER, arg(1))
