@@ -460,6 +460,16 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_RELAX_AFTER_MS", default_value_t = 10_000)]
     pub relax_after_ms: u64,
 
+    /// Blocks kept per user: a user's block list keeps the most recent this many (the oldest
+    /// block goes first).
+    #[arg(long, env = "MATCHGATE_MAX_BLOCKS_PER_USER", default_value_t = 1_000)]
+    pub max_blocks_per_user: usize,
+
+    /// The blocks a user made are forgotten once the user has not been connected for this
+    /// many seconds (default: 180 days).
+    #[arg(long, env = "MATCHGATE_BLOCK_TTL_S", default_value_t = 180 * 86_400)]
+    pub block_ttl_s: u64,
+
     // --- Moderation ---
     /// Bearer token of the admin API under `/v1/admin/` (at least 32 bytes). Without it the
     /// admin API is off.
@@ -485,6 +495,11 @@ pub struct Config {
     /// Reports kept (in memory, or in the Redis stream, trimmed to about this many).
     #[arg(long, env = "MATCHGATE_REPORTS_KEPT", default_value_t = 100_000)]
     pub reports_kept: usize,
+
+    /// Reports one user may file per hour (a window that starts with the first report), across
+    /// connections and instances; beyond it `report` answers `rate_limited`.
+    #[arg(long, env = "MATCHGATE_REPORTS_PER_HOUR", default_value_t = 20)]
+    pub reports_per_hour: u32,
 
     /// How user ids and IP addresses appear in logs: `hashed` (a keyed hash, the default) or
     /// `full`. Debug logging (`MATCHGATE_LOG` at debug) always shows them in full.
@@ -514,6 +529,9 @@ fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
         .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR network"))
 }
+
+/// The longest block TTL: ten years.
+const MAX_BLOCK_TTL_S: u64 = 10 * 365 * 86_400;
 
 /// A configuration that parsed but makes no sense.
 #[derive(Debug, thiserror::Error)]
@@ -727,6 +745,18 @@ impl Config {
                 "MATCHGATE_IP_CONNECTS_PER_MINUTE, MATCHGATE_REPORT_WINDOW_S and MATCHGATE_REPORT_BAN_TTL_S must be at least 1"
                     .into(),
             );
+        }
+        if self.reports_per_hour == 0 {
+            return fail("MATCHGATE_REPORTS_PER_HOUR must be at least 1".into());
+        }
+        if self.max_blocks_per_user == 0 {
+            return fail("MATCHGATE_MAX_BLOCKS_PER_USER must be at least 1".into());
+        }
+        if !(1..=MAX_BLOCK_TTL_S).contains(&self.block_ttl_s) {
+            return fail(format!(
+                "MATCHGATE_BLOCK_TTL_S must be between 1 and {MAX_BLOCK_TTL_S} (ten years), got {}",
+                self.block_ttl_s
+            ));
         }
         Ok(())
     }
@@ -1084,6 +1114,15 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("NAMESPACE"), "{e}");
+        for flags in [
+            ["--reports-per-hour", "0"],
+            ["--max-blocks-per-user", "0"],
+            ["--block-ttl-s", "0"],
+        ] {
+            let e = parse(&flags).validate().unwrap_err();
+            let name = flags[0].trim_start_matches("--").replace('-', "_");
+            assert!(e.to_string().contains(&name.to_uppercase()), "{e}");
+        }
         let e = parse(&["--allowed-origins", "example.com"])
             .validate()
             .unwrap_err();

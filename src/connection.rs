@@ -177,8 +177,7 @@ impl Connection {
                 Exit::Close(close::REPLACED, close_reason(close::REPLACED))
             }
             Err(e) => {
-                tracing::warn!(error = %e, "attach failed");
-                let frame = gateway.error_frame(e.code(), &e.to_string(), None, Some(1_000));
+                let frame = gateway.attach_failed(self.id, &e);
                 let _ = self.send(&mut ws, frame).await;
                 Exit::Close(close::TRY_AGAIN_LATER, "try again later")
             }

@@ -5,6 +5,7 @@
 //! parsed requests; it never touches a socket. Frames reach sockets through the
 //! [`Bus`](crate::bus::Bus) and the [`Registry`].
 
+mod detach;
 mod media;
 mod moderation;
 mod probe;
@@ -14,8 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use backon::Retryable;
 use dashmap::DashMap;
 
+use crate::backoff;
 use crate::bus::local::LocalBus;
 use crate::config::Config;
 use crate::ids::unix_ms;
@@ -26,8 +29,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{Action, ErrorCode, Reply, Request};
 use crate::registry::Registry;
 
-/// Attempts per timer (about a minute of backend trouble).
-const WAKE_ATTEMPTS: u32 = 15;
+/// Retries per timer (about a minute of backend trouble).
+const WAKE_RETRIES: usize = 14;
 
 pub struct Gateway {
     matchmaker: Arc<dyn Matchmaker>,
@@ -46,6 +49,8 @@ pub struct Gateway {
     pub(crate) moderation: Arc<dyn crate::moderation::Moderation>,
     /// Readiness answers of the backend, cached.
     probe: probe::BackendProbe,
+    /// Which connections to detach, and the detaches waiting for the backend.
+    detaches: detach::Detaches,
 }
 
 impl Gateway {
@@ -93,6 +98,7 @@ impl Gateway {
                 deleting: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_DELETES)),
                 queued_deletes: Arc::new(AtomicUsize::new(0)),
             }),
+            detaches: detach::Detaches::new(metrics.detach_pending.clone()),
             metrics,
         })
     }
@@ -136,35 +142,16 @@ impl Gateway {
         resume: Option<Resume>,
     ) -> Result<Attached, MatchError> {
         let mut attached = self.matchmaker.attach(user, conn, resume).await?;
+        self.detaches.attached(user, conn);
         self.apply(user, conn, std::mem::take(&mut attached.outcome));
         Ok(attached)
     }
 
-    /// Tells the matchmaker that a connection is gone. While the backend is unavailable this is
-    /// retried in the background, or the user would look connected forever.
-    pub async fn detach(self: &Arc<Self>, user: &UserId, conn: ConnId) {
-        match self.matchmaker.detach(user, conn).await {
-            Ok(outcome) => self.apply(user, conn, outcome),
-            Err(e) => {
-                tracing::warn!(error = %e, "detach failed: retrying in the background");
-                let gateway = self.clone();
-                let user = user.clone();
-                // Until it succeeds, however long the outage: a user left attached would sit in
-                // queues and sessions forever. One small task per connection that closed during
-                // the outage.
-                tokio::spawn(async move {
-                    let mut delay = Duration::from_millis(250);
-                    loop {
-                        tokio::time::sleep(delay).await;
-                        if let Ok(outcome) = gateway.matchmaker.detach(&user, conn).await {
-                            gateway.apply(&user, conn, outcome);
-                            return;
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                });
-            }
-        }
+    /// The `error` frame for a connection that could not attach (or was let in unchecked):
+    /// details go to the log with the connection's id, the client gets fixed text.
+    pub fn attach_failed(&self, conn: ConnId, e: &MatchError) -> Utf8Bytes {
+        tracing::warn!(%conn, error = %e, "attach failed");
+        self.error_frame(e.code(), &e.client_message(), None, Some(1_000))
     }
 
     /// Handles one request and returns the direct reply frame, if the reply is not an event
@@ -212,8 +199,15 @@ impl Gateway {
                 session_id,
             } => {
                 return Some(
-                    self.report(user, reason, details, session_id.as_deref(), reference)
-                        .await,
+                    self.report(
+                        user,
+                        conn,
+                        reason,
+                        details,
+                        session_id.as_deref(),
+                        reference,
+                    )
+                    .await,
                 );
             }
             Action::Heartbeat => {
@@ -237,7 +231,7 @@ impl Gateway {
                         };
                         (status.encode(), false)
                     }
-                    Err(e) => self.match_error(&e, reference),
+                    Err(e) => self.match_error(conn, &e, reference),
                 })
             }
         };
@@ -246,7 +240,7 @@ impl Gateway {
                 self.apply(user, conn, outcome);
                 None
             }
-            Err(e) => Some(self.match_error(&e, reference)),
+            Err(e) => Some(self.match_error(conn, &e, reference)),
         }
     }
 
@@ -264,14 +258,24 @@ impl Gateway {
                 self.apply(user, conn, outcome);
                 (Reply::Ack { action, reference }.encode(), false)
             }
-            Err(e) => self.match_error(&e, reference),
+            Err(e) => self.match_error(conn, &e, reference),
         }
     }
 
-    /// The error frame for a failed operation, and whether the client caused it (and so
-    /// pays from its error budget): not when the backend is down or we have a bug.
-    fn match_error(&self, e: &MatchError, reference: Option<&str>) -> (Utf8Bytes, bool) {
-        let frame = self.error_frame(e.code(), &e.to_string(), reference, e.retry_after_ms());
+    /// The error frame for a failed operation of connection `conn`, and whether the client
+    /// caused it (and so pays from its error budget): not when the backend is down or we have
+    /// a bug. Those are logged with their details, which the client does not get.
+    fn match_error(
+        &self,
+        conn: ConnId,
+        e: &MatchError,
+        reference: Option<&str>,
+    ) -> (Utf8Bytes, bool) {
+        if !e.client_caused() {
+            tracing::warn!(%conn, error = %e, "request failed");
+        }
+        let message = e.client_message();
+        let frame = self.error_frame(e.code(), &message, reference, e.retry_after_ms());
         (frame, e.client_caused())
     }
 
@@ -332,14 +336,20 @@ impl Gateway {
             tokio::time::sleep(delay).await;
             // A timer that fails (backend briefly away) is tried again: a lost one would leave
             // a user waiting for a widening or a fallback that never comes.
-            let mut retry = Duration::from_millis(250);
-            for _ in 0..WAKE_ATTEMPTS {
-                match gateway.matchmaker.wake(&user, timer.clone()).await {
-                    Ok(outcome) => return gateway.apply_outcome(outcome),
-                    Err(e) => tracing::warn!(error = %e, "timer failed: trying again"),
-                }
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(5));
+            let wake = || gateway.matchmaker.wake(&user, timer.clone());
+            let policy = backoff::policy(
+                Duration::from_millis(250),
+                Duration::from_secs(5),
+                Some(WAKE_RETRIES),
+            );
+            let woken = wake
+                .retry(policy)
+                .when(|e| matches!(e, MatchError::Unavailable(_)))
+                .notify(|e, _| tracing::warn!(error = %e, "timer failed: trying again"))
+                .await;
+            match woken {
+                Ok(outcome) => gateway.apply_outcome(outcome),
+                Err(e) => tracing::error!(error = %e, "timer failed for good"),
             }
         });
     }

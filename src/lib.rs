@@ -19,6 +19,7 @@
 
 pub mod address;
 pub mod auth;
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod connection;

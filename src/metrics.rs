@@ -47,6 +47,9 @@ pub struct Metrics {
     pending_connections: Family<Label, Gauge>,
     pending_refused: Labelled2,
     relayed: Labelled,
+    /// Detaches waiting for the backend (see `gateway::detach`).
+    pub detach_pending: Gauge,
+    detach_calls: Labelled,
 }
 
 /// Who made a ban.
@@ -120,6 +123,18 @@ impl Metrics {
             "relayed",
             "Messages clients of this instance relayed to their peers, by kind: signal, chat",
             relayed.clone(),
+        );
+        let detach_pending = Gauge::default();
+        let detach_calls = Labelled::default();
+        registry.register(
+            "detach_pending",
+            "Detaches of closed connections waiting for the matching backend (one per user at most)",
+            detach_pending.clone(),
+        );
+        registry.register(
+            "detach_calls",
+            "Detach calls to the matching backend, by result: ok, error (one per closed, attached connection, plus retries)",
+            detach_calls.clone(),
         );
         registry.register("reports", "Reports users made, by reason", reports.clone());
         registry.register(
@@ -253,6 +268,9 @@ impl Metrics {
         for kind in ["signal", "chat"] {
             let _ = relayed.get_or_create(&[("kind", kind)]);
         }
+        for result in ["ok", "error"] {
+            let _ = detach_calls.get_or_create(&[("result", result)]);
+        }
         Metrics {
             registry,
             connections,
@@ -280,6 +298,8 @@ impl Metrics {
             pending_connections,
             pending_refused,
             relayed,
+            detach_pending,
+            detach_calls,
         }
     }
 
@@ -299,6 +319,12 @@ impl Metrics {
     /// A `signal` or `chat` passed on (its kind: `signal` or `chat`).
     pub fn relayed(&self, kind: &'static str) {
         self.relayed.get_or_create(&[("kind", kind)]).inc();
+    }
+
+
+    pub fn detach_call(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.detach_calls.get_or_create(&[("result", result)]).inc();
     }
 
     pub fn report(&self, reason: ReportReason) {

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::backoff;
 use crate::bus::redis::{subscribe, Recovery};
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -25,6 +26,9 @@ use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::moderation::disconnect_banned;
 use crate::protocol::close;
+
+/// The longest wait between two attempts at subscribing or at the first heartbeat.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Settings of the Redis matchmaker from the configuration; `None` in the embedded mode.
 pub fn settings(config: &Config) -> Option<RedisSettings> {
@@ -98,7 +102,7 @@ async fn subscriber(
 ) {
     let channel = settings.layout.channel(&settings.instance);
     let channels = [channel.as_str(), broadcast.as_str()];
-    let mut delay = Duration::from_millis(100);
+    let mut delays = backoff::Delays::new(Duration::from_millis(100), RETRY_MAX);
     let manager = loop {
         let attempt = subscribe(
             &settings.urls[0],
@@ -115,25 +119,23 @@ async fn subscriber(
             _ = stop.wait_for(|s| *s) => return,
         }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(delays.next_delay()) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     };
     tracing::info!(%channel, "subscribed");
     // Take traffic only once this instance is on the liveness list: an instance that crashed
     // before its first heartbeat would otherwise leave users nobody ever cleans up.
-    let mut delay = Duration::from_millis(50);
+    let mut delays = backoff::Delays::new(Duration::from_millis(50), RETRY_MAX);
     loop {
         match instance.tick().await {
             Ok(_) => break,
             Err(e) => tracing::warn!(error = %e, "first heartbeat failed; retrying"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(delays.next_delay()) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
     instance.gateway.set_subscribed(true);
     let _ = stop.wait_for(|s| *s).await;

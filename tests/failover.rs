@@ -457,3 +457,112 @@ async fn an_instance_taken_for_dead_sends_its_clients_back_and_serves_them_again
     newcomer.expect("queued").await;
     newcomer.expect("matched").await;
 }
+
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// A handshake during an outage: the client is let in unchecked (bans cannot be read), told
+/// `unavailable` with fixed text, and closed with 1013.
+async fn turned_away(url: &str, user: &str) {
+    let request = common::ws_request(url, user, "");
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut c = common::Client::new(ws, user);
+    let e = c.expect("error").await;
+    assert_eq!(e["code"], "unavailable", "{e}");
+    assert_eq!(e["message"], UNAVAILABLE, "{e}");
+    match c.closed().await {
+        Closed::Code(code) => assert_eq!(code, 1013),
+        other => panic!("expected close 1013, got {other:?}"),
+    }
+}
+
+/// What clients are told when a backend is down, whatever the Redis client said.
+const UNAVAILABLE: &str = "a backend this action needs is unavailable: try again later";
+
+#[tokio::test]
+async fn an_outage_creates_one_detach_per_attached_user_however_many_reconnect() {
+    const ATTACHED: usize = 20;
+    const HANDSHAKES: usize = 2_000;
+    const REPEATERS: usize = 200;
+    let mut redis = RedisServer::start().await;
+    let g = gateway(&redis_args(&redis), "solo").await;
+    let mut clients = Vec::new();
+    for i in 0..ATTACHED {
+        clients.push(g.connect(&format!("u{i}")).await);
+    }
+    let ok = r#"matchgate_detach_calls_total{result="ok"}"#;
+    let before = g.metric(ok).await;
+
+    redis.stop();
+    // The attached users drop: their detaches wait for Redis, one per user.
+    for c in clients {
+        c.close().await;
+    }
+    eventually("every attached user's detach waits", || async {
+        g.metric("matchgate_detach_pending").await == ATTACHED as f64
+    })
+    .await;
+    let rss_before = rss_kib(g.pid());
+    // Clients told to come back later do so, again and again: the attached users and others.
+    let url = g.ws_url();
+    for round in 0..HANDSHAKES / REPEATERS {
+        let handshakes = (0..REPEATERS).map(|i| {
+            let url = url.clone();
+            async move { turned_away(&url, &format!("u{i}")).await }
+        });
+        futures_util::future::join_all(handshakes).await;
+        assert_eq!(
+            g.metric("matchgate_detach_pending").await,
+            ATTACHED as f64,
+            "connections that never attached add no detach work (round {round})"
+        );
+    }
+    let grown_kib = rss_kib(g.pid()).saturating_sub(rss_before);
+    assert!(
+        grown_kib < 16 * 1024,
+        "{HANDSHAKES} refused handshakes left {grown_kib} KiB behind"
+    );
+
+    // Redis is back: the queue drains, one call per attached user.
+    redis.restart().await;
+    eventually("the detach queue drains", || async {
+        g.metric("matchgate_detach_pending").await == 0.0
+    })
+    .await;
+    assert_eq!(g.metric(ok).await - before, ATTACHED as f64);
+    // The gateway serves again.
+    eventually("readyz back to 200", || async {
+        http_get(g.addr, "/readyz").await.0 == 200
+    })
+    .await;
+    let mut a = g.connect("a").await;
+    let mut b = g.connect("b").await;
+    common::match_up(&mut a, &mut b).await;
+}
+
+#[tokio::test]
+async fn clients_get_no_backend_details_and_the_log_names_the_connection() {
+    let mut redis = RedisServer::start().await;
+    let g = gateway(&redis_args(&redis), "solo").await;
+    let mut a = g.connect("a").await;
+    redis.stop();
+    let e = a.request(json!({"type": "enqueue"}), "q").await;
+    assert_eq!(e["code"], "unavailable", "{e}");
+    assert_eq!(e["message"], UNAVAILABLE, "{e}");
+    // The details are in the log, with the connection's id.
+    let conn = a.welcome["connection_id"].as_str().unwrap().to_string();
+    g.wait_for_log("request failed").await;
+    let logs = g.logs();
+    let line = logs.lines().find(|l| l.contains("request failed")).unwrap();
+    assert!(line.contains(&format!("conn={conn}")), "{line}");
+    assert!(line.contains("matching backend unavailable"), "{line}");
+    // The same at the handshake, where the ban check needs Redis.
+    turned_away(&g.ws_url(), "b").await;
+}

@@ -22,7 +22,8 @@
 //! 3. nobody is in two sessions at once: `matched` only when waiting, `session_ended` and
 //!    `peer_status` only for the current session;
 //! 4. never a blocked pair: a block (of the current or most recent peer, as `recent_peer` also
-//!    says) holds for good, both ways, and across either user's expiry and return;
+//!    says) holds both ways, across either user's expiry and return, until the blocker's list
+//!    of the `max_blocks` most recent blocks (generated small, or large) pushes it out;
 //! 5. liveness: no two connected users wait in the same pool while eligible for each other
 //!    (different users, not blocked either way, neither avoiding the other: a user who skipped
 //!    or was skipped avoids that peer until it is matched with someone else); cross-checked
@@ -37,20 +38,28 @@
 //!    `queue_update` frames (from `refresh_pool` on the changed pools) carry the model's
 //!    position and go to connected waiting users only.
 //!
+//! Quick skips and cooldowns are modelled with every session quick and nothing expiring
+//! within a run (the quick threshold, the skip window and the one cooldown are an hour): a
+//! `skip`, and an `enqueue` after the user ended its session (`end`, or `block` of the current
+//! peer), count as quick skips; the `skip_limit`-th (generated small, or never) starts the
+//! cooldown: that skip ends the session without re-queueing the skipper and pushes an `error`
+//! `cooldown`, that enqueue is refused with `Cooldown`; from then on `skip` and `enqueue` are
+//! refused with `Cooldown` (before any other check but, for `enqueue`, the state).
+//!
 //! The policy keeps the rules that are not modelled out of the way: `anti_repeat_window` is
 //! zero (anti-repeat would otherwise hold back eligible pairs and break the liveness property
-//! above), skips and enqueues are never limited, there is no accept phase, no preference
-//! relaxation (no `soft` fields) and p2p media, so no timers are armed (the outcome's timers
-//! are ignored). Those rules are tested end to end elsewhere: anti-repeat, cooldowns, the
-//! enqueue rate, the accept phase and relaxation in `tests/safety.rs`, media in
-//! `tests/livekit.rs`. `requeue_peer_on_skip` is generated both ways.
+//! above), enqueues are never limited, there is no accept phase, no preference relaxation (no
+//! `soft` fields) and p2p media, so no timers are armed (the outcome's timers are ignored).
+//! Those rules are tested end to end elsewhere: anti-repeat, cooldowns over time, the enqueue
+//! rate, the accept phase and relaxation in `tests/safety.rs`, media in `tests/livekit.rs`.
+//! `requeue_peer_on_skip` is generated both ways.
 //!
 //! A failure reports the trace of the failing run (each step with its result and events;
 //! session ids shortened to S1, S2, ...) and the shortest failing sequence found by dropping
 //! steps, on top of proptest's minimal input (its shrinking deletes each step only once). The
 //! test writes no files (`failure_persistence: None`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -178,6 +187,10 @@ struct Case {
     users: usize,
     pools: usize,
     requeue_peer_on_skip: bool,
+    /// Quick skips that start the cooldown (`u32::MAX`: never).
+    skip_limit: u32,
+    /// Blocks kept per user.
+    max_blocks: usize,
     ops: Vec<Op>,
 }
 
@@ -202,14 +215,20 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         2..=MAX_USERS,
         2..=MAX_POOLS,
         any::<bool>(),
+        prop_oneof![Just(u32::MAX), 2u32..6],
+        prop_oneof![Just(1_000usize), 1usize..4],
         proptest::collection::vec(op_strategy(), 1..=MAX_OPS),
     )
-        .prop_map(|(users, pools, requeue_peer_on_skip, ops)| Case {
-            users,
-            pools,
-            requeue_peer_on_skip,
-            ops: ops.into_iter().map(|op| op.fit(users, pools)).collect(),
-        })
+        .prop_map(
+            |(users, pools, requeue_peer_on_skip, skip_limit, max_blocks, ops)| Case {
+                users,
+                pools,
+                requeue_peer_on_skip,
+                skip_limit,
+                max_blocks,
+                ops: ops.into_iter().map(|op| op.fit(users, pools)).collect(),
+            },
+        )
 }
 
 /// The preferences of pool `p`: exact-match pools, no soft fields.
@@ -274,6 +293,14 @@ struct UserModel {
     log: Vec<(u64, String)>,
     /// Told `session_ended` with `requeued: true`; `queued` must follow in the same step.
     requeue_pending: bool,
+    /// Quick skips counted towards the cooldown (conduct: outlives the user's state).
+    quick: u32,
+    /// In the cooldown (which outlasts the run).
+    cooling: bool,
+    /// Ended its session; the next `enqueue` counts as a quick skip.
+    quick_end: bool,
+    /// Whom it blocked, oldest first (outlives the user's state).
+    blocked: VecDeque<usize>,
 }
 
 impl UserModel {
@@ -292,6 +319,10 @@ impl UserModel {
             last_seq: 0,
             log: Vec::new(),
             requeue_pending: false,
+            quick: 0,
+            cooling: false,
+            quick_end: false,
+            blocked: VecDeque::new(),
         }
     }
 
@@ -337,9 +368,11 @@ struct Harness {
     bus: Arc<Recorder>,
     requeue_peer: bool,
     pools: usize,
+    skip_limit: u32,
+    max_blocks: usize,
     users: Vec<UserModel>,
-    /// Blocked pairs, smaller index first: blocked both ways.
-    blocks: HashSet<(usize, usize)>,
+    /// The user whose skip in this step starts a cooldown: an `error` `cooldown` is due.
+    cooldown_push: Option<usize>,
     sessions: HashMap<String, Live>,
     seen_sessions: HashSet<String>,
     /// Short names for session ids in the trace.
@@ -354,6 +387,14 @@ struct Harness {
     noop: bool,
 }
 
+/// What the model expects of an operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    Ok,
+    InvalidState,
+    Cooldown,
+}
+
 /// What the step that produced a batch of frames was.
 #[derive(Clone, Copy)]
 enum Cause {
@@ -361,25 +402,38 @@ enum Cause {
     Refresh(usize),
 }
 
-fn policy(requeue_peer_on_skip: bool) -> Policy {
+/// The cooldown, the quick threshold and the skip window: longer than any run.
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn policy(case: &Case) -> Policy {
     Policy {
-        requeue_peer_on_skip,
+        requeue_peer_on_skip: case.requeue_peer_on_skip,
         history_len: 1000,
-        history_ttl: Duration::from_secs(3600),
+        history_ttl: HOUR,
         media: MediaMode::P2p(Arc::new(IceServers::new(Vec::new(), None))),
         rules: Rules {
             // Zero: anti-repeat would hold back eligible pairs (tested in tests/safety.rs).
             anti_repeat_window: Duration::ZERO,
             anti_repeat_fallback: Duration::ZERO,
-            skip_quick: Duration::from_secs(10),
-            skip_limit: u32::MAX,
-            skip_window: Duration::from_secs(60),
-            skip_cooldowns: vec![Duration::from_secs(1)],
+            skip_quick: HOUR,
+            skip_limit: case.skip_limit,
+            skip_window: HOUR,
+            skip_cooldowns: vec![HOUR],
             enqueue_per_minute: u32::MAX,
             accept_timeout: None,
             decline_to_tail: false,
-            relax_after: Duration::from_secs(3600),
+            relax_after: HOUR,
+            max_blocks: case.max_blocks,
+            block_ttl: HOUR,
         },
+    }
+}
+
+fn expect_if(ok: bool) -> Expect {
+    if ok {
+        Expect::Ok
+    } else {
+        Expect::InvalidState
     }
 }
 
@@ -391,12 +445,14 @@ impl Harness {
     fn new(case: &Case) -> Self {
         let bus = Arc::new(Recorder::default());
         Harness {
-            mm: MemoryMatchmaker::new(bus.clone(), policy(case.requeue_peer_on_skip)),
+            mm: MemoryMatchmaker::new(bus.clone(), policy(case)),
             bus,
             requeue_peer: case.requeue_peer_on_skip,
             pools: case.pools,
+            skip_limit: case.skip_limit,
+            max_blocks: case.max_blocks,
             users: (0..case.users).map(|_| UserModel::new()).collect(),
-            blocks: HashSet::new(),
+            cooldown_push: None,
             sessions: HashMap::new(),
             seen_sessions: HashSet::new(),
             names: HashMap::new(),
@@ -409,7 +465,29 @@ impl Harness {
     }
 
     fn blocked(&self, a: usize, b: usize) -> bool {
-        self.blocks.contains(&(a.min(b), a.max(b)))
+        self.users[a].blocked.contains(&b) || self.users[b].blocked.contains(&a)
+    }
+
+    /// `u` blocks `t`: the newest of its at most `max_blocks` blocks.
+    fn block(&mut self, u: usize, t: usize) {
+        let list = &mut self.users[u].blocked;
+        list.retain(|x| *x != t);
+        list.push_back(t);
+        while list.len() > self.max_blocks {
+            list.pop_front();
+        }
+    }
+
+    /// Counts a quick skip of `u`; true when it starts the cooldown.
+    fn count_quick(&mut self, u: usize) -> bool {
+        let m = &mut self.users[u];
+        m.quick += 1;
+        if m.quick < self.skip_limit {
+            return false;
+        }
+        m.quick = 0;
+        m.cooling = true;
+        true
     }
 
     /// Whether `a` and `b` may be matched (both assumed waiting and connected).
@@ -472,25 +550,50 @@ impl Harness {
         // Predict the result and apply what the test itself changes.
         // For `expire`: whether it applies (the user is away with that connection).
         let mut expires = false;
-        let (expect_ok, result): (bool, Result<Outcome, MatchError>) = match op {
+        // Whether the operation ends the user's session by the user's choice: the next enqueue
+        // is then a quick skip.
+        let mut ends_session = false;
+        let (expect, result): (Expect, Result<Outcome, MatchError>) = match op {
             Op::Attach { resume, .. } => return self.attach(u, resume).await,
             Op::Enqueue { pool, .. } => {
                 let m = &self.users[u];
-                let ok = m.exists && m.act == Act::Idle;
-                (ok, self.mm.enqueue(&id, prefs(pool), reference).await)
+                let expect = if !m.exists || m.act != Act::Idle {
+                    Expect::InvalidState
+                } else if m.cooling {
+                    Expect::Cooldown
+                } else {
+                    let ended = std::mem::take(&mut self.users[u].quick_end);
+                    if ended && self.count_quick(u) {
+                        Expect::Cooldown
+                    } else {
+                        Expect::Ok
+                    }
+                };
+                (expect, self.mm.enqueue(&id, prefs(pool), reference).await)
             }
             Op::Skip { .. } => {
                 let m = &self.users[u];
-                let ok = m.exists && matches!(m.act, Act::InSession { .. });
-                (ok, self.mm.skip(&id, reference).await)
+                let expect = if m.cooling {
+                    Expect::Cooldown
+                } else if m.exists && matches!(m.act, Act::InSession { .. }) {
+                    Expect::Ok
+                } else {
+                    Expect::InvalidState
+                };
+                if expect == Expect::Ok && self.count_quick(u) {
+                    self.cooldown_push = Some(u);
+                }
+                (expect, self.mm.skip(&id, reference).await)
             }
             Op::End { .. } => {
                 let m = &self.users[u];
                 let ok = m.exists && m.act != Act::Idle;
-                (ok, self.mm.end(&id, reference).await)
+                ends_session = ok && matches!(m.act, Act::InSession { .. });
+                (expect_if(ok), self.mm.end(&id, reference).await)
             }
             Op::Block { .. } => {
-                let target = self.peer_of(u).or(self.users[u].last_peer);
+                let current = self.peer_of(u);
+                let target = current.or(self.users[u].last_peer);
                 let ok = self.users[u].exists && target.is_some();
                 let engine = self.mm.recent_peer(&id, None).await.ok();
                 let engine = engine.map(|(_, peer)| peer);
@@ -501,9 +604,10 @@ impl Harness {
                     target.map(user_id)
                 );
                 if let (true, Some(t)) = (ok, target) {
-                    self.blocks.insert((u.min(t), u.max(t)));
+                    self.block(u, t);
                 }
-                (ok, self.mm.block(&id, None).await)
+                ends_session = ok && current.is_some();
+                (expect_if(ok), self.mm.block(&id, None).await)
             }
             Op::Detach { stale, .. } => {
                 let conn = self.conn_for(u, stale);
@@ -513,7 +617,7 @@ impl Harness {
                 } else {
                     self.noop = true;
                 }
-                (true, self.mm.detach(&id, ConnId(conn)).await)
+                (Expect::Ok, self.mm.detach(&id, ConnId(conn)).await)
             }
             Op::Expire { stale, .. } => {
                 let conn = self.conn_for(u, stale);
@@ -525,7 +629,7 @@ impl Harness {
                 if drops {
                     self.users[u].drop_state();
                 }
-                (true, result)
+                (Expect::Ok, result)
             }
         };
         let before = match &self.users[u].act {
@@ -541,14 +645,16 @@ impl Harness {
             Err(e) => {
                 self.noop = true;
                 self.trace.push(format!("{op:?} -> {summary}"));
+                let got = match e {
+                    MatchError::InvalidState(_) => Expect::InvalidState,
+                    MatchError::Cooldown { .. } => Expect::Cooldown,
+                    _ => Expect::Ok,
+                };
                 ensure!(
-                    !expect_ok,
+                    expect != Expect::Ok,
                     "refused although the model expects success: {e}"
                 );
-                ensure!(
-                    matches!(e, MatchError::InvalidState(_)),
-                    "refused with {e:?}, expected InvalidState"
-                );
+                ensure!(got == expect, "refused with {e:?}, expected {expect:?}");
                 ensure!(
                     frames.is_empty(),
                     "a refused operation emitted frames: {frames:?}"
@@ -557,9 +663,19 @@ impl Harness {
             Ok(outcome) => {
                 let events = self.apply(Cause::Op(op), frames)?;
                 self.trace.push(format!("{op:?} -> {summary}{events}"));
-                ensure!(expect_ok, "succeeded although the model expects a refusal");
+                ensure!(
+                    expect == Expect::Ok,
+                    "succeeded although the model expects {expect:?}"
+                );
+                ensure!(
+                    self.cooldown_push.is_none(),
+                    "the skip that started a cooldown pushed no error"
+                );
                 self.check_actor(op, before, expires)?;
                 self.refresh(&outcome).await?;
+                if ends_session {
+                    self.users[u].quick_end = true;
+                }
             }
         }
         self.check_all().await
@@ -691,8 +807,9 @@ impl Harness {
             Op::Enqueue { .. } => ensure!(m.act != Act::Idle, "enqueue left the user idle"),
             Op::Skip { .. } => {
                 let old = before.unwrap_or_default();
+                // The skip that starts a cooldown does not re-queue.
                 ensure!(
-                    !self.sessions.contains_key(&old) && m.act != Act::Idle,
+                    !self.sessions.contains_key(&old) && (m.act != Act::Idle || m.cooling),
                     "skip did not end the session and re-queue the skipper"
                 );
             }
@@ -780,7 +897,7 @@ impl Harness {
                 }
                 None => {
                     ensure!(
-                        v.get("seq").is_none() && kind == "queue_update",
+                        v.get("seq").is_none() && (kind == "queue_update" || kind == "error"),
                         "a {kind} frame without seq: {}",
                         frame.text
                     );
@@ -856,6 +973,22 @@ impl Harness {
                         "peer_status {}, expected {want}",
                         v["state"]
                     );
+                }
+                "error" => {
+                    ensure!(
+                        matches!(cause, Cause::Op(Op::Skip { user }) if user == u)
+                            && self.cooldown_push == Some(u)
+                            && self.users[u].act == Act::Idle,
+                        "error pushed to u{u} by {}: {}",
+                        cause_name(cause),
+                        frame.text
+                    );
+                    ensure!(
+                        v["code"] == "cooldown" && v["retry_after_ms"] == 3_600_000,
+                        "the skip that starts the cooldown pushed {}",
+                        frame.text
+                    );
+                    self.cooldown_push = None;
                 }
                 "queue_update" => {
                     let Cause::Refresh(pool) = cause else {
@@ -1054,7 +1187,9 @@ impl Harness {
         }
         let rq = self.requeue_peer;
         let want = match cause {
-            Cause::Op(Op::Skip { user }) if user == a => ("skip", true, "peer_skipped", rq),
+            Cause::Op(Op::Skip { user }) if user == a => {
+                ("skip", self.cooldown_push != Some(a), "peer_skipped", rq)
+            }
             Cause::Op(Op::End { user } | Op::Block { user }) if user == a => {
                 ("end", false, "peer_ended", false)
             }

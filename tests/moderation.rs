@@ -843,3 +843,107 @@ async fn reports_through_different_instances_ban_in_redis() {
         1.0
     );
 }
+
+/// One report per session (a repeat replaces it) and a limit per reporter and hour, held across
+/// connections and (with several servers) instances.
+async fn reports_are_limited_per_reporter(servers: &[TestServer]) {
+    let (x, y) = (&servers[0], &servers[servers.len() - 1]);
+    let mut flooder = x.connect("flooder").await;
+    let mut peer = y.connect("peer").await;
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        let (m, _) = common::match_up(&mut flooder, &mut peer).await;
+        sessions.push(m["session_id"].clone());
+        flooder.request(json!({"type": "end"}), "e").await;
+        peer.expect("session_ended").await;
+    }
+    // Three sessions, each reported twice: the second report replaces the first.
+    for session in &sessions[..3] {
+        for reference in ["a", "b"] {
+            let body = json!({"reason": "spam", "session_id": session});
+            let r = report(&mut flooder, body, reference).await;
+            assert_eq!(r["type"], "ack", "{r}");
+        }
+    }
+    // A fourth is one too many within the hour, also from a new connection elsewhere.
+    let fourth = json!({"reason": "spam", "session_id": sessions[3]});
+    let r = report(&mut flooder, fourth.clone(), "c").await;
+    assert_eq!(r["code"], "rate_limited", "{r}");
+    let wait = r["retry_after_ms"].as_u64().unwrap();
+    assert!(wait > 0 && wait <= 3_600_000, "{r}");
+    drop(flooder);
+    let mut flooder = y.connect("flooder").await;
+    let r = report(&mut flooder, fourth, "d").await;
+    assert_eq!(r["code"], "rate_limited", "{r}");
+    // Replacing an earlier one still works.
+    let again = json!({"reason": "other", "session_id": sessions[0]});
+    let r = report(&mut flooder, again, "e").await;
+    assert_eq!(r["type"], "ack", "{r}");
+}
+
+#[tokio::test]
+async fn reports_are_limited_per_reporter_in_memory() {
+    let server = TestServer::start(&["--reports-per-hour", "3"]).await;
+    reports_are_limited_per_reporter(&[server]).await;
+}
+
+#[tokio::test]
+async fn reports_are_limited_per_reporter_across_instances() {
+    let redis = RedisServer::start().await;
+    let servers = instances(&single(&redis), 2, &["--reports-per-hour", "3"]).await;
+    reports_are_limited_per_reporter(&servers).await;
+}
+
+#[tokio::test]
+async fn a_report_flood_does_not_push_a_genuine_report_out_of_the_stream() {
+    let redis = RedisServer::start().await;
+    let unlimited = [
+        "--rate-limit-burst",
+        "1000",
+        "--rate-limit-per-minute",
+        "100000",
+    ];
+    let mut flags = vec!["--reports-kept", "10"];
+    flags.extend(unlimited);
+    let servers = instances(&single(&redis), 2, &flags).await;
+    let mut genuine = servers[0].connect("genuine").await;
+    let mut flooder = servers[1].connect("flooder").await;
+    let mut troll = servers[0].connect("troll").await;
+    common::match_up(&mut genuine, &mut troll).await;
+    let r = report(&mut genuine, json!({"reason": "harassment"}), "g").await;
+    assert_eq!(r["type"], "ack", "{r}");
+    genuine.request(json!({"type": "end"}), "e").await;
+    troll.expect("session_ended").await;
+    // The flooder reports its one session hundreds of times.
+    common::match_up(&mut flooder, &mut troll).await;
+    for i in 0..300 {
+        let body = json!({"reason": "spam", "details": format!("take {i}")});
+        let r = report(&mut flooder, body, "f").await;
+        assert_eq!(r["type"], "ack", "{r}");
+    }
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg("{mg}:reports")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let field = |fields: &[String], name: &str| {
+        let i = fields.iter().position(|f| f == name).unwrap();
+        fields[i + 1].clone()
+    };
+    let kept: Vec<(String, String)> = entries
+        .iter()
+        .map(|(_, f)| (field(f, "reporter"), field(f, "details")))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            ("genuine".to_string(), String::new()),
+            ("flooder".to_string(), "take 299".to_string())
+        ],
+        "one report per reporter and session, the latest"
+    );
+}

@@ -530,3 +530,136 @@ async fn soft_fields_must_be_set_and_unique() {
         assert_eq!(r["code"], "bad_request", "{prefs}");
     }
 }
+
+/// `c` asks for its state and reads up to the reply, whatever events come first.
+async fn state_after_events(c: &mut Client) -> Value {
+    c.send(json!({"type": "status", "ref": "st"})).await;
+    loop {
+        let v = c.next().await.expect("open");
+        if v["ref"] == "st" && v["type"] == "status" {
+            return v["state"].clone();
+        }
+    }
+}
+
+in_both_modes!(
+    ending_quickly_and_enqueueing_again_counts_as_a_quick_skip,
+    [
+        "--skip-limit",
+        "5",
+        "--skip-quick-s",
+        "30",
+        "--skip-window-s",
+        "600",
+        "--skip-cooldowns-s",
+        "60"
+    ]
+);
+async fn ending_quickly_and_enqueueing_again_counts_as_a_quick_skip(d: Deployment) {
+    let mut a = d.connect(0, "alice").await;
+    let mut b = d.connect(1, "bob").await;
+    // alice cycles partners with `end` and `enqueue` instead of `skip` (bob is the partner
+    // each time: anti-repeat is off).
+    for cycle in 0..10 {
+        let r = a
+            .request(json!({"type": "enqueue"}), &format!("q{cycle}"))
+            .await;
+        if r["type"] == "error" {
+            assert_eq!(r["code"], "cooldown", "{r}");
+            assert_eq!(r["retry_after_ms"], 60_000, "{r}");
+            // The fifth quick end followed by an enqueue, as for skips.
+            assert_eq!(cycle, 5, "quick ends counted: {cycle}");
+            assert_eq!(state(&mut a).await, "idle");
+            // The cooldown holds on every instance.
+            drop(a);
+            let mut a = d.connect(1, "alice").await;
+            let again = a.request(json!({"type": "enqueue"}), "again").await;
+            assert_eq!(again["code"], "cooldown", "{again}");
+            return;
+        }
+        assert_eq!(r["type"], "queued", "{r}");
+        enqueue(&mut b).await;
+        a.expect("matched").await;
+        b.expect("matched").await;
+        end_session(&mut a, &mut b).await;
+    }
+    panic!("ten quick end + enqueue cycles never reached a cooldown");
+}
+
+in_both_modes!(
+    a_block_list_keeps_only_the_most_recent_blocks,
+    ["--max-blocks-per-user", "2"]
+);
+async fn a_block_list_keeps_only_the_most_recent_blocks(d: Deployment) {
+    let mut a = d.connect(0, "alice").await;
+    let mut bob = d.connect(1, "bob").await;
+    let mut carol = d.connect(2, "carol").await;
+    let mut dave = d.connect(3, "dave").await;
+    // alice blocks bob, then carol, and just ends her session with dave.
+    for c in [&mut bob, &mut carol] {
+        common::match_up(&mut a, c).await;
+        send_and_read(&mut a, json!({"type": "block", "ref": "b"}), 2).await;
+        c.expect("session_ended").await;
+    }
+    common::match_up(&mut a, &mut dave).await;
+    end_session(&mut a, &mut dave).await;
+    // alice and bob wait together, apart: blocked.
+    let topic = |t: &str| json!({"type": "enqueue", "prefs": {"topic": t}});
+    bob.send(topic("bob")).await;
+    bob.expect("queued").await;
+    a.send(topic("bob")).await;
+    a.expect("queued").await;
+    assert_eq!(state_after_events(&mut bob).await, "queued");
+    // A third block with room for two drops bob's, the oldest: alice meets bob at once.
+    let frames = send_and_read(&mut a, json!({"type": "block", "ref": "b3"}), 2).await;
+    assert_eq!(of_type(&frames, "ack")["ref"], "b3");
+    let ma = of_type(&frames, "matched");
+    assert_eq!(next_event(&mut bob).await["session_id"], ma["session_id"]);
+    end_session(&mut a, &mut bob).await;
+    // carol's block still holds: erin, who came later, gets alice.
+    a.send(topic("carol")).await;
+    a.expect("queued").await;
+    carol.send(topic("carol")).await;
+    carol.expect("queued").await;
+    let mut e = d.connect(4, "erin").await;
+    e.send(topic("carol")).await;
+    e.expect("queued").await;
+    let me = next_event(&mut e).await;
+    assert_eq!(me["type"], "matched", "{me}");
+    assert_eq!(next_event(&mut a).await["session_id"], me["session_id"]);
+    assert_eq!(state_after_events(&mut carol).await, "queued");
+}
+
+in_both_modes!(
+    blocks_are_forgotten_when_their_owner_stays_away,
+    ["--block-ttl-s", "1", "--resume-grace-ms", "100"]
+);
+async fn blocks_are_forgotten_when_their_owner_stays_away(d: Deployment) {
+    let mut a = d.connect(0, "alice").await;
+    let mut b = d.connect(1, "bob").await;
+    common::match_up(&mut a, &mut b).await;
+    send_and_read(&mut a, json!({"type": "block", "ref": "b"}), 2).await;
+    b.expect("session_ended").await;
+    a.close().await;
+    // alice stays away for longer than the block TTL (each look at her is a visit that keeps
+    // her blocks another TTL, so look only every TTL and a half): then she and bob meet.
+    let forgotten = async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+            let mut a = d.connect(2, "alice").await;
+            enqueue(&mut a).await;
+            enqueue(&mut b).await;
+            if state_after_events(&mut b).await == "in_session" {
+                return;
+            }
+            for c in [&mut a, &mut b] {
+                let r = c.request(json!({"type": "end"}), "e").await;
+                assert_eq!(r["type"], "dequeued", "{r}");
+            }
+            a.close().await;
+        }
+    };
+    tokio::time::timeout(common::PATIENCE, forgotten)
+        .await
+        .expect("alice's block of bob expires");
+}

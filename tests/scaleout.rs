@@ -138,3 +138,41 @@ async fn a_second_connection_on_another_instance_replaces_the_first(redis: Backe
     let m = second.expect("matched").await;
     assert_eq!(m["seq"], 2);
 }
+
+on_both!(a_reconnecting_waiter_keeps_its_place_and_is_matched_on_return);
+async fn a_reconnecting_waiter_keeps_its_place_and_is_matched_on_return(redis: Backend) {
+    let servers = instances(&redis, 2, &["--resume-grace-ms", "20000"]).await;
+    let mut a = servers[0].connect("alice").await;
+    let q = a.request(json!({"type": "enqueue"}), "q").await;
+    assert_eq!(q["position"], 0);
+    let token = a.welcome["resume_token"].as_str().unwrap().to_string();
+    let last = a.last_seq();
+    drop(a);
+    // Once her connection is detached, alice waits apart: she keeps her place...
+    let wait = async {
+        let detached = r#"matchgate_detach_calls_total{result="ok"}"#;
+        while servers[0].metric(detached).await < 1.0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(common::PATIENCE, wait)
+        .await
+        .expect("alice's connection is detached");
+    let mut b = servers[1].connect("bob").await;
+    let q = b.request(json!({"type": "enqueue"}), "q").await;
+    assert_eq!(q["position"], 1, "alice counts: {q}");
+    // ...but is not matched while away.
+    let s = b.request(json!({"type": "status"}), "st").await;
+    assert_eq!(
+        (s["state"].as_str(), s["position"].as_u64()),
+        (Some("queued"), Some(1))
+    );
+    // Back (on the other instance), she is matched at once, as the one who waited longer.
+    let mut a = servers[1]
+        .connect_with("alice", &format!("resume={token}&last_seq={last}"))
+        .await;
+    assert_eq!(a.welcome["state"], "queued");
+    let ma = a.expect("matched").await;
+    assert_eq!(ma["role"], "offerer");
+    assert_eq!(b.expect("matched").await["session_id"], ma["session_id"]);
+}

@@ -29,6 +29,9 @@ use crate::moderation::{disconnect_banned, BanKind};
 use crate::protocol::close;
 use crate::registry::Registry;
 
+/// The longest wait between two attempts at reconnecting the subscriber.
+const RECONNECT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The channel every instance of the deployment `namespace` listens on, besides its own.
 pub fn broadcast_channel(namespace: &str) -> String {
     format!("{namespace}:all")
@@ -77,7 +80,12 @@ pub async fn subscribe(
         }
         Ok(())
     };
+    // Reconnect for as long as Redis is away: by default the manager gives up after six
+    // attempts, and a subscriber sends no command that would make it try again, so after a
+    // longer outage the instance would never hear of its users' events again.
     let config = ConnectionManagerConfig::new()
+        .set_number_of_retries(usize::MAX)
+        .set_max_delay(RECONNECT_MAX_DELAY)
         .set_push_sender(sink)
         .set_automatic_resubscription();
     let mut manager = client.get_connection_manager_with_config(config).await?;

@@ -19,10 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use backon::Retryable;
 use livekit_api::webhooks::WebhookError;
 use tokio::sync::{watch, Semaphore};
 
 use super::Gateway;
+use crate::backoff;
 use crate::ids::{random_id, unix_ms};
 use crate::livekit::{LiveKit, LiveKitError};
 use crate::matching::{MatchError, MediaEffect, PendingSession};
@@ -35,9 +37,9 @@ pub(super) const CONCURRENT_CREATES: usize = 64;
 pub(super) const CONCURRENT_DELETES: usize = 32;
 /// Deletions waiting for a slot; beyond this they are left to the sweep.
 const MAX_QUEUED_DELETES: usize = 10_000;
-/// Attempts per deletion before it is left to the sweep.
-const DELETE_ATTEMPTS: u32 = 5;
-/// First retry delay; doubled per attempt up to [`MAX_BACKOFF`].
+/// Retries per deletion (after the first attempt) before it is left to the sweep.
+const DELETE_RETRIES: usize = 4;
+/// First retry delay; doubled per attempt up to [`MAX_BACKOFF`], with jitter.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// The sweep's lease name (one instance of a deployment sweeps at a time).
@@ -56,10 +58,6 @@ pub(super) struct Rooms {
     pub queued_deletes: Arc<AtomicUsize>,
 }
 
-fn backoff(attempt: u32) -> Duration {
-    (FIRST_BACKOFF * 2u32.saturating_pow(attempt.min(16))).min(MAX_BACKOFF)
-}
-
 impl Gateway {
     /// Sets up the room of a pending session in the background.
     pub(super) fn set_up_room(self: &Arc<Self>, pending: PendingSession) {
@@ -72,32 +70,27 @@ impl Gateway {
             let deadline = tokio::time::Instant::now() + rooms.create_deadline;
             let created = tokio::time::timeout_at(deadline, async {
                 let _slot = rooms.creating.acquire().await;
-                let mut attempt = 0;
-                loop {
-                    // Every error is retried until the deadline, even ones that look final
-                    // (bad credentials): a failed match puts both users straight back in the
-                    // queue, so failing fast would spin.
-                    match rooms.livekit.create_room(&pending.session_id).await {
-                        Ok(room) => return room,
-                        Err(e) => {
-                            tracing::warn!(error = %e, session = %pending.session_id, "room creation failed");
-                        }
-                    }
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                }
+                // Every error is retried until the deadline, even ones that look final (bad
+                // credentials): a failed match puts both users straight back in the queue, so
+                // failing fast would spin.
+                let create = || rooms.livekit.create_room(&pending.session_id);
+                create
+                    .retry(backoff::policy(FIRST_BACKOFF, MAX_BACKOFF, None))
+                    .notify(|e, _| {
+                        tracing::warn!(error = %e, session = %pending.session_id, "room creation failed");
+                    })
+                    .await
             })
             .await;
-            let media =
-                created
-                    .ok()
-                    .and_then(|room| match rooms.livekit.media(&room, &pending.handles) {
-                        Ok(media) => Some(media),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot sign join tokens");
-                            None
-                        }
-                    });
+            let media = created.ok().and_then(Result::ok).and_then(|room| {
+                match rooms.livekit.media(&room, &pending.handles) {
+                    Ok(media) => Some(media),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot sign join tokens");
+                        None
+                    }
+                }
+            });
             match media {
                 Some(media) => {
                     gateway.metrics.livekit_room("created");
@@ -157,17 +150,21 @@ impl Gateway {
             let slot = rooms.deleting.acquire().await;
             rooms.queued_deletes.fetch_sub(1, Ordering::AcqRel);
             let _slot = slot;
-            for attempt in 0..DELETE_ATTEMPTS {
-                match rooms.livekit.delete_room(&name).await {
-                    Ok(()) => {
-                        gateway.metrics.livekit_room("deleted");
-                        return;
-                    }
-                    Err(e) => tracing::warn!(error = %e, room = %name, "room deletion failed"),
-                }
-                tokio::time::sleep(backoff(attempt)).await;
-            }
-            gateway.metrics.livekit_room("delete_failed");
+            let delete = || rooms.livekit.delete_room(&name);
+            let deleted = delete
+                .retry(backoff::policy(
+                    FIRST_BACKOFF,
+                    MAX_BACKOFF,
+                    Some(DELETE_RETRIES),
+                ))
+                .notify(|e, _| tracing::warn!(error = %e, room = %name, "room deletion failed"))
+                .await;
+            let event = if deleted.is_ok() {
+                "deleted"
+            } else {
+                "delete_failed"
+            };
+            gateway.metrics.livekit_room(event);
         });
     }
 

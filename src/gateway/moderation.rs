@@ -1,7 +1,8 @@
 //! Reports: a user tells on the peer of their current or most recent session (or of the one
 //! they name). The matchmaker says who that peer was; the moderation backend stores the
 //! report and counts it towards an automatic ban, which closes the reported user's
-//! connections wherever they are.
+//! connections wherever they are. The backend also keeps one account from flooding the store
+//! (one report per session, an hourly limit per reporter).
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use super::Gateway;
 use crate::ids::unix_ms;
-use crate::matching::{MatchError, UserId};
+use crate::matching::{ConnId, MatchError, UserId};
 use crate::metrics::BanSource;
 use crate::moderation::Report;
 use crate::privacy;
@@ -21,6 +22,7 @@ impl Gateway {
     pub(super) async fn report(
         self: &Arc<Self>,
         user: &UserId,
+        conn: ConnId,
         reason: ReportReason,
         details: Option<String>,
         session: Option<&str>,
@@ -34,7 +36,7 @@ impl Gateway {
                 };
                 (ack.encode(), false)
             }
-            Err(e) => self.match_error(&e, reference),
+            Err(e) => self.match_error(conn, &e, reference),
         }
     }
 

@@ -9,11 +9,17 @@
 //! (unless one of them waited past the fallback). A user whose search widened (soft
 //! preferences) is listed, with the same ticket, in the wider pools too.
 //!
+//! Waiting users whose connection dropped keep their ticket but are listed apart (see
+//! [`Pool`]), so the matcher never visits them: a match attempt walks only connected waiters,
+//! and among those only the ones the user blocked or was blocked by, avoids, or met recently
+//! (each bounded, see [`State::try_match`]) before it finds a partner.
+//!
 //! A pair goes through up to three phases: *proposed* (accept phase on: both must accept),
 //! *pending* (media mode: the room is being made) and *live* (`matched` sent). Until live,
 //! both keep their queue places, so that undoing the match puts them back where they were.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,6 +85,7 @@ impl MemoryMatchmaker {
         // recovery from that, so propagating the poison is correct.
         let mut state = self.state.lock().expect("matchmaker state poisoned");
         state.prune_conduct(step.now);
+        state.prune_blocks(step.now, self.policy.rules.block_ttl);
         let value = f(&mut state, &mut step)?;
         Ok((value, step.outcome))
     }
@@ -103,8 +110,10 @@ struct State {
     /// Media event ids already acted on, with when they may be forgotten, oldest first.
     seen_events: HashMap<String, Instant>,
     seen_order: VecDeque<(Instant, String)>,
-    /// Blocker to the users they blocked; checked both ways. Kept for the process lifetime.
-    blocks: HashMap<UserId, HashSet<UserId>>,
+    /// Blocker to the users they blocked; checked both ways.
+    blocks: HashMap<UserId, BlockList>,
+    /// Block lists to check for expiry, soonest first: at most one entry per list.
+    block_expiry: BinaryHeap<Reverse<(Instant, UserId)>>,
     /// What a user did (sessions, skips, enqueues); outlives the user's connection state.
     conduct: HashMap<UserId, Conduct>,
     /// Users who left, with when their conduct may be forgotten, oldest first.
@@ -155,6 +164,50 @@ struct Conduct {
     cooldown_until: Option<Instant>,
     /// The current one-minute enqueue window (it starts with its first enqueue) and its count.
     enqueues: Option<(Instant, u32)>,
+    /// When the user last ended a session quickly (`end`, `block`, or leaving the media room
+    /// within the quick-skip threshold): an `enqueue` soon after makes it a quick skip.
+    quick_end: Option<Instant>,
+}
+
+/// The users one user blocked, bounded by [`Rules::max_blocks`] (the oldest goes first), and
+/// forgotten [`Rules::block_ttl`] after the user was last connected.
+struct BlockList {
+    /// Oldest first; a block made again moves to the end.
+    order: VecDeque<UserId>,
+    members: HashSet<UserId>,
+    /// When the blocker last attached or left for good.
+    last_seen: Instant,
+    /// An entry for this list waits in [`State::block_expiry`].
+    expiry_queued: bool,
+}
+
+impl BlockList {
+    fn new(now: Instant) -> Self {
+        BlockList {
+            order: VecDeque::new(),
+            members: HashSet::new(),
+            last_seen: now,
+            expiry_queued: false,
+        }
+    }
+
+    /// Adds (or refreshes) a block, dropping the oldest beyond `max`; returns whether it
+    /// dropped one.
+    fn add(&mut self, user: &UserId, max: usize) -> bool {
+        if !self.members.insert(user.clone()) {
+            // O(max) for a repeated block, which is rare; lookups stay O(1).
+            self.order.retain(|u| u != user);
+        }
+        self.order.push_back(user.clone());
+        let mut dropped = false;
+        while self.order.len() > max {
+            if let Some(oldest) = self.order.pop_front() {
+                self.members.remove(&oldest);
+                dropped = true;
+            }
+        }
+        dropped
+    }
 }
 
 impl Conduct {
@@ -260,12 +313,60 @@ impl Log {
     }
 }
 
+/// The users waiting with one preference set, by ticket: the lowest ticket waited longest.
+/// Connected users and users whose connection dropped (held for a resume) are listed apart:
+/// both keep their place and count in positions, but only the connected ones can be matched,
+/// so a match attempt never visits the others, however many there are.
 #[derive(Default)]
 struct Pool {
-    /// Waiting users by ticket: the lowest ticket waited longest.
+    /// Connected waiting users: the only ones the matcher looks at.
     waiting: BTreeMap<u64, UserId>,
+    /// Waiting users who are away (reconnecting).
+    away: BTreeMap<u64, UserId>,
     /// Smoothed wait of users recently matched from this pool, in ms.
     recent_wait_ms: Option<f64>,
+}
+
+impl Pool {
+    /// Lists a user at `ticket`, among the connected or the away ones.
+    fn list(&mut self, ticket: u64, id: &UserId, away: bool) {
+        let list = if away {
+            &mut self.away
+        } else {
+            &mut self.waiting
+        };
+        list.insert(ticket, id.clone());
+    }
+
+    fn unlist(&mut self, ticket: u64) {
+        self.waiting.remove(&ticket);
+        self.away.remove(&ticket);
+    }
+
+    /// Moves the user at `ticket` between the connected and the away ones.
+    fn set_away(&mut self, ticket: u64, away: bool) {
+        let (from, to) = if away {
+            (&mut self.waiting, &mut self.away)
+        } else {
+            (&mut self.away, &mut self.waiting)
+        };
+        if let Some(id) = from.remove(&ticket) {
+            to.insert(ticket, id);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.away.is_empty()
+    }
+
+    fn len(&self) -> u64 {
+        (self.waiting.len() + self.away.len()) as u64
+    }
+
+    /// How many wait ahead of `ticket`, connected or not.
+    fn ahead(&self, ticket: u64) -> u64 {
+        (self.waiting.range(..ticket).count() + self.away.range(..ticket).count()) as u64
+    }
 }
 
 struct Session {
@@ -364,9 +465,11 @@ impl State {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let key: Arc<str> = prefs.pool_key().into();
+        // A user re-queued while away (the peer of a skipper, say) waits among the away ones.
+        let away = self.users.get(id).is_some_and(|u| u.away);
         let pool = self.pools.entry(key.clone()).or_default();
-        let position = pool.waiting.len() as u64;
-        pool.waiting.insert(ticket, id.clone());
+        let position = pool.len();
+        pool.list(ticket, id, away);
         let pool = &self.pools[&key];
         let estimate = self.estimate(pool, position);
         self.queued += 1;
@@ -399,8 +502,8 @@ impl State {
     }
 
     fn blocked(&self, a: &UserId, b: &UserId) -> bool {
-        self.blocks.get(a).is_some_and(|s| s.contains(b))
-            || self.blocks.get(b).is_some_and(|s| s.contains(a))
+        self.blocks.get(a).is_some_and(|l| l.members.contains(b))
+            || self.blocks.get(b).is_some_and(|l| l.members.contains(a))
     }
 
     /// Whether waiting `id` may be matched with `other`: `Some(true)` yes, `Some(false)` only
@@ -413,7 +516,8 @@ impl State {
         let (Activity::Queued(w), Activity::Queued(ow)) = (&user.activity, &o.activity) else {
             return None;
         };
-        if o.away || user.avoid.as_ref() == Some(other) || o.avoid.as_ref() == Some(id) {
+        // Away users are not among the candidates at all (see `Pool`).
+        if user.avoid.as_ref() == Some(other) || o.avoid.as_ref() == Some(id) {
             return None;
         }
         if self.blocked(id, other) {
@@ -440,6 +544,12 @@ impl State {
 
     /// Matches a waiting, connected user with the longest-waiting eligible user in any of its
     /// pools. When only recently met users are there, arms the anti-repeat fallback.
+    ///
+    /// The walk visits connected waiters only, in ticket order, and stops at the first eligible
+    /// one; the ones it passes are those the user blocked (at most [`Rules::max_blocks`]) or
+    /// was blocked by, the one it avoids and those avoiding it (after skips and declines), and
+    /// its recent partners (at most 16). Nobody else can be passed over, so the work does not
+    /// grow with the number of users waiting or reconnecting.
     fn try_match(&mut self, step: &mut Step<'_>, id: &UserId) {
         let Some(user) = self.users.get(id) else {
             return;
@@ -497,6 +607,23 @@ impl State {
         }
     }
 
+    /// Moves a waiting user between the connected and the away lists of its pools (its
+    /// connection dropped, or it came back).
+    fn set_away(&mut self, id: &UserId, away: bool) {
+        let Some(User {
+            activity: Activity::Queued(w),
+            ..
+        }) = self.users.get(id)
+        else {
+            return;
+        };
+        for key in w.pools() {
+            if let Some(pool) = self.pools.get_mut(key) {
+                pool.set_away(w.ticket, away);
+            }
+        }
+    }
+
     /// Takes a waiting user out of every pool it is listed in. The caller reports the pools
     /// as changed ([`State::pools_changed`]) once it is done with them.
     fn take_waiting(&mut self, id: &UserId) -> Option<Waiting> {
@@ -507,7 +634,7 @@ impl State {
         };
         for key in waiting.pools() {
             if let Some(pool) = self.pools.get_mut(key) {
-                pool.waiting.remove(&waiting.ticket);
+                pool.unlist(waiting.ticket);
             }
         }
         self.queued -= 1;
@@ -522,9 +649,10 @@ impl State {
 
     /// Puts a paired user back at its old place (its ticket) in every pool it was listed in.
     fn restore(&mut self, step: &mut Step<'_>, id: &UserId, waiting: Waiting) {
+        let away = self.users.get(id).is_some_and(|u| u.away);
         for key in waiting.pools() {
             let pool = self.pools.entry(key.clone()).or_default();
-            pool.waiting.insert(waiting.ticket, id.clone());
+            pool.list(waiting.ticket, id, away);
             if !step.outcome.changed_pools.contains(key) {
                 step.outcome.changed_pools.push(key.clone());
             }
@@ -546,7 +674,7 @@ impl State {
     /// Drops a pool that nobody waits in any more, or reports that its positions changed.
     fn pool_changed(&mut self, step: &mut Step<'_>, key: &Arc<str>) {
         match self.pools.get(key) {
-            Some(pool) if pool.waiting.is_empty() => {
+            Some(pool) if pool.is_empty() => {
                 self.pools.remove(key);
             }
             Some(_) if !step.outcome.changed_pools.contains(key) => {
@@ -933,6 +1061,77 @@ impl State {
         }
     }
 
+    /// The user left for good: the blocks it made are forgotten after the block TTL unless it
+    /// comes back by then. One entry per block list waits at a time.
+    fn expire_blocks_later(&mut self, step: &Step<'_>, id: &UserId) {
+        let Some(list) = self.blocks.get_mut(id) else {
+            return;
+        };
+        list.last_seen = step.now;
+        if list.expiry_queued {
+            return;
+        }
+        // A TTL too long to represent never runs out.
+        if let Some(at) = step.now.checked_add(step.policy.rules.block_ttl) {
+            list.expiry_queued = true;
+            self.block_expiry.push(Reverse((at, id.clone())));
+        }
+    }
+
+    /// Drops the block lists of users who have not been seen for `ttl`; a list whose owner is
+    /// here again waits for its next departure, one whose owner came and left again waits
+    /// for its new due time.
+    fn prune_blocks(&mut self, now: Instant, ttl: Duration) {
+        while self
+            .block_expiry
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+        {
+            let Some(Reverse((_, id))) = self.block_expiry.pop() else {
+                break;
+            };
+            let Some(list) = self.blocks.get_mut(&id) else {
+                continue;
+            };
+            if self.users.contains_key(&id) {
+                list.expiry_queued = false;
+                continue;
+            }
+            match list.last_seen.checked_add(ttl) {
+                Some(at) if at <= now => {
+                    self.blocks.remove(&id);
+                }
+                Some(at) => self.block_expiry.push(Reverse((at, id))),
+                None => list.expiry_queued = false,
+            }
+        }
+    }
+
+    /// Remembers that the user ended a session that lasted `lived` (by `end`, `block`, or
+    /// leaving the media room), for [`State::count_quick_end`].
+    fn note_quick_end(&mut self, step: &Step<'_>, id: &UserId, lived: Duration) {
+        if lived < step.policy.rules.skip_quick {
+            self.conduct.entry(id.clone()).or_default().quick_end = Some(step.now);
+        }
+    }
+
+    /// An `enqueue` soon after the user ended a session quickly: a quick skip by another name
+    /// (otherwise `end` and `enqueue` would cycle partners with no cooldown). Refuses the
+    /// enqueue with the cooldown it starts, if it starts one.
+    fn count_quick_end(&mut self, step: &Step<'_>, id: &UserId) -> Result<(), MatchError> {
+        let quick = step.policy.rules.skip_quick;
+        let ended = self.conduct.get_mut(id).and_then(|c| c.quick_end.take());
+        if ended.is_none_or(|at| step.now.duration_since(at) >= quick) {
+            return Ok(());
+        }
+        match self.count_skip(step, id, Duration::ZERO) {
+            Some(cooldown) => Err(MatchError::Cooldown {
+                retry_after_ms: cooldown.as_millis() as u64,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses `enqueue` and `skip` during a cooldown.
     fn check_cooldown(&self, step: &Step<'_>, id: &UserId) -> Result<(), MatchError> {
         match self.conduct.get(id).and_then(|c| c.cooldown_left(step.now)) {
@@ -1023,10 +1222,14 @@ impl State {
 
     /// Widens the search of a waiting user by one relaxation step.
     fn relax(&mut self, step: &mut Step<'_>, id: &UserId, ticket: u64) {
-        let w = match self.users.get(id).map(|u| &u.activity) {
-            Some(Activity::Queued(w)) if w.ticket == ticket => w,
+        let Some(user) = self.users.get(id) else {
+            return;
+        };
+        let away = user.away;
+        let w = match &user.activity {
+            Activity::Queued(w) if w.ticket == ticket => w,
             // Paired meanwhile: if the match is undone, the search goes on widening.
-            Some(Activity::Pending { waiting, .. }) if waiting.ticket == ticket => {
+            Activity::Pending { waiting, .. } if waiting.ticket == ticket => {
                 let after = step.policy.rules.relax_after;
                 step.outcome
                     .timers
@@ -1045,10 +1248,9 @@ impl State {
         self.pools
             .entry(key.clone())
             .or_default()
-            .waiting
-            .insert(ticket, id.clone());
+            .list(ticket, id, away);
         let pool = &self.pools[&base];
-        let position = pool.waiting.range(..ticket).count() as u64;
+        let position = pool.ahead(ticket);
         let estimate = self.estimate(pool, position);
         if let Some(User {
             activity: Activity::Queued(w),
@@ -1118,7 +1320,7 @@ impl State {
             },
             Activity::Queued(w) => {
                 let pool = &self.pools[&w.pool];
-                let position = pool.waiting.range(..w.ticket).count() as u64;
+                let position = pool.ahead(w.ticket);
                 Status {
                     state: StateName::Queued,
                     position: Some(position),
@@ -1185,6 +1387,10 @@ impl Matchmaker for MemoryMatchmaker {
             entry.conn = conn;
             entry.away = false;
             entry.log.trim(step.now, step.policy);
+            // Blocks are kept while their owner comes back (see `State::prune_blocks`).
+            if let Some(blocks) = state.blocks.get_mut(user) {
+                blocks.last_seen = step.now;
+            }
             let replay = resume
                 .filter(|r| r.token == entry.log.epoch)
                 .and_then(|r| entry.log.since(r.last_seq));
@@ -1211,6 +1417,7 @@ impl Matchmaker for MemoryMatchmaker {
                         },
                     );
                 } else {
+                    state.set_away(user, false);
                     state.try_match(step, user);
                 }
             }
@@ -1232,6 +1439,7 @@ impl Matchmaker for MemoryMatchmaker {
             }
             entry.away = true;
             step.outcome.held = true;
+            state.set_away(user, true);
             if let Some((session_id, peer)) = state.session_of(user) {
                 state.emit(
                     step,
@@ -1262,6 +1470,7 @@ impl Matchmaker for MemoryMatchmaker {
                 Activity::Idle => {
                     state.users.remove(user);
                     state.forget_later(step, user);
+                    state.expire_blocks_later(step, user);
                 }
                 Activity::Queued(_) => {
                     state.dequeue(step, user, DequeueReason::Timeout);
@@ -1307,6 +1516,7 @@ impl Matchmaker for MemoryMatchmaker {
                 }
             }
             state.check_cooldown(step, user)?;
+            state.count_quick_end(step, user)?;
             state.count_enqueue(step, user)?;
             state.queue(step, user, prefs);
             Ok(())
@@ -1367,14 +1577,16 @@ impl Matchmaker for MemoryMatchmaker {
                     state.leave_match(step, user, &session_id, DequeueReason::End);
                     Ok(())
                 }
-                Activity::InSession { .. } => state
-                    .end_session(
+                Activity::InSession { .. } => {
+                    let lived = state.end_session(
                         step,
                         user,
                         (EndReason::End, false),
                         (EndReason::PeerEnded, false),
-                    )
-                    .map(|_| ()),
+                    )?;
+                    state.note_quick_end(step, user, lived);
+                    Ok(())
+                }
             }
         })?;
         Ok(outcome)
@@ -1391,8 +1603,14 @@ impl Matchmaker for MemoryMatchmaker {
                 return Ok(());
             };
             let mut updates = Vec::new();
-            for (position, id) in p.waiting.values().enumerate() {
-                let position = position as u64;
+            // Positions count the away users too: walk both lists in ticket order.
+            let mut away = p.away.keys().peekable();
+            let mut away_ahead = 0;
+            for (i, (ticket, id)) in p.waiting.iter().enumerate() {
+                while away.next_if(|t| *t < ticket).is_some() {
+                    away_ahead += 1;
+                }
+                let position = (i + away_ahead) as u64;
                 let estimate = state.estimate(p, position);
                 let Some(user) = state.users.get(id) else {
                     continue;
@@ -1404,7 +1622,7 @@ impl Matchmaker for MemoryMatchmaker {
                 if *w.pool != *pool {
                     continue;
                 }
-                if user.away || (w.told.0 == position && !estimate_moved(w.told.1, estimate)) {
+                if w.told.0 == position && !estimate_moved(w.told.1, estimate) {
                     continue;
                 }
                 updates.push((id.clone(), position, estimate));
@@ -1499,22 +1717,28 @@ impl Matchmaker for MemoryMatchmaker {
             };
             let requeue_peer = step.policy.requeue_peer_on_skip;
             let reason = EndReason::MediaDisconnected;
-            let ended = match left {
+            match left {
                 // Whoever left ends it; the peer is treated as if skipped.
                 Some(handle) => match s.members.iter().find(|m| &*m.handle == handle) {
                     Some(m) => {
                         let user = m.user.clone();
-                        state.end_session(step, &user, (reason, false), (reason, requeue_peer))
+                        let lived = state.end_session(
+                            step,
+                            &user,
+                            (reason, false),
+                            (reason, requeue_peer),
+                        )?;
+                        state.note_quick_end(step, &user, lived);
                     }
                     None => return Ok(MediaEffect::NoSession),
                 },
                 // The room is gone for both.
                 None => {
                     let user = s.members[0].user.clone();
-                    state.end_session(step, &user, (reason, false), (reason, false))
+                    state.end_session(step, &user, (reason, false), (reason, false))?;
                 }
-            };
-            ended.map(|_| MediaEffect::Ended)
+            }
+            Ok(MediaEffect::Ended)
         })
     }
 
@@ -1540,18 +1764,23 @@ impl Matchmaker for MemoryMatchmaker {
                     .ok_or(MatchError::InvalidState(
                         "no such session to block a peer from".into(),
                     ))?;
-            state
+            let list = state
                 .blocks
                 .entry(user.clone())
-                .or_default()
-                .insert(peer.clone());
+                .or_insert_with(|| BlockList::new(step.now));
+            // A dropped block may leave the blocker, if it waits, free to meet somebody who
+            // waits too.
+            if list.add(&peer, step.policy.rules.max_blocks) {
+                state.try_match(step, user);
+            }
             if state.session_of(user).is_some_and(|(s, _)| s == session_id) {
-                state.end_session(
+                let lived = state.end_session(
                     step,
                     user,
                     (EndReason::End, false),
                     (EndReason::PeerEnded, false),
                 )?;
+                state.note_quick_end(step, user, lived);
             }
             Ok(())
         })?;

@@ -60,6 +60,10 @@ pub struct Rules {
     pub decline_to_tail: bool,
     /// Wait per preference relaxation step.
     pub relax_after: Duration,
+    /// Blocks kept per user: beyond it, the oldest block goes.
+    pub max_blocks: usize,
+    /// The blocks of a user who has not been connected for this long are forgotten.
+    pub block_ttl: Duration,
 }
 
 impl Rules {
@@ -80,6 +84,8 @@ impl Rules {
                 .then(|| Duration::from_millis(c.accept_timeout_ms)),
             decline_to_tail: c.decline_to == crate::config::DeclineTo::Tail,
             relax_after: Duration::from_millis(c.relax_after_ms),
+            max_blocks: c.max_blocks_per_user,
+            block_ttl: Duration::from_secs(c.block_ttl_s),
         }
     }
 
@@ -233,7 +239,16 @@ pub enum MatchError {
     /// Too many enqueues.
     #[error("too many enqueues: slow down")]
     RateLimited { retry_after_ms: u64 },
+    /// Too many reports by this user (see [`crate::moderation`]).
+    #[error("too many reports: try again later")]
+    TooManyReports { retry_after_ms: u64 },
 }
+
+/// What a client is told when a backend is down: the backend's own error text (addresses,
+/// driver messages) goes to the logs only.
+pub const UNAVAILABLE_MESSAGE: &str = "a backend this action needs is unavailable: try again later";
+/// What a client is told about a bug on our side.
+pub const INTERNAL_MESSAGE: &str = "internal error";
 
 impl MatchError {
     pub fn code(&self) -> ErrorCode {
@@ -242,7 +257,19 @@ impl MatchError {
             MatchError::Unavailable(_) => ErrorCode::Unavailable,
             MatchError::Internal(_) | MatchError::Replaced => ErrorCode::Internal,
             MatchError::Cooldown { .. } => ErrorCode::Cooldown,
-            MatchError::RateLimited { .. } => ErrorCode::RateLimited,
+            MatchError::RateLimited { .. } | MatchError::TooManyReports { .. } => {
+                ErrorCode::RateLimited
+            }
+        }
+    }
+
+    /// The `message` of the client's `error` frame: fixed text where the error carries
+    /// details that are only for the logs.
+    pub fn client_message(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            MatchError::Unavailable(_) => UNAVAILABLE_MESSAGE.into(),
+            MatchError::Internal(_) => INTERNAL_MESSAGE.into(),
+            other => other.to_string().into(),
         }
     }
 
@@ -251,7 +278,8 @@ impl MatchError {
         match self {
             MatchError::Unavailable(_) => Some(1_000),
             MatchError::Cooldown { retry_after_ms }
-            | MatchError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
+            | MatchError::RateLimited { retry_after_ms }
+            | MatchError::TooManyReports { retry_after_ms } => Some(*retry_after_ms),
             _ => None,
         }
     }
@@ -263,6 +291,7 @@ impl MatchError {
             MatchError::InvalidState(_)
                 | MatchError::Cooldown { .. }
                 | MatchError::RateLimited { .. }
+                | MatchError::TooManyReports { .. }
         )
     }
 }

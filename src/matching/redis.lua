@@ -24,13 +24,20 @@
 --                         state is idle, queued,
 --                         pending (paired, not live yet; the queue fields are kept) or session
 --   P:log:<user>    list of "<seq> <ms> <frame>", newest last, bounded, expires
---   P:pool:<pool>   zset of waiting users by ticket (FIFO); a user whose search widened is
---                   also listed, with the same ticket, in the pools in its `wider` field
+--   P:pool:<pool>   zset of connected waiting users by ticket (FIFO): the only users a match
+--                   attempt visits; a user whose search widened is also listed, with the same
+--                   ticket, in the pools in its `wider` field
+--   P:held:<pool>   zset of waiting users whose connection dropped (held for a resume), by
+--                   ticket, listed like P:pool: they keep their place and count in positions,
+--                   and move back to P:pool when they reattach
 --   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles) created phase (proposed,
 --                   pending or live) a1 a2 (accepted) live (ms it went live)
 --   P:met:<user>    list of "<session>\t<ms>\t<peer>", newest first: sessions that went live
---   P:blk:<user>    set of the users this user blocked (never expires)
---   P:cd:<user>     hash: qs (quick skip times) lvl until (cooldown); expires
+--   P:blk:<user>    set of the users this user blocked (at most max_blocks)
+--   P:blkt:<user>   zset of the same users by when they were blocked, to drop the oldest; both
+--                   persist while the user's hash exists and expire block_ttl after it goes
+--   P:cd:<user>     hash: qs (quick skip times) lvl until (cooldown) qe (when the user last
+--                   ended a session quickly); expires
 --   P:enq:<user>    enqueues in the current one-minute window, expires with it
 --   P:sessions      zset session -> ms matched (media mode only: what the room sweep checks)
 --   P:pending       zset session -> ms by which a paired session must be live, else undone
@@ -61,7 +68,8 @@ local out, actor, ref, id_counter
 
 -- The rules, one comma-separated string: anti-repeat window ms, fallback ms, quick skip ms,
 -- skip limit, skip window ms, enqueues per minute, accept timeout ms (0: off), decline to
--- tail (1/0), relax after ms, then the cooldowns in ms separated by ";".
+-- tail (1/0), relax after ms, the cooldowns in ms separated by ";", blocks kept per user,
+-- block ttl ms.
 local function read_rules(s)
   local f = {}
   for v in string.gmatch(s, '[^,]+') do table.insert(f, v) end
@@ -69,7 +77,8 @@ local function read_rules(s)
   for v in string.gmatch(f[10], '[^;]+') do table.insert(cds, tonumber(v)) end
   return { window = tonumber(f[1]), fallback = tonumber(f[2]), quick = tonumber(f[3]),
     limit = tonumber(f[4]), skip_window = tonumber(f[5]), enq = tonumber(f[6]),
-    accept = tonumber(f[7]), tail = f[8] == '1', relax = tonumber(f[9]), cooldowns = cds }
+    accept = tonumber(f[7]), tail = f[8] == '1', relax = tonumber(f[9]), cooldowns = cds,
+    max_blocks = tonumber(f[11]), block_ttl = tonumber(f[12]) }
 end
 
 -- The i-th operation argument.
@@ -78,6 +87,7 @@ local function arg(i) return ARGV[11 + i] end
 local function ukey(u) return P .. ':u:' .. u end
 local function skey(s) return P .. ':s:' .. s end
 local function zkey(pk) return P .. ':pool:' .. pk end
+local function hkey(pk) return P .. ':held:' .. pk end
 
 local function new_id(prefix, len)
   id_counter = id_counter + 1
@@ -151,7 +161,7 @@ end
 
 -- Drops the wait history of a pool nobody waits in, or reports that positions changed.
 local function pool_changed(pk)
-  if redis.call('ZCARD', zkey(pk)) == 0 then
+  if redis.call('ZCARD', zkey(pk)) == 0 and redis.call('ZCARD', hkey(pk)) == 0 then
     redis.call('HDEL', P .. ':waits', pk)
   else
     add_changed(pk)
@@ -176,13 +186,43 @@ local function pools_of(pk, wider)
   return t
 end
 
+-- How many wait in pool pk ahead of `ticket` (all of them when nil), connected or not.
+local function ahead(pk, ticket)
+  local upto = '+inf'
+  if ticket then upto = '(' .. ticket end
+  return redis.call('ZCOUNT', zkey(pk), '-inf', upto) + redis.call('ZCOUNT', hkey(pk), '-inf', upto)
+end
+
+-- Lists u at `ticket` in pool k: among the connected waiters, or the away ones.
+local function list(u, k, ticket, away)
+  if away then
+    redis.call('ZADD', hkey(k), ticket, u)
+  else
+    redis.call('ZADD', zkey(k), ticket, u)
+  end
+end
+
+-- Moves waiting u between the connected and the away lists of its pools (its connection
+-- dropped, or it came back).
+local function set_away(u, away)
+  local state, pk, wider, ticket = unpack(redis.call('HMGET', ukey(u), 'state', 'pool', 'wider', 'ticket'))
+  if state ~= 'queued' then return end
+  for _, k in ipairs(pools_of(pk, wider)) do
+    if away then redis.call('ZREM', zkey(k), u) else redis.call('ZREM', hkey(k), u) end
+    list(u, k, ticket, away)
+  end
+end
+
 -- Takes a waiting user out of every pool it is listed in.
 local function take_waiting(u)
   local h = ukey(u)
   local state, pk, since, ticket, wider = unpack(redis.call('HMGET', h, 'state', 'pool', 'since', 'ticket', 'wider'))
   if state ~= 'queued' then return nil end
   local pools = pools_of(pk, wider)
-  for _, k in ipairs(pools) do redis.call('ZREM', zkey(k), u) end
+  for _, k in ipairs(pools) do
+    redis.call('ZREM', zkey(k), u)
+    redis.call('ZREM', hkey(k), u)
+  end
   -- Only the state changes: the queue fields are read only while the state is `queued` or
   -- `pending`.
   redis.call('HSET', h, 'state', 'idle')
@@ -198,9 +238,9 @@ end
 -- Puts a paired user back at its old place (its ticket) in every pool it was listed in.
 local function restore(u)
   local h = ukey(u)
-  local pk, ticket, wider = unpack(redis.call('HMGET', h, 'pool', 'ticket', 'wider'))
+  local pk, ticket, wider, away = unpack(redis.call('HMGET', h, 'pool', 'ticket', 'wider', 'away'))
   for _, k in ipairs(pools_of(pk, wider)) do
-    redis.call('ZADD', zkey(k), ticket, u)
+    list(u, k, ticket, away == '1')
     add_changed(k)
   end
   redis.call('HSET', h, 'state', 'queued')
@@ -428,6 +468,8 @@ local function eligible(u, uf, met, c)
   if c == u or c == uf.avoid then return nil end
   local cstate, caway, cavoid, csince, cblocks = unpack(redis.call('HMGET', ukey(c), 'state',
     'away', 'avoid', 'since', 'hb'))
+  -- Away users are listed apart (P:held); `caway` covers pools an earlier version of this
+  -- library wrote during a rolling upgrade.
   if cstate ~= 'queued' or caway ~= '0' or cavoid == u then return nil end
   if blocked(u, uf.blocks, c, cblocks) then return nil end
   if not met[c] then return true end
@@ -436,7 +478,9 @@ local function eligible(u, uf, met, c)
 end
 
 -- Matches a waiting, connected user with the longest-waiting eligible user in any of its
--- pools. When only recently met users are there, arms the anti-repeat fallback.
+-- pools. When only recently met users are there, arms the anti-repeat fallback. The walk
+-- visits connected waiters only (see P:held) and passes over only those u blocked or was
+-- blocked by, avoids or is avoided by, and its recent partners, as in memory.rs.
 local function try_match(u)
   local state, away, pk, wider, avoid, since, ticket, fb, hb = unpack(redis.call('HMGET',
     ukey(u), 'state', 'away', 'pool', 'wider', 'avoid', 'since', 'ticket', 'fb', 'hb'))
@@ -483,10 +527,11 @@ end
 -- `soft`: whether the user's preferences can widen (relaxation timers).
 local function queue(u, pk, soft)
   local ticket = redis.call('INCR', P .. ':ticket')
-  local position = redis.call('ZCARD', zkey(pk))
-  redis.call('ZADD', zkey(pk), ticket, u)
-  local est = estimate(pk, position)
+  local position = ahead(pk, nil)
   local h = ukey(u)
+  -- A user re-queued while away (the peer of a skipper, say) waits among the away ones.
+  list(u, pk, ticket, redis.call('HGET', h, 'away') == '1')
+  local est = estimate(pk, position)
   redis.call('HSET', h, 'state', 'queued', 'pool', pk, 'wider', '', 'fb', '0', 'ticket', ticket,
     'since', NOW, 'told_pos', position, 'told_est', est or '')
   redis.call('HINCRBY', P .. ':stat', 'queued', 1)
@@ -659,11 +704,50 @@ local function count_enqueue(u)
   return nil
 end
 
+-- Remembers that u ended a session that lasted `lived` ms (by end, block, or leaving the media
+-- room), for count_quick_end.
+local function note_quick_end(u, lived)
+  if lived >= R.quick then return end
+  local k = P .. ':cd:' .. u
+  redis.call('HSET', k, 'qe', NOW)
+  if redis.call('PTTL', k) < R.quick then redis.call('PEXPIRE', k, R.quick) end
+end
+
+-- An enqueue soon after u ended a session quickly: a quick skip by another name (otherwise
+-- end and enqueue would cycle partners with no cooldown). Returns the cooldown it starts, if
+-- any: the enqueue is then refused.
+local function count_quick_end(u)
+  local k = P .. ':cd:' .. u
+  local ended = tonumber(redis.call('HGET', k, 'qe'))
+  if not ended then return nil end
+  redis.call('HDEL', k, 'qe')
+  if NOW - ended >= R.quick then return nil end
+  return count_skip(u, 0)
+end
+
+-- u blocks `peer`: the newest of u's at most max_blocks blocks (the oldest goes first).
+-- Returns whether an old block was dropped.
+local function add_block(u, peer)
+  local set, times = P .. ':blk:' .. u, P .. ':blkt:' .. u
+  redis.call('SADD', set, peer)
+  -- Scores only order the blocks: keep them strictly increasing, even within one ms.
+  local newest = redis.call('ZRANGE', times, -1, -1, 'WITHSCORES')
+  redis.call('ZADD', times, math.max(NOW, (tonumber(newest[2]) or 0) + 1), peer)
+  local over = redis.call('ZCARD', times) - R.max_blocks
+  if over > 0 then
+    local oldest = redis.call('ZRANGE', times, 0, over - 1)
+    redis.call('SREM', set, unpack(oldest))
+    redis.call('ZREMRANGEBYRANK', times, 0, over - 1)
+  end
+  redis.call('HSET', ukey(u), 'hb', '1')
+  return over > 0
+end
+
 -- Widens the search of waiting u (queue place `ticket`) by one relaxation step.
 local function relax(u, ticket)
   local h = ukey(u)
-  local state, t, pk, wider, rkeys, rprefs = unpack(redis.call('HMGET', h, 'state', 'ticket',
-    'pool', 'wider', 'rkeys', 'rprefs'))
+  local state, t, pk, wider, rkeys, rprefs, away = unpack(redis.call('HMGET', h, 'state', 'ticket',
+    'pool', 'wider', 'rkeys', 'rprefs', 'away'))
   if t ~= ticket then return end
   -- Paired meanwhile: if the match is undone, the search goes on widening.
   if state == 'pending' then timer(R.relax, u, 'relax', ticket) end
@@ -672,9 +756,9 @@ local function relax(u, ticket)
   local level = #done + 1
   if level > #keys then return end
   local key = keys[level]
-  redis.call('ZADD', zkey(key), ticket, u)
+  list(u, key, ticket, away == '1')
   table.insert(done, key)
-  local position = redis.call('ZCOUNT', zkey(pk), '-inf', '(' .. ticket)
+  local position = ahead(pk, ticket)
   local est = estimate(pk, position)
   redis.call('HSET', h, 'wider', table.concat(done, '\n'), 'told_pos', position, 'told_est', est or '')
   emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est),
@@ -711,6 +795,7 @@ local function detach(u, conn)
   local c, a, inst = unpack(redis.call('HMGET', h, 'conn', 'away', 'inst'))
   if c ~= conn or a == '1' then return end
   redis.call('HSET', h, 'away', '1')
+  set_away(u, true)
   redis.call('SREM', P .. ':iu:' .. inst, u)
   redis.call('ZADD', P .. ':exp', NOW + GRACE, u .. '\n' .. conn)
   if redis.call('PTTL', P .. ':log:' .. u) < 2 * GRACE then
@@ -743,6 +828,10 @@ local function expire(u, conn)
     leave_match(u, 'timeout')
   else
     redis.call('DEL', h, P .. ':log:' .. u)
+    -- Gone for good: the blocks u made go once u has stayed away for the block TTL.
+    for _, k in ipairs({ P .. ':blk:' .. u, P .. ':blkt:' .. u }) do
+      redis.call('PEXPIRE', k, R.block_ttl)
+    end
     return
   end
   redis.call('ZADD', P .. ':exp', NOW + GRACE, member)
@@ -791,6 +880,128 @@ local function with_user(required)
   return state
 end
 
+-- Operations with many helpers of their own live in functions of their own rather than in
+-- `call`: a Lua 5.1 function may refer to at most 60 enclosing locals.
+
+-- The `enqueue` of USER (arg: 1 prefs JSON, 2 pool key, 3 ref, 4 relaxed pool keys
+-- ("\n"-separated), 5 relaxed prefs (JSON array, one per step)).
+local function enqueue_op()
+  set_ref(arg(3))
+  local state = with_user(true)
+  if not state then return fail('invalid_state', 'no live connection for this user') end
+  if state == 'queued' or state == 'pending' then return fail('invalid_state', 'already queued') end
+  if state == 'session' then
+    return fail('invalid_state', 'already in a session: skip or end it first')
+  end
+  local left = cooldown_left(USER)
+  if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
+  local cooldown = count_quick_end(USER)
+  if cooldown then return fail('cooldown', 'too many quick skips: wait for the cooldown', cooldown) end
+  local wait = count_enqueue(USER)
+  if wait then return fail('rate_limited', 'too many enqueues: slow down', wait) end
+  redis.call('HSET', ukey(USER), 'prefs', arg(1), 'rkeys', arg(4), 'rprefs', arg(5))
+  queue(USER, arg(2), arg(4) ~= '')
+  return result()
+end
+
+-- The `skip` of USER (arg: 1 ref, 2 the message of the error that announces a cooldown).
+local function skip_op()
+  set_ref(arg(1))
+  local left = cooldown_left(USER)
+  if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
+  local sid, peer = session_of(USER)
+  if not sid then return fail('invalid_state', 'not in a session') end
+  redis.call('HSET', ukey(USER), 'avoid', peer)
+  redis.call('HSET', ukey(peer), 'avoid', USER)
+  local live = tonumber(redis.call('HGET', skey(sid), 'live')) or NOW
+  -- The skip that starts a cooldown still ends the session, but does not re-queue.
+  local cooldown = count_skip(USER, NOW - live)
+  end_session(USER, 'skip', cooldown == nil, 'peer_skipped', REQUEUE_PEER)
+  if cooldown then
+    emit(USER, { type = 'error', code = 'cooldown', message = arg(2), retry_after_ms = cooldown })
+  end
+  return result()
+end
+
+-- The `end` of USER (arg: 1 ref).
+local function end_op()
+  set_ref(arg(1))
+  local state = with_user(true)
+  if state == 'queued' then
+    dequeue(USER, 'end')
+  elseif state == 'pending' then
+    leave_match(USER, 'end')
+  elseif state == 'session' and session_of(USER) then
+    note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
+  else
+    return fail('invalid_state', 'not queued or in a session')
+  end
+  return result()
+end
+
+-- The `block` of USER (arg: 1 the session whose peer to block, "" for the current or most
+-- recent one).
+local function block_op()
+  if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
+  local sid, peer = peer_in(USER, arg(1))
+  if not sid then return fail('invalid_state', 'no such session to block a peer from') end
+  -- A dropped block may leave the blocker, if it waits, free to meet somebody who waits too.
+  if add_block(USER, peer) then try_match(USER) end
+  if session_of(USER) == sid then
+    note_quick_end(USER, end_session(USER, 'end', false, 'peer_ended', false))
+  end
+  return result()
+end
+
+-- u's state as `status` reports it, or nil when u has no state.
+local function status_of(u)
+  local state, pk, ticket, sid = unpack(redis.call('HMGET', ukey(u), 'state', 'pool', 'ticket', 'sid'))
+  if not state then return nil end
+  local st = { state = state_name(state) }
+  if state == 'queued' then
+    st.position = ahead(pk, ticket)
+    st.estimated_wait_ms = estimate(pk, st.position)
+  elseif state == 'pending' then
+    st.position = 0
+  elseif state == 'session' then
+    st.session_id = sid
+    local u1, h1, h2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'h1', 'h2'))
+    if u1 == u then
+      st.role, st.peer = 'offerer', h2
+    elseif u1 then
+      st.role, st.peer = 'answerer', h1
+    end
+  end
+  return st
+end
+
+-- Sends `queue_update` to the connected waiting users of pool pk whose position or estimate
+-- moved since they were last told.
+local function refresh_pool(pk)
+  -- The connected waiters, whose positions also count the away ones ahead of them.
+  local users = redis.call('ZRANGE', zkey(pk), 0, -1, 'WITHSCORES')
+  local held = redis.call('ZCARD', hkey(pk))
+  for i = 1, #users, 2 do
+    local u = users[i]
+    local position = (i - 1) / 2
+    if held > 0 then position = position + redis.call('ZCOUNT', hkey(pk), '-inf', '(' .. users[i + 1]) end
+    local est = estimate(pk, position)
+    local away, told_pos, told_est, own = unpack(redis.call('HMGET', ukey(u), 'away', 'told_pos', 'told_est', 'pool'))
+    local old = tonumber(told_est)
+    local moved
+    if old and est then
+      moved = math.abs(old - est) * 5 > math.max(old, est)
+    else
+      moved = (old == nil) ~= (est == nil)
+    end
+    -- Users listed here because their search widened are told about their own pool.
+    if own == pk and away == '0' and (tonumber(told_pos) ~= position or moved) then
+      redis.call('HSET', ukey(u), 'told_pos', position, 'told_est', est or '')
+      emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est) })
+    end
+  end
+end
+
 local function call(_keys, args)
   ARGV = args
   P, OP = ARGV[1], ARGV[2]
@@ -823,8 +1034,11 @@ local function call(_keys, args)
     if redis.call('EXISTS', h) == 0 then
       redis.call('HSET', h, 'conn', conn, 'inst', inst, 'away', '0', 'state', 'idle',
         'epoch', new_id('r_', 32), 'seq', 0,
-        -- Blocks outlive the user's hash.
+        -- Blocks outlive the user's hash (for the block TTL).
         'hb', redis.call('EXISTS', P .. ':blk:' .. USER))
+      -- Back in time: the blocks stay while the user is here.
+      redis.call('PERSIST', P .. ':blk:' .. USER)
+      redis.call('PERSIST', P .. ':blkt:' .. USER)
     else
       local old_inst, old_conn, a = unpack(redis.call('HMGET', h, 'inst', 'conn', 'away'))
       was_away = a == '1'
@@ -855,6 +1069,7 @@ local function call(_keys, args)
       if sid then
         emit(peer, { type = 'peer_status', session_id = sid, state = 'connected' })
       else
+        set_away(USER, false)
         try_match(USER)
       end
     end
@@ -866,90 +1081,17 @@ local function call(_keys, args)
     expire(USER, ARGV[12])
     return result()
   elseif OP == 'enqueue' then
-    -- arg: 1 prefs JSON, 2 pool key, 3 ref, 4 relaxed pool keys ("\n"-separated), 5 relaxed
-    -- prefs (JSON array, one per step).
-    set_ref(arg(3))
-    local state = with_user(true)
-    if not state then return fail('invalid_state', 'no live connection for this user') end
-    if state == 'queued' or state == 'pending' then return fail('invalid_state', 'already queued') end
-    if state == 'session' then
-      return fail('invalid_state', 'already in a session: skip or end it first')
-    end
-    local left = cooldown_left(USER)
-    if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
-    local wait = count_enqueue(USER)
-    if wait then return fail('rate_limited', 'too many enqueues: slow down', wait) end
-    redis.call('HSET', ukey(USER), 'prefs', arg(1), 'rkeys', arg(4), 'rprefs', arg(5))
-    queue(USER, arg(2), arg(4) ~= '')
-    return result()
+    return enqueue_op()
   elseif OP == 'skip' then
-    set_ref(arg(1))
-    local left = cooldown_left(USER)
-    if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
-    local sid, peer = session_of(USER)
-    if not sid then return fail('invalid_state', 'not in a session') end
-    redis.call('HSET', ukey(USER), 'avoid', peer)
-    redis.call('HSET', ukey(peer), 'avoid', USER)
-    local live = tonumber(redis.call('HGET', skey(sid), 'live')) or NOW
-    -- The skip that starts a cooldown still ends the session, but does not re-queue.
-    local cooldown = count_skip(USER, NOW - live)
-    end_session(USER, 'skip', cooldown == nil, 'peer_skipped', REQUEUE_PEER)
-    if cooldown then
-      emit(USER, { type = 'error', code = 'cooldown', message = arg(2), retry_after_ms = cooldown })
-    end
-    return result()
+    return skip_op()
   elseif OP == 'end' then
-    set_ref(arg(1))
-    local state = with_user(true)
-    if state == 'queued' then
-      dequeue(USER, 'end')
-    elseif state == 'pending' then
-      leave_match(USER, 'end')
-    elseif state == 'session' and session_of(USER) then
-      end_session(USER, 'end', false, 'peer_ended', false)
-    else
-      return fail('invalid_state', 'not queued or in a session')
-    end
-    return result()
+    return end_op()
   elseif OP == 'status' then
-    local state, pk, ticket, sid = unpack(redis.call('HMGET', ukey(USER), 'state', 'pool', 'ticket', 'sid'))
-    if not state then return fail('invalid_state', 'no live connection for this user') end
-    local st = { state = state_name(state) }
-    if state == 'queued' then
-      st.position = redis.call('ZCOUNT', zkey(pk), '-inf', '(' .. ticket)
-      st.estimated_wait_ms = estimate(pk, st.position)
-    elseif state == 'pending' then
-      st.position = 0
-    elseif state == 'session' then
-      st.session_id = sid
-      local u1, h1, h2 = unpack(redis.call('HMGET', skey(sid), 'u1', 'h1', 'h2'))
-      if u1 == USER then
-        st.role, st.peer = 'offerer', h2
-      elseif u1 then
-        st.role, st.peer = 'answerer', h1
-      end
-    end
+    local st = status_of(USER)
+    if not st then return fail('invalid_state', 'no live connection for this user') end
     return result({ status = st })
   elseif OP == 'refresh' then
-    local pk = arg(1)
-    local users = redis.call('ZRANGE', zkey(pk), 0, -1)
-    for i, u in ipairs(users) do
-      local position = i - 1
-      local est = estimate(pk, position)
-      local away, told_pos, told_est, own = unpack(redis.call('HMGET', ukey(u), 'away', 'told_pos', 'told_est', 'pool'))
-      local old = tonumber(told_est)
-      local moved
-      if old and est then
-        moved = math.abs(old - est) * 5 > math.max(old, est)
-      else
-        moved = (old == nil) ~= (est == nil)
-      end
-      -- Users listed here because their search widened are told about their own pool.
-      if own == pk and away == '0' and (tonumber(told_pos) ~= position or moved) then
-        redis.call('HSET', ukey(u), 'told_pos', position, 'told_est', est or '')
-        emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est) })
-      end
-    end
+    refresh_pool(arg(1))
     return result()
   elseif OP == 'since' then
     local c, seq = unpack(redis.call('HMGET', ukey(USER), 'conn', 'seq'))
@@ -1049,7 +1191,7 @@ local function call(_keys, args)
     elseif left == h1 or left == h2 then
       local who = u1
       if left == h2 then who = u2 end
-      end_session(who, 'media_disconnected', false, 'media_disconnected', REQUEUE_PEER)
+      note_quick_end(who, end_session(who, 'media_disconnected', false, 'media_disconnected', REQUEUE_PEER))
     else
       return result({ effect = 'no_session' })
     end
@@ -1063,13 +1205,7 @@ local function call(_keys, args)
     end
     return result({ session_list = list })
   elseif OP == 'block' then
-    if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
-    local sid, peer = peer_in(USER, arg(1))
-    if not sid then return fail('invalid_state', 'no such session to block a peer from') end
-    redis.call('SADD', P .. ':blk:' .. USER, peer)
-    redis.call('HSET', ukey(USER), 'hb', '1')
-    if session_of(USER) == sid then end_session(USER, 'end', false, 'peer_ended', false) end
-    return result()
+    return block_op()
   elseif OP == 'peer' then
     if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
     local sid, peer = peer_in(USER, arg(1))

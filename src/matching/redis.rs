@@ -109,6 +109,8 @@ fn rules_arg(r: &Rules) -> String {
         if r.decline_to_tail { "1" } else { "0" }.to_string(),
         ms(r.relax_after),
         cooldowns.join(";"),
+        r.max_blocks.to_string(),
+        ms(r.block_ttl),
     ]
     .join(",")
 }

@@ -2,16 +2,18 @@
 //! one lock; a new ban closes the banned identity's connections in this instance's registry.
 //!
 //! Memory stays bounded without a background task: reports are a ring of `--reports-kept`;
-//! expired bans and reporters who fell out of the window are dropped when they are looked at,
-//! and all of them in one sweep whenever the maps have doubled since the last one.
+//! expired bans, reporters who fell out of the window and reporters whose hour is over are
+//! dropped when they are looked at, and all of them in one sweep whenever the maps have
+//! doubled since the last one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
 use super::{
     disconnect_banned, Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportPolicy,
+    REPORTED_SESSIONS_KEPT, REPORT_RATE_WINDOW_MS,
 };
 use crate::ids::unix_ms;
 use crate::matching::UserId;
@@ -31,12 +33,49 @@ pub struct MemoryModeration {
 #[derive(Default)]
 struct State {
     bans: HashMap<(BanKind, String), Ban>,
-    /// The latest reports, oldest first.
-    reports: VecDeque<Report>,
+    /// The latest reports by number, oldest first.
+    reports: BTreeMap<u64, Report>,
+    next_report: u64,
     /// Per reported user: who reported them, and when last (unix ms).
     reporters: HashMap<UserId, Vec<(UserId, u64)>>,
-    /// Entries in `bans` plus `reporters` at which the next sweep runs.
+    /// Per reporter: its hourly count and the sessions it reported lately.
+    filed: HashMap<UserId, Filed>,
+    /// Entries in `bans`, `reporters` and `filed` at which the next sweep runs.
     sweep_at: usize,
+}
+
+/// What one user reported lately.
+#[derive(Default)]
+struct Filed {
+    /// The current one-hour window (it starts with its first report) and its count.
+    window: Option<(u64, u32)>,
+    /// Sessions it reported within the report window, oldest first: session, when (unix ms)
+    /// and the number of the report kept for it.
+    sessions: VecDeque<(Arc<str>, u64, u64)>,
+}
+
+impl Filed {
+    /// Counts a new report against the hourly limit, or says how long to wait.
+    fn count(&mut self, now: u64, per_hour: u32) -> Result<(), ModerationError> {
+        let (start, count) = match self.window {
+            Some((start, count)) if now < start + REPORT_RATE_WINDOW_MS => (start, count),
+            _ => (now, 0),
+        };
+        if count >= per_hour {
+            return Err(ModerationError::TooManyReports {
+                retry_after_ms: start + REPORT_RATE_WINDOW_MS - now,
+            });
+        }
+        self.window = Some((start, count + 1));
+        Ok(())
+    }
+
+    /// Whether any of it still matters at `now`.
+    fn live(&self, now: u64) -> bool {
+        self.window
+            .is_some_and(|(start, _)| now < start + REPORT_RATE_WINDOW_MS)
+            || !self.sessions.is_empty()
+    }
 }
 
 impl State {
@@ -56,7 +95,8 @@ impl State {
     /// Drops what ran out once the maps have doubled since the last sweep, so that each entry
     /// costs O(1) sweeping on average.
     fn sweep_if_due(&mut self, now: u64, window_ms: u64) {
-        if self.bans.len() + self.reporters.len() < self.sweep_at.max(MIN_SWEEP) {
+        let size = |s: &Self| s.bans.len() + s.reporters.len() + s.filed.len();
+        if size(self) < self.sweep_at.max(MIN_SWEEP) {
             return;
         }
         self.bans.retain(|_, ban| ban.live(now));
@@ -64,7 +104,11 @@ impl State {
             list.retain(|(_, at)| at + window_ms > now);
             !list.is_empty()
         });
-        self.sweep_at = 2 * (self.bans.len() + self.reporters.len());
+        self.filed.retain(|_, filed| {
+            filed.sessions.retain(|(_, at, _)| at + window_ms > now);
+            filed.live(now)
+        });
+        self.sweep_at = 2 * size(self);
     }
 }
 
@@ -134,7 +178,29 @@ impl Moderation for MemoryModeration {
     async fn report(&self, report: Report) -> Result<Option<Ban>, ModerationError> {
         let now = unix_ms();
         let window_ms = self.policy.window.as_millis() as u64;
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let filed = state.filed.entry(report.reporter.clone()).or_default();
+        filed.sessions.retain(|(_, at, _)| at + window_ms > now);
+        let earlier = filed
+            .sessions
+            .iter()
+            .position(|(session, _, _)| *session == report.session_id);
+        match earlier.and_then(|i| filed.sessions.remove(i)) {
+            // The same session again: the new report replaces the earlier one.
+            Some((_, _, number)) => {
+                state.reports.remove(&number);
+            }
+            None => filed.count(now, self.policy.per_hour)?,
+        }
+        let number = state.next_report;
+        state.next_report += 1;
+        filed
+            .sessions
+            .push_back((report.session_id.clone(), now, number));
+        if filed.sessions.len() > REPORTED_SESSIONS_KEPT {
+            filed.sessions.pop_front();
+        }
         let reporters = state.reporters.entry(report.reported.clone()).or_default();
         reporters.retain(|(_, at)| at + window_ms > now);
         let distinct = match reporters.iter_mut().find(|(r, _)| *r == report.reporter) {
@@ -149,12 +215,12 @@ impl Moderation for MemoryModeration {
         };
         let banned = state.ban(BanKind::User, &report.reported, now).is_some();
         let due = self.policy.ban_due(&report, distinct, banned);
-        state.reports.push_back(report);
+        state.reports.insert(number, report);
         while state.reports.len() > self.policy.kept {
-            state.reports.pop_front();
+            state.reports.pop_first();
         }
         match &due {
-            Some(ban) => self.enforce(state, ban),
+            Some(ban) => self.enforce(guard, ban),
             None => state.sweep_if_due(now, window_ms),
         }
         Ok(due)
@@ -176,13 +242,14 @@ mod tests {
             window: Duration::from_secs(60),
             ban_ttl: Duration::from_secs(60),
             kept: 2,
+            per_hour: 3,
         };
         MemoryModeration::new(registry, Arc::new(Metrics::new()), policy)
     }
 
     fn report(reporter: &str) -> Report {
         Report {
-            session_id: "s".into(),
+            session_id: format!("s-{reporter}").into(),
             reporter: reporter.into(),
             reported: "bad".into(),
             reason: ReportReason::Harassment,
@@ -215,6 +282,66 @@ mod tests {
         assert!(m.unban(BanKind::User, "bad").await.unwrap());
         assert!(!m.unban(BanKind::User, "bad").await.unwrap());
         assert_eq!(m.ban_of(&who).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_flood_from_one_reporter_does_not_push_out_anyone_else() {
+        let policy = ReportPolicy {
+            threshold: 0,
+            window: Duration::from_secs(3600),
+            ban_ttl: Duration::from_secs(60),
+            kept: 5,
+            per_hour: 3,
+        };
+        let m = MemoryModeration::new(
+            Arc::new(Registry::default()),
+            Arc::new(Metrics::new()),
+            policy,
+        );
+        let genuine = Report {
+            reporter: "genuine".into(),
+            session_id: "s-g".into(),
+            ..report("genuine")
+        };
+        m.report(genuine.clone()).await.unwrap();
+        // Over and over about one session: each replaces the one before.
+        for i in 0..200 {
+            let again = Report {
+                reporter: "flooder".into(),
+                details: Some(format!("take {i}")),
+                ..report("flooder")
+            };
+            m.report(again).await.unwrap();
+        }
+        // About many sessions: the hourly limit.
+        let mut limited = 0;
+        for i in 0..200 {
+            let other = Report {
+                reporter: "flooder".into(),
+                session_id: format!("s-{i}").into(),
+                ..report("flooder")
+            };
+            match m.report(other).await {
+                Ok(_) => {}
+                Err(ModerationError::TooManyReports { retry_after_ms }) => {
+                    assert!(retry_after_ms > 0 && retry_after_ms <= 3_600_000);
+                    limited += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(limited, 198, "one session plus two more within the hour");
+        let state = m.lock();
+        let kept: Vec<&Report> = state.reports.values().collect();
+        assert_eq!(kept.len(), 4);
+        assert_eq!(kept[0], &genuine, "the genuine report is still there");
+        let replaced = kept.iter().filter(|r| *r.session_id == *"s-flooder");
+        let details: Vec<_> = replaced.map(|r| r.details.as_deref()).collect();
+        assert_eq!(
+            details,
+            [Some("take 199")],
+            "one report per session, the latest"
+        );
     }
 
     #[tokio::test]

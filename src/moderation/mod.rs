@@ -14,7 +14,10 @@
 //!
 //! Reports are kept (a bounded number) for people to review, and each counts its reporter
 //! towards an automatic ban of the reported user: enough distinct reporters within the window
-//! ban them ([`ReportPolicy`]).
+//! ban them ([`ReportPolicy`]). So that one account cannot flood the review store and push
+//! other people's reports out of it, a user files at most one report per session (a second
+//! one replaces the first) and at most [`ReportPolicy::per_hour`] reports an hour, counted by
+//! user id in the backend, so across connections and instances.
 
 pub mod memory;
 pub mod redis;
@@ -161,7 +164,20 @@ pub struct ReportPolicy {
     pub ban_ttl: Duration,
     /// Reports kept for review (the oldest go first).
     pub kept: usize,
+    /// Reports one user may file per hour (a window that starts with its first report);
+    /// replacing a report does not count.
+    pub per_hour: u32,
 }
+
+/// The window of [`ReportPolicy::per_hour`], in ms.
+pub const REPORT_RATE_WINDOW_MS: u64 = 3_600_000;
+
+/// Sessions per reporter whose report can still be replaced (within the report window). A
+/// user can report only its 16 most recent sessions (see `matching`): between reporting a
+/// session and that session leaving the 16, at most 30 other sessions can be reported (the
+/// 15 that were recent with it and up to 15 newer ones), so remembering the last 32 reported
+/// sessions never misses a repeat.
+pub const REPORTED_SESSIONS_KEPT: usize = 32;
 
 /// The reason automatic bans carry.
 pub const REPORTS_BAN_REASON: &str = "reports";
@@ -173,6 +189,7 @@ impl ReportPolicy {
             window: Duration::from_secs(config.report_window_s),
             ban_ttl: Duration::from_secs(config.report_ban_ttl_s),
             kept: config.reports_kept,
+            per_hour: config.reports_per_hour,
         }
     }
 
@@ -200,6 +217,9 @@ pub enum ModerationError {
     Unavailable(String),
     #[error("moderation backend returned bad data: {0}")]
     Corrupt(String),
+    /// The reporter filed [`ReportPolicy::per_hour`] reports within the hour.
+    #[error("too many reports")]
+    TooManyReports { retry_after_ms: u64 },
 }
 
 /// Reports travel through the gateway's error mapping, like every other client action.
@@ -208,6 +228,9 @@ impl From<ModerationError> for MatchError {
         match e {
             ModerationError::Unavailable(m) => MatchError::Unavailable(m),
             ModerationError::Corrupt(m) => MatchError::Internal(m),
+            ModerationError::TooManyReports { retry_after_ms } => {
+                MatchError::TooManyReports { retry_after_ms }
+            }
         }
     }
 }
@@ -230,7 +253,9 @@ pub trait Moderation: Send + Sync + 'static {
 
     /// Stores a report and counts its reporter towards an automatic ban of the reported user
     /// (a reporter counts once per reported user and window); returns the ban it brought
-    /// about, already in force.
+    /// about, already in force. A report about a session its reporter already reported within
+    /// the window replaces the earlier one (and becomes the newest); any other report beyond
+    /// the reporter's hourly limit is refused with [`ModerationError::TooManyReports`].
     async fn report(&self, report: Report) -> Result<Option<Ban>, ModerationError>;
 }
 
@@ -366,6 +391,7 @@ mod tests {
             window: Duration::from_secs(60),
             ban_ttl: Duration::from_secs(60),
             kept: 10,
+            per_hour: 10,
         };
         let report = Report {
             session_id: "s".into(),

@@ -36,15 +36,40 @@ elseif op == 'list' then
   end
   return bans
 elseif op == 'report' then
-  -- KEYS: the reported user's reporters, the report stream, the reported user's ban key.
+  -- KEYS: the reported user's reporters, the report stream, the reported user's ban key, the
+  -- reporter's hourly count, the sessions the reporter reported lately (a list of
+  -- "<session>\t<ms>\t<stream id>", newest first).
   -- ARGV: op, now (unix ms), window (ms), reports kept, session id, reporter, reported user,
-  -- reason, details.
+  -- reason, details, reports per hour, hour (ms), sessions remembered per reporter.
   -- Returns {distinct reporters within the window, this one included (0: this reporter had
-  -- already counted), whether the reported user is banned}.
+  -- already counted), whether the reported user is banned, ms to wait (0: stored)}.
   local now, window = tonumber(ARGV[2]), tonumber(ARGV[3])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
+  -- A report about a session this reporter already reported replaces the earlier one.
+  local earlier
+  for _, e in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
+    local sid, at, id = string.match(e, '^(.*)\t(%d+)\t(.*)$')
+    if sid == ARGV[5] and now - tonumber(at) < window then
+      earlier = id
+      redis.call('LREM', KEYS[5], 1, e)
+      break
+    end
+  end
+  if earlier then
+    redis.call('XDEL', KEYS[2], earlier)
+  else
+    local n = redis.call('INCR', KEYS[4])
+    if n == 1 then redis.call('PEXPIRE', KEYS[4], ARGV[11]) end
+    if n > tonumber(ARGV[10]) then
+      redis.call('DECR', KEYS[4])
+      return {0, 0, math.max(redis.call('PTTL', KEYS[4]), 1)}
+    end
+  end
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
     'session_id', ARGV[5], 'reporter', ARGV[6], 'reported', ARGV[7],
     'reason', ARGV[8], 'details', ARGV[9], 'at_ms', ARGV[2])
+  redis.call('LPUSH', KEYS[5], ARGV[5] .. '\t' .. ARGV[2] .. '\t' .. id)
+  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[12]) - 1)
+  redis.call('PEXPIRE', KEYS[5], window)
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
   local added = redis.call('ZADD', KEYS[1], now, ARGV[6])
   redis.call('PEXPIRE', KEYS[1], window)
@@ -52,6 +77,6 @@ elseif op == 'report' then
   if added == 1 then
     distinct = redis.call('ZCARD', KEYS[1])
   end
-  return {distinct, redis.call('EXISTS', KEYS[3])}
+  return {distinct, redis.call('EXISTS', KEYS[3]), 0}
 end
 return redis.error_reply('unknown moderation operation ' .. tostring(op))

@@ -6,7 +6,11 @@
 //! - `{ns}:bans`: a sorted set of `<kind>:<value>` by end time, for listing (what ran out is
 //!   pruned whenever a ban is made or bans are listed);
 //! - `{ns}:reporters:<user>`: who reported a user, by time, trimmed to the report window;
-//! - `{ns}:reports`: the report stream, trimmed (`MAXLEN ~`) to `--reports-kept`.
+//! - `{ns}:reports`: the report stream, trimmed (`MAXLEN ~`) to `--reports-kept`; a report
+//!   that replaces an earlier one (same reporter and session) deletes that entry (`XDEL`);
+//! - `{ns}:filed:<user>`: how many reports a user filed in the current hour, expiring with it;
+//! - `{ns}:filed_sessions:<user>`: the sessions a user reported lately, with their stream
+//!   entries, newest first, trimmed and expiring with the report window.
 //!
 //! Every operation is one call of the script `redis.lua`; a new ban is published in the same
 //! call on the channel every instance subscribes to (see [`crate::bus::redis`]), where each
@@ -21,7 +25,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, RedisResult, Script, ScriptInvocation};
 use tokio::sync::OnceCell;
 
-use super::{Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportPolicy};
+use super::{
+    Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportPolicy,
+    REPORTED_SESSIONS_KEPT, REPORT_RATE_WINDOW_MS,
+};
 use crate::bus::redis::{ban_notice, broadcast_channel};
 use crate::config::Config;
 use crate::ids::unix_ms;
@@ -189,6 +196,11 @@ impl Moderation for RedisModeration {
         call.key(format!("{}:reporters:{}", self.prefix, report.reported))
             .key(format!("{}:reports", self.prefix))
             .key(self.ban_key(BanKind::User, &report.reported))
+            .key(format!("{}:filed:{}", self.prefix, report.reporter))
+            .key(format!(
+                "{}:filed_sessions:{}",
+                self.prefix, report.reporter
+            ))
             .arg("report")
             .arg(report.at_ms)
             .arg(self.policy.window.as_millis() as u64)
@@ -197,8 +209,14 @@ impl Moderation for RedisModeration {
             .arg(&*report.reporter)
             .arg(&*report.reported)
             .arg(report.reason.as_str())
-            .arg(report.details.as_deref().unwrap_or_default());
-        let (distinct, banned): (u64, bool) = self.call(call).await?;
+            .arg(report.details.as_deref().unwrap_or_default())
+            .arg(self.policy.per_hour)
+            .arg(REPORT_RATE_WINDOW_MS)
+            .arg(REPORTED_SESSIONS_KEPT);
+        let (distinct, banned, retry_after_ms): (u64, bool, u64) = self.call(call).await?;
+        if retry_after_ms > 0 {
+            return Err(ModerationError::TooManyReports { retry_after_ms });
+        }
         // Two reports racing past the threshold may both ban: the second only renews it.
         let due = self
             .policy
