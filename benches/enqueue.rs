@@ -20,7 +20,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
 use matchgate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
-use matchgate::matching::{ConnId, Matchmaker, Rules, UserId};
+use matchgate::matching::{ConnId, Matchmaker, MediaMode, Rules, UserId};
+use matchgate::p2p::IceServers;
 use matchgate::metrics::Metrics;
 use matchgate::protocol::Prefs;
 use matchgate::Config;
@@ -42,6 +43,11 @@ fn rules() -> Rules {
     Rules::from_config(&config)
 }
 
+/// The default media mode (p2p) with no ICE servers: nothing to mint per match.
+fn no_ice_servers() -> MediaMode {
+    MediaMode::P2p(Arc::new(IceServers::new(Vec::new(), None)))
+}
+
 fn memory() -> Arc<dyn Matchmaker> {
     Arc::new(MemoryMatchmaker::new(
         Arc::new(Discard),
@@ -49,7 +55,7 @@ fn memory() -> Arc<dyn Matchmaker> {
             requeue_peer_on_skip: true,
             history_len: 128,
             history_ttl: Duration::from_secs(3600),
-            media: false,
+            media: no_ice_servers(),
             rules: rules(),
         },
     ))
@@ -67,7 +73,7 @@ fn redis(url: &str, namespace: &str) -> Arc<dyn Matchmaker> {
         // Held places must outlast the bench.
         resume_grace: Duration::from_secs(3600),
         pool_size: 4,
-        media_pending: None,
+        media: no_ice_servers(),
         rules: rules(),
         call_timeout: Duration::from_secs(10),
     };

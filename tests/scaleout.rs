@@ -141,7 +141,7 @@ async fn a_second_connection_on_another_instance_replaces_the_first(redis: Backe
 
 on_both!(a_reconnecting_waiter_keeps_its_place_and_is_matched_on_return);
 async fn a_reconnecting_waiter_keeps_its_place_and_is_matched_on_return(redis: Backend) {
-    let servers = instances(&redis, 2, &["--resume-grace-ms", "20000"]).await;
+    let servers = redis.instances(2, &["--resume-grace-ms", "20000"]).await;
     let mut a = servers[0].connect("alice").await;
     let q = a.request(json!({"type": "enqueue"}), "q").await;
     assert_eq!(q["position"], 0);
