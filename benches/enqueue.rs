@@ -21,8 +21,8 @@ use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
 use matchgate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
 use matchgate::matching::{ConnId, Matchmaker, MediaMode, Rules, UserId};
-use matchgate::p2p::IceServers;
 use matchgate::metrics::Metrics;
+use matchgate::p2p::IceServers;
 use matchgate::protocol::Prefs;
 use matchgate::Config;
 

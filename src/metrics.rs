@@ -321,7 +321,6 @@ impl Metrics {
         self.relayed.get_or_create(&[("kind", kind)]).inc();
     }
 
-
     pub fn detach_call(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.detach_calls.get_or_create(&[("result", result)]).inc();
