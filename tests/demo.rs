@@ -45,6 +45,8 @@ async fn assert_demo_served(addr: SocketAddr) {
             "default-src 'none'",
             "script-src 'self'",
             "connect-src 'self'",
+            // The SDK's heartbeat Worker, made from a blob: URL.
+            "worker-src blob:",
             "frame-ancestors 'none'",
         ] {
             assert!(csp.contains(directive), "{path}: {directive} in {csp}");
