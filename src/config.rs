@@ -54,6 +54,12 @@ pub struct Config {
     #[arg(long, env = "MATCHGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address of an internal listener for operators: `/metrics` and the admin API move there
+    /// (and leave `--listen`), next to `/healthz` and `/readyz`. Without it, everything is
+    /// served on `--listen`.
+    #[arg(long, env = "MATCHGATE_INTERNAL_LISTEN")]
+    pub internal_listen: Option<SocketAddr>,
+
     /// Log format: human-readable lines or one JSON object per line.
     #[arg(
         long,
@@ -141,6 +147,37 @@ pub struct Config {
     /// Most concurrent WebSocket connections; beyond it the upgrade is refused with 503.
     #[arg(long, env = "MATCHGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+
+    /// Longest time a client may take to send a request head (request line and headers), in
+    /// ms; a slower one is disconnected. Also how long an idle keep-alive HTTP connection is
+    /// kept open between requests.
+    #[arg(long, env = "MATCHGATE_HTTP_HEAD_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_head_timeout_ms: u64,
+
+    /// Largest request head (request line and headers) in bytes; a larger one gets 431.
+    #[arg(long, env = "MATCHGATE_HTTP_MAX_HEAD_BYTES", default_value_t = 16_384)]
+    pub http_max_head_bytes: usize,
+
+    /// Most TCP connections on this instance that have not become WebSockets (yet): still
+    /// sending a request, or idle between keep-alive HTTP requests. Beyond it new connections
+    /// get 503 and are closed at once.
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_PENDING_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub max_pending_connections: usize,
+
+    /// Most such connections from one client address (the TCP peer, counted like the other
+    /// per-address limits; peers in `--trusted-proxies` are exempt). Beyond it new connections
+    /// from that address get 429 and are closed at once.
+    #[arg(long, env = "MATCHGATE_MAX_PENDING_PER_ADDRESS", default_value_t = 64)]
+    pub max_pending_per_address: usize,
+
+    /// IPv6 clients count by this many leading bits of their address (a provider gives each
+    /// subscriber a whole prefix), for the per-address limits and address bans. 32 to 128.
+    #[arg(long, env = "MATCHGATE_IPV6_PREFIX_LEN", default_value_t = 64)]
+    pub ipv6_prefix_len: u8,
 
     /// Largest client frame in bytes; larger frames close the connection with 1009 (`signal`
     /// frames have a limit of their own, `--max-signal-bytes`).
@@ -527,6 +564,7 @@ impl Config {
         if self.max_connections == 0 {
             return fail("MATCHGATE_MAX_CONNECTIONS must be at least 1".into());
         }
+        self.validate_http()?;
         if !(8..=65_536).contains(&self.outbound_queue) {
             return fail(format!(
                 "MATCHGATE_OUTBOUND_QUEUE must be between 8 and 65536 (got {})",
@@ -612,6 +650,46 @@ impl Config {
                     "MATCHGATE_ALLOWED_ORIGINS entries look like https://app.example.com (got {origin:?})"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_http(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        if !(100..=60_000).contains(&self.http_head_timeout_ms) {
+            return fail(format!(
+                "MATCHGATE_HTTP_HEAD_TIMEOUT_MS must be between 100 and 60000 (got {})",
+                self.http_head_timeout_ms
+            ));
+        }
+        if !(1024..=1 << 20).contains(&self.http_max_head_bytes) {
+            return fail(format!(
+                "MATCHGATE_HTTP_MAX_HEAD_BYTES must be between 1024 and 1048576 (got {})",
+                self.http_max_head_bytes
+            ));
+        }
+        if self.max_pending_connections == 0
+            || !(1..=self.max_pending_connections).contains(&self.max_pending_per_address)
+        {
+            return fail(format!(
+                "MATCHGATE_MAX_PENDING_CONNECTIONS must be at least 1 and MATCHGATE_MAX_PENDING_PER_ADDRESS between 1 and it (got {} and {})",
+                self.max_pending_connections, self.max_pending_per_address
+            ));
+        }
+        if !(32..=128).contains(&self.ipv6_prefix_len) {
+            return fail(format!(
+                "MATCHGATE_IPV6_PREFIX_LEN must be between 32 and 128 (got {})",
+                self.ipv6_prefix_len
+            ));
+        }
+        if self
+            .internal_listen
+            .is_some_and(|internal| internal == self.listen && internal.port() != 0)
+        {
+            return fail(format!(
+                "MATCHGATE_INTERNAL_LISTEN must differ from MATCHGATE_LISTEN (both {})",
+                self.listen
+            ));
         }
         Ok(())
     }
@@ -1030,6 +1108,54 @@ mod tests {
         asked.push("--demo");
         assert!(parse(&asked).demo_page());
         assert!(Config::try_parse_from(["matchgate", "--demo=maybe"]).is_err());
+    }
+
+    #[test]
+    fn http_limits_are_checked() {
+        let c = parse(&[]);
+        assert_eq!(c.http_head_timeout_ms, 10_000);
+        assert_eq!(c.http_max_head_bytes, 16 * 1024);
+        assert_eq!(c.ipv6_prefix_len, 64);
+        assert!(c.internal_listen.is_none());
+        for (args, named) in [
+            (
+                &["--http-head-timeout-ms", "10"][..],
+                "HTTP_HEAD_TIMEOUT_MS",
+            ),
+            (&["--http-max-head-bytes", "100"][..], "HTTP_MAX_HEAD_BYTES"),
+            (&["--max-pending-connections", "0"][..], "MAX_PENDING"),
+            (
+                &[
+                    "--max-pending-connections",
+                    "10",
+                    "--max-pending-per-address",
+                    "11",
+                ][..],
+                "MAX_PENDING_PER_ADDRESS",
+            ),
+            (&["--ipv6-prefix-len", "16"][..], "IPV6_PREFIX_LEN"),
+            (&["--ipv6-prefix-len", "129"][..], "IPV6_PREFIX_LEN"),
+            (
+                &[
+                    "--listen",
+                    "127.0.0.1:8080",
+                    "--internal-listen",
+                    "127.0.0.1:8080",
+                ][..],
+                "INTERNAL_LISTEN",
+            ),
+        ] {
+            let e = parse(args).validate().unwrap_err();
+            assert!(e.to_string().contains(named), "{args:?}: {e}");
+        }
+        parse(&[
+            "--internal-listen",
+            "10.0.0.5:9090",
+            "--ipv6-prefix-len",
+            "48",
+        ])
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use rand::Rng;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -89,7 +90,7 @@ pub struct Connection {
     pub resume: Option<Resume>,
     pub shutdown: Shutdown,
     /// Dropped when the task ends: the server's drain waits for all of these.
-    pub _done: mpsc::Sender<()>,
+    pub _tracked: TaskTrackerToken,
     /// The connection's slot under `max_connections`.
     pub _permit: OwnedSemaphorePermit,
 }

@@ -7,6 +7,7 @@
 
 mod media;
 mod moderation;
+mod probe;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub struct Gateway {
     media: Option<media::Rooms>,
     /// Reports and bans.
     pub(crate) moderation: Arc<dyn crate::moderation::Moderation>,
+    /// Readiness answers of the backend, cached.
+    probe: probe::BackendProbe,
 }
 
 impl Gateway {
@@ -79,6 +82,7 @@ impl Gateway {
             refresh_pending: DashMap::new(),
             draining: AtomicBool::new(false),
             subscribed: AtomicBool::new(true),
+            probe: probe::BackendProbe::default(),
             media: LiveKit::from_config(config, metrics.clone()).map(|livekit| media::Rooms {
                 livekit,
                 create_deadline: Duration::from_millis(config.livekit_create_deadline_ms),
@@ -94,11 +98,11 @@ impl Gateway {
     }
 
     /// Whether the instance should get traffic: not draining, subscribed for deliveries, and
-    /// its backend answers.
+    /// its backend answers (asked at most once a second).
     pub async fn ready(&self) -> bool {
         !self.draining.load(Ordering::Acquire)
             && self.subscribed.load(Ordering::Acquire)
-            && self.matchmaker.stats().await.is_ok()
+            && self.probe.answers(&*self.matchmaker).await
     }
 
     /// Whether deliveries can reach connections here (false until a scale-out instance has

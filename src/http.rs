@@ -3,7 +3,8 @@
 //! capacity) happens before the upgrade.
 //!
 //! The client address is the TCP peer address, or behind `--trusted-proxies` the nearest
-//! untrusted hop of `X-Forwarded-For` (see [`client_ip`]).
+//! untrusted hop of `X-Forwarded-For` (see [`client_ip`]); the per-address limit and address
+//! bans count it as [`AddressKeys`] say (an IPv6 client by its prefix).
 
 mod admin;
 mod client_ip;
@@ -22,8 +23,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
 
+use crate::address::AddressKeys;
 use crate::auth::{AuthError, Authenticator};
 use crate::connection::{Connection, Settings};
 use crate::gateway::Gateway;
@@ -47,32 +50,48 @@ pub struct App {
     pub admin_token: Option<String>,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How client addresses count for the per-address limit and bans.
+    pub addresses: AddressKeys,
     pub shutdown: watch::Receiver<bool>,
-    pub done: mpsc::Sender<()>,
+    /// The server's tasks: every WebSocket connection holds a token, and the drain waits for
+    /// them.
+    pub tasks: TaskTracker,
     /// Connection ids: a random instance prefix in the high bits keeps them unique across
     /// instances, a counter in the low bits keeps them unique here.
     pub next_conn: AtomicU64,
 }
 
-pub fn router(app: Arc<App>) -> Router {
-    let mut router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/ws", get(ws_handshake));
-    if app.auth.mint_dev_token("probe").is_some() {
-        router = router.route("/v1/dev/token", post(dev_token));
-    }
+/// The routes of the public listener and, with `internal`, those of the internal listener:
+/// `/metrics` and the admin API are served on the internal one if there is one, else on the
+/// public one; the health endpoints on both.
+pub fn routers(app: &Arc<App>, internal: bool) -> (Router, Option<Router>) {
+    let health = || {
+        Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+    };
+    let mut operators = Router::new().route("/metrics", get(metrics));
     if let Some(token) = &app.admin_token {
-        router = router.merge(admin::routes(token));
+        operators = operators.merge(admin::routes(token));
+    }
+    let mut public = health().route("/v1/ws", get(ws_handshake));
+    if app.auth.mint_dev_token("probe").is_some() {
+        public = public.route("/v1/dev/token", post(dev_token));
     }
     if app.gateway.livekit_mode() {
-        router = router.route(
+        public = public.route(
             "/v1/livekit/webhook",
             post(livekit_webhook).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
         );
     }
-    router.with_state(app)
+    if internal {
+        (
+            public.with_state(app.clone()),
+            Some(health().merge(operators).with_state(app.clone())),
+        )
+    } else {
+        (public.merge(operators).with_state(app.clone()), None)
+    }
 }
 
 /// LiveKit's webhook bodies are a few KiB at most.
@@ -197,10 +216,20 @@ async fn ws_handshake(
 ) -> Response {
     let gateway = &app.gateway;
     let ip = client_ip::client_ip(peer.ip(), &headers, &app.trusted_proxies);
-    if let Err(wait) = app.connect_limiter.attempt(ip) {
+    let address = app.addresses.key(ip);
+    if let Err(refused) = app.connect_limiter.attempt(address) {
         tracing::debug!(ip = %privacy::shown(ip), "too many connection attempts");
+        if refused.shared {
+            tracing::warn!(
+                address = %privacy::shown(address),
+                "connection attempts refused (429) from an address that authenticated as many \
+                 different users lately: it is probably a load balancer or proxy. List it in \
+                 MATCHGATE_TRUSTED_PROXIES so that clients are told apart by X-Forwarded-For \
+                 (or raise MATCHGATE_IP_CONNECTS_PER_MINUTE)"
+            );
+        }
         gateway.metrics.handshake_refused("rate_limited");
-        return rate_limited(wait);
+        return rate_limited(refused.wait);
     }
     let Ok(Query(query)) = query else {
         gateway.metrics.handshake_refused("bad_request");
@@ -230,6 +259,7 @@ async fn ws_handshake(
             return refusal(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
         }
     };
+    app.connect_limiter.authenticated(address, &claims.sub);
     let resume = match (query.resume, query.last_seq) {
         (None, _) => None,
         (Some(token), None) => Some(Resume { token, last_seq: 0 }),
@@ -257,10 +287,11 @@ async fn ws_handshake(
         gateway.metrics.handshake_refused("not_ready");
         return unavailable("not ready");
     }
+    let networks = app.addresses.covering(ip);
     let identity = Identity {
         user: &claims.sub,
         device: claims.device_id.as_deref(),
-        ip,
+        networks: &networks,
     };
     let unchecked = match gateway.moderation.ban_of(&identity).await {
         Ok(None) => None,
@@ -297,7 +328,7 @@ async fn ws_handshake(
         unchecked,
         resume,
         shutdown: Shutdown::new(app.shutdown.clone()),
-        _done: app.done.clone(),
+        _tracked: app.tasks.token(),
         _permit: permit,
     };
     let s = &app.settings;

@@ -1,8 +1,9 @@
 //! matchgate: a realtime matchmaking gateway for random video chat.
 //!
 //! Layers, from the socket inwards:
-//! - [`server`] binds, serves and drains; [`http`] holds the endpoints and the handshake
-//!   (auth, origin, capacity); [`connection`] owns one WebSocket.
+//! - [`server`] binds, serves and drains (and bounds the sockets that are not WebSockets yet);
+//!   [`http`] holds the endpoints and the handshake (auth, origin, capacity); [`connection`]
+//!   owns one WebSocket; [`address`] says how client addresses count for limits and bans.
 //! - [`protocol`] is the wire contract (mirrored by the JSON Schemas in `protocol/`).
 //! - [`gateway`] turns requests into matching operations and runs timers (grace, queue
 //!   updates); it is where the transport meets the domain.
@@ -16,6 +17,7 @@
 //! - [`livekit`] and [`p2p`] are the two media modes: LiveKit rooms, or direct WebRTC with the
 //!   ICE servers and TURN credentials `matched` carries.
 
+pub mod address;
 pub mod auth;
 pub mod bus;
 pub mod config;

@@ -33,6 +33,11 @@ async fn main() {
         server.auth_mode(),
         server.media()
     );
+    if let Some(internal) = server.internal_addr() {
+        tracing::info!(
+            "internal listener on {internal}: /metrics, the admin API, /healthz, /readyz"
+        );
+    }
     if server.demo() {
         tracing::info!("demo page at http://{addr}/: open it in two browser windows");
     }

@@ -17,6 +17,7 @@ use crate::protocol::{EndReason, ErrorCode, ReportReason};
 
 type Label = [(&'static str, &'static str); 1];
 type Labelled = Family<Label, Counter>;
+type Labelled2 = Family<[(&'static str, &'static str); 2], Counter>;
 type LabelledHistogram = Family<Label, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -43,6 +44,8 @@ pub struct Metrics {
     reports: Labelled,
     bans: Labelled,
     ban_disconnects: Counter,
+    pending_connections: Family<Label, Gauge>,
+    pending_refused: Labelled2,
     relayed: Labelled,
 }
 
@@ -97,6 +100,21 @@ impl Metrics {
         let reports = Labelled::default();
         let bans = Labelled::default();
         let ban_disconnects = Counter::default();
+        let pending_connections = Family::<Label, Gauge>::default();
+        let pending_refused = Labelled2::default();
+        registry.register(
+            "pending_connections",
+            "TCP connections that are not WebSockets (yet): sending a request, or idle between \
+             keep-alive HTTP requests, by listener (public, internal)",
+            pending_connections.clone(),
+        );
+        registry.register(
+            "pending_refused",
+            "TCP connections closed at once because a cap on pending connections was reached, \
+             by listener and cap: listener (--max-pending-connections), address \
+             (--max-pending-per-address)",
+            pending_refused.clone(),
+        );
         let relayed = Labelled::default();
         registry.register(
             "relayed",
@@ -228,6 +246,10 @@ impl Metrics {
         for source in [BanSource::Admin, BanSource::Reports] {
             let _ = bans.get_or_create(&[("source", source.as_str())]);
         }
+        let _ = pending_connections.get_or_create(&[("listener", "public")]);
+        for cap in ["listener", "address"] {
+            let _ = pending_refused.get_or_create(&[("listener", "public"), ("cap", cap)]);
+        }
         for kind in ["signal", "chat"] {
             let _ = relayed.get_or_create(&[("kind", kind)]);
         }
@@ -255,8 +277,23 @@ impl Metrics {
             reports,
             bans,
             ban_disconnects,
+            pending_connections,
+            pending_refused,
             relayed,
         }
+    }
+
+    /// The gauge of pending connections on the listener `listener`.
+    pub fn pending_gauge(&self, listener: &'static str) -> Gauge {
+        self.pending_connections
+            .get_or_create(&[("listener", listener)])
+            .clone()
+    }
+
+    pub fn pending_refused(&self, listener: &'static str, cap: &'static str) {
+        self.pending_refused
+            .get_or_create(&[("listener", listener), ("cap", cap)])
+            .inc();
     }
 
     /// A `signal` or `chat` passed on (its kind: `signal` or `chat`).

@@ -1,31 +1,42 @@
-//! The server: binds the listener, wires the layers together, serves until told to stop, then
-//! drains.
+//! The server: binds the listeners, wires the layers together, serves until told to stop,
+//! then drains.
 //!
-//! Shutdown follows tokio-rs/mini-redis: a signal future ends the accept loop; a `watch` flag
-//! tells every connection task to send `reconnect` and close with 1001; each task holds an
-//! `mpsc::Sender` clone, and the server waits (up to the drain timeout) until all are dropped.
+//! Shutdown follows tokio-rs/mini-redis: a signal future ends the accept loops; a `watch` flag
+//! tells every connection task to send `reconnect` and close with 1001 (and every HTTP
+//! connection to finish its request and close); every task is tracked, and the server waits
+//! (up to the drain timeout) until all have ended.
+//!
+//! [`accept`] serves each socket, [`pending`] caps the sockets that have not become
+//! WebSockets, and [`linger`] makes sure that a client the gateway closes hears why.
 
-use std::future::{Future, IntoFuture};
+mod accept;
+mod linger;
+mod pending;
+
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
+use crate::address::AddressKeys;
 use crate::auth::{AuthMode, Authenticator, KeyError};
 use crate::config::{Config, ConfigError};
 use crate::connection::Settings;
 use crate::gateway::Gateway;
-use crate::http::{demo, router, App, ConnectLimiter};
+use crate::http::{demo, routers, App, ConnectLimiter};
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::privacy;
 use crate::registry::Registry;
 use crate::scaleout;
+use crate::shutdown::Shutdown;
+use pending::PendingLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -64,30 +75,46 @@ impl std::fmt::Display for Mode {
 
 pub struct Server {
     mode: Mode,
-    listener: TcpListener,
+    public: accept::Listener,
+    internal: Option<accept::Listener>,
+    shared: Arc<accept::Shared>,
     app: Arc<App>,
     stop: watch::Sender<bool>,
-    done: mpsc::Receiver<()>,
     drain_timeout: Duration,
     /// Whether the demo page is served at `/`.
     demo: bool,
 }
 
+/// Connections the kernel queues for a listener until they are accepted (capped by
+/// `net.core.somaxconn`). The usual default, 128, overflows in a reconnect storm while the
+/// process is busy, and every connection beyond it waits for a SYN retransmission (a second
+/// or more).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr`, or says which address could not be bound.
+fn listen(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let bind = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| StartError::Bind { addr, source })
+}
+
 impl Server {
-    /// Validates the configuration, builds the layers and binds the listener.
+    /// Validates the configuration, builds the layers and binds the listeners.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         config.validate()?;
         privacy::init(&config);
         let auth = Authenticator::from_config(&config)?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let public = listen(config.listen)?;
+        let internal = config.internal_listen.map(listen).transpose()?;
         let (stop, stop_rx) = watch::channel(false);
-        let (done_tx, done) = mpsc::channel(1);
+        let tasks = TaskTracker::new();
         let (gateway, mode) = match scaleout::settings(&config) {
             None => (Gateway::in_memory(&config), Mode::Embedded),
             Some(settings) => {
@@ -112,6 +139,7 @@ impl Server {
             }
         };
         gateway.spawn_room_sweep(stop_rx.clone());
+        let addresses = AddressKeys::new(config.ipv6_prefix_len);
         let app = Arc::new(App {
             gateway,
             auth,
@@ -121,25 +149,79 @@ impl Server {
             connect_limiter: ConnectLimiter::new(config.ip_connects_per_minute),
             admin_token: config.admin_token.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
+            addresses,
             shutdown: stop_rx,
-            done: done_tx,
+            tasks: tasks.clone(),
             next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
+        });
+        let metrics = app.gateway.metrics.clone();
+        let demo = config.demo_page();
+        let (mut public_router, internal_router) = routers(&app, internal.is_some());
+        if demo {
+            public_router = public_router.merge(demo::routes());
+        }
+        let public = accept::Listener {
+            name: "public",
+            tcp: public,
+            router: public_router,
+            pending: PendingLimits::new(
+                config.max_pending_connections,
+                Some(config.max_pending_per_address),
+                addresses,
+                config.trusted_proxies.clone(),
+                metrics.pending_gauge("public"),
+            ),
+        };
+        // Operators' requests have a budget of their own, so that a flood of the public side
+        // cannot lock them out.
+        let internal = internal
+            .zip(internal_router)
+            .map(|(tcp, router)| accept::Listener {
+                name: "internal",
+                tcp,
+                router,
+                pending: PendingLimits::new(
+                    config.max_pending_connections,
+                    None,
+                    addresses,
+                    Vec::new(),
+                    metrics.pending_gauge("internal"),
+                ),
+            });
+        let shared = Arc::new(accept::Shared {
+            http: accept::http1(&config),
+            metrics,
+            lingering: linger::Lingering::new(config.max_pending_connections, tasks.clone()),
+            tasks,
         });
         Ok(Server {
             mode,
-            listener,
+            public,
+            internal,
+            shared,
             app,
             stop,
-            done,
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
-            demo: config.demo_page(),
+            demo,
         })
     }
 
+    /// The address of the public listener (`--listen`).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
+        self.public
+            .tcp
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The address of the internal listener (`--internal-listen`), if there is one.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.internal.as_ref().map(|listener| {
+            listener
+                .tcp
+                .local_addr()
+                .expect("a bound listener has an address")
+        })
     }
 
     pub fn mode(&self) -> &Mode {
@@ -169,58 +251,39 @@ impl Server {
     pub async fn run(self, signal: impl Future<Output = ()> + Send + 'static) {
         let Server {
             mode: _,
-            listener,
+            public,
+            internal,
+            shared,
             app,
             stop,
-            mut done,
             drain_timeout,
-            demo,
+            demo: _,
         } = self;
         let gateway = app.gateway.clone();
-        let (signalled, mut signalled_rx) = oneshot::channel();
+        // The routers hold the app from here on; when they are gone, so is it.
+        drop(app);
+        let stop_rx = Shutdown::new(stop.subscribe());
         let stop_accepting = async move {
             signal.await;
             tracing::info!("shutdown signal received: draining");
             gateway.start_draining();
             let _ = stop.send(true);
-            let _ = signalled.send(());
         };
-        // Frames are small and latency matters: no Nagle delay on any socket.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        let internal = async {
+            if let Some(internal) = internal {
+                accept::serve(internal, shared.clone(), stop_rx.clone()).await;
             }
-        });
-        let mut routes = router(app);
-        if demo {
-            routes = routes.merge(demo::routes());
-        }
-        // The peer address is the client's address for bans and the per-address limit.
-        let serve = axum::serve(
-            listener,
-            routes.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop_accepting)
-        .into_future();
-        tokio::pin!(serve);
-        let mut served = false;
-        tokio::select! {
-            result = &mut serve => {
-                served = true;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "server error");
-                }
-            }
-            _ = &mut signalled_rx => {}
-        }
+        };
+        tokio::join!(
+            stop_accepting,
+            accept::serve(public, shared.clone(), stop_rx.clone()),
+            internal
+        );
+        // Every connection (HTTP or WebSocket) and every lingering close is a tracked task.
+        let tasks = &shared.tasks;
+        tasks.close();
         let deadline = Instant::now() + drain_timeout;
-        // Stop accepting and let plain HTTP requests finish; upgraded connections are tracked
-        // by `done` instead.
-        if !served && tokio::time::timeout_at(deadline, serve).await.is_err() {
-            tracing::warn!("HTTP connections still open at the drain timeout");
-        }
-        // `recv` returns `None` once every connection task has dropped its sender.
-        if tokio::time::timeout_at(deadline, done.recv())
+        if tokio::time::timeout_at(deadline, tasks.wait())
             .await
             .is_err()
         {

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Client, Closed, TestServer};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -237,6 +238,36 @@ async fn flooding_is_rate_limited_then_closed_with_4004() {
             .await,
         11.0
     );
+}
+
+#[tokio::test]
+async fn a_client_that_floods_without_reading_still_learns_why_it_was_closed() {
+    let server = TestServer::start(&[]).await;
+    let mut c = server.connect("flood").await;
+    // 600 heartbeats written in one go, nothing read meanwhile: far more than the rate limit
+    // and the error budget allow, so the gateway closes while most of them are still unread.
+    // Writes may fail once the gateway has closed; what matters is what the client reads.
+    for i in 0..600 {
+        let frame = json!({"type": "heartbeat", "ref": format!("h{i}")});
+        if c.ws.feed(Message::text(frame.to_string())).await.is_err() {
+            break;
+        }
+    }
+    let _ = c.ws.flush().await;
+    // Like a client busy with something else, read only once the gateway has long closed.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        close_code(c.closed().await),
+        4004,
+        "frames read: {:?}",
+        c.seen
+    );
+    let limited = c
+        .seen
+        .iter()
+        .filter(|frame| frame["code"] == "rate_limited")
+        .count();
+    assert_eq!(limited, 11, "every error before the close arrives too");
 }
 
 #[tokio::test]

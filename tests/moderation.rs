@@ -230,7 +230,15 @@ async fn the_admin_api_refuses_invalid_input_with_a_reason() {
         ),
         (
             json!({"kind": "ip", "value": "10.0.0.300", "ttl_s": 60}).to_string(),
-            "not an IP",
+            "neither an IP address nor a CIDR range",
+        ),
+        (
+            json!({"kind": "ip", "value": "0.0.0.0/0", "ttl_s": 60}).to_string(),
+            "too wide a range",
+        ),
+        (
+            json!({"kind": "ip", "value": "2001::/15", "ttl_s": 60}).to_string(),
+            "too wide a range",
         ),
         (
             json!({"kind": "user", "value": "u", "ttl_s": 60, "reason": long_reason}).to_string(),
@@ -441,6 +449,174 @@ async fn behind_a_trusted_proxy_limits_and_bans_apply_to_the_forwarded_address()
         .await
         .expect("another address gets in");
     drop(ws);
+}
+
+/// Connects `user` through the trusted proxy as coming from `client`, and reads the
+/// `welcome`.
+async fn connect_forwarded(server: &TestServer, user: &str, client: &str) -> Client {
+    let (ws, _) = tokio_tungstenite::connect_async(forwarded(server, user, client))
+        .await
+        .unwrap_or_else(|e| panic!("{user} via {client}: {e}"));
+    Client::new(ws, user).welcomed().await
+}
+
+/// The HTTP status a handshake of `user` through the trusted proxy as `client` gets (101 when
+/// it is let in).
+async fn forwarded_status(server: &TestServer, user: &str, client: &str) -> u16 {
+    match tokio_tungstenite::connect_async(forwarded(server, user, client)).await {
+        Ok((_, response)) => response.status().as_u16(),
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("{user} via {client}: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn ipv6_clients_share_one_connection_budget_per_prefix() {
+    let server = with_admin(&[
+        "--ip-connects-per-minute",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.1",
+    ])
+    .await;
+    assert_eq!(forwarded_status(&server, "a", "2001:db8:5::1").await, 101);
+    // Another address of the same /64 is the same client.
+    assert_eq!(forwarded_status(&server, "b", "2001:db8:5::2").await, 429);
+    assert_eq!(
+        forwarded_status(&server, "c", "2001:db8:5:0:ffff::9").await,
+        429
+    );
+    // The next /64 is somebody else.
+    assert_eq!(forwarded_status(&server, "d", "2001:db8:5:1::1").await, 101);
+    let server = with_admin(&[
+        "--ip-connects-per-minute",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.1",
+        "--ipv6-prefix-len",
+        "48",
+    ])
+    .await;
+    assert_eq!(forwarded_status(&server, "a", "2001:db8:5::1").await, 101);
+    assert_eq!(
+        forwarded_status(&server, "d", "2001:db8:5:1::1").await,
+        429,
+        "one /48"
+    );
+}
+
+/// Address bans through the admin API of `servers[0]`, of clients connected through a trusted
+/// proxy to the last of `servers`: a ban of one IPv6 address covers its /64, a CIDR ban its
+/// range; live connections inside are closed, handshakes from inside refused, the rest served.
+async fn address_bans_cover_prefixes_and_ranges(servers: &[TestServer]) {
+    let (admin_side, clients) = (&servers[0], servers.last().unwrap());
+    let mut alice = connect_forwarded(clients, "alice", "2001:db8:1::1").await;
+    let mut bob = connect_forwarded(clients, "bob", "2001:db8:2::1").await;
+    let mut carol = connect_forwarded(clients, "carol", "198.51.100.7").await;
+    let mut dave = connect_forwarded(clients, "dave", "198.51.101.7").await;
+
+    // One IPv6 address: its whole /64.
+    let made = ban(admin_side, "ip", "2001:db8:1::2", 3600, None).await;
+    assert_eq!(made["value"], "2001:db8:1::/64");
+    assert_banned_out(&mut alice).await;
+    for server in servers {
+        assert_eq!(forwarded_status(server, "x", "2001:db8:1::99").await, 403);
+        assert_eq!(forwarded_status(server, "y", "2001:db8:1:1::1").await, 101);
+    }
+
+    // An IPv4 range.
+    let range = ban(admin_side, "ip", "198.51.100.99/24", 3600, Some("range")).await;
+    assert_eq!(range["value"], "198.51.100.0/24", "host bits dropped");
+    assert_banned_out(&mut carol).await;
+    assert_served(&mut dave).await;
+    assert_served(&mut bob).await;
+    for server in servers {
+        assert_eq!(forwarded_status(server, "x", "198.51.100.200").await, 403);
+        assert_eq!(forwarded_status(server, "y", "198.51.101.200").await, 101);
+    }
+
+    // An IPv6 range wider than a client's prefix.
+    ban(admin_side, "ip", "2001:db8:2::/48", 3600, None).await;
+    assert_banned_out(&mut bob).await;
+    assert_served(&mut dave).await;
+    assert_eq!(
+        forwarded_status(clients, "x", "2001:db8:2:ffff::1").await,
+        403
+    );
+    assert_eq!(forwarded_status(clients, "y", "2001:db8:3::1").await, 101);
+
+    let (_, list) = admin(admin_side, "GET", "/v1/admin/bans", "").await;
+    let mut values: Vec<&str> = list["bans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["value"].as_str())
+        .collect();
+    values.sort();
+    assert_eq!(
+        values,
+        ["198.51.100.0/24", "2001:db8:1::/64", "2001:db8:2::/48"],
+        "{list}"
+    );
+
+    // Lifted by any address of the /64, or by the range (its slash escaped in the path).
+    let (status, _) = admin(admin_side, "DELETE", "/v1/admin/bans/ip/2001:db8:1::5", "").await;
+    assert_eq!(status, 204);
+    let (status, _) = admin(
+        admin_side,
+        "DELETE",
+        "/v1/admin/bans/ip/198.51.100.0%2F24",
+        "",
+    )
+    .await;
+    assert_eq!(status, 204);
+    let mut alice = connect_forwarded(clients, "alice", "2001:db8:1::1").await;
+    assert_served(&mut alice).await;
+    assert_eq!(forwarded_status(clients, "x", "198.51.100.200").await, 101);
+}
+
+#[tokio::test]
+async fn address_bans_cover_prefixes_and_ranges_in_memory() {
+    let server = with_admin(&["--trusted-proxies", "127.0.0.1"]).await;
+    address_bans_cover_prefixes_and_ranges(&[server]).await;
+}
+
+#[tokio::test]
+async fn address_bans_cover_prefixes_and_ranges_across_instances_in_redis() {
+    let redis = RedisServer::start().await;
+    let servers = instances(&single(&redis), 2, &["--trusted-proxies", "127.0.0.1"]).await;
+    address_bans_cover_prefixes_and_ranges(&servers).await;
+}
+
+#[tokio::test]
+async fn expired_bans_leave_the_redis_listing_when_a_ban_is_made() {
+    let redis = RedisServer::start().await;
+    let servers = instances(&single(&redis), 1, &[]).await;
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    ban(&servers[0], "ip", "10.9.8.7", 1, None).await;
+    eventually("the one-second ban runs out", || {
+        let mut conn = conn.clone();
+        async move {
+            let exists: bool = ::redis::cmd("EXISTS")
+                .arg("{mg}:ban:ip:10.9.8.7")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            !exists
+        }
+    })
+    .await;
+    // Nobody lists bans; making one is enough to drop what ran out.
+    ban(&servers[0], "user", "troll", 3600, None).await;
+    let listed: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg("{mg}:bans")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(listed, ["user:troll"]);
 }
 
 // --- Reports ---

@@ -1,4 +1,4 @@
-//! The admin API under `/v1/admin/`: bans of users, devices and IP addresses.
+//! The admin API under `/v1/admin/`: bans of users, devices and IP addresses or ranges.
 //!
 //! It exists only when `--admin-token` is set (otherwise its routes are not there: 404), and
 //! every request must carry that token as `Authorization: Bearer`; the comparison takes the
@@ -8,6 +8,7 @@
 //! - `DELETE /v1/admin/bans/{kind}/{value}` → 204, or 404 when no such ban is in force;
 //! - `GET /v1/admin/bans` → `{"bans": [...]}`, the bans in force.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{json_object, refusal, unavailable, App};
+use crate::address::AddressKeys;
 use crate::metrics::BanSource;
 use crate::moderation::{Ban, BanKind, ModerationError};
 use crate::privacy;
@@ -104,7 +106,7 @@ struct NewBan {
 
 impl NewBan {
     /// The ban asked for, or what is wrong with the request.
-    fn into_ban(self) -> Result<Ban, String> {
+    fn into_ban(self, addresses: &AddressKeys) -> Result<Ban, String> {
         let Some(ttl_s) = self.ttl_s.as_u64().filter(|s| (1..=MAX_TTL_S).contains(s)) else {
             return Err(format!(
                 "ttl_s must be a whole number of seconds from 1 to {MAX_TTL_S} (ten years)"
@@ -119,7 +121,7 @@ impl NewBan {
                 "reason must be at most {MAX_REASON_CHARS} characters"
             ));
         }
-        let value = self.kind.canonical(&self.value)?;
+        let value = self.kind.canonical(&self.value, addresses)?;
         let reason = self.reason.filter(|r| !r.is_empty());
         Ok(Ban::new(
             self.kind,
@@ -142,7 +144,7 @@ async fn create_ban(State(app): State<Arc<App>>, body: Result<Bytes, BytesReject
         .map_err(|e| {
             format!("invalid ban (expected {{\"kind\", \"value\", \"ttl_s\", \"reason\"?}}): {e}")
         })
-        .and_then(NewBan::into_ban)
+        .and_then(|ban| ban.into_ban(&app.addresses))
     {
         Ok(ban) => ban,
         Err(reason) => return bad_request(&reason),
@@ -167,15 +169,24 @@ async fn delete_ban(
     let Some(kind) = BanKind::parse(&kind) else {
         return bad_request("kind must be user, device or ip");
     };
-    let value = match kind.canonical(&value) {
-        Ok(value) => value,
+    let canonical = match kind.canonical(&value, &app.addresses) {
+        Ok(canonical) => canonical,
         Err(reason) => return bad_request(&reason),
     };
-    match app.gateway.moderation.unban(kind, &value).await {
+    let moderation = &app.gateway.moderation;
+    let mut lifted = moderation.unban(kind, &canonical).await;
+    // A ban of one IPv6 address made before addresses counted by prefix is stored as that
+    // address.
+    if let (Ok(false), Ok(IpAddr::V6(exact))) = (&lifted, value.parse::<IpAddr>()) {
+        if exact.to_ipv4_mapped().is_none() {
+            lifted = moderation.unban(kind, &exact.to_string()).await;
+        }
+    }
+    match lifted {
         Ok(true) => {
             tracing::info!(
                 kind = kind.as_str(),
-                value = %privacy::shown(&value),
+                value = %privacy::shown(&canonical),
                 "ban lifted through the admin API"
             );
             StatusCode::NO_CONTENT.into_response()

@@ -205,10 +205,11 @@ mod tests {
         assert!(matches!(outbox.next().await, Next::Close(close::BANNED)));
         assert_eq!(m.report(report("r3")).await.unwrap(), None, "already");
         assert_eq!(m.lock().reports.len(), 2, "only the latest are kept");
+        let networks = [ip.into()];
         let who = Identity {
             user: "bad",
             device: None,
-            ip,
+            networks: &networks,
         };
         assert_eq!(m.ban_of(&who).await.unwrap(), Some(ban));
         assert!(m.unban(BanKind::User, "bad").await.unwrap());
@@ -233,10 +234,11 @@ mod tests {
         );
         m.ban(&by_device).await.unwrap();
         assert!(matches!(phone_out.next().await, Next::Close(close::BANNED)));
+        let networks = [ip.into()];
         let who = Identity {
             user: "u3",
             device: Some("phone"),
-            ip,
+            networks: &networks,
         };
         assert_eq!(m.ban_of(&who).await.unwrap(), Some(by_device.clone()));
         let gone = Ban {

@@ -19,14 +19,16 @@
 pub mod memory;
 pub mod redis;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::address::{ban_text, parse_ban_text, AddressKeys};
 use crate::config::Config;
 use crate::ids::unix_ms;
 use crate::matching::{MatchError, UserId};
@@ -62,14 +64,12 @@ impl BanKind {
     }
 
     /// The canonical form of a value of this kind, or why it cannot be one: ids as the tokens
-    /// carry them, addresses in their canonical text (an IPv4-mapped IPv6 address is the IPv4
-    /// address), so that a ban matches however the address was written.
-    pub fn canonical(self, value: &str) -> Result<String, String> {
+    /// carry them; for addresses the network the ban covers, as [`ban_text`] writes it (an
+    /// IPv4-mapped IPv6 address is the IPv4 address, an IPv6 address stands for its prefix, a
+    /// range loses its host bits), so that a ban matches however the address was written.
+    pub fn canonical(self, value: &str, addresses: &AddressKeys) -> Result<String, String> {
         match self {
-            BanKind::Ip => value
-                .parse::<IpAddr>()
-                .map(|ip| ip.to_canonical().to_string())
-                .map_err(|_| format!("{value:?} is not an IP address")),
+            BanKind::Ip => addresses.ban_network(value).map(ban_text),
             BanKind::User | BanKind::Device if crate::auth::is_valid_id(value) => {
                 Ok(value.to_string())
             }
@@ -86,7 +86,7 @@ impl BanKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ban {
     pub kind: BanKind,
-    /// The user id, device id, or IP address in canonical text.
+    /// The user id, device id, or IP network in canonical text ([`BanKind::canonical`]).
     pub value: String,
     pub reason: Option<String>,
     /// When the ban ends (unix ms).
@@ -119,7 +119,9 @@ impl Ban {
 pub struct Identity<'a> {
     pub user: &'a str,
     pub device: Option<&'a str>,
-    pub ip: IpAddr,
+    /// The networks covering the client's address that an address ban may name
+    /// ([`AddressKeys::covering`]).
+    pub networks: &'a [IpNet],
 }
 
 impl Identity<'_> {
@@ -129,7 +131,11 @@ impl Identity<'_> {
         if let Some(device) = self.device {
             names.push((BanKind::Device, device.to_string()));
         }
-        names.push((BanKind::Ip, self.ip.to_canonical().to_string()));
+        names.extend(
+            self.networks
+                .iter()
+                .map(|network| (BanKind::Ip, ban_text(*network))),
+        );
         names
     }
 }
@@ -248,7 +254,8 @@ pub fn from_config(
 }
 
 /// Closes this instance's connections that any of `banned` (kinds and values) names, with
-/// 4007. One scan of the registry, however many bans.
+/// 4007. One scan of the registry, however many bans; each connection's address is looked up
+/// once per prefix length among the banned networks.
 pub fn disconnect_banned<'a>(
     registry: &Registry,
     metrics: &Metrics,
@@ -256,7 +263,7 @@ pub fn disconnect_banned<'a>(
 ) {
     let mut users = HashSet::new();
     let mut devices = HashSet::new();
-    let mut ips = HashSet::new();
+    let mut networks = HashSet::new();
     for (kind, value) in banned {
         match kind {
             BanKind::User => {
@@ -265,14 +272,20 @@ pub fn disconnect_banned<'a>(
             BanKind::Device => {
                 devices.insert(value);
             }
-            BanKind::Ip => ips.extend(value.parse::<IpAddr>()),
+            BanKind::Ip => networks.extend(parse_ban_text(value)),
         }
     }
+    let lengths: BTreeSet<u8> = networks.iter().map(IpNet::prefix_len).collect();
+    let banned_address = |ip: IpAddr| {
+        lengths.iter().any(|&len| {
+            IpNet::new(ip, len).is_ok_and(|network| networks.contains(&network.trunc()))
+        })
+    };
     let closed = registry.close_where(
         |user, h| {
             users.contains(user)
                 || h.device().is_some_and(|d| devices.contains(d))
-                || ips.contains(&h.ip())
+                || banned_address(h.ip())
         },
         close::BANNED,
     );
@@ -291,20 +304,59 @@ mod tests {
 
     #[test]
     fn values_are_checked_and_addresses_canonical() {
+        let keys = AddressKeys::new(64);
+        let ip = |value| BanKind::Ip.canonical(value, &keys);
+        assert_eq!(ip("::ffff:10.0.0.1").unwrap(), "10.0.0.1");
+        assert_eq!(ip("2001:DB8:0:0::1").unwrap(), "2001:db8::/64");
+        assert_eq!(ip("2001:db8::/48").unwrap(), "2001:db8::/48");
+        assert_eq!(ip("10.1.2.3/16").unwrap(), "10.1.0.0/16");
+        assert!(ip("10.0.0.256").is_err());
+        assert!(ip("0.0.0.0/0").is_err());
+        assert!(BanKind::User.canonical("", &keys).is_err());
+        assert!(BanKind::Device.canonical("a\nb", &keys).is_err());
         assert_eq!(
-            BanKind::Ip.canonical("::ffff:10.0.0.1").unwrap(),
-            "10.0.0.1"
+            BanKind::Device.canonical("phone-1", &keys).unwrap(),
+            "phone-1"
         );
-        assert_eq!(
-            BanKind::Ip.canonical("2001:DB8:0:0::1").unwrap(),
-            "2001:db8::1"
-        );
-        assert!(BanKind::Ip.canonical("10.0.0.256").is_err());
-        assert!(BanKind::User.canonical("").is_err());
-        assert!(BanKind::Device.canonical("a\nb").is_err());
-        assert_eq!(BanKind::Device.canonical("phone-1").unwrap(), "phone-1");
         assert_eq!(BanKind::parse("device"), Some(BanKind::Device));
         assert_eq!(BanKind::parse("Device"), None);
+    }
+
+    #[test]
+    fn banned_networks_close_the_connections_inside_them() {
+        use crate::matching::ConnId;
+        use crate::registry::{ConnectionHandle, Next};
+        use futures_util::FutureExt;
+        let registry = Registry::default();
+        let mut outboxes = Vec::new();
+        for (i, ip) in ["10.1.2.3", "10.2.0.1", "2001:db8:1::5", "2001:db8:2::5"]
+            .into_iter()
+            .enumerate()
+        {
+            let (handle, outbox) =
+                ConnectionHandle::new(ConnId(i as u64), 8, ip.parse().unwrap(), None);
+            registry.register(format!("u{i}").into(), handle);
+            outboxes.push(outbox);
+        }
+        let metrics = Metrics::new();
+        disconnect_banned(
+            &registry,
+            &metrics,
+            [
+                (BanKind::Ip, "10.1.0.0/16"),
+                (BanKind::Ip, "2001:db8:1::/48"),
+            ],
+        );
+        let closed: Vec<bool> = outboxes
+            .iter()
+            .map(|outbox| {
+                matches!(
+                    outbox.next().now_or_never(),
+                    Some(Next::Close(close::BANNED))
+                )
+            })
+            .collect();
+        assert_eq!(closed, [true, false, true, false]);
     }
 
     #[test]

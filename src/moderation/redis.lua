@@ -9,8 +9,10 @@ if op == 'check' then
   return redis.call('MGET', unpack(KEYS))
 elseif op == 'ban' then
   -- KEYS: the ban's key, the listing. ARGV: op, listing member, ban (JSON), until (unix ms),
-  -- TTL (ms), broadcast channel, broadcast message.
+  -- TTL (ms), broadcast channel, broadcast message, now (unix ms).
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[5])
+  -- What ran out leaves the listing here too, so that it does not grow while nobody lists it.
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[8])
   redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
   -- Every instance closes the banned identity's connections it holds.
   redis.call('PUBLISH', ARGV[6], ARGV[7])

@@ -3,7 +3,8 @@
 //!
 //! Keys, all under the deployment's hash tag (the matchmaker's [`Layout`] prefix, `{ns}`):
 //! - `{ns}:ban:<kind>:<value>`: a ban (its JSON), expiring with it (`PX`);
-//! - `{ns}:bans`: a sorted set of `<kind>:<value>` by end time, for listing (pruned on read);
+//! - `{ns}:bans`: a sorted set of `<kind>:<value>` by end time, for listing (what ran out is
+//!   pruned whenever a ban is made or bans are listed);
 //! - `{ns}:reporters:<user>`: who reported a user, by time, trimmed to the report window;
 //! - `{ns}:reports`: the report stream, trimmed (`MAXLEN ~`) to `--reports-kept`.
 //!
@@ -159,7 +160,8 @@ impl Moderation for RedisModeration {
             .arg(ban.until_ms)
             .arg(ttl_ms)
             .arg(&self.broadcast)
-            .arg(ban_notice(ban.kind, &ban.value));
+            .arg(ban_notice(ban.kind, &ban.value))
+            .arg(unix_ms());
         self.call::<i64>(call).await.map(drop)
     }
 

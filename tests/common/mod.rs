@@ -60,6 +60,8 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The internal listener (`--internal-listen`), if the server has one.
+    pub internal: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -86,12 +88,14 @@ impl TestServer {
         let config = <Config as clap::Parser>::try_parse_from(args).expect("test config parses");
         let server = Server::bind(config).await.expect("server binds");
         let addr = server.local_addr();
+        let internal = server.internal_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
         }));
         let server = TestServer {
             addr,
+            internal,
             stop: Some(stop),
             task: Some(task),
         };
@@ -144,9 +148,11 @@ impl TestServer {
         }
     }
 
-    /// The Prometheus text of `/metrics`.
+    /// The Prometheus text of `/metrics` (from the internal listener, if there is one).
     pub async fn metrics(&self) -> String {
-        http_get(self.addr, "/metrics").await.1
+        http_get(self.internal.unwrap_or(self.addr), "/metrics")
+            .await
+            .1
     }
 
     /// One sample of `/metrics`, by its full name with labels, e.g.

@@ -11,11 +11,9 @@
  * All run-time code lives in this one file so that the build is a single ES module without
  * imports (the gateway embeds it for its demo page); the other sources hold types only.
  */
-import type { AckFrame, DequeuedFrame, EnqueueMessage, ErrorFrame, MatchProposedFrame, QueuedFrame, ReportMessage, SessionEndedFrame, StatusFrame, WelcomeFrame } from "./protocol.gen.js";
-import type { SignalFrame } from "./protocol.next.js";
+import type { AckFrame, DequeuedFrame, EnqueueMessage, ErrorFrame, MatchProposedFrame, QueuedFrame, ReportMessage, SessionEndedFrame, SignalFrame, StatusFrame, WelcomeFrame } from "./protocol.gen.js";
 import type { CallEvents, CallOptions, ClientState, MatchgateEvents, MatchgateOptions, SessionInfo } from "./types.js";
 export type * from "./protocol.gen.js";
-export type * from "./protocol.next.js";
 export type * from "./types.js";
 /**
  * Every rejection and every `error` event. For a refusal by the gateway `code` is the `error`

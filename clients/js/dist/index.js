@@ -504,7 +504,7 @@ export class Matchgate extends Emitter {
         if (message.type === "signal") {
             const limit = welcome.max_signal_bytes;
             const size = encoder.encode(JSON.stringify(message.payload)).length;
-            return limit !== undefined && size > limit ? `signal payload of ${size} bytes exceeds max_signal_bytes (${limit})` : null;
+            return size > limit ? `signal payload of ${size} bytes exceeds max_signal_bytes (${limit})` : null;
         }
         const size = encoder.encode(text).length;
         return size > welcome.max_message_bytes

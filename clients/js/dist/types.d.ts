@@ -1,5 +1,4 @@
-import type { DequeuedFrame, MatchCancelledFrame, MatchProposedFrame, MatchedFrame, PeerStatusFrame, QueueUpdateFrame, QueuedFrame, SessionEndedFrame, WelcomeFrame } from "./protocol.gen.js";
-import type { ChatFrame, P2pMedia, SignalFrame } from "./protocol.next.js";
+import type { ChatFrame, DequeuedFrame, MatchCancelledFrame, MatchProposedFrame, MatchedFrame, PeerStatusFrame, QueueUpdateFrame, QueuedFrame, SessionEndedFrame, SignalFrame, WelcomeFrame } from "./protocol.gen.js";
 import type { MatchgateError } from "./index.js";
 /**
  * Where the client stands. `connecting` (first connection), then the user's state as the
@@ -84,7 +83,7 @@ export interface SessionInfo {
     role: "offerer" | "answerer";
     /** Absent when the session was learnt from `status` (a reconnect that could not resume). */
     started_at_ms?: number;
-    media?: MatchedFrame["media"] | P2pMedia;
+    media?: MatchedFrame["media"];
 }
 /** Handlers by event name; `mg.on(name, handler)` returns a function that unsubscribes. */
 export interface MatchgateEvents {

@@ -20,14 +20,16 @@ import type {
   ErrorFrame,
   HeartbeatAckFrame,
   MatchProposedFrame,
+  PeerToPeer,
   QueuedFrame,
   ReportMessage,
   ServerFrame,
   SessionEndedFrame,
+  SignalFrame,
+  SignalMessage,
   StatusFrame,
   WelcomeFrame,
 } from "./protocol.gen.js";
-import type { ChatFrame, ChatMessage, P2pMedia, SignalFrame, SignalMessage } from "./protocol.next.js";
 import type {
   CallCloseReason,
   CallEvents,
@@ -44,7 +46,6 @@ import type {
 } from "./types.js";
 
 export type * from "./protocol.gen.js";
-export type * from "./protocol.next.js";
 export type * from "./types.js";
 
 // ---------------------------------------------------------------------------------------------
@@ -581,14 +582,14 @@ export class Matchgate extends Emitter<MatchgateEvents> {
     if (this._state !== "matched" || session === null) {
       throw new MatchgateError("invalid_state", "call() needs a session: wait for `matched`");
     }
-    const media = session.media as { provider?: string } | undefined;
+    const media = session.media;
     if (media !== undefined && media.provider !== "p2p") {
       throw new MatchgateError("invalid_state", `this session's media is ${media.provider}, not p2p`);
     }
     if (this.activeCall !== null) {
       throw new MatchgateError("invalid_state", "this session already has a call: close it first");
     }
-    const iceServers = (media as P2pMedia | undefined)?.ice_servers ?? [];
+    const iceServers = (media as PeerToPeer | undefined)?.ice_servers ?? [];
     const buffered = this.callSignals;
     this.callSignals = [];
     const call = new Call(this, session, iceServers as RTCIceServer[], options, buffered, () => {
@@ -607,7 +608,7 @@ export class Matchgate extends Emitter<MatchgateEvents> {
     return this.request({ type, match_id: id });
   }
 
-  private request<F extends ServerFrame>(message: ClientMessage | SignalMessage | ChatMessage): Promise<F> {
+  private request<F extends ServerFrame>(message: ClientMessage): Promise<F> {
     const attempt = this.connected();
     if (attempt === null) return this.notConnected(message.type);
     const ref = `${this.refPrefix}${++this.refCounter}`;
@@ -643,9 +644,9 @@ export class Matchgate extends Emitter<MatchgateEvents> {
   private oversize(message: { type: string }, text: string, welcome: WelcomeFrame): string | null {
     const encoder = new TextEncoder();
     if (message.type === "signal") {
-      const limit = (welcome as { max_signal_bytes?: number }).max_signal_bytes;
+      const limit = welcome.max_signal_bytes;
       const size = encoder.encode(JSON.stringify((message as SignalMessage).payload)).length;
-      return limit !== undefined && size > limit ? `signal payload of ${size} bytes exceeds max_signal_bytes (${limit})` : null;
+      return size > limit ? `signal payload of ${size} bytes exceeds max_signal_bytes (${limit})` : null;
     }
     const size = encoder.encode(text).length;
     return size > welcome.max_message_bytes
@@ -887,7 +888,7 @@ export class Matchgate extends Emitter<MatchgateEvents> {
 
   private receive(attempt: Attempt, data: unknown): void {
     this.lastReceivedAt = Date.now();
-    let frame: ServerFrame | SignalFrame | ChatFrame;
+    let frame: ServerFrame;
     try {
       frame = JSON.parse(String(data));
     } catch {
@@ -998,7 +999,7 @@ export class Matchgate extends Emitter<MatchgateEvents> {
     beat();
   }
 
-  private apply(frame: ServerFrame | SignalFrame | ChatFrame): void {
+  private apply(frame: ServerFrame): void {
     switch (frame.type) {
       case "queued":
         this._proposal = null;

@@ -32,6 +32,21 @@ export interface BlockMessage {
 }
 
 /**
+ * Client to server: a text message for the peer of your live session, which receives it as a server `chat` with the gateway's time. Only in a live session: otherwise `invalid_state`. Counts against the per-connection message rate like every other message. Never stored, never logged, not replayed; a peer who is away when it is sent misses it. Direct reply: `ack` (action `chat`). Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface ChatMessage {
+  type: "chat";
+  /**
+   * 1 to 1000 characters (Unicode scalar values, counted by the gateway; JSON Schema's `maxLength` counts the same). No control characters (Unicode category Cc: U+0000 to U+001F, U+007F to U+009F, so no line breaks or tabs either); otherwise `bad_request`.
+   */
+  text: string;
+  /**
+   * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+   */
+  ref?: string;
+}
+
+/**
  * Client to server (accept phase only): decline the proposed match `match_id`. Direct reply: `ack` (action `decline`). You get `match_cancelled` (reason `declined`) and leave the queue (or, when the gateway runs with `MATCHGATE_DECLINE_TO=tail`, go to the tail of the queue: `requeued: true` and a new `queued`); the other user gets `match_cancelled` (reason `peer_declined`) and is back at its old place in the queue. The two are not proposed to each other again until one of them has been matched with somebody else. `invalid_state` error when no such proposal is open for you. Unknown fields are ignored by the gateway (forward compatibility).
  */
 export interface DeclineMessage {
@@ -128,6 +143,23 @@ export interface ReportMessage {
 }
 
 /**
+ * Client to server: a WebRTC signalling message (SDP offer or answer, ICE candidate, ICE restart, or anything the app wants) for the peer of your live session, which receives it as a server `signal` with the `payload` byte for byte as you sent it. Only in a live session (after `matched`, before `session_ended`): otherwise `invalid_state` (also while idle, queued, proposed or waiting for a media room). The payload may have up to `max_signal_bytes` (announced in `welcome`, default 16384) bytes as serialised in this frame; the frame may exceed `max_message_bytes` by that much (plus 1024 bytes for the rest of the frame), a larger frame closes the connection with 1009. Signals have their own rate budget per connection (default: bursts of 60, 600 per minute; beyond it `rate_limited` with `retry_after_ms`, which costs error budget). Signals are ephemeral: not logged, not replayed after a resume, and lost while the peer is away (after either side resumes, or after `peer_status` `connected`, the offerer restarts ICE). Direct reply: `ack` (action `signal`), which only means the gateway passed it on. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface SignalMessage {
+  type: "signal";
+  /**
+   * Any JSON object of at most `max_signal_bytes` bytes (as serialised in this frame); relayed unchanged. Anything else (missing, null, an array, a string, too large) gets `bad_request`.
+   */
+  payload: {
+    [k: string]: unknown | undefined;
+  };
+  /**
+   * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+   */
+  ref?: string;
+}
+
+/**
  * Client to server: leave the current session and go back in the queue. Direct reply: `session_ended` (reason `skip`), then `queued` (or `matched`). `invalid_state` error when not in a session. Unknown fields are ignored by the gateway (forward compatibility).
  */
 export interface SkipMessage {
@@ -150,18 +182,37 @@ export interface StatusMessage {
 }
 
 /**
- * Server to client (reply, no `seq`, never replayed): the request named by `action` was carried out. The direct reply to `block`, `report`, `accept` and `decline`; the events such a request causes travel separately and may arrive before or after it (`session_ended` when a `block` ends a live session; `matched` when an `accept` completes a match; `match_cancelled`, and with `MATCHGATE_DECLINE_TO=tail` a `queued`, after a `decline`).
+ * Server to client (reply, no `seq`, never replayed): the request named by `action` was carried out. The direct reply to `block`, `report`, `accept`, `decline`, `signal` and `chat`; the events such a request causes travel separately and may arrive before or after it (`session_ended` when a `block` ends a live session; `matched` when an `accept` completes a match; `match_cancelled`, and with `MATCHGATE_DECLINE_TO=tail` a `queued`, after a `decline`). For `signal` and `chat` it means that the gateway passed the message on to the peer's connection, or dropped it because the peer is away (reconnecting) at that moment; it is not a delivery receipt.
  */
 export interface AckFrame {
   type: "ack";
   /**
    * The `type` of the client message acknowledged.
    */
-  action: "block" | "report" | "accept" | "decline";
+  action: "block" | "report" | "accept" | "decline" | "signal" | "chat";
   /**
    * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
    */
   ref?: string;
+}
+
+/**
+ * Server to client (no `seq`, never replayed): your peer sent a `chat` message. Messages of one peer arrive in the order it sent them. Never stored by the gateway: one you missed while away is gone.
+ */
+export interface ChatFrame {
+  type: "chat";
+  /**
+   * The session it belongs to (the `session_id` of `matched`).
+   */
+  session_id: string;
+  /**
+   * The text, as the peer sent it: 1 to 1000 characters, no control characters. Untrusted user input: render it as text, never as HTML.
+   */
+  text: string;
+  /**
+   * When the gateway passed it on, in milliseconds since the Unix epoch (the gateway clock, see `heartbeat_ack.server_time_ms`).
+   */
+  sent_at_ms: number;
 }
 
 /**
@@ -184,7 +235,7 @@ export interface DequeuedFrame {
 }
 
 /**
- * Server to client (no `seq`, never replayed). Usually the reply to a client message that was refused; every error the client caused (all codes but `unavailable`, `internal` and the pushed ones) counts against the per-connection error budget (exhausted: close 4004). Two codes are also pushed, without `ref` and without costing error budget: `media_unavailable` (media mode), when no room could be set up for your match and you are back at your place in the queue, still `queued`; and `cooldown`, right after the `session_ended` of the skip that started a cooldown. A `rate_limited` for the per-connection message rate carries no `ref` either: the message was not carried out.
+ * Server to client (no `seq`, never replayed). Usually the reply to a client message that was refused; every error the client caused (all codes but `unavailable`, `internal` and the pushed ones) counts against the per-connection error budget (exhausted: close 4004). Two codes are also pushed, without `ref` and without costing error budget: `media_unavailable` (media mode `livekit`), when no room could be set up for your match and you are back at your place in the queue, still `queued`; and `cooldown`, right after the `session_ended` of the skip that started a cooldown. A `rate_limited` for the per-connection message rate carries no `ref` either: the message was not carried out. A `rate_limited` for the per-connection `signal` rate echoes the signal's `ref`.
  */
 export interface ErrorFrame {
   type: "error";
@@ -276,7 +327,7 @@ export interface MatchProposedFrame {
 }
 
 /**
- * Server to client (state-changing, carries `seq`): you are in a session with a peer. Sent to both users at once. In media mode (`livekit`) it is sent only once the session's room exists, and carries `media`: where and how to join the call.
+ * Server to client (state-changing, carries `seq`): you are in a session with a peer. Sent to both users at once. It always carries `media`, how to set up the call: in media mode `p2p` (the default, without LiveKit) the ICE servers for a direct WebRTC connection, which the clients signal through `signal`; in media mode `livekit` a LiveKit room, and then `matched` is sent only once the session's room exists.
  */
 export interface MatchedFrame {
   type: "matched";
@@ -289,42 +340,74 @@ export interface MatchedFrame {
    */
   session_id: string;
   /**
-   * Opaque handle for your peer, fresh for every session; never reveals the peer's user id. In media mode it is also your peer's participant identity in the room (yours is your own handle, the identity in your `media.token`).
+   * Opaque handle for your peer, fresh for every session; never reveals the peer's user id. It is also your peer's name on the media side: its participant identity in a LiveKit room (yours is your own handle, the identity in your `media.token`), and the handle in its TURN username.
    */
   peer: string;
   /**
-   * Exactly one side is `offerer` (the user who waited longer) and the other `answerer`; the offerer sends the WebRTC offer. With `media` the LiveKit SDK sets up the connection and `role` is only informational.
+   * Exactly one side is `offerer` (the user who waited longer) and the other `answerer`. With `media.provider` `p2p` the offerer creates the WebRTC offer (and restarts ICE after a resume); with `livekit` the LiveKit SDK sets up the connection and `role` is only informational.
    */
   role: "offerer" | "answerer";
   /**
-   * When the session started, in milliseconds since the Unix epoch. In media mode: when its room was ready (the moment `matched` was sent).
+   * When the session started, in milliseconds since the Unix epoch. In media mode `livekit`: when its room was ready (the moment `matched` was sent). TURN credentials expire `MATCHGATE_TURN_TTL_S` after this moment.
    */
   started_at_ms: number;
   /**
-   * Present only when the gateway runs in media mode (`livekit`): the session's room and your own join token; connect with a LiveKit client SDK (`room.connect(url, token)`). Absent otherwise: the clients then set up the call themselves, using `role`.
+   * How to set up the call, by `provider`: `p2p` (ICE servers for a direct WebRTC connection) or `livekit` (a LiveKit room). New providers may be added in later versions: treat an unknown one as a call you cannot set up (`skip` or `end`).
    */
-  media?: {
-    /**
-     * The media provider. Only `livekit` in this version; new providers may be added, so treat an unknown one like no media.
-     */
-    provider: "livekit";
-    /**
-     * The LiveKit server URL to connect to (the gateway's `MATCHGATE_LIVEKIT_URL`, usually `wss://...`).
-     */
-    url: string;
-    /**
-     * Name of the room: the gateway's room prefix (default `mg_`) followed by `session_id`. The token admits to this room only.
-     */
-    room: string;
-    /**
-     * LiveKit join token (a JWT signed with the gateway's LiveKit API secret). Its identity is your own opaque handle for this session (what your peer receives as `peer`), never your user id. It grants joining this room only, publishing, subscribing and sending data, and expires after `MATCHGATE_LIVEKIT_TOKEN_TTL_S` (default 600 s): join before then. A credential: do not log it.
-     */
-    token: string;
-  };
+  media: PeerToPeer | LiveKitRoom;
   /**
    * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
    */
   ref?: string;
+}
+/**
+ * Media mode `p2p`: build an `RTCPeerConnection` with `{iceServers: ice_servers}`; the `offerer` creates the offer, and offer, answer and ICE candidates go to the peer through `signal`.
+ */
+export interface PeerToPeer {
+  /**
+   * Media mode `p2p`: a direct WebRTC connection between the two clients.
+   */
+  provider: "p2p";
+  /**
+   * The ICE servers, in the shape of the browser's `RTCIceServer` list (pass it as `iceServers` as it is): one entry with the STUN URLs when the gateway lists STUN servers, one with the TURN URLs and your own time-limited credentials when it lists TURN servers. Empty when neither is configured (enough on a LAN or loopback; calls across the internet need TURN).
+   */
+  ice_servers: {
+    /**
+     * `stun:`/`stuns:` or `turn:`/`turns:` URLs (RFC 7064, RFC 7065).
+     *
+     * @minItems 1
+     */
+    urls: [string, ...string[]];
+    /**
+     * TURN only: `<unix expiry in seconds>:<your own handle for this session>` (TURN REST scheme; the handle is what your peer receives as `peer`, never your user id). Expires `MATCHGATE_TURN_TTL_S` (default 3600) seconds after `started_at_ms`.
+     */
+    username?: string;
+    /**
+     * TURN only: base64(HMAC-SHA1(TURN secret, username)), as coturn's `use-auth-secret` checks it. A credential: do not log it.
+     */
+    credential?: string;
+  }[];
+}
+/**
+ * Media mode `livekit`: the session's room and your own join token; connect with a LiveKit client SDK (`room.connect(url, token)`).
+ */
+export interface LiveKitRoom {
+  /**
+   * Media mode `livekit`: join a LiveKit room.
+   */
+  provider: "livekit";
+  /**
+   * The LiveKit server URL to connect to (the gateway's `MATCHGATE_LIVEKIT_URL`, usually `wss://...`).
+   */
+  url: string;
+  /**
+   * Name of the room: the gateway's room prefix (default `mg_`) followed by `session_id`. The token admits to this room only.
+   */
+  room: string;
+  /**
+   * LiveKit join token (a JWT signed with the gateway's LiveKit API secret). Its identity is your own opaque handle for this session (what your peer receives as `peer`), never your user id. It grants joining this room only, publishing, subscribing and sending data, and expires after `MATCHGATE_LIVEKIT_TOKEN_TTL_S` (default 600 s): join before then. A credential: do not log it.
+   */
+  token: string;
 }
 
 /**
@@ -455,6 +538,23 @@ export interface SessionEndedFrame {
 }
 
 /**
+ * Server to client (no `seq`, never replayed): your peer sent a `signal`. Signals of one peer arrive in the order it sent them, on whatever instance you are connected to. Process them strictly in order (e.g. one promise chain), since an ICE candidate handled before its description fails. Ephemeral: signals sent while you were away are lost and are not replayed after a resume; the offerer restarts ICE after either side resumes.
+ */
+export interface SignalFrame {
+  type: "signal";
+  /**
+   * The session it belongs to (the `session_id` of `matched`); ignore a signal of a session that is over.
+   */
+  session_id: string;
+  /**
+   * The peer's `payload`, byte for byte as it sent it.
+   */
+  payload: {
+    [k: string]: unknown | undefined;
+  };
+}
+
+/**
  * Server to client (reply, no `seq`): answer to `status`. `position` and `estimated_wait_ms` are present when queued, `session_id`, `peer` and `role` when in a session. A user whose match is proposed (accept phase) or waiting for its room (media mode) is still `queued`, with `position` 0 and no `estimated_wait_ms`; `status` never repeats `matched.media`.
  */
 export interface StatusFrame {
@@ -515,9 +615,13 @@ export interface WelcomeFrame {
    */
   heartbeat_timeout_ms: number;
   /**
-   * Largest client frame accepted; a larger one closes the connection with 1009.
+   * Largest client frame accepted; a larger one closes the connection with 1009. `signal` frames have a larger limit of their own (`max_signal_bytes`).
    */
   max_message_bytes: number;
+  /**
+   * Largest `signal` payload accepted, in bytes as serialised in the frame (default 16384); a larger payload gets `bad_request`, and a `signal` frame may be this plus 1024 bytes long (larger: close 1009).
+   */
+  max_signal_bytes: number;
   /**
    * Pass as the `resume` query parameter when reconnecting to get the missed events replayed.
    */
@@ -540,17 +644,20 @@ export interface WelcomeFrame {
 export type ClientMessage =
   | AcceptMessage
   | BlockMessage
+  | ChatMessage
   | DeclineMessage
   | EndMessage
   | EnqueueMessage
   | HeartbeatMessage
   | ReportMessage
+  | SignalMessage
   | SkipMessage
   | StatusMessage;
 
 /** Every frame the gateway may send. */
 export type ServerFrame =
   | AckFrame
+  | ChatFrame
   | DequeuedFrame
   | ErrorFrame
   | HeartbeatAckFrame
@@ -562,5 +669,6 @@ export type ServerFrame =
   | QueuedFrame
   | ReconnectFrame
   | SessionEndedFrame
+  | SignalFrame
   | StatusFrame
   | WelcomeFrame;

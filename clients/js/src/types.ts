@@ -2,6 +2,7 @@
 // Type-only: nothing here exists at run time, so dist/index.js stays one self-contained file.
 
 import type {
+  ChatFrame,
   DequeuedFrame,
   MatchCancelledFrame,
   MatchProposedFrame,
@@ -10,9 +11,9 @@ import type {
   QueueUpdateFrame,
   QueuedFrame,
   SessionEndedFrame,
+  SignalFrame,
   WelcomeFrame,
 } from "./protocol.gen.js";
-import type { ChatFrame, P2pMedia, SignalFrame } from "./protocol.next.js";
 import type { MatchgateError } from "./index.js";
 
 /**
@@ -103,7 +104,7 @@ export interface SessionInfo {
   role: "offerer" | "answerer";
   /** Absent when the session was learnt from `status` (a reconnect that could not resume). */
   started_at_ms?: number;
-  media?: MatchedFrame["media"] | P2pMedia;
+  media?: MatchedFrame["media"];
 }
 
 /** Handlers by event name; `mg.on(name, handler)` returns a function that unsubscribes. */

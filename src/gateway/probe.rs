@@ -1,0 +1,39 @@
+//! The backend probe behind `/readyz`, answered from a cache.
+//!
+//! Load balancers, orchestrators and anyone who can reach the port ask for readiness, and each
+//! answer needs the matching backend (a call of the Redis function library in the scale-out
+//! mode). The answer is kept for [`PROBE_TTL`]: however many probes arrive, the backend sees
+//! at most one call per interval, and concurrent probes wait for the one call in flight
+//! instead of making their own.
+
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::matching::Matchmaker;
+
+/// How long an answer of the backend is reused.
+pub const PROBE_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+pub(super) struct BackendProbe {
+    /// When the backend was last asked, and whether it answered.
+    last: Mutex<Option<(Instant, bool)>>,
+}
+
+impl BackendProbe {
+    /// Whether the backend answers, asking it at most once per [`PROBE_TTL`].
+    pub(super) async fn answers(&self, matchmaker: &dyn Matchmaker) -> bool {
+        // Held across the call: probes that arrive meanwhile get its answer.
+        let mut last = self.last.lock().await;
+        if let Some((at, answered)) = *last {
+            if at.elapsed() < PROBE_TTL {
+                return answered;
+            }
+        }
+        let answered = matchmaker.stats().await.is_ok();
+        *last = Some((Instant::now(), answered));
+        answered
+    }
+}
