@@ -223,11 +223,11 @@ export interface DequeuedFrame {
 export interface ErrorFrame {
     type: "error";
     /**
-     * Stable error code. New codes may be added in later versions: treat unknown codes like `internal`. `media_unavailable` is never a reply: it is pushed to both members of a match whose room could not be set up. `cooldown` is the reply to `enqueue` and `skip` during a skip cooldown, and is pushed once when a skip starts one.
+     * Stable error code. New codes may be added in later versions: treat unknown codes like `internal`. `media_unavailable` is never a reply: it is pushed to both members of a match whose room could not be set up. `cooldown` is the reply to `enqueue` and `skip` during a skip cooldown (and to the `enqueue` that starts one after a quick `end`), and is pushed once when a skip starts one.
      */
     code: "bad_request" | "unknown_type" | "invalid_state" | "rate_limited" | "unavailable" | "internal" | "media_unavailable" | "cooldown";
     /**
-     * Human-readable explanation, for logs; not stable.
+     * Human-readable explanation, for logs; not stable. For `unavailable` and `internal` it is fixed text: the backend's details stay in the gateway's log.
      */
     message: string;
     /**
