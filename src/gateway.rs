@@ -104,11 +104,14 @@ impl Gateway {
     }
 
     /// Whether the instance should get traffic: not draining, subscribed for deliveries, and
-    /// its backend answers (asked at most once a second).
+    /// its matching and moderation backends answer (asked at most once a second).
     pub async fn ready(&self) -> bool {
         !self.draining.load(Ordering::Acquire)
             && self.subscribed.load(Ordering::Acquire)
-            && self.probe.answers(&*self.matchmaker).await
+            && self
+                .probe
+                .answers(&*self.matchmaker, &*self.moderation)
+                .await
     }
 
     /// Whether deliveries can reach connections here (false until a scale-out instance has

@@ -1,10 +1,12 @@
 //! The backend probe behind `/readyz`, answered from a cache.
 //!
 //! Load balancers, orchestrators and anyone who can reach the port ask for readiness, and each
-//! answer needs the matching backend (a call of the Redis function library in the scale-out
-//! mode). The answer is kept for [`PROBE_TTL`]: however many probes arrive, the backend sees
-//! at most one call per interval, and concurrent probes wait for the one call in flight
-//! instead of making their own.
+//! answer needs the backends a handshake needs: the matching backend (a call of the Redis
+//! function library in the scale-out mode) and the moderation backend (every handshake checks
+//! bans; its connection reconnects on its own after an outage, and until it has, new clients
+//! would be turned away with 1013). The answer is kept for [`PROBE_TTL`]: however many probes
+//! arrive, the backends see at most one call each per interval, and concurrent probes wait for
+//! the call in flight instead of making their own.
 
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::matching::Matchmaker;
+use crate::moderation::{Identity, Moderation};
 
 /// How long an answer of the backend is reused.
 pub const PROBE_TTL: Duration = Duration::from_secs(1);
@@ -23,8 +26,12 @@ pub(super) struct BackendProbe {
 }
 
 impl BackendProbe {
-    /// Whether the backend answers, asking it at most once per [`PROBE_TTL`].
-    pub(super) async fn answers(&self, matchmaker: &dyn Matchmaker) -> bool {
+    /// Whether both backends answer, asking them at most once per [`PROBE_TTL`].
+    pub(super) async fn answers(
+        &self,
+        matchmaker: &dyn Matchmaker,
+        moderation: &dyn Moderation,
+    ) -> bool {
         // Held across the call: probes that arrive meanwhile get its answer.
         let mut last = self.last.lock().await;
         if let Some((at, answered)) = *last {
@@ -32,7 +39,13 @@ impl BackendProbe {
                 return answered;
             }
         }
-        let answered = matchmaker.stats().await.is_ok();
+        // The ban check of a handshake, for nobody in particular.
+        let nobody = Identity {
+            user: "",
+            device: None,
+            networks: &[],
+        };
+        let answered = matchmaker.stats().await.is_ok() && moderation.ban_of(&nobody).await.is_ok();
         *last = Some((Instant::now(), answered));
         answered
     }
