@@ -314,8 +314,8 @@ impl Gateway {
         for _ in 0..outcome.waits.len() / 2 {
             self.metrics.matches.inc();
         }
-        for reason in &outcome.ended {
-            self.metrics.session_ended(*reason);
+        for closed in &outcome.closed {
+            self.metrics.session_ended(closed.reason);
         }
         for pool in outcome.changed_pools {
             self.schedule_refresh(pool);

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 
 use super::{
     Attached, ConnId, MatchError, Matchmaker, MediaEffect, MediaMode, Outcome, PendingSession,
-    Resume, Rules, SessionInfo, Stats, Status, Timer, UserId,
+    Resume, Rules, SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, UserId,
 };
 use crate::bus::{Bus, Frame};
 use crate::ids::{random_id, unix_ms};
@@ -373,8 +373,9 @@ struct Session {
     members: [Member; 2],
     created_ms: u64,
     phase: Phase,
-    /// When it went live.
+    /// When it went live, and the same as unix ms (what `matched` said).
     live_since: Option<Instant>,
+    started_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -740,6 +741,7 @@ impl State {
                 created_ms: unix_ms(),
                 phase,
                 live_since: None,
+                started_at_ms: 0,
             },
         );
         match phase {
@@ -800,7 +802,9 @@ impl State {
         };
         s.phase = Phase::Live;
         s.live_since = Some(step.now);
+        s.started_at_ms = started_at_ms;
         let members = s.members.clone();
+        let mut pools = [None, None];
         let window = step.policy.rules.anti_repeat_window;
         for i in 0..2 {
             let Some(user) = self.users.get_mut(&members[i].user) else {
@@ -814,6 +818,7 @@ impl State {
             step.outcome
                 .waits
                 .push(step.now.duration_since(waiting.since));
+            pools[i] = Some(waiting.pool.clone());
             // Met somebody: nobody is avoided any more.
             user.avoid = None;
             user.activity = Activity::InSession {
@@ -837,6 +842,14 @@ impl State {
             {
                 recent.pop_front();
             }
+        }
+        if let [Some(offerer_pool), Some(answerer_pool)] = pools {
+            step.outcome.started.push(SessionStarted {
+                session_id: session_id.clone(),
+                users: [members[0].user.clone(), members[1].user.clone()],
+                pools: [offerer_pool, answerer_pool],
+                started_at_ms,
+            });
         }
         for ((i, role), media) in [(0, Role::Offerer), (1, Role::Answerer)]
             .into_iter()
@@ -994,12 +1007,22 @@ impl State {
         let (session_id, peer) = self
             .session_of(id)
             .ok_or(MatchError::InvalidState("not in a session".into()))?;
-        let lived = self
-            .sessions
-            .remove(&session_id)
+        let session = self.sessions.remove(&session_id);
+        let lived = session
+            .as_ref()
             .and_then(|s| s.live_since)
             .map_or(Duration::ZERO, |t| step.now.duration_since(t));
         step.outcome.ended_sessions.push(session_id.clone());
+        if let Some(s) = session {
+            step.outcome.closed.push(SessionClosed {
+                session_id: session_id.clone(),
+                users: s.members.map(|m| m.user),
+                started_at_ms: s.started_at_ms,
+                ended_at_ms: unix_ms(),
+                ended_by: Some(id.clone()),
+                reason: own_reason,
+            });
+        }
         // A real conversation: whatever skipping came before is forgiven.
         if lived >= step.policy.rules.skip_quick {
             for who in [id, &peer] {
@@ -1031,7 +1054,6 @@ impl State {
                 },
             );
         }
-        step.outcome.ended.push(own_reason);
         for (who, p, requeue) in prefs {
             if requeue {
                 self.queue(step, &who, p);
@@ -1736,6 +1758,10 @@ impl Matchmaker for MemoryMatchmaker {
                 None => {
                     let user = s.members[0].user.clone();
                     state.end_session(step, &user, (reason, false), (reason, false))?;
+                    // Ended on behalf of the first member, but by neither.
+                    if let Some(closed) = step.outcome.closed.last_mut() {
+                        closed.ended_by = None;
+                    }
                 }
             }
             Ok(MediaEffect::Ended)

@@ -159,8 +159,12 @@ pub struct Status {
 pub struct Outcome {
     /// For each user matched by this operation: how long they waited.
     pub waits: Vec<Duration>,
-    /// For each session ended by this operation: why (from the initiator's side).
-    pub ended: Vec<EndReason>,
+    /// Sessions that went live in this operation (the ledger and outbound webhooks record
+    /// them; in Redis mode only the instance that ran the operation sees them, so each is
+    /// recorded once).
+    pub started: Vec<SessionStarted>,
+    /// Live sessions that this operation ended, and why (from the initiator's side).
+    pub closed: Vec<SessionClosed>,
     /// Pools whose waiting users' positions may have changed.
     pub changed_pools: Vec<Arc<str>>,
     /// After `detach`: the user's state is held and expires after the grace period.
@@ -172,6 +176,33 @@ pub struct Outcome {
     pub ended_sessions: Vec<Arc<str>>,
     /// Timers to arm: after the delay, [`Matchmaker::wake`] with the user and the timer.
     pub timers: Vec<(Duration, UserId, Timer)>,
+}
+
+/// A session that went live: who met whom, from which pools, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionStarted {
+    pub session_id: Arc<str>,
+    /// Offerer first.
+    pub users: [UserId; 2],
+    /// The pool each member waited in (the key of its full preferences), offerer first.
+    pub pools: [Arc<str>; 2],
+    /// As the members' `matched` said (unix ms).
+    pub started_at_ms: u64,
+}
+
+/// A live session that ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionClosed {
+    pub session_id: Arc<str>,
+    /// Offerer first.
+    pub users: [UserId; 2],
+    pub started_at_ms: u64,
+    pub ended_at_ms: u64,
+    /// The member whose action or absence ended it; `None` when neither did (the media
+    /// server closed the room for both).
+    pub ended_by: Option<UserId>,
+    /// Why, from the side of `ended_by` (`skip`, `end`, `timeout`, `media_disconnected`).
+    pub reason: EndReason,
 }
 
 /// Something a waiting user's state needs later, without anybody polling.

@@ -15,8 +15,9 @@
 --       (sessions start live with the ICE servers of P:p2p:<instance>, see `load_p2p`),
 --       11 the rules (see `read_rules`), 12.. operation arguments.
 -- Returns a JSON object: {"error": ..} or the operation's result plus the outcome fields
--- waits (ms), ended (reasons), changed (pools), held, published, pending, ended_sessions,
--- timers.
+-- waits (ms), started (sessions that went live: id, offerer, answerer, their pools, ms),
+-- closed (live sessions ended: id, offerer, answerer, live since ms, ended ms, who ended it or
+-- "" for nobody, reason), changed (pools), held, published, pending, ended_sessions, timers.
 --
 -- Key layout (P = prefix):
 --   P:u:<user>      hash: conn inst away state pool wider prefs rkeys rprefs ticket since
@@ -371,6 +372,7 @@ local function announce(sid, m1, m2, mf, ms)
     redis.call('LTRIM', mk, 0, 15)
     redis.call('PEXPIRE', mk, keep)
   end
+  table.insert(out.started, { sid, m1.user, m2.user, m1.pool, m2.pool, NOW })
   local e1 = { type = 'matched', session_id = sid, peer = m2.handle, role = 'offerer', started_at_ms = NOW }
   local e2 = { type = 'matched', session_id = sid, peer = m1.handle, role = 'answerer', started_at_ms = NOW }
   if not mf then mf, ms = p2p_media(m1.handle), p2p_media(m2.handle) end
@@ -392,10 +394,10 @@ local function go_live(sid, mf, ms)
   redis.call('ZREM', P .. ':pending', sid)
   local m = {}
   for i, x in ipairs({ { u1, h1 }, { u2, h2 } }) do
-    local since, away = unpack(redis.call('HMGET', ukey(x[1]), 'since', 'away'))
+    local since, away, pk = unpack(redis.call('HMGET', ukey(x[1]), 'since', 'away', 'pool'))
     -- Met somebody: nobody is avoided any more (user ids are never empty).
     redis.call('HSET', ukey(x[1]), 'state', 'session', 'avoid', '')
-    m[i] = { user = x[1], handle = x[2], since = tonumber(since), away = away == '1' }
+    m[i] = { user = x[1], handle = x[2], since = tonumber(since), away = away == '1', pool = pk }
   end
   announce(sid, m[1], m[2], mf, ms)
 end
@@ -439,8 +441,8 @@ local function start_session(a, b)
     redis.call('HSET', skey(sid), 'u1', first, 'u2', second, 'h1', hf, 'h2', hs, 'created', NOW,
       'phase', 'live', 'live', NOW)
     -- Both were waiting and connected: try_match pairs only those.
-    announce(sid, { user = first, handle = hf, since = wf.since, away = false },
-      { user = second, handle = hs, since = ws.since, away = false }, nil, nil)
+    announce(sid, { user = first, handle = hf, since = wf.since, away = false, pool = wf.pk },
+      { user = second, handle = hs, since = ws.since, away = false, pool = ws.pk }, nil, nil)
     return
   end
   for _, u in ipairs({ first, second }) do
@@ -636,9 +638,11 @@ end
 -- long it was live, in ms.
 local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue)
   local sid, peer = session_of(u)
-  local live = tonumber(redis.call('HGET', skey(sid), 'live')) or NOW
+  local u1, u2, live = unpack(redis.call('HMGET', skey(sid), 'u1', 'u2', 'live'))
+  live = tonumber(live) or NOW
   local lived = NOW - live
   drop_session(sid)
+  table.insert(out.closed, { sid, u1, u2, live, NOW, u, own_reason })
   -- A real conversation: whatever skipping came before is forgiven.
   if lived >= R.quick then
     for _, who in ipairs({ u, peer }) do redis.call('HDEL', P .. ':cd:' .. who, 'qs', 'lvl') end
@@ -652,7 +656,6 @@ local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue
     end
     emit(x[1], { type = 'session_ended', session_id = sid, reason = x[2], requeued = x[3] })
   end
-  table.insert(out.ended, own_reason)
   for _, who in ipairs(again) do
     requeue(who)
   end
@@ -1019,7 +1022,7 @@ local function call(_keys, args)
   if ARGV[11] ~= RULES_TEXT then R, RULES_TEXT = read_rules(ARGV[11]), ARGV[11] end
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  out = { waits = {}, ended = {}, changed = {}, held = false, published = 0, pending = {},
+  out = { waits = {}, started = {}, closed = {}, changed = {}, held = false, published = 0, pending = {},
     ended_sessions = {}, timers = {} }
   actor, ref, id_counter = nil, nil, 0
   -- Checked before anything changes: any operation may make a match.
@@ -1188,6 +1191,8 @@ local function call(_keys, args)
     if not u1 or phase ~= 'live' then return result({ effect = 'no_session' }) end
     if left == '' then
       end_session(u1, 'media_disconnected', false, 'media_disconnected', false)
+      -- Ended on behalf of the first member, but by neither.
+      out.closed[#out.closed][6] = ''
     elseif left == h1 or left == h2 then
       local who = u1
       if left == h2 then who = u2 end

@@ -17,7 +17,7 @@ use serde::{Deserialize, Deserializer};
 use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
 use super::{
     Attached, ConnId, MatchError, Matchmaker, MediaEffect, MediaMode, Outcome, PendingSession,
-    Resume, Rules, SessionInfo, Stats, Status, Timer, UserId,
+    Resume, Rules, SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, UserId,
 };
 use crate::bus::Frame;
 use crate::ids::random_id;
@@ -234,7 +234,9 @@ struct Reply {
     #[serde(deserialize_with = "list")]
     waits: Vec<u64>,
     #[serde(deserialize_with = "list")]
-    ended: Vec<EndReason>,
+    started: Vec<StartedRow>,
+    #[serde(deserialize_with = "list")]
+    closed: Vec<ClosedRow>,
     #[serde(deserialize_with = "list")]
     changed: Vec<Arc<str>>,
     held: bool,
@@ -271,6 +273,14 @@ struct Reply {
     dead_instances: u64,
 }
 
+/// Session, offerer, answerer, their pools, started ms.
+#[derive(Deserialize)]
+struct StartedRow(Arc<str>, UserId, UserId, Arc<str>, Arc<str>, u64);
+
+/// Session, offerer, answerer, started ms, ended ms, who ended it ("" for nobody), why.
+#[derive(Deserialize)]
+struct ClosedRow(Arc<str>, UserId, UserId, u64, u64, UserId, EndReason);
+
 #[derive(Deserialize)]
 struct StatusReply {
     state: StateName,
@@ -303,7 +313,51 @@ impl Reply {
     fn outcome(&mut self) -> Outcome {
         Outcome {
             waits: self.waits.drain(..).map(Duration::from_millis).collect(),
-            ended: std::mem::take(&mut self.ended),
+            started: self
+                .started
+                .drain(..)
+                .map(
+                    |StartedRow(
+                        session_id,
+                        offerer,
+                        answerer,
+                        offerer_pool,
+                        answerer_pool,
+                        started_at_ms,
+                    )| {
+                        SessionStarted {
+                            session_id,
+                            users: [offerer, answerer],
+                            pools: [offerer_pool, answerer_pool],
+                            started_at_ms,
+                        }
+                    },
+                )
+                .collect(),
+            closed: self
+                .closed
+                .drain(..)
+                .map(
+                    |ClosedRow(
+                        session_id,
+                        offerer,
+                        answerer,
+                        started_at_ms,
+                        ended_at_ms,
+                        by,
+                        reason,
+                    )| {
+                        SessionClosed {
+                            session_id,
+                            users: [offerer, answerer],
+                            started_at_ms,
+                            ended_at_ms,
+                            ended_by: (!by.is_empty()).then_some(by),
+                            reason,
+                        }
+                    },
+                )
+                .collect(),
             changed_pools: std::mem::take(&mut self.changed),
             held: self.held,
             pending: self
