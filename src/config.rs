@@ -1197,6 +1197,59 @@ mod tests {
         .unwrap();
     }
 
+    /// The public interface of the configuration: every flag with its environment variable,
+    /// default and help text, one line each, sorted by flag. Compared with the checked-in
+    /// `tests/fixtures/config_flags.txt`, so that moving a field between sections cannot
+    /// rename, re-default or re-document a flag a deployment relies on. A new flag is added to
+    /// the list on purpose: `UPDATE_FLAG_LIST=1 cargo test --lib flags_env_names` rewrites it.
+    #[test]
+    fn flags_env_names_defaults_and_help_are_unchanged() {
+        use clap::CommandFactory;
+        let one_line = |s: Option<&clap::builder::StyledStr>| {
+            s.map(|s| s.to_string().replace('\n', "\\n")).unwrap_or_default()
+        };
+        let mut lines: Vec<String> = Config::command()
+            .get_arguments()
+            .filter_map(|arg| {
+                let long = arg.get_long()?;
+                let env = arg
+                    .get_env()
+                    .map(|e| e.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let defaults: Vec<String> = arg
+                    .get_default_values()
+                    .iter()
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect();
+                Some(format!(
+                    "--{long}\tenv={env}\tdefault={}\taction={:?}\tdelimiter={:?}\thidden_env_values={}\thelp={}\tlong_help={}",
+                    defaults.join(","),
+                    arg.get_action(),
+                    arg.get_value_delimiter(),
+                    arg.is_hide_env_values_set(),
+                    one_line(arg.get_help()),
+                    one_line(arg.get_long_help()),
+                ))
+            })
+            .collect();
+        lines.sort();
+        let actual = lines.join("\n") + "\n";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/config_flags.txt");
+        if std::env::var_os("UPDATE_FLAG_LIST").is_some() {
+            std::fs::write(path, &actual).unwrap();
+        }
+        let expected = std::fs::read_to_string(path).unwrap_or_default();
+        let (expected, actual): (Vec<&str>, Vec<&str>) =
+            (expected.lines().collect(), actual.lines().collect());
+        let missing: Vec<&&str> = expected.iter().filter(|l| !actual.contains(l)).collect();
+        let new: Vec<&&str> = actual.iter().filter(|l| !expected.contains(l)).collect();
+        assert!(
+            missing.is_empty() && new.is_empty(),
+            "flags changed (UPDATE_FLAG_LIST=1 rewrites the list if that is meant)\n\
+             gone or changed: {missing:#?}\nnew or changed: {new:#?}"
+        );
+    }
+
     #[test]
     fn parses_lists_and_booleans() {
         let c = parse(&[
