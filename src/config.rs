@@ -6,8 +6,10 @@
 //! [`HttpConfig`] in `server`, [`ConnectionConfig`] in `connection`, [`SessionConfig`] in
 //! `gateway`, [`RulesConfig`] in `matching`, [`ModerationConfig`] in `moderation`,
 //! [`RedisConfig`] in `scaleout`, [`LivekitConfig`] in `livekit`, [`P2pConfig`] in `p2p` and
-//! [`PrivacyConfig`] in `privacy`. Flag and environment names are flat and stable (they are
-//! the deployments' interface); the sections only say who owns a flag.
+//! [`PrivacyConfig`] in `privacy`. A new flag goes into the section of the module that reads
+//! it. Flag and environment names are flat and stable (they are the deployments' interface,
+//! pinned by a test against `tests/fixtures/config_flags.txt`); the sections only say who owns
+//! a flag.
 //!
 //! Values are checked in two places. A rule about one flag is part of its value parser (a range,
 //! a format), so clap refuses a bad value naming the flag; durations are parsed there too,
