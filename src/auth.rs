@@ -13,8 +13,96 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, KeyAlgorithm};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use crate::config::secs;
 use crate::ids::random_id;
+
+/// The authentication section of the configuration.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthConfig {
+    /// Shared secret for HS256 tokens (at least 32 bytes). Without it and without a public key
+    /// file the gateway runs in dev mode.
+    #[arg(long, env = "MATCHGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key file for RS256 or ES256 tokens.
+    #[arg(
+        long,
+        env = "MATCHGATE_JWT_PUBLIC_KEY_FILE",
+        conflicts_with = "jwt_secret"
+    )]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Algorithm of the public key file.
+    #[arg(
+        long,
+        env = "MATCHGATE_JWT_ALGORITHM",
+        value_enum,
+        default_value = "RS256"
+    )]
+    pub jwt_algorithm: KeyAlgorithm,
+
+    /// Allowed clock skew when checking `exp` and `nbf`, in seconds.
+    #[arg(long, env = "MATCHGATE_JWT_LEEWAY_SECS", default_value = "30", value_parser = secs(..))]
+    pub jwt_leeway_secs: Duration,
+
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "MATCHGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, if set.
+    #[arg(
+        long,
+        env = "MATCHGATE_JWT_AUDIENCE",
+        value_parser = clap::builder::NonEmptyStringValueParser::new()
+    )]
+    pub jwt_audience: Option<String>,
+
+    /// Allow dev mode (no key configured) on an address other than loopback. Without it such
+    /// a start is refused: anyone who can reach the gateway could mint tokens for any user.
+    #[arg(long, env = "MATCHGATE_DEV")]
+    pub dev: bool,
+
+    /// Serve the demo page (a small video chat built on the JavaScript SDK) at `/` even with a
+    /// key configured. In dev mode it is always served; otherwise it is off, since a production
+    /// gateway's own site is elsewhere.
+    #[arg(long, env = "MATCHGATE_DEMO")]
+    pub demo: bool,
+
+    /// Lifetime of tokens from the dev-mode endpoint `POST /v1/dev/token`, in seconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_DEV_TOKEN_TTL_SECS",
+        default_value = "3600",
+        value_parser = secs(..)
+    )]
+    pub dev_token_ttl_secs: Duration,
+}
+
+impl AuthConfig {
+    /// Whether tokens are checked against a configured key (otherwise: dev mode).
+    pub fn dev_mode(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_public_key_file.is_none()
+    }
+
+    /// Whether the demo page is served: in dev mode, or when asked for with `--demo`.
+    pub fn demo_page(&self) -> bool {
+        self.demo || self.dev_mode()
+    }
+}
+
+/// Algorithm for tokens verified with a public key file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyAlgorithm {
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "ES256")]
+    Es256,
+}
 
 /// The claims the gateway reads. Others are ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,7 +203,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn from_config(config: &Config) -> Result<Self, KeyError> {
+    pub fn from_config(config: &AuthConfig) -> Result<Self, KeyError> {
         // livekit-api's token code would install an HS-only provider if none is set; install
         // the full one first so RS256/ES256 keep working (see the crate notes in the README).
         let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
@@ -163,13 +251,14 @@ impl Authenticator {
                         DecodingKey::from_secret(secret.as_bytes()),
                         Some((
                             EncodingKey::from_secret(secret.as_bytes()),
-                            config.dev_token_ttl_secs,
+                            // `expires_in` and `exp` are in seconds.
+                            config.dev_token_ttl_secs.as_secs(),
                         )),
                     )
                 }
             };
         let mut validation = Validation::new(algorithm);
-        validation.leeway = config.jwt_leeway_secs;
+        validation.leeway = config.jwt_leeway_secs.as_secs();
         validation.validate_nbf = true;
         validation.required_spec_claims = HashSet::from(["exp".to_string(), "sub".to_string()]);
         // jsonwebtoken only compares `aud`/`iss` when present: configured ones must also be
@@ -271,13 +360,14 @@ fn declares_alg_none(token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use clap::Parser;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn hs256() -> Authenticator {
         let config = Config::parse_from(["matchgate", "--jwt-secret", SECRET]);
-        Authenticator::from_config(&config).unwrap()
+        Authenticator::from_config(&config.auth).unwrap()
     }
 
     fn sign(claims: serde_json::Value, secret: &str) -> String {
@@ -352,7 +442,7 @@ mod tests {
 
     #[test]
     fn dev_tokens_verify_only_in_dev_mode() {
-        let dev = Authenticator::from_config(&Config::parse_from(["matchgate"])).unwrap();
+        let dev = Authenticator::from_config(&Config::parse_from(["matchgate"]).auth).unwrap();
         assert_eq!(dev.mode(), AuthMode::Dev);
         let (token, ttl) = dev.mint_dev_token("phone-1").unwrap();
         assert_eq!(ttl, 3600);

@@ -18,7 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::config::Config;
+use crate::config::{count, millis};
 use crate::gateway::Gateway;
 use crate::matching::{ConnId, MatchError, Resume, UserId};
 use crate::protocol::{
@@ -28,6 +28,150 @@ use crate::protocol::{
 use crate::ratelimit::TokenBucket;
 use crate::registry::{ConnectionHandle, Next, Outbox};
 use crate::shutdown::Shutdown;
+
+/// The connection section of the configuration: frame sizes, rates, timeouts and the error
+/// budget of each WebSocket.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionConfig {
+    /// Largest client frame in bytes; larger frames close the connection with 1009 (`signal`
+    /// frames have a limit of their own, `--max-signal-bytes`).
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_MESSAGE_BYTES",
+        default_value = "4096",
+        value_parser = count(256..=1 << 20)
+    )]
+    pub max_message_bytes: usize,
+
+    /// Largest `signal` payload in bytes (real SDP offers are often 4 to 8 KB). A larger
+    /// payload gets `bad_request`; a `signal` frame larger than this plus 1 KiB closes with 1009.
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_SIGNAL_BYTES",
+        default_value = "16384",
+        value_parser = count(256..=1 << 20)
+    )]
+    pub max_signal_bytes: usize,
+
+    /// `signal`s allowed per minute and connection (a token bucket of its own, apart from the
+    /// general message rate).
+    #[arg(
+        long,
+        env = "MATCHGATE_SIGNAL_PER_MINUTE",
+        default_value = "600",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub signal_per_minute: u32,
+
+    /// Burst size of the `signal` rate limit (a burst of ICE candidates).
+    #[arg(
+        long,
+        env = "MATCHGATE_SIGNAL_BURST",
+        default_value = "60",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub signal_burst: u32,
+
+    /// Capacity of each connection's outbound queue, in frames. A client that lets it fill up is
+    /// closed with 4003.
+    #[arg(
+        long,
+        env = "MATCHGATE_OUTBOUND_QUEUE",
+        default_value = "64",
+        value_parser = count(8..=65_536)
+    )]
+    pub outbound_queue: usize,
+
+    /// How long one write to a client may take before it is treated as a slow consumer, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_WRITE_TIMEOUT_MS",
+        default_value = "10000",
+        value_parser = millis(..)
+    )]
+    pub write_timeout_ms: Duration,
+
+    /// How often clients should send a heartbeat, and the server sends pings, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_HEARTBEAT_INTERVAL_MS",
+        default_value = "25000",
+        value_parser = millis(10..)
+    )]
+    pub heartbeat_interval_ms: Duration,
+
+    /// A connection silent for `heartbeat_interval_ms` times this factor is closed with 4002.
+    #[arg(
+        long,
+        env = "MATCHGATE_HEARTBEAT_TIMEOUT_FACTOR",
+        default_value = "2",
+        value_parser = parse_timeout_factor
+    )]
+    pub heartbeat_timeout_factor: f64,
+
+    /// Client messages allowed per minute and connection (token bucket refill rate).
+    #[arg(
+        long,
+        env = "MATCHGATE_RATE_LIMIT_PER_MINUTE",
+        default_value = "120",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub rate_limit_per_minute: u32,
+
+    /// Burst size of the per-connection message rate limit.
+    #[arg(
+        long,
+        env = "MATCHGATE_RATE_LIMIT_BURST",
+        default_value = "30",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub rate_limit_burst: u32,
+
+    /// Errors a connection may cause before it is closed with 4004.
+    #[arg(
+        long,
+        env = "MATCHGATE_ERROR_BUDGET",
+        default_value = "10",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub error_budget: u32,
+
+    /// One unit of the error budget comes back after this many ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_ERROR_BUDGET_REFILL_MS",
+        default_value = "6000",
+        value_parser = millis(1..)
+    )]
+    pub error_budget_refill_ms: Duration,
+
+    /// Upper bound of the jittered `retry_after_ms` in the shutdown `reconnect` event.
+    #[arg(
+        long,
+        env = "MATCHGATE_RECONNECT_JITTER_MS",
+        default_value = "5000",
+        value_parser = millis(..)
+    )]
+    pub reconnect_jitter_ms: Duration,
+}
+
+impl ConnectionConfig {
+    /// How long a connection may stay silent before it is closed with 4002.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        self.heartbeat_interval_ms
+            .mul_f64(self.heartbeat_timeout_factor)
+    }
+}
+
+/// The heartbeat timeout factor: between 1 and 100.
+fn parse_timeout_factor(s: &str) -> Result<f64, String> {
+    let factor: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (1.0..=100.0).contains(&factor) {
+        Ok(factor)
+    } else {
+        Err("must be between 1 and 100".into())
+    }
+}
 
 /// Per-connection limits, derived once from the configuration and shared by all connections.
 #[derive(Debug, Clone)]
@@ -45,25 +189,25 @@ pub struct Settings {
     pub signal_burst: u32,
     pub error_budget: u32,
     pub error_refill: Duration,
-    pub reconnect_jitter_ms: u64,
+    pub reconnect_jitter: Duration,
 }
 
 impl Settings {
-    pub fn from_config(c: &Config) -> Self {
+    pub fn from_config(c: &ConnectionConfig) -> Self {
         Settings {
-            heartbeat_interval: c.heartbeat_interval(),
+            heartbeat_interval: c.heartbeat_interval_ms,
             heartbeat_timeout: c.heartbeat_timeout(),
             max_message_bytes: c.max_message_bytes,
             max_signal_bytes: c.max_signal_bytes,
             outbound_queue: c.outbound_queue,
-            write_timeout: Duration::from_millis(c.write_timeout_ms),
+            write_timeout: c.write_timeout_ms,
             rate_per_minute: c.rate_limit_per_minute,
             rate_burst: c.rate_limit_burst,
             signal_per_minute: c.signal_per_minute,
             signal_burst: c.signal_burst,
             error_budget: c.error_budget,
-            error_refill: Duration::from_millis(c.error_budget_refill_ms),
-            reconnect_jitter_ms: c.reconnect_jitter_ms,
+            error_refill: c.error_budget_refill_ms,
+            reconnect_jitter: c.reconnect_jitter_ms,
         }
     }
 
@@ -323,7 +467,9 @@ impl Connection {
     /// Tells the client to reconnect after a jittered delay (so that clients do not all come
     /// back at once), then closes with `code`.
     async fn reconnect(&self, ws: &mut WebSocket, reason: &str, code: u16) -> Exit {
-        let jitter = rand::rng().random_range(0..=self.settings.reconnect_jitter_ms);
+        // The protocol counts in ms.
+        let most = u64::try_from(self.settings.reconnect_jitter.as_millis()).unwrap_or(u64::MAX);
+        let jitter = rand::rng().random_range(0..=most);
         let frame = Reply::Reconnect {
             reason,
             retry_after_ms: jitter,

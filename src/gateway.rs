@@ -20,7 +20,7 @@ use dashmap::DashMap;
 
 use crate::backoff;
 use crate::bus::local::LocalBus;
-use crate::config::Config;
+use crate::config::{count, millis, Config};
 use crate::ids::unix_ms;
 use crate::livekit::LiveKit;
 use crate::matching::memory::{MemoryMatchmaker, Policy};
@@ -28,6 +28,49 @@ use crate::matching::{Attached, ConnId, MatchError, Matchmaker, Outcome, Resume,
 use crate::metrics::Metrics;
 use crate::protocol::{Action, ErrorCode, Reply, Request};
 use crate::registry::Registry;
+
+/// The session section of the configuration: what survives a dropped connection, and how
+/// often waiting users hear about the queue.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SessionConfig {
+    /// How long a dropped user's queue place or session is held for a resume, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_RESUME_GRACE_MS",
+        default_value = "15000",
+        value_parser = millis(..)
+    )]
+    pub resume_grace_ms: Duration,
+
+    /// Events kept per user for replay after a resume.
+    /// Keep it above the outbound queue, so that a slow consumer closed for a full queue gets
+    /// everything back by resuming.
+    #[arg(
+        long,
+        env = "MATCHGATE_HISTORY_LEN",
+        default_value = "128",
+        value_parser = count(1..)
+    )]
+    pub history_len: usize,
+
+    /// Whether the peer of a user who skips (or times out) is put back in the queue.
+    #[arg(
+        long,
+        env = "MATCHGATE_REQUEUE_PEER_ON_SKIP",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub requeue_peer_on_skip: bool,
+
+    /// Least time between two `queue_update`s for the users of one pool, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_QUEUE_UPDATE_INTERVAL_MS",
+        default_value = "1000",
+        value_parser = millis(..)
+    )]
+    pub queue_update_interval_ms: Duration,
+}
 
 /// Retries per timer (about a minute of backend trouble).
 const WAKE_RETRIES: usize = 14;
@@ -61,11 +104,11 @@ impl Gateway {
         let matchmaker = Arc::new(MemoryMatchmaker::new(
             bus,
             Policy {
-                requeue_peer_on_skip: config.requeue_peer_on_skip,
-                history_len: config.history_len,
+                requeue_peer_on_skip: config.session.requeue_peer_on_skip,
+                history_len: config.session.history_len,
                 history_ttl: config.history_ttl(),
                 media: config.media_mode(),
-                rules: crate::matching::Rules::from_config(config),
+                rules: crate::matching::Rules::from_config(&config.rules),
             },
         ));
         Self::new(config, matchmaker, registry, Arc::new(Metrics::new()))
@@ -82,21 +125,23 @@ impl Gateway {
             moderation: crate::moderation::from_config(config, &registry, &metrics),
             matchmaker,
             registry,
-            resume_grace: config.resume_grace(),
-            queue_update_interval: Duration::from_millis(config.queue_update_interval_ms),
+            resume_grace: config.session.resume_grace_ms,
+            queue_update_interval: config.session.queue_update_interval_ms,
             refresh_pending: DashMap::new(),
             draining: AtomicBool::new(false),
             subscribed: AtomicBool::new(true),
             probe: probe::BackendProbe::default(),
-            media: LiveKit::from_config(config, metrics.clone()).map(|livekit| media::Rooms {
-                livekit,
-                create_deadline: Duration::from_millis(config.livekit_create_deadline_ms),
-                orphan_age: config.media_pending().unwrap_or_default(),
-                webhook_dedupe: Duration::from_secs(config.livekit_webhook_dedupe_s),
-                sweep_interval: Duration::from_millis(config.livekit_sweep_interval_ms),
-                creating: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_CREATES)),
-                deleting: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_DELETES)),
-                queued_deletes: Arc::new(AtomicUsize::new(0)),
+            media: LiveKit::from_config(&config.livekit, metrics.clone()).map(|livekit| {
+                media::Rooms {
+                    livekit,
+                    create_deadline: config.livekit.livekit_create_deadline_ms,
+                    orphan_age: config.media_pending().unwrap_or_default(),
+                    webhook_dedupe: config.livekit.livekit_webhook_dedupe_s,
+                    sweep_interval: config.livekit.livekit_sweep_interval_ms,
+                    creating: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_CREATES)),
+                    deleting: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_DELETES)),
+                    queued_deletes: Arc::new(AtomicUsize::new(0)),
+                }
             }),
             detaches: detach::Detaches::new(metrics.detach_pending.clone()),
             metrics,

@@ -16,9 +16,161 @@ use livekit_api::services::room::{CreateRoomOptions, RoomClient};
 use livekit_api::services::{ServerError, ServerErrorCode, ServiceError};
 use livekit_api::webhooks::{WebhookError, WebhookReceiver};
 
-use crate::config::Config;
+use crate::config::{key_name, millis, secs};
 use crate::metrics::Metrics;
 use crate::protocol::Media;
+
+/// The LiveKit section of the configuration: with `--livekit-url` (and the API key and
+/// secret) media mode is `livekit`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LivekitConfig {
+    /// LiveKit URL that clients connect to (`wss://...`). With it, plus the API key and secret,
+    /// media mode is `livekit`: every match gets a room and a join token per user.
+    #[arg(long, env = "MATCHGATE_LIVEKIT_URL", value_parser = parse_client_url)]
+    pub livekit_url: Option<String>,
+
+    /// LiveKit API (RoomService) base URL. Default: the client URL over http(s).
+    #[arg(long, env = "MATCHGATE_LIVEKIT_API_URL", value_parser = parse_api_url)]
+    pub livekit_api_url: Option<String>,
+
+    /// LiveKit API key: signs RoomService calls and join tokens, checks webhooks.
+    #[arg(long, env = "MATCHGATE_LIVEKIT_API_KEY")]
+    pub livekit_api_key: Option<String>,
+
+    /// LiveKit API secret.
+    #[arg(long, env = "MATCHGATE_LIVEKIT_API_SECRET", hide_env_values = true)]
+    pub livekit_api_secret: Option<String>,
+
+    /// Prefix of room names; a room is `<prefix><session id>`. The sweep only ever deletes
+    /// rooms with this prefix.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_ROOM_PREFIX",
+        default_value = "mg_",
+        value_parser = key_name
+    )]
+    pub livekit_room_prefix: String,
+
+    /// Seconds LiveKit keeps a room nobody joined.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_EMPTY_TIMEOUT_S",
+        default_value = "30",
+        value_parser = secs(..=u64::from(u32::MAX))
+    )]
+    pub livekit_empty_timeout_s: Duration,
+
+    /// Seconds LiveKit keeps a room after the last participant left.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_DEPARTURE_TIMEOUT_S",
+        default_value = "10",
+        value_parser = secs(..=u64::from(u32::MAX))
+    )]
+    pub livekit_departure_timeout_s: Duration,
+
+    /// Participants a room admits.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_MAX_PARTICIPANTS",
+        default_value = "2",
+        value_parser = clap::value_parser!(u32).range(2..)
+    )]
+    pub livekit_max_participants: u32,
+
+    /// Lifetime of a join token, in seconds (the time a client has to join the room).
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_TOKEN_TTL_S",
+        default_value = "600",
+        value_parser = secs(1..)
+    )]
+    pub livekit_token_ttl_s: Duration,
+
+    /// Timeout of one RoomService request, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_REQUEST_TIMEOUT_MS",
+        default_value = "2000",
+        value_parser = millis(1..)
+    )]
+    pub livekit_request_timeout_ms: Duration,
+
+    /// How long room creation is retried (with backoff) before both users get
+    /// `media_unavailable` and go back to the head of the queue, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_CREATE_DEADLINE_MS",
+        default_value = "8000",
+        value_parser = millis(1..)
+    )]
+    pub livekit_create_deadline_ms: Duration,
+
+    /// How often one instance compares LiveKit's rooms with the live sessions and cleans up
+    /// both sides, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_SWEEP_INTERVAL_MS",
+        default_value = "60000",
+        value_parser = millis(100..)
+    )]
+    pub livekit_sweep_interval_ms: Duration,
+
+    /// How long webhook event ids are remembered to drop duplicates, in seconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_LIVEKIT_WEBHOOK_DEDUPE_S",
+        default_value = "600",
+        value_parser = secs(1..)
+    )]
+    pub livekit_webhook_dedupe_s: Duration,
+}
+
+impl LivekitConfig {
+    /// Whether matches get LiveKit rooms (media mode `livekit`; otherwise `p2p`).
+    pub fn enabled(&self) -> bool {
+        self.livekit_url.is_some()
+    }
+
+    /// The RoomService base URL: as configured, or the client URL over http(s).
+    pub fn api_base(&self) -> Option<String> {
+        if let Some(api) = &self.livekit_api_url {
+            return Some(api.clone());
+        }
+        let url = self.livekit_url.as_ref()?;
+        Some(if let Some(rest) = url.strip_prefix("wss://") {
+            format!("https://{rest}")
+        } else if let Some(rest) = url.strip_prefix("ws://") {
+            format!("http://{rest}")
+        } else {
+            url.clone()
+        })
+    }
+}
+
+/// The URL clients connect to.
+fn parse_client_url(url: &str) -> Result<String, String> {
+    let schemes = ["ws://", "wss://", "http://", "https://"];
+    if schemes.iter().any(|s| url.starts_with(s)) {
+        Ok(url.to_string())
+    } else {
+        Err("must start with wss:// (or ws://, https://, http://)".into())
+    }
+}
+
+/// The RoomService URL.
+fn parse_api_url(url: &str) -> Result<String, String> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(url.to_string())
+    } else {
+        Err("must start with https:// or http://".into())
+    }
+}
+
+/// A duration as the whole seconds LiveKit's room options take.
+fn whole_secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
 
 /// Errors of the LiveKit layer.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +209,8 @@ pub struct LiveKit {
     api_key: String,
     api_secret: String,
     room_prefix: String,
-    empty_timeout_s: u32,
-    departure_timeout_s: u32,
+    empty_timeout: Duration,
+    departure_timeout: Duration,
     max_participants: u32,
     token_ttl: Duration,
     request_timeout: Duration,
@@ -68,12 +220,12 @@ pub struct LiveKit {
 
 impl LiveKit {
     /// The LiveKit side of `config`, when media mode is on.
-    pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> Option<LiveKit> {
+    pub fn from_config(config: &LivekitConfig, metrics: Arc<Metrics>) -> Option<LiveKit> {
         let url = config.livekit_url.as_deref()?;
-        let api = config.livekit_api_base()?;
+        let api = config.api_base()?;
         let key = config.livekit_api_key.clone()?;
         let secret = config.livekit_api_secret.clone()?;
-        let request_timeout = Duration::from_millis(config.livekit_request_timeout_ms);
+        let request_timeout = config.livekit_request_timeout_ms;
         Some(LiveKit {
             rooms: RoomClient::with_api_key(&api, &key, &secret)
                 .with_request_timeout(request_timeout),
@@ -82,10 +234,10 @@ impl LiveKit {
             api_key: key,
             api_secret: secret,
             room_prefix: config.livekit_room_prefix.clone(),
-            empty_timeout_s: config.livekit_empty_timeout_s,
-            departure_timeout_s: config.livekit_departure_timeout_s,
+            empty_timeout: config.livekit_empty_timeout_s,
+            departure_timeout: config.livekit_departure_timeout_s,
             max_participants: config.livekit_max_participants,
-            token_ttl: Duration::from_secs(config.livekit_token_ttl_s),
+            token_ttl: config.livekit_token_ttl_s,
             request_timeout,
             metrics,
         })
@@ -122,8 +274,9 @@ impl LiveKit {
     pub async fn create_room(&self, session: &str) -> Result<String, LiveKitError> {
         let name = self.room_name(session);
         let options = CreateRoomOptions {
-            empty_timeout: self.empty_timeout_s,
-            departure_timeout: self.departure_timeout_s,
+            // LiveKit counts in seconds; the parser kept them within u32.
+            empty_timeout: whole_secs(self.empty_timeout),
+            departure_timeout: whole_secs(self.departure_timeout),
             max_participants: self.max_participants,
             ..CreateRoomOptions::default()
         };

@@ -22,7 +22,81 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
+use crate::config::secs;
 use crate::protocol::{IceServer, Media};
+
+/// The p2p section of the configuration: the ICE servers of media mode `p2p`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct P2pConfig {
+    /// STUN server URLs (`stun:host:port`, comma-separated) listed in every `matched` of media
+    /// mode `p2p` (the mode without LiveKit).
+    #[arg(
+        long,
+        env = "MATCHGATE_STUN_URLS",
+        value_delimiter = ',',
+        num_args = 0..,
+        value_parser = parse_stun_url
+    )]
+    pub stun_urls: Vec<String>,
+
+    /// TURN server URLs (`turn:host:port?transport=udp`, `turns:...`, comma-separated) listed,
+    /// with per-member credentials, in every `matched` of media mode `p2p`. Needs
+    /// `--turn-secret`.
+    #[arg(
+        long,
+        env = "MATCHGATE_TURN_URLS",
+        value_delimiter = ',',
+        num_args = 0..,
+        value_parser = parse_turn_url
+    )]
+    pub turn_urls: Vec<String>,
+
+    /// Secret shared with the TURN server (coturn: `use-auth-secret` with this as
+    /// `static-auth-secret`), at least 32 bytes; it signs the time-limited TURN credentials.
+    #[arg(long, env = "MATCHGATE_TURN_SECRET", hide_env_values = true)]
+    pub turn_secret: Option<String>,
+
+    /// Lifetime of TURN credentials, from the match, in seconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_TURN_TTL_S",
+        default_value = "3600",
+        value_parser = secs(60..=7 * 86_400)
+    )]
+    pub turn_ttl_s: Duration,
+}
+
+impl P2pConfig {
+    /// The ICE servers this configuration lists.
+    pub fn ice_servers(&self) -> IceServers {
+        let turn = self.turn_secret.as_ref().map(|secret| Turn {
+            urls: self.turn_urls.clone().into(),
+            secret: secret.clone(),
+            ttl: self.turn_ttl_s,
+        });
+        IceServers::new(self.stun_urls.clone(), turn)
+    }
+}
+
+fn parse_stun_url(url: &str) -> Result<String, String> {
+    parse_ice_url(url, ["stun:", "stuns:"])
+}
+
+fn parse_turn_url(url: &str) -> Result<String, String> {
+    parse_ice_url(url, ["turn:", "turns:"])
+}
+
+/// An ICE server URL: one of `schemes`, something after it, and no white space.
+fn parse_ice_url(url: &str, schemes: [&str; 2]) -> Result<String, String> {
+    let scheme_ok = schemes
+        .iter()
+        .any(|s| url.strip_prefix(s).is_some_and(|rest| !rest.is_empty()));
+    if scheme_ok && !url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Ok(url.to_string())
+    } else {
+        Err(format!("entries look like {}host:port", schemes[0]))
+    }
+}
 
 /// The ICE servers every `matched` of media mode `p2p` lists.
 #[derive(Clone)]

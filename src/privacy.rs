@@ -19,7 +19,33 @@ use std::sync::OnceLock;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, LogIdentities};
+use clap::ValueEnum;
+
+/// The privacy section of the configuration: how identities appear in logs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrivacyConfig {
+    /// How user ids and IP addresses appear in logs: `hashed` (a keyed hash, the default) or
+    /// `full`. Debug logging (`MATCHGATE_LOG` at debug) always shows them in full.
+    #[arg(
+        long,
+        env = "MATCHGATE_LOG_IDENTITIES",
+        value_enum,
+        default_value = "hashed"
+    )]
+    pub log_identities: LogIdentities,
+
+    /// Key of the log hash, so that the same user hashes alike on every instance. Default:
+    /// random per process.
+    #[arg(long, env = "MATCHGATE_LOG_HASH_KEY", hide_env_values = true)]
+    pub log_hash_key: Option<String>,
+}
+
+/// How identities appear in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogIdentities {
+    Hashed,
+    Full,
+}
 
 /// How identities are written into logs.
 struct Redactor {
@@ -28,7 +54,7 @@ struct Redactor {
 }
 
 impl Redactor {
-    fn from_config(config: &Config) -> Self {
+    fn from_config(config: &PrivacyConfig) -> Self {
         Redactor {
             full: config.log_identities == LogIdentities::Full,
             key: match &config.log_hash_key {
@@ -73,7 +99,7 @@ fn redactor() -> &'static Redactor {
 
 /// Sets how identities are logged, from the configuration. The first call wins: several
 /// servers in one process (tests) share one logger.
-pub fn init(config: &Config) {
+pub fn init(config: &PrivacyConfig) {
     let _ = REDACTOR.set(Redactor::from_config(config));
 }
 
@@ -94,6 +120,7 @@ impl<T: fmt::Display> fmt::Display for Shown<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use clap::Parser;
 
     fn render(r: &Redactor, value: &str) -> String {
@@ -109,7 +136,7 @@ mod tests {
     #[test]
     fn hashes_with_the_key_by_default_and_shows_in_full_on_request() {
         let keyed = |key: &str| {
-            Redactor::from_config(&Config::parse_from(["matchgate", "--log-hash-key", key]))
+            Redactor::from_config(&Config::parse_from(["matchgate", "--log-hash-key", key]).privacy)
         };
         let (a, b) = (keyed("k1"), keyed("k2"));
         let hashed = render(&a, "alice");
@@ -118,11 +145,9 @@ mod tests {
         assert_eq!(hashed, render(&keyed("k1"), "alice"), "same key, same hash");
         assert_ne!(hashed, render(&b, "alice"), "the key matters");
         assert_ne!(hashed, render(&a, "bob"));
-        let full = Redactor::from_config(&Config::parse_from([
-            "matchgate",
-            "--log-identities",
-            "full",
-        ]));
+        let full = Redactor::from_config(
+            &Config::parse_from(["matchgate", "--log-identities", "full"]).privacy,
+        );
         assert_eq!(render(&full, "10.0.0.1"), "10.0.0.1");
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::backoff;
 use crate::bus::redis::{subscribe, Recovery};
-use crate::config::Config;
+use crate::config::{count, key_name, millis, Config};
 use crate::gateway::Gateway;
 use crate::ids::random_id;
 use crate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
@@ -27,30 +27,105 @@ use crate::metrics::Metrics;
 use crate::moderation::disconnect_banned;
 use crate::protocol::close;
 
+/// The Redis section of the configuration: the scale-out mode is on with `--redis-url`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RedisConfig {
+    /// Redis URL: switches matching state and cross-instance delivery from memory to Redis
+    /// (scale-out mode). With `--redis-cluster`, a comma-separated list of cluster nodes.
+    #[arg(long, env = "MATCHGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Treat `--redis-url` as a Redis Cluster (comma-separated seed nodes).
+    #[arg(long, env = "MATCHGATE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
+    /// Namespace of all Redis keys and channels; also the keys' hash tag. Deployments that share
+    /// a Redis need different namespaces.
+    #[arg(
+        long,
+        env = "MATCHGATE_REDIS_NAMESPACE",
+        default_value = "mg",
+        value_parser = key_name
+    )]
+    pub redis_namespace: String,
+
+    /// Redis connections in the command pool.
+    #[arg(
+        long,
+        env = "MATCHGATE_REDIS_POOL_SIZE",
+        default_value = "16",
+        value_parser = count(1..)
+    )]
+    pub redis_pool_size: usize,
+
+    /// How long one matching call to Redis may take before the action answers `unavailable`
+    /// (the operation may still have been applied), in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_REDIS_CALL_TIMEOUT_MS",
+        default_value = "2000",
+        value_parser = millis(10..)
+    )]
+    pub redis_call_timeout_ms: Duration,
+
+    /// This instance's id among the instances sharing a Redis. Default: random at start-up.
+    #[arg(long, env = "MATCHGATE_INSTANCE_ID", value_parser = parse_instance_id)]
+    pub instance_id: Option<String>,
+
+    /// How often an instance refreshes its liveness in Redis and helps with clean-up, in ms.
+    /// An instance silent for two periods is treated as dead.
+    #[arg(
+        long,
+        env = "MATCHGATE_INSTANCE_HEARTBEAT_MS",
+        default_value = "2000",
+        value_parser = millis(50..)
+    )]
+    pub instance_heartbeat_ms: Duration,
+}
+
+impl RedisConfig {
+    /// The Redis node URLs, if the scale-out mode is on.
+    pub fn urls(&self) -> Option<Vec<String>> {
+        self.redis_url
+            .as_ref()
+            .map(|u| u.split(',').map(|s| s.trim().to_string()).collect())
+    }
+}
+
+/// An instance id: 1 to 64 printable characters.
+fn parse_instance_id(id: &str) -> Result<String, String> {
+    if id.is_empty() || id.len() > 64 || id.bytes().any(|b| !b.is_ascii_graphic()) {
+        Err("must be 1 to 64 printable characters".into())
+    } else {
+        Ok(id.to_string())
+    }
+}
+
 /// The longest wait between two attempts at subscribing or at the first heartbeat.
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Settings of the Redis matchmaker from the configuration; `None` in the embedded mode.
 pub fn settings(config: &Config) -> Option<RedisSettings> {
-    let urls = config.redis_urls()?;
+    let redis = &config.redis;
+    let urls = redis.urls()?;
     Some(RedisSettings {
         urls,
-        cluster: config.redis_cluster,
-        layout: Layout::new(&config.redis_namespace),
+        cluster: redis.redis_cluster,
+        layout: Layout::new(&redis.redis_namespace),
         // A per-process suffix: an instance restarted under the same configured id must not
         // inherit (and so never clean up) the users its previous run left behind.
-        instance: match &config.instance_id {
+        instance: match &redis.instance_id {
             Some(id) => format!("{id}-{}", random_id("", 4)),
             None => random_id("", 6),
         },
-        requeue_peer_on_skip: config.requeue_peer_on_skip,
+        requeue_peer_on_skip: config.session.requeue_peer_on_skip,
         media: config.media_mode(),
-        rules: crate::matching::Rules::from_config(config),
-        call_timeout: Duration::from_millis(config.redis_call_timeout_ms),
-        history_len: config.history_len,
+        rules: crate::matching::Rules::from_config(&config.rules),
+        call_timeout: redis.redis_call_timeout_ms,
+        history_len: config.session.history_len,
         history_ttl: config.history_ttl(),
-        resume_grace: config.resume_grace(),
-        pool_size: config.redis_pool_size,
+        resume_grace: config.session.resume_grace_ms,
+        pool_size: redis.redis_pool_size,
     })
 }
 

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::address::AddressKeys;
 use crate::auth::{AuthMode, Authenticator, KeyError};
-use crate::config::{Config, ConfigError};
+use crate::config::{count, millis, Config, ConfigError};
 use crate::connection::Settings;
 use crate::gateway::Gateway;
 use crate::http::{demo, routers, App, ConnectLimiter};
@@ -37,6 +37,130 @@ use crate::registry::Registry;
 use crate::scaleout;
 use crate::shutdown::Shutdown;
 use pending::PendingLimits;
+
+/// The HTTP section of the configuration: who may connect, how many, and how long a request
+/// head or a drain may take.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpConfig {
+    /// Comma-separated `Origin` values allowed to open WebSockets (browsers). Empty: any origin.
+    /// Requests without an `Origin` header (mobile apps) are always allowed.
+    #[arg(
+        long,
+        env = "MATCHGATE_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        num_args = 0..,
+        value_parser = parse_origin
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Load balancers and proxies (IPs or CIDRs, comma-separated) whose `X-Forwarded-For` is
+    /// believed: behind them the client address (for the per-address limit, address bans and
+    /// logs) is the nearest untrusted hop of that header. Without it, the TCP peer.
+    #[arg(
+        long,
+        env = "MATCHGATE_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        num_args = 0..,
+        value_parser = parse_net
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Most concurrent WebSocket connections; beyond it the upgrade is refused with 503.
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_CONNECTIONS",
+        default_value = "100000",
+        value_parser = count(1..)
+    )]
+    pub max_connections: usize,
+
+    /// Longest time a client may take to send a request head (request line and headers), in
+    /// ms; a slower one is disconnected. Also how long an idle keep-alive HTTP connection is
+    /// kept open between requests.
+    #[arg(
+        long,
+        env = "MATCHGATE_HTTP_HEAD_TIMEOUT_MS",
+        default_value = "10000",
+        value_parser = millis(100..=60_000)
+    )]
+    pub http_head_timeout_ms: Duration,
+
+    /// Largest request head (request line and headers) in bytes; a larger one gets 431.
+    #[arg(
+        long,
+        env = "MATCHGATE_HTTP_MAX_HEAD_BYTES",
+        default_value = "16384",
+        value_parser = count(1024..=1 << 20)
+    )]
+    pub http_max_head_bytes: usize,
+
+    /// Most TCP connections on this instance that have not become WebSockets (yet): still
+    /// sending a request, or idle between keep-alive HTTP requests. Beyond it new connections
+    /// get 503 and are closed at once.
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_PENDING_CONNECTIONS",
+        default_value = "10000",
+        value_parser = count(1..)
+    )]
+    pub max_pending_connections: usize,
+
+    /// Most such connections from one client address (the TCP peer, counted like the other
+    /// per-address limits; peers in `--trusted-proxies` are exempt). Beyond it new connections
+    /// from that address get 429 and are closed at once.
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_PENDING_PER_ADDRESS",
+        default_value = "64",
+        value_parser = count(1..)
+    )]
+    pub max_pending_per_address: usize,
+
+    /// IPv6 clients count by this many leading bits of their address (a provider gives each
+    /// subscriber a whole prefix), for the per-address limits and address bans. 32 to 128.
+    #[arg(
+        long,
+        env = "MATCHGATE_IPV6_PREFIX_LEN",
+        default_value = "64",
+        value_parser = clap::value_parser!(u8).range(32..=128)
+    )]
+    pub ipv6_prefix_len: u8,
+
+    /// WebSocket connection attempts allowed per client IP and minute (HTTP 429 beyond).
+    #[arg(
+        long,
+        env = "MATCHGATE_IP_CONNECTS_PER_MINUTE",
+        default_value = "60",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub ip_connects_per_minute: u32,
+
+    /// How long a graceful shutdown waits for connections to close, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_DRAIN_TIMEOUT_MS",
+        default_value = "10000",
+        value_parser = millis(..)
+    )]
+    pub drain_timeout_ms: Duration,
+}
+
+/// A browser origin: scheme and host, no path.
+fn parse_origin(s: &str) -> Result<String, String> {
+    if (s.starts_with("http://") || s.starts_with("https://")) && !s.ends_with('/') {
+        Ok(s.to_string())
+    } else {
+        Err("entries look like https://app.example.com".into())
+    }
+}
+
+/// An IP network, or a single address as the network of just that address.
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR network"))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -109,8 +233,8 @@ impl Server {
     /// Validates the configuration, builds the layers and binds the listeners.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         config.validate()?;
-        privacy::init(&config);
-        let auth = Authenticator::from_config(&config)?;
+        privacy::init(&config.privacy);
+        let auth = Authenticator::from_config(&config.auth)?;
         let public = listen(config.listen)?;
         let internal = config.internal_listen.map(listen).transpose()?;
         let (stop, stop_rx) = watch::channel(false);
@@ -131,31 +255,31 @@ impl Server {
                     gateway.clone(),
                     redis,
                     settings,
-                    crate::bus::redis::broadcast_channel(&config.redis_namespace),
-                    Duration::from_millis(config.instance_heartbeat_ms),
+                    crate::bus::redis::broadcast_channel(&config.redis.redis_namespace),
+                    config.redis.instance_heartbeat_ms,
                     stop_rx.clone(),
                 );
                 (gateway, mode)
             }
         };
         gateway.spawn_room_sweep(stop_rx.clone());
-        let addresses = AddressKeys::new(config.ipv6_prefix_len);
+        let addresses = AddressKeys::new(config.http.ipv6_prefix_len);
         let app = Arc::new(App {
             gateway,
             auth,
-            settings: Arc::new(Settings::from_config(&config)),
-            allowed_origins: config.allowed_origins.clone(),
-            connection_slots: Arc::new(Semaphore::new(config.max_connections)),
-            connect_limiter: ConnectLimiter::new(config.ip_connects_per_minute),
-            admin_token: config.admin_token.clone(),
-            trusted_proxies: config.trusted_proxies.clone(),
+            settings: Arc::new(Settings::from_config(&config.connection)),
+            allowed_origins: config.http.allowed_origins.clone(),
+            connection_slots: Arc::new(Semaphore::new(config.http.max_connections)),
+            connect_limiter: ConnectLimiter::new(config.http.ip_connects_per_minute),
+            admin_token: config.moderation.admin_token.clone(),
+            trusted_proxies: config.http.trusted_proxies.clone(),
             addresses,
             shutdown: stop_rx,
             tasks: tasks.clone(),
             next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
         });
         let metrics = app.gateway.metrics.clone();
-        let demo = config.demo_page();
+        let demo = config.auth.demo_page();
         let (mut public_router, internal_router) = routers(&app, internal.is_some());
         if demo {
             public_router = public_router.merge(demo::routes());
@@ -165,10 +289,10 @@ impl Server {
             tcp: public,
             router: public_router,
             pending: PendingLimits::new(
-                config.max_pending_connections,
-                Some(config.max_pending_per_address),
+                config.http.max_pending_connections,
+                Some(config.http.max_pending_per_address),
                 addresses,
-                config.trusted_proxies.clone(),
+                config.http.trusted_proxies.clone(),
                 metrics.pending_gauge("public"),
             ),
         };
@@ -181,7 +305,7 @@ impl Server {
                 tcp,
                 router,
                 pending: PendingLimits::new(
-                    config.max_pending_connections,
+                    config.http.max_pending_connections,
                     None,
                     addresses,
                     Vec::new(),
@@ -189,9 +313,9 @@ impl Server {
                 ),
             });
         let shared = Arc::new(accept::Shared {
-            http: accept::http1(&config),
+            http: accept::http1(&config.http),
             metrics,
-            lingering: linger::Lingering::new(config.max_pending_connections, tasks.clone()),
+            lingering: linger::Lingering::new(config.http.max_pending_connections, tasks.clone()),
             tasks,
         });
         Ok(Server {
@@ -201,7 +325,7 @@ impl Server {
             shared,
             app,
             stop,
-            drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+            drain_timeout: config.http.drain_timeout_ms,
             demo,
         })
     }

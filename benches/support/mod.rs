@@ -28,7 +28,7 @@ impl Bus for Discard {
 fn rules() -> Rules {
     let config = Config::try_parse_from(["matchgate", "--enqueue-per-minute", "4000000000"])
         .expect("bench flags parse");
-    Rules::from_config(&config)
+    Rules::from_config(&config.rules)
 }
 
 /// The default media mode (p2p) with no ICE servers: nothing to mint per match.

@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use clap::ValueEnum;
+
 use crate::bus::Frame;
+use crate::config::{count, millis, secs};
 use crate::p2p::IceServers;
 use crate::protocol::{EndReason, ErrorCode, Media, Prefs, Relay, StateName};
 
@@ -36,6 +39,131 @@ impl MediaMode {
     pub fn waits_for_room(&self) -> bool {
         matches!(self, MediaMode::LiveKit { .. })
     }
+}
+
+/// The rules section of the configuration: safety and fairness rules, enforced in the matching
+/// step, so in both backends.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RulesConfig {
+    /// Two users who were matched are not matched again within this many seconds...
+    #[arg(
+        long,
+        env = "MATCHGATE_ANTI_REPEAT_WINDOW_S",
+        default_value = "600",
+        value_parser = secs(..)
+    )]
+    pub anti_repeat_window_s: Duration,
+
+    /// ...unless one of them has waited this long with nobody else to meet, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_ANTI_REPEAT_FALLBACK_MS",
+        default_value = "30000",
+        value_parser = millis(..)
+    )]
+    pub anti_repeat_fallback_ms: Duration,
+
+    /// A skip within this many seconds of the match counts as quick; a session that lasts at
+    /// least this long resets the count and the cooldown level.
+    #[arg(
+        long,
+        env = "MATCHGATE_SKIP_QUICK_S",
+        default_value = "30",
+        value_parser = secs(..)
+    )]
+    pub skip_quick_s: Duration,
+
+    /// Quick skips within the window that start a cooldown.
+    #[arg(
+        long,
+        env = "MATCHGATE_SKIP_LIMIT",
+        default_value = "5",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub skip_limit: u32,
+
+    /// The window over which quick skips are counted, in seconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_SKIP_WINDOW_S",
+        default_value = "300",
+        value_parser = secs(1..)
+    )]
+    pub skip_window_s: Duration,
+
+    /// Cooldowns in seconds, one per consecutive cooldown (the last one repeats).
+    #[arg(
+        long,
+        env = "MATCHGATE_SKIP_COOLDOWNS_S",
+        value_delimiter = ',',
+        default_value = "60,300,900",
+        value_parser = secs(1..)
+    )]
+    pub skip_cooldowns_s: Vec<Duration>,
+
+    /// `enqueue`s allowed per user and minute (shared across instances).
+    #[arg(
+        long,
+        env = "MATCHGATE_ENQUEUE_PER_MINUTE",
+        default_value = "30",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub enqueue_per_minute: u32,
+
+    /// Accept phase: with a value above 0, a match is first proposed (`match_proposed`) and
+    /// both must `accept` within this many ms to get `matched`.
+    #[arg(
+        long,
+        env = "MATCHGATE_ACCEPT_TIMEOUT_MS",
+        default_value = "0",
+        value_parser = millis(..)
+    )]
+    pub accept_timeout_ms: Duration,
+
+    /// Where a user who declined a proposal (or let it time out) goes: `idle` or the `tail`
+    /// of the queue. The other one always goes back to the head.
+    #[arg(long, env = "MATCHGATE_DECLINE_TO", value_enum, default_value = "idle")]
+    pub decline_to: DeclineTo,
+
+    /// Preference relaxation: every this many ms of waiting, one more of the user's `soft`
+    /// preference fields is dropped from the search.
+    #[arg(
+        long,
+        env = "MATCHGATE_RELAX_AFTER_MS",
+        default_value = "10000",
+        value_parser = millis(100..)
+    )]
+    pub relax_after_ms: Duration,
+
+    /// Blocks kept per user: a user's block list keeps the most recent this many (the oldest
+    /// block goes first).
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_BLOCKS_PER_USER",
+        default_value = "1000",
+        value_parser = count(1..)
+    )]
+    pub max_blocks_per_user: usize,
+
+    /// The blocks a user made are forgotten once the user has not been connected for this
+    /// many seconds (default: 180 days).
+    #[arg(
+        long,
+        env = "MATCHGATE_BLOCK_TTL_S",
+        default_value = "15552000",
+        value_parser = secs(1..=MAX_BLOCK_TTL_S)
+    )]
+    pub block_ttl_s: Duration,
+}
+
+/// The longest block TTL: ten years.
+const MAX_BLOCK_TTL_S: u64 = 10 * 365 * 86_400;
+
+/// Where a user who declined a proposed match goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeclineTo {
+    Idle,
+    Tail,
 }
 
 /// The safety and fairness rules both backends enforce inside their atomic matching step.
@@ -67,25 +195,21 @@ pub struct Rules {
 }
 
 impl Rules {
-    pub fn from_config(c: &crate::config::Config) -> Rules {
+    pub fn from_config(c: &RulesConfig) -> Rules {
         Rules {
-            anti_repeat_window: Duration::from_secs(c.anti_repeat_window_s),
-            anti_repeat_fallback: Duration::from_millis(c.anti_repeat_fallback_ms),
-            skip_quick: Duration::from_secs(c.skip_quick_s),
+            anti_repeat_window: c.anti_repeat_window_s,
+            anti_repeat_fallback: c.anti_repeat_fallback_ms,
+            skip_quick: c.skip_quick_s,
             skip_limit: c.skip_limit,
-            skip_window: Duration::from_secs(c.skip_window_s),
-            skip_cooldowns: c
-                .skip_cooldowns_s
-                .iter()
-                .map(|s| Duration::from_secs(*s))
-                .collect(),
+            skip_window: c.skip_window_s,
+            skip_cooldowns: c.skip_cooldowns_s.clone(),
             enqueue_per_minute: c.enqueue_per_minute,
-            accept_timeout: (c.accept_timeout_ms > 0)
-                .then(|| Duration::from_millis(c.accept_timeout_ms)),
-            decline_to_tail: c.decline_to == crate::config::DeclineTo::Tail,
-            relax_after: Duration::from_millis(c.relax_after_ms),
+            // 0 turns the accept phase off.
+            accept_timeout: (!c.accept_timeout_ms.is_zero()).then_some(c.accept_timeout_ms),
+            decline_to_tail: c.decline_to == DeclineTo::Tail,
+            relax_after: c.relax_after_ms,
             max_blocks: c.max_blocks_per_user,
-            block_ttl: Duration::from_secs(c.block_ttl_s),
+            block_ttl: c.block_ttl_s,
         }
     }
 

@@ -32,7 +32,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::address::{ban_text, parse_ban_text, AddressKeys};
-use crate::config::Config;
+use crate::config::{count, secs, Config};
 use crate::ids::unix_ms;
 use crate::matching::{MatchError, UserId};
 use crate::metrics::Metrics;
@@ -169,6 +169,57 @@ pub struct ReportPolicy {
     pub per_hour: u32,
 }
 
+/// The moderation section of the configuration: the admin API's token, and how reports turn
+/// into bans.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModerationConfig {
+    /// Bearer token of the admin API under `/v1/admin/` (at least 32 bytes). Without it the
+    /// admin API is off.
+    #[arg(long, env = "MATCHGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Distinct reporters within the report window that ban a user automatically (0: never).
+    #[arg(long, env = "MATCHGATE_REPORT_BAN_THRESHOLD", default_value_t = 3)]
+    pub report_ban_threshold: u32,
+
+    /// The window for counting distinct reporters, in seconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_REPORT_WINDOW_S",
+        default_value = "86400",
+        value_parser = secs(1..)
+    )]
+    pub report_window_s: Duration,
+
+    /// How long an automatic ban lasts, in seconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_REPORT_BAN_TTL_S",
+        default_value = "86400",
+        value_parser = secs(1..)
+    )]
+    pub report_ban_ttl_s: Duration,
+
+    /// Reports kept (in memory, or in the Redis stream, trimmed to about this many).
+    #[arg(
+        long,
+        env = "MATCHGATE_REPORTS_KEPT",
+        default_value = "100000",
+        value_parser = count(..)
+    )]
+    pub reports_kept: usize,
+
+    /// Reports one user may file per hour (a window that starts with the first report), across
+    /// connections and instances; beyond it `report` answers `rate_limited`.
+    #[arg(
+        long,
+        env = "MATCHGATE_REPORTS_PER_HOUR",
+        default_value = "20",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub reports_per_hour: u32,
+}
+
 /// The window of [`ReportPolicy::per_hour`], in ms.
 pub const REPORT_RATE_WINDOW_MS: u64 = 3_600_000;
 
@@ -183,11 +234,11 @@ pub const REPORTED_SESSIONS_KEPT: usize = 32;
 pub const REPORTS_BAN_REASON: &str = "reports";
 
 impl ReportPolicy {
-    pub fn from_config(config: &Config) -> Self {
+    pub fn from_config(config: &ModerationConfig) -> Self {
         ReportPolicy {
             threshold: config.report_ban_threshold,
-            window: Duration::from_secs(config.report_window_s),
-            ban_ttl: Duration::from_secs(config.report_ban_ttl_s),
+            window: config.report_window_s,
+            ban_ttl: config.report_ban_ttl_s,
             kept: config.reports_kept,
             per_hour: config.reports_per_hour,
         }
@@ -267,8 +318,8 @@ pub fn from_config(
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
 ) -> Arc<dyn Moderation> {
-    let policy = ReportPolicy::from_config(config);
-    match redis::RedisModeration::from_config(config, policy) {
+    let policy = ReportPolicy::from_config(&config.moderation);
+    match redis::RedisModeration::from_config(&config.redis, policy) {
         Some(redis) => Arc::new(redis),
         None => Arc::new(memory::MemoryModeration::new(
             registry.clone(),

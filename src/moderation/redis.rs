@@ -30,9 +30,9 @@ use super::{
     REPORTED_SESSIONS_KEPT, REPORT_RATE_WINDOW_MS,
 };
 use crate::bus::redis::{ban_notice, broadcast_channel};
-use crate::config::Config;
 use crate::ids::unix_ms;
 use crate::matching::redis::Layout;
+use crate::scaleout::RedisConfig;
 
 /// How long one call may take before it counts as unavailable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -71,9 +71,9 @@ fn unavailable(e: impl std::fmt::Display) -> ModerationError {
 
 impl RedisModeration {
     /// The backend for the scale-out mode; `None` without `--redis-url`.
-    pub fn from_config(config: &Config, policy: ReportPolicy) -> Option<Self> {
+    pub fn from_config(config: &RedisConfig, policy: ReportPolicy) -> Option<Self> {
         Some(RedisModeration {
-            urls: config.redis_urls()?,
+            urls: config.urls()?,
             cluster: config.redis_cluster,
             prefix: Layout::new(&config.redis_namespace).prefix,
             broadcast: broadcast_channel(&config.redis_namespace),

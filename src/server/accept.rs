@@ -33,7 +33,7 @@ use tower_service::Service;
 
 use super::linger::{Lingering, LingeringStream};
 use super::pending::{Pending, PendingLimits};
-use crate::config::Config;
+use super::HttpConfig;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -42,11 +42,11 @@ use crate::shutdown::Shutdown;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// hyper's HTTP/1.1 settings from the configuration.
-pub fn http1(config: &Config) -> http1::Builder {
+pub fn http1(config: &HttpConfig) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(config.http_head_timeout_ms))
+        .header_read_timeout(config.http_head_timeout_ms)
         .max_header_size(config.http_max_head_bytes)
         // The read buffer grows while a head is read; it need not outgrow the head limit by
         // much (hyper's minimum is 8 KiB, its default 400 KiB).
