@@ -51,7 +51,11 @@ async fn matched_at(mm: &dyn Matchmaker, user: &UserId, conn: u64, token: &str) 
 }
 
 fn rules() -> Rules {
-    Rules::from_config(&Config::try_parse_from(["matchgate"]).expect("defaults parse").rules)
+    Rules::from_config(
+        &Config::try_parse_from(["matchgate"])
+            .expect("defaults parse")
+            .rules,
+    )
 }
 
 fn media() -> MediaMode {
