@@ -520,6 +520,10 @@ pub struct Config {
     /// answers 200 (for container health checks in images without curl).
     #[arg(long)]
     pub healthcheck: bool,
+
+    /// Identity-provider auth: JWKS, audiences, live token expiry, the shared dev secret.
+    #[command(flatten)]
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// An IP network, or a single address as the network of just that address.
@@ -562,6 +566,7 @@ impl Config {
                 return fail("MATCHGATE_JWT_AUDIENCE must not be empty when set".into());
             }
         }
+        self.auth.validate(self)?;
         if !(256..=1 << 20).contains(&self.max_message_bytes) {
             return fail(format!(
                 "MATCHGATE_MAX_MESSAGE_BYTES must be between 256 and 1048576 (got {})",
@@ -965,7 +970,9 @@ impl Config {
 
     /// Whether tokens are checked against a configured key (otherwise: dev mode).
     pub fn dev_mode(&self) -> bool {
-        self.jwt_secret.is_none() && self.jwt_public_key_file.is_none()
+        self.jwt_secret.is_none()
+            && self.jwt_public_key_file.is_none()
+            && self.auth.jwks().is_none()
     }
 }
 

@@ -110,7 +110,7 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         config.validate()?;
         privacy::init(&config);
-        let auth = Authenticator::from_config(&config)?;
+        let auth = Authenticator::from_config(&config).await?;
         let public = listen(config.listen)?;
         let internal = config.internal_listen.map(listen).transpose()?;
         let (stop, stop_rx) = watch::channel(false);
