@@ -68,7 +68,7 @@ pub struct AuthConfig {
     pub jwt_allow_any_audience: bool,
 
     /// How long before a connection's token expires the gateway sends `token_expiring`, in
-    /// milliseconds.
+    /// milliseconds (never before half of the token's remaining life has passed).
     #[arg(
         long,
         env = "MATCHGATE_TOKEN_EXPIRING_NOTICE_MS",

@@ -749,13 +749,20 @@ async fn a_rotated_key_is_picked_up_and_the_old_one_still_verifies() {
     let idp = Jwks::serve(&[&RSA_A]).await;
     let server = idp.gateway(&[]).await;
     assert_eq!(idp.requests(), 1, "the set is loaded at start-up");
-    connect_bearer(&server, &RSA_A.token("before")).await.close().await;
+    connect_bearer(&server, &RSA_A.token("before"))
+        .await
+        .close()
+        .await;
 
     // The provider starts signing with a new key and publishes both.
     idp.publish(&[&RSA_A, &RSA_B]);
     let client = connect_bearer(&server, &RSA_B.token("after")).await;
     assert_eq!(client.welcome["user_id"], "after");
-    assert_eq!(idp.requests(), 2, "the unknown kid made the gateway fetch again");
+    assert_eq!(
+        idp.requests(),
+        2,
+        "the unknown kid made the gateway fetch again"
+    );
     let client = connect_bearer(&server, &RSA_A.token("still")).await;
     assert_eq!(client.welcome["user_id"], "still");
     assert_eq!(idp.requests(), 2, "known kids need no fetch");
@@ -859,8 +866,13 @@ async fn a_key_set_that_cannot_be_loaded_stops_the_start() {
     let closed = format!("http://127.0.0.1:{}/jwks.json", common::redis::free_port());
     let e = start_error(&["--jwks-url", &closed, "--jwt-audience", AUDIENCE]).await;
     assert!(e.contains(&closed), "{e}");
-    let e = start_error(&["--jwks-file", "/nonexistent/jwks.json", "--jwt-audience", AUDIENCE])
-        .await;
+    let e = start_error(&[
+        "--jwks-file",
+        "/nonexistent/jwks.json",
+        "--jwt-audience",
+        AUDIENCE,
+    ])
+    .await;
     assert!(e.contains("/nonexistent/jwks.json"), "{e}");
     let idp = Jwks::serve(&[]).await;
     let e = start_error(&["--jwks-url", &idp.url(), "--jwt-audience", AUDIENCE]).await;
@@ -904,7 +916,10 @@ async fn a_refresh_moves_the_expiry() {
     let ack = client
         .request(json!({"type": "refresh", "access_token": long}), "r1")
         .await;
-    assert_eq!(ack, json!({"type": "ack", "action": "refresh", "ref": "r1"}));
+    assert_eq!(
+        ack,
+        json!({"type": "ack", "action": "refresh", "ref": "r1"})
+    );
     // Past the first token's deadline the connection still serves.
     while now_secs() <= first_exp + 1 {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

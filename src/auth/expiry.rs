@@ -1,8 +1,11 @@
 //! A live connection does not outlive its token: the timer of one connection's token.
 //!
-//! `notice` before the token's `exp` the connection tells the client (`token_expiring`); a
-//! valid `refresh` moves `exp` and starts over; without one the connection closes at `exp`
-//! plus `grace` (the JWT leeway and the expiry grace). Each connection owns one such timer,
+//! `notice` before the token's `exp` the connection tells the client (`token_expiring`), but
+//! never before half of the token's remaining life (as of when the connection got it) has
+//! passed: a client whose tokens live shorter than `notice` would otherwise be asked to
+//! refresh again right after every refresh. A valid `refresh` moves `exp` and starts over;
+//! without one the connection closes at `exp` plus `grace` (the JWT leeway and the expiry
+//! grace). Each connection owns one such timer,
 //! driven by its own task's `select!`: nothing ever scans all connections.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +24,8 @@ pub enum Due {
 #[derive(Debug, Clone)]
 pub struct TokenLifetime {
     expires_at_ms: u64,
+    /// When the connection got the token, in Unix ms.
+    received_at_ms: u64,
     noticed: bool,
     notice: Duration,
     grace: Duration,
@@ -31,6 +36,7 @@ impl TokenLifetime {
     pub fn new(exp_secs: u64, notice: Duration, grace: Duration) -> Self {
         TokenLifetime {
             expires_at_ms: exp_secs.saturating_mul(1000),
+            received_at_ms: unix_ms(),
             noticed: false,
             notice,
             grace,
@@ -43,8 +49,11 @@ impl TokenLifetime {
             self.expires_at_ms
                 .saturating_add(self.grace.as_millis() as u64)
         } else {
+            let halfway =
+                self.received_at_ms + self.expires_at_ms.saturating_sub(self.received_at_ms) / 2;
             self.expires_at_ms
                 .saturating_sub(self.notice.as_millis() as u64)
+                .max(halfway)
         };
         let in_ms = at_ms.saturating_sub(unix_ms());
         // A far-off deadline (an `exp` centuries ahead) stays far off without overflowing.
@@ -66,6 +75,7 @@ impl TokenLifetime {
     /// A refresh brought a token with this `exp`: the timer starts over from it.
     pub fn renew(&mut self, exp_secs: u64) {
         self.expires_at_ms = exp_secs.saturating_mul(1000);
+        self.received_at_ms = unix_ms();
         self.noticed = false;
     }
 }
@@ -105,8 +115,19 @@ mod tests {
     }
 
     #[test]
-    fn a_token_already_close_to_expiry_is_noticed_at_once() {
-        let exp = unix_ms() / 1000 + 5;
+    fn a_token_shorter_than_the_notice_is_noticed_halfway() {
+        let exp = unix_ms() / 1000 + 20;
+        let t = TokenLifetime::new(exp, Duration::from_secs(60), Duration::from_secs(10));
+        let wait = t.deadline() - Instant::now();
+        assert!(
+            wait > Duration::from_secs(8) && wait <= Duration::from_secs(10),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn an_expired_token_is_noticed_at_once() {
+        let exp = unix_ms() / 1000 - 5;
         let t = TokenLifetime::new(exp, Duration::from_secs(60), Duration::from_secs(10));
         assert!(t.deadline() <= Instant::now());
     }
