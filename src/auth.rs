@@ -246,10 +246,7 @@ impl std::fmt::Display for AuthMode {
 /// The keys tokens are checked with.
 enum Keys {
     /// One key and algorithm for every token.
-    Fixed {
-        decoding: DecodingKey,
-        validation: Validation,
-    },
+    Fixed(Box<jwks::Key>),
     /// The key the token's `kid` names.
     Set(Arc<jwks::KeyStore>),
 }
@@ -302,10 +299,10 @@ impl Authenticator {
         let fixed = |mode, algorithm, decoding| {
             (
                 mode,
-                Keys::Fixed {
+                Keys::Fixed(Box::new(jwks::Key::new(
                     decoding,
-                    validation: validation(config, algorithm),
-                },
+                    validation(config, algorithm),
+                ))),
             )
         };
         let mut dev_signer = None;
@@ -399,30 +396,29 @@ impl Authenticator {
         if declares_alg_none(token) {
             return Err(AuthError::Unsigned);
         }
-        let decoded = match &self.keys {
-            Keys::Fixed {
-                decoding,
-                validation,
-            } => jsonwebtoken::decode::<RawClaims>(token, decoding, validation),
+        let named;
+        let key = match &self.keys {
+            Keys::Fixed(key) => key.as_ref(),
             Keys::Set(store) => {
                 let header =
                     jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
                 let kid = header.kid.ok_or(AuthError::MissingKeyId)?;
-                let key = store.key(&kid).await?;
-                jsonwebtoken::decode::<RawClaims>(token, key.decoding(), key.validation())
+                named = store.key(&kid).await?;
+                named.as_ref()
             }
         };
-        let data = decoded.map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-            ErrorKind::InvalidSignature => AuthError::BadSignature,
-            ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm,
-            ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
-            ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
-                AuthError::WrongIssuerOrAudience
-            }
-            _ => AuthError::Malformed,
-        })?;
+        let data = jsonwebtoken::decode::<RawClaims>(token, key.decoding(), key.validation())
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm,
+                ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+                ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
+                    AuthError::WrongIssuerOrAudience
+                }
+                _ => AuthError::Malformed,
+            })?;
         let exp = data
             .claims
             .exp

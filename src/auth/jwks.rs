@@ -66,6 +66,13 @@ pub struct Key {
 }
 
 impl Key {
+    pub fn new(decoding: DecodingKey, validation: Validation) -> Key {
+        Key {
+            decoding,
+            validation,
+        }
+    }
+
     pub fn decoding(&self) -> &DecodingKey {
         &self.decoding
     }
@@ -194,13 +201,7 @@ impl KeyStore {
                 Some((kid, algorithm, decoding)) => {
                     let mut validation = self.base.clone();
                     validation.algorithms = vec![algorithm];
-                    keys.insert(
-                        kid,
-                        Arc::new(Key {
-                            decoding,
-                            validation,
-                        }),
-                    );
+                    keys.insert(kid, Arc::new(Key::new(decoding, validation)));
                 }
                 None => tracing::debug!(kid = ?jwk.common.key_id, "key set entry skipped"),
             }
