@@ -106,6 +106,11 @@ impl KeyStore {
     ) -> Result<Arc<KeyStore>, JwksError> {
         // reqwest is built here with rustls but without a crypto provider of its own.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        if let Source::Url(url) = &source {
+            if url.starts_with("http://") {
+                tracing::warn!(%url, "the key set is fetched without TLS: whoever can change it on the way can mint tokens");
+            }
+        }
         let store = KeyStore {
             source,
             http: reqwest::Client::new(),
