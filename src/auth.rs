@@ -1,11 +1,23 @@
-//! Authentication at the WebSocket handshake: JWT verification, and the dev-mode token minter.
+//! Authentication: JWT verification at the handshake and on `refresh`, and the dev-mode token
+//! minter.
 //!
-//! Exactly one algorithm is accepted per deployment (HS256 with a shared secret, or RS256/ES256
-//! with a public key), so a token can never choose how it is checked; `alg: none` is refused by
-//! construction. In dev mode (no key configured) the gateway signs its own HS256 tokens with a
-//! random per-process secret and hands them out at `POST /v1/dev/token`.
+//! Exactly one way of checking is configured per deployment (HS256 with a shared secret,
+//! RS256/ES256 with a public key, or the keys of a JWKS, each of which carries its one
+//! algorithm), so a token can never choose how it is checked; `alg: none` is refused by
+//! construction. In dev mode (no key configured) the gateway signs its own HS256 tokens and
+//! hands them out at `POST /v1/dev/token`; instances on one Redis share the dev secret, so a
+//! dev token works on all of them.
+//!
+//! [`jwks`] holds the key set of an identity provider; [`expiry`] is the timer that closes a
+//! connection whose token expired without a refresh.
+
+pub mod expiry;
+pub mod jwks;
 
 use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -13,13 +25,11 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use clap::ValueEnum;
 
-use crate::config::secs;
+use crate::config::{millis, secs};
 use crate::ids::random_id;
+use crate::scaleout::RedisConfig;
 
 /// The authentication section of the configuration.
 #[derive(Debug, Clone, clap::Args)]
@@ -81,17 +91,106 @@ pub struct AuthConfig {
         value_parser = secs(..)
     )]
     pub dev_token_ttl_secs: Duration,
+
+    /// URL of the identity provider's JSON Web Key Set (its `jwks_uri`): tokens are verified
+    /// with the key their `kid` names (RS256, ES256 or EdDSA).
+    #[arg(
+        long,
+        env = "MATCHGATE_JWKS_URL",
+        conflicts_with_all = ["jwt_secret", "jwt_public_key_file", "jwks_file"],
+        value_parser = http_url
+    )]
+    pub jwks_url: Option<String>,
+
+    /// A JSON Web Key Set file, read like `--jwks-url` (and read again on the same schedule).
+    #[arg(
+        long,
+        env = "MATCHGATE_JWKS_FILE",
+        conflicts_with_all = ["jwt_secret", "jwt_public_key_file"]
+    )]
+    pub jwks_file: Option<PathBuf>,
+
+    /// How often the key set is loaded again, in seconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_JWKS_REFRESH_SECS",
+        default_value = "300",
+        value_parser = secs(1..)
+    )]
+    pub jwks_refresh_secs: Duration,
+
+    /// Shortest time between two loads of the key set caused by tokens naming an unknown
+    /// `kid`, in seconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_JWKS_MIN_REFETCH_SECS",
+        default_value = "30",
+        value_parser = secs(1..)
+    )]
+    pub jwks_min_refetch_secs: Duration,
+
+    /// Accept tokens whatever their `aud`. Without it, a public key or JWKS needs
+    /// `--jwt-audience`, so that tokens minted for another service are refused.
+    #[arg(
+        long,
+        env = "MATCHGATE_JWT_ALLOW_ANY_AUDIENCE",
+        conflicts_with = "jwt_audience"
+    )]
+    pub jwt_allow_any_audience: bool,
+
+    /// How long before a connection's token expires the gateway sends `token_expiring`, in
+    /// milliseconds (never before half of the token's remaining life has passed).
+    #[arg(
+        long,
+        env = "MATCHGATE_TOKEN_EXPIRING_NOTICE_MS",
+        default_value = "60000",
+        value_parser = millis(..)
+    )]
+    pub token_expiring_notice_ms: Duration,
+
+    /// How long after its token's `exp` (plus the JWT leeway) a connection without a valid
+    /// `refresh` is closed with 4008, in milliseconds.
+    #[arg(
+        long,
+        env = "MATCHGATE_TOKEN_EXPIRY_GRACE_MS",
+        default_value = "10000",
+        value_parser = millis(..)
+    )]
+    pub token_expiry_grace_ms: Duration,
+
+    /// The dev-mode signing secret (at least 32 bytes). Without it a single instance makes a
+    /// random one, and instances on one Redis share the one the first of them stored there.
+    #[arg(long, env = "MATCHGATE_DEV_SECRET", hide_env_values = true)]
+    pub dev_secret: Option<String>,
 }
 
 impl AuthConfig {
-    /// Whether tokens are checked against a configured key (otherwise: dev mode).
+    /// Whether tokens are checked against a configured key or key set (otherwise: dev mode).
     pub fn dev_mode(&self) -> bool {
-        self.jwt_secret.is_none() && self.jwt_public_key_file.is_none()
+        self.jwt_secret.is_none() && self.jwt_public_key_file.is_none() && self.jwks().is_none()
+    }
+
+    /// Where the key set comes from, when tokens are checked against one.
+    pub fn jwks(&self) -> Option<jwks::Source> {
+        match (&self.jwks_url, &self.jwks_file) {
+            (Some(url), _) => Some(jwks::Source::Url(url.clone())),
+            (None, Some(path)) => Some(jwks::Source::File(path.clone())),
+            (None, None) => None,
+        }
     }
 
     /// Whether the demo page is served: in dev mode, or when asked for with `--demo`.
     pub fn demo_page(&self) -> bool {
         self.demo || self.dev_mode()
+    }
+}
+
+/// A `--jwks-url`: http(s) only.
+fn http_url(s: &str) -> Result<String, String> {
+    if s.starts_with("https://") || s.starts_with("http://") {
+        Ok(s.to_string())
+    } else {
+        Err("must be an http:// or https:// URL".into())
     }
 }
 
@@ -132,8 +231,8 @@ pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control)
 }
 
-/// Why a token was refused. The text is the short reason sent with the 401; it never contains
-/// the token.
+/// Why a token was refused. The text is the short reason sent with the 401 (or the refused
+/// `refresh`); it never contains the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("missing token")]
@@ -154,6 +253,12 @@ pub enum AuthError {
     InvalidClaim(&'static str),
     #[error("wrong issuer or audience")]
     WrongIssuerOrAudience,
+    #[error("token header names no key (kid)")]
+    MissingKeyId,
+    #[error("token names a key (kid) the key set does not have")]
+    UnknownKey,
+    #[error("token is for another user")]
+    OtherSubject,
     #[error("malformed token")]
     Malformed,
 }
@@ -172,6 +277,16 @@ pub enum KeyError {
         alg: &'static str,
         source: jsonwebtoken::errors::Error,
     },
+    #[error("cannot load the JSON Web Key Set from {from}: {error}")]
+    Jwks {
+        from: String,
+        error: jwks::JwksError,
+    },
+    #[error(
+        "cannot share the dev secret through Redis ({0}); set MATCHGATE_DEV_SECRET to the same \
+         value on every instance to start without it"
+    )]
+    DevSecret(String),
 }
 
 /// How tokens are checked, for the start-up line and `/readyz`.
@@ -181,6 +296,7 @@ pub enum AuthMode {
     Hs256,
     Rs256,
     Es256,
+    Jwks,
 }
 
 impl std::fmt::Display for AuthMode {
@@ -190,111 +306,177 @@ impl std::fmt::Display for AuthMode {
             AuthMode::Hs256 => "jwt HS256",
             AuthMode::Rs256 => "jwt RS256",
             AuthMode::Es256 => "jwt ES256",
+            AuthMode::Jwks => "jwt with JWKS keys (RS256, ES256, EdDSA by kid)",
         })
     }
 }
 
+/// The keys tokens are checked with.
+enum Keys {
+    /// One key and algorithm for every token.
+    Fixed(Box<jwks::Key>),
+    /// The key the token's `kid` names.
+    Set(Arc<jwks::KeyStore>),
+}
+
+/// How long a live connection's token lasts past its `exp`, and when it is told.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpiryPolicy {
+    /// `token_expiring` goes out this long before `exp`.
+    pub notice: Duration,
+    /// Without a refresh the connection closes this long after `exp` (leeway plus grace).
+    pub grace: Duration,
+}
+
 pub struct Authenticator {
     mode: AuthMode,
-    decoding: DecodingKey,
-    validation: Validation,
+    keys: Keys,
+    expiry: ExpiryPolicy,
     /// Present in dev mode only: the key the dev endpoint signs with.
     dev_signer: Option<(EncodingKey, u64)>,
 }
 
-impl Authenticator {
-    pub fn from_config(config: &AuthConfig) -> Result<Self, KeyError> {
-        // livekit-api's token code would install an HS-only provider if none is set; install
-        // the full one first so RS256/ES256 keep working (see the crate notes in the README).
-        let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+/// The claim checks every token gets, for a key of `algorithm`.
+fn validation(config: &AuthConfig, algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = config.jwt_leeway_secs.as_secs();
+    validation.validate_nbf = true;
+    validation.required_spec_claims = HashSet::from(["exp".to_string(), "sub".to_string()]);
+    // jsonwebtoken only compares `aud`/`iss` when present: configured ones must also be
+    // required, or a token that leaves them out would pass.
+    match &config.jwt_audience {
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            validation.required_spec_claims.insert("aud".into());
+        }
+        None => validation.validate_aud = false,
+    }
+    if let Some(iss) = &config.jwt_issuer {
+        validation.set_issuer(&[iss]);
+        validation.required_spec_claims.insert("iss".into());
+    }
+    validation
+}
 
-        let (mode, algorithm, decoding, dev_signer) =
-            match (&config.jwt_secret, &config.jwt_public_key_file) {
-                (Some(secret), _) => (
-                    AuthMode::Hs256,
+impl Authenticator {
+    pub async fn from_config(
+        config: &AuthConfig,
+        redis: &RedisConfig,
+    ) -> Result<Arc<Self>, KeyError> {
+        // livekit-api's token code would install an HS-only provider if none is set; install
+        // the full one first so RS256/ES256/EdDSA keep working (see the crate notes in the
+        // README).
+        let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+        let fixed = |mode, algorithm, decoding| {
+            (
+                mode,
+                Keys::Fixed(Box::new(jwks::Key::new(
+                    decoding,
+                    validation(config, algorithm),
+                ))),
+            )
+        };
+        let mut dev_signer = None;
+        let (mode, keys) = match (
+            &config.jwt_secret,
+            &config.jwt_public_key_file,
+            config.jwks(),
+        ) {
+            (Some(secret), _, _) => fixed(
+                AuthMode::Hs256,
+                Algorithm::HS256,
+                DecodingKey::from_secret(secret.as_bytes()),
+            ),
+            (None, Some(path), _) => {
+                let shown = path.display().to_string();
+                let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                    path: shown.clone(),
+                    source,
+                })?;
+                let (mode, alg, key, name) = match config.jwt_algorithm {
+                    KeyAlgorithm::Rs256 => (
+                        AuthMode::Rs256,
+                        Algorithm::RS256,
+                        DecodingKey::from_rsa_pem(&pem),
+                        "RS256",
+                    ),
+                    KeyAlgorithm::Es256 => (
+                        AuthMode::Es256,
+                        Algorithm::ES256,
+                        DecodingKey::from_ec_pem(&pem),
+                        "ES256",
+                    ),
+                };
+                let key = key.map_err(|source| KeyError::Parse {
+                    path: shown,
+                    alg: name,
+                    source,
+                })?;
+                fixed(mode, alg, key)
+            }
+            (None, None, Some(source)) => {
+                let shown = source.to_string();
+                // The algorithm is each key's own; this one is replaced per key.
+                let base = validation(config, Algorithm::RS256);
+                let store = jwks::KeyStore::load(source, base, config.jwks_min_refetch_secs)
+                    .await
+                    .map_err(|error| KeyError::Jwks { from: shown, error })?;
+                tracing::info!(source = %store.source(), kids = ?store.key_ids(), "key set loaded");
+                store.refresh_every(config.jwks_refresh_secs);
+                (AuthMode::Jwks, Keys::Set(store))
+            }
+            (None, None, None) => {
+                let secret = dev_secret(config, redis).await?;
+                dev_signer = Some((
+                    EncodingKey::from_secret(secret.as_bytes()),
+                    config.dev_token_ttl_secs.as_secs(),
+                ));
+                fixed(
+                    AuthMode::Dev,
                     Algorithm::HS256,
                     DecodingKey::from_secret(secret.as_bytes()),
-                    None,
-                ),
-                (None, Some(path)) => {
-                    let shown = path.display().to_string();
-                    let pem = std::fs::read(path).map_err(|source| KeyError::Read {
-                        path: shown.clone(),
-                        source,
-                    })?;
-                    let (mode, alg, key, name) = match config.jwt_algorithm {
-                        KeyAlgorithm::Rs256 => (
-                            AuthMode::Rs256,
-                            Algorithm::RS256,
-                            DecodingKey::from_rsa_pem(&pem),
-                            "RS256",
-                        ),
-                        KeyAlgorithm::Es256 => (
-                            AuthMode::Es256,
-                            Algorithm::ES256,
-                            DecodingKey::from_ec_pem(&pem),
-                            "ES256",
-                        ),
-                    };
-                    let key = key.map_err(|source| KeyError::Parse {
-                        path: shown,
-                        alg: name,
-                        source,
-                    })?;
-                    (mode, alg, key, None)
-                }
-                (None, None) => {
-                    let secret = random_id("", 32);
-                    (
-                        AuthMode::Dev,
-                        Algorithm::HS256,
-                        DecodingKey::from_secret(secret.as_bytes()),
-                        Some((
-                            EncodingKey::from_secret(secret.as_bytes()),
-                            // `expires_in` and `exp` are in seconds.
-                            config.dev_token_ttl_secs.as_secs(),
-                        )),
-                    )
-                }
-            };
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = config.jwt_leeway_secs.as_secs();
-        validation.validate_nbf = true;
-        validation.required_spec_claims = HashSet::from(["exp".to_string(), "sub".to_string()]);
-        // jsonwebtoken only compares `aud`/`iss` when present: configured ones must also be
-        // required, or a token that leaves them out would pass.
-        match &config.jwt_audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                validation.required_spec_claims.insert("aud".into());
+                )
             }
-            None => validation.validate_aud = false,
-        }
-        if let Some(iss) = &config.jwt_issuer {
-            validation.set_issuer(&[iss]);
-            validation.required_spec_claims.insert("iss".into());
-        }
-        Ok(Authenticator {
+        };
+        Ok(Arc::new(Authenticator {
             mode,
-            decoding,
-            validation,
+            keys,
+            expiry: ExpiryPolicy {
+                notice: config.token_expiring_notice_ms,
+                grace: config.jwt_leeway_secs + config.token_expiry_grace_ms,
+            },
             dev_signer,
-        })
+        }))
     }
 
     pub fn mode(&self) -> AuthMode {
         self.mode
     }
 
+    pub fn expiry(&self) -> ExpiryPolicy {
+        self.expiry
+    }
+
     /// Verifies a token and returns its claims.
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
         if declares_alg_none(token) {
             return Err(AuthError::Unsigned);
         }
-        let data = jsonwebtoken::decode::<RawClaims>(token, &self.decoding, &self.validation)
+        let named;
+        let key = match &self.keys {
+            Keys::Fixed(key) => key.as_ref(),
+            Keys::Set(store) => {
+                let header =
+                    jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+                let kid = header.kid.ok_or(AuthError::MissingKeyId)?;
+                named = store.key(&kid).await?;
+                named.as_ref()
+            }
+        };
+        let data = jsonwebtoken::decode::<RawClaims>(token, key.decoding(), key.validation())
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::ImmatureSignature => AuthError::NotYetValid,
@@ -326,6 +508,15 @@ impl Authenticator {
         })
     }
 
+    /// Verifies the token of a `refresh` on `user`'s connection: valid, and for the same user.
+    pub async fn verify_refresh(&self, user: &str, token: &str) -> Result<Claims, AuthError> {
+        let claims = self.verify(token).await?;
+        if claims.sub != user {
+            return Err(AuthError::OtherSubject);
+        }
+        Ok(claims)
+    }
+
     /// Mints a dev-mode token for an anonymous device. `None` outside dev mode.
     pub fn mint_dev_token(&self, device_id: &str) -> Option<(String, u64)> {
         let (key, ttl) = self.dev_signer.as_ref()?;
@@ -338,6 +529,57 @@ impl Authenticator {
             .expect("HS256 signing with an in-memory secret cannot fail");
         Some((token, *ttl))
     }
+}
+
+/// How long start-up waits for Redis to hand out the shared dev secret.
+const DEV_SECRET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The dev-mode signing secret: `--dev-secret`; else, with Redis, the one the first instance
+/// stored there (`SET NX`), so that every instance verifies every other's dev tokens; else a
+/// random one for this process.
+async fn dev_secret(config: &AuthConfig, redis: &RedisConfig) -> Result<String, KeyError> {
+    if let Some(secret) = &config.dev_secret {
+        return Ok(secret.clone());
+    }
+    let candidate = random_id("", 32);
+    let Some(urls) = redis.urls() else {
+        return Ok(candidate);
+    };
+    let key = format!("{{{}}}:dev-secret", redis.redis_namespace);
+    let share = async {
+        if redis.redis_cluster {
+            let client = redis::cluster::ClusterClient::new(urls)?;
+            let mut con = client.get_async_connection().await?;
+            set_once(&mut con, &key, &candidate).await
+        } else {
+            let client = redis::Client::open(urls[0].as_str())?;
+            let mut con = client.get_multiplexed_async_connection().await?;
+            set_once(&mut con, &key, &candidate).await
+        }
+    };
+    match tokio::time::timeout(DEV_SECRET_TIMEOUT, share).await {
+        Ok(Ok(secret)) => Ok(secret),
+        Ok(Err(e)) => Err(KeyError::DevSecret(e.to_string())),
+        Err(_) => Err(KeyError::DevSecret(format!(
+            "no answer within {}s",
+            DEV_SECRET_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Stores `candidate` at `key` unless a value is there, and returns the value that is.
+async fn set_once(
+    con: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    candidate: &str,
+) -> redis::RedisResult<String> {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(candidate)
+        .arg("NX")
+        .exec_async(con)
+        .await?;
+    redis::cmd("GET").arg(key).query_async(con).await
 }
 
 /// Whether the token's header says `"alg": "none"`, so that the refusal can say why.
@@ -365,9 +607,11 @@ mod tests {
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
-    fn hs256() -> Authenticator {
+    async fn hs256() -> Arc<Authenticator> {
         let config = Config::parse_from(["matchgate", "--jwt-secret", SECRET]);
-        Authenticator::from_config(&config.auth).unwrap()
+        Authenticator::from_config(&config.auth, &config.redis)
+            .await
+            .unwrap()
     }
 
     fn sign(claims: serde_json::Value, secret: &str) -> String {
@@ -383,71 +627,89 @@ mod tests {
         jsonwebtoken::get_current_timestamp()
     }
 
-    #[test]
-    fn accepts_a_good_token() {
+    #[tokio::test]
+    async fn accepts_a_good_token() {
         let t = sign(serde_json::json!({"sub": "u1", "exp": now() + 60}), SECRET);
-        let claims = hs256().verify(&t).unwrap();
+        let claims = hs256().await.verify(&t).await.unwrap();
         assert_eq!(claims.sub, "u1");
         assert_eq!(claims.device_id, None);
     }
 
-    #[test]
-    fn reads_the_device_id() {
-        let claims = |device: serde_json::Value| {
-            let t = sign(
+    #[tokio::test]
+    async fn reads_the_device_id() {
+        let auth = hs256().await;
+        let token = |device: serde_json::Value| {
+            sign(
                 serde_json::json!({"sub": "u1", "exp": now() + 60, "device_id": device}),
                 SECRET,
-            );
-            hs256().verify(&t)
+            )
         };
-        let phone = claims("phone-1".into()).unwrap();
+        let phone = auth.verify(&token("phone-1".into())).await.unwrap();
         assert_eq!(phone.device_id.as_deref(), Some("phone-1"));
         assert_eq!(
-            claims("".into()).unwrap_err(),
+            auth.verify(&token("".into())).await.unwrap_err(),
             AuthError::InvalidClaim("device_id")
         );
-        assert_eq!(claims(7.into()).unwrap_err(), AuthError::Malformed);
+        assert_eq!(
+            auth.verify(&token(7.into())).await.unwrap_err(),
+            AuthError::Malformed
+        );
     }
 
-    #[test]
-    fn refuses_bad_tokens_with_reasons() {
-        let auth = hs256();
+    #[tokio::test]
+    async fn refuses_bad_tokens_with_reasons() {
+        let auth = hs256().await;
         let expired = sign(
             serde_json::json!({"sub": "u1", "exp": now() - 3600}),
             SECRET,
         );
-        assert_eq!(auth.verify(&expired).unwrap_err(), AuthError::Expired);
+        assert_eq!(auth.verify(&expired).await.unwrap_err(), AuthError::Expired);
         let forged = sign(
             serde_json::json!({"sub": "u1", "exp": now() + 60}),
             "another-secret-another-secret-xx",
         );
-        assert_eq!(auth.verify(&forged).unwrap_err(), AuthError::BadSignature);
+        assert_eq!(
+            auth.verify(&forged).await.unwrap_err(),
+            AuthError::BadSignature
+        );
         let no_sub = sign(serde_json::json!({"exp": now() + 60}), SECRET);
         assert_eq!(
-            auth.verify(&no_sub).unwrap_err(),
+            auth.verify(&no_sub).await.unwrap_err(),
             AuthError::MissingClaim("sub".into())
         );
         let no_exp = sign(serde_json::json!({"sub": "u1"}), SECRET);
         assert_eq!(
-            auth.verify(&no_exp).unwrap_err(),
+            auth.verify(&no_exp).await.unwrap_err(),
             AuthError::MissingClaim("exp".into())
         );
         let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
         let body = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"u1","exp":{}}}"#, now() + 60));
         let unsigned = format!("{head}.{body}.");
-        assert_eq!(auth.verify(&unsigned).unwrap_err(), AuthError::Unsigned);
-        assert_eq!(auth.verify("garbage").unwrap_err(), AuthError::Malformed);
-        assert_eq!(auth.verify("").unwrap_err(), AuthError::Missing);
+        assert_eq!(
+            auth.verify(&unsigned).await.unwrap_err(),
+            AuthError::Unsigned
+        );
+        assert_eq!(
+            auth.verify("garbage").await.unwrap_err(),
+            AuthError::Malformed
+        );
+        assert_eq!(auth.verify("").await.unwrap_err(), AuthError::Missing);
     }
 
-    #[test]
-    fn dev_tokens_verify_only_in_dev_mode() {
-        let dev = Authenticator::from_config(&Config::parse_from(["matchgate"]).auth).unwrap();
+    #[tokio::test]
+    async fn dev_tokens_verify_only_in_dev_mode() {
+        let config = Config::parse_from(["matchgate"]);
+        let dev = Authenticator::from_config(&config.auth, &config.redis)
+            .await
+            .unwrap();
         assert_eq!(dev.mode(), AuthMode::Dev);
         let (token, ttl) = dev.mint_dev_token("phone-1").unwrap();
         assert_eq!(ttl, 3600);
-        assert_eq!(dev.verify(&token).unwrap().sub, "dev-phone-1");
-        assert!(hs256().mint_dev_token("x").is_none());
-        assert_eq!(hs256().verify(&token).unwrap_err(), AuthError::BadSignature);
+        assert_eq!(dev.verify(&token).await.unwrap().sub, "dev-phone-1");
+        assert!(hs256().await.mint_dev_token("x").is_none());
+        assert_eq!(
+            hs256().await.verify(&token).await.unwrap_err(),
+            AuthError::BadSignature
+        );
     }
 }

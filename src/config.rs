@@ -193,6 +193,39 @@ impl Config {
                 ),
             );
         }
+        let public_keys = auth.jwt_public_key_file.is_some() || auth.jwks().is_some();
+        if public_keys && auth.jwt_audience.is_none() && !auth.jwt_allow_any_audience {
+            return refuse(
+                &[
+                    "jwt-audience",
+                    "jwt-allow-any-audience",
+                    "jwt-public-key-file",
+                    "jwks-url",
+                    "jwks-file",
+                ],
+                "a public key or JWKS is configured without MATCHGATE_JWT_AUDIENCE: tokens minted \
+                 for any other service of the same identity provider would be accepted. Set \
+                 MATCHGATE_JWT_AUDIENCE to this gateway's audience, or \
+                 MATCHGATE_JWT_ALLOW_ANY_AUDIENCE=true if that is what you want",
+            );
+        }
+        if auth.dev_secret.is_some() && !auth.dev_mode() {
+            return refuse(
+                &[
+                    "dev-secret",
+                    "jwt-secret",
+                    "jwt-public-key-file",
+                    "jwks-url",
+                    "jwks-file",
+                ],
+                "MATCHGATE_DEV_SECRET is for dev mode only: a key is configured",
+            );
+        }
+        long_secret(
+            "dev-secret",
+            "MATCHGATE_DEV_SECRET",
+            auth.dev_secret.as_ref(),
+        )?;
         if self
             .internal_listen
             .is_some_and(|internal| internal == self.listen && internal.port() != 0)

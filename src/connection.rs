@@ -2,8 +2,8 @@
 //!
 //! A single task per connection runs one `select!` loop over: frames from the client, frames
 //! queued for the client (its [`Outbox`] in the [`Registry`](crate::registry::Registry)), close requests
-//! (replacement, slow consumer), the shutdown signal, the ping timer and the heartbeat
-//! deadline. One task and no split halves keeps an idle connection small. Everything the
+//! (replacement, slow consumer), the shutdown signal, the ping timer, the heartbeat
+//! deadline and the token's expiry timer (answered by `refresh`). One task and no split halves keeps an idle connection small. Everything the
 //! connection decides (limits, errors, close codes) is decided here; what a request means is
 //! the [`Gateway`]'s business.
 
@@ -18,6 +18,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::auth::expiry::{Due, TokenLifetime};
+use crate::auth::Authenticator;
 use crate::config::{count, millis};
 use crate::gateway::Gateway;
 use crate::matching::{ConnId, MatchError, Resume, UserId};
@@ -224,6 +226,9 @@ pub struct Connection {
     pub gateway: Arc<Gateway>,
     pub settings: Arc<Settings>,
     pub user: UserId,
+    /// Checks `refresh` tokens; `token_exp` is the `exp` of the token the connection holds.
+    pub auth: Arc<Authenticator>,
+    pub token_exp: u64,
     pub id: ConnId,
     /// The client's address and device id, which bans can name.
     pub ip: IpAddr,
@@ -259,6 +264,7 @@ fn close_reason(code: u16) -> &'static str {
         close::STATE_LOST => "state lost: reconnect",
         close::TRY_AGAIN_LATER => "try again later",
         close::BANNED => "banned",
+        close::TOKEN_EXPIRED => "token expired",
         _ => "internal error",
     }
 }
@@ -356,6 +362,10 @@ impl Connection {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let deadline = tokio::time::sleep(s.heartbeat_timeout);
         tokio::pin!(deadline);
+        let policy = self.auth.expiry();
+        let mut token = TokenLifetime::new(self.token_exp, policy.notice, policy.grace);
+        let expiry = tokio::time::sleep_until(token.deadline());
+        tokio::pin!(expiry);
 
         loop {
             let reply = tokio::select! {
@@ -427,6 +437,23 @@ impl Connection {
                         continue;
                     }
                     match parsed {
+                        Ok(Request { action: Action::Refresh { access_token }, reference }) => {
+                            match self.auth.verify_refresh(&self.user, &access_token).await {
+                                Ok(claims) => {
+                                    token.renew(claims.exp);
+                                    expiry.as_mut().reset(token.deadline());
+                                    Some(Reply::Ack { action: "refresh", reference: reference.as_deref() }.encode())
+                                }
+                                Err(e) => {
+                                    let message = format!("refresh refused: {e}; the connection keeps its token");
+                                    let frame = self.gateway.error_frame(ErrorCode::Unauthorized, &message, reference.as_deref(), None);
+                                    if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
+                                        return exit;
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
                         Ok(request) => match self.gateway.handle(&self.user, self.id, request).await {
                             Some((frame, true)) => {
                                 if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
@@ -455,6 +482,15 @@ impl Connection {
                 _ = &mut deadline => {
                     return Exit::Close(close::HEARTBEAT_TIMEOUT, close_reason(close::HEARTBEAT_TIMEOUT));
                 }
+                _ = &mut expiry => match token.fire() {
+                    Due::Notice { expires_at_ms } => {
+                        expiry.as_mut().reset(token.deadline());
+                        Some(Reply::TokenExpiring { expires_at_ms }.encode())
+                    }
+                    Due::Close => {
+                        return Exit::Close(close::TOKEN_EXPIRED, close_reason(close::TOKEN_EXPIRED));
+                    }
+                },
             };
             if let Some(frame) = reply {
                 if let Some(exit) = self.send(ws, frame).await {
@@ -541,6 +577,7 @@ fn code_label(code: u16) -> &'static str {
         close::STATE_LOST => "4006",
         close::TRY_AGAIN_LATER => "1013",
         close::BANNED => "4007",
+        close::TOKEN_EXPIRED => "4008",
         _ => "1011",
     }
 }

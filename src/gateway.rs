@@ -258,6 +258,9 @@ impl Gateway {
                     .await,
                 );
             }
+            // The connection answers `refresh` itself (it owns the token's timer) and never
+            // passes it on.
+            Action::Refresh { .. } => unreachable!("refresh is answered by the connection"),
             Action::Heartbeat => {
                 let ack = Reply::HeartbeatAck {
                     server_time_ms: unix_ms(),

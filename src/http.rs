@@ -40,7 +40,7 @@ pub use connect_limit::ConnectLimiter;
 /// Shared state of the HTTP layer.
 pub struct App {
     pub gateway: Arc<Gateway>,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     pub settings: Arc<Settings>,
     pub allowed_origins: Vec<String>,
     pub connection_slots: Arc<Semaphore>,
@@ -250,7 +250,11 @@ async fn ws_handshake(
             }
         }
     }
-    let claims = match bearer_token(&headers, &query).and_then(|t| app.auth.verify(t)) {
+    let verified = match bearer_token(&headers, &query) {
+        Ok(token) => app.auth.verify(token).await,
+        Err(e) => Err(e),
+    };
+    let claims = match verified {
         Ok(claims) => claims,
         Err(e) => {
             // The reason is safe to log and to return: it never includes the token.
@@ -322,6 +326,8 @@ async fn ws_handshake(
         gateway: app.gateway.clone(),
         settings: app.settings.clone(),
         user: claims.sub.into(),
+        auth: app.auth.clone(),
+        token_exp: claims.exp,
         id: ConnId(app.next_conn.fetch_add(1, Ordering::Relaxed)),
         ip,
         device: claims.device_id.map(Into::into),

@@ -58,6 +58,11 @@ pub enum Action<'a> {
     },
     /// A message for the peer of the live session.
     Relay(Relay<'a>),
+    /// A new token for the connection's user, answering `token_expiring`. The connection
+    /// answers it itself: it owns the token's timer.
+    Refresh {
+        access_token: String,
+    },
 }
 
 /// A message a member of a live session sends its peer through the gateway: not logged, not
@@ -325,6 +330,11 @@ struct ReportBody {
 }
 
 #[derive(Deserialize)]
+struct RefreshBody {
+    access_token: String,
+}
+
+#[derive(Deserialize)]
 struct MatchBody {
     match_id: String,
 }
@@ -450,6 +460,9 @@ pub fn parse_request(
         "decline" => Action::Decline {
             match_id: body::<MatchBody>(text, "decline", &reference)?.match_id,
         },
+        "refresh" => Action::Refresh {
+            access_token: body::<RefreshBody>(text, "refresh", &reference)?.access_token,
+        },
         "signal" => {
             let b: SignalBody = body(text, "signal", &reference)?;
             match b.payload {
@@ -506,10 +519,13 @@ pub enum ErrorCode {
     MediaUnavailable,
     /// Too many quick skips: `enqueue` and `skip` are refused until `retry_after_ms`.
     Cooldown,
+    /// A `refresh` token was refused (invalid, expired, or for another user); the connection
+    /// keeps its current token and expiry.
+    Unauthorized,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::InvalidState,
@@ -518,6 +534,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::MediaUnavailable,
         ErrorCode::Cooldown,
+        ErrorCode::Unauthorized,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -530,6 +547,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::MediaUnavailable => "media_unavailable",
             ErrorCode::Cooldown => "cooldown",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -560,6 +578,9 @@ pub mod close {
     pub const STATE_LOST: u16 = 4006;
     /// The user, device or address was banned. Do not reconnect.
     pub const BANNED: u16 = 4007;
+    /// The connection's token expired (past the leeway and the expiry grace) without a valid
+    /// `refresh`. Reconnect with a new token.
+    pub const TOKEN_EXPIRED: u16 = 4008;
 }
 
 /// A user's state as the protocol names it.
@@ -808,8 +829,12 @@ pub enum Reply<'a> {
         reason: &'a str,
         retry_after_ms: u64,
     },
-    /// The direct reply to `block`, `report`, `accept`, `decline`, `signal` and `chat`: the
-    /// events they may cause (a session ending, `matched`, `match_cancelled`) carry no `ref`.
+    /// The connection's token expires at `expires_at_ms`: answer with `refresh`, or the
+    /// connection closes with 4008 (after the leeway and the expiry grace).
+    TokenExpiring { expires_at_ms: u64 },
+    /// The direct reply to `block`, `report`, `accept`, `decline`, `signal`, `chat` and
+    /// `refresh`: the events they may cause (a session ending, `matched`, `match_cancelled`)
+    /// carry no `ref`.
     Ack {
         action: &'a str,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]

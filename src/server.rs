@@ -234,7 +234,7 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         config.validate()?;
         privacy::init(&config.privacy);
-        let auth = Authenticator::from_config(&config.auth)?;
+        let auth = Authenticator::from_config(&config.auth, &config.redis).await?;
         let public = listen(config.listen)?;
         let internal = config.internal_listen.map(listen).transpose()?;
         let (stop, stop_rx) = watch::channel(false);

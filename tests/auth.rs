@@ -241,6 +241,7 @@ async fn es256_public_key_accepts_only_es256_tokens() {
         public.to_str().unwrap(),
         "--jwt-algorithm",
         "ES256",
+        "--jwt-allow-any-audience",
     ])
     .await;
 
@@ -268,7 +269,12 @@ async fn es256_public_key_accepts_only_es256_tokens() {
 async fn rs256_public_key_accepts_only_rs256_tokens() {
     let public = fixture("rs256-public.pem");
     // RS256 is the default algorithm for a key file.
-    let server = TestServer::start_raw(&["--jwt-public-key-file", public.to_str().unwrap()]).await;
+    let server = TestServer::start_raw(&[
+        "--jwt-public-key-file",
+        public.to_str().unwrap(),
+        "--jwt-allow-any-audience",
+    ])
+    .await;
     let good = sign_rs256(json!({"sub": "rsa-user", "exp": now_secs() + 3600}));
     let client = connect_bearer(&server, &good).await;
     assert_eq!(client.welcome["user_id"], "rsa-user");
@@ -288,6 +294,7 @@ async fn a_bad_key_file_stops_the_start_with_a_clear_message() {
         "127.0.0.1:0",
         "--jwt-public-key-file",
         "/nonexistent/key.pem",
+        "--jwt-allow-any-audience",
     ]))
     .await;
     let e = missing.err().expect("refused").to_string();
@@ -299,6 +306,7 @@ async fn a_bad_key_file_stops_the_start_with_a_clear_message() {
         "127.0.0.1:0",
         "--jwt-public-key-file",
         fixture("es256-public.pem").to_str().unwrap(),
+        "--jwt-allow-any-audience",
     ]))
     .await;
     let e = wrong.err().expect("refused").to_string();
@@ -525,4 +533,483 @@ async fn a_second_connection_replaces_the_first() {
     let status = second.request(json!({"type": "status"}), "st").await;
     assert_eq!(status["state"], "queued");
     assert_eq!(status["position"], 0);
+}
+
+// Identity providers: keys from a JWKS, live token expiry, audiences, dev mode across
+// instances.
+
+/// A signing key of the test identity provider: its `kid`, algorithm and private key fixture
+/// (`tests/fixtures/`, made for these tests only).
+struct TestKey {
+    kid: &'static str,
+    alg: Algorithm,
+    private: &'static str,
+}
+
+const RSA_A: TestKey = TestKey {
+    kid: "rsa-a",
+    alg: Algorithm::RS256,
+    private: "rs256-private.pem",
+};
+const RSA_B: TestKey = TestKey {
+    kid: "rsa-b",
+    alg: Algorithm::RS256,
+    private: "rs256-rotated-private.pem",
+};
+const EC_A: TestKey = TestKey {
+    kid: "ec-a",
+    alg: Algorithm::ES256,
+    private: "es256-private.pem",
+};
+const ED_A: TestKey = TestKey {
+    kid: "ed-a",
+    alg: Algorithm::EdDSA,
+    private: "ed25519-private.pem",
+};
+
+/// The audience the JWKS test servers require.
+const AUDIENCE: &str = "matchgate";
+
+impl TestKey {
+    fn encoding(&self) -> EncodingKey {
+        let pem = std::fs::read(fixture(self.private)).unwrap();
+        match self.alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+            other => panic!("no test key for {other:?}"),
+        }
+        .unwrap()
+    }
+
+    /// The public key as a JWK entry.
+    fn jwk(&self) -> Value {
+        let mut jwk = match self.alg {
+            // jsonwebtoken cannot derive an Ed25519 public JWK; the fixture has it.
+            Algorithm::EdDSA => serde_json::from_str(
+                &std::fs::read_to_string(fixture("ed25519-public.jwk.json")).unwrap(),
+            )
+            .unwrap(),
+            alg => serde_json::to_value(
+                jsonwebtoken::jwk::Jwk::from_encoding_key(&self.encoding(), alg).unwrap(),
+            )
+            .unwrap(),
+        };
+        jwk["kid"] = json!(self.kid);
+        jwk["use"] = json!("sig");
+        jwk
+    }
+
+    /// A token for `sub`, for this gateway's audience, valid for `secs`, signed with this key
+    /// and naming `kid`.
+    fn token_as(&self, kid: &str, sub: &str, secs: u64) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(kid.into());
+        let claims = json!({"sub": sub, "exp": now_secs() + secs, "aud": AUDIENCE});
+        jsonwebtoken::encode(&header, &claims, &self.encoding()).unwrap()
+    }
+
+    fn token(&self, sub: &str) -> String {
+        self.token_as(self.kid, sub, 3600)
+    }
+}
+
+/// The test identity provider's JWKS endpoint, on a loopback port: serves the set it was last
+/// given (or an error) and counts the requests.
+struct Jwks {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<JwksState>,
+}
+
+struct JwksState {
+    /// Status and body of the answer.
+    answer: std::sync::Mutex<(u16, String)>,
+    requests: std::sync::atomic::AtomicUsize,
+}
+
+fn key_set(keys: &[&TestKey]) -> String {
+    json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}).to_string()
+}
+
+impl Jwks {
+    async fn serve(keys: &[&TestKey]) -> Jwks {
+        use std::sync::atomic::Ordering;
+        let state = std::sync::Arc::new(JwksState {
+            answer: std::sync::Mutex::new((200, key_set(keys))),
+            requests: Default::default(),
+        });
+        let served = state.clone();
+        let app = axum::Router::new().route(
+            "/.well-known/jwks.json",
+            axum::routing::get(move || {
+                let state = served.clone();
+                async move {
+                    state.requests.fetch_add(1, Ordering::SeqCst);
+                    let (status, body) = state.answer.lock().unwrap().clone();
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        [("content-type", "application/json")],
+                        body,
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Jwks { addr, state }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/.well-known/jwks.json", self.addr)
+    }
+
+    fn publish(&self, keys: &[&TestKey]) {
+        *self.state.answer.lock().unwrap() = (200, key_set(keys));
+    }
+
+    fn fail(&self) {
+        *self.state.answer.lock().unwrap() = (500, "down".into());
+    }
+
+    fn requests(&self) -> usize {
+        self.state
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn wait_for_requests(&self, n: usize) {
+        let wait = async {
+            while self.requests() < n {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("the gateway should fetch the key set {n} times"));
+    }
+
+    /// A gateway that verifies with this key set, with `extra` flags.
+    async fn gateway(&self, extra: &[&str]) -> TestServer {
+        let url = self.url();
+        let mut args = vec!["--jwks-url", &url, "--jwt-audience", AUDIENCE];
+        args.extend_from_slice(extra);
+        TestServer::start_raw(&args).await
+    }
+}
+
+#[tokio::test]
+async fn jwks_keys_of_each_algorithm_verify_the_tokens_naming_them() {
+    let idp = Jwks::serve(&[&RSA_A, &EC_A, &ED_A]).await;
+    let server = idp.gateway(&[]).await;
+    for key in [&RSA_A, &EC_A, &ED_A] {
+        let user = format!("user-{}", key.kid);
+        let client = connect_bearer(&server, &key.token(&user)).await;
+        assert_eq!(client.welcome["user_id"], user.as_str());
+        client.close().await;
+    }
+
+    // Signed by a key the set does not hold, but naming one it does.
+    let forged = RSA_B.token_as(RSA_A.kid, "forger", 3600);
+    let reason = expect_unauthorized(&server, &forged).await;
+    assert!(reason.contains("signature"), "{reason}");
+    // An RS256 token naming the ES256 key: the key decides the algorithm, not the token.
+    let confused = RSA_A.token_as(EC_A.kid, "confused", 3600);
+    let reason = expect_unauthorized(&server, &confused).await;
+    assert!(reason.contains("algorithm"), "{reason}");
+    // HS256 with the RSA key's kid, and no kid at all.
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(RSA_A.kid.into());
+    let hs = jsonwebtoken::encode(
+        &header,
+        &json!({"sub": "hs", "exp": now_secs() + 60, "aud": AUDIENCE}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    expect_unauthorized(&server, &hs).await;
+    let no_kid = sign_rs256(json!({"sub": "nokid", "exp": now_secs() + 60, "aud": AUDIENCE}));
+    let reason = expect_unauthorized(&server, &no_kid).await;
+    assert!(reason.contains("kid"), "{reason}");
+    // A good key, but a token minted for another service.
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(RSA_A.kid.into());
+    let other_aud = jsonwebtoken::encode(
+        &header,
+        &json!({"sub": "other", "exp": now_secs() + 60, "aud": "another-service"}),
+        &RSA_A.encoding(),
+    )
+    .unwrap();
+    expect_unauthorized(&server, &other_aud).await;
+    expect_unauthorized(&server, &unsigned_token("attacker")).await;
+    assert_eq!(refused_count(&server, "unauthorized").await, 6.0);
+}
+
+#[tokio::test]
+async fn a_rotated_key_is_picked_up_and_the_old_one_still_verifies() {
+    let idp = Jwks::serve(&[&RSA_A]).await;
+    let server = idp.gateway(&[]).await;
+    assert_eq!(idp.requests(), 1, "the set is loaded at start-up");
+    connect_bearer(&server, &RSA_A.token("before"))
+        .await
+        .close()
+        .await;
+
+    // The provider starts signing with a new key and publishes both.
+    idp.publish(&[&RSA_A, &RSA_B]);
+    let client = connect_bearer(&server, &RSA_B.token("after")).await;
+    assert_eq!(client.welcome["user_id"], "after");
+    assert_eq!(
+        idp.requests(),
+        2,
+        "the unknown kid made the gateway fetch again"
+    );
+    let client = connect_bearer(&server, &RSA_A.token("still")).await;
+    assert_eq!(client.welcome["user_id"], "still");
+    assert_eq!(idp.requests(), 2, "known kids need no fetch");
+}
+
+#[tokio::test]
+async fn unknown_kids_make_at_most_one_fetch_per_interval() {
+    let idp = Jwks::serve(&[&RSA_A]).await;
+    let server = idp.gateway(&["--jwks-min-refetch-secs", "3600"]).await;
+    assert_eq!(idp.requests(), 1);
+    for i in 0..5 {
+        let made_up = RSA_A.token_as(&format!("ghost-{i}"), "ghost", 3600);
+        let reason = expect_unauthorized(&server, &made_up).await;
+        assert!(reason.contains("kid"), "{reason}");
+    }
+    assert_eq!(
+        idp.requests(),
+        2,
+        "five unknown kids within the interval: one fetch"
+    );
+    // A key published meanwhile waits for the next allowed fetch; known keys keep working.
+    idp.publish(&[&RSA_A, &RSA_B]);
+    expect_unauthorized(&server, &RSA_B.token("early")).await;
+    connect_bearer(&server, &RSA_A.token("known")).await;
+    assert_eq!(idp.requests(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_refresh_keeps_the_keys_and_a_later_one_brings_new_ones() {
+    let idp = Jwks::serve(&[&RSA_A]).await;
+    let server = idp.gateway(&["--jwks-refresh-secs", "1"]).await;
+    idp.fail();
+    // The third request is made after the second (a failed one) was answered.
+    idp.wait_for_requests(3).await;
+    let client = connect_bearer(&server, &RSA_A.token("kept")).await;
+    assert_eq!(client.welcome["user_id"], "kept");
+    // A set without a single usable key is a failure too.
+    *idp.state.answer.lock().unwrap() = (200, r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#.into());
+    let seen = idp.requests();
+    idp.wait_for_requests(seen + 2).await;
+    connect_bearer(&server, &RSA_A.token("kept-again")).await;
+    // The interval brings a rotated set without any token asking for it.
+    idp.publish(&[&RSA_B]);
+    let seen = idp.requests();
+    idp.wait_for_requests(seen + 2).await;
+    connect_bearer(&server, &RSA_B.token("rotated")).await;
+}
+
+#[tokio::test]
+async fn a_jwks_file_verifies_like_a_url() {
+    let dir = std::env::temp_dir().join(format!("matchgate-jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jwks.json");
+    std::fs::write(&file, key_set(&[&EC_A, &ED_A])).unwrap();
+    let server = TestServer::start_raw(&[
+        "--jwks-file",
+        file.to_str().unwrap(),
+        "--jwt-audience",
+        AUDIENCE,
+    ])
+    .await;
+    connect_bearer(&server, &ED_A.token("from-file")).await;
+    expect_unauthorized(&server, &RSA_A.token("not-in-file")).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn start_error(args: &[&str]) -> String {
+    let mut all = vec!["matchgate", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let config = <matchgate::Config as clap::Parser>::try_parse_from(all).expect("parses");
+    match matchgate::Server::bind(config).await {
+        Ok(_) => panic!("start-up with {args:?} should fail"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn public_keys_need_an_audience_unless_any_is_allowed() {
+    let idp = Jwks::serve(&[&RSA_A]).await;
+    let url = idp.url();
+    let public = fixture("rs256-public.pem");
+    for keys in [
+        ["--jwks-url", url.as_str()],
+        ["--jwt-public-key-file", public.to_str().unwrap()],
+    ] {
+        let e = start_error(&keys).await;
+        assert!(
+            e.contains("MATCHGATE_JWT_AUDIENCE") && e.contains("MATCHGATE_JWT_ALLOW_ANY_AUDIENCE"),
+            "{e}"
+        );
+        let mut any = keys.to_vec();
+        any.push("--jwt-allow-any-audience");
+        TestServer::start_raw(&any).await;
+    }
+    // A shared secret belongs to this gateway alone: no audience needed.
+    TestServer::start(&[]).await;
+}
+
+#[tokio::test]
+async fn a_key_set_that_cannot_be_loaded_stops_the_start() {
+    let closed = format!("http://127.0.0.1:{}/jwks.json", common::redis::free_port());
+    let e = start_error(&["--jwks-url", &closed, "--jwt-audience", AUDIENCE]).await;
+    assert!(e.contains(&closed), "{e}");
+    let e = start_error(&[
+        "--jwks-file",
+        "/nonexistent/jwks.json",
+        "--jwt-audience",
+        AUDIENCE,
+    ])
+    .await;
+    assert!(e.contains("/nonexistent/jwks.json"), "{e}");
+    let idp = Jwks::serve(&[]).await;
+    let e = start_error(&["--jwks-url", &idp.url(), "--jwt-audience", AUDIENCE]).await;
+    assert!(e.contains("no usable key"), "{e}");
+}
+
+/// A gateway whose connections close as soon as their token expires (no leeway, no grace).
+async fn strict_expiry() -> TestServer {
+    TestServer::start(&["--jwt-leeway-secs", "0", "--token-expiry-grace-ms", "0"]).await
+}
+
+fn short_token(sub: &str, secs: u64) -> (String, u64) {
+    let exp = now_secs() + secs;
+    (sign(json!({"sub": sub, "exp": exp}), SECRET), exp)
+}
+
+#[tokio::test]
+async fn without_a_refresh_the_connection_closes_with_4008() {
+    let server = strict_expiry().await;
+    let (jwt, exp) = short_token("brief", 2);
+    let mut client = connect_bearer(&server, &jwt).await;
+    let notice = client.expect("token_expiring").await;
+    assert_eq!(notice["expires_at_ms"], exp * 1000);
+    let closed = client.closed().await;
+    assert!(matches!(closed, common::Closed::Code(4008)), "{closed:?}");
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "matchgate_disconnects_total{code=\"4008\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_moves_the_expiry() {
+    let server = strict_expiry().await;
+    let (jwt, first_exp) = short_token("renewer", 2);
+    let mut client = connect_bearer(&server, &jwt).await;
+    client.expect("token_expiring").await;
+    let long = token("renewer");
+    let ack = client
+        .request(json!({"type": "refresh", "access_token": long}), "r1")
+        .await;
+    assert_eq!(
+        ack,
+        json!({"type": "ack", "action": "refresh", "ref": "r1"})
+    );
+    // Past the first token's deadline the connection still serves.
+    while now_secs() <= first_exp + 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let status = client.request(json!({"type": "status"}), "s1").await;
+    assert_eq!(status["type"], "status");
+    // A second short token: its own notice, then the close.
+    let (short, second_exp) = short_token("renewer", 2);
+    client
+        .request(json!({"type": "refresh", "access_token": short}), "r2")
+        .await;
+    let notice = client.expect("token_expiring").await;
+    assert_eq!(notice["expires_at_ms"], second_exp * 1000);
+    let closed = client.closed().await;
+    assert!(matches!(closed, common::Closed::Code(4008)), "{closed:?}");
+}
+
+#[tokio::test]
+async fn a_refused_refresh_keeps_the_old_expiry() {
+    let server = strict_expiry().await;
+    let (jwt, _) = short_token("keeper", 2);
+    let mut client = connect_bearer(&server, &jwt).await;
+    client.expect("token_expiring").await;
+    let expired = sign(json!({"sub": "keeper", "exp": now_secs() - 60}), SECRET);
+    let forged = sign(
+        json!({"sub": "keeper", "exp": now_secs() + 3600}),
+        "some-other-secret-some-other-secret",
+    );
+    for (i, (bad, why)) in [
+        (token("somebody-else"), "another user"),
+        (expired, "expired"),
+        (forged, "signature"),
+        ("garbage".to_string(), "malformed"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let reference = format!("bad-{i}");
+        let error = client
+            .request(json!({"type": "refresh", "access_token": bad}), &reference)
+            .await;
+        assert_eq!(error["type"], "error", "{error}");
+        assert_eq!(error["code"], "unauthorized", "{error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(why), "{message}");
+    }
+    let missing = client.request(json!({"type": "refresh"}), "bad-4").await;
+    assert_eq!(missing["code"], "bad_request", "{missing}");
+    // None of them moved the expiry.
+    let closed = client.closed().await;
+    assert!(matches!(closed, common::Closed::Code(4008)), "{closed:?}");
+}
+
+#[tokio::test]
+async fn dev_tokens_work_on_every_instance_of_one_redis() {
+    let redis = common::redis::RedisServer::start().await;
+    let url = redis.url();
+    let a = TestServer::start_raw(&["--redis-url", &url, "--instance-id", "dev-a"]).await;
+    let b = TestServer::start_raw(&["--redis-url", &url, "--instance-id", "dev-b"]).await;
+    let (status, body) = http_request(
+        a.addr,
+        "POST",
+        "/v1/dev/token",
+        &[("content-type", "application/json")],
+        r#"{"device_id":"roamer"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let minted: Value = serde_json::from_str(&body).unwrap();
+    let jwt = minted["access_token"].as_str().unwrap();
+    let client = connect_bearer(&b, jwt).await;
+    assert_eq!(client.welcome["user_id"], "dev-roamer");
+}
+
+#[tokio::test]
+async fn dev_secret_flag_shares_the_secret_without_redis() {
+    let secret = "a-dev-secret-for-tests-a-dev-secret";
+    let a = TestServer::start_raw(&["--dev-secret", secret]).await;
+    let b = TestServer::start_raw(&["--dev-secret", secret]).await;
+    let (status, body) = http_request(
+        a.addr,
+        "POST",
+        "/v1/dev/token",
+        &[("content-type", "application/json")],
+        r#"{"device_id":"d1"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let minted: Value = serde_json::from_str(&body).unwrap();
+    connect_bearer(&b, minted["access_token"].as_str().unwrap()).await;
+    let e = start_error(&["--jwt-secret", SECRET, "--dev-secret", secret]).await;
+    assert!(e.contains("MATCHGATE_DEV_SECRET"), "{e}");
 }

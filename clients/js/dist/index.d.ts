@@ -4,8 +4,9 @@
  * One `Matchgate` holds one WebSocket to the gateway and keeps it alive: it authenticates with
  * the token your `getToken` returns, sends heartbeats (from a Worker in browsers, whose timers
  * hidden tabs do not throttle), resumes after a drop with `resume_token` and `last_seq` so that
- * missed events are replayed exactly once, and follows every close code as protocol/README.md
- * documents it. Requests are promises matched to their replies by `ref`; what the gateway
+ * missed events are replayed exactly once, follows every close code as protocol/README.md
+ * documents it, and answers `token_expiring` with a `refresh` carrying a new token from
+ * `getToken`, so that a live connection outlives its first token. Requests are promises matched to their replies by `ref`; what the gateway
  * pushes arrives as typed events. `mg.call()` turns a `p2p` match into a WebRTC call.
  *
  * All run-time code lives in this one file so that the build is a single ES module without
@@ -145,6 +146,15 @@ export declare class Matchgate extends Emitter<MatchgateEvents> {
     chat(text: string): Promise<AckFrame>;
     /** Asks where the user stands. Resolves with `status`. */
     status(): Promise<StatusFrame>;
+    /**
+     * Gives the live connection a new token from `getToken` (never the cached one), for the same
+     * user. Resolves with `ack` (action `refresh`); rejects with `unauthorized` when the gateway
+     * refuses it (the connection then keeps its old token), or `token_failed`. The client does
+     * this by itself on `token_expiring`.
+     */
+    refreshToken(): Promise<AckFrame>;
+    /** `token_expiring`: refresh now; what fails is reported as an `error` event. */
+    private tokenExpiring;
     /**
      * Starts the WebRTC call of the current `p2p` session (see `Call`). Throws when not in a
      * session or when the session's media is not `p2p` (LiveKit: use a LiveKit SDK).

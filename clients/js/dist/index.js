@@ -4,8 +4,9 @@
  * One `Matchgate` holds one WebSocket to the gateway and keeps it alive: it authenticates with
  * the token your `getToken` returns, sends heartbeats (from a Worker in browsers, whose timers
  * hidden tabs do not throttle), resumes after a drop with `resume_token` and `last_seq` so that
- * missed events are replayed exactly once, and follows every close code as protocol/README.md
- * documents it. Requests are promises matched to their replies by `ref`; what the gateway
+ * missed events are replayed exactly once, follows every close code as protocol/README.md
+ * documents it, and answers `token_expiring` with a `refresh` carrying a new token from
+ * `getToken`, so that a live connection outlives its first token. Requests are promises matched to their replies by `ref`; what the gateway
  * pushes arrives as typed events. `mg.call()` turns a `p2p` match into a WebRTC call.
  *
  * All run-time code lives in this one file so that the build is a single ES module without
@@ -67,6 +68,8 @@ export const CLOSE_POLICIES = Object.freeze({
     4005: { name: "resync", action: "resume", delay: "server" },
     4006: { name: "state_lost", action: "restart", delay: "server" },
     4007: { name: "banned", action: "stop", delay: "backoff" },
+    // The token expired without a refresh: the reconnect asks `getToken` for a new one.
+    4008: { name: "token_expired", action: "resume", delay: "backoff" },
 });
 /** A socket that died without a close frame (1006), or a code this version does not know. */
 const DROPPED = { name: "dropped", action: "resume", delay: "backoff" };
@@ -431,6 +434,28 @@ export class Matchgate extends Emitter {
         return this.request({ type: "status" });
     }
     /**
+     * Gives the live connection a new token from `getToken` (never the cached one), for the same
+     * user. Resolves with `ack` (action `refresh`); rejects with `unauthorized` when the gateway
+     * refuses it (the connection then keeps its old token), or `token_failed`. The client does
+     * this by itself on `token_expiring`.
+     */
+    async refreshToken() {
+        if (this.connected() === null)
+            return this.notConnected("refresh");
+        this.tokens.forget();
+        const { token } = await this.tokens.get();
+        const ack = await this.request({ type: "refresh", access_token: token });
+        this.emit("token_refreshed", ack);
+        return ack;
+    }
+    /** `token_expiring`: refresh now; what fails is reported as an `error` event. */
+    tokenExpiring(frame) {
+        this.emit("token_expiring", frame);
+        this.refreshToken().catch((e) => {
+            this.emit("error", e instanceof MatchgateError ? e : new MatchgateError("token_failed", String(e), { cause: e }));
+        });
+    }
+    /**
      * Starts the WebRTC call of the current `p2p` session (see `Call`). Throws when not in a
      * session or when the session's media is not `p2p` (LiveKit: use a LiveKit SDK).
      */
@@ -632,6 +657,8 @@ export class Matchgate extends Emitter {
         }
         if (policy.action === "restart")
             this.forgetState();
+        if (code === 4008)
+            this.tokens.forget();
         const delay = policy.delay === "server" && serverHint !== null
             ? serverHint
             : Math.max(this.nextBackoff(), serverHint ?? 0);
@@ -913,6 +940,9 @@ export class Matchgate extends Emitter {
             case "reconnect":
                 // The close that follows says what to do; this says when.
                 this.serverRetryAfterMs = frame.retry_after_ms;
+                break;
+            case "token_expiring":
+                this.tokenExpiring(frame);
                 break;
             case "error":
                 this.failed(frame);

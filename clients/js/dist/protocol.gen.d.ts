@@ -110,6 +110,20 @@ export interface HeartbeatMessage {
     ref?: string;
 }
 /**
+ * Client to server: a new token for this connection, usually the answer to `token_expiring`. The token must be valid (checked like the handshake's) and name the same user (`sub`) as the connection. Direct reply: `ack` (action `refresh`); from then on the connection lives until the new token's `exp`. Refused with `error` `unauthorized` (the message says why: invalid, expired, or for another user), which costs error budget; the connection then keeps its old token and expiry. Unknown fields are ignored by the gateway (forward compatibility).
+ */
+export interface RefreshMessage {
+    type: "refresh";
+    /**
+     * The new JWT (the frame must stay within `max_message_bytes`).
+     */
+    access_token: string;
+    /**
+     * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
+     */
+    ref?: string;
+}
+/**
  * Client to server: report the peer of your current or most recent session (or of `session_id`, one of your recent sessions) to the operator. The report is stored; a user reported by enough distinct users within the report window is banned automatically. A report changes nothing else: the session goes on (send `block`, `skip` or `end` as well to get away from the peer). Direct reply: `ack` (action `report`). `invalid_state` error when there is no such session. Unknown fields are ignored by the gateway (forward compatibility).
  */
 export interface ReportMessage {
@@ -168,14 +182,14 @@ export interface StatusMessage {
     ref?: string;
 }
 /**
- * Server to client (reply, no `seq`, never replayed): the request named by `action` was carried out. The direct reply to `block`, `report`, `accept`, `decline`, `signal` and `chat`; the events such a request causes travel separately and may arrive before or after it (`session_ended` when a `block` ends a live session; `matched` when an `accept` completes a match; `match_cancelled`, and with `MATCHGATE_DECLINE_TO=tail` a `queued`, after a `decline`). For `signal` and `chat` it means that the gateway passed the message on to the peer's connection, or dropped it because the peer is away (reconnecting) at that moment; it is not a delivery receipt.
+ * Server to client (reply, no `seq`, never replayed): the request named by `action` was carried out. The direct reply to `block`, `report`, `accept`, `decline`, `signal`, `chat` and `refresh` (the connection now lives until the new token's `exp`); the events such a request causes travel separately and may arrive before or after it (`session_ended` when a `block` ends a live session; `matched` when an `accept` completes a match; `match_cancelled`, and with `MATCHGATE_DECLINE_TO=tail` a `queued`, after a `decline`). For `signal` and `chat` it means that the gateway passed the message on to the peer's connection, or dropped it because the peer is away (reconnecting) at that moment; it is not a delivery receipt.
  */
 export interface AckFrame {
     type: "ack";
     /**
      * The `type` of the client message acknowledged.
      */
-    action: "block" | "report" | "accept" | "decline" | "signal" | "chat";
+    action: "block" | "report" | "accept" | "decline" | "signal" | "chat" | "refresh";
     /**
      * The `ref` of the client message this frame directly answers; absent when that message carried none or when the frame is not a direct reply.
      */
@@ -223,9 +237,9 @@ export interface DequeuedFrame {
 export interface ErrorFrame {
     type: "error";
     /**
-     * Stable error code. New codes may be added in later versions: treat unknown codes like `internal`. `media_unavailable` is never a reply: it is pushed to both members of a match whose room could not be set up. `cooldown` is the reply to `enqueue` and `skip` during a skip cooldown (and to the `enqueue` that starts one after a quick `end`), and is pushed once when a skip starts one.
+     * Stable error code. New codes may be added in later versions: treat unknown codes like `internal`. `media_unavailable` is never a reply: it is pushed to both members of a match whose room could not be set up. `cooldown` is the reply to `enqueue` and `skip` during a skip cooldown (and to the `enqueue` that starts one after a quick `end`), and is pushed once when a skip starts one. `unauthorized` is the reply to a refused `refresh` (invalid or expired token, or one for another user); the connection keeps its old token and expiry.
      */
-    code: "bad_request" | "unknown_type" | "invalid_state" | "rate_limited" | "unavailable" | "internal" | "media_unavailable" | "cooldown";
+    code: "bad_request" | "unknown_type" | "invalid_state" | "rate_limited" | "unavailable" | "internal" | "media_unavailable" | "cooldown" | "unauthorized";
     /**
      * Human-readable explanation, for logs; not stable. For `unavailable` and `internal` it is fixed text: the backend's details stay in the gateway's log.
      */
@@ -546,6 +560,16 @@ export interface StatusFrame {
     role?: "offerer" | "answerer";
 }
 /**
+ * Server to client (informational, no `seq`, never replayed): the token this connection was opened (or last refreshed) with expires at `expires_at_ms`. Sent `MATCHGATE_TOKEN_EXPIRING_NOTICE_MS` (default 60 s) before then, or at once when the token expires sooner. Answer with `refresh` and a new token for the same user; without a valid one the connection is closed with 4008 once `expires_at_ms` plus the JWT leeway and `MATCHGATE_TOKEN_EXPIRY_GRACE_MS` (default 10 s) have passed.
+ */
+export interface TokenExpiringFrame {
+    type: "token_expiring";
+    /**
+     * The token's `exp`, in Unix milliseconds.
+     */
+    expires_at_ms: number;
+}
+/**
  * Server to client: first frame on every connection, before any replayed events. Carries no `seq` and is never replayed.
  */
 export interface WelcomeFrame {
@@ -596,6 +620,6 @@ export interface WelcomeFrame {
     state: "idle" | "queued" | "in_session";
 }
 /** Every message a client may send. */
-export type ClientMessage = AcceptMessage | BlockMessage | ChatMessage | DeclineMessage | EndMessage | EnqueueMessage | HeartbeatMessage | ReportMessage | SignalMessage | SkipMessage | StatusMessage;
+export type ClientMessage = AcceptMessage | BlockMessage | ChatMessage | DeclineMessage | EndMessage | EnqueueMessage | HeartbeatMessage | RefreshMessage | ReportMessage | SignalMessage | SkipMessage | StatusMessage;
 /** Every frame the gateway may send. */
-export type ServerFrame = AckFrame | ChatFrame | DequeuedFrame | ErrorFrame | HeartbeatAckFrame | MatchCancelledFrame | MatchProposedFrame | MatchedFrame | PeerStatusFrame | QueueUpdateFrame | QueuedFrame | ReconnectFrame | SessionEndedFrame | SignalFrame | StatusFrame | WelcomeFrame;
+export type ServerFrame = AckFrame | ChatFrame | DequeuedFrame | ErrorFrame | HeartbeatAckFrame | MatchCancelledFrame | MatchProposedFrame | MatchedFrame | PeerStatusFrame | QueueUpdateFrame | QueuedFrame | ReconnectFrame | SessionEndedFrame | SignalFrame | StatusFrame | TokenExpiringFrame | WelcomeFrame;

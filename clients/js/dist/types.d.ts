@@ -1,4 +1,4 @@
-import type { ChatFrame, DequeuedFrame, MatchCancelledFrame, MatchProposedFrame, MatchedFrame, PeerStatusFrame, QueueUpdateFrame, QueuedFrame, SessionEndedFrame, SignalFrame, WelcomeFrame } from "./protocol.gen.js";
+import type { AckFrame, ChatFrame, DequeuedFrame, MatchCancelledFrame, MatchProposedFrame, MatchedFrame, PeerStatusFrame, QueueUpdateFrame, QueuedFrame, SessionEndedFrame, SignalFrame, TokenExpiringFrame, WelcomeFrame } from "./protocol.gen.js";
 import type { MatchgateError } from "./index.js";
 /**
  * Where the client stands. `connecting` (first connection), then the user's state as the
@@ -30,9 +30,11 @@ export interface MatchgateOptions {
     url: string;
     /**
      * Returns an access token (a JWT from your backend). Called before the first connection,
-     * before a reconnection when the cached token expires within 10 s (by its `exp`), and again
+     * before a reconnection when the cached token expires within 10 s (by its `exp`), again
      * after the gateway refused a token (HTTP 401) or a handshake failed for a reason the
-     * platform hides (browsers do not expose the HTTP status of a refused WebSocket).
+     * platform hides (browsers do not expose the HTTP status of a refused WebSocket), and when
+     * the gateway announces `token_expiring`: then it must return a new token for the same user
+     * (e.g. from your identity provider's refresh flow), which the client sends as `refresh`.
      */
     getToken: () => Promise<string> | string;
     /**
@@ -100,7 +102,14 @@ export interface MatchgateEvents {
     peer_status: (frame: PeerStatusFrame) => void;
     signal: (frame: SignalFrame) => void;
     chat: (frame: ChatFrame) => void;
-    /** Errors no promise reports: pushed `error` frames, refused handshakes, `getToken` failures. */
+    /** The connection's token expires soon; the client is already sending a `refresh`. */
+    token_expiring: (frame: TokenExpiringFrame) => void;
+    /** The gateway accepted a new token (after `token_expiring`, or `refreshToken()`). */
+    token_refreshed: (ack: AckFrame) => void;
+    /**
+     * Errors no promise reports: pushed `error` frames, refused handshakes, `getToken` failures,
+     * a refused automatic `refresh` (`unauthorized`).
+     */
     error: (error: MatchgateError) => void;
 }
 /**

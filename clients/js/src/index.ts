@@ -4,8 +4,9 @@
  * One `Matchgate` holds one WebSocket to the gateway and keeps it alive: it authenticates with
  * the token your `getToken` returns, sends heartbeats (from a Worker in browsers, whose timers
  * hidden tabs do not throttle), resumes after a drop with `resume_token` and `last_seq` so that
- * missed events are replayed exactly once, and follows every close code as protocol/README.md
- * documents it. Requests are promises matched to their replies by `ref`; what the gateway
+ * missed events are replayed exactly once, follows every close code as protocol/README.md
+ * documents it, and answers `token_expiring` with a `refresh` carrying a new token from
+ * `getToken`, so that a live connection outlives its first token. Requests are promises matched to their replies by `ref`; what the gateway
  * pushes arrives as typed events. `mg.call()` turns a `p2p` match into a WebRTC call.
  *
  * All run-time code lives in this one file so that the build is a single ES module without
@@ -28,6 +29,7 @@ import type {
   SignalFrame,
   SignalMessage,
   StatusFrame,
+  TokenExpiringFrame,
   WelcomeFrame,
 } from "./protocol.gen.js";
 import type {
@@ -125,6 +127,8 @@ export const CLOSE_POLICIES: Readonly<Record<number, ClosePolicy>> = Object.free
   4005: { name: "resync", action: "resume", delay: "server" },
   4006: { name: "state_lost", action: "restart", delay: "server" },
   4007: { name: "banned", action: "stop", delay: "backoff" },
+  // The token expired without a refresh: the reconnect asks `getToken` for a new one.
+  4008: { name: "token_expired", action: "resume", delay: "backoff" },
 });
 
 /** A socket that died without a close frame (1006), or a code this version does not know. */
@@ -574,6 +578,32 @@ export class Matchgate extends Emitter<MatchgateEvents> {
   }
 
   /**
+   * Gives the live connection a new token from `getToken` (never the cached one), for the same
+   * user. Resolves with `ack` (action `refresh`); rejects with `unauthorized` when the gateway
+   * refuses it (the connection then keeps its old token), or `token_failed`. The client does
+   * this by itself on `token_expiring`.
+   */
+  async refreshToken(): Promise<AckFrame> {
+    if (this.connected() === null) return this.notConnected("refresh");
+    this.tokens.forget();
+    const { token } = await this.tokens.get();
+    const ack = await this.request<AckFrame>({ type: "refresh", access_token: token });
+    this.emit("token_refreshed", ack);
+    return ack;
+  }
+
+  /** `token_expiring`: refresh now; what fails is reported as an `error` event. */
+  private tokenExpiring(frame: TokenExpiringFrame): void {
+    this.emit("token_expiring", frame);
+    this.refreshToken().catch((e: unknown) => {
+      this.emit(
+        "error",
+        e instanceof MatchgateError ? e : new MatchgateError("token_failed", String(e), { cause: e }),
+      );
+    });
+  }
+
+  /**
    * Starts the WebRTC call of the current `p2p` session (see `Call`). Throws when not in a
    * session or when the session's media is not `p2p` (LiveKit: use a LiveKit SDK).
    */
@@ -777,6 +807,7 @@ export class Matchgate extends Emitter<MatchgateEvents> {
       return;
     }
     if (policy.action === "restart") this.forgetState();
+    if (code === 4008) this.tokens.forget();
     const delay =
       policy.delay === "server" && serverHint !== null
         ? serverHint
@@ -1053,6 +1084,9 @@ export class Matchgate extends Emitter<MatchgateEvents> {
       case "reconnect":
         // The close that follows says what to do; this says when.
         this.serverRetryAfterMs = frame.retry_after_ms;
+        break;
+      case "token_expiring":
+        this.tokenExpiring(frame);
         break;
       case "error":
         this.failed(frame);

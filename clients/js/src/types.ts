@@ -2,6 +2,7 @@
 // Type-only: nothing here exists at run time, so dist/index.js stays one self-contained file.
 
 import type {
+  AckFrame,
   ChatFrame,
   DequeuedFrame,
   MatchCancelledFrame,
@@ -12,6 +13,7 @@ import type {
   QueuedFrame,
   SessionEndedFrame,
   SignalFrame,
+  TokenExpiringFrame,
   WelcomeFrame,
 } from "./protocol.gen.js";
 import type { MatchgateError } from "./index.js";
@@ -51,9 +53,11 @@ export interface MatchgateOptions {
   url: string;
   /**
    * Returns an access token (a JWT from your backend). Called before the first connection,
-   * before a reconnection when the cached token expires within 10 s (by its `exp`), and again
+   * before a reconnection when the cached token expires within 10 s (by its `exp`), again
    * after the gateway refused a token (HTTP 401) or a handshake failed for a reason the
-   * platform hides (browsers do not expose the HTTP status of a refused WebSocket).
+   * platform hides (browsers do not expose the HTTP status of a refused WebSocket), and when
+   * the gateway announces `token_expiring`: then it must return a new token for the same user
+   * (e.g. from your identity provider's refresh flow), which the client sends as `refresh`.
    */
   getToken: () => Promise<string> | string;
   /**
@@ -122,7 +126,14 @@ export interface MatchgateEvents {
   peer_status: (frame: PeerStatusFrame) => void;
   signal: (frame: SignalFrame) => void;
   chat: (frame: ChatFrame) => void;
-  /** Errors no promise reports: pushed `error` frames, refused handshakes, `getToken` failures. */
+  /** The connection's token expires soon; the client is already sending a `refresh`. */
+  token_expiring: (frame: TokenExpiringFrame) => void;
+  /** The gateway accepted a new token (after `token_expiring`, or `refreshToken()`). */
+  token_refreshed: (ack: AckFrame) => void;
+  /**
+   * Errors no promise reports: pushed `error` frames, refused handshakes, `getToken` failures,
+   * a refused automatic `refresh` (`unauthorized`).
+   */
   error: (error: MatchgateError) => void;
 }
 

@@ -132,6 +132,8 @@ const EVENTS = [
   "peer_status",
   "signal",
   "chat",
+  "token_expiring",
+  "token_refreshed",
   "error",
 ];
 
