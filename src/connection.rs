@@ -20,7 +20,8 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::Config;
 use crate::gateway::Gateway;
-use crate::matching::{ConnId, MatchError, Resume, UserId};
+use crate::ids::{ConnId, UserId};
+use crate::matching::{MatchError, Resume};
 use crate::protocol::{
     close, is_signal, parse_request, Action, ErrorCode, Relay, Reply, Request, PROTOCOL_VERSION,
     SIGNAL_ENVELOPE_BYTES,

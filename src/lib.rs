@@ -33,6 +33,7 @@ pub mod moderation;
 pub mod p2p;
 pub mod privacy;
 pub mod protocol;
+pub mod redis_keys;
 pub mod ratelimit;
 pub mod registry;
 pub mod scaleout;

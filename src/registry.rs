@@ -16,8 +16,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::bus::Frame;
-use crate::matching::{ConnId, UserId};
+use crate::ids::{ConnId, Frame, UserId};
 use crate::protocol::close;
 
 /// A connection's bounded outbound queue plus its close request, behind one lock and one

@@ -21,7 +21,8 @@ use crate::bus::redis::{subscribe, Recovery};
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::ids::random_id;
-use crate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
+use crate::matching::redis::{RedisMatchmaker, RedisSettings};
+use crate::redis_keys::Layout;
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::moderation::disconnect_banned;
@@ -67,7 +68,6 @@ pub fn spawn(
     gateway: Arc<Gateway>,
     redis: Arc<RedisMatchmaker>,
     settings: RedisSettings,
-    broadcast: String,
     heartbeat: Duration,
     stop: watch::Receiver<bool>,
 ) {
@@ -82,7 +82,6 @@ pub fn spawn(
     tokio::spawn(subscriber(
         instance.clone(),
         settings,
-        broadcast,
         recovery.clone(),
         stop.clone(),
     ));
@@ -96,12 +95,11 @@ pub fn spawn(
 async fn subscriber(
     instance: Arc<Instance>,
     settings: RedisSettings,
-    broadcast: String,
     recovery: Arc<Recovery>,
     mut stop: watch::Receiver<bool>,
 ) {
     let channel = settings.layout.channel(&settings.instance);
-    let channels = [channel.as_str(), broadcast.as_str()];
+    let channels = [channel.as_str(), settings.layout.broadcast()];
     let mut delays = backoff::Delays::new(Duration::from_millis(100), RETRY_MAX);
     let manager = loop {
         let attempt = subscribe(

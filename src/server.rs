@@ -131,7 +131,7 @@ impl Server {
                     gateway.clone(),
                     redis,
                     settings,
-                    crate::bus::redis::broadcast_channel(&config.redis_namespace),
+                    
                     Duration::from_millis(config.instance_heartbeat_ms),
                     stop_rx.clone(),
                 );

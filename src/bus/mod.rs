@@ -11,16 +11,8 @@
 pub mod local;
 pub mod redis;
 
-use axum::extract::ws::Utf8Bytes;
-
-use crate::matching::UserId;
-
-/// One serialised server frame. `seq` is set for events that change the user's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    pub seq: Option<u64>,
-    pub text: Utf8Bytes,
-}
+pub use crate::ids::Frame;
+use crate::ids::UserId;
 
 /// Hands frames to users' connections. Must never block: it is called inside a matchmaker's
 /// atomic step, and a slow client must not hold anyone else up.

@@ -22,25 +22,15 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 
-use super::Frame;
-use crate::matching::ConnId;
+use crate::ids::{Frame, UserId};
 use crate::metrics::Metrics;
 use crate::moderation::{disconnect_banned, BanKind};
 use crate::protocol::close;
+use crate::redis_keys::Notice;
 use crate::registry::Registry;
 
 /// The longest wait between two attempts at reconnecting the subscriber.
 const RECONNECT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The channel every instance of the deployment `namespace` listens on, besides its own.
-pub fn broadcast_channel(namespace: &str) -> String {
-    format!("{namespace}:all")
-}
-
-/// The broadcast message that announces a ban (see [`dispatch`]).
-pub fn ban_notice(kind: BanKind, value: &str) -> String {
-    format!("B{}\n{value}", kind.as_str())
-}
 
 /// Raised after the subscription was lost and restored.
 #[derive(Default)]
@@ -93,49 +83,30 @@ pub async fn subscribe(
     Ok(manager)
 }
 
-/// Acts on one published message: `F<user>\n<seq>\n<frame>` (a frame for a local connection;
-/// seq 0: none), `K<user>\n<conn>` (close a replaced connection; `conn` as [`ConnId`] displays
-/// it) or `B<kind>\n<value>` (a ban: close the connections it names).
+/// Acts on one published message (see [`Notice`] for the encodings).
 fn dispatch(registry: &Registry, metrics: &Metrics, payload: &[u8]) {
-    let Ok(text) = std::str::from_utf8(payload) else {
-        return;
-    };
-    let (kind, rest) = text.split_at(text.len().min(1));
-    let Some((subject, rest)) = rest.split_once('\n') else {
-        return;
-    };
-    match kind {
-        "F" => {
-            let Some((seq, frame)) = rest.split_once('\n') else {
-                return;
-            };
-            let seq = seq.parse::<u64>().ok().filter(|s| *s > 0);
-            let user: crate::matching::UserId = subject.into();
-            registry.push(
-                &user,
-                Frame {
-                    seq,
-                    text: frame.into(),
-                },
-            );
-        }
-        "K" => {
-            if let Some(conn) = ConnId::parse(rest) {
-                registry.close_if(subject, conn, close::REPLACED);
+    match Notice::decode(payload) {
+        Some(Notice::Frame { user, seq, text }) => registry.push(
+            &UserId::from(user),
+            Frame {
+                seq,
+                text: text.into(),
+            },
+        ),
+        Some(Notice::Kick { user, conn }) => registry.close_if(user, conn, close::REPLACED),
+        Some(Notice::Ban { kind, value }) => {
+            if let Some(ban) = BanKind::parse(kind) {
+                disconnect_banned(registry, metrics, [(ban, value)]);
             }
         }
-        "B" => {
-            if let Some(ban) = BanKind::parse(subject) {
-                disconnect_banned(registry, metrics, [(ban, rest)]);
-            }
-        }
-        _ => {}
+        None => {}
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::ConnId;
     use crate::registry::{ConnectionHandle, Next};
 
     fn connection(
@@ -192,13 +163,23 @@ mod tests {
         dispatch(
             &registry,
             &metrics,
-            ban_notice(BanKind::Ip, "10.0.0.2").as_bytes(),
+            Notice::Ban {
+                kind: BanKind::Ip.as_str(),
+                value: "10.0.0.2",
+            }
+            .encode()
+            .as_bytes(),
         );
         assert!(matches!(by_ip.next().await, Next::Close(close::BANNED)));
         dispatch(
             &registry,
             &metrics,
-            ban_notice(BanKind::User, "a").as_bytes(),
+            Notice::Ban {
+                kind: BanKind::User.as_str(),
+                value: "a",
+            }
+            .encode()
+            .as_bytes(),
         );
         assert!(matches!(by_user.next().await, Next::Close(close::BANNED)));
     }

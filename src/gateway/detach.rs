@@ -27,7 +27,8 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use super::Gateway;
 use crate::backoff;
-use crate::matching::{ConnId, MatchError, UserId};
+use crate::ids::{ConnId, UserId};
+use crate::matching::MatchError;
 use crate::privacy;
 
 /// Detaches per second while the queue drains.

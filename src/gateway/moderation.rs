@@ -10,7 +10,8 @@ use axum::extract::ws::Utf8Bytes;
 
 use super::Gateway;
 use crate::ids::unix_ms;
-use crate::matching::{ConnId, MatchError, UserId};
+use crate::ids::{ConnId, UserId};
+use crate::matching::MatchError;
 use crate::metrics::BanSource;
 use crate::moderation::Report;
 use crate::privacy;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::bus::Frame;
+pub use crate::ids::{ConnId, Frame, UserId};
 use crate::p2p::IceServers;
 use crate::protocol::{EndReason, ErrorCode, Media, Prefs, Relay, StateName};
 
@@ -93,29 +93,6 @@ impl Rules {
     pub fn cooldown(&self, level: usize) -> Duration {
         let i = level.clamp(1, self.skip_cooldowns.len()) - 1;
         self.skip_cooldowns[i]
-    }
-}
-
-/// A user id: the JWT `sub`.
-pub type UserId = Arc<str>;
-
-/// Identifies one WebSocket connection, so that a late disconnect of a replaced connection
-/// cannot touch the state its successor took over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnId(pub u64);
-
-/// Fixed-width hex, so that ids of one instance (which grow) also compare as strings.
-impl std::fmt::Display for ConnId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "c{:016x}", self.0)
-    }
-}
-
-impl ConnId {
-    /// Reads the form [`ConnId`]'s `Display` writes.
-    pub fn parse(s: &str) -> Option<ConnId> {
-        let hex = s.strip_prefix('c').filter(|h| h.len() == 16)?;
-        u64::from_str_radix(hex, 16).ok().map(ConnId)
     }
 }
 

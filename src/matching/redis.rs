@@ -4,7 +4,8 @@
 //!
 //! The library also publishes each frame on the pub/sub channel of the instance that holds the
 //! user's connection (see [`crate::bus::redis`]), inside the same atomic step that appends it to
-//! the user's log, so events reach every user in `seq` order. All keys share one hash tag, so
+//! the user's log, so events reach every user in `seq` order. The Rust side of the key layout,
+//! the channel names and the message encoding is [`crate::redis_keys`]. All keys share one hash tag, so
 //! every call touches one slot and the same code runs against Redis Cluster.
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::bus::Frame;
 use crate::ids::random_id;
 use crate::metrics::Metrics;
 use crate::p2p::IceServers;
+use crate::redis_keys::Layout;
 use crate::protocol::{EndReason, IceServer, Media, Prefs, Relay, StateName};
 
 /// The error of a call made before this instance's p2p configuration was in Redis.
@@ -48,28 +50,6 @@ impl Library {
             code: LIBRARY.replace("@VERSION@", version),
             function: format!("matchgate_{version}"),
         }
-    }
-}
-
-/// Where the Redis keys and channels of one deployment live.
-#[derive(Debug, Clone)]
-pub struct Layout {
-    /// Key prefix with the hash tag, e.g. `{mg}`.
-    pub prefix: String,
-    /// Pub/sub channel prefix; an instance listens on `<prefix><instance id>`.
-    pub channel_prefix: String,
-}
-
-impl Layout {
-    pub fn new(namespace: &str) -> Self {
-        Layout {
-            prefix: format!("{{{namespace}}}"),
-            channel_prefix: format!("{namespace}:i:"),
-        }
-    }
-
-    pub fn channel(&self, instance: &str) -> String {
-        format!("{}{instance}", self.channel_prefix)
     }
 }
 
@@ -382,7 +362,7 @@ impl RedisMatchmaker {
             pool,
             shared: std::sync::Mutex::new(None),
             library: Library::new(),
-            route_key: format!("{}:route", settings.layout.prefix),
+            route_key: settings.layout.route(),
             rules: rules_arg(&settings.rules),
             media: match &settings.media {
                 MediaMode::LiveKit { pending } => format!("livekit {}", pending.as_millis()),

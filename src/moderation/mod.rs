@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use crate::address::{ban_text, parse_ban_text, AddressKeys};
 use crate::config::Config;
 use crate::ids::unix_ms;
-use crate::matching::{MatchError, UserId};
+use crate::ids::UserId;
+use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::protocol::{close, ReportReason};
 use crate::registry::Registry;
@@ -349,7 +350,7 @@ mod tests {
 
     #[test]
     fn banned_networks_close_the_connections_inside_them() {
-        use crate::matching::ConnId;
+        use crate::ids::ConnId;
         use crate::registry::{ConnectionHandle, Next};
         use futures_util::FutureExt;
         let registry = Registry::default();
