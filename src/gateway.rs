@@ -135,7 +135,7 @@ impl Gateway {
 
     pub async fn metrics_text(&self) -> String {
         let stats = self.matchmaker.stats().await.unwrap_or_default();
-        self.metrics.render(stats)
+        self.metrics.render(stats.queued, stats.sessions)
     }
 
     pub async fn attach(

@@ -25,7 +25,7 @@ use crate::matching::redis::{RedisMatchmaker, RedisSettings};
 use crate::redis_keys::Layout;
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
-use crate::moderation::disconnect_banned;
+use crate::moderation::{self, disconnect_banned};
 use crate::protocol::close;
 
 /// The longest wait between two attempts at subscribing or at the first heartbeat.
@@ -108,6 +108,12 @@ async fn subscriber(
             instance.gateway.registry.clone(),
             instance.gateway.metrics.clone(),
             recovery.clone(),
+            {
+                let gateway = instance.gateway.clone();
+                move |kind: &str, value: &str| {
+                    moderation::announced(&gateway.registry, &gateway.metrics, kind, value)
+                }
+            },
         );
         tokio::select! {
             result = attempt => match result {

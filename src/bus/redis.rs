@@ -8,7 +8,9 @@
 //!
 //! Every instance also listens on one broadcast channel of the deployment, where the
 //! moderation backend announces new bans: each instance closes the banned identity's
-//! connections it holds.
+//! connections it holds. What a ban closes is moderation's business: the subscriber hands
+//! each ban notice to the `on_ban` it was given (so delivery does not depend on moderation).
+//! Channel names and the message encoding are [`crate::redis_keys`]'s.
 //!
 //! The subscription runs on a `ConnectionManager` that reconnects and re-subscribes by itself.
 //! Pub/sub is at-most-once: messages published while the subscriber was away are lost, so
@@ -24,7 +26,6 @@ use tokio::sync::Notify;
 
 use crate::ids::{Frame, UserId};
 use crate::metrics::Metrics;
-use crate::moderation::{disconnect_banned, BanKind};
 use crate::protocol::close;
 use crate::redis_keys::Notice;
 use crate::registry::Registry;
@@ -39,14 +40,17 @@ pub struct Recovery {
     pub restored: Notify,
 }
 
-/// Opens the subscriber connection and subscribes to `channels`. The returned manager must be
-/// kept alive for as long as the subscription should last.
+/// Opens the subscriber connection and subscribes to `channels`. Frames and kicks go to
+/// `registry`; a ban notice goes to `on_ban` with the ban's kind and value as the notice
+/// spells them. The returned manager must be kept alive for as long as the subscription
+/// should last.
 pub async fn subscribe(
     url: &str,
     channels: &[&str],
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     recovery: Arc<Recovery>,
+    on_ban: impl Fn(&str, &str) + Send + Sync + 'static,
 ) -> redis::RedisResult<ConnectionManager> {
     // Push messages (and automatic re-subscription) need RESP3.
     let separator = if url.contains('?') { '&' } else { '?' };
@@ -56,7 +60,7 @@ pub async fn subscribe(
             PushKind::Message => {
                 if let Some(Value::BulkString(payload)) = push.data.get(1) {
                     metrics.pubsub_received();
-                    dispatch(&registry, &metrics, payload);
+                    dispatch(&registry, &on_ban, payload);
                 }
             }
             PushKind::Disconnection => {
@@ -84,7 +88,7 @@ pub async fn subscribe(
 }
 
 /// Acts on one published message (see [`Notice`] for the encodings).
-fn dispatch(registry: &Registry, metrics: &Metrics, payload: &[u8]) {
+fn dispatch(registry: &Registry, on_ban: &impl Fn(&str, &str), payload: &[u8]) {
     match Notice::decode(payload) {
         Some(Notice::Frame { user, seq, text }) => registry.push(
             &UserId::from(user),
@@ -94,11 +98,7 @@ fn dispatch(registry: &Registry, metrics: &Metrics, payload: &[u8]) {
             },
         ),
         Some(Notice::Kick { user, conn }) => registry.close_if(user, conn, close::REPLACED),
-        Some(Notice::Ban { kind, value }) => {
-            if let Some(ban) = BanKind::parse(kind) {
-                disconnect_banned(registry, metrics, [(ban, value)]);
-            }
-        }
+        Some(Notice::Ban { kind, value }) => on_ban(kind, value),
         None => {}
     }
 }
@@ -107,6 +107,7 @@ fn dispatch(registry: &Registry, metrics: &Metrics, payload: &[u8]) {
 mod tests {
     use super::*;
     use crate::ids::ConnId;
+    use crate::moderation::{announced, BanKind};
     use crate::registry::{ConnectionHandle, Next};
 
     fn connection(
@@ -124,15 +125,15 @@ mod tests {
     #[tokio::test]
     async fn dispatches_frames_and_kicks() {
         let registry = Registry::default();
-        let metrics = Metrics::new();
+        let no_bans = |_: &str, _: &str| panic!("no ban was announced");
         let outbox = connection(&registry, "u\u{e9}", 7, "10.0.0.1");
         dispatch(
             &registry,
-            &metrics,
+            &no_bans,
             "Fu\u{e9}\n1\n{\"type\":\"queued\"}".as_bytes(),
         );
-        dispatch(&registry, &metrics, b"Fnobody\n1\n{}");
-        dispatch(&registry, &metrics, b"garbage");
+        dispatch(&registry, &no_bans, b"Fnobody\n1\n{}");
+        dispatch(&registry, &no_bans, b"garbage");
         match outbox.next().await {
             Next::Send(f) => {
                 assert_eq!(f.seq, Some(1));
@@ -142,12 +143,12 @@ mod tests {
         }
         dispatch(
             &registry,
-            &metrics,
+            &no_bans,
             "Ku\u{e9}\nc0000000000000008".as_bytes(),
         ); // another: ignored
         dispatch(
             &registry,
-            &metrics,
+            &no_bans,
             "Ku\u{e9}\nc0000000000000007".as_bytes(),
         );
         assert!(matches!(outbox.next().await, Next::Close(close::REPLACED)));
@@ -157,12 +158,13 @@ mod tests {
     async fn a_ban_notice_closes_the_connections_it_names() {
         let registry = Registry::default();
         let metrics = Metrics::new();
+        let on_ban = |kind: &str, value: &str| announced(&registry, &metrics, kind, value);
         let by_user = connection(&registry, "a", 1, "10.0.0.1");
         let by_ip = connection(&registry, "b", 2, "10.0.0.2");
-        dispatch(&registry, &metrics, b"Bnonsense\n10.0.0.1");
+        dispatch(&registry, &on_ban, b"Bnonsense\n10.0.0.1");
         dispatch(
             &registry,
-            &metrics,
+            &on_ban,
             Notice::Ban {
                 kind: BanKind::Ip.as_str(),
                 value: "10.0.0.2",
@@ -173,7 +175,7 @@ mod tests {
         assert!(matches!(by_ip.next().await, Next::Close(close::BANNED)));
         dispatch(
             &registry,
-            &metrics,
+            &on_ban,
             Notice::Ban {
                 kind: BanKind::User.as_str(),
                 value: "a",

@@ -279,6 +279,14 @@ pub fn from_config(
     }
 }
 
+/// Acts on a ban another instance announced (kind and value as the notice spells them): the
+/// connections here it names close. An unknown kind (a newer instance's) is ignored.
+pub fn announced(registry: &Registry, metrics: &Metrics, kind: &str, value: &str) {
+    if let Some(kind) = BanKind::parse(kind) {
+        disconnect_banned(registry, metrics, [(kind, value)]);
+    }
+}
+
 /// Closes this instance's connections that any of `banned` (kinds and values) names, with
 /// 4007. One scan of the registry, however many bans; each connection's address is looked up
 /// once per prefix length among the banned networks.
