@@ -19,11 +19,12 @@ use clap::Parser;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
-use matchgate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
-use matchgate::matching::{ConnId, Matchmaker, MediaMode, Rules, UserId};
+use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
+use matchgate::matching::{ConnId, Engine, MediaMode, Rules, UserId};
 use matchgate::metrics::Metrics;
 use matchgate::p2p::IceServers;
 use matchgate::protocol::Prefs;
+use matchgate::redis_keys::Layout;
 use matchgate::Config;
 
 /// Unsuitable waiters ahead of the measured enqueue.
@@ -48,7 +49,7 @@ fn no_ice_servers() -> MediaMode {
     MediaMode::P2p(Arc::new(IceServers::new(Vec::new(), None)))
 }
 
-fn memory() -> Arc<dyn Matchmaker> {
+fn memory() -> Arc<dyn Engine> {
     Arc::new(MemoryMatchmaker::new(
         Arc::new(Discard),
         Policy {
@@ -61,7 +62,7 @@ fn memory() -> Arc<dyn Matchmaker> {
     ))
 }
 
-fn redis(url: &str, namespace: &str) -> Arc<dyn Matchmaker> {
+fn redis(url: &str, namespace: &str) -> Arc<dyn Engine> {
     let settings = RedisSettings {
         urls: vec![url.to_string()],
         cluster: false,
@@ -81,7 +82,7 @@ fn redis(url: &str, namespace: &str) -> Arc<dyn Matchmaker> {
 }
 
 /// `n` users who enqueued in the default pool and then dropped their connection.
-async fn fill(mm: &dyn Matchmaker, n: usize) {
+async fn fill(mm: &dyn Engine, n: usize) {
     for i in 0..n {
         let user: UserId = format!("gone-{i}").into();
         let conn = ConnId(i as u64 + 1);

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::Config;
-use crate::gateway::Gateway;
+use crate::gateway::{Answer, Gateway};
 use crate::ids::{ConnId, UserId};
 use crate::matching::{MatchError, Resume};
 use crate::protocol::{
@@ -285,13 +285,13 @@ impl Connection {
                     }
                     match parsed {
                         Ok(request) => match self.gateway.handle(&self.user, self.id, request).await {
-                            Some((frame, true)) => {
+                            Some(Answer { frame, client_error: true }) => {
                                 if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
                                     return exit;
                                 }
                                 continue;
                             }
-                            Some((frame, false)) => Some(frame),
+                            Some(Answer { frame, client_error: false }) => Some(frame),
                             None => None,
                         },
                         Err((e, reference)) => {

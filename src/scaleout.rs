@@ -19,14 +19,15 @@ use tokio::sync::watch;
 use crate::backoff;
 use crate::bus::redis::{subscribe, Recovery};
 use crate::config::Config;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Origin};
 use crate::ids::random_id;
 use crate::matching::redis::{RedisMatchmaker, RedisSettings};
-use crate::redis_keys::Layout;
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::moderation::{self, disconnect_banned};
 use crate::protocol::close;
+use crate::redis_keys::Layout;
+use crate::shutdown::Background;
 
 /// The longest wait between two attempts at subscribing or at the first heartbeat.
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -63,8 +64,10 @@ pub fn matchmaker(
 }
 
 /// Starts the subscriber (on this instance's channel and the deployment's `broadcast`
-/// channel), the heartbeat and the recovery loops; they end when `stop` flips.
+/// channel), the heartbeat and the recovery loops in `background`; they end when `stop` flips
+/// (or when the background is shut down).
 pub fn spawn(
+    background: &Background,
     gateway: Arc<Gateway>,
     redis: Arc<RedisMatchmaker>,
     settings: RedisSettings,
@@ -79,14 +82,14 @@ pub fn spawn(
         period: heartbeat,
         known_epoch: tokio::sync::Mutex::new(String::new()),
     });
-    tokio::spawn(subscriber(
+    background.spawn(subscriber(
         instance.clone(),
         settings,
         recovery.clone(),
         stop.clone(),
     ));
-    tokio::spawn(ticks(instance.clone(), stop.clone()));
-    tokio::spawn(catch_up(instance, recovery, stop));
+    background.spawn(ticks(instance.clone(), stop.clone()));
+    background.spawn(catch_up(instance, recovery, stop));
 }
 
 /// Keeps this instance subscribed to its channel and the broadcast channel. The connection
@@ -180,7 +183,7 @@ impl Instance {
         self.gateway
             .metrics
             .cleanup(tick.cleaned_users + tick.expired);
-        self.gateway.apply_outcome(tick.outcome);
+        self.gateway.apply(Origin::Background, tick.outcome);
         Ok(intact)
     }
 

@@ -17,15 +17,16 @@ use serde::{Deserialize, Deserializer};
 
 use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
 use super::{
-    Attached, ConnId, MatchError, Matchmaker, MediaEffect, MediaMode, Outcome, PendingSession,
-    Resume, Rules, SessionInfo, Stats, Status, Timer, UserId,
+    Administration, Attached, ClientOperations, ConnId, MatchError, MediaEffect, MediaEvents,
+    MediaLeft, MediaMode, MediaReady, Outcome, PendingSession, RecentPeer, Resume, Rules,
+    SessionInfo, Stats, Status, Timer, Timers, UserId,
 };
 use crate::bus::Frame;
 use crate::ids::random_id;
 use crate::metrics::Metrics;
 use crate::p2p::IceServers;
-use crate::redis_keys::Layout;
 use crate::protocol::{EndReason, IceServer, Media, Prefs, Relay, StateName};
+use crate::redis_keys::Layout;
 
 /// The error of a call made before this instance's p2p configuration was in Redis.
 const P2P_CONFIG_MISSING: &str = "p2p_config_missing";
@@ -529,7 +530,7 @@ fn frames(replay: Vec<(u64, String)>) -> Vec<Frame> {
 }
 
 #[async_trait]
-impl Matchmaker for RedisMatchmaker {
+impl ClientOperations for RedisMatchmaker {
     async fn attach(
         &self,
         user: &UserId,
@@ -561,13 +562,6 @@ impl Matchmaker for RedisMatchmaker {
     async fn detach(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
         Ok(self
             .call("detach", user, &[&conn.to_string()])
-            .await?
-            .outcome())
-    }
-
-    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("expire", user, &[&conn.to_string()])
             .await?
             .outcome())
     }
@@ -631,10 +625,74 @@ impl Matchmaker for RedisMatchmaker {
         })
     }
 
+    async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("block", user, &[session.unwrap_or("")])
+            .await?
+            .outcome())
+    }
+
+    async fn recent_peer(
+        &self,
+        user: &UserId,
+        session: Option<&str>,
+    ) -> Result<RecentPeer, MatchError> {
+        let reply = self.call("peer", user, &[session.unwrap_or("")]).await?;
+        reply
+            .session
+            .zip(reply.peer)
+            .map(|(session_id, peer)| RecentPeer { session_id, peer })
+            .ok_or_else(|| MatchError::Internal("peer reply without a peer".into()))
+    }
+
+    async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
+        Ok(self.call("accept", user, &[match_id]).await?.outcome())
+    }
+
+    async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
+        Ok(self.call("decline", user, &[match_id]).await?.outcome())
+    }
+
+    async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError> {
+        // The library splices these into the frame as they are: the payload exactly as the
+        // client sent it, the chat text as a JSON string.
+        let json = match &message {
+            Relay::Signal(payload) => std::borrow::Cow::Borrowed(payload.get()),
+            Relay::Chat(text) => serde_json::to_string(text)
+                .expect("strings serialise")
+                .into(),
+        };
+        self.call("relay", user, &[message.name(), &json])
+            .await
+            .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Timers for RedisMatchmaker {
+    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("expire", user, &[&conn.to_string()])
+            .await?
+            .outcome())
+    }
+
     async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError> {
         self.call("refresh", "", &[pool]).await.map(|_| ())
     }
 
+    async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {
+        let (kind, arg) = match timer {
+            Timer::Relax { ticket } => ("relax", ticket.to_string()),
+            Timer::Rematch { ticket } => ("rematch", ticket.to_string()),
+            Timer::Proposal { match_id } => ("proposal", match_id.to_string()),
+        };
+        Ok(self.call("wake", user, &[kind, &arg]).await?.outcome())
+    }
+}
+
+#[async_trait]
+impl Administration for RedisMatchmaker {
     async fn stats(&self) -> Result<Stats, MatchError> {
         let reply = self.call("stats", "", &[]).await?;
         Ok(Stats {
@@ -643,14 +701,28 @@ impl Matchmaker for RedisMatchmaker {
         })
     }
 
+    async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError> {
+        let ttl = ttl.as_millis().max(1).to_string();
+        let reply = self
+            .call("lease", &self.settings.instance, &[name, &ttl])
+            .await?;
+        Ok(reply.live)
+    }
+}
+
+#[async_trait]
+impl MediaEvents for RedisMatchmaker {
     async fn media_ready(
         &self,
         session: &str,
         media: [Media; 2],
-    ) -> Result<(bool, Outcome), MatchError> {
+    ) -> Result<MediaReady, MatchError> {
         let [a, b] = media.map(|m| serde_json::to_string(&m).expect("media serialises"));
         let mut reply = self.call("media_ready", "", &[session, &a, &b]).await?;
-        Ok((reply.live, reply.outcome()))
+        Ok(MediaReady {
+            live: reply.live,
+            outcome: reply.outcome(),
+        })
     }
 
     async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError> {
@@ -666,7 +738,7 @@ impl Matchmaker for RedisMatchmaker {
         left: Option<&str>,
         event_id: &str,
         dedupe: Duration,
-    ) -> Result<(MediaEffect, Outcome), MatchError> {
+    ) -> Result<MediaLeft, MatchError> {
         let ttl = dedupe.as_millis().max(1).to_string();
         let args = [session, left.unwrap_or(""), event_id, &ttl];
         let mut reply = self.call("media_left", "", &args).await?;
@@ -675,7 +747,10 @@ impl Matchmaker for RedisMatchmaker {
             Some("duplicate") => MediaEffect::Duplicate,
             _ => MediaEffect::NoSession,
         };
-        Ok((effect, reply.outcome()))
+        Ok(MediaLeft {
+            effect,
+            outcome: reply.outcome(),
+        })
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError> {
@@ -689,63 +764,5 @@ impl Matchmaker for RedisMatchmaker {
                 pending,
             })
             .collect())
-    }
-
-    async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("block", user, &[session.unwrap_or("")])
-            .await?
-            .outcome())
-    }
-
-    async fn recent_peer(
-        &self,
-        user: &UserId,
-        session: Option<&str>,
-    ) -> Result<(Arc<str>, UserId), MatchError> {
-        let reply = self.call("peer", user, &[session.unwrap_or("")]).await?;
-        reply
-            .session
-            .zip(reply.peer)
-            .ok_or_else(|| MatchError::Internal("peer reply without a peer".into()))
-    }
-
-    async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
-        Ok(self.call("accept", user, &[match_id]).await?.outcome())
-    }
-
-    async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
-        Ok(self.call("decline", user, &[match_id]).await?.outcome())
-    }
-
-    async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {
-        let (kind, arg) = match timer {
-            Timer::Relax { ticket } => ("relax", ticket.to_string()),
-            Timer::Rematch { ticket } => ("rematch", ticket.to_string()),
-            Timer::Proposal { match_id } => ("proposal", match_id.to_string()),
-        };
-        Ok(self.call("wake", user, &[kind, &arg]).await?.outcome())
-    }
-
-    async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError> {
-        let ttl = ttl.as_millis().max(1).to_string();
-        let reply = self
-            .call("lease", &self.settings.instance, &[name, &ttl])
-            .await?;
-        Ok(reply.live)
-    }
-
-    async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError> {
-        // The library splices these into the frame as they are: the payload exactly as the
-        // client sent it, the chat text as a JSON string.
-        let json = match &message {
-            Relay::Signal(payload) => std::borrow::Cow::Borrowed(payload.get()),
-            Relay::Chat(text) => serde_json::to_string(text)
-                .expect("strings serialise")
-                .into(),
-        };
-        self.call("relay", user, &[message.name(), &json])
-            .await
-            .map(|_| ())
     }
 }

@@ -1,7 +1,7 @@
 //! Moderation: reports users make about their peers, and bans of users, devices and IP
 //! addresses.
 //!
-//! [`Moderation`] is a narrow engine trait like [`Matchmaker`](crate::matching::Matchmaker) and
+//! [`Moderation`] is a narrow engine trait like the matching ones ([`Engine`](crate::matching::Engine)) and
 //! [`Bus`](crate::bus::Bus): the gateway (reports) and the HTTP layer (the handshake check and
 //! the admin API) call it and never know whether the state lives in this process ([`memory`],
 //! the embedded default) or in Redis, shared by every instance ([`redis`], the scale-out mode).
