@@ -8,6 +8,9 @@
 //!
 //! A handle also knows the connection's client address and device id (when the token names
 //! one), so that a ban of either finds the connections it must close.
+//!
+//! It depends on the shared identifiers of [`crate::ids`] only, not on the bus that feeds it
+//! nor on the engines.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;

@@ -10,6 +10,10 @@
 //! - a recovery loop: after the pub/sub connection was lost and restored, catches every local
 //!   connection up from the users' logs, since messages published meanwhile are gone, and
 //!   closes the local connections that bans announced meanwhile name.
+//!
+//! All three run in the server's [`Background`]; ban notices reach
+//! [`moderation::announced`] through the subscriber's callback, so delivery does not depend
+//! on moderation.
 
 use std::sync::Arc;
 use std::time::Duration;

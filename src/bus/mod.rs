@@ -7,6 +7,9 @@
 //! pub/sub to the instance that holds the user. Delivery is at-most-once by design: every
 //! frame with a `seq` is also in the user's event log, so a lost delivery is recovered by
 //! resume and replay.
+//!
+//! The bus names no engine: frames and user ids come from the leaf [`crate::ids`] (re-exported
+//! here as [`Frame`]), and the Redis subscriber hands ban notices to whoever subscribed it.
 
 pub mod local;
 pub mod redis;
