@@ -52,12 +52,13 @@ impl Layout {
         format!("{}:route", self.prefix)
     }
 
-    /// A ban (its JSON), expiring with it.
+    /// A ban (its JSON), expiring with it: [`Layout::ban_prefix`] and [`ban_member`].
     pub fn ban(&self, kind: &str, value: &str) -> String {
-        format!("{}:{}", self.ban_prefix(), ban_member(kind, value))
+        format!("{}{}", self.ban_prefix(), ban_member(kind, value))
     }
 
-    /// What every ban key starts with (the listing reads bans by it).
+    /// What every ban key starts with: the moderation library's `list` finds a ban's key as
+    /// this prefix followed by the listing's member.
     pub fn ban_prefix(&self) -> String {
         format!("{}:ban:", self.prefix)
     }
@@ -211,6 +212,11 @@ mod tests {
         }
         assert_eq!(layout.channel("i1"), "mg:i:i1");
         assert_eq!(layout.broadcast(), "mg:all");
-        assert!(layout.ban("ip", "::1").starts_with(&layout.ban_prefix()));
+        // The moderation library's `list` reads a ban at prefix .. member.
+        assert_eq!(layout.ban("user", "a"), "{mg}:ban:user:a");
+        assert_eq!(
+            layout.ban("ip", "::1"),
+            format!("{}{}", layout.ban_prefix(), ban_member("ip", "::1"))
+        );
     }
 }
