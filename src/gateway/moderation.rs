@@ -7,8 +7,7 @@
 use std::sync::Arc;
 
 use super::{Answer, Gateway};
-use crate::ids::unix_ms;
-use crate::ids::{ConnId, UserId};
+use crate::ids::{unix_ms, ConnId, UserId};
 use crate::matching::{MatchError, RecentPeer};
 use crate::metrics::BanSource;
 use crate::moderation::Report;
