@@ -14,7 +14,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use matchgate::matching::{ConnId, Matchmaker, UserId};
+use matchgate::matching::{ConnId, Engine, UserId};
 use matchgate::protocol::Prefs;
 use support::{memory, redis, RedisProcess};
 
@@ -22,7 +22,7 @@ use support::{memory, redis, RedisProcess};
 const WAITERS: [usize; 2] = [0, 5_000];
 
 /// `n` users who enqueued in the default pool and then dropped their connection.
-async fn fill(mm: &dyn Matchmaker, n: usize) {
+async fn fill(mm: &dyn Engine, n: usize) {
     for i in 0..n {
         let user: UserId = format!("gone-{i}").into();
         let conn = ConnId(i as u64 + 1);

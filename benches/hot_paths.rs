@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use matchgate::matching::{ConnId, Matchmaker, UserId};
+use matchgate::matching::{ConnId, Engine, UserId};
 use matchgate::p2p::{IceServers, Turn};
 use matchgate::protocol::{encode_event, parse_request, Event, Prefs, Role};
 use support::{memory, redis, RedisProcess};
@@ -70,7 +70,7 @@ fn match_step(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let server = RedisProcess::start();
-    let engines: [(&str, Arc<dyn Matchmaker>); 2] = [
+    let engines: [(&str, Arc<dyn Engine>); 2] = [
         ("memory", memory()),
         ("redis", redis(&server.url(), "hotpaths")),
     ];

@@ -21,8 +21,9 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::auth::expiry::{Due, TokenLifetime};
 use crate::auth::Authenticator;
 use crate::config::{count, millis};
-use crate::gateway::Gateway;
-use crate::matching::{ConnId, MatchError, Resume, UserId};
+use crate::gateway::{Answer, Gateway};
+use crate::ids::{ConnId, UserId};
+use crate::matching::{MatchError, Resume};
 use crate::protocol::{
     close, is_signal, parse_request, Action, ErrorCode, Relay, Reply, Request, PROTOCOL_VERSION,
     SIGNAL_ENVELOPE_BYTES,
@@ -455,13 +456,13 @@ impl Connection {
                             }
                         }
                         Ok(request) => match self.gateway.handle(&self.user, self.id, request).await {
-                            Some((frame, true)) => {
+                            Some(Answer { frame, client_error: true }) => {
                                 if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
                                     return exit;
                                 }
                                 continue;
                             }
-                            Some((frame, false)) => Some(frame),
+                            Some(Answer { frame, client_error: false }) => Some(frame),
                             None => None,
                         },
                         Err((e, reference)) => {

@@ -1,9 +1,13 @@
-//! The gateway core: turns protocol requests into matchmaker operations and acts on what they
-//! report (metrics, grace timers, throttled queue updates).
+//! The gateway core: turns protocol requests into engine operations and acts on what they
+//! report (metrics, grace timers, throttled queue updates, media rooms).
 //!
 //! It is the only place where the transport meets the matching domain. Connections call it with
-//! parsed requests; it never touches a socket. Frames reach sockets through the
-//! [`Bus`](crate::bus::Bus) and the [`Registry`].
+//! parsed requests and get an [`Answer`] back; it never touches a socket. Frames reach sockets
+//! through the [`Bus`](crate::bus::Bus) and the [`Registry`]. It holds the engine as one
+//! [`Engine`] (the four traits of [`crate::matching`]); every [`Outcome`] an operation
+//! returns, whoever called it (a connection, a timer, the media side, the Redis heartbeat), is
+//! acted on in one step, [`Gateway::apply`]. The timers and other work it starts run in the
+//! server's [`Background`], so the drain cancels and awaits them.
 
 mod detach;
 mod media;
@@ -21,13 +25,14 @@ use dashmap::DashMap;
 use crate::backoff;
 use crate::bus::local::LocalBus;
 use crate::config::{count, millis, Config};
-use crate::ids::unix_ms;
+use crate::ids::{unix_ms, ConnId, UserId};
 use crate::livekit::LiveKit;
 use crate::matching::memory::{MemoryMatchmaker, Policy};
-use crate::matching::{Attached, ConnId, MatchError, Matchmaker, Outcome, Resume, Timer, UserId};
+use crate::matching::{Attached, Engine, MatchError, Outcome, Resume, Timer};
 use crate::metrics::Metrics;
 use crate::protocol::{Action, ErrorCode, Reply, Request};
 use crate::registry::Registry;
+use crate::shutdown::Background;
 
 /// The session section of the configuration: what survives a dropped connection, and how
 /// often waiting users hear about the queue.
@@ -75,8 +80,37 @@ pub struct SessionConfig {
 /// Retries per timer (about a minute of backend trouble).
 const WAKE_RETRIES: usize = 14;
 
+/// The direct reply to one request (when its reply is not an event).
+#[derive(Debug)]
+pub struct Answer {
+    pub frame: Utf8Bytes,
+    /// An `error` the client caused: it pays from the connection's error budget. Not when the
+    /// backend is down or we have a bug.
+    pub client_error: bool,
+}
+
+impl Answer {
+    fn reply(frame: Utf8Bytes) -> Answer {
+        Answer {
+            frame,
+            client_error: false,
+        }
+    }
+}
+
+/// Who an [`Outcome`] is applied for.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// An operation of this connection of the user: a held state (after `detach`, or the
+    /// first phase of an expiry) expires after the grace period unless they come back.
+    Connection(&'a UserId, ConnId),
+    /// Background work tied to no connection (timers, media, the heartbeat): it never holds
+    /// a state.
+    Background,
+}
+
 pub struct Gateway {
-    matchmaker: Arc<dyn Matchmaker>,
+    matchmaker: Arc<dyn Engine>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     resume_grace: Duration,
@@ -94,11 +128,13 @@ pub struct Gateway {
     probe: probe::BackendProbe,
     /// Which connections to detach, and the detaches waiting for the backend.
     detaches: detach::Detaches,
+    /// Where timers, room set-ups and removals and the detach queue run.
+    background: Background,
 }
 
 impl Gateway {
     /// The embedded default: in-memory matching, in-process delivery.
-    pub fn in_memory(config: &Config) -> Arc<Self> {
+    pub fn in_memory(config: &Config, background: Background) -> Arc<Self> {
         let registry = Arc::new(Registry::default());
         let bus = Arc::new(LocalBus::new(registry.clone()));
         let matchmaker = Arc::new(MemoryMatchmaker::new(
@@ -111,15 +147,23 @@ impl Gateway {
                 rules: crate::matching::Rules::from_config(&config.rules),
             },
         ));
-        Self::new(config, matchmaker, registry, Arc::new(Metrics::new()))
+        Self::new(
+            config,
+            matchmaker,
+            registry,
+            Arc::new(Metrics::new()),
+            background,
+        )
     }
 
-    /// A gateway over any matchmaker; `registry` must be the one its bus delivers into.
+    /// A gateway over any engine; `registry` must be the one its bus delivers into. Its
+    /// background work runs in `background`.
     pub fn new(
         config: &Config,
-        matchmaker: Arc<dyn Matchmaker>,
+        matchmaker: Arc<dyn Engine>,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
+        background: Background,
     ) -> Arc<Self> {
         Arc::new(Gateway {
             moderation: crate::moderation::from_config(config, &registry, &metrics),
@@ -145,6 +189,7 @@ impl Gateway {
             }),
             detaches: detach::Detaches::new(metrics.detach_pending.clone()),
             metrics,
+            background,
         })
     }
 
@@ -180,7 +225,7 @@ impl Gateway {
 
     pub async fn metrics_text(&self) -> String {
         let stats = self.matchmaker.stats().await.unwrap_or_default();
-        self.metrics.render(stats)
+        self.metrics.render(stats.queued, stats.sessions)
     }
 
     pub async fn attach(
@@ -191,7 +236,8 @@ impl Gateway {
     ) -> Result<Attached, MatchError> {
         let mut attached = self.matchmaker.attach(user, conn, resume).await?;
         self.detaches.attached(user, conn);
-        self.apply(user, conn, std::mem::take(&mut attached.outcome));
+        let outcome = std::mem::take(&mut attached.outcome);
+        self.apply(Origin::Connection(user, conn), outcome);
         Ok(attached)
     }
 
@@ -202,14 +248,14 @@ impl Gateway {
         self.error_frame(e.code(), &e.client_message(), None, Some(1_000))
     }
 
-    /// Handles one request and returns the direct reply frame, if the reply is not an event
-    /// (events travel through the bus), and whether it is an error the client caused.
+    /// Handles one request and returns the direct reply, if the reply is not an event (events
+    /// travel through the bus).
     pub async fn handle(
         self: &Arc<Self>,
         user: &UserId,
         conn: ConnId,
         req: Request<'_>,
-    ) -> Option<(Utf8Bytes, bool)> {
+    ) -> Option<Answer> {
         let reference = req.reference.as_deref();
         let result = match req.action {
             Action::Enqueue(prefs) => self.matchmaker.enqueue(user, prefs, reference).await,
@@ -266,7 +312,7 @@ impl Gateway {
                     server_time_ms: unix_ms(),
                     reference,
                 };
-                return Some((ack.encode(), false));
+                return Some(Answer::reply(ack.encode()));
             }
             Action::Status => {
                 return Some(match self.matchmaker.status(user).await {
@@ -280,7 +326,7 @@ impl Gateway {
                             role: s.role,
                             reference,
                         };
-                        (status.encode(), false)
+                        Answer::reply(status.encode())
                     }
                     Err(e) => self.match_error(conn, &e, reference),
                 })
@@ -288,7 +334,7 @@ impl Gateway {
         };
         match result {
             Ok(outcome) => {
-                self.apply(user, conn, outcome);
+                self.apply(Origin::Connection(user, conn), outcome);
                 None
             }
             Err(e) => Some(self.match_error(conn, &e, reference)),
@@ -303,31 +349,28 @@ impl Gateway {
         action: &str,
         result: Result<Outcome, MatchError>,
         reference: Option<&str>,
-    ) -> (Utf8Bytes, bool) {
+    ) -> Answer {
         match result {
             Ok(outcome) => {
-                self.apply(user, conn, outcome);
-                (Reply::Ack { action, reference }.encode(), false)
+                self.apply(Origin::Connection(user, conn), outcome);
+                Answer::reply(Reply::Ack { action, reference }.encode())
             }
             Err(e) => self.match_error(conn, &e, reference),
         }
     }
 
-    /// The error frame for a failed operation of connection `conn`, and whether the client
-    /// caused it (and so pays from its error budget): not when the backend is down or we have
-    /// a bug. Those are logged with their details, which the client does not get.
-    fn match_error(
-        &self,
-        conn: ConnId,
-        e: &MatchError,
-        reference: Option<&str>,
-    ) -> (Utf8Bytes, bool) {
+    /// The error answer for a failed operation of connection `conn`. Errors the client did
+    /// not cause (the backend is down, or we have a bug) are logged with their details, which
+    /// the client does not get.
+    fn match_error(&self, conn: ConnId, e: &MatchError, reference: Option<&str>) -> Answer {
         if !e.client_caused() {
             tracing::warn!(%conn, error = %e, "request failed");
         }
         let message = e.client_message();
-        let frame = self.error_frame(e.code(), &message, reference, e.retry_after_ms());
-        (frame, e.client_caused())
+        Answer {
+            frame: self.error_frame(e.code(), &message, reference, e.retry_after_ms()),
+            client_error: e.client_caused(),
+        }
     }
 
     /// Builds an `error` frame and counts it.
@@ -348,14 +391,19 @@ impl Gateway {
         .encode()
     }
 
-    /// Acts on what a background operation (not tied to one connection) reported.
-    pub fn apply_outcome(self: &Arc<Self>, outcome: Outcome) {
-        debug_assert!(!outcome.held, "held states need a user and a connection");
-        self.effects(outcome);
-    }
-
-    /// What every outcome entails: metrics, queue updates, and rooms to set up or remove.
-    fn effects(self: &Arc<Self>, outcome: Outcome) {
+    /// Acts on what an operation reported, whoever called it: metrics, queue updates, rooms
+    /// to set up or remove, timers to arm, and (for a connection's operation) the expiry of a
+    /// held state. The one place an [`Outcome`] is acted on.
+    pub fn apply(self: &Arc<Self>, origin: Origin<'_>, outcome: Outcome) {
+        if outcome.held {
+            match origin {
+                Origin::Connection(user, conn) => self.schedule_expiry(user.clone(), conn),
+                Origin::Background => {
+                    debug_assert!(false, "held states need a user and a connection");
+                    tracing::error!("a background operation held a state: nothing expires it");
+                }
+            }
+        }
         for waited in &outcome.waits {
             self.metrics.matched_after(*waited);
         }
@@ -383,7 +431,7 @@ impl Gateway {
     /// users who wait (relaxation, anti-repeat fallback) or have a proposal open.
     fn schedule_wake(self: &Arc<Self>, delay: Duration, user: UserId, timer: Timer) {
         let gateway = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             tokio::time::sleep(delay).await;
             // A timer that fails (backend briefly away) is tried again: a lost one would leave
             // a user waiting for a widening or a fallback that never comes.
@@ -399,18 +447,10 @@ impl Gateway {
                 .notify(|e, _| tracing::warn!(error = %e, "timer failed: trying again"))
                 .await;
             match woken {
-                Ok(outcome) => gateway.apply_outcome(outcome),
+                Ok(outcome) => gateway.apply(Origin::Background, outcome),
                 Err(e) => tracing::error!(error = %e, "timer failed for good"),
             }
         });
-    }
-
-    /// Acts on what an operation reported.
-    fn apply(self: &Arc<Self>, user: &UserId, conn: ConnId, outcome: Outcome) {
-        if outcome.held {
-            self.schedule_expiry(user.clone(), conn);
-        }
-        self.effects(outcome);
     }
 
     /// Queue updates are throttled per pool: the first change arms one timer, later changes
@@ -420,7 +460,7 @@ impl Gateway {
             return;
         }
         let gateway = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             tokio::time::sleep(gateway.queue_update_interval).await;
             gateway.refresh_pending.remove(&pool);
             if let Err(e) = gateway.matchmaker.refresh_pool(&pool).await {
@@ -433,10 +473,10 @@ impl Gateway {
     /// came back (the matchmaker checks that under its lock).
     fn schedule_expiry(self: &Arc<Self>, user: UserId, conn: ConnId) {
         let gateway = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             tokio::time::sleep(gateway.resume_grace).await;
             match gateway.matchmaker.expire(&user, conn).await {
-                Ok(outcome) => gateway.apply(&user, conn, outcome),
+                Ok(outcome) => gateway.apply(Origin::Connection(&user, conn), outcome),
                 Err(e) => tracing::warn!(error = %e, "expiry failed"),
             }
         });

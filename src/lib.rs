@@ -7,11 +7,15 @@
 //! - [`protocol`] is the wire contract (mirrored by the JSON Schemas in `protocol/`).
 //! - [`gateway`] turns requests into matching operations and runs timers (grace, queue
 //!   updates); it is where the transport meets the domain.
-//! - [`matching`] (state: queue, sessions, event logs) and [`bus`] (delivery to wherever a
-//!   user's connection lives) are narrow traits with swappable backends; [`registry`] maps
-//!   users to this instance's live connections.
+//! - [`matching`] (state: queue, sessions, event logs; four small traits bundled as
+//!   [`matching::Engine`]) and [`bus`] (delivery to wherever a user's connection lives) are
+//!   narrow traits with swappable backends; [`registry`] maps users to this instance's live
+//!   connections. [`ids`] is the leaf they all share (user and connection ids, frames).
 //! - [`scaleout`] wires the Redis backends together and runs each instance's heartbeat,
-//!   clean-up and recovery loops.
+//!   clean-up and recovery loops; [`redis_keys`] names every Redis key and channel and encodes
+//!   what travels on pub/sub.
+//! - [`shutdown`] signals the drain and runs the background work (timers, rooms, loops) the
+//!   drain cancels and awaits.
 //! - [`moderation`] (reports and bans, in memory or in Redis) is another narrow backend trait;
 //!   [`privacy`] decides how identities appear in logs.
 //! - [`livekit`] and [`p2p`] are the two media modes: LiveKit rooms, or direct WebRTC with the
@@ -34,6 +38,7 @@ pub mod p2p;
 pub mod privacy;
 pub mod protocol;
 pub mod ratelimit;
+pub mod redis_keys;
 pub mod registry;
 pub mod scaleout;
 pub mod server;

@@ -12,7 +12,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::matching::Stats;
 use crate::protocol::{EndReason, ErrorCode, ReportReason};
 
 type Label = [(&'static str, &'static str); 1];
@@ -413,10 +412,12 @@ impl Metrics {
         self.match_latency.observe(waited.as_secs_f64());
     }
 
-    /// Renders the Prometheus text format with the matching gauges set to `stats`.
-    pub fn render(&self, stats: Stats) -> String {
-        self.queue_length.set(stats.queued as i64);
-        self.sessions_active.set(stats.sessions as i64);
+    /// Renders the Prometheus text format with the matching gauges set to the users waiting
+    /// in queues and the sessions (the engine's stats: metrics do not depend on the engines,
+    /// the Redis one of which counts its calls here).
+    pub fn render(&self, queued: u64, sessions: u64) -> String {
+        self.queue_length.set(queued as i64);
+        self.sessions_active.set(sessions as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -8,6 +8,9 @@
 //!
 //! A handle also knows the connection's client address and device id (when the token names
 //! one), so that a ban of either finds the connections it must close.
+//!
+//! It depends on the shared identifiers of [`crate::ids`] only, not on the bus that feeds it
+//! nor on the engines.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -16,8 +19,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::bus::Frame;
-use crate::matching::{ConnId, UserId};
+use crate::ids::{ConnId, Frame, UserId};
 use crate::protocol::close;
 
 /// A connection's bounded outbound queue plus its close request, behind one lock and one

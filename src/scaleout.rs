@@ -10,6 +10,10 @@
 //! - a recovery loop: after the pub/sub connection was lost and restored, catches every local
 //!   connection up from the users' logs, since messages published meanwhile are gone, and
 //!   closes the local connections that bans announced meanwhile name.
+//!
+//! All three run in the server's [`Background`]; ban notices reach
+//! [`moderation::announced`] through the subscriber's callback, so delivery does not depend
+//! on moderation.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +23,15 @@ use tokio::sync::watch;
 use crate::backoff;
 use crate::bus::redis::{subscribe, Recovery};
 use crate::config::{count, key_name, millis, Config};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Origin};
 use crate::ids::random_id;
-use crate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
+use crate::matching::redis::{RedisMatchmaker, RedisSettings};
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
-use crate::moderation::disconnect_banned;
+use crate::moderation::{self, disconnect_banned};
 use crate::protocol::close;
+use crate::redis_keys::Layout;
+use crate::shutdown::Background;
 
 /// The Redis section of the configuration: the scale-out mode is on with `--redis-url`.
 #[derive(Debug, Clone, clap::Args)]
@@ -137,12 +143,13 @@ pub fn matchmaker(
 }
 
 /// Starts the subscriber (on this instance's channel and the deployment's `broadcast`
-/// channel), the heartbeat and the recovery loops; they end when `stop` flips.
+/// channel), the heartbeat and the recovery loops in `background`; they end when `stop` flips
+/// (or when the background is shut down).
 pub fn spawn(
+    background: &Background,
     gateway: Arc<Gateway>,
     redis: Arc<RedisMatchmaker>,
     settings: RedisSettings,
-    broadcast: String,
     heartbeat: Duration,
     stop: watch::Receiver<bool>,
 ) {
@@ -154,15 +161,14 @@ pub fn spawn(
         period: heartbeat,
         known_epoch: tokio::sync::Mutex::new(String::new()),
     });
-    tokio::spawn(subscriber(
+    background.spawn(subscriber(
         instance.clone(),
         settings,
-        broadcast,
         recovery.clone(),
         stop.clone(),
     ));
-    tokio::spawn(ticks(instance.clone(), stop.clone()));
-    tokio::spawn(catch_up(instance, recovery, stop));
+    background.spawn(ticks(instance.clone(), stop.clone()));
+    background.spawn(catch_up(instance, recovery, stop));
 }
 
 /// Keeps this instance subscribed to its channel and the broadcast channel. The connection
@@ -171,12 +177,11 @@ pub fn spawn(
 async fn subscriber(
     instance: Arc<Instance>,
     settings: RedisSettings,
-    broadcast: String,
     recovery: Arc<Recovery>,
     mut stop: watch::Receiver<bool>,
 ) {
     let channel = settings.layout.channel(&settings.instance);
-    let channels = [channel.as_str(), broadcast.as_str()];
+    let channels = [channel.as_str(), settings.layout.broadcast()];
     let mut delays = backoff::Delays::new(Duration::from_millis(100), RETRY_MAX);
     let manager = loop {
         let attempt = subscribe(
@@ -185,6 +190,12 @@ async fn subscriber(
             instance.gateway.registry.clone(),
             instance.gateway.metrics.clone(),
             recovery.clone(),
+            {
+                let gateway = instance.gateway.clone();
+                move |kind: &str, value: &str| {
+                    moderation::announced(&gateway.registry, &gateway.metrics, kind, value)
+                }
+            },
         );
         tokio::select! {
             result = attempt => match result {
@@ -251,7 +262,7 @@ impl Instance {
         self.gateway
             .metrics
             .cleanup(tick.cleaned_users + tick.expired);
-        self.gateway.apply_outcome(tick.outcome);
+        self.gateway.apply(Origin::Background, tick.outcome);
         Ok(intact)
     }
 

@@ -4,7 +4,9 @@
 //! Shutdown follows tokio-rs/mini-redis: a signal future ends the accept loops; a `watch` flag
 //! tells every connection task to send `reconnect` and close with 1001 (and every HTTP
 //! connection to finish its request and close); every task is tracked, and the server waits
-//! (up to the drain timeout) until all have ended.
+//! (up to the drain timeout) until all have ended. Then the work tied to no connection
+//! ([`Background`]: timers, media rooms, the detach queue, the Redis loops) is cancelled and
+//! awaited, so a server that has returned from [`Server::run`] leaves no task behind.
 //!
 //! [`accept`] serves each socket, [`pending`] caps the sockets that have not become
 //! WebSockets, and [`linger`] makes sure that a client the gateway closes hears why.
@@ -35,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::privacy;
 use crate::registry::Registry;
 use crate::scaleout;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Background, Shutdown};
 use pending::PendingLimits;
 
 /// The HTTP section of the configuration: who may connect, how many, and how long a request
@@ -207,7 +209,13 @@ pub struct Server {
     drain_timeout: Duration,
     /// Whether the demo page is served at `/`.
     demo: bool,
+    /// Work tied to no connection: cancelled and awaited once the connections have drained.
+    background: Background,
 }
+
+/// How long the background work may take to end after it was cancelled, at least (the drain
+/// timeout may have run out on the connections already).
+const BACKGROUND_STOP: Duration = Duration::from_secs(1);
 
 /// Connections the kernel queues for a listener until they are accepted (capped by
 /// `net.core.somaxconn`). The usual default, 128, overflows in a reconnect storm while the
@@ -239,23 +247,33 @@ impl Server {
         let internal = config.internal_listen.map(listen).transpose()?;
         let (stop, stop_rx) = watch::channel(false);
         let tasks = TaskTracker::new();
+        let background = Background::default();
         let (gateway, mode) = match scaleout::settings(&config) {
-            None => (Gateway::in_memory(&config), Mode::Embedded),
+            None => (
+                Gateway::in_memory(&config, background.clone()),
+                Mode::Embedded,
+            ),
             Some(settings) => {
                 let registry = Arc::new(Registry::default());
                 let metrics = Arc::new(Metrics::new());
                 let redis = scaleout::matchmaker(settings.clone(), metrics.clone())
                     .map_err(StartError::Redis)?;
-                let gateway = Gateway::new(&config, redis.clone(), registry, metrics);
+                let gateway = Gateway::new(
+                    &config,
+                    redis.clone(),
+                    registry,
+                    metrics,
+                    background.clone(),
+                );
                 let mode = Mode::Redis {
                     instance: settings.instance.clone(),
                     cluster: settings.cluster,
                 };
                 scaleout::spawn(
+                    &background,
                     gateway.clone(),
                     redis,
                     settings,
-                    crate::bus::redis::broadcast_channel(&config.redis.redis_namespace),
                     config.redis.instance_heartbeat_ms,
                     stop_rx.clone(),
                 );
@@ -327,6 +345,7 @@ impl Server {
             stop,
             drain_timeout: config.http.drain_timeout_ms,
             demo,
+            background,
         })
     }
 
@@ -370,6 +389,12 @@ impl Server {
         self.app.auth.mode()
     }
 
+    /// The server's background work (timers, media rooms, the detach queue, the Redis loops),
+    /// for observing it: after [`Server::run`] returned, none of it runs any more.
+    pub fn background(&self) -> Background {
+        self.background.clone()
+    }
+
     /// Serves until `signal` resolves, then drains: stops accepting, asks every connection to
     /// reconnect elsewhere, and waits for them up to the drain timeout.
     pub async fn run(self, signal: impl Future<Output = ()> + Send + 'static) {
@@ -382,6 +407,7 @@ impl Server {
             stop,
             drain_timeout,
             demo: _,
+            background,
         } = self;
         let gateway = app.gateway.clone();
         // The routers hold the app from here on; when they are gone, so is it.
@@ -412,6 +438,17 @@ impl Server {
             .is_err()
         {
             tracing::warn!("connections still open at the drain timeout: closing them");
+        }
+        // What the connections left behind (grace timers of the users who just left, queue
+        // updates, rooms, the detach queue) stops now.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(BACKGROUND_STOP);
+        if !background.shut_down(left).await {
+            tracing::warn!(
+                running = background.running(),
+                "background tasks still running after their cancellation"
+            );
         }
         tracing::info!("shut down");
     }

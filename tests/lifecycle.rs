@@ -833,3 +833,51 @@ async fn a_slow_consumer_is_closed_and_loses_nothing_on_resume() {
         latest - a_last
     );
 }
+
+/// A drained server leaves no background task behind: the grace expiry of a user who just
+/// left (armed for ten minutes), queue updates and, in the scale-out mode, the subscriber,
+/// heartbeat and recovery loops are all tracked while the server runs and cancelled and
+/// awaited by the drain.
+async fn drain_leaves_no_background_task(extra: &[&str]) {
+    let mut args = vec!["--resume-grace-ms", "600000"];
+    args.extend_from_slice(extra);
+    let server = TestServer::start(&args).await;
+    let background = server.background.clone();
+    let mut waiting = server.connect("waits").await;
+    waiting
+        .send(json!({"type": "enqueue", "ref": "q", "prefs": {}}))
+        .await;
+    waiting.expect("queued").await;
+    let leaving = server.connect("leaves").await;
+    leaving.close().await;
+    // The detach armed the expiry: a tracked task, sleeping for the whole grace period.
+    let armed = async {
+        while background.running() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, armed)
+        .await
+        .expect("background work is tracked");
+    assert!(!background.is_shut_down());
+    server.shutdown().await;
+    assert!(background.is_shut_down());
+    assert_eq!(
+        background.running(),
+        0,
+        "background tasks outlived the drain"
+    );
+}
+
+#[tokio::test]
+async fn a_drained_embedded_server_leaves_no_background_task() {
+    drain_leaves_no_background_task(&[]).await;
+}
+
+#[tokio::test]
+async fn a_drained_scale_out_server_leaves_no_background_task() {
+    let redis = common::redis::Backend::single().await;
+    let args = redis.args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    drain_leaves_no_background_task(&args).await;
+}

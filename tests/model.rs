@@ -67,7 +67,8 @@ use std::time::Duration;
 use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
 use matchgate::matching::{
-    ConnId, MatchError, Matchmaker, MediaMode, Outcome, Resume, Rules, UserId,
+    Administration, ClientOperations, ConnId, MatchError, MediaMode, Outcome, Resume, Rules,
+    Timers, UserId,
 };
 use matchgate::p2p::IceServers;
 use matchgate::protocol::{Prefs, Role, StateName};
@@ -596,7 +597,7 @@ impl Harness {
                 let target = current.or(self.users[u].last_peer);
                 let ok = self.users[u].exists && target.is_some();
                 let engine = self.mm.recent_peer(&id, None).await.ok();
-                let engine = engine.map(|(_, peer)| peer);
+                let engine = engine.map(|found| found.peer);
                 ensure!(
                     engine == target.filter(|_| ok).map(user_id),
                     "the engine's current or most recent peer of u{u} is {engine:?}, the model's \

@@ -14,11 +14,12 @@ use clap::Parser;
 use common::redis::RedisServer;
 use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
-use matchgate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
-use matchgate::matching::{ConnId, Matchmaker, MediaMode, Outcome, Resume, Rules, UserId};
+use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
+use matchgate::matching::{ConnId, Engine, MediaMode, Outcome, Resume, Rules, UserId};
 use matchgate::metrics::Metrics;
 use matchgate::p2p::IceServers;
 use matchgate::protocol::{EndReason, Prefs};
+use matchgate::redis_keys::Layout;
 use matchgate::Config;
 
 /// Frames go nowhere: the records are compared with the replayed `matched` frames instead.
@@ -30,7 +31,7 @@ impl Bus for Discard {
 
 /// The `started_at_ms` of `user`'s latest `matched`, from a resume that replays its whole log
 /// (a new connection `conn` takes over; nothing else changes).
-async fn matched_at(mm: &dyn Matchmaker, user: &UserId, conn: u64, token: &str) -> u64 {
+async fn matched_at(mm: &dyn Engine, user: &UserId, conn: u64, token: &str) -> u64 {
     let resume = Resume {
         token: token.to_string(),
         last_seq: 0,
@@ -62,7 +63,7 @@ fn media() -> MediaMode {
     MediaMode::P2p(Arc::new(IceServers::new(Vec::new(), None)))
 }
 
-fn memory() -> Arc<dyn Matchmaker> {
+fn memory() -> Arc<dyn Engine> {
     Arc::new(MemoryMatchmaker::new(
         Arc::new(Discard),
         Policy {
@@ -75,7 +76,7 @@ fn memory() -> Arc<dyn Matchmaker> {
     ))
 }
 
-fn redis(server: &RedisServer) -> Arc<dyn Matchmaker> {
+fn redis(server: &RedisServer) -> Arc<dyn Engine> {
     let settings = RedisSettings {
         urls: vec![server.url()],
         cluster: false,
@@ -94,20 +95,20 @@ fn redis(server: &RedisServer) -> Arc<dyn Matchmaker> {
 }
 
 /// The user, and its resume token.
-async fn attach(mm: &dyn Matchmaker, user: &str, conn: u64) -> (UserId, String) {
+async fn attach(mm: &dyn Engine, user: &str, conn: u64) -> (UserId, String) {
     let id: UserId = user.into();
     let attached = mm.attach(&id, ConnId(conn), None).await.expect("attach");
     (id, attached.resume_token)
 }
 
-async fn enqueue(mm: &dyn Matchmaker, user: &UserId) -> Outcome {
+async fn enqueue(mm: &dyn Engine, user: &UserId) -> Outcome {
     mm.enqueue(user, Prefs::default(), None)
         .await
         .expect("enqueue")
 }
 
 /// The same script for every engine: a match, a skip, a match ended by the media server.
-async fn script(mm: &dyn Matchmaker) {
+async fn script(mm: &dyn Engine) {
     let (a, a_token) = attach(mm, "ana", 1).await;
     let (b, b_token) = attach(mm, "bo", 2).await;
     let first = enqueue(mm, &a).await;
@@ -152,10 +153,11 @@ async fn script(mm: &dyn Matchmaker) {
     let matched = enqueue(mm, &d).await;
     let session = matched.started[0].session_id.clone();
     assert_eq!(matched.started[0].users, [c.clone(), d.clone()]);
-    let (_, gone) = mm
+    let gone = mm
         .media_left(&session, None, "event-1", Duration::from_secs(60))
         .await
-        .expect("media_left");
+        .expect("media_left")
+        .outcome;
     assert_eq!(gone.closed.len(), 1, "{gone:?}");
     assert_eq!(gone.closed[0].session_id, session);
     assert_eq!(gone.closed[0].ended_by, None);

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
-use matchgate::matching::redis::{Layout, RedisMatchmaker, RedisSettings};
-use matchgate::matching::{Matchmaker, MediaMode, Rules, UserId};
+use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
+use matchgate::matching::{Engine, MediaMode, Rules, UserId};
 use matchgate::metrics::Metrics;
 use matchgate::p2p::IceServers;
+use matchgate::redis_keys::Layout;
 use matchgate::Config;
 
 /// Frames go nowhere: delivery is not what is measured.
@@ -36,7 +37,7 @@ fn no_ice_servers() -> MediaMode {
     MediaMode::P2p(Arc::new(IceServers::new(Vec::new(), None)))
 }
 
-pub fn memory() -> Arc<dyn Matchmaker> {
+pub fn memory() -> Arc<dyn Engine> {
     Arc::new(MemoryMatchmaker::new(
         Arc::new(Discard),
         Policy {
@@ -49,7 +50,7 @@ pub fn memory() -> Arc<dyn Matchmaker> {
     ))
 }
 
-pub fn redis(url: &str, namespace: &str) -> Arc<dyn Matchmaker> {
+pub fn redis(url: &str, namespace: &str) -> Arc<dyn Engine> {
     let settings = RedisSettings {
         urls: vec![url.to_string()],
         cluster: false,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{Bus, Frame};
-use crate::matching::UserId;
+use crate::ids::UserId;
 use crate::registry::Registry;
 
 pub struct LocalBus {

@@ -7,20 +7,15 @@
 //! pub/sub to the instance that holds the user. Delivery is at-most-once by design: every
 //! frame with a `seq` is also in the user's event log, so a lost delivery is recovered by
 //! resume and replay.
+//!
+//! The bus names no engine: frames and user ids come from the leaf [`crate::ids`] (re-exported
+//! here as [`Frame`]), and the Redis subscriber hands ban notices to whoever subscribed it.
 
 pub mod local;
 pub mod redis;
 
-use axum::extract::ws::Utf8Bytes;
-
-use crate::matching::UserId;
-
-/// One serialised server frame. `seq` is set for events that change the user's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    pub seq: Option<u64>,
-    pub text: Utf8Bytes,
-}
+pub use crate::ids::Frame;
+use crate::ids::UserId;
 
 /// Hands frames to users' connections. Must never block: it is called inside a matchmaker's
 /// atomic step, and a slow client must not hold anyone else up.

@@ -8,7 +8,9 @@
 //!
 //! Every instance also listens on one broadcast channel of the deployment, where the
 //! moderation backend announces new bans: each instance closes the banned identity's
-//! connections it holds.
+//! connections it holds. What a ban closes is moderation's business: the subscriber hands
+//! each ban notice to the `on_ban` it was given (so delivery does not depend on moderation).
+//! Channel names and the message encoding are [`crate::redis_keys`]'s.
 //!
 //! The subscription runs on a `ConnectionManager` that reconnects and re-subscribes by itself.
 //! Pub/sub is at-most-once: messages published while the subscriber was away are lost, so
@@ -22,25 +24,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 
-use super::Frame;
-use crate::matching::ConnId;
+use crate::ids::{Frame, UserId};
 use crate::metrics::Metrics;
-use crate::moderation::{disconnect_banned, BanKind};
 use crate::protocol::close;
+use crate::redis_keys::Notice;
 use crate::registry::Registry;
 
 /// The longest wait between two attempts at reconnecting the subscriber.
 const RECONNECT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The channel every instance of the deployment `namespace` listens on, besides its own.
-pub fn broadcast_channel(namespace: &str) -> String {
-    format!("{namespace}:all")
-}
-
-/// The broadcast message that announces a ban (see [`dispatch`]).
-pub fn ban_notice(kind: BanKind, value: &str) -> String {
-    format!("B{}\n{value}", kind.as_str())
-}
 
 /// Raised after the subscription was lost and restored.
 #[derive(Default)]
@@ -49,14 +40,17 @@ pub struct Recovery {
     pub restored: Notify,
 }
 
-/// Opens the subscriber connection and subscribes to `channels`. The returned manager must be
-/// kept alive for as long as the subscription should last.
+/// Opens the subscriber connection and subscribes to `channels`. Frames and kicks go to
+/// `registry`; a ban notice goes to `on_ban` with the ban's kind and value as the notice
+/// spells them. The returned manager must be kept alive for as long as the subscription
+/// should last.
 pub async fn subscribe(
     url: &str,
     channels: &[&str],
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     recovery: Arc<Recovery>,
+    on_ban: impl Fn(&str, &str) + Send + Sync + 'static,
 ) -> redis::RedisResult<ConnectionManager> {
     // Push messages (and automatic re-subscription) need RESP3.
     let separator = if url.contains('?') { '&' } else { '?' };
@@ -66,7 +60,7 @@ pub async fn subscribe(
             PushKind::Message => {
                 if let Some(Value::BulkString(payload)) = push.data.get(1) {
                     metrics.pubsub_received();
-                    dispatch(&registry, &metrics, payload);
+                    dispatch(&registry, &on_ban, payload);
                 }
             }
             PushKind::Disconnection => {
@@ -93,49 +87,27 @@ pub async fn subscribe(
     Ok(manager)
 }
 
-/// Acts on one published message: `F<user>\n<seq>\n<frame>` (a frame for a local connection;
-/// seq 0: none), `K<user>\n<conn>` (close a replaced connection; `conn` as [`ConnId`] displays
-/// it) or `B<kind>\n<value>` (a ban: close the connections it names).
-fn dispatch(registry: &Registry, metrics: &Metrics, payload: &[u8]) {
-    let Ok(text) = std::str::from_utf8(payload) else {
-        return;
-    };
-    let (kind, rest) = text.split_at(text.len().min(1));
-    let Some((subject, rest)) = rest.split_once('\n') else {
-        return;
-    };
-    match kind {
-        "F" => {
-            let Some((seq, frame)) = rest.split_once('\n') else {
-                return;
-            };
-            let seq = seq.parse::<u64>().ok().filter(|s| *s > 0);
-            let user: crate::matching::UserId = subject.into();
-            registry.push(
-                &user,
-                Frame {
-                    seq,
-                    text: frame.into(),
-                },
-            );
-        }
-        "K" => {
-            if let Some(conn) = ConnId::parse(rest) {
-                registry.close_if(subject, conn, close::REPLACED);
-            }
-        }
-        "B" => {
-            if let Some(ban) = BanKind::parse(subject) {
-                disconnect_banned(registry, metrics, [(ban, rest)]);
-            }
-        }
-        _ => {}
+/// Acts on one published message (see [`Notice`] for the encodings).
+fn dispatch(registry: &Registry, on_ban: &impl Fn(&str, &str), payload: &[u8]) {
+    match Notice::decode(payload) {
+        Some(Notice::Frame { user, seq, text }) => registry.push(
+            &UserId::from(user),
+            Frame {
+                seq,
+                text: text.into(),
+            },
+        ),
+        Some(Notice::Kick { user, conn }) => registry.close_if(user, conn, close::REPLACED),
+        Some(Notice::Ban { kind, value }) => on_ban(kind, value),
+        None => {}
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::ConnId;
+    use crate::moderation::{announced, BanKind};
     use crate::registry::{ConnectionHandle, Next};
 
     fn connection(
@@ -153,15 +125,15 @@ mod tests {
     #[tokio::test]
     async fn dispatches_frames_and_kicks() {
         let registry = Registry::default();
-        let metrics = Metrics::new();
+        let no_bans = |_: &str, _: &str| panic!("no ban was announced");
         let outbox = connection(&registry, "u\u{e9}", 7, "10.0.0.1");
         dispatch(
             &registry,
-            &metrics,
+            &no_bans,
             "Fu\u{e9}\n1\n{\"type\":\"queued\"}".as_bytes(),
         );
-        dispatch(&registry, &metrics, b"Fnobody\n1\n{}");
-        dispatch(&registry, &metrics, b"garbage");
+        dispatch(&registry, &no_bans, b"Fnobody\n1\n{}");
+        dispatch(&registry, &no_bans, b"garbage");
         match outbox.next().await {
             Next::Send(f) => {
                 assert_eq!(f.seq, Some(1));
@@ -171,12 +143,12 @@ mod tests {
         }
         dispatch(
             &registry,
-            &metrics,
+            &no_bans,
             "Ku\u{e9}\nc0000000000000008".as_bytes(),
         ); // another: ignored
         dispatch(
             &registry,
-            &metrics,
+            &no_bans,
             "Ku\u{e9}\nc0000000000000007".as_bytes(),
         );
         assert!(matches!(outbox.next().await, Next::Close(close::REPLACED)));
@@ -186,19 +158,30 @@ mod tests {
     async fn a_ban_notice_closes_the_connections_it_names() {
         let registry = Registry::default();
         let metrics = Metrics::new();
+        let on_ban = |kind: &str, value: &str| announced(&registry, &metrics, kind, value);
         let by_user = connection(&registry, "a", 1, "10.0.0.1");
         let by_ip = connection(&registry, "b", 2, "10.0.0.2");
-        dispatch(&registry, &metrics, b"Bnonsense\n10.0.0.1");
+        dispatch(&registry, &on_ban, b"Bnonsense\n10.0.0.1");
         dispatch(
             &registry,
-            &metrics,
-            ban_notice(BanKind::Ip, "10.0.0.2").as_bytes(),
+            &on_ban,
+            Notice::Ban {
+                kind: BanKind::Ip.as_str(),
+                value: "10.0.0.2",
+            }
+            .encode()
+            .as_bytes(),
         );
         assert!(matches!(by_ip.next().await, Next::Close(close::BANNED)));
         dispatch(
             &registry,
-            &metrics,
-            ban_notice(BanKind::User, "a").as_bytes(),
+            &on_ban,
+            Notice::Ban {
+                kind: BanKind::User.as_str(),
+                value: "a",
+            }
+            .encode()
+            .as_bytes(),
         );
         assert!(matches!(by_user.next().await, Next::Close(close::BANNED)));
     }

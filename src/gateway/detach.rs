@@ -25,9 +25,10 @@ use std::time::Duration;
 use dashmap::DashMap;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::Gateway;
+use super::{Gateway, Origin};
 use crate::backoff;
-use crate::matching::{ConnId, MatchError, UserId};
+use crate::ids::{ConnId, UserId};
+use crate::matching::MatchError;
 use crate::privacy;
 
 /// Detaches per second while the queue drains.
@@ -161,13 +162,13 @@ impl Gateway {
     async fn call_detach(self: &Arc<Self>, user: &UserId, conn: ConnId) -> Result<(), MatchError> {
         let result = self.matchmaker.detach(user, conn).await;
         self.metrics.detach_call(result.is_ok());
-        self.apply(user, conn, result?);
+        self.apply(Origin::Connection(user, conn), result?);
         Ok(())
     }
 
     fn queue_detach(self: &Arc<Self>, user: &UserId, conn: ConnId) {
         if self.detaches.with_queue(|queue| queue.push(user, conn)) {
-            tokio::spawn(self.clone().drain_detaches());
+            self.background.spawn(self.clone().drain_detaches());
         }
     }
 

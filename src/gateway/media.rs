@@ -2,16 +2,21 @@
 //! hears of it, the room's removal after every kind of end, LiveKit's webhooks, and a sweep
 //! that reconciles rooms with sessions after crashes.
 //!
-//! The matchmaker keeps a new session *pending* (both users still look queued) and reports it
-//! in the [`Outcome`]. A task per pending session creates the room, retrying with backoff up to
-//! the creation deadline, then calls [`Matchmaker::media_ready`] (both get `matched` with their
-//! token) or [`Matchmaker::media_failed`] (both go back to their queue places with a
-//! `media_unavailable` error). None of this runs under the matchmaker's lock or inside a Redis
-//! call, so a slow LiveKit never holds up anybody else's matching. If the instance dies
-//! meanwhile, the Redis backend undoes the pending match by itself after a deadline.
+//! The engine keeps a new session *pending* (both users still look queued) and reports it in
+//! the [`Outcome`](crate::matching::Outcome). A task per pending session creates the room,
+//! retrying with backoff up to the creation deadline, then calls
+//! [`media_ready`](crate::matching::MediaEvents::media_ready) (both get `matched` with their
+//! token) or [`media_failed`](crate::matching::MediaEvents::media_failed) (both go back to
+//! their queue places with a `media_unavailable` error). None of this runs under the
+//! matchmaker's lock or inside a Redis call, so a slow LiveKit never holds up anybody else's
+//! matching. If the instance dies meanwhile, the Redis backend undoes the pending match by
+//! itself after a deadline.
 //!
 //! Room removal is fire-and-forget with retries: a bounded number of deletes run at once and a
 //! bounded number wait; beyond that (or after the retries) the sweep removes the room later.
+//!
+//! Every task here runs in the gateway's [`Background`](crate::shutdown::Background), so the
+//! drain cancels and awaits them.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,11 +28,11 @@ use backon::Retryable;
 use livekit_api::webhooks::WebhookError;
 use tokio::sync::{watch, Semaphore};
 
-use super::Gateway;
+use super::{Gateway, Origin};
 use crate::backoff;
 use crate::ids::{random_id, unix_ms};
 use crate::livekit::{LiveKit, LiveKitError};
-use crate::matching::{MatchError, MediaEffect, PendingSession};
+use crate::matching::{MatchError, MediaEffect, MediaLeft, MediaReady, PendingSession};
 use crate::protocol::ErrorCode;
 
 /// Room creations in flight at once; more pending sessions wait for a slot (their deadline
@@ -65,7 +70,7 @@ impl Gateway {
             return;
         }
         let gateway = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let Some(rooms) = &gateway.media else { return };
             let deadline = tokio::time::Instant::now() + rooms.create_deadline;
             let created = tokio::time::timeout_at(deadline, async {
@@ -99,10 +104,16 @@ impl Gateway {
                         .media_ready(&pending.session_id, media)
                         .await
                     {
-                        Ok((true, outcome)) => gateway.apply_outcome(outcome),
+                        Ok(MediaReady {
+                            live: true,
+                            outcome,
+                        }) => gateway.apply(Origin::Background, outcome),
                         // A member left while the room was being made: the room goes again.
-                        Ok((false, outcome)) => {
-                            gateway.apply_outcome(outcome);
+                        Ok(MediaReady {
+                            live: false,
+                            outcome,
+                        }) => {
+                            gateway.apply(Origin::Background, outcome);
                             gateway.remove_room(&pending.session_id);
                         }
                         // The backend undoes the pending match by itself; the sweep removes
@@ -125,7 +136,7 @@ impl Gateway {
                                     gateway.metrics.protocol_error(ErrorCode::MediaUnavailable);
                                 }
                             }
-                            gateway.apply_outcome(outcome);
+                            gateway.apply(Origin::Background, outcome);
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot undo a match"),
                     }
@@ -145,7 +156,7 @@ impl Gateway {
         }
         let name = rooms.livekit.room_name(session);
         let gateway = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let Some(rooms) = &gateway.media else { return };
             let slot = rooms.deleting.acquire().await;
             rooms.queued_deletes.fetch_sub(1, Ordering::AcqRel);
@@ -229,8 +240,8 @@ impl Gateway {
             .media_left(session, left, &event_id, rooms.webhook_dedupe)
             .await
         {
-            Ok((effect, outcome)) => {
-                self.apply_outcome(outcome);
+            Ok(MediaLeft { effect, outcome }) => {
+                self.apply(Origin::Background, outcome);
                 let result = match effect {
                     MediaEffect::Ended => "ended",
                     MediaEffect::Duplicate => "duplicate",
@@ -255,7 +266,7 @@ impl Gateway {
         let Some(rooms) = &self.media else { return };
         let interval = rooms.sweep_interval;
         let gateway = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -314,12 +325,12 @@ impl Gateway {
         for s in &sessions {
             if !s.pending && !with_room.contains(&*s.session_id) && old_enough(s.created_ms) {
                 let event_id = format!("sweep:{}", s.session_id);
-                let (_, outcome) = self
+                let MediaLeft { outcome, .. } = self
                     .matchmaker
                     .media_left(&s.session_id, None, &event_id, rooms.webhook_dedupe)
                     .await?;
                 tracing::info!(session = %s.session_id, "ended a session whose room is gone");
-                self.apply_outcome(outcome);
+                self.apply(Origin::Background, outcome);
             }
         }
         Ok(())

@@ -6,19 +6,16 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
-
-use super::Gateway;
-use crate::ids::unix_ms;
-use crate::matching::{ConnId, MatchError, UserId};
+use super::{Answer, Gateway};
+use crate::ids::{unix_ms, ConnId, UserId};
+use crate::matching::{MatchError, RecentPeer};
 use crate::metrics::BanSource;
 use crate::moderation::Report;
 use crate::privacy;
 use crate::protocol::{Reply, ReportReason};
 
 impl Gateway {
-    /// Handles a `report`: returns the direct reply and whether it is an error the client
-    /// caused.
+    /// Handles a `report`: returns the direct reply (an `ack`, or the error).
     pub(super) async fn report(
         self: &Arc<Self>,
         user: &UserId,
@@ -27,14 +24,14 @@ impl Gateway {
         details: Option<String>,
         session: Option<&str>,
         reference: Option<&str>,
-    ) -> (Utf8Bytes, bool) {
+    ) -> Answer {
         match self.file_report(user, reason, details, session).await {
             Ok(()) => {
                 let ack = Reply::Ack {
                     action: "report",
                     reference,
                 };
-                (ack.encode(), false)
+                Answer::reply(ack.encode())
             }
             Err(e) => self.match_error(conn, &e, reference),
         }
@@ -47,7 +44,10 @@ impl Gateway {
         details: Option<String>,
         session: Option<&str>,
     ) -> Result<(), MatchError> {
-        let (session_id, reported) = self.matchmaker.recent_peer(user, session).await?;
+        let RecentPeer {
+            session_id,
+            peer: reported,
+        } = self.matchmaker.recent_peer(user, session).await?;
         let report = Report {
             session_id,
             reporter: user.clone(),

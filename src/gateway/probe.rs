@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::matching::Matchmaker;
+use crate::matching::Administration;
 use crate::moderation::{Identity, Moderation};
 
 /// How long an answer of the backend is reused.
@@ -29,7 +29,7 @@ impl BackendProbe {
     /// Whether both backends answer, asking them at most once per [`PROBE_TTL`].
     pub(super) async fn answers(
         &self,
-        matchmaker: &dyn Matchmaker,
+        matchmaker: &dyn Administration,
         moderation: &dyn Moderation,
     ) -> bool {
         // Held across the call: probes that arrive meanwhile get its answer.

@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Attached, ConnId, MatchError, Matchmaker, MediaEffect, MediaMode, Outcome, PendingSession,
-    Resume, Rules, SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, UserId,
+    Administration, Attached, ClientOperations, ConnId, MatchError, MediaEffect, MediaEvents,
+    MediaLeft, MediaMode, MediaReady, Outcome, PendingSession, RecentPeer, Resume, Rules,
+    SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, Timers, UserId,
 };
 use crate::bus::{Bus, Frame};
 use crate::ids::{random_id, unix_ms};
@@ -1385,7 +1386,7 @@ fn estimate_moved(old: Option<u64>, new: Option<u64>) -> bool {
 }
 
 #[async_trait]
-impl Matchmaker for MemoryMatchmaker {
+impl ClientOperations for MemoryMatchmaker {
     async fn attach(
         &self,
         user: &UserId,
@@ -1471,48 +1472,6 @@ impl Matchmaker for MemoryMatchmaker {
                         state: PeerState::Reconnecting,
                     },
                 );
-            }
-            Ok(())
-        })?;
-        Ok(outcome)
-    }
-
-    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
-        let ((), outcome) = self.step(None, None, |state, step| {
-            let Some(entry) = state.users.get(user) else {
-                return Ok(());
-            };
-            if entry.conn != conn || !entry.away {
-                return Ok(());
-            }
-            // Two phases, one grace period apart: first the queue place or session goes (the
-            // user's own `dequeued`/`session_ended` with reason `timeout` stays in the log, so a
-            // client that comes back a little later learns why); then the idle user and the log.
-            match &entry.activity {
-                Activity::Idle => {
-                    state.users.remove(user);
-                    state.forget_later(step, user);
-                    state.expire_blocks_later(step, user);
-                }
-                Activity::Queued(_) => {
-                    state.dequeue(step, user, DequeueReason::Timeout);
-                    step.outcome.held = true;
-                }
-                Activity::Pending { session_id, .. } => {
-                    let session_id = session_id.clone();
-                    state.leave_match(step, user, &session_id, DequeueReason::Timeout);
-                    step.outcome.held = true;
-                }
-                Activity::InSession { .. } => {
-                    let requeue_peer = step.policy.requeue_peer_on_skip;
-                    state.end_session(
-                        step,
-                        user,
-                        (EndReason::Timeout, false),
-                        (EndReason::PeerDisconnected, requeue_peer),
-                    )?;
-                    step.outcome.held = true;
-                }
             }
             Ok(())
         })?;
@@ -1619,6 +1578,153 @@ impl Matchmaker for MemoryMatchmaker {
         state.status(user)
     }
 
+    async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            state.user(user)?;
+            let (session_id, peer) =
+                state
+                    .peer_in(user, session)
+                    .ok_or(MatchError::InvalidState(
+                        "no such session to block a peer from".into(),
+                    ))?;
+            let list = state
+                .blocks
+                .entry(user.clone())
+                .or_insert_with(|| BlockList::new(step.now));
+            // A dropped block may leave the blocker, if it waits, free to meet somebody who
+            // waits too.
+            if list.add(&peer, step.policy.rules.max_blocks) {
+                state.try_match(step, user);
+            }
+            if state.session_of(user).is_some_and(|(s, _)| s == session_id) {
+                let lived = state.end_session(
+                    step,
+                    user,
+                    (EndReason::End, false),
+                    (EndReason::PeerEnded, false),
+                )?;
+                state.note_quick_end(step, user, lived);
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    async fn recent_peer(
+        &self,
+        user: &UserId,
+        session: Option<&str>,
+    ) -> Result<RecentPeer, MatchError> {
+        let state = self.state.lock().expect("matchmaker state poisoned");
+        state.user(user)?;
+        state
+            .peer_in(user, session)
+            .map(|(session_id, peer)| RecentPeer { session_id, peer })
+            .ok_or(MatchError::InvalidState("no such session".into()))
+    }
+
+    async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            let i = state.proposal_member(user, match_id)?;
+            let session_id: Arc<str> = match_id.into();
+            let Some(s) = state.sessions.get_mut(match_id) else {
+                return Ok(());
+            };
+            let Phase::Proposed { mut accepted } = s.phase else {
+                return Ok(());
+            };
+            accepted[i] = true;
+            s.phase = Phase::Proposed { accepted };
+            if accepted == [true; 2] {
+                if step.policy.media.waits_for_room() {
+                    state.await_room(step, &session_id);
+                } else {
+                    state.go_live(step, &session_id, None);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            state.proposal_member(user, match_id)?;
+            let session_id: Arc<str> = match_id.into();
+            state.keep_apart(&session_id);
+            let rules = &step.policy.rules;
+            state.undo_match(step, &session_id, |member, _| {
+                if member == user {
+                    State::refused(rules, &session_id, CancelReason::Declined)
+                } else {
+                    Undo::Back(Some(Event::MatchCancelled {
+                        match_id: session_id.clone(),
+                        reason: CancelReason::PeerDeclined,
+                        requeued: true,
+                    }))
+                }
+            });
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError> {
+        let state = self.state.lock().expect("matchmaker state poisoned");
+        let (session_id, peer) = state
+            .session_of(user)
+            .ok_or(MatchError::InvalidState("not in a session".into()))?;
+        // Delivered under the lock, so that it cannot overtake the end of its session.
+        let text = message.frame(&session_id, unix_ms());
+        self.bus.deliver(&peer, Frame { seq: None, text });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Timers for MemoryMatchmaker {
+    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            let Some(entry) = state.users.get(user) else {
+                return Ok(());
+            };
+            if entry.conn != conn || !entry.away {
+                return Ok(());
+            }
+            // Two phases, one grace period apart: first the queue place or session goes (the
+            // user's own `dequeued`/`session_ended` with reason `timeout` stays in the log, so a
+            // client that comes back a little later learns why); then the idle user and the log.
+            match &entry.activity {
+                Activity::Idle => {
+                    state.users.remove(user);
+                    state.forget_later(step, user);
+                    state.expire_blocks_later(step, user);
+                }
+                Activity::Queued(_) => {
+                    state.dequeue(step, user, DequeueReason::Timeout);
+                    step.outcome.held = true;
+                }
+                Activity::Pending { session_id, .. } => {
+                    let session_id = session_id.clone();
+                    state.leave_match(step, user, &session_id, DequeueReason::Timeout);
+                    step.outcome.held = true;
+                }
+                Activity::InSession { .. } => {
+                    let requeue_peer = step.policy.requeue_peer_on_skip;
+                    state.end_session(
+                        step,
+                        user,
+                        (EndReason::Timeout, false),
+                        (EndReason::PeerDisconnected, requeue_peer),
+                    )?;
+                    step.outcome.held = true;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
     async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError> {
         self.step(None, None, |state, step| {
             let Some(p) = state.pools.get(pool) else {
@@ -1672,205 +1778,6 @@ impl Matchmaker for MemoryMatchmaker {
         Ok(())
     }
 
-    async fn stats(&self) -> Result<Stats, MatchError> {
-        let state = self.state.lock().expect("matchmaker state poisoned");
-        Ok(Stats {
-            queued: state.queued,
-            sessions: state.sessions.len() as u64,
-        })
-    }
-
-    async fn media_ready(
-        &self,
-        session: &str,
-        media: [Media; 2],
-    ) -> Result<(bool, Outcome), MatchError> {
-        self.step(None, None, |state, step| {
-            if !state
-                .sessions
-                .get(session)
-                .is_some_and(|s| s.phase == Phase::Pending)
-            {
-                return Ok(false);
-            }
-            state.go_live(step, &session.into(), Some(media));
-            Ok(true)
-        })
-    }
-
-    async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError> {
-        let ((), outcome) = self.step(None, None, |state, step| {
-            if state
-                .sessions
-                .get(session)
-                .is_some_and(|s| s.phase == Phase::Pending)
-            {
-                let message: Arc<str> = MEDIA_UNAVAILABLE.into();
-                state.undo_match(step, &session.into(), |_, _| {
-                    Undo::Back(Some(Event::Error {
-                        code: ErrorCode::MediaUnavailable,
-                        message: message.clone(),
-                        retry_after_ms: None,
-                    }))
-                });
-            }
-            Ok(())
-        })?;
-        Ok(outcome)
-    }
-
-    async fn media_left(
-        &self,
-        session: &str,
-        left: Option<&str>,
-        event_id: &str,
-        dedupe: Duration,
-    ) -> Result<(MediaEffect, Outcome), MatchError> {
-        self.step(None, None, |state, step| {
-            if !state.first_sight(event_id, step.now, dedupe) {
-                return Ok(MediaEffect::Duplicate);
-            }
-            let Some(s) = state
-                .sessions
-                .get(session)
-                .filter(|s| s.phase == Phase::Live)
-            else {
-                return Ok(MediaEffect::NoSession);
-            };
-            let requeue_peer = step.policy.requeue_peer_on_skip;
-            let reason = EndReason::MediaDisconnected;
-            match left {
-                // Whoever left ends it; the peer is treated as if skipped.
-                Some(handle) => match s.members.iter().find(|m| &*m.handle == handle) {
-                    Some(m) => {
-                        let user = m.user.clone();
-                        let lived = state.end_session(
-                            step,
-                            &user,
-                            (reason, false),
-                            (reason, requeue_peer),
-                        )?;
-                        state.note_quick_end(step, &user, lived);
-                    }
-                    None => return Ok(MediaEffect::NoSession),
-                },
-                // The room is gone for both.
-                None => {
-                    let user = s.members[0].user.clone();
-                    state.end_session(step, &user, (reason, false), (reason, false))?;
-                    // Ended on behalf of the first member, but by neither.
-                    if let Some(closed) = step.outcome.closed.last_mut() {
-                        closed.ended_by = None;
-                    }
-                }
-            }
-            Ok(MediaEffect::Ended)
-        })
-    }
-
-    async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError> {
-        let state = self.state.lock().expect("matchmaker state poisoned");
-        Ok(state
-            .sessions
-            .iter()
-            .map(|(id, s)| SessionInfo {
-                session_id: id.clone(),
-                created_ms: s.created_ms,
-                pending: s.phase != Phase::Live,
-            })
-            .collect())
-    }
-
-    async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
-        let ((), outcome) = self.step(None, None, |state, step| {
-            state.user(user)?;
-            let (session_id, peer) =
-                state
-                    .peer_in(user, session)
-                    .ok_or(MatchError::InvalidState(
-                        "no such session to block a peer from".into(),
-                    ))?;
-            let list = state
-                .blocks
-                .entry(user.clone())
-                .or_insert_with(|| BlockList::new(step.now));
-            // A dropped block may leave the blocker, if it waits, free to meet somebody who
-            // waits too.
-            if list.add(&peer, step.policy.rules.max_blocks) {
-                state.try_match(step, user);
-            }
-            if state.session_of(user).is_some_and(|(s, _)| s == session_id) {
-                let lived = state.end_session(
-                    step,
-                    user,
-                    (EndReason::End, false),
-                    (EndReason::PeerEnded, false),
-                )?;
-                state.note_quick_end(step, user, lived);
-            }
-            Ok(())
-        })?;
-        Ok(outcome)
-    }
-
-    async fn recent_peer(
-        &self,
-        user: &UserId,
-        session: Option<&str>,
-    ) -> Result<(Arc<str>, UserId), MatchError> {
-        let state = self.state.lock().expect("matchmaker state poisoned");
-        state.user(user)?;
-        state
-            .peer_in(user, session)
-            .ok_or(MatchError::InvalidState("no such session".into()))
-    }
-
-    async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
-        let ((), outcome) = self.step(None, None, |state, step| {
-            let i = state.proposal_member(user, match_id)?;
-            let session_id: Arc<str> = match_id.into();
-            let Some(s) = state.sessions.get_mut(match_id) else {
-                return Ok(());
-            };
-            let Phase::Proposed { mut accepted } = s.phase else {
-                return Ok(());
-            };
-            accepted[i] = true;
-            s.phase = Phase::Proposed { accepted };
-            if accepted == [true; 2] {
-                if step.policy.media.waits_for_room() {
-                    state.await_room(step, &session_id);
-                } else {
-                    state.go_live(step, &session_id, None);
-                }
-            }
-            Ok(())
-        })?;
-        Ok(outcome)
-    }
-
-    async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
-        let ((), outcome) = self.step(None, None, |state, step| {
-            state.proposal_member(user, match_id)?;
-            let session_id: Arc<str> = match_id.into();
-            state.keep_apart(&session_id);
-            let rules = &step.policy.rules;
-            state.undo_match(step, &session_id, |member, _| {
-                if member == user {
-                    State::refused(rules, &session_id, CancelReason::Declined)
-                } else {
-                    Undo::Back(Some(Event::MatchCancelled {
-                        match_id: session_id.clone(),
-                        reason: CancelReason::PeerDeclined,
-                        requeued: true,
-                    }))
-                }
-            });
-            Ok(())
-        })?;
-        Ok(outcome)
-    }
-
     async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {
         let ((), outcome) = self.step(None, None, |state, step| {
             match timer {
@@ -1913,20 +1820,126 @@ impl Matchmaker for MemoryMatchmaker {
         })?;
         Ok(outcome)
     }
+}
+
+#[async_trait]
+impl Administration for MemoryMatchmaker {
+    async fn stats(&self) -> Result<Stats, MatchError> {
+        let state = self.state.lock().expect("matchmaker state poisoned");
+        Ok(Stats {
+            queued: state.queued,
+            sessions: state.sessions.len() as u64,
+        })
+    }
 
     /// One process holds all the state: it always holds every lease.
     async fn lease(&self, _name: &str, _ttl: Duration) -> Result<bool, MatchError> {
         Ok(true)
     }
+}
 
-    async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError> {
+#[async_trait]
+impl MediaEvents for MemoryMatchmaker {
+    async fn media_ready(
+        &self,
+        session: &str,
+        media: [Media; 2],
+    ) -> Result<MediaReady, MatchError> {
+        self.step(None, None, |state, step| {
+            if !state
+                .sessions
+                .get(session)
+                .is_some_and(|s| s.phase == Phase::Pending)
+            {
+                return Ok(false);
+            }
+            state.go_live(step, &session.into(), Some(media));
+            Ok(true)
+        })
+        .map(|(live, outcome)| MediaReady { live, outcome })
+    }
+
+    async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError> {
+        let ((), outcome) = self.step(None, None, |state, step| {
+            if state
+                .sessions
+                .get(session)
+                .is_some_and(|s| s.phase == Phase::Pending)
+            {
+                let message: Arc<str> = MEDIA_UNAVAILABLE.into();
+                state.undo_match(step, &session.into(), |_, _| {
+                    Undo::Back(Some(Event::Error {
+                        code: ErrorCode::MediaUnavailable,
+                        message: message.clone(),
+                        retry_after_ms: None,
+                    }))
+                });
+            }
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    async fn media_left(
+        &self,
+        session: &str,
+        left: Option<&str>,
+        event_id: &str,
+        dedupe: Duration,
+    ) -> Result<MediaLeft, MatchError> {
+        self.step(None, None, |state, step| {
+            if !state.first_sight(event_id, step.now, dedupe) {
+                return Ok(MediaEffect::Duplicate);
+            }
+            let Some(s) = state
+                .sessions
+                .get(session)
+                .filter(|s| s.phase == Phase::Live)
+            else {
+                return Ok(MediaEffect::NoSession);
+            };
+            let requeue_peer = step.policy.requeue_peer_on_skip;
+            let reason = EndReason::MediaDisconnected;
+            match left {
+                // Whoever left ends it; the peer is treated as if skipped.
+                Some(handle) => match s.members.iter().find(|m| &*m.handle == handle) {
+                    Some(m) => {
+                        let user = m.user.clone();
+                        let lived = state.end_session(
+                            step,
+                            &user,
+                            (reason, false),
+                            (reason, requeue_peer),
+                        )?;
+                        state.note_quick_end(step, &user, lived);
+                    }
+                    None => return Ok(MediaEffect::NoSession),
+                },
+                // The room is gone for both.
+                None => {
+                    let user = s.members[0].user.clone();
+                    state.end_session(step, &user, (reason, false), (reason, false))?;
+                    // Ended on behalf of the first member, but by neither.
+                    if let Some(closed) = step.outcome.closed.last_mut() {
+                        closed.ended_by = None;
+                    }
+                }
+            }
+            Ok(MediaEffect::Ended)
+        })
+        .map(|(effect, outcome)| MediaLeft { effect, outcome })
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError> {
         let state = self.state.lock().expect("matchmaker state poisoned");
-        let (session_id, peer) = state
-            .session_of(user)
-            .ok_or(MatchError::InvalidState("not in a session".into()))?;
-        // Delivered under the lock, so that it cannot overtake the end of its session.
-        let text = message.frame(&session_id, unix_ms());
-        self.bus.deliver(&peer, Frame { seq: None, text });
-        Ok(())
+        Ok(state
+            .sessions
+            .iter()
+            .map(|(id, s)| SessionInfo {
+                session_id: id.clone(),
+                created_ms: s.created_ms,
+                pending: s.phase != Phase::Live,
+            })
+            .collect())
     }
 }

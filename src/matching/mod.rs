@@ -1,12 +1,21 @@
 //! The matching domain: who waits in which pool, who is in which session, and the per-user
 //! event log that makes resume possible.
 //!
-//! [`Matchmaker`] is the narrow seam between the transport and the state. Each operation is one
-//! atomic step: it checks the user's state, changes it, appends the resulting events to the
-//! users' logs (assigning `seq`) and hands the frames to the [`Bus`](crate::bus::Bus) in that
-//! same step, so that every user sees events in `seq` order no matter how many operations race.
-//! The in-memory implementation does this under one lock; a Redis implementation does it in one
-//! script. The transport never knows which one runs.
+//! The seam between the transport and the state is four small traits, each with its written
+//! contract, grouped by who calls them: [`ClientOperations`] (what a connected client asks
+//! for), [`Timers`] (delays an earlier operation asked for), [`MediaEvents`] (what the media
+//! side reports about sessions) and [`Administration`] (stats and leases, no user state).
+//! [`Engine`] bundles them for the gateway. Each operation is one atomic step: it checks the
+//! user's state, changes it, appends the resulting events to the users' logs (assigning
+//! `seq`) and hands the frames to the [`Bus`](crate::bus::Bus) in that same step, so that every
+//! user sees events in `seq` order no matter how many operations race. What the caller must do
+//! afterwards comes back as an [`Outcome`], which the gateway applies in one place. The
+//! in-memory implementation ([`memory`]) does this under one lock; the Redis implementation
+//! ([`redis`]) does it in one function call of its Lua library. The transport never knows
+//! which one runs.
+//!
+//! Identifiers ([`UserId`], [`ConnId`], [`Frame`]) live in the leaf module [`crate::ids`] and
+//! are re-exported here.
 
 pub mod memory;
 pub mod redis;
@@ -18,15 +27,15 @@ use async_trait::async_trait;
 
 use clap::ValueEnum;
 
-use crate::bus::Frame;
 use crate::config::{count, millis, secs};
+pub use crate::ids::{ConnId, Frame, UserId};
 use crate::p2p::IceServers;
 use crate::protocol::{EndReason, ErrorCode, Media, Prefs, Relay, StateName};
 
 /// How matches get their media; both engines act on it inside their atomic matching step.
 #[derive(Debug, Clone)]
 pub enum MediaMode {
-    /// LiveKit: a pair is *pending* until its room is ready ([`Matchmaker::media_ready`]);
+    /// LiveKit: a pair is *pending* until its room is ready ([`MediaEvents::media_ready`]);
     /// a pair still pending after `pending` is undone by the backend itself.
     LiveKit { pending: Duration },
     /// Peer to peer: a pair is live at once, and each member's `matched` lists the ICE
@@ -220,29 +229,6 @@ impl Rules {
     }
 }
 
-/// A user id: the JWT `sub`.
-pub type UserId = Arc<str>;
-
-/// Identifies one WebSocket connection, so that a late disconnect of a replaced connection
-/// cannot touch the state its successor took over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnId(pub u64);
-
-/// Fixed-width hex, so that ids of one instance (which grow) also compare as strings.
-impl std::fmt::Display for ConnId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "c{:016x}", self.0)
-    }
-}
-
-impl ConnId {
-    /// Reads the form [`ConnId`]'s `Display` writes.
-    pub fn parse(s: &str) -> Option<ConnId> {
-        let hex = s.strip_prefix('c').filter(|h| h.len() == 16)?;
-        u64::from_str_radix(hex, 16).ok().map(ConnId)
-    }
-}
-
 /// What a reconnecting client presents to get missed events back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resume {
@@ -250,7 +236,7 @@ pub struct Resume {
     pub last_seq: u64,
 }
 
-/// The result of [`Matchmaker::attach`].
+/// The result of [`ClientOperations::attach`].
 #[derive(Debug)]
 pub struct Attached {
     pub state: StateName,
@@ -294,11 +280,11 @@ pub struct Outcome {
     /// After `detach`: the user's state is held and expires after the grace period.
     pub held: bool,
     /// In media mode: sessions matched by this operation that wait for their room
-    /// ([`Matchmaker::media_ready`] or [`Matchmaker::media_failed`] must follow).
+    /// ([`MediaEvents::media_ready`] or [`MediaEvents::media_failed`] must follow).
     pub pending: Vec<PendingSession>,
     /// Sessions (live or pending) that this operation ended: their rooms must go.
     pub ended_sessions: Vec<Arc<str>>,
-    /// Timers to arm: after the delay, [`Matchmaker::wake`] with the user and the timer.
+    /// Timers to arm: after the delay, [`Timers::wake`] with the user and the timer.
     pub timers: Vec<(Duration, UserId, Timer)>,
 }
 
@@ -367,6 +353,29 @@ pub enum MediaEffect {
     Duplicate,
     /// No live session for that room (already ended, still pending, or never ours).
     NoSession,
+}
+
+/// The result of [`MediaEvents::media_ready`].
+#[derive(Debug)]
+pub struct MediaReady {
+    /// The session went live; false when it was no longer pending (its room must go).
+    pub live: bool,
+    pub outcome: Outcome,
+}
+
+/// The result of [`MediaEvents::media_left`].
+#[derive(Debug)]
+pub struct MediaLeft {
+    pub effect: MediaEffect,
+    pub outcome: Outcome,
+}
+
+/// The result of [`ClientOperations::recent_peer`]: whom a report names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentPeer {
+    pub session_id: Arc<str>,
+    /// The peer's user id.
+    pub peer: UserId,
 }
 
 /// Counts for the metrics endpoint.
@@ -451,11 +460,27 @@ impl MatchError {
     }
 }
 
-/// Matching state behind one narrow interface. See the module docs for the atomicity contract.
+/// What a connected client asks for, on behalf of the user its connection is attached as.
+///
+/// Contract, for every method:
+/// - **Atomic.** One call is one step of the engine (see the module docs): it checks the user's
+///   state, changes it, logs the resulting events (assigning `seq`) and hands them to the
+///   [`Bus`](crate::bus::Bus), all at once. Calls racing for the same user or pool are applied
+///   one after the other, in some order; each user's events carry `seq` in that order.
+/// - **Refusals change nothing.** A call that does not fit the user's state fails with
+///   [`MatchError::InvalidState`] (or `Cooldown`, `RateLimited`) and neither changes state nor
+///   emits events. `Unavailable` means the backend could not be asked or did not answer; the
+///   step may or may not have run (a Redis call that timed out), and its events tell.
+/// - **What follows.** The returned [`Outcome`] lists what the caller must do afterwards
+///   (metrics, queue updates, rooms, timers, the grace expiry); the engine itself runs no
+///   timers.
+/// - **No-ops** are stated per method; they return `Ok` with an empty outcome.
 #[async_trait]
-pub trait Matchmaker: Send + Sync + 'static {
+pub trait ClientOperations: Send + Sync + 'static {
     /// A connection for `user` came up: it takes over the user's state (queue place or session)
-    /// and, with a valid `resume`, gets the events it missed.
+    /// and, with a valid `resume`, gets the events it missed. Fails with
+    /// [`MatchError::Replaced`] (changing nothing) when a newer connection of the user is
+    /// attached already: connection ids grow.
     async fn attach(
         &self,
         user: &UserId,
@@ -463,12 +488,10 @@ pub trait Matchmaker: Send + Sync + 'static {
         resume: Option<Resume>,
     ) -> Result<Attached, MatchError>;
 
-    /// The connection `conn` of `user` went away. A no-op when a newer connection took over.
+    /// The connection `conn` of `user` went away: the user's state is held for the grace
+    /// period (`Outcome::held`; [`Timers::expire`] must follow). A no-op when a newer
+    /// connection took over or the user is already away.
     async fn detach(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError>;
-
-    /// The grace period after `detach(user, conn)` ran out: drop the held state unless the user
-    /// came back in the meantime.
-    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError>;
 
     async fn enqueue(
         &self,
@@ -481,40 +504,8 @@ pub trait Matchmaker: Send + Sync + 'static {
 
     async fn end(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError>;
 
+    /// Reads the user's state; changes nothing.
     async fn status(&self, user: &UserId) -> Result<Status, MatchError>;
-
-    /// Pushes `queue_update` to waiting users of `pool` whose position or estimate changed since
-    /// they were last told.
-    async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError>;
-
-    async fn stats(&self) -> Result<Stats, MatchError>;
-
-    /// The room of a pending session is ready: both members get `matched` with their `media`
-    /// (offerer first). Returns false when the session is no longer pending (a member left
-    /// meanwhile): the room is then the caller's to delete.
-    async fn media_ready(
-        &self,
-        session: &str,
-        media: [Media; 2],
-    ) -> Result<(bool, Outcome), MatchError>;
-
-    /// No room could be set up for a pending session: both members go back to their places
-    /// at the head of the queue and get a `media_unavailable` error.
-    async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError>;
-
-    /// The media server reports that `left` (a member's handle), or everybody when `None`,
-    /// left the session's room: a live session ends with `media_disconnected`. Events are
-    /// de-duplicated by `event_id` within `dedupe`.
-    async fn media_left(
-        &self,
-        session: &str,
-        left: Option<&str>,
-        event_id: &str,
-        dedupe: Duration,
-    ) -> Result<(MediaEffect, Outcome), MatchError>;
-
-    /// Every session, for the sweep that matches them against the media server's rooms.
-    async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError>;
 
     /// Blocks the peer of `session` (default: the current or most recent one) for good, in
     /// both directions; a live session with them ends (`end` for the blocker, `peer_ended`
@@ -522,12 +513,12 @@ pub trait Matchmaker: Send + Sync + 'static {
     async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError>;
 
     /// The peer of `user` in `session` (default: the current or most recent session), for
-    /// reports: the session id and the peer's user id.
+    /// reports. Reads only.
     async fn recent_peer(
         &self,
         user: &UserId,
         session: Option<&str>,
-    ) -> Result<(Arc<str>, UserId), MatchError>;
+    ) -> Result<RecentPeer, MatchError>;
 
     /// Accept phase: `user` accepts the proposal `match_id`.
     async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError>;
@@ -535,16 +526,92 @@ pub trait Matchmaker: Send + Sync + 'static {
     /// Accept phase: `user` declines the proposal `match_id`.
     async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError>;
 
-    /// A timer an earlier outcome armed went off.
-    async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError>;
-
-    /// Whether this instance holds the lease `name` for `ttl` (one instance of a deployment
-    /// runs each periodic clean-up). Taking it again before it runs out extends it.
-    async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError>;
-
     /// Passes `message` to the peer of `user`'s live session, wherever the peer is connected,
     /// with the session id and (chat) the time: no `seq`, not logged, not replayed. A peer
     /// who is away misses it. `invalid_state` outside a live session. One user's messages
     /// reach the peer in the order of the calls.
     async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError>;
 }
+
+/// What the gateway calls when a delay an earlier [`Outcome`] asked for has passed.
+///
+/// Contract: each call is one atomic step like a client operation's. A timer may go off late,
+/// twice (the gateway retries one that failed with `Unavailable`) or after what it was armed
+/// for is decided; every such call is a no-op that returns an empty outcome, so timers never
+/// need cancelling.
+#[async_trait]
+pub trait Timers: Send + Sync + 'static {
+    /// The grace period after `detach(user, conn)` ran out: drop the held state unless the user
+    /// came back in the meantime (then a no-op). Dropping a queue place or session first
+    /// holds the idle user for another grace period (`Outcome::held` again).
+    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError>;
+
+    /// Pushes `queue_update` to waiting users of `pool` whose position or estimate changed since
+    /// they were last told (no `seq`: nothing to replay). A no-op for an empty pool.
+    async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError>;
+
+    /// A timer an earlier outcome armed went off. A no-op when the queue place or proposal it
+    /// names is no longer current.
+    async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError>;
+}
+
+/// Deployment-level questions that touch no user's state.
+#[async_trait]
+pub trait Administration: Send + Sync + 'static {
+    /// Counts for the metrics endpoint; it is also what readiness asks to learn that the
+    /// backend answers.
+    async fn stats(&self) -> Result<Stats, MatchError>;
+
+    /// Whether this instance holds the lease `name` for `ttl` (one instance of a deployment
+    /// runs each periodic clean-up). Taking it again before it runs out extends it; atomic, so
+    /// two instances never both hold it.
+    async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError>;
+}
+
+/// What the media side (room set-up, LiveKit's webhooks, the room sweep) reports about
+/// sessions. Called by the gateway's media tasks, never on a client's behalf.
+///
+/// Contract: each call is one atomic step like a client operation's. A session is *pending*
+/// from the match until exactly one of [`MediaEvents::media_ready`] and
+/// [`MediaEvents::media_failed`] (or the engine's own deadline, or a member leaving) decides
+/// it; whichever comes later finds nothing to do and is a no-op. Rooms are the caller's: the
+/// engine only names sessions whose rooms must go (`Outcome::ended_sessions`).
+#[async_trait]
+pub trait MediaEvents: Send + Sync + 'static {
+    /// The room of a pending session is ready: both members get `matched` with their `media`
+    /// (offerer first). `live` is false when the session is no longer pending (a member left
+    /// meanwhile): the room is then the caller's to delete.
+    async fn media_ready(&self, session: &str, media: [Media; 2])
+        -> Result<MediaReady, MatchError>;
+
+    /// No room could be set up for a pending session: both members go back to their places
+    /// at the head of the queue and get a `media_unavailable` error. A no-op (an outcome
+    /// without ended sessions) when the session is no longer pending.
+    async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError>;
+
+    /// The media server reports that `left` (a member's handle), or everybody when `None`,
+    /// left the session's room: a live session ends with `media_disconnected`. Events are
+    /// de-duplicated by `event_id` within `dedupe`: a repeated event is a no-op
+    /// ([`MediaEffect::Duplicate`]).
+    async fn media_left(
+        &self,
+        session: &str,
+        left: Option<&str>,
+        event_id: &str,
+        dedupe: Duration,
+    ) -> Result<MediaLeft, MatchError>;
+
+    /// Every session, for the sweep that matches them against the media server's rooms.
+    /// Reads only.
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError>;
+}
+
+/// A whole matching engine: what the gateway holds.
+///
+/// One bundle rather than four handles: both engines implement every part over one state, so
+/// the gateway wires one object and its call sites stay `self.matchmaker.op(..)`. Code that
+/// needs one part only asks for that part (the readiness probe takes `&dyn Administration`),
+/// and an engine is whatever implements the four parts (the blanket impl).
+pub trait Engine: ClientOperations + Timers + Administration + MediaEvents {}
+
+impl<T: ClientOperations + Timers + Administration + MediaEvents> Engine for T {}

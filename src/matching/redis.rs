@@ -4,7 +4,8 @@
 //!
 //! The library also publishes each frame on the pub/sub channel of the instance that holds the
 //! user's connection (see [`crate::bus::redis`]), inside the same atomic step that appends it to
-//! the user's log, so events reach every user in `seq` order. All keys share one hash tag, so
+//! the user's log, so events reach every user in `seq` order. The Rust side of the key layout,
+//! the channel names and the message encoding is [`crate::redis_keys`]. All keys share one hash tag, so
 //! every call touches one slot and the same code runs against Redis Cluster.
 
 use std::sync::Arc;
@@ -16,14 +17,16 @@ use serde::{Deserialize, Deserializer};
 
 use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
 use super::{
-    Attached, ConnId, MatchError, Matchmaker, MediaEffect, MediaMode, Outcome, PendingSession,
-    Resume, Rules, SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, UserId,
+    Administration, Attached, ClientOperations, ConnId, MatchError, MediaEffect, MediaEvents,
+    MediaLeft, MediaMode, MediaReady, Outcome, PendingSession, RecentPeer, Resume, Rules,
+    SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, Timers, UserId,
 };
 use crate::bus::Frame;
 use crate::ids::random_id;
 use crate::metrics::Metrics;
 use crate::p2p::IceServers;
 use crate::protocol::{EndReason, IceServer, Media, Prefs, Relay, StateName};
+use crate::redis_keys::Layout;
 
 /// The error of a call made before this instance's p2p configuration was in Redis.
 const P2P_CONFIG_MISSING: &str = "p2p_config_missing";
@@ -48,28 +51,6 @@ impl Library {
             code: LIBRARY.replace("@VERSION@", version),
             function: format!("matchgate_{version}"),
         }
-    }
-}
-
-/// Where the Redis keys and channels of one deployment live.
-#[derive(Debug, Clone)]
-pub struct Layout {
-    /// Key prefix with the hash tag, e.g. `{mg}`.
-    pub prefix: String,
-    /// Pub/sub channel prefix; an instance listens on `<prefix><instance id>`.
-    pub channel_prefix: String,
-}
-
-impl Layout {
-    pub fn new(namespace: &str) -> Self {
-        Layout {
-            prefix: format!("{{{namespace}}}"),
-            channel_prefix: format!("{namespace}:i:"),
-        }
-    }
-
-    pub fn channel(&self, instance: &str) -> String {
-        format!("{}{instance}", self.channel_prefix)
     }
 }
 
@@ -436,7 +417,7 @@ impl RedisMatchmaker {
             pool,
             shared: std::sync::Mutex::new(None),
             library: Library::new(),
-            route_key: format!("{}:route", settings.layout.prefix),
+            route_key: settings.layout.route(),
             rules: rules_arg(&settings.rules),
             media: match &settings.media {
                 MediaMode::LiveKit { pending } => format!("livekit {}", pending.as_millis()),
@@ -603,7 +584,7 @@ fn frames(replay: Vec<(u64, String)>) -> Vec<Frame> {
 }
 
 #[async_trait]
-impl Matchmaker for RedisMatchmaker {
+impl ClientOperations for RedisMatchmaker {
     async fn attach(
         &self,
         user: &UserId,
@@ -635,13 +616,6 @@ impl Matchmaker for RedisMatchmaker {
     async fn detach(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
         Ok(self
             .call("detach", user, &[&conn.to_string()])
-            .await?
-            .outcome())
-    }
-
-    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("expire", user, &[&conn.to_string()])
             .await?
             .outcome())
     }
@@ -705,10 +679,74 @@ impl Matchmaker for RedisMatchmaker {
         })
     }
 
+    async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("block", user, &[session.unwrap_or("")])
+            .await?
+            .outcome())
+    }
+
+    async fn recent_peer(
+        &self,
+        user: &UserId,
+        session: Option<&str>,
+    ) -> Result<RecentPeer, MatchError> {
+        let reply = self.call("peer", user, &[session.unwrap_or("")]).await?;
+        reply
+            .session
+            .zip(reply.peer)
+            .map(|(session_id, peer)| RecentPeer { session_id, peer })
+            .ok_or_else(|| MatchError::Internal("peer reply without a peer".into()))
+    }
+
+    async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
+        Ok(self.call("accept", user, &[match_id]).await?.outcome())
+    }
+
+    async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
+        Ok(self.call("decline", user, &[match_id]).await?.outcome())
+    }
+
+    async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError> {
+        // The library splices these into the frame as they are: the payload exactly as the
+        // client sent it, the chat text as a JSON string.
+        let json = match &message {
+            Relay::Signal(payload) => std::borrow::Cow::Borrowed(payload.get()),
+            Relay::Chat(text) => serde_json::to_string(text)
+                .expect("strings serialise")
+                .into(),
+        };
+        self.call("relay", user, &[message.name(), &json])
+            .await
+            .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Timers for RedisMatchmaker {
+    async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
+        Ok(self
+            .call("expire", user, &[&conn.to_string()])
+            .await?
+            .outcome())
+    }
+
     async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError> {
         self.call("refresh", "", &[pool]).await.map(|_| ())
     }
 
+    async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {
+        let (kind, arg) = match timer {
+            Timer::Relax { ticket } => ("relax", ticket.to_string()),
+            Timer::Rematch { ticket } => ("rematch", ticket.to_string()),
+            Timer::Proposal { match_id } => ("proposal", match_id.to_string()),
+        };
+        Ok(self.call("wake", user, &[kind, &arg]).await?.outcome())
+    }
+}
+
+#[async_trait]
+impl Administration for RedisMatchmaker {
     async fn stats(&self) -> Result<Stats, MatchError> {
         let reply = self.call("stats", "", &[]).await?;
         Ok(Stats {
@@ -717,14 +755,28 @@ impl Matchmaker for RedisMatchmaker {
         })
     }
 
+    async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError> {
+        let ttl = ttl.as_millis().max(1).to_string();
+        let reply = self
+            .call("lease", &self.settings.instance, &[name, &ttl])
+            .await?;
+        Ok(reply.live)
+    }
+}
+
+#[async_trait]
+impl MediaEvents for RedisMatchmaker {
     async fn media_ready(
         &self,
         session: &str,
         media: [Media; 2],
-    ) -> Result<(bool, Outcome), MatchError> {
+    ) -> Result<MediaReady, MatchError> {
         let [a, b] = media.map(|m| serde_json::to_string(&m).expect("media serialises"));
         let mut reply = self.call("media_ready", "", &[session, &a, &b]).await?;
-        Ok((reply.live, reply.outcome()))
+        Ok(MediaReady {
+            live: reply.live,
+            outcome: reply.outcome(),
+        })
     }
 
     async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError> {
@@ -740,7 +792,7 @@ impl Matchmaker for RedisMatchmaker {
         left: Option<&str>,
         event_id: &str,
         dedupe: Duration,
-    ) -> Result<(MediaEffect, Outcome), MatchError> {
+    ) -> Result<MediaLeft, MatchError> {
         let ttl = dedupe.as_millis().max(1).to_string();
         let args = [session, left.unwrap_or(""), event_id, &ttl];
         let mut reply = self.call("media_left", "", &args).await?;
@@ -749,7 +801,10 @@ impl Matchmaker for RedisMatchmaker {
             Some("duplicate") => MediaEffect::Duplicate,
             _ => MediaEffect::NoSession,
         };
-        Ok((effect, reply.outcome()))
+        Ok(MediaLeft {
+            effect,
+            outcome: reply.outcome(),
+        })
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError> {
@@ -763,63 +818,5 @@ impl Matchmaker for RedisMatchmaker {
                 pending,
             })
             .collect())
-    }
-
-    async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("block", user, &[session.unwrap_or("")])
-            .await?
-            .outcome())
-    }
-
-    async fn recent_peer(
-        &self,
-        user: &UserId,
-        session: Option<&str>,
-    ) -> Result<(Arc<str>, UserId), MatchError> {
-        let reply = self.call("peer", user, &[session.unwrap_or("")]).await?;
-        reply
-            .session
-            .zip(reply.peer)
-            .ok_or_else(|| MatchError::Internal("peer reply without a peer".into()))
-    }
-
-    async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
-        Ok(self.call("accept", user, &[match_id]).await?.outcome())
-    }
-
-    async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
-        Ok(self.call("decline", user, &[match_id]).await?.outcome())
-    }
-
-    async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {
-        let (kind, arg) = match timer {
-            Timer::Relax { ticket } => ("relax", ticket.to_string()),
-            Timer::Rematch { ticket } => ("rematch", ticket.to_string()),
-            Timer::Proposal { match_id } => ("proposal", match_id.to_string()),
-        };
-        Ok(self.call("wake", user, &[kind, &arg]).await?.outcome())
-    }
-
-    async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError> {
-        let ttl = ttl.as_millis().max(1).to_string();
-        let reply = self
-            .call("lease", &self.settings.instance, &[name, &ttl])
-            .await?;
-        Ok(reply.live)
-    }
-
-    async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError> {
-        // The library splices these into the frame as they are: the payload exactly as the
-        // client sent it, the chat text as a JSON string.
-        let json = match &message {
-            Relay::Signal(payload) => std::borrow::Cow::Borrowed(payload.get()),
-            Relay::Chat(text) => serde_json::to_string(text)
-                .expect("strings serialise")
-                .into(),
-        };
-        self.call("relay", user, &[message.name(), &json])
-            .await
-            .map(|_| ())
     }
 }

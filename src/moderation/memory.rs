@@ -16,7 +16,7 @@ use super::{
     REPORTED_SESSIONS_KEPT, REPORT_RATE_WINDOW_MS,
 };
 use crate::ids::unix_ms;
-use crate::matching::UserId;
+use crate::ids::UserId;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -232,7 +232,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::matching::ConnId;
+    use crate::ids::ConnId;
     use crate::protocol::{close, ReportReason};
     use crate::registry::{ConnectionHandle, Next};
 

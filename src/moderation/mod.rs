@@ -1,7 +1,7 @@
 //! Moderation: reports users make about their peers, and bans of users, devices and IP
 //! addresses.
 //!
-//! [`Moderation`] is a narrow engine trait like [`Matchmaker`](crate::matching::Matchmaker) and
+//! [`Moderation`] is a narrow engine trait like the matching ones ([`Engine`](crate::matching::Engine)) and
 //! [`Bus`](crate::bus::Bus): the gateway (reports) and the HTTP layer (the handshake check and
 //! the admin API) call it and never know whether the state lives in this process ([`memory`],
 //! the embedded default) or in Redis, shared by every instance ([`redis`], the scale-out mode).
@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use crate::address::{ban_text, parse_ban_text, AddressKeys};
 use crate::config::{count, secs, Config};
 use crate::ids::unix_ms;
-use crate::matching::{MatchError, UserId};
+use crate::ids::UserId;
+use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::protocol::{close, ReportReason};
 use crate::registry::Registry;
@@ -329,6 +330,14 @@ pub fn from_config(
     }
 }
 
+/// Acts on a ban another instance announced (kind and value as the notice spells them): the
+/// connections here it names close. An unknown kind (a newer instance's) is ignored.
+pub fn announced(registry: &Registry, metrics: &Metrics, kind: &str, value: &str) {
+    if let Some(kind) = BanKind::parse(kind) {
+        disconnect_banned(registry, metrics, [(kind, value)]);
+    }
+}
+
 /// Closes this instance's connections that any of `banned` (kinds and values) names, with
 /// 4007. One scan of the registry, however many bans; each connection's address is looked up
 /// once per prefix length among the banned networks.
@@ -400,7 +409,7 @@ mod tests {
 
     #[test]
     fn banned_networks_close_the_connections_inside_them() {
-        use crate::matching::ConnId;
+        use crate::ids::ConnId;
         use crate::registry::{ConnectionHandle, Next};
         use futures_util::FutureExt;
         let registry = Registry::default();

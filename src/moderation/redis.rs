@@ -1,7 +1,8 @@
 //! The moderation backend of the scale-out mode: bans and reports in the Redis (or Redis
 //! Cluster) the instances share, so a ban made through any instance holds on all of them.
 //!
-//! Keys, all under the deployment's hash tag (the matchmaker's [`Layout`] prefix, `{ns}`):
+//! Keys, all under the deployment's hash tag `{ns}`, named by [`Layout`] in
+//! [`crate::redis_keys`]:
 //! - `{ns}:ban:<kind>:<value>`: a ban (its JSON), expiring with it (`PX`);
 //! - `{ns}:bans`: a sorted set of `<kind>:<value>` by end time, for listing (what ran out is
 //!   pruned whenever a ban is made or bans are listed);
@@ -13,7 +14,7 @@
 //!   entries, newest first, trimmed and expiring with the report window.
 //!
 //! Every operation is one call of the script `redis.lua`; a new ban is published in the same
-//! call on the channel every instance subscribes to (see [`crate::bus::redis`]), where each
+//! call on the channel every instance subscribes to (see [`crate::bus::redis`]; the notice is a [`Notice::Ban`]), where each
 //! instance closes the banned identity's connections it holds. The connection to Redis is
 //! opened on first use (the gateway may start before Redis) and reconnects by itself.
 
@@ -29,9 +30,8 @@ use super::{
     Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportPolicy,
     REPORTED_SESSIONS_KEPT, REPORT_RATE_WINDOW_MS,
 };
-use crate::bus::redis::{ban_notice, broadcast_channel};
 use crate::ids::unix_ms;
-use crate::matching::redis::Layout;
+use crate::redis_keys::{ban_member, Layout, Notice};
 use crate::scaleout::RedisConfig;
 
 /// How long one call may take before it counts as unavailable.
@@ -40,10 +40,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RedisModeration {
     urls: Vec<String>,
     cluster: bool,
-    /// `{ns}`: the hash tag every key starts with.
-    prefix: String,
-    /// The channel every instance subscribes to.
-    broadcast: String,
+    layout: Layout,
     policy: ReportPolicy,
     script: Script,
     connection: OnceCell<Connection>,
@@ -75,8 +72,7 @@ impl RedisModeration {
         Some(RedisModeration {
             urls: config.urls()?,
             cluster: config.redis_cluster,
-            prefix: Layout::new(&config.redis_namespace).prefix,
-            broadcast: broadcast_channel(&config.redis_namespace),
+            layout: Layout::new(&config.redis_namespace),
             policy,
             script: Script::new(include_str!("redis.lua")),
             connection: OnceCell::new(),
@@ -120,17 +116,17 @@ impl RedisModeration {
     }
 
     fn ban_key(&self, kind: BanKind, value: &str) -> String {
-        format!("{}:ban:{}", self.prefix, member(kind, value))
+        self.layout.ban(kind.as_str(), value)
     }
 
     fn listing_key(&self) -> String {
-        format!("{}:bans", self.prefix)
+        self.layout.bans()
     }
 }
 
 /// A ban's entry in the listing, and the tail of its key.
 fn member(kind: BanKind, value: &str) -> String {
-    format!("{}:{value}", kind.as_str())
+    ban_member(kind.as_str(), value)
 }
 
 fn decode(json: &str) -> Result<Ban, ModerationError> {
@@ -166,8 +162,14 @@ impl Moderation for RedisModeration {
             .arg(json)
             .arg(ban.until_ms)
             .arg(ttl_ms)
-            .arg(&self.broadcast)
-            .arg(ban_notice(ban.kind, &ban.value))
+            .arg(self.layout.broadcast())
+            .arg(
+                Notice::Ban {
+                    kind: ban.kind.as_str(),
+                    value: &ban.value,
+                }
+                .encode(),
+            )
             .arg(unix_ms());
         self.call::<i64>(call).await.map(drop)
     }
@@ -186,21 +188,18 @@ impl Moderation for RedisModeration {
         call.key(self.listing_key())
             .arg("list")
             .arg(unix_ms())
-            .arg(format!("{}:ban:", self.prefix));
+            .arg(self.layout.ban_prefix());
         let found: Vec<String> = self.call(call).await?;
         found.iter().map(|json| decode(json)).collect()
     }
 
     async fn report(&self, report: Report) -> Result<Option<Ban>, ModerationError> {
         let mut call = self.script.prepare_invoke();
-        call.key(format!("{}:reporters:{}", self.prefix, report.reported))
-            .key(format!("{}:reports", self.prefix))
+        call.key(self.layout.reporters(&report.reported))
+            .key(self.layout.reports())
             .key(self.ban_key(BanKind::User, &report.reported))
-            .key(format!("{}:filed:{}", self.prefix, report.reporter))
-            .key(format!(
-                "{}:filed_sessions:{}",
-                self.prefix, report.reporter
-            ))
+            .key(self.layout.filed(&report.reporter))
+            .key(self.layout.filed_sessions(&report.reporter))
             .arg("report")
             .arg(report.at_ms)
             .arg(self.policy.window.as_millis() as u64)

@@ -64,6 +64,8 @@ pub struct TestServer {
     pub internal: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The server's background work (timers, rooms, Redis loops), to observe the drain.
+    pub background: matchgate::shutdown::Background,
 }
 
 impl TestServer {
@@ -89,6 +91,7 @@ impl TestServer {
         let server = Server::bind(config).await.expect("server binds");
         let addr = server.local_addr();
         let internal = server.internal_addr();
+        let background = server.background();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
@@ -98,6 +101,7 @@ impl TestServer {
             internal,
             stop: Some(stop),
             task: Some(task),
+            background,
         };
         // A scale-out instance takes traffic once it has subscribed.
         let ready = async {

@@ -1,0 +1,222 @@
+//! The Redis side of the scale-out mode as names and bytes, for the Rust code: the key layout
+//! of one deployment, its pub/sub channels, and the encoding of what travels on them.
+//!
+//! The matching engine ([`crate::matching::redis`]), the moderation backend
+//! ([`crate::moderation::redis`]) and the subscriber ([`crate::bus::redis`]) all take their
+//! names from here, so that none of them depends on another for a key or a message format.
+//! The two Lua libraries build the keys they touch inside their atomic step from the prefix
+//! and channel prefix passed in each call: `src/matching/redis.lua` documents its keys in its
+//! "Key layout" comment and writes the frame and kick notices in its `publish` calls (`'F' ..
+//! user .. '\n' .. seq .. '\n' .. text` and `'K' .. user .. '\n' .. conn`);
+//! `src/moderation/redis.lua` publishes the ban notice it is handed, which [`Notice::Ban`]
+//! encodes. The test `tests/redis_keys.rs` publishes frames and kicks from the matching
+//! library and decodes them with [`Notice::decode`], so the two sides cannot drift apart.
+//!
+//! Every key starts with the deployment's hash tag `{<namespace>}`, so one call touches one
+//! slot and the same code runs against Redis Cluster.
+
+use crate::ids::ConnId;
+
+/// Where the Redis keys and channels of one deployment live.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Key prefix with the hash tag, e.g. `{mg}`.
+    pub prefix: String,
+    /// Pub/sub channel prefix; an instance listens on `<prefix><instance id>`.
+    pub channel_prefix: String,
+    /// The channel every instance listens on besides its own (ban notices).
+    broadcast: String,
+}
+
+impl Layout {
+    pub fn new(namespace: &str) -> Self {
+        Layout {
+            prefix: format!("{{{namespace}}}"),
+            channel_prefix: format!("{namespace}:i:"),
+            broadcast: format!("{namespace}:all"),
+        }
+    }
+
+    /// The channel of one instance: frames and kicks for the connections it holds.
+    pub fn channel(&self, instance: &str) -> String {
+        format!("{}{instance}", self.channel_prefix)
+    }
+
+    /// The channel every instance of the deployment listens on, besides its own.
+    pub fn broadcast(&self) -> &str {
+        &self.broadcast
+    }
+
+    /// The key that routes a matching call to the deployment's slot in Redis Cluster.
+    pub fn route(&self) -> String {
+        format!("{}:route", self.prefix)
+    }
+
+    /// A ban (its JSON), expiring with it: [`Layout::ban_prefix`] and [`ban_member`].
+    pub fn ban(&self, kind: &str, value: &str) -> String {
+        format!("{}{}", self.ban_prefix(), ban_member(kind, value))
+    }
+
+    /// What every ban key starts with: the moderation library's `list` finds a ban's key as
+    /// this prefix followed by the listing's member.
+    pub fn ban_prefix(&self) -> String {
+        format!("{}:ban:", self.prefix)
+    }
+
+    /// The sorted set of `<kind>:<value>` by end time, for listing the bans.
+    pub fn bans(&self) -> String {
+        format!("{}:bans", self.prefix)
+    }
+
+    /// Who reported `user`, by time.
+    pub fn reporters(&self, user: &str) -> String {
+        format!("{}:reporters:{user}", self.prefix)
+    }
+
+    /// The report stream.
+    pub fn reports(&self) -> String {
+        format!("{}:reports", self.prefix)
+    }
+
+    /// How many reports `user` filed in the current hour.
+    pub fn filed(&self, user: &str) -> String {
+        format!("{}:filed:{user}", self.prefix)
+    }
+
+    /// The sessions `user` reported lately, with their stream entries.
+    pub fn filed_sessions(&self, user: &str) -> String {
+        format!("{}:filed_sessions:{user}", self.prefix)
+    }
+}
+
+/// A ban's entry in the listing, and the tail of its key.
+pub fn ban_member(kind: &str, value: &str) -> String {
+    format!("{kind}:{value}")
+}
+
+/// One pub/sub message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice<'a> {
+    /// `F<user>\n<seq>\n<frame>`: a frame for a connection of `user` (seq 0 on the wire: none).
+    Frame {
+        user: &'a str,
+        seq: Option<u64>,
+        text: &'a str,
+    },
+    /// `K<user>\n<conn>`: close the connection `conn` of `user`, replaced from elsewhere
+    /// (`conn` as [`ConnId`] displays it).
+    Kick { user: &'a str, conn: ConnId },
+    /// `B<kind>\n<value>`: a ban; every instance closes the connections it names.
+    Ban { kind: &'a str, value: &'a str },
+}
+
+impl<'a> Notice<'a> {
+    pub fn encode(&self) -> String {
+        match self {
+            Notice::Frame { user, seq, text } => {
+                format!("F{user}\n{}\n{text}", seq.unwrap_or(0))
+            }
+            Notice::Kick { user, conn } => format!("K{user}\n{conn}"),
+            Notice::Ban { kind, value } => format!("B{kind}\n{value}"),
+        }
+    }
+
+    /// Reads what [`Notice::encode`] (or the Lua library) wrote; `None` for anything else.
+    pub fn decode(payload: &'a [u8]) -> Option<Notice<'a>> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let kind = text.get(..1)?;
+        let (subject, rest) = text[1..].split_once('\n')?;
+        match kind {
+            "F" => {
+                let (seq, text) = rest.split_once('\n')?;
+                let seq = seq.parse::<u64>().ok()?;
+                Some(Notice::Frame {
+                    user: subject,
+                    seq: (seq > 0).then_some(seq),
+                    text,
+                })
+            }
+            "K" => Some(Notice::Kick {
+                user: subject,
+                conn: ConnId::parse(rest)?,
+            }),
+            "B" => Some(Notice::Ban {
+                kind: subject,
+                value: rest,
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip() {
+        let notices = [
+            Notice::Frame {
+                user: "u\u{e9}",
+                seq: Some(7),
+                text: "{\"type\":\"queued\"}\nwith a newline",
+            },
+            Notice::Frame {
+                user: "u",
+                seq: None,
+                text: "{}",
+            },
+            Notice::Kick {
+                user: "u",
+                conn: ConnId(42),
+            },
+            Notice::Ban {
+                kind: "ip",
+                value: "10.0.0.1",
+            },
+        ];
+        for notice in notices {
+            let encoded = notice.encode();
+            assert_eq!(Notice::decode(encoded.as_bytes()), Some(notice));
+        }
+    }
+
+    #[test]
+    fn garbage_is_no_notice() {
+        for bad in [
+            &b""[..],
+            b"F",
+            b"Fu",
+            b"Fu\nx\n{}",
+            b"Ku\nnot-a-conn",
+            b"Xu\nv",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(Notice::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_key_carries_the_hash_tag() {
+        let layout = Layout::new("mg");
+        for key in [
+            layout.route(),
+            layout.ban("user", "a"),
+            layout.bans(),
+            layout.reporters("a"),
+            layout.reports(),
+            layout.filed("a"),
+            layout.filed_sessions("a"),
+        ] {
+            assert!(key.starts_with("{mg}:"), "{key}");
+        }
+        assert_eq!(layout.channel("i1"), "mg:i:i1");
+        assert_eq!(layout.broadcast(), "mg:all");
+        // The moderation library's `list` reads a ban at prefix .. member.
+        assert_eq!(layout.ban("user", "a"), "{mg}:ban:user:a");
+        assert_eq!(
+            layout.ban("ip", "::1"),
+            format!("{}{}", layout.ban_prefix(), ban_member("ip", "::1"))
+        );
+    }
+}
