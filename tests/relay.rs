@@ -597,7 +597,7 @@ async fn in_redis_the_turn_secret_is_only_an_argument_of_the_configuration_write
     b.expect("session_ended").await;
 
     // The instances' configurations disappear: the next calls write them again.
-    let keys = strings(&redis_command(&url, &["KEYS", "{mg}:p2p:*"]).await);
+    let keys = strings(&redis_command(&url, &["KEYS", "{mg}:v2:p2p:*"]).await);
     assert_eq!(keys.len(), 2, "{keys:?}");
     for key in &keys {
         redis_command(&url, &["DEL", key]).await;
