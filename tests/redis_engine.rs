@@ -119,7 +119,11 @@ async fn both_engines_make_ids_of_one_format() {
 
     let mut shapes = Vec::new();
     for engine in [&memory as &dyn Matchmaker, &redis_engine] {
-        let token = engine.attach(&a, ConnId(1), None).await.unwrap().resume_token;
+        let token = engine
+            .attach(&a, ConnId(1), None)
+            .await
+            .unwrap()
+            .resume_token;
         engine.attach(&b, ConnId(2), None).await.unwrap();
         for u in [&a, &b] {
             engine.enqueue(u, Prefs::default(), None).await.unwrap();
@@ -164,7 +168,10 @@ async fn block_and_report_find_a_partner_met_over_an_hour_ago() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(ttl, -1, "kept while alice is known, not by the age of the session");
+    assert_eq!(
+        ttl, -1,
+        "kept while alice is known, not by the age of the session"
+    );
     let (found, peer) = engine.recent_peer(&a, None).await.unwrap();
     assert_eq!((found, peer), (session.clone(), b.clone()));
     engine.block(&a, None).await.unwrap();
@@ -223,9 +230,17 @@ async fn the_test_clock_drives_the_rules() {
     // A session longer than a quick skip, then a second enqueue within the minute.
     clock.store(start + 40_000, Ordering::SeqCst);
     engine.end(&a, None).await.unwrap();
-    let err = engine.enqueue(&a, Prefs::default(), None).await.unwrap_err();
+    let err = engine
+        .enqueue(&a, Prefs::default(), None)
+        .await
+        .unwrap_err();
     assert!(
-        matches!(err, MatchError::RateLimited { retry_after_ms: 20_001 }),
+        matches!(
+            err,
+            MatchError::RateLimited {
+                retry_after_ms: 20_001
+            }
+        ),
         "{err:?}"
     );
     clock.store(start + 60_000, Ordering::SeqCst);

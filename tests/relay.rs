@@ -625,7 +625,12 @@ async fn in_redis_the_turn_secret_is_only_an_argument_of_the_configuration_write
     }
     // A command after the last call, so that every call before it was seen.
     redis_command(&url, &["ECHO", "monitor-done"]).await;
-    while !seen.lock().unwrap().iter().any(|l| l.contains("monitor-done")) {
+    while !seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("monitor-done"))
+    {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     collect.abort();

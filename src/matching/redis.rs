@@ -146,7 +146,6 @@ pub struct RedisSettings {
     pub call_timeout: Duration,
 }
 
-
 /// The settings every call passes to the library (see `dispatch.lua`): the same JSON text in
 /// every call of one instance, so the library decodes it once.
 #[derive(Serialize)]
@@ -880,7 +879,9 @@ impl Matchmaker for RedisMatchmaker {
     }
 
     async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError> {
-        self.outcome("refresh", json!({"pool": pool})).await.map(|_| ())
+        self.outcome("refresh", json!({"pool": pool}))
+            .await
+            .map(|_| ())
     }
 
     async fn stats(&self) -> Result<Stats, MatchError> {
@@ -935,7 +936,10 @@ impl Matchmaker for RedisMatchmaker {
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError> {
-        let r = self.call::<SessionsReply>("sessions", json!({})).await?.reply;
+        let r = self
+            .call::<SessionsReply>("sessions", json!({}))
+            .await?
+            .reply;
         Ok(r.sessions
             .into_iter()
             .map(|s| SessionInfo {

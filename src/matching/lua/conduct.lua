@@ -24,14 +24,14 @@ end
 -- Remembers that u met `peer` in `session` (live now). Keeps the newest RECENT_KEPT and, as
 -- memory.rs does, drops those older than max(anti-repeat window, an hour) only now.
 local function remember_partner(u, session, peer)
-  local k = recent_key(u)
-  redis.call('LPUSH', k, session .. '\t' .. NOW .. '\t' .. peer)
-  redis.call('LTRIM', k, 0, RECENT_KEPT - 1)
+  local key = recent_key(u)
+  redis.call('LPUSH', key, session .. '\t' .. NOW .. '\t' .. peer)
+  redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
   local max_age = math.max(R.anti_repeat_window_ms, RECENT_MIN_AGE)
   local sessions = recent_sessions(u)
   local keep = #sessions
   while keep > 0 and NOW - sessions[keep].at > max_age do keep = keep - 1 end
-  if keep < #sessions then redis.call('LTRIM', k, 0, keep - 1) end
+  if keep < #sessions then redis.call('LTRIM', key, 0, keep - 1) end
 end
 
 -- When u last met each peer within the anti-repeat window.
@@ -46,16 +46,16 @@ end
 
 -- u is (back) in the engine: its conduct and blocks stay while it is.
 local function keep_conduct(u)
-  for _, k in ipairs({ recent_key(u), conduct_key(u), blocks_key(u), block_times_key(u) }) do
-    redis.call('PERSIST', k)
+  for _, key in ipairs({ recent_key(u), conduct_key(u), blocks_key(u), block_times_key(u) }) do
+    redis.call('PERSIST', key)
   end
 end
 
 -- u is gone for good: its conduct is forgotten once nothing in it can matter any more, the
 -- blocks it made after the block TTL, unless it is back by then.
 local function forget_conduct_later(u)
-  for _, k in ipairs({ recent_key(u), conduct_key(u) }) do redis.call('PEXPIRE', k, S.conduct_ttl_ms) end
-  for _, k in ipairs({ blocks_key(u), block_times_key(u) }) do redis.call('PEXPIRE', k, R.block_ttl_ms) end
+  for _, key in ipairs({ recent_key(u), conduct_key(u) }) do redis.call('PEXPIRE', key, S.conduct_ttl_ms) end
+  for _, key in ipairs({ blocks_key(u), block_times_key(u) }) do redis.call('PEXPIRE', key, R.block_ttl_ms) end
 end
 
 -- Whether a (whose hash says `a_has_blocks`) or b blocked the other. The flags spare the set
@@ -97,13 +97,13 @@ end
 -- Records a skip by u after a session of `lived` ms; returns the cooldown it starts, if any.
 local function count_skip(u, lived)
   if lived >= R.skip_quick_ms then return nil end
-  local k = conduct_key(u)
-  local cooldown_until, level, skips = unpack(redis.call('HMGET', k, 'cooldown_until',
+  local key = conduct_key(u)
+  local cooldown_until, level, skips = unpack(redis.call('HMGET', key, 'cooldown_until',
     'cooldown_level', 'quick_skips'))
   cooldown_until = tonumber(cooldown_until)
   -- A skip window without a cooldown since the last one: the next one starts short again.
   if cooldown_until and NOW >= cooldown_until + R.skip_window_ms then
-    redis.call('HDEL', k, 'cooldown_level', 'cooldown_until')
+    redis.call('HDEL', key, 'cooldown_level', 'cooldown_until')
     level = nil
   end
   local quick_skips = {}
@@ -115,22 +115,22 @@ local function count_skip(u, lived)
   if #quick_skips >= R.skip_limit then
     level = (tonumber(level) or 0) + 1
     cooldown = R.skip_cooldowns_ms[math.min(level, #R.skip_cooldowns_ms)]
-    redis.call('HSET', k, 'cooldown_level', level, 'cooldown_until', NOW + cooldown)
+    redis.call('HSET', key, 'cooldown_level', level, 'cooldown_until', NOW + cooldown)
     quick_skips = {}
   end
-  redis.call('HSET', k, 'quick_skips', table.concat(quick_skips, ','))
+  redis.call('HSET', key, 'quick_skips', table.concat(quick_skips, ','))
   return cooldown
 end
 
 -- Counts an enqueue of u against the per-user rate (a one-minute window that starts with its
 -- first enqueue); returns the ms to wait when over it.
 local function count_enqueue(u)
-  local k = conduct_key(u)
-  local start, count = unpack(redis.call('HMGET', k, 'enqueue_window_start', 'enqueues'))
+  local key = conduct_key(u)
+  local start, count = unpack(redis.call('HMGET', key, 'enqueue_window_start', 'enqueues'))
   start, count = tonumber(start), tonumber(count)
   if not start or NOW - start >= ENQUEUE_WINDOW then start, count = NOW, 0 end
   if count >= R.enqueue_per_minute then return start + ENQUEUE_WINDOW - NOW + 1 end
-  redis.call('HSET', k, 'enqueue_window_start', start, 'enqueues', count + 1)
+  redis.call('HSET', key, 'enqueue_window_start', start, 'enqueues', count + 1)
   return nil
 end
 
@@ -144,10 +144,10 @@ end
 -- end and enqueue would cycle partners with no cooldown). Returns the cooldown it starts, if
 -- any: the enqueue is then refused.
 local function count_quick_end(u)
-  local k = conduct_key(u)
-  local ended = tonumber(redis.call('HGET', k, 'quick_end_at'))
+  local key = conduct_key(u)
+  local ended = tonumber(redis.call('HGET', key, 'quick_end_at'))
   if not ended then return nil end
-  redis.call('HDEL', k, 'quick_end_at')
+  redis.call('HDEL', key, 'quick_end_at')
   if NOW - ended >= R.skip_quick_ms then return nil end
   return count_skip(u, 0)
 end

@@ -4,10 +4,10 @@
 
 -- The connection `connection` of u went away: hold the state for the grace period.
 local function detach(u, connection)
-  local h = user_key(u)
-  local current, away, instance = unpack(redis.call('HMGET', h, 'connection', 'away', 'instance'))
+  local user_hash = user_key(u)
+  local current, away, instance = unpack(redis.call('HMGET', user_hash, 'connection', 'away', 'instance'))
   if current ~= connection or away == '1' then return end
-  redis.call('HSET', h, 'away', '1')
+  redis.call('HSET', user_hash, 'away', '1')
   set_away(u, true)
   redis.call('SREM', instance_users_key(instance), u)
   redis.call('ZADD', P .. ':held_expiry', NOW + S.resume_grace_ms, u .. '\n' .. connection)
@@ -31,8 +31,8 @@ local function expire(u, connection)
   local due = tonumber(redis.call('ZSCORE', P .. ':held_expiry', member))
   if not due or due > NOW then return end
   redis.call('ZREM', P .. ':held_expiry', member)
-  local h = user_key(u)
-  local current, away, state = unpack(redis.call('HMGET', h, 'connection', 'away', 'state'))
+  local user_hash = user_key(u)
+  local current, away, state = unpack(redis.call('HMGET', user_hash, 'connection', 'away', 'state'))
   if current ~= connection or away ~= '1' then return end
   if state == 'queued' then
     dequeue(u, 'timeout')
@@ -41,7 +41,7 @@ local function expire(u, connection)
   elseif state == 'pending' then
     leave_match(u, 'timeout')
   else
-    redis.call('DEL', h, log_key(u))
+    redis.call('DEL', user_hash, log_key(u))
     forget_conduct_later(u)
     return
   end
@@ -84,20 +84,20 @@ local function refresh_pool(pool)
     local u = users[i]
     local position = (i - 1) / 2
     if held > 0 then position = position + redis.call('ZCOUNT', held_key(pool), '-inf', '(' .. users[i + 1]) end
-    local est = estimate(pool, position)
+    local estimated_wait = estimate(pool, position)
     local away, told_position, told_estimate, own_pool = unpack(redis.call('HMGET', user_key(u),
       'away', 'told_position', 'told_estimate', 'pool'))
     local old = tonumber(told_estimate)
     local moved
-    if old and est then
-      moved = math.abs(old - est) * 5 > math.max(old, est)
+    if old and estimated_wait then
+      moved = math.abs(old - estimated_wait) * 5 > math.max(old, estimated_wait)
     else
-      moved = (old == nil) ~= (est == nil)
+      moved = (old == nil) ~= (estimated_wait == nil)
     end
     -- Users listed here because their search widened are told about their own pool.
     if own_pool == pool and away == '0' and (tonumber(told_position) ~= position or moved) then
-      redis.call('HSET', user_key(u), 'told_position', position, 'told_estimate', est or '')
-      emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est) })
+      redis.call('HSET', user_key(u), 'told_position', position, 'told_estimate', estimated_wait or '')
+      emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(estimated_wait) })
     end
   end
 end

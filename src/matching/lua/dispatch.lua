@@ -29,8 +29,8 @@ local function call(_keys, argv)
   if argv[2] ~= SETTINGS_TEXT then read_settings(argv[2]) end
   A = cjson.decode(argv[3])
   -- An absent argument and a JSON null both read as nil.
-  for k, v in pairs(A) do
-    if v == cjson.null then A[k] = nil end
+  for name, value in pairs(A) do
+    if value == cjson.null then A[name] = nil end
   end
   USER = A.user or A.instance
   if A.now_ms then

@@ -102,9 +102,9 @@ local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue
   local again = {}
   for _, side in ipairs({ { u, own_reason, own_requeue }, { peer, peer_reason, peer_requeue } }) do
     local who, reason, requeued = side[1], side[2], side[3]
-    local h = user_key(who)
-    if redis.call('HGET', h, 'state') == 'session' then
-      redis.call('HSET', h, 'state', 'idle')
+    local user_hash = user_key(who)
+    if redis.call('HGET', user_hash, 'state') == 'session' then
+      redis.call('HSET', user_hash, 'state', 'idle')
       if requeued then table.insert(again, who) end
     end
     emit(who, { type = 'session_ended', session_id = session, reason = reason, requeued = requeued })

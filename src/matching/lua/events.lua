@@ -9,8 +9,8 @@ end
 -- Appends an event to the user's log (if it carries a seq) and sends it to their instance.
 -- `raw`, if given, is one more member ("name":<JSON>) spliced into the frame as it is.
 local function emit(u, event, raw)
-  local h = user_key(u)
-  local instance, away = unpack(redis.call('HMGET', h, 'instance', 'away'))
+  local user_hash = user_key(u)
+  local instance, away = unpack(redis.call('HMGET', user_hash, 'instance', 'away'))
   if not instance then return end
   if ref and u == actor then
     event['ref'] = ref
@@ -18,7 +18,7 @@ local function emit(u, event, raw)
   end
   local seq = 0
   if event['type'] ~= 'queue_update' and event['type'] ~= 'error' then
-    seq = redis.call('HINCRBY', h, 'last_seq', 1)
+    seq = redis.call('HINCRBY', user_hash, 'last_seq', 1)
     event['seq'] = seq
   end
   local text = cjson.encode(event)

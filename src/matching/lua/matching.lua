@@ -69,15 +69,15 @@ end
 local function queue(u, pool, widens)
   local ticket = redis.call('INCR', P .. ':ticket')
   local position = ahead(pool, nil)
-  local h = user_key(u)
+  local user_hash = user_key(u)
   -- A user re-queued while away (the peer of a skipper, say) waits among the away ones.
-  list_in(u, pool, ticket, redis.call('HGET', h, 'away') == '1')
-  local est = estimate(pool, position)
-  redis.call('HSET', h, 'state', 'queued', 'pool', pool, 'wider_pools', '', 'fallback_due', '0',
-    'ticket', ticket, 'queued_at', NOW, 'told_position', position, 'told_estimate', est or '')
+  list_in(u, pool, ticket, redis.call('HGET', user_hash, 'away') == '1')
+  local estimated_wait = estimate(pool, position)
+  redis.call('HSET', user_hash, 'state', 'queued', 'pool', pool, 'wider_pools', '', 'fallback_due', '0',
+    'ticket', ticket, 'queued_at', NOW, 'told_position', position, 'told_estimate', estimated_wait or '')
   redis.call('HINCRBY', P .. ':counts', 'queued', 1)
   if widens then timer(R.relax_after_ms, u, 'relax', ticket) end
-  emit(u, { type = 'queued', position = position, estimated_wait_ms = null_or(est) })
+  emit(u, { type = 'queued', position = position, estimated_wait_ms = null_or(estimated_wait) })
   try_match(u)
 end
 
@@ -89,9 +89,9 @@ end
 
 -- Widens the search of waiting u (queue place `ticket`) by one relaxation step.
 local function relax(u, ticket)
-  local h = user_key(u)
+  local user_hash = user_key(u)
   local state, current, pool, wider_pools, relaxed_pools, relaxed_prefs, away = unpack(
-    redis.call('HMGET', h, 'state', 'ticket', 'pool', 'wider_pools', 'relaxed_pools',
+    redis.call('HMGET', user_hash, 'state', 'ticket', 'pool', 'wider_pools', 'relaxed_pools',
       'relaxed_prefs', 'away'))
   if tonumber(current) ~= ticket then return end
   -- Paired meanwhile: if the match is undone, the search goes on widening.
@@ -104,10 +104,10 @@ local function relax(u, ticket)
   list_in(u, wider, ticket, away == '1')
   table.insert(done, wider)
   local position = ahead(pool, ticket)
-  local est = estimate(pool, position)
-  redis.call('HSET', h, 'wider_pools', table.concat(done, '\n'), 'told_position', position,
-    'told_estimate', est or '')
-  emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(est),
+  local estimated_wait = estimate(pool, position)
+  redis.call('HSET', user_hash, 'wider_pools', table.concat(done, '\n'), 'told_position', position,
+    'told_estimate', estimated_wait or '')
+  emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(estimated_wait),
     widened_to = cjson.decode(relaxed_prefs)[level] })
   if level < #steps then timer(R.relax_after_ms, u, 'relax', ticket) end
   try_match(u)

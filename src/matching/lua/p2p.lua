@@ -18,11 +18,11 @@ local PADS_FOR, INNER_PAD, OUTER_PAD
 -- HMAC-SHA1 (RFC 2104) of msg under key, as 20 bytes.
 local function hmac_sha1(key, msg)
   if key ~= PADS_FOR then
-    local k = key
-    if #k > 64 then k = bytes_of_hex(redis.sha1hex(k)) end
+    local key_bytes = key
+    if #key_bytes > 64 then key_bytes = bytes_of_hex(redis.sha1hex(key_bytes)) end
     local inner, outer = {}, {}
     for n = 1, 64 do
-      local b = string.byte(k, n) or 0
+      local b = string.byte(key_bytes, n) or 0
       inner[n] = string.char(bit.bxor(b, 0x36))
       outer[n] = string.char(bit.bxor(b, 0x5c))
     end
@@ -31,14 +31,14 @@ local function hmac_sha1(key, msg)
   return bytes_of_hex(redis.sha1hex(OUTER_PAD .. bytes_of_hex(redis.sha1hex(INNER_PAD .. msg))))
 end
 
--- The p2p media JSON of the member with handle h: the STUN entry, and the TURN entry with
--- credentials in the TURN REST scheme (username "<unix expiry>:<h>", credential
+-- The p2p media JSON of the member with handle handle: the STUN entry, and the TURN entry with
+-- credentials in the TURN REST scheme (username "<unix expiry>:<handle>", credential
 -- base64(HMAC-SHA1(secret, username))).
-local function p2p_media(h)
+local function p2p_media(handle)
   local servers = {}
   if ICE.stun ~= '' then servers[1] = ICE.stun end
   if ICE.turn ~= '' then
-    local username = (math.floor(NOW / 1000) + ICE.credential_ttl_s) .. ':' .. h
+    local username = (math.floor(NOW / 1000) + ICE.credential_ttl_s) .. ':' .. handle
     servers[#servers + 1] = '{"urls":' .. ICE.turn .. ',"username":"' .. username ..
       '","credential":"' .. base64(hmac_sha1(ICE.secret, username), BASE64, true) .. '"}'
   end

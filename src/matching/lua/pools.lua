@@ -82,8 +82,8 @@ end
 -- Takes a waiting user out of every pool it is listed in: { pool, queued_at, ticket, pools }
 -- or nil when u is not waiting.
 local function take_waiting(u)
-  local h = user_key(u)
-  local state, pool, queued_at, ticket, wider_pools = unpack(redis.call('HMGET', h, 'state',
+  local user_hash = user_key(u)
+  local state, pool, queued_at, ticket, wider_pools = unpack(redis.call('HMGET', user_hash, 'state',
     'pool', 'queued_at', 'ticket', 'wider_pools'))
   if state ~= 'queued' then return nil end
   local pools = pools_of(pool, wider_pools)
@@ -93,7 +93,7 @@ local function take_waiting(u)
   end
   -- Only the state changes: the queue fields are read only while the state is `queued` or
   -- `pending`.
-  redis.call('HSET', h, 'state', 'idle')
+  redis.call('HSET', user_hash, 'state', 'idle')
   redis.call('HINCRBY', P .. ':counts', 'queued', -1)
   -- The caller reports the pools as changed (`pools_changed`) once it is done with them.
   return { pool = pool, queued_at = tonumber(queued_at), ticket = tonumber(ticket), pools = pools }
@@ -105,14 +105,14 @@ end
 
 -- Puts a paired user back at its old place (its ticket) in every pool it was listed in.
 local function restore(u)
-  local h = user_key(u)
-  local pool, ticket, wider_pools, away = unpack(redis.call('HMGET', h, 'pool', 'ticket',
+  local user_hash = user_key(u)
+  local pool, ticket, wider_pools, away = unpack(redis.call('HMGET', user_hash, 'pool', 'ticket',
     'wider_pools', 'away'))
   for _, p in ipairs(pools_of(pool, wider_pools)) do
     list_in(u, p, ticket, away == '1')
     add_changed(p)
   end
-  redis.call('HSET', h, 'state', 'queued')
+  redis.call('HSET', user_hash, 'state', 'queued')
   redis.call('HINCRBY', P .. ':counts', 'queued', 1)
 end
 

@@ -66,8 +66,8 @@ local function split(s, sep)
   return t
 end
 
-local function bytes_of_hex(h)
-  return (string.gsub(h, '..', function(x) return string.char(tonumber(x, 16)) end))
+local function bytes_of_hex(user_hash)
+  return (string.gsub(user_hash, '..', function(x) return string.char(tonumber(x, 16)) end))
 end
 
 local BASE64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'

@@ -68,10 +68,10 @@ end
 
 -- Turns a paired session (proposed, or waiting for its room) live.
 local function go_live(session, offerer_media, answerer_media)
-  local k = session_key(session)
+  local session_hash = session_key(session)
   -- offerer, answerer, offerer_handle, answerer_handle
-  local fields = redis.call('HMGET', k, 'offerer', 'answerer', 'offerer_handle', 'answerer_handle')
-  redis.call('HSET', k, 'phase', 'live', 'live_at', NOW)
+  local fields = redis.call('HMGET', session_hash, 'offerer', 'answerer', 'offerer_handle', 'answerer_handle')
+  redis.call('HSET', session_hash, 'phase', 'live', 'live_at', NOW)
   redis.call('ZREM', P .. ':pair_deadlines', session)
   local members = {}
   for i = 1, 2 do
@@ -118,14 +118,14 @@ local function start_session(a, b)
   pools_changed(wo)
   pools_changed(wa)
   redis.call('HINCRBY', P .. ':counts', 'sessions', 1)
-  local k = session_key(session)
+  local session_hash = session_key(session)
   if R.accept_timeout_ms == 0 and MEDIA_PENDING == 0 then
     -- Live at once (the common case, kept to the fewest calls).
     for _, u in ipairs({ offerer, answerer }) do
       -- Met somebody: nobody is avoided any more (user ids are never empty).
       redis.call('HSET', user_key(u), 'state', 'session', 'session', session, 'avoid', '')
     end
-    redis.call('HSET', k, 'offerer', offerer, 'answerer', answerer, 'offerer_handle',
+    redis.call('HSET', session_hash, 'offerer', offerer, 'answerer', answerer, 'offerer_handle',
       offerer_handle, 'answerer_handle', answerer_handle, 'matched_at', NOW, 'phase', 'live',
       'live_at', NOW)
     -- Both were waiting and connected: try_match pairs only those.
@@ -136,11 +136,11 @@ local function start_session(a, b)
   for _, u in ipairs({ offerer, answerer }) do
     redis.call('HSET', user_key(u), 'state', 'pending', 'session', session)
   end
-  redis.call('HSET', k, 'offerer', offerer, 'answerer', answerer, 'offerer_handle',
+  redis.call('HSET', session_hash, 'offerer', offerer, 'answerer', answerer, 'offerer_handle',
     offerer_handle, 'answerer_handle', answerer_handle, 'matched_at', NOW, 'phase', 'pending')
   if MEDIA_PENDING > 0 then redis.call('ZADD', P .. ':media_sessions', NOW, session) end
   if R.accept_timeout_ms > 0 then
-    redis.call('HSET', k, 'phase', 'proposed')
+    redis.call('HSET', session_hash, 'phase', 'proposed')
     -- The timer runs on the instance that made the match; the deadline here covers its death.
     redis.call('ZADD', P .. ':pair_deadlines', NOW + R.accept_timeout_ms + S.resume_grace_ms, session)
     local expires = NOW + R.accept_timeout_ms
