@@ -3,7 +3,7 @@
 //! same pool can never match a user twice or put a user in two sessions.
 //!
 //! The library is written in Lua in `src/matching/lua/`, one file per concern and one per
-//! operation (`ops/`), and assembled here ([`LIBRARY`]) into one text in a fixed order: a file
+//! operation (`ops/`), and assembled here (`LIBRARY`) into one text in a fixed order: a file
 //! may use what the files before it define. Its function is named after a hash of the whole
 //! text, so old and new gateways each call their own version during a rolling upgrade; the key
 //! layout it writes is versioned too (see `keys.lua`). Each call passes the operation's name,
