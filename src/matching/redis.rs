@@ -749,7 +749,7 @@ impl RedisMatchmaker {
         self.metrics.redis_call(started.elapsed(), result.is_ok());
         let text = result?;
         serde_json::from_str(&text)
-            .map_err(|e| MatchError::Internal(format!("bad library reply: {e}: {text}")))
+            .map_err(|e| MatchError::Internal(format!("bad library reply: {e}")))
     }
 
     /// Heartbeat of this instance plus a share of the clean-up every instance does: users of
