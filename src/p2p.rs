@@ -13,7 +13,7 @@
 //!
 //! Credentials are minted inside the atomic matching step that makes the session live: here
 //! for the in-memory engine, and by the same formula in the Redis library (`p2p_media` in
-//! `matching/redis.lua`), which the tests check against [`turn_credential`].
+//! `matching/lua/p2p.lua`), which the tests check against [`turn_credential`].
 
 use std::sync::Arc;
 use std::time::Duration;

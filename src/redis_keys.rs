@@ -5,8 +5,8 @@
 //! ([`crate::moderation::redis`]) and the subscriber ([`crate::bus::redis`]) all take their
 //! names from here, so that none of them depends on another for a key or a message format.
 //! The two Lua libraries build the keys they touch inside their atomic step from the prefix
-//! and channel prefix passed in each call: `src/matching/redis.lua` documents its keys in its
-//! "Key layout" comment and writes the frame and kick notices in its `publish` calls (`'F' ..
+//! and channel prefix passed in each call: `src/matching/lua/keys.lua` documents its keys in its
+//! "Key layout" comment and `src/matching/lua/events.lua` writes the frame and kick notices in its `publish` calls (`'F' ..
 //! user .. '\n' .. seq .. '\n' .. text` and `'K' .. user .. '\n' .. conn`);
 //! `src/moderation/redis.lua` publishes the ban notice it is handed, which [`Notice::Ban`]
 //! encodes. The test `tests/redis_keys.rs` publishes frames and kicks from the matching

@@ -1,5 +1,5 @@
 //! The Rust and Lua halves of the Redis layout agree: what the matching library publishes
-//! (written by its own helpers in `src/matching/redis.lua`) arrives on the channel
+//! (written by its own helpers in `src/matching/lua/events.lua`) arrives on the channel
 //! [`Layout::channel`] names and decodes with [`Notice::decode`] into what the client got.
 //! Runs against a real `redis-server` on an ephemeral port, with gateway instances in
 //! process.

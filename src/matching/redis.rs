@@ -1,11 +1,19 @@
 //! The Redis matchmaker of the scale-out mode: queue, sessions and event logs live in Redis and
-//! every operation is one call (FCALL) of the function library `redis.lua`, so N instances
-//! racing on the same pool can never match a user twice or put a user in two sessions.
+//! every operation is one call (FCALL) of a function library, so N instances racing on the
+//! same pool can never match a user twice or put a user in two sessions.
+//!
+//! The library is written in Lua in `src/matching/lua/`, one file per concern and one per
+//! operation (`ops/`), and assembled here (`LIBRARY`) into one text in a fixed order: a file
+//! may use what the files before it define. Its function is named after a hash of the whole
+//! text, so old and new gateways each call their own version during a rolling upgrade; the key
+//! layout it writes is versioned too (see `keys.lua`). Each call passes the operation's name,
+//! the instance's settings (the same JSON text in every call, decoded once by the library)
+//! and one JSON object of named arguments; each operation answers with its own typed reply
+//! next to the [`Outcome`] every operation has.
 //!
 //! The library also publishes each frame on the pub/sub channel of the instance that holds the
 //! user's connection (see [`crate::bus::redis`]), inside the same atomic step that appends it to
-//! the user's log, so events reach every user in `seq` order. The Rust side of the key layout,
-//! the channel names and the message encoding is [`crate::redis_keys`]. All keys share one hash tag, so
+//! the user's log, so events reach every user in `seq` order. All keys share one hash tag, so
 //! every call touches one slot and the same code runs against Redis Cluster.
 
 use std::sync::Arc;
@@ -13,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_redis::{Runtime, Timeouts};
-use serde::{Deserialize, Deserializer};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{json, Value};
 
 use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
 use super::{
@@ -25,7 +35,7 @@ use crate::bus::Frame;
 use crate::ids::random_id;
 use crate::metrics::Metrics;
 use crate::p2p::IceServers;
-use crate::protocol::{EndReason, IceServer, Media, Prefs, Relay, StateName};
+use crate::protocol::{EndReason, IceServer, Media, Prefs, Relay, Role, StateName};
 use crate::redis_keys::Layout;
 
 /// The error of a call made before this instance's p2p configuration was in Redis.
@@ -34,10 +44,51 @@ const P2P_CONFIG_MISSING: &str = "p2p_config_missing";
 /// How long an instance's p2p configuration stays in Redis; a call after that writes it again.
 const P2P_CONFIG_TTL: Duration = Duration::from_secs(3600);
 
-/// The function library with every matching operation, with `@VERSION@` for its version.
-const LIBRARY: &str = include_str!("redis.lua");
+/// How many users or expiries one heartbeat tick cleans up at most.
+const TICK_BUDGET: u64 = 1000;
 
-/// The library text and its function's name, versioned by a hash of the text.
+/// The function library with every matching operation, with `@VERSION@` for its version:
+/// the files of `src/matching/lua/` in the order in which they build on each other (see
+/// `prelude.lua`): call state and ids, the key layout, the concerns, the operations, and the
+/// dispatcher that registers the function.
+const LIBRARY: &str = concat!(
+    include_str!("lua/prelude.lua"),
+    include_str!("lua/keys.lua"),
+    include_str!("lua/events.lua"),
+    include_str!("lua/pools.lua"),
+    include_str!("lua/conduct.lua"),
+    include_str!("lua/p2p.lua"),
+    include_str!("lua/sessions.lua"),
+    include_str!("lua/matching.lua"),
+    include_str!("lua/ending.lua"),
+    include_str!("lua/connections.lua"),
+    include_str!("lua/ops/attach.lua"),
+    include_str!("lua/ops/detach.lua"),
+    include_str!("lua/ops/expire.lua"),
+    include_str!("lua/ops/enqueue.lua"),
+    include_str!("lua/ops/skip.lua"),
+    include_str!("lua/ops/end.lua"),
+    include_str!("lua/ops/status.lua"),
+    include_str!("lua/ops/refresh.lua"),
+    include_str!("lua/ops/since.lua"),
+    include_str!("lua/ops/stats.lua"),
+    include_str!("lua/ops/tick.lua"),
+    include_str!("lua/ops/media_ready.lua"),
+    include_str!("lua/ops/media_failed.lua"),
+    include_str!("lua/ops/media_left.lua"),
+    include_str!("lua/ops/sessions.lua"),
+    include_str!("lua/ops/block.lua"),
+    include_str!("lua/ops/peer.lua"),
+    include_str!("lua/ops/accept.lua"),
+    include_str!("lua/ops/decline.lua"),
+    include_str!("lua/ops/wake.lua"),
+    include_str!("lua/ops/relay.lua"),
+    include_str!("lua/ops/p2p_config.lua"),
+    include_str!("lua/ops/lease.lua"),
+    include_str!("lua/dispatch.lua"),
+);
+
+/// The library text and its function's name, versioned by a hash of the whole text.
 struct Library {
     code: String,
     function: String,
@@ -75,26 +126,96 @@ pub struct RedisSettings {
     pub call_timeout: Duration,
 }
 
-/// The rules as the library reads them (see `read_rules` in redis.lua).
-fn rules_arg(r: &Rules) -> String {
-    let ms = |d: Duration| d.as_millis().to_string();
-    let cooldowns: Vec<String> = r.skip_cooldowns.iter().map(|d| ms(*d)).collect();
-    [
-        ms(r.anti_repeat_window),
-        ms(r.anti_repeat_fallback),
-        ms(r.skip_quick),
-        r.skip_limit.to_string(),
-        ms(r.skip_window),
-        r.enqueue_per_minute.to_string(),
-        ms(r.accept_timeout.unwrap_or_default()),
-        if r.decline_to_tail { "1" } else { "0" }.to_string(),
-        ms(r.relax_after),
-        cooldowns.join(";"),
-        r.max_blocks.to_string(),
-        ms(r.block_ttl),
-    ]
-    .join(",")
+/// The settings every call passes to the library (see `dispatch.lua`): the same JSON text in
+/// every call of one instance, so the library decodes it once.
+#[derive(Serialize)]
+struct LibrarySettings<'a> {
+    key_prefix: &'a str,
+    channel_prefix: &'a str,
+    requeue_peer_on_skip: bool,
+    history_len: usize,
+    history_ttl_ms: u64,
+    resume_grace_ms: u64,
+    media: LibraryMedia<'a>,
+    rules: LibraryRules,
 }
+
+#[derive(Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+enum LibraryMedia<'a> {
+    /// A paired session waits for its room, at most `pending_ms`.
+    Livekit { pending_ms: u64 },
+    /// Sessions start live with the ICE servers this instance wrote (`p2p_config`).
+    P2p { instance: &'a str },
+}
+
+/// [`Rules`] as the library reads them, durations in ms.
+#[derive(Serialize)]
+struct LibraryRules {
+    anti_repeat_window_ms: u64,
+    anti_repeat_fallback_ms: u64,
+    skip_quick_ms: u64,
+    skip_limit: u32,
+    skip_window_ms: u64,
+    skip_cooldowns_ms: Vec<u64>,
+    enqueue_per_minute: u32,
+    /// 0: no accept phase.
+    accept_timeout_ms: u64,
+    decline_to_tail: bool,
+    relax_after_ms: u64,
+    max_blocks: usize,
+    block_ttl_ms: u64,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl LibraryRules {
+    fn new(r: &Rules) -> Self {
+        LibraryRules {
+            anti_repeat_window_ms: ms(r.anti_repeat_window),
+            anti_repeat_fallback_ms: ms(r.anti_repeat_fallback),
+            skip_quick_ms: ms(r.skip_quick),
+            skip_limit: r.skip_limit,
+            skip_window_ms: ms(r.skip_window),
+            skip_cooldowns_ms: r.skip_cooldowns.iter().map(|d| ms(*d)).collect(),
+            enqueue_per_minute: r.enqueue_per_minute,
+            accept_timeout_ms: ms(r.accept_timeout.unwrap_or_default()),
+            decline_to_tail: r.decline_to_tail,
+            relax_after_ms: ms(r.relax_after),
+            max_blocks: r.max_blocks,
+            block_ttl_ms: ms(r.block_ttl),
+        }
+    }
+}
+
+fn library_settings(s: &RedisSettings) -> String {
+    let settings = LibrarySettings {
+        key_prefix: &s.layout.prefix,
+        channel_prefix: &s.layout.channel_prefix,
+        requeue_peer_on_skip: s.requeue_peer_on_skip,
+        history_len: s.history_len,
+        history_ttl_ms: ms(s.history_ttl),
+        resume_grace_ms: ms(s.resume_grace),
+        media: match &s.media {
+            MediaMode::LiveKit { pending } => LibraryMedia::Livekit {
+                pending_ms: ms(*pending),
+            },
+            MediaMode::P2p(_) => LibraryMedia::P2p {
+                instance: &s.instance,
+            },
+        },
+        rules: LibraryRules::new(&s.rules),
+    };
+    serde_json::to_string(&settings).expect("settings serialise")
+}
+
+/// For tests only: the time (unix ms) the library reads instead of Redis's clock, in every
+/// rule (queue waits, anti-repeat, cooldowns, the enqueue rate, grace periods, deadlines,
+/// liveness). Key expiry, which only collects garbage (logs, de-duplication marks, leases,
+/// the state of users gone for good), stays on Redis's own clock. The gateway never sets it.
+pub type ClockOverride = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 enum Pool {
     Single(deadpool_redis::Pool),
@@ -135,18 +256,19 @@ pub struct RedisMatchmaker {
     library: Library,
     settings: RedisSettings,
     route_key: String,
-    rules: String,
-    /// The media mode as the library reads it (argument 10).
-    media: String,
+    /// The settings argument of every call (see [`LibrarySettings`]).
+    library_settings: String,
     /// Media mode p2p: the arguments of the call that writes this instance's ICE servers.
-    p2p_config: Option<[String; 5]>,
+    p2p_config: Option<Value>,
+    /// For tests only: see [`ClockOverride`].
+    clock_override: Option<ClockOverride>,
     metrics: Arc<Metrics>,
 }
 
-/// What the library keeps of an instance's ICE servers (see `p2p_config` in redis.lua): the
-/// TURN secret, the credential lifetime in s, the STUN entry and the TURN URLs as JSON ("" for
-/// what is not configured), and how long the key lives, in ms.
-fn p2p_config_args(ice: &IceServers) -> [String; 5] {
+/// What the library keeps of an instance's ICE servers (see `p2p.lua`): the TURN secret, the
+/// credential lifetime in s, the STUN entry and the TURN URLs as JSON ("" for what is not
+/// configured), and how long the key lives, in ms.
+fn p2p_config_args(ice: &IceServers) -> Value {
     let stun = if ice.stun_urls().is_empty() {
         String::new()
     } else {
@@ -157,16 +279,21 @@ fn p2p_config_args(ice: &IceServers) -> [String; 5] {
         };
         serde_json::to_string(&entry).expect("ICE servers serialise")
     };
-    let (secret, ttl, turn) = match ice.turn() {
+    let (secret, credential_ttl_s, turn) = match ice.turn() {
         Some(t) => (
             t.secret.clone(),
-            t.ttl.as_secs().to_string(),
+            t.ttl.as_secs(),
             serde_json::to_string(&t.urls).expect("URLs serialise"),
         ),
-        None => (String::new(), "0".into(), String::new()),
+        None => (String::new(), 0, String::new()),
     };
-    let keep = P2P_CONFIG_TTL.as_millis().to_string();
-    [secret, ttl, stun, turn, keep]
+    json!({
+        "secret": secret,
+        "credential_ttl_s": credential_ttl_s,
+        "stun": stun,
+        "turn": turn,
+        "keep_ms": ms(P2P_CONFIG_TTL),
+    })
 }
 
 /// What the instance learns from one heartbeat tick.
@@ -201,66 +328,211 @@ where
     })
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Reply {
-    error: Option<String>,
-    message: Option<String>,
+/// What the library answers (see `result` and `fail` in `prelude.lua`).
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Answer<T> {
+    Error(ErrorReply),
+    Done(Done<T>),
+}
+
+#[derive(Deserialize)]
+struct ErrorReply {
+    code: String,
+    #[serde(default)]
+    message: String,
     retry_after_ms: Option<u64>,
-    #[serde(deserialize_with = "list")]
-    timers: Vec<(u64, Arc<str>, String, String)>,
-    // peer
-    session: Option<Arc<str>>,
-    peer: Option<Arc<str>>,
+}
+
+impl ErrorReply {
+    fn into_error(self) -> MatchError {
+        let retry_after_ms = self.retry_after_ms.unwrap_or(1);
+        match self.code.as_str() {
+            "invalid_state" => MatchError::InvalidState(self.message.into()),
+            "replaced" => MatchError::Replaced,
+            "cooldown" => MatchError::Cooldown { retry_after_ms },
+            "rate_limited" => MatchError::RateLimited { retry_after_ms },
+            _ => MatchError::Internal(self.message),
+        }
+    }
+}
+
+/// A successful call: the outcome every operation has, the number of messages it published,
+/// and the operation's own reply `T`.
+#[derive(Deserialize)]
+struct Done<T> {
+    outcome: OutcomeReply,
+    published: u64,
+    reply: T,
+}
+
+/// The reply of the operations that answer nothing but their outcome.
+#[derive(Deserialize)]
+struct NoReply {}
+
+/// [`Outcome`] as the library writes it.
+#[derive(Deserialize)]
+struct OutcomeReply {
     #[serde(deserialize_with = "list")]
     waits: Vec<u64>,
     #[serde(deserialize_with = "list")]
-    started: Vec<StartedRow>,
+    started: Vec<StartedReply>,
     #[serde(deserialize_with = "list")]
-    closed: Vec<ClosedRow>,
+    closed: Vec<ClosedReply>,
     #[serde(deserialize_with = "list")]
-    changed: Vec<Arc<str>>,
+    changed_pools: Vec<Arc<str>>,
     held: bool,
-    published: u64,
     #[serde(deserialize_with = "list")]
-    pending: Vec<(Arc<str>, Arc<str>, Arc<str>)>,
+    pending: Vec<PendingReply>,
     #[serde(deserialize_with = "list")]
     ended_sessions: Vec<Arc<str>>,
-    // media_ready, lease
-    live: bool,
-    // media_left
-    effect: Option<String>,
-    // sessions
     #[serde(deserialize_with = "list")]
-    session_list: Vec<(Arc<str>, u64, bool)>,
-    // attach
-    state: Option<StateName>,
+    timers: Vec<TimerReply>,
+}
+
+/// [`SessionStarted`] as the library writes it.
+#[derive(Deserialize)]
+struct StartedReply {
+    session_id: Arc<str>,
+    users: [UserId; 2],
+    pools: [Arc<str>; 2],
+    started_at_ms: u64,
+}
+
+/// [`SessionClosed`] as the library writes it.
+#[derive(Deserialize)]
+struct ClosedReply {
+    session_id: Arc<str>,
+    users: [UserId; 2],
+    started_at_ms: u64,
+    ended_at_ms: u64,
+    #[serde(default)]
+    ended_by: Option<UserId>,
+    reason: EndReason,
+}
+
+#[derive(Deserialize)]
+struct PendingReply {
+    session_id: Arc<str>,
+    handles: [Arc<str>; 2],
+}
+
+#[derive(Deserialize)]
+struct TimerReply {
+    delay_ms: u64,
+    user: UserId,
+    #[serde(flatten)]
+    timer: TimerKind,
+}
+
+/// [`Timer`] as the library writes it (and reads it back in `wake`).
+#[derive(Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum TimerKind {
+    Relax { ticket: u64 },
+    Rematch { ticket: u64 },
+    Proposal { match_id: Arc<str> },
+}
+
+impl From<TimerKind> for Timer {
+    fn from(t: TimerKind) -> Timer {
+        match t {
+            TimerKind::Relax { ticket } => Timer::Relax { ticket },
+            TimerKind::Rematch { ticket } => Timer::Rematch { ticket },
+            TimerKind::Proposal { match_id } => Timer::Proposal { match_id },
+        }
+    }
+}
+
+impl From<Timer> for TimerKind {
+    fn from(t: Timer) -> TimerKind {
+        match t {
+            Timer::Relax { ticket } => TimerKind::Relax { ticket },
+            Timer::Rematch { ticket } => TimerKind::Rematch { ticket },
+            Timer::Proposal { match_id } => TimerKind::Proposal { match_id },
+        }
+    }
+}
+
+impl From<OutcomeReply> for Outcome {
+    fn from(r: OutcomeReply) -> Outcome {
+        Outcome {
+            waits: r.waits.into_iter().map(Duration::from_millis).collect(),
+            started: r
+                .started
+                .into_iter()
+                .map(|s| SessionStarted {
+                    session_id: s.session_id,
+                    users: s.users,
+                    pools: s.pools,
+                    started_at_ms: s.started_at_ms,
+                })
+                .collect(),
+            closed: r
+                .closed
+                .into_iter()
+                .map(|c| SessionClosed {
+                    session_id: c.session_id,
+                    users: c.users,
+                    started_at_ms: c.started_at_ms,
+                    ended_at_ms: c.ended_at_ms,
+                    ended_by: c.ended_by,
+                    reason: c.reason,
+                })
+                .collect(),
+            changed_pools: r.changed_pools,
+            held: r.held,
+            pending: r
+                .pending
+                .into_iter()
+                .map(|p| PendingSession {
+                    session_id: p.session_id,
+                    handles: p.handles,
+                })
+                .collect(),
+            ended_sessions: r.ended_sessions,
+            timers: r
+                .timers
+                .into_iter()
+                .map(|t| (Duration::from_millis(t.delay_ms), t.user, t.timer.into()))
+                .collect(),
+        }
+    }
+}
+
+/// An event replayed from a user's log.
+#[derive(Deserialize)]
+struct Replayed {
+    seq: u64,
+    frame: String,
+}
+
+fn frames(replay: Vec<Replayed>) -> Vec<Frame> {
+    replay
+        .into_iter()
+        .map(|r| Frame {
+            seq: Some(r.seq),
+            text: r.frame.into(),
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct AttachReply {
+    state: StateName,
     resume_token: String,
     last_seq: u64,
     resumed: bool,
     #[serde(deserialize_with = "list")]
-    replay: Vec<(u64, String)>,
-    // status
-    status: Option<StatusReply>,
-    // stats
-    queued: u64,
-    sessions: u64,
-    // tick
-    epoch: String,
-    epoch_changed: bool,
-    rejoined: bool,
-    cleaned_users: u64,
-    expired: u64,
-    dead_instances: u64,
+    replay: Vec<Replayed>,
 }
 
-/// Session, offerer, answerer, their pools, started ms.
 #[derive(Deserialize)]
-struct StartedRow(Arc<str>, UserId, UserId, Arc<str>, Arc<str>, u64);
-
-/// Session, offerer, answerer, started ms, ended ms, who ended it ("" for nobody), why.
-#[derive(Deserialize)]
-struct ClosedRow(Arc<str>, UserId, UserId, u64, u64, UserId, EndReason);
+struct SinceReply {
+    resumed: bool,
+    #[serde(deserialize_with = "list")]
+    replay: Vec<Replayed>,
+}
 
 #[derive(Deserialize)]
 struct StatusReply {
@@ -269,108 +541,65 @@ struct StatusReply {
     estimated_wait_ms: Option<u64>,
     session_id: Option<Arc<str>>,
     peer: Option<Arc<str>>,
-    role: Option<crate::protocol::Role>,
+    role: Option<Role>,
 }
 
-impl Reply {
-    /// The reply, or the error it reports.
-    fn into_result(mut self) -> Result<Reply, MatchError> {
-        match self.error.take() {
-            None => Ok(self),
-            Some(code) => {
-                let message = self.message.take().unwrap_or_default();
-                let retry_after_ms = self.retry_after_ms.unwrap_or(1);
-                Err(match code.as_str() {
-                    "invalid_state" => MatchError::InvalidState(message.into()),
-                    "replaced" => MatchError::Replaced,
-                    "cooldown" => MatchError::Cooldown { retry_after_ms },
-                    "rate_limited" => MatchError::RateLimited { retry_after_ms },
-                    _ => MatchError::Internal(message),
-                })
-            }
-        }
-    }
+#[derive(Deserialize)]
+struct StatsReply {
+    queued: u64,
+    sessions: u64,
+}
 
-    fn outcome(&mut self) -> Outcome {
-        Outcome {
-            waits: self.waits.drain(..).map(Duration::from_millis).collect(),
-            started: self
-                .started
-                .drain(..)
-                .map(
-                    |StartedRow(
-                        session_id,
-                        offerer,
-                        answerer,
-                        offerer_pool,
-                        answerer_pool,
-                        started_at_ms,
-                    )| {
-                        SessionStarted {
-                            session_id,
-                            users: [offerer, answerer],
-                            pools: [offerer_pool, answerer_pool],
-                            started_at_ms,
-                        }
-                    },
-                )
-                .collect(),
-            closed: self
-                .closed
-                .drain(..)
-                .map(
-                    |ClosedRow(
-                        session_id,
-                        offerer,
-                        answerer,
-                        started_at_ms,
-                        ended_at_ms,
-                        by,
-                        reason,
-                    )| {
-                        SessionClosed {
-                            session_id,
-                            users: [offerer, answerer],
-                            started_at_ms,
-                            ended_at_ms,
-                            ended_by: (!by.is_empty()).then_some(by),
-                            reason,
-                        }
-                    },
-                )
-                .collect(),
-            changed_pools: std::mem::take(&mut self.changed),
-            held: self.held,
-            pending: self
-                .pending
-                .drain(..)
-                .map(|(session_id, h1, h2)| PendingSession {
-                    session_id,
-                    handles: [h1, h2],
-                })
-                .collect(),
-            ended_sessions: std::mem::take(&mut self.ended_sessions),
-            timers: self
-                .timers
-                .drain(..)
-                .filter_map(|(delay, user, kind, arg)| {
-                    let timer = match kind.as_str() {
-                        "relax" => Timer::Relax {
-                            ticket: arg.parse().ok()?,
-                        },
-                        "rematch" => Timer::Rematch {
-                            ticket: arg.parse().ok()?,
-                        },
-                        "proposal" => Timer::Proposal {
-                            match_id: arg.into(),
-                        },
-                        _ => return None,
-                    };
-                    Some((Duration::from_millis(delay), user, timer))
-                })
-                .collect(),
-        }
-    }
+#[derive(Deserialize)]
+struct TickReply {
+    epoch: String,
+    epoch_changed: bool,
+    rejoined: bool,
+    cleaned_users: u64,
+    expired: u64,
+    dead_instances: u64,
+}
+
+#[derive(Deserialize)]
+struct MediaReadyReply {
+    went_live: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum MediaLeftEffect {
+    Ended,
+    Duplicate,
+    NoSession,
+}
+
+#[derive(Deserialize)]
+struct MediaLeftReply {
+    effect: MediaLeftEffect,
+}
+
+#[derive(Deserialize)]
+struct SessionsReply {
+    #[serde(deserialize_with = "list")]
+    sessions: Vec<SessionReply>,
+}
+
+#[derive(Deserialize)]
+struct SessionReply {
+    session_id: Arc<str>,
+    matched_at_ms: u64,
+    pending: bool,
+}
+
+#[derive(Deserialize)]
+struct PeerReply {
+    session_id: Arc<str>,
+    peer: UserId,
+}
+
+#[derive(Deserialize)]
+struct LeaseReply {
+    held: bool,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> MatchError {
@@ -418,18 +647,22 @@ impl RedisMatchmaker {
             shared: std::sync::Mutex::new(None),
             library: Library::new(),
             route_key: settings.layout.route(),
-            rules: rules_arg(&settings.rules),
-            media: match &settings.media {
-                MediaMode::LiveKit { pending } => format!("livekit {}", pending.as_millis()),
-                MediaMode::P2p(_) => format!("p2p {}", settings.instance),
-            },
+            library_settings: library_settings(&settings),
             p2p_config: match &settings.media {
                 MediaMode::P2p(ice) => Some(p2p_config_args(ice)),
                 MediaMode::LiveKit { .. } => None,
             },
+            clock_override: None,
             settings,
             metrics,
         })
+    }
+
+    /// For tests only (a differential test drives the engine's time): every call reads the
+    /// time from `clock` instead of Redis's clock. See [`ClockOverride`] for what it covers.
+    pub fn with_clock_override(mut self, clock: ClockOverride) -> Self {
+        self.clock_override = Some(clock);
+        self
     }
 
     fn lock_shared(&self) -> std::sync::MutexGuard<'_, Option<Shared>> {
@@ -448,18 +681,33 @@ impl RedisMatchmaker {
         Ok(shared)
     }
 
-    /// Runs one operation of the library. In media mode p2p, the first call of an instance
-    /// (and the first after its configuration expired or Redis lost its data) finds no ICE
-    /// servers of this instance in Redis: they are written, and the call runs again.
-    async fn call(&self, op: &str, subject: &str, args: &[&str]) -> Result<Reply, MatchError> {
-        let fcall = self.fcall(op, subject, args);
-        let mut reply = self.run(&fcall).await?;
-        if reply.error.as_deref() == Some(P2P_CONFIG_MISSING) {
+    /// Runs one operation of the library with its named `args` and reads its reply `T`. In
+    /// media mode p2p, the first call of an instance (and the first after its configuration
+    /// expired or Redis lost its data) finds no ICE servers of this instance in Redis: they are
+    /// written, and the call runs again.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        operation: &str,
+        args: Value,
+    ) -> Result<Done<T>, MatchError> {
+        let fcall = self.fcall(operation, args);
+        let mut answer = self.run(&fcall).await?;
+        if matches!(&answer, Answer::Error(e) if e.code == P2P_CONFIG_MISSING) {
             self.write_p2p_config().await?;
-            reply = self.run(&fcall).await?;
+            answer = self.run(&fcall).await?;
         }
-        self.metrics.pubsub_published(reply.published);
-        reply.into_result()
+        match answer {
+            Answer::Done(done) => {
+                self.metrics.pubsub_published(done.published);
+                Ok(done)
+            }
+            Answer::Error(e) => Err(e.into_error()),
+        }
+    }
+
+    /// An operation that answers nothing but its outcome.
+    async fn outcome(&self, operation: &str, args: Value) -> Result<Outcome, MatchError> {
+        Ok(self.call::<NoReply>(operation, args).await?.outcome.into())
     }
 
     /// Writes this instance's ICE servers where its calls read them (`P:p2p:<instance>`).
@@ -470,38 +718,35 @@ impl RedisMatchmaker {
                 "the library asks for a p2p configuration in LiveKit mode".into(),
             ));
         };
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let fcall = self.fcall("p2p_config", &self.settings.instance, &args);
-        self.run(&fcall).await?.into_result().map(|_| ())
+        let mut args = args.clone();
+        args["instance"] = self.settings.instance.as_str().into();
+        let fcall = self.fcall("p2p_config", args);
+        match self.run::<NoReply>(&fcall).await? {
+            Answer::Done(_) => Ok(()),
+            Answer::Error(e) => Err(e.into_error()),
+        }
     }
 
-    /// The FCALL of one operation.
-    fn fcall(&self, op: &str, subject: &str, args: &[&str]) -> redis::Cmd {
-        let s = &self.settings;
+    /// The FCALL of one operation: its name, the settings, and its arguments with the entropy
+    /// for the ids it makes (and the test clock, if set).
+    fn fcall(&self, operation: &str, mut args: Value) -> redis::Cmd {
+        args["entropy"] = random_id("", 16).into();
+        if let Some(clock) = &self.clock_override {
+            args["now_ms"] = clock().into();
+        }
         let mut fcall = redis::cmd("FCALL");
         fcall
             .arg(&self.library.function)
             .arg(1)
             .arg(&self.route_key)
-            .arg(&s.layout.prefix)
-            .arg(op)
-            .arg(if s.requeue_peer_on_skip { "1" } else { "0" })
-            .arg(s.history_len)
-            .arg(s.history_ttl.as_millis() as u64)
-            .arg(s.resume_grace.as_millis() as u64)
-            .arg(&s.layout.channel_prefix)
-            .arg(random_id("", 16))
-            .arg(subject)
-            .arg(&self.media)
-            .arg(&self.rules);
-        for a in args {
-            fcall.arg(*a);
-        }
+            .arg(operation)
+            .arg(&self.library_settings)
+            .arg(args.to_string());
         fcall
     }
 
-    /// Sends one FCALL and reads its reply (loading the library where Redis lacks it).
-    async fn run(&self, fcall: &redis::Cmd) -> Result<Reply, MatchError> {
+    /// Sends one FCALL and reads its answer (loading the library where Redis lacks it).
+    async fn run<T: DeserializeOwned>(&self, fcall: &redis::Cmd) -> Result<Answer<T>, MatchError> {
         let s = &self.settings;
         let started = Instant::now();
         let result = tokio::time::timeout(s.call_timeout, async {
@@ -528,28 +773,33 @@ impl RedisMatchmaker {
         self.metrics.redis_call(started.elapsed(), result.is_ok());
         let text = result?;
         serde_json::from_str(&text)
-            .map_err(|e| MatchError::Internal(format!("bad script reply: {e}")))
+            .map_err(|e| MatchError::Internal(format!("bad library reply: {e}")))
     }
 
     /// Heartbeat of this instance plus a share of the clean-up every instance does: users of
     /// dead instances are treated as disconnected, held states past their grace expire.
     pub async fn tick(&self, period: Duration, known_epoch: &str) -> Result<Tick, MatchError> {
-        let period_ms = (period.as_millis() as u64).to_string();
-        let mut reply = self
-            .call(
+        let done = self
+            .call::<TickReply>(
                 "tick",
-                &self.settings.instance,
-                &[&period_ms, known_epoch, "1000", MEDIA_UNAVAILABLE],
+                json!({
+                    "instance": self.settings.instance,
+                    "period_ms": ms(period),
+                    "known_epoch": (!known_epoch.is_empty()).then_some(known_epoch),
+                    "budget": TICK_BUDGET,
+                    "media_unavailable_message": MEDIA_UNAVAILABLE,
+                }),
             )
             .await?;
+        let r = done.reply;
         Ok(Tick {
-            outcome: reply.outcome(),
-            epoch: std::mem::take(&mut reply.epoch),
-            epoch_changed: reply.epoch_changed,
-            rejoined: reply.rejoined,
-            cleaned_users: reply.cleaned_users,
-            expired: reply.expired,
-            dead_instances: reply.dead_instances,
+            outcome: done.outcome.into(),
+            epoch: r.epoch,
+            epoch_changed: r.epoch_changed,
+            rejoined: r.rejoined,
+            cleaned_users: r.cleaned_users,
+            expired: r.expired,
+            dead_instances: r.dead_instances,
         })
     }
 
@@ -561,26 +811,10 @@ impl RedisMatchmaker {
         conn: ConnId,
         last_seq: u64,
     ) -> Result<Option<Vec<Frame>>, MatchError> {
-        let conn = conn.to_string();
-        let last = last_seq.to_string();
-        let reply = self.call("since", user, &[&conn, &last]).await?;
-        Ok(reply.resumed.then(|| frames(reply.replay)))
+        let args = json!({"user": user, "connection": conn.to_string(), "last_seq": last_seq});
+        let r = self.call::<SinceReply>("since", args).await?.reply;
+        Ok(r.resumed.then(|| frames(r.replay)))
     }
-}
-
-/// The script's encoding of an optional `ref`: "" when absent, "=<ref>" when present.
-fn ref_arg(reference: Option<&str>) -> String {
-    reference.map(|r| format!("={r}")).unwrap_or_default()
-}
-
-fn frames(replay: Vec<(u64, String)>) -> Vec<Frame> {
-    replay
-        .into_iter()
-        .map(|(seq, text)| Frame {
-            seq: Some(seq),
-            text: text.into(),
-        })
-        .collect()
 }
 
 #[async_trait]
@@ -591,33 +825,28 @@ impl ClientOperations for RedisMatchmaker {
         conn: ConnId,
         resume: Option<Resume>,
     ) -> Result<Attached, MatchError> {
-        let conn = conn.to_string();
-        let (token, last) = match &resume {
-            Some(r) => (r.token.as_str(), r.last_seq.to_string()),
-            None => ("", String::new()),
-        };
-        let mut reply = self
-            .call(
-                "attach",
-                user,
-                &[&conn, &self.settings.instance, token, &last],
-            )
-            .await?;
+        let args = json!({
+            "user": user,
+            "connection": conn.to_string(),
+            "instance": self.settings.instance,
+            "resume_token": resume.as_ref().map(|r| &r.token),
+            "last_seq": resume.as_ref().map(|r| r.last_seq),
+        });
+        let done = self.call::<AttachReply>("attach", args).await?;
+        let r = done.reply;
         Ok(Attached {
-            state: reply.state.unwrap_or(StateName::Idle),
-            resume_token: std::mem::take(&mut reply.resume_token),
-            last_seq: reply.last_seq,
-            resumed: reply.resumed,
-            outcome: reply.outcome(),
-            replay: frames(std::mem::take(&mut reply.replay)),
+            state: r.state,
+            resume_token: r.resume_token,
+            last_seq: r.last_seq,
+            resumed: r.resumed,
+            outcome: done.outcome.into(),
+            replay: frames(r.replay),
         })
     }
 
     async fn detach(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("detach", user, &[&conn.to_string()])
-            .await?
-            .outcome())
+        let args = json!({"user": user, "connection": conn.to_string()});
+        self.outcome("detach", args).await
     }
 
     async fn enqueue(
@@ -626,49 +855,38 @@ impl ClientOperations for RedisMatchmaker {
         prefs: Prefs,
         reference: Option<&str>,
     ) -> Result<Outcome, MatchError> {
-        let json = serde_json::to_string(&prefs).expect("prefs serialise");
         // Every relaxation step's pool and preferences, so that the library can widen the
         // search without knowing how pools are keyed.
         let steps: Vec<Prefs> = (1..=prefs.soft.len())
             .filter_map(|step| prefs.relaxed(step))
             .collect();
-        let keys: Vec<String> = steps.iter().map(Prefs::pool_key).collect();
-        let relaxed = serde_json::to_string(&steps).expect("prefs serialise");
-        Ok(self
-            .call(
-                "enqueue",
-                user,
-                &[
-                    &json,
-                    &prefs.pool_key(),
-                    &ref_arg(reference),
-                    &keys.join("\n"),
-                    &relaxed,
-                ],
-            )
-            .await?
-            .outcome())
+        let relaxed_pools: Vec<String> = steps.iter().map(Prefs::pool_key).collect();
+        let args = json!({
+            "user": user,
+            "ref": reference,
+            "pool": prefs.pool_key(),
+            "relaxed_pools": relaxed_pools,
+            // Text the library stores and splices into `widened_to` as it is.
+            "relaxed_prefs": serde_json::to_string(&steps).expect("prefs serialise"),
+        });
+        self.outcome("enqueue", args).await
     }
 
     async fn skip(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("skip", user, &[&ref_arg(reference), COOLDOWN])
-            .await?
-            .outcome())
+        let args = json!({"user": user, "ref": reference, "cooldown_message": COOLDOWN});
+        self.outcome("skip", args).await
     }
 
     async fn end(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("end", user, &[&ref_arg(reference)])
-            .await?
-            .outcome())
+        self.outcome("end", json!({"user": user, "ref": reference}))
+            .await
     }
 
     async fn status(&self, user: &UserId) -> Result<Status, MatchError> {
-        let reply = self.call("status", user, &[]).await?;
-        let s = reply
-            .status
-            .ok_or_else(|| MatchError::Internal("status reply without status".into()))?;
+        let s = self
+            .call::<StatusReply>("status", json!({"user": user}))
+            .await?
+            .reply;
         Ok(Status {
             state: s.state,
             position: s.position,
@@ -680,10 +898,8 @@ impl ClientOperations for RedisMatchmaker {
     }
 
     async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("block", user, &[session.unwrap_or("")])
-            .await?
-            .outcome())
+        self.outcome("block", json!({"user": user, "session": session}))
+            .await
     }
 
     async fn recent_peer(
@@ -691,76 +907,74 @@ impl ClientOperations for RedisMatchmaker {
         user: &UserId,
         session: Option<&str>,
     ) -> Result<RecentPeer, MatchError> {
-        let reply = self.call("peer", user, &[session.unwrap_or("")]).await?;
-        reply
-            .session
-            .zip(reply.peer)
-            .map(|(session_id, peer)| RecentPeer { session_id, peer })
-            .ok_or_else(|| MatchError::Internal("peer reply without a peer".into()))
+        let args = json!({"user": user, "session": session});
+        let r = self.call::<PeerReply>("peer", args).await?.reply;
+        Ok(RecentPeer {
+            session_id: r.session_id,
+            peer: r.peer,
+        })
     }
 
     async fn accept(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
-        Ok(self.call("accept", user, &[match_id]).await?.outcome())
+        self.outcome("accept", json!({"user": user, "match_id": match_id}))
+            .await
     }
 
     async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
-        Ok(self.call("decline", user, &[match_id]).await?.outcome())
+        self.outcome("decline", json!({"user": user, "match_id": match_id}))
+            .await
     }
 
     async fn relay(&self, user: &UserId, message: Relay<'_>) -> Result<(), MatchError> {
-        // The library splices these into the frame as they are: the payload exactly as the
-        // client sent it, the chat text as a JSON string.
+        // The library splices this into the frame as it is: the payload exactly as the client
+        // sent it, the chat text as a JSON string.
         let json = match &message {
             Relay::Signal(payload) => std::borrow::Cow::Borrowed(payload.get()),
             Relay::Chat(text) => serde_json::to_string(text)
                 .expect("strings serialise")
                 .into(),
         };
-        self.call("relay", user, &[message.name(), &json])
-            .await
-            .map(|_| ())
+        let args = json!({"user": user, "kind": message.name(), "json": json});
+        self.outcome("relay", args).await.map(|_| ())
     }
 }
 
 #[async_trait]
 impl Timers for RedisMatchmaker {
     async fn expire(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("expire", user, &[&conn.to_string()])
-            .await?
-            .outcome())
+        let args = json!({"user": user, "connection": conn.to_string()});
+        self.outcome("expire", args).await
     }
 
     async fn refresh_pool(&self, pool: &str) -> Result<(), MatchError> {
-        self.call("refresh", "", &[pool]).await.map(|_| ())
+        self.outcome("refresh", json!({"pool": pool}))
+            .await
+            .map(|_| ())
     }
 
     async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {
-        let (kind, arg) = match timer {
-            Timer::Relax { ticket } => ("relax", ticket.to_string()),
-            Timer::Rematch { ticket } => ("rematch", ticket.to_string()),
-            Timer::Proposal { match_id } => ("proposal", match_id.to_string()),
-        };
-        Ok(self.call("wake", user, &[kind, &arg]).await?.outcome())
+        let args = json!({"user": user, "timer": TimerKind::from(timer)});
+        self.outcome("wake", args).await
     }
 }
 
 #[async_trait]
 impl Administration for RedisMatchmaker {
     async fn stats(&self) -> Result<Stats, MatchError> {
-        let reply = self.call("stats", "", &[]).await?;
+        let r = self.call::<StatsReply>("stats", json!({})).await?.reply;
         Ok(Stats {
-            queued: reply.queued,
-            sessions: reply.sessions,
+            queued: r.queued,
+            sessions: r.sessions,
         })
     }
 
     async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError> {
-        let ttl = ttl.as_millis().max(1).to_string();
-        let reply = self
-            .call("lease", &self.settings.instance, &[name, &ttl])
-            .await?;
-        Ok(reply.live)
+        let args = json!({
+            "instance": self.settings.instance,
+            "name": name,
+            "ttl_ms": ms(ttl).max(1),
+        });
+        Ok(self.call::<LeaseReply>("lease", args).await?.reply.held)
     }
 }
 
@@ -771,19 +985,23 @@ impl MediaEvents for RedisMatchmaker {
         session: &str,
         media: [Media; 2],
     ) -> Result<MediaReady, MatchError> {
-        let [a, b] = media.map(|m| serde_json::to_string(&m).expect("media serialises"));
-        let mut reply = self.call("media_ready", "", &[session, &a, &b]).await?;
+        let [offerer, answerer] =
+            media.map(|m| serde_json::to_string(&m).expect("media serialises"));
+        let args = json!({
+            "session": session,
+            "offerer_media": offerer,
+            "answerer_media": answerer,
+        });
+        let done = self.call::<MediaReadyReply>("media_ready", args).await?;
         Ok(MediaReady {
-            live: reply.live,
-            outcome: reply.outcome(),
+            live: done.reply.went_live,
+            outcome: done.outcome.into(),
         })
     }
 
     async fn media_failed(&self, session: &str) -> Result<Outcome, MatchError> {
-        Ok(self
-            .call("media_failed", "", &[session, MEDIA_UNAVAILABLE])
-            .await?
-            .outcome())
+        let args = json!({"session": session, "message": MEDIA_UNAVAILABLE});
+        self.outcome("media_failed", args).await
     }
 
     async fn media_left(
@@ -793,29 +1011,35 @@ impl MediaEvents for RedisMatchmaker {
         event_id: &str,
         dedupe: Duration,
     ) -> Result<MediaLeft, MatchError> {
-        let ttl = dedupe.as_millis().max(1).to_string();
-        let args = [session, left.unwrap_or(""), event_id, &ttl];
-        let mut reply = self.call("media_left", "", &args).await?;
-        let effect = match reply.effect.as_deref() {
-            Some("ended") => MediaEffect::Ended,
-            Some("duplicate") => MediaEffect::Duplicate,
-            _ => MediaEffect::NoSession,
+        let args = json!({
+            "session": session,
+            "left": left,
+            "event_id": event_id,
+            "dedupe_ms": ms(dedupe).max(1),
+        });
+        let done = self.call::<MediaLeftReply>("media_left", args).await?;
+        let effect = match done.reply.effect {
+            MediaLeftEffect::Ended => MediaEffect::Ended,
+            MediaLeftEffect::Duplicate => MediaEffect::Duplicate,
+            MediaLeftEffect::NoSession => MediaEffect::NoSession,
         };
         Ok(MediaLeft {
             effect,
-            outcome: reply.outcome(),
+            outcome: done.outcome.into(),
         })
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError> {
-        let reply = self.call("sessions", "", &[]).await?;
-        Ok(reply
-            .session_list
+        let r = self
+            .call::<SessionsReply>("sessions", json!({}))
+            .await?
+            .reply;
+        Ok(r.sessions
             .into_iter()
-            .map(|(session_id, created_ms, pending)| SessionInfo {
-                session_id,
-                created_ms,
-                pending,
+            .map(|s| SessionInfo {
+                session_id: s.session_id,
+                created_ms: s.matched_at_ms,
+                pending: s.pending,
             })
             .collect())
     }

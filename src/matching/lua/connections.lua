@@ -1,0 +1,113 @@
+
+-- Connections coming and going (the grace period of a dropped one), and what waiting users
+-- are told about their place.
+
+-- The connection `connection` of u went away: hold the state for the grace period.
+local function detach(u, connection)
+  local user_hash = user_key(u)
+  local current, away, instance = unpack(redis.call('HMGET', user_hash, 'connection', 'away', 'instance'))
+  if current ~= connection or away == '1' then return end
+  redis.call('HSET', user_hash, 'away', '1')
+  set_away(u, true)
+  redis.call('SREM', instance_users_key(instance), u)
+  redis.call('ZADD', P .. ':held_expiry', NOW + S.resume_grace_ms, u .. '\n' .. connection)
+  if redis.call('PTTL', log_key(u)) < 2 * S.resume_grace_ms then
+    redis.call('PEXPIRE', log_key(u), 2 * S.resume_grace_ms)
+  end
+  out.held = true
+  local session, peer = session_of(u)
+  if session then emit(peer, { type = 'peer_status', session_id = session, state = 'reconnecting' }) end
+end
+
+-- The grace period of (u, connection) ran out and u did not come back. Two phases, one grace
+-- period apart: first the queue place or session goes (u's own `dequeued`/`session_ended`
+-- with reason `timeout` stays in the log for a client that comes back a little later), then
+-- the user.
+local function expire(u, connection)
+  local member = u .. '\n' .. connection
+  -- Both the instance's own timer and any instance's sweep may call this: only a due entry
+  -- counts, so the first call does the work and the second finds nothing (or the next phase,
+  -- not yet due).
+  local due = tonumber(redis.call('ZSCORE', P .. ':held_expiry', member))
+  if not due or due > NOW then return end
+  redis.call('ZREM', P .. ':held_expiry', member)
+  local user_hash = user_key(u)
+  local current, away, state = unpack(redis.call('HMGET', user_hash, 'connection', 'away', 'state'))
+  if current ~= connection or away ~= '1' then return end
+  if state == 'queued' then
+    dequeue(u, 'timeout')
+  elseif state == 'session' and session_of(u) then
+    end_session(u, 'timeout', false, 'peer_disconnected', S.requeue_peer_on_skip)
+  elseif state == 'pending' then
+    leave_match(u, 'timeout')
+  else
+    redis.call('DEL', user_hash, log_key(u))
+    forget_conduct_later(u)
+    return
+  end
+  redis.call('ZADD', P .. ':held_expiry', NOW + S.resume_grace_ms, member)
+  redis.call('PEXPIRE', log_key(u), 2 * S.resume_grace_ms)
+  out.held = true
+end
+
+-- u's state as `status` reports it, or nil when u has no state.
+local function status_of(u)
+  local state, pool, ticket, session = unpack(redis.call('HMGET', user_key(u), 'state', 'pool',
+    'ticket', 'session'))
+  if not state then return nil end
+  local status = { state = state_name(state) }
+  if state == 'queued' then
+    status.position = ahead(pool, ticket)
+    status.estimated_wait_ms = estimate(pool, status.position)
+  elseif state == 'pending' then
+    status.position = 0
+  elseif state == 'session' then
+    status.session_id = session
+    local offerer, offerer_handle, answerer_handle = unpack(redis.call('HMGET',
+      session_key(session), 'offerer', 'offerer_handle', 'answerer_handle'))
+    if offerer == u then
+      status.role, status.peer = 'offerer', answerer_handle
+    elseif offerer then
+      status.role, status.peer = 'answerer', offerer_handle
+    end
+  end
+  return status
+end
+
+-- Sends `queue_update` to the connected waiting users of `pool` whose position or estimate
+-- moved since they were last told.
+local function refresh_pool(pool)
+  -- The connected waiters, whose positions also count the away ones ahead of them.
+  local users = redis.call('ZRANGE', pool_key(pool), 0, -1, 'WITHSCORES')
+  local held = redis.call('ZCARD', held_key(pool))
+  for i = 1, #users, 2 do
+    local u = users[i]
+    local position = (i - 1) / 2
+    if held > 0 then position = position + redis.call('ZCOUNT', held_key(pool), '-inf', '(' .. users[i + 1]) end
+    local estimated_wait = estimate(pool, position)
+    local away, told_position, told_estimate, own_pool = unpack(redis.call('HMGET', user_key(u),
+      'away', 'told_position', 'told_estimate', 'pool'))
+    local old = tonumber(told_estimate)
+    local moved
+    if old and estimated_wait then
+      moved = math.abs(old - estimated_wait) * 5 > math.max(old, estimated_wait)
+    else
+      moved = (old == nil) ~= (estimated_wait == nil)
+    end
+    -- Users listed here because their search widened are told about their own pool.
+    if own_pool == pool and away == '0' and (tonumber(told_position) ~= position or moved) then
+      redis.call('HSET', user_key(u), 'told_position', position, 'told_estimate', estimated_wait or '')
+      emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(estimated_wait) })
+    end
+  end
+end
+
+-- Operations that act for a user: the user, and its request's `ref` (nil: none; "" is a ref).
+local function act_for_user()
+  actor, ref = USER, A.ref
+end
+
+-- The user's state, or nil when the user has none (no live connection).
+local function state_of_user()
+  return redis.call('HGET', user_key(USER), 'state')
+end

@@ -1,0 +1,126 @@
+
+-- Pools: who waits where, positions and wait estimates, timers for waiting users.
+
+local function ewma(previous, sample)
+  if not previous then return sample end
+  previous = tonumber(previous)
+  return previous + 0.2 * (sample - previous)
+end
+
+-- The wait estimate at `position` in `pool`, in ms rounded to 100, or nil without history.
+local function estimate(pool, position)
+  local pool_wait, all_wait = unpack(redis.call('HMGET', P .. ':smoothed_waits', pool, '*'))
+  local wait = pool_wait or all_wait
+  if not wait then return nil end
+  local ms = tonumber(wait) * (position + 1)
+  return math.floor(ms / 100 + 0.5) * 100
+end
+
+local function add_changed(pool)
+  for _, p in ipairs(out.changed_pools) do
+    if p == pool then return end
+  end
+  table.insert(out.changed_pools, pool)
+end
+
+-- Drops the wait history of a pool nobody waits in, or reports that positions changed.
+local function pool_changed(pool)
+  if redis.call('ZCARD', pool_key(pool)) == 0 and redis.call('ZCARD', held_key(pool)) == 0 then
+    redis.call('HDEL', P .. ':smoothed_waits', pool)
+  else
+    add_changed(pool)
+  end
+end
+
+-- Asks the gateway to call `wake` for u after `delay` ms with this timer: kind "relax" or
+-- "rematch" with the queue place's ticket, or "proposal" with the match id.
+local function timer(delay, u, kind, ticket_or_match)
+  local t = { delay_ms = math.max(delay, 0), user = u, kind = kind }
+  if kind == 'proposal' then
+    t.match_id = ticket_or_match
+  else
+    t.ticket = tonumber(ticket_or_match)
+  end
+  table.insert(out.timers, t)
+end
+
+-- Every pool a waiting user is listed in.
+local function pools_of(pool, wider_pools)
+  local t = { pool }
+  for _, p in ipairs(split(wider_pools, '\n')) do table.insert(t, p) end
+  return t
+end
+
+-- How many wait in `pool` ahead of `ticket` (all of them when nil), connected or not.
+local function ahead(pool, ticket)
+  local upto = '+inf'
+  if ticket then upto = '(' .. ticket end
+  return redis.call('ZCOUNT', pool_key(pool), '-inf', upto) + redis.call('ZCOUNT', held_key(pool), '-inf', upto)
+end
+
+-- Lists u at `ticket` in `pool`: among the connected waiters, or the away ones.
+local function list_in(u, pool, ticket, away)
+  if away then
+    redis.call('ZADD', held_key(pool), ticket, u)
+  else
+    redis.call('ZADD', pool_key(pool), ticket, u)
+  end
+end
+
+-- Moves waiting u between the connected and the away lists of its pools (its connection
+-- dropped, or it came back).
+local function set_away(u, away)
+  local state, pool, wider_pools, ticket = unpack(redis.call('HMGET', user_key(u), 'state',
+    'pool', 'wider_pools', 'ticket'))
+  if state ~= 'queued' then return end
+  for _, p in ipairs(pools_of(pool, wider_pools)) do
+    if away then redis.call('ZREM', pool_key(p), u) else redis.call('ZREM', held_key(p), u) end
+    list_in(u, p, ticket, away)
+  end
+end
+
+-- Takes a waiting user out of every pool it is listed in: { pool, queued_at, ticket, pools }
+-- or nil when u is not waiting.
+local function take_waiting(u)
+  local user_hash = user_key(u)
+  local state, pool, queued_at, ticket, wider_pools = unpack(redis.call('HMGET', user_hash, 'state',
+    'pool', 'queued_at', 'ticket', 'wider_pools'))
+  if state ~= 'queued' then return nil end
+  local pools = pools_of(pool, wider_pools)
+  for _, p in ipairs(pools) do
+    redis.call('ZREM', pool_key(p), u)
+    redis.call('ZREM', held_key(p), u)
+  end
+  -- Only the state changes: the queue fields are read only while the state is `queued` or
+  -- `pending`.
+  redis.call('HSET', user_hash, 'state', 'idle')
+  redis.call('HINCRBY', P .. ':counts', 'queued', -1)
+  -- The caller reports the pools as changed (`pools_changed`) once it is done with them.
+  return { pool = pool, queued_at = tonumber(queued_at), ticket = tonumber(ticket), pools = pools }
+end
+
+local function pools_changed(waiting)
+  for _, p in ipairs(waiting.pools) do pool_changed(p) end
+end
+
+-- Puts a paired user back at its old place (its ticket) in every pool it was listed in.
+local function restore(u)
+  local user_hash = user_key(u)
+  local pool, ticket, wider_pools, away = unpack(redis.call('HMGET', user_hash, 'pool', 'ticket',
+    'wider_pools', 'away'))
+  for _, p in ipairs(pools_of(pool, wider_pools)) do
+    list_in(u, p, ticket, away == '1')
+    add_changed(p)
+  end
+  redis.call('HSET', user_hash, 'state', 'queued')
+  redis.call('HINCRBY', P .. ':counts', 'queued', 1)
+end
+
+-- Takes a waiting user out of the queue and tells them why.
+local function dequeue(u, reason)
+  local waiting = take_waiting(u)
+  if waiting then
+    pools_changed(waiting)
+    emit(u, { type = 'dequeued', reason = reason })
+  end
+end

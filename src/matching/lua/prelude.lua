@@ -1,0 +1,103 @@
+#!lua name=matchgate_@VERSION@
+-- matchgate's matching engine in Redis, a function library: every operation is one call of
+-- the function `matchgate_<version>` (FCALL), so each is atomic however many gateway instances
+-- race. It mirrors matching/memory.rs rule for rule. A library rather than a script: its
+-- helpers are created once at load, not on every call.
+--
+-- The library is assembled from the files of src/matching/lua/ in the order redis.rs lists
+-- (`LIBRARY`): this prelude (call-scoped state, replies, ids), the key layout, then one file
+-- per concern (events, pools, conduct, p2p media, sessions, matching, undoing and ending
+-- sessions, connections), then one file per operation under ops/, and dispatch.lua last,
+-- which registers the function. A file may use what the files before it define. The gateway
+-- replaces @VERSION@ with a hash of the whole assembled text, so that during a rolling
+-- upgrade old and new gateways each call their own version side by side.
+--
+-- FCALL matchgate_<version> 1 <route key> <operation> <settings> <arguments>
+--   route key: any key with the deployment's hash tag (routes the call in Redis Cluster;
+--              every key the library touches shares that tag, so a call touches one slot).
+--   operation: the name of an entry of OPS (one file under ops/ each).
+--   settings:  JSON object, the same text in every call of an instance (decoded once per
+--              distinct text, see dispatch.lua): key and channel prefixes, history and grace,
+--              the media mode and the rules.
+--   arguments: JSON object, the call's named arguments: `entropy` (random, for ids), `now_ms`
+--              (optional: replaces Redis TIME, a clock for tests), and the operation's own.
+-- Returns a JSON object: {"error": {"code", "message", "retry_after_ms"}} or {"done":
+-- {"outcome": {...}, "published": n, "reply": {...}}} with the outcome fields waits (ms),
+-- started (sessions that went live: session_id, users, pools, started_at_ms), closed (live
+-- sessions ended: session_id, users, started_at_ms, ended_at_ms, ended_by (absent: neither
+-- member), reason), changed_pools, held, pending, ended_sessions, timers, and the operation's
+-- own reply.
+
+-- Set at the start of every call (the library's functions are created once, at load).
+-- S: the settings; R: their rules; A: the call's arguments; P: the key root (see keys.lua);
+-- NOW: the time of the call in ms; USER: the user (or instance) the call is about.
+local S, R, A, P, NOW, USER
+-- The channel prefix (frames for instance i go to CHANNELS .. i), and the media mode:
+-- MEDIA_PENDING > 0 (LiveKit: how long a paired session may wait for its room) or P2P_KEY
+-- (p2p: the key of this instance's ICE servers, and ICE, what it holds; see p2p.lua).
+local CHANNELS, MEDIA_PENDING, P2P_KEY, ICE
+-- The outcome the call collects, the user whose request it is, and that request's `ref`
+-- (stamped on the first event to that user).
+local out, actor, ref
+-- Ids made in this call so far (each id hashes the call's entropy with this counter).
+local id_counter
+
+-- The operations, by name: one file under ops/ each (see dispatch.lua).
+local OPS = {}
+
+local function fail(code, message, retry_after_ms)
+  return cjson.encode({ error = { code = code, message = message, retry_after_ms = retry_after_ms } })
+end
+
+-- The successful reply: the operation's own fields (if any) and what the call collected.
+local function result(reply)
+  local published = out.published
+  out.published = nil
+  return cjson.encode({ done = { outcome = out, published = published, reply = reply or {} } })
+end
+
+local function null_or(v)
+  if v == nil then return cjson.null end
+  return v
+end
+
+local function split(s, sep)
+  local t = {}
+  if not s or s == '' then return t end
+  for v in string.gmatch(s, '[^' .. sep .. ']+') do table.insert(t, v) end
+  return t
+end
+
+local function bytes_of_hex(user_hash)
+  return (string.gsub(user_hash, '..', function(x) return string.char(tonumber(x, 16)) end))
+end
+
+local BASE64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
+local BASE64_URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+
+-- Base64 (RFC 4648) of the bytes s in `alphabet`, padded with '=' when `pad`.
+local function base64(s, alphabet, pad)
+  local t = {}
+  for i = 1, #s, 3 do
+    local a, b, c = string.byte(s, i, i + 2)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local sextets = { math.floor(n / 262144), math.floor(n / 4096) % 64, math.floor(n / 64) % 64, n % 64 }
+    for j = 1, 4 do
+      if (j == 3 and not b) or (j == 4 and not c) then
+        if pad then t[#t + 1] = '=' end
+      else
+        t[#t + 1] = string.sub(alphabet, sextets[j] + 1, sextets[j] + 1)
+      end
+    end
+  end
+  return table.concat(t)
+end
+
+-- A new id: `prefix` and `bytes` (at most 20) unguessable bytes in URL-safe base64 without
+-- padding, the format of ids::random_id, so that both engines make the same ids (a session
+-- id is "s_" and 22 characters, a peer handle "p_" and 12).
+local function new_id(prefix, bytes)
+  id_counter = id_counter + 1
+  local digest = bytes_of_hex(redis.sha1hex(A.entropy .. ':' .. id_counter))
+  return prefix .. base64(string.sub(digest, 1, bytes), BASE64_URL, false)
+end
