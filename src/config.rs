@@ -520,6 +520,10 @@ pub struct Config {
     /// answers 200 (for container health checks in images without curl).
     #[arg(long)]
     pub healthcheck: bool,
+
+    /// Native TLS (`--tls-cert`, `--tls-key`): see [`crate::tls`].
+    #[command(flatten)]
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// An IP network, or a single address as the network of just that address.

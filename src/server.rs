@@ -36,6 +36,7 @@ use crate::privacy;
 use crate::registry::Registry;
 use crate::scaleout;
 use crate::shutdown::Shutdown;
+use crate::tls::{Tls, TlsError};
 use pending::PendingLimits;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("cannot set up Redis: {0}")]
     Redis(MatchError),
     #[error("cannot listen on {addr}: {source}")]
@@ -155,6 +158,10 @@ impl Server {
             next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
         });
         let metrics = app.gateway.metrics.clone();
+        let tls = Tls::from_config(&config.tls, metrics.clone())?;
+        if let Some(tls) = &tls {
+            tokio::spawn(tls.clone().watch(Shutdown::new(app.shutdown.clone())));
+        }
         let demo = config.demo_page();
         let (mut public_router, internal_router) = routers(&app, internal.is_some());
         if demo {
@@ -171,6 +178,7 @@ impl Server {
                 config.trusted_proxies.clone(),
                 metrics.pending_gauge("public"),
             ),
+            tls,
         };
         // Operators' requests have a budget of their own, so that a flood of the public side
         // cannot lock them out.
@@ -187,12 +195,16 @@ impl Server {
                     Vec::new(),
                     metrics.pending_gauge("internal"),
                 ),
+                // Operators' side stays plain: it is not exposed, and probes and scrapers
+                // reach it without certificates.
+                tls: None,
             });
         let shared = Arc::new(accept::Shared {
             http: accept::http1(&config),
             metrics,
             lingering: linger::Lingering::new(config.max_pending_connections, tasks.clone()),
             tasks,
+            handshake_timeout: Duration::from_millis(config.http_head_timeout_ms),
         });
         Ok(Server {
             mode,
