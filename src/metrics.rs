@@ -295,6 +295,49 @@ impl Metrics {
         for reason in ["error", "timeout"] {
             let _ = tls_handshake_failures.get_or_create(&[("reason", reason)]);
         }
+        // The label values dashboards and alerts name show up from the start as well (others
+        // appear on first use).
+        for reason in [
+            "unauthorized",
+            "origin",
+            "capacity",
+            "draining",
+            "not_ready",
+            "bad_request",
+            "banned",
+            "rate_limited",
+        ] {
+            let _ = handshakes_refused.get_or_create(&[("reason", reason)]);
+        }
+        for code in [
+            "1001", "1009", "1011", "1013", "4001", "4002", "4003", "4004", "4005", "4006", "4007",
+        ] {
+            let _ = disconnects.get_or_create(&[("code", code)]);
+        }
+        for method in ["CreateRoom", "DeleteRoom", "ListRooms"] {
+            let _ = livekit_request_seconds.get_or_create(&[("method", method)]);
+            let _ = livekit_request_errors.get_or_create(&[("method", method)]);
+        }
+        for event in [
+            "created",
+            "deleted",
+            "create_failed",
+            "delete_failed",
+            "orphan_found",
+        ] {
+            let _ = livekit_rooms.get_or_create(&[("event", event)]);
+        }
+        for result in [
+            "ended",
+            "no_session",
+            "duplicate",
+            "ignored",
+            "unauthorized",
+            "bad_request",
+            "unavailable",
+        ] {
+            let _ = livekit_webhooks.get_or_create(&[("result", result)]);
+        }
         runtime::register(&mut registry);
         Metrics {
             registry,

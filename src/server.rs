@@ -249,6 +249,11 @@ impl Server {
         }
     }
 
+    /// Whether the public listener speaks TLS (`--tls-cert`).
+    pub fn tls(&self) -> bool {
+        self.public.tls.is_some()
+    }
+
     /// Whether the demo page is served at `/`.
     pub fn demo(&self) -> bool {
         self.demo
