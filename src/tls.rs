@@ -227,7 +227,12 @@ fn load(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .map_err(|e| TlsError::Mismatch {
             cert: cert.to_owned(),
             key: key.to_owned(),
-            detail: e.to_string(),
+            detail: match e {
+                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                    "it is the key of another certificate".into()
+                }
+                e => e.to_string(),
+            },
         })?;
     // WebSockets upgrade HTTP/1.1 only.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
