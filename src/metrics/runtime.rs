@@ -88,7 +88,7 @@ struct ProcessStats {
 impl ProcessStats {
     /// Parses `/proc/self/stat` given the clock tick rate, page size and boot time (from
     /// `/proc/stat`).
-    fn parse(stat: &str, ticks_per_second: f64, page_size: i64, boot_time: f64) -> Option<Self> {
+    fn parse(stat: &str, ticks_per_second: f64, page_size: f64, boot_time: f64) -> Option<Self> {
         // The command name (field 2) is in parentheses and may hold spaces and parentheses:
         // fields are counted after the last `)`, from field 3 (state) on.
         let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -97,7 +97,7 @@ impl ProcessStats {
             cpu_seconds: (field(14)? + field(15)?) / ticks_per_second,
             start_time_seconds: boot_time + field(22)? / ticks_per_second,
             virtual_bytes: field(23)? as i64,
-            resident_bytes: field(24)? as i64 * page_size,
+            resident_bytes: (field(24)? * page_size) as i64,
         })
     }
 
@@ -117,7 +117,7 @@ impl ProcessStats {
         if ticks <= 0 || page <= 0 {
             return None;
         }
-        Self::parse(&stat, ticks as f64, page as i64, boot_time)
+        Self::parse(&stat, ticks as f64, page as f64, boot_time)
     }
 }
 
@@ -192,7 +192,7 @@ mod tests {
         // Fields 3..=24 of a real line, after a command name with a space and a parenthesis.
         let stat = "4242 (match gate)) S 1 4242 4242 0 -1 4194560 2000 0 0 0 250 150 0 0 20 0 \
                     9 0 1000 123456789 3000 18446744073709551615";
-        let stats = ProcessStats::parse(stat, 100.0, 4096, 1_700_000_000.0).unwrap();
+        let stats = ProcessStats::parse(stat, 100.0, 4096.0, 1_700_000_000.0).unwrap();
         assert_eq!(
             stats,
             ProcessStats {
@@ -202,6 +202,6 @@ mod tests {
                 start_time_seconds: 1_700_000_010.0,
             }
         );
-        assert_eq!(ProcessStats::parse("garbage", 100.0, 4096, 0.0), None);
+        assert_eq!(ProcessStats::parse("garbage", 100.0, 4096.0, 0.0), None);
     }
 }
