@@ -110,6 +110,10 @@ pub struct Config {
     /// answers 200 (for container health checks in images without curl).
     #[arg(long)]
     pub healthcheck: bool,
+
+    /// Native TLS (`--tls-cert`, `--tls-key`): see [`crate::tls`].
+    #[command(flatten)]
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// A whole number of milliseconds within `range`, as a [`Duration`] (for flags ending in `_ms`).

@@ -43,6 +43,7 @@ pub mod registry;
 pub mod scaleout;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 
 pub use config::Config;
 pub use server::Server;

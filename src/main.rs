@@ -11,7 +11,16 @@ use tracing_subscriber::EnvFilter;
 async fn main() {
     let config = Config::parse();
     if config.healthcheck {
-        std::process::exit(healthcheck(config.listen).await);
+        // The internal listener is plain HTTP even when the public one speaks TLS.
+        let target = match (config.internal_listen, &config.tls.tls_cert) {
+            (Some(internal), _) => internal,
+            (None, None) => config.listen,
+            (None, Some(_)) => {
+                eprintln!("matchgate --healthcheck: with --tls-cert, set --internal-listen (the probe speaks plain HTTP)");
+                std::process::exit(1);
+            }
+        };
+        std::process::exit(healthcheck(target).await);
     }
     init_logging(&config);
     let server = match Server::bind(config).await {
@@ -28,8 +37,9 @@ async fn main() {
             "DEV MODE: no MATCHGATE_JWT_SECRET or MATCHGATE_JWT_PUBLIC_KEY_FILE set; anyone can get a token from POST /v1/dev/token. Never run this in production."
         );
     }
+    let scheme = if server.tls() { "wss" } else { "ws" };
     tracing::info!(
-        "matchgate listening on {addr} (ws://{addr}/v1/ws), mode: {mode}, auth: {}, media: {}",
+        "matchgate listening on {addr} ({scheme}://{addr}/v1/ws), mode: {mode}, auth: {}, media: {}",
         server.auth_mode(),
         server.media()
     );
@@ -39,12 +49,13 @@ async fn main() {
         );
     }
     if server.demo() {
-        tracing::info!("demo page at http://{addr}/: open it in two browser windows");
+        let scheme = if server.tls() { "https" } else { "http" };
+        tracing::info!("demo page at {scheme}://{addr}/: open it in two browser windows");
     }
     server.run(shutdown_signal()).await;
 }
 
-/// Exit code 0 when `GET /healthz` at `listen` answers 200, 1 otherwise.
+/// Exit code 0 when `GET /healthz` at `listen` (plain HTTP) answers 200, 1 otherwise.
 async fn healthcheck(listen: std::net::SocketAddr) -> i32 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut addr = listen;

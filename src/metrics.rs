@@ -2,7 +2,8 @@
 //!
 //! Each server owns its own registry (no process-global recorder), so that several instances
 //! in one test process do not mix their figures. Gauges that mirror matching state (queue
-//! length, active sessions) are read from the matchmaker at scrape time.
+//! length, active sessions) are read from the matchmaker at scrape time. Process and tokio
+//! runtime figures are read at scrape time too ([`runtime`]).
 
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+mod runtime;
 
 use crate::protocol::{EndReason, ErrorCode, ReportReason};
 
@@ -49,6 +52,8 @@ pub struct Metrics {
     /// Detaches waiting for the backend (see `gateway::detach`).
     pub detach_pending: Gauge,
     detach_calls: Labelled,
+    tls_reloads: Labelled,
+    tls_handshake_failures: Labelled,
 }
 
 /// Who made a ban.
@@ -270,6 +275,69 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = detach_calls.get_or_create(&[("result", result)]);
         }
+        let tls_reloads = Labelled::default();
+        let tls_handshake_failures = Labelled::default();
+        registry.register(
+            "tls_reloads",
+            "Reloads of the TLS certificate (native TLS), by result: ok, error (the previous \
+             certificate stays in use)",
+            tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the public listener that failed, by reason: error, timeout",
+            tls_handshake_failures.clone(),
+        );
+        for result in ["ok", "error"] {
+            let _ = tls_reloads.get_or_create(&[("result", result)]);
+        }
+        for reason in ["error", "timeout"] {
+            let _ = tls_handshake_failures.get_or_create(&[("reason", reason)]);
+        }
+        // The label values dashboards and alerts name show up from the start as well (others
+        // appear on first use).
+        for reason in [
+            "unauthorized",
+            "origin",
+            "capacity",
+            "draining",
+            "not_ready",
+            "bad_request",
+            "banned",
+            "rate_limited",
+        ] {
+            let _ = handshakes_refused.get_or_create(&[("reason", reason)]);
+        }
+        for code in [
+            "1001", "1009", "1011", "1013", "4001", "4002", "4003", "4004", "4005", "4006", "4007",
+        ] {
+            let _ = disconnects.get_or_create(&[("code", code)]);
+        }
+        for method in ["CreateRoom", "DeleteRoom", "ListRooms"] {
+            let _ = livekit_request_seconds.get_or_create(&[("method", method)]);
+            let _ = livekit_request_errors.get_or_create(&[("method", method)]);
+        }
+        for event in [
+            "created",
+            "deleted",
+            "create_failed",
+            "delete_failed",
+            "orphan_found",
+        ] {
+            let _ = livekit_rooms.get_or_create(&[("event", event)]);
+        }
+        for result in [
+            "ended",
+            "no_session",
+            "duplicate",
+            "ignored",
+            "unauthorized",
+            "bad_request",
+            "unavailable",
+        ] {
+            let _ = livekit_webhooks.get_or_create(&[("result", result)]);
+        }
+        runtime::register(&mut registry);
         Metrics {
             registry,
             connections,
@@ -299,7 +367,19 @@ impl Metrics {
             relayed,
             detach_pending,
             detach_calls,
+            tls_reloads,
+            tls_handshake_failures,
         }
+    }
+
+    pub fn tls_reload(&self, result: &'static str) {
+        self.tls_reloads.get_or_create(&[("result", result)]).inc();
+    }
+
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// The gauge of pending connections on the listener `listener`.
@@ -419,8 +499,10 @@ impl Metrics {
         self.queue_length.set(queued as i64);
         self.sessions_active.set(sessions as i64);
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        let encoded = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
+            .and_then(|()| runtime::encode_process(&mut out))
+            .and_then(|()| prometheus_client::encoding::text::encode_eof(&mut out));
+        encoded.expect("writing to a String cannot fail");
         out
     }
 }

@@ -38,6 +38,7 @@ use crate::privacy;
 use crate::registry::Registry;
 use crate::scaleout;
 use crate::shutdown::{Background, Shutdown};
+use crate::tls::{Tls, TlsError};
 use pending::PendingLimits;
 
 /// The HTTP section of the configuration: who may connect, how many, and how long a request
@@ -170,6 +171,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("cannot set up Redis: {0}")]
     Redis(MatchError),
     #[error("cannot listen on {addr}: {source}")]
@@ -297,6 +300,10 @@ impl Server {
             next_conn: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
         });
         let metrics = app.gateway.metrics.clone();
+        let tls = Tls::from_config(&config.tls, metrics.clone())?;
+        if let Some(tls) = &tls {
+            background.spawn(tls.clone().watch(Shutdown::new(app.shutdown.clone())));
+        }
         let demo = config.auth.demo_page();
         let (mut public_router, internal_router) = routers(&app, internal.is_some());
         if demo {
@@ -313,6 +320,7 @@ impl Server {
                 config.http.trusted_proxies.clone(),
                 metrics.pending_gauge("public"),
             ),
+            tls,
         };
         // Operators' requests have a budget of their own, so that a flood of the public side
         // cannot lock them out.
@@ -329,12 +337,16 @@ impl Server {
                     Vec::new(),
                     metrics.pending_gauge("internal"),
                 ),
+                // Operators' side stays plain: it is not exposed, and probes and scrapers
+                // reach it without certificates.
+                tls: None,
             });
         let shared = Arc::new(accept::Shared {
             http: accept::http1(&config.http),
             metrics,
             lingering: linger::Lingering::new(config.http.max_pending_connections, tasks.clone()),
             tasks,
+            handshake_timeout: config.http.http_head_timeout_ms,
         });
         Ok(Server {
             mode,
@@ -378,6 +390,11 @@ impl Server {
         } else {
             "p2p"
         }
+    }
+
+    /// Whether the public listener speaks TLS (`--tls-cert`).
+    pub fn tls(&self) -> bool {
+        self.public.tls.is_some()
     }
 
     /// Whether the demo page is served at `/`.

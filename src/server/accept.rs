@@ -14,7 +14,10 @@
 //!   upgrades, and `--max-connections` takes over);
 //! - every socket closes [lingering](super::linger);
 //! - on shutdown the loop stops accepting and each connection finishes its request in flight
-//!   and closes (hyper's graceful shutdown).
+//!   and closes (hyper's graceful shutdown);
+//! - with [native TLS](crate::tls) the TLS handshake comes first, inside the pending slot and
+//!   within the head timeout, so a client that opens sockets and never finishes a handshake is
+//!   bounded like one that never finishes a request head.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,6 +30,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
@@ -36,6 +40,7 @@ use super::pending::{Pending, PendingLimits};
 use super::HttpConfig;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::tls::Tls;
 
 /// How long the loop pauses after an accept error that is not about one connection (out of
 /// file descriptors, say), so that it does not spin.
@@ -61,6 +66,8 @@ pub struct Listener {
     pub tcp: TcpListener,
     pub router: Router,
     pub pending: Arc<PendingLimits>,
+    /// `Some`: the listener speaks TLS.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// Everything the connections of all listeners share.
@@ -69,6 +76,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub lingering: Arc<Lingering>,
     pub tasks: TaskTracker,
+    /// How long a client has for the TLS handshake (the request head timeout).
+    pub handshake_timeout: Duration,
 }
 
 /// Accepts connections until `stop` turns true, each served on its own tracked task.
@@ -93,15 +102,23 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>, mut stop: Shutdown) 
         let socket = shared.lingering.wrap(tcp);
         match listener.pending.admit(peer.ip()) {
             Ok(pending) => {
-                let task = connection(
-                    socket,
-                    peer,
-                    listener.router.clone(),
-                    shared.clone(),
-                    stop.clone(),
-                    pending,
-                );
-                shared.tasks.spawn(task);
+                let router = listener.router.clone();
+                let (shared, stop) = (shared.clone(), stop.clone());
+                match &listener.tls {
+                    None => shared
+                        .tasks
+                        .clone()
+                        .spawn(connection(socket, peer, router, shared, stop, pending)),
+                    Some(tls) => shared.tasks.clone().spawn(tls_connection(
+                        tls.acceptor(),
+                        socket,
+                        peer,
+                        router,
+                        shared,
+                        stop,
+                        pending,
+                    )),
+                };
             }
             Err(refusal) => {
                 shared
@@ -114,15 +131,47 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>, mut stop: Shutdown) 
     }
 }
 
-/// Serves HTTP/1.1 on one socket until it closes or upgrades to a WebSocket.
-async fn connection(
+/// Runs the TLS handshake (within the head timeout, holding the pending slot), then serves
+/// HTTP/1.1 over it.
+async fn tls_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
     socket: LingeringStream,
     peer: SocketAddr,
     router: Router,
     shared: Arc<Shared>,
     mut stop: Shutdown,
-    _pending: Pending,
+    pending: Pending,
 ) {
+    let handshake = tokio::time::timeout(shared.handshake_timeout, acceptor.accept(socket));
+    let stream = tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                shared.metrics.tls_handshake_failed("error");
+                return;
+            }
+            Err(_) => {
+                shared.metrics.tls_handshake_failed("timeout");
+                return;
+            }
+        },
+        _ = stop.recv() => return,
+    };
+    connection(stream, peer, router, shared, stop, pending).await;
+}
+
+/// Serves HTTP/1.1 on one socket until it closes or upgrades to a WebSocket.
+async fn connection<S>(
+    socket: S,
+    peer: SocketAddr,
+    router: Router,
+    shared: Arc<Shared>,
+    mut stop: Shutdown,
+    _pending: Pending,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |mut request: hyper::Request<Incoming>| {
         // What `into_make_service_with_connect_info` would add: the TCP peer.
         request.extensions_mut().insert(ConnectInfo(peer));

@@ -103,9 +103,10 @@ impl TestServer {
             task: Some(task),
             background,
         };
-        // A scale-out instance takes traffic once it has subscribed.
+        // A scale-out instance takes traffic once it has subscribed. (Asked on the internal
+        // listener where there is one: it is plain HTTP even when the public one is TLS.)
         let ready = async {
-            while http_get(addr, "/readyz").await.0 != 200 {
+            while http_get(internal.unwrap_or(addr), "/readyz").await.0 != 200 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
