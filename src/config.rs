@@ -520,6 +520,9 @@ pub struct Config {
     /// answers 200 (for container health checks in images without curl).
     #[arg(long)]
     pub healthcheck: bool,
+
+    #[command(flatten)]
+    pub ledger: crate::ledger::LedgerConfig,
 }
 
 /// An IP network, or a single address as the network of just that address.
@@ -660,6 +663,7 @@ impl Config {
         self.validate_livekit()?;
         self.validate_p2p()?;
         self.validate_rules()?;
+        self.ledger.validate()?;
         for origin in &self.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))
                 || origin.ends_with('/')

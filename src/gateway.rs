@@ -51,6 +51,8 @@ pub struct Gateway {
     probe: probe::BackendProbe,
     /// Which connections to detach, and the detaches waiting for the backend.
     detaches: detach::Detaches,
+    /// The session ledger, with `--database-url`.
+    pub(crate) ledger: Option<Arc<crate::ledger::Ledger>>,
 }
 
 impl Gateway {
@@ -78,8 +80,18 @@ impl Gateway {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let moderation = crate::moderation::from_config(config, &registry, &metrics);
+        let ledger = crate::ledger::Ledger::from_config(&config.ledger, metrics.ledger.clone());
+        if let Some(ledger) = &ledger {
+            let blocks = crate::ledger::BlockScope {
+                ttl: Duration::from_secs(config.block_ttl_s),
+                max_per_user: config.max_blocks_per_user,
+            };
+            ledger.start(matchmaker.clone(), moderation.clone(), blocks);
+        }
         Arc::new(Gateway {
-            moderation: crate::moderation::from_config(config, &registry, &metrics),
+            moderation,
+            ledger,
             matchmaker,
             registry,
             resume_grace: config.resume_grace(),
@@ -108,6 +120,7 @@ impl Gateway {
     pub async fn ready(&self) -> bool {
         !self.draining.load(Ordering::Acquire)
             && self.subscribed.load(Ordering::Acquire)
+            && self.ledger.as_ref().is_none_or(|l| l.restored())
             && self
                 .probe
                 .answers(&*self.matchmaker, &*self.moderation)
@@ -193,7 +206,7 @@ impl Gateway {
                 return Some(self.acknowledge(user, conn, action, result, reference));
             }
             Action::Block { session_id } => {
-                let result = self.matchmaker.block(user, session_id.as_deref()).await;
+                let result = self.block(user, session_id.as_deref()).await;
                 return Some(self.acknowledge(user, conn, "block", result, reference));
             }
             Action::Report {
@@ -316,6 +329,9 @@ impl Gateway {
         }
         for closed in &outcome.closed {
             self.metrics.session_ended(closed.reason);
+        }
+        if let Some(ledger) = &self.ledger {
+            ledger.sessions(outcome.started, outcome.closed);
         }
         for pool in outcome.changed_pools {
             self.schedule_refresh(pool);

@@ -1813,6 +1813,27 @@ impl Matchmaker for MemoryMatchmaker {
         Ok(outcome)
     }
 
+    async fn restore_blocks(
+        &self,
+        blocker: &UserId,
+        blocked: &[UserId],
+    ) -> Result<(), MatchError> {
+        let ((), _) = self.step(None, None, |state, step| {
+            let list = state
+                .blocks
+                .entry(blocker.clone())
+                .or_insert_with(|| BlockList::new(step.now));
+            for peer in blocked {
+                list.add(peer, step.policy.rules.max_blocks);
+            }
+            if !state.users.contains_key(blocker) {
+                state.expire_blocks_later(step, blocker);
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     async fn recent_peer(
         &self,
         user: &UserId,

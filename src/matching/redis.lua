@@ -1211,6 +1211,18 @@ local function call(_keys, args)
     return result({ session_list = list })
   elseif OP == 'block' then
     return block_op()
+  elseif OP == 'restore_blocks' then
+    -- USER blocked the users in the operation arguments (oldest first), as the ledger
+    -- remembers: a user without a hash is away, so its blocks expire after the block TTL.
+    local present = redis.call('EXISTS', ukey(USER)) == 1
+    for i = 12, #ARGV do add_block(USER, ARGV[i]) end
+    if not present then
+      redis.call('DEL', ukey(USER))
+      for _, k in ipairs({ P .. ':blk:' .. USER, P .. ':blkt:' .. USER }) do
+        redis.call('PEXPIRE', k, R.block_ttl)
+      end
+    end
+    return result()
   elseif OP == 'peer' then
     if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
     local sid, peer = peer_in(USER, arg(1))
