@@ -395,6 +395,10 @@ async fn blocks_and_bans_outlive_the_fast_path(redis: Option<Backend>) {
         c.send(json!({"type": "enqueue"})).await;
         c.expect("queued").await;
     }
+    for c in [&mut ana, &mut bo] {
+        let status = reply(c, json!({"type": "status"}), "st").await;
+        assert_eq!(status["state"], "queued", "{}: the blocked pair met", c.user);
+    }
     let mut cy = servers[0].connect("cy").await;
     cy.send(json!({"type": "enqueue"})).await;
     cy.expect("queued").await;
