@@ -163,10 +163,19 @@ async fn assert_row(db: &tokio_postgres::Client, seen: &Seen) {
     );
     let started: i64 = row.get(4);
     let ended: i64 = row.get(5);
-    assert_eq!(started as u64, seen.started_at_ms, "started_at as matched said");
+    assert_eq!(
+        started as u64, seen.started_at_ms,
+        "started_at as matched said"
+    );
     assert!(ended >= started);
-    assert_eq!(row.get::<_, Option<String>>(6).as_deref(), Some(&*seen.ended_by));
-    assert_eq!(row.get::<_, Option<String>>(7).as_deref(), Some(seen.reason));
+    assert_eq!(
+        row.get::<_, Option<String>>(6).as_deref(),
+        Some(&*seen.ended_by)
+    );
+    assert_eq!(
+        row.get::<_, Option<String>>(7).as_deref(),
+        Some(seen.reason)
+    );
     assert_eq!(row.get::<_, Option<i64>>(8), Some(ended - started));
 }
 
@@ -285,7 +294,10 @@ async fn a_database_outage_loses_nothing_within_the_bound_and_matching_goes_on()
             .unwrap();
         let values: (String, String, String, String) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
-        assert_eq!(values, ("ana".into(), "bo".into(), "ana".into(), "end".into()));
+        assert_eq!(
+            values,
+            ("ana".into(), "bo".into(), "ana".into(), "end".into())
+        );
     }
     assert_eq!(server.metric("matchgate_ledger_dropped_total").await, 0.0);
     assert_eq!(server.metric("matchgate_ledger_written_total").await, 10.0);
@@ -305,7 +317,10 @@ async fn past_the_bound_records_are_dropped_and_counted() {
     pg.restart().await;
     let deadline = std::time::Instant::now() + PATIENCE;
     while server.metric("matchgate_ledger_queue_depth").await > 0.0 {
-        assert!(std::time::Instant::now() < deadline, "the queue never emptied");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue never emptied"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let written = server.metric("matchgate_ledger_written_total").await;
@@ -323,6 +338,44 @@ async fn past_the_bound_records_are_dropped_and_counted() {
         .unwrap()
         .get(0);
     assert!(rows >= 1 && rows as usize <= ids.len() && rows as f64 <= written);
+}
+
+#[tokio::test]
+async fn a_batch_the_database_refuses_is_dropped_and_counted_and_the_queue_goes_on() {
+    let pg = PostgresServer::start().await;
+    let server = TestServer::start(&["--database-url", &pg.url()]).await;
+    let db = pg.client().await;
+    // Not an outage: this report breaks a rule of the database.
+    db.batch_execute("ALTER TABLE reports ADD CONSTRAINT no_spam CHECK (reason <> 'spam')")
+        .await
+        .unwrap();
+    let mut a = server.connect("ana").await;
+    let mut b = server.connect("bo").await;
+    match_up(&mut a, &mut b).await;
+    // The session's start is written on its own, before the report.
+    pg.wait_count("SELECT count(*) FROM sessions", 1).await;
+    let ack = reply(&mut a, json!({"type": "report", "reason": "spam"}), "r1").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while server.metric("matchgate_ledger_dropped_total").await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused batch was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(server.metric("matchgate_ledger_retries_total").await >= 2.0);
+    let ack = reply(&mut b, json!({"type": "report", "reason": "other"}), "r2").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    pg.wait_count("SELECT count(*) FROM reports WHERE reporter = 'bo'", 1)
+        .await;
+    let row = db
+        .query_one("SELECT reported, reason, session_id FROM reports", &[])
+        .await
+        .unwrap();
+    let (reported, reason): (String, String) = (row.get(0), row.get(1));
+    assert_eq!((reported.as_str(), reason.as_str()), ("ana", "other"));
+    assert_eq!(server.metric("matchgate_ledger_dropped_total").await, 1.0);
 }
 
 /// The next event of `c` that is not a `queue_update`.
@@ -364,13 +417,19 @@ async fn blocks_and_bans_outlive_the_fast_path(redis: Option<Backend>) {
         servers[0].addr,
         "POST",
         "/v1/admin/bans",
-        &[("authorization", &auth), ("content-type", "application/json")],
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
         &body.to_string(),
     )
     .await;
     assert_eq!(status, 201, "{text}");
-    pg.wait_count("SELECT count(*) FROM blocks WHERE blocker = 'ana' AND blocked = 'bo'", 1)
-        .await;
+    pg.wait_count(
+        "SELECT count(*) FROM blocks WHERE blocker = 'ana' AND blocked = 'bo'",
+        1,
+    )
+    .await;
     pg.wait_count("SELECT count(*) FROM bans WHERE value = 'eve'", 1)
         .await;
     drop((ana, bo));
@@ -397,7 +456,11 @@ async fn blocks_and_bans_outlive_the_fast_path(redis: Option<Backend>) {
     }
     for c in [&mut ana, &mut bo] {
         let status = reply(c, json!({"type": "status"}), "st").await;
-        assert_eq!(status["state"], "queued", "{}: the blocked pair met", c.user);
+        assert_eq!(
+            status["state"], "queued",
+            "{}: the blocked pair met",
+            c.user
+        );
     }
     let mut cy = servers[0].connect("cy").await;
     cy.send(json!({"type": "enqueue"})).await;
@@ -405,7 +468,10 @@ async fn blocks_and_bans_outlive_the_fast_path(redis: Option<Backend>) {
     let with_cy = next_event(&mut cy).await;
     assert_eq!(with_cy["type"], "matched");
     let ma = next_event(&mut ana).await;
-    assert_eq!(ma["session_id"], with_cy["session_id"], "ana waited longest");
+    assert_eq!(
+        ma["session_id"], with_cy["session_id"],
+        "ana waited longest"
+    );
     let mut di = servers[last].connect("di").await;
     di.send(json!({"type": "enqueue"})).await;
     di.expect("queued").await;

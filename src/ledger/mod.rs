@@ -295,7 +295,11 @@ impl Ledger {
         moderation: Arc<dyn Moderation>,
         blocks: restore::BlockScope,
     ) {
-        let Some(receiver) = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).take()
+        let Some(receiver) = self
+            .receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
         else {
             return;
         };
@@ -418,10 +422,7 @@ impl Ledger {
         let left = self.metrics.queue_depth.get();
         if left > 0 {
             self.metrics.dropped.inc_by(left as u64);
-            tracing::error!(
-                records = left,
-                "ledger records not written before shutdown"
-            );
+            tracing::error!(records = left, "ledger records not written before shutdown");
         }
     }
 }
@@ -431,4 +432,64 @@ pub use restore::BlockScope;
 /// `ms` (unix) as a time for the database.
 fn time(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> crate::Config {
+        let mut all = vec!["matchgate"];
+        all.extend_from_slice(args);
+        crate::Config::try_parse_from(all).expect("parses")
+    }
+
+    #[test]
+    fn the_database_settings_are_checked_at_start_up() {
+        let off = parse(&[]);
+        off.validate().unwrap();
+        assert!(off.ledger.database_url.is_none());
+        assert_eq!(off.ledger.database_queue, 10_000);
+        let on = parse(&["--database-url", "postgres://u:pw@db:5432/mg"]);
+        on.validate().unwrap();
+        parse(&["--database-url", "host=db user=u dbname=mg"])
+            .validate()
+            .unwrap();
+        let e = parse(&["--database-url", "postgres://u:pw@db/mg?sslmode=require"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslmode=require") && !e.contains("pw"), "{e}");
+        let e = parse(&["--database-url", "postgres://u:pw@db/mg?bogus=1"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MATCHGATE_DATABASE_URL is invalid"), "{e}");
+        for queue in ["0", "1000001"] {
+            let e = parse(&["--database-queue", queue]).validate().unwrap_err();
+            assert!(e.to_string().contains("MATCHGATE_DATABASE_QUEUE"), "{e}");
+        }
+    }
+
+    #[test]
+    fn records_of_a_kind_share_a_statement() {
+        let unban = |v: &str| Record::Unban {
+            kind: BanKind::User,
+            value: v.into(),
+            at_ms: 0,
+        };
+        let ban = Record::Ban {
+            ban_id: "b".into(),
+            ban: Ban::new(BanKind::User, "x".into(), None, Duration::from_secs(1)),
+            source: BanSource::Admin,
+            at_ms: 0,
+        };
+        let batch = [unban("a"), unban("b"), ban.clone(), unban("c")];
+        let runs: Vec<usize> = batch
+            .chunk_by(|a, b| a.kind() == b.kind())
+            .map(<[Record]>::len)
+            .collect();
+        assert_eq!(runs, [2, 1, 1], "the queue's order is kept across kinds");
+    }
 }

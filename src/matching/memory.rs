@@ -1813,11 +1813,7 @@ impl Matchmaker for MemoryMatchmaker {
         Ok(outcome)
     }
 
-    async fn restore_blocks(
-        &self,
-        blocker: &UserId,
-        blocked: &[UserId],
-    ) -> Result<(), MatchError> {
+    async fn restore_blocks(&self, blocker: &UserId, blocked: &[UserId]) -> Result<(), MatchError> {
         let ((), _) = self.step(None, None, |state, step| {
             let list = state
                 .blocks

@@ -400,8 +400,7 @@ pub trait Matchmaker: Send + Sync + 'static {
     /// Puts back blocks `blocker` made (oldest first), as the ledger remembers them after a
     /// restart or a Redis flush: like [`Matchmaker::block`] without a session, and kept for
     /// the block TTL from now unless `blocker` connects meanwhile.
-    async fn restore_blocks(&self, blocker: &UserId, blocked: &[UserId])
-        -> Result<(), MatchError>;
+    async fn restore_blocks(&self, blocker: &UserId, blocked: &[UserId]) -> Result<(), MatchError>;
 
     /// The peer of `user` in `session` (default: the current or most recent session), for
     /// reports: the session id and the peer's user id.

@@ -772,11 +772,7 @@ impl Matchmaker for RedisMatchmaker {
             .outcome())
     }
 
-    async fn restore_blocks(
-        &self,
-        blocker: &UserId,
-        blocked: &[UserId],
-    ) -> Result<(), MatchError> {
+    async fn restore_blocks(&self, blocker: &UserId, blocked: &[UserId]) -> Result<(), MatchError> {
         let blocked: Vec<&str> = blocked.iter().map(|u| &**u).collect();
         self.call("restore_blocks", blocker, &blocked).await?;
         Ok(())

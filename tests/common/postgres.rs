@@ -102,7 +102,10 @@ impl PostgresServer {
                 Ok(()) => break,
                 Err(e) if attempt < PORT_ATTEMPTS => {
                     attempt += 1;
-                    eprintln!("postgres did not start on {} ({e}): another port", server.port);
+                    eprintln!(
+                        "postgres did not start on {} ({e}): another port",
+                        server.port
+                    );
                 }
                 Err(e) => panic!("postgres did not start: {e}"),
             }
