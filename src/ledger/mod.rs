@@ -25,6 +25,8 @@ mod restore;
 mod schema;
 mod write;
 
+pub use restore::BlockScope;
+
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -103,8 +105,11 @@ fn postgres_config(url: &str) -> Result<tokio_postgres::Config, String> {
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one batch (or the start-up) may take before it counts as failed and is retried.
+/// How long one batch may take before it counts as failed and is retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the start-up (migrations, loading the blocks and bans) may take before it is
+/// tried again.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Connections per instance: the writer, and the start-up or `migrate`.
 const POOL_SIZE: usize = 2;
 /// Records written per transaction at most.
@@ -315,7 +320,7 @@ impl Ledger {
                     let loaded = restore::load(&client, &*matchmaker, &*moderation, blocks).await?;
                     Ok::<_, LedgerError>((applied, loaded))
                 };
-                match tokio::time::timeout(CALL_TIMEOUT * 6, prepare).await {
+                match tokio::time::timeout(STARTUP_TIMEOUT, prepare).await {
                     Ok(Ok((applied, loaded))) => {
                         tracing::info!(
                             migrations_applied = ?applied,
@@ -426,8 +431,6 @@ impl Ledger {
         }
     }
 }
-
-pub use restore::BlockScope;
 
 /// `ms` (unix) as a time for the database.
 fn time(ms: u64) -> SystemTime {

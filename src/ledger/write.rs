@@ -4,14 +4,15 @@
 //! written. Runs keep the queue's order, so a ban lifted right after it was made ends lifted.
 
 use std::collections::HashSet;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Pool, Transaction};
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 
-use super::{time, LedgerError, LedgerMetrics, Record, BATCH_MAX, CALL_TIMEOUT};
-use super::{Duration, REFUSALS_BEFORE_DROP};
+use super::{
+    time, LedgerError, LedgerMetrics, Record, BATCH_MAX, CALL_TIMEOUT, REFUSALS_BEFORE_DROP,
+};
 use crate::backoff::Delays;
 
 /// Writes what arrives on `queue` until every sender is gone.
