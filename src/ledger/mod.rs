@@ -476,23 +476,68 @@ mod tests {
     }
 
     #[test]
-    fn records_of_a_kind_share_a_statement() {
+    fn a_batch_is_a_statement_per_kind_and_bans_keep_their_order() {
         let unban = |v: &str| Record::Unban {
             kind: BanKind::User,
             value: v.into(),
             at_ms: 0,
         };
-        let ban = Record::Ban {
-            ban_id: "b".into(),
-            ban: Ban::new(BanKind::User, "x".into(), None, Duration::from_secs(1)),
+        let ban = |v: &str| Record::Ban {
+            ban_id: v.into(),
+            ban: Ban::new(BanKind::User, v.into(), None, Duration::from_secs(1)),
             source: BanSource::Admin,
             at_ms: 0,
         };
-        let batch = [unban("a"), unban("b"), ban.clone(), unban("c")];
-        let runs: Vec<usize> = batch
-            .chunk_by(|a, b| a.kind() == b.kind())
-            .map(<[Record]>::len)
+        let started = |id: &str| {
+            Record::Started(SessionStarted {
+                session_id: id.into(),
+                users: ["a".into(), "b".into()],
+                pools: ["p".into(), "p".into()],
+                started_at_ms: 0,
+            })
+        };
+        let closed = |id: &str| {
+            Record::Closed(SessionClosed {
+                session_id: id.into(),
+                users: ["a".into(), "b".into()],
+                started_at_ms: 0,
+                ended_at_ms: 1,
+                ended_by: None,
+                reason: crate::protocol::EndReason::End,
+            })
+        };
+        let batch = [
+            closed("s0"),
+            unban("x"),
+            started("s1"),
+            ban("y"),
+            closed("s1"),
+            ban("z"),
+            unban("y"),
+            started("s2"),
+        ];
+        let shape: Vec<(&str, usize)> = write::statements(&batch)
+            .iter()
+            .map(|run| {
+                let kind = match run[0] {
+                    Record::Started(_) => "started",
+                    Record::Closed(_) => "closed",
+                    Record::Ban { .. } => "ban",
+                    Record::Unban { .. } => "unban",
+                    _ => "other",
+                };
+                (kind, run.len())
+            })
             .collect();
-        assert_eq!(runs, [2, 1, 1], "the queue's order is kept across kinds");
+        assert_eq!(
+            shape,
+            [
+                ("started", 2),
+                ("closed", 2),
+                ("unban", 1),
+                ("ban", 2),
+                ("unban", 1)
+            ]
+        );
     }
 }

@@ -66,11 +66,41 @@ async fn write_until_done(
 async fn write(pool: &Pool, batch: &[Record]) -> Result<(), LedgerError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    for run in batch.chunk_by(|a, b| a.kind() == b.kind()) {
-        write_run(&tx, run).await?;
+    for run in statements(batch) {
+        write_run(&tx, &run).await?;
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// The batch as the runs of records that one statement each writes, in the order to write
+/// them. The writes of session starts and ends, blocks and reports commute (upserts that do
+/// not depend on each other), so each of these kinds is one statement however they
+/// interleave (starts first: an end then completes its row). Bans and their lifts do not
+/// commute: they keep the queue's order, one statement per run of one kind.
+pub(super) fn statements(batch: &[Record]) -> Vec<Vec<&Record>> {
+    let mut commuting: Vec<Vec<&Record>> = Vec::new();
+    let mut ordered: Vec<Vec<&Record>> = Vec::new();
+    for record in batch {
+        let same = |run: &Vec<&Record>| run[0].kind() == record.kind();
+        let (runs, at) = match record {
+            Record::Ban { .. } | Record::Unban { .. } => {
+                let last = ordered.last().is_some_and(same).then(|| ordered.len() - 1);
+                (&mut ordered, last)
+            }
+            _ => {
+                let found = commuting.iter().position(same);
+                (&mut commuting, found)
+            }
+        };
+        match at {
+            Some(i) => runs[i].push(record),
+            None => runs.push(vec![record]),
+        }
+    }
+    commuting.sort_by_key(|run| !matches!(run[0], Record::Started(_)));
+    commuting.extend(ordered);
+    commuting
 }
 
 /// A session that went live: its row, unless its end came first (another instance in Redis
@@ -115,7 +145,7 @@ const UNBANS: &str = "UPDATE bans SET lifted_at = u.at
         AND bans.created_at <= u.at";
 
 /// Writes records of one kind with one statement.
-async fn write_run(tx: &Transaction<'_>, run: &[Record]) -> Result<(), LedgerError> {
+async fn write_run(tx: &Transaction<'_>, run: &[&Record]) -> Result<(), LedgerError> {
     let (sql, columns): (&str, Vec<Box<dyn ToSql + Sync + Send>>) = match &run[0] {
         Record::Started(_) => {
             let mut c = Columns::default();
@@ -150,6 +180,7 @@ async fn write_run(tx: &Transaction<'_>, run: &[Record]) -> Result<(), LedgerErr
             let mut seen = HashSet::new();
             let mut latest: Vec<&Record> = run
                 .iter()
+                .copied()
                 .rev()
                 .filter(|r| match r {
                     Record::Block {
