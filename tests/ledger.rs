@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use common::postgres::PostgresServer;
+use common::process::GatewayProcess;
 use common::redis::{Backend, RedisServer};
 use common::{http_request, match_up, refused_handshake, Client, TestServer, PATIENCE};
 
@@ -376,6 +377,62 @@ async fn a_batch_the_database_refuses_is_dropped_and_counted_and_the_queue_goes_
     let (reported, reason): (String, String) = (row.get(0), row.get(1));
     assert_eq!((reported.as_str(), reason.as_str()), ("ana", "other"));
     assert_eq!(server.metric("matchgate_ledger_dropped_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn at_shutdown_what_is_queued_is_written_or_reported() {
+    let mut pg = PostgresServer::start().await;
+    let url = pg.url();
+    let gateway = |drain_ms: &'static str| {
+        let url = url.clone();
+        async move {
+            let args = [
+                "--jwt-secret",
+                common::SECRET,
+                "--database-url",
+                &url,
+                "--drain-timeout-ms",
+                drain_ms,
+            ];
+            let process = GatewayProcess::start(&args).await;
+            process.wait_ready().await;
+            process
+        }
+    };
+    // The database up: the last session is in the ledger once the gateway has exited.
+    let mut up = gateway("5000").await;
+    let mut a = up.connect("ana").await;
+    let mut b = up.connect("bo").await;
+    let ids = sessions_while_down(&mut a, &mut b, 1).await;
+    up.terminate();
+    drop((a, b));
+    assert!(up.wait_exit().await.success(), "{}", up.logs());
+    let db = pg.client().await;
+    let ended: i64 = db
+        .query_one(
+            "SELECT count(*) FROM sessions WHERE session_id = $1 AND ended_at IS NOT NULL",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 1);
+
+    // The database down: what could not be written is logged when the gateway stops.
+    let mut down = gateway("300").await;
+    pg.stop();
+    let mut a = down.connect("ana").await;
+    let mut b = down.connect("bo").await;
+    sessions_while_down(&mut a, &mut b, 1).await;
+    down.terminate();
+    drop((a, b));
+    down.wait_exit().await;
+    assert!(
+        down.logs()
+            .contains("ledger records not written before shutdown records=2"),
+        "{}",
+        down.logs()
+    );
 }
 
 /// The next event of `c` that is not a `queue_update`.
