@@ -493,8 +493,14 @@ async fn blocks_and_bans_outlive_the_fast_path(redis: Option<Backend>) {
     for server in servers {
         server.shutdown().await;
     }
-    if let Some(Backend::Single(redis)) = &redis {
-        flushall(redis).await;
+    match &redis {
+        Some(Backend::Single(redis)) => flushall(redis).await,
+        Some(Backend::Cluster(cluster)) => {
+            for node in &cluster.nodes {
+                flushall(node).await;
+            }
+        }
+        None => {}
     }
 
     let servers = gateways(redis.as_ref(), &pg).await;
@@ -550,6 +556,11 @@ async fn flushall(redis: &RedisServer) {
 #[tokio::test]
 async fn blocks_and_bans_outlive_a_redis_flush() {
     blocks_and_bans_outlive_the_fast_path(Some(Backend::single().await)).await;
+}
+
+#[tokio::test]
+async fn blocks_and_bans_outlive_a_redis_cluster_flush() {
+    blocks_and_bans_outlive_the_fast_path(Some(Backend::cluster().await)).await;
 }
 
 #[tokio::test]
