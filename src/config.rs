@@ -114,6 +114,9 @@ pub struct Config {
     /// Native TLS (`--tls-cert`, `--tls-key`): see [`crate::tls`].
     #[command(flatten)]
     pub tls: crate::tls::TlsConfig,
+
+    #[command(flatten)]
+    pub ledger: crate::ledger::LedgerConfig,
 }
 
 /// A whole number of milliseconds within `range`, as a [`Duration`] (for flags ending in `_ms`).
@@ -230,6 +233,7 @@ impl Config {
             "MATCHGATE_DEV_SECRET",
             auth.dev_secret.as_ref(),
         )?;
+        self.ledger.validate()?;
         if self
             .internal_listen
             .is_some_and(|internal| internal == self.listen && internal.port() != 0)

@@ -130,6 +130,8 @@ pub struct Gateway {
     detaches: detach::Detaches,
     /// Where timers, room set-ups and removals and the detach queue run.
     background: Background,
+    /// The session ledger, with `--database-url`.
+    pub(crate) ledger: Option<Arc<crate::ledger::Ledger>>,
 }
 
 impl Gateway {
@@ -165,8 +167,18 @@ impl Gateway {
         metrics: Arc<Metrics>,
         background: Background,
     ) -> Arc<Self> {
+        let moderation = crate::moderation::from_config(config, &registry, &metrics);
+        let ledger = crate::ledger::Ledger::from_config(&config.ledger, metrics.ledger.clone());
+        if let Some(ledger) = &ledger {
+            let blocks = crate::ledger::BlockScope {
+                ttl: config.rules.block_ttl_s,
+                max_per_user: config.rules.max_blocks_per_user,
+            };
+            ledger.start(matchmaker.clone(), moderation.clone(), blocks);
+        }
         Arc::new(Gateway {
-            moderation: crate::moderation::from_config(config, &registry, &metrics),
+            moderation,
+            ledger,
             matchmaker,
             registry,
             resume_grace: config.session.resume_grace_ms,
@@ -198,6 +210,7 @@ impl Gateway {
     pub async fn ready(&self) -> bool {
         !self.draining.load(Ordering::Acquire)
             && self.subscribed.load(Ordering::Acquire)
+            && self.ledger.as_ref().is_none_or(|l| l.restored())
             && self
                 .probe
                 .answers(&*self.matchmaker, &*self.moderation)
@@ -284,7 +297,7 @@ impl Gateway {
                 return Some(self.acknowledge(user, conn, action, result, reference));
             }
             Action::Block { session_id } => {
-                let result = self.matchmaker.block(user, session_id.as_deref()).await;
+                let result = self.block(user, session_id.as_deref()).await;
                 return Some(self.acknowledge(user, conn, "block", result, reference));
             }
             Action::Report {
@@ -412,6 +425,9 @@ impl Gateway {
         }
         for closed in &outcome.closed {
             self.metrics.session_ended(closed.reason);
+        }
+        if let Some(ledger) = &self.ledger {
+            ledger.sessions(outcome.started, outcome.closed);
         }
         for pool in outcome.changed_pools {
             self.schedule_refresh(pool);

@@ -20,6 +20,7 @@
 //!   [`privacy`] decides how identities appear in logs.
 //! - [`livekit`] and [`p2p`] are the two media modes: LiveKit rooms, or direct WebRTC with the
 //!   ICE servers and TURN credentials `matched` carries.
+//! - [`ledger`] records sessions, blocks, reports and bans in PostgreSQL, off the hot path.
 
 pub mod address;
 pub mod auth;
@@ -30,6 +31,7 @@ pub mod connection;
 pub mod gateway;
 pub mod http;
 pub mod ids;
+pub mod ledger;
 pub mod livekit;
 pub mod matching;
 pub mod metrics;

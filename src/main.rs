@@ -1,15 +1,39 @@
 //! The `matchgate` binary: parse the configuration, set up logging, serve until SIGTERM or
-//! SIGINT, then drain.
+//! SIGINT, then drain. `matchgate migrate` applies the ledger's migrations and exits.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use matchgate::auth::AuthMode;
 use matchgate::config::{Config, LogFormat};
 use matchgate::Server;
 use tracing_subscriber::EnvFilter;
 
+/// The command line: the gateway's configuration, and what to do (serve, without a command).
+#[derive(Parser)]
+#[command(
+    name = "matchgate",
+    version,
+    about = "Realtime matchmaking gateway for random video chat"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the session ledger's database migrations (`--database-url` /
+    /// `MATCHGATE_DATABASE_URL`) and exit; the gateway also applies them when it starts.
+    Migrate,
+}
+
 #[tokio::main]
 async fn main() {
-    let config = Config::parse();
+    let Cli { command, config } = Cli::parse();
+    if let Some(Command::Migrate) = command {
+        std::process::exit(migrate(&config).await);
+    }
     if config.healthcheck {
         // The internal listener is plain HTTP even when the public one speaks TLS.
         let target = match (config.internal_listen, &config.tls.tls_cert) {
@@ -53,6 +77,24 @@ async fn main() {
         tracing::info!("demo page at {scheme}://{addr}/: open it in two browser windows");
     }
     server.run(shutdown_signal()).await;
+}
+
+/// `matchgate migrate`: exit code 0 when the database has every migration, 2 otherwise.
+async fn migrate(config: &Config) -> i32 {
+    match matchgate::ledger::migrate(&config.ledger).await {
+        Ok(applied) if applied.is_empty() => {
+            println!("matchgate: the ledger's database is up to date");
+            0
+        }
+        Ok(applied) => {
+            println!("matchgate: applied the ledger migrations {applied:?}");
+            0
+        }
+        Err(e) => {
+            eprintln!("matchgate migrate: {e}");
+            2
+        }
+    }
 }
 
 /// Exit code 0 when `GET /healthz` at `listen` (plain HTTP) answers 200, 1 otherwise.

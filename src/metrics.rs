@@ -54,6 +54,8 @@ pub struct Metrics {
     detach_calls: Labelled,
     tls_reloads: Labelled,
     tls_handshake_failures: Labelled,
+    /// The session ledger's (see `ledger`).
+    pub ledger: crate::ledger::LedgerMetrics,
 }
 
 /// Who made a ban.
@@ -66,7 +68,7 @@ pub enum BanSource {
 }
 
 impl BanSource {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             BanSource::Admin => "admin",
             BanSource::Reports => "reports",
@@ -338,7 +340,9 @@ impl Metrics {
             let _ = livekit_webhooks.get_or_create(&[("result", result)]);
         }
         runtime::register(&mut registry);
+        let ledger = crate::ledger::LedgerMetrics::register(&mut registry);
         Metrics {
+            ledger,
             registry,
             connections,
             queue_length,

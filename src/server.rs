@@ -427,6 +427,7 @@ impl Server {
             background,
         } = self;
         let gateway = app.gateway.clone();
+        let ledger = gateway.ledger.clone();
         // The routers hold the app from here on; when they are gone, so is it.
         drop(app);
         let stop_rx = Shutdown::new(stop.subscribe());
@@ -455,6 +456,10 @@ impl Server {
             .is_err()
         {
             tracing::warn!("connections still open at the drain timeout: closing them");
+        }
+        // The last sessions' ends, within what is left of the drain timeout.
+        if let Some(ledger) = ledger {
+            ledger.drain(deadline).await;
         }
         // What the connections left behind (grace timers of the users who just left, queue
         // updates, rooms, the detach queue) stops now.

@@ -2,12 +2,14 @@
 //! they name). The matchmaker says who that peer was; the moderation backend stores the
 //! report and counts it towards an automatic ban, which closes the reported user's
 //! connections wherever they are. The backend also keeps one account from flooding the store
-//! (one report per session, an hourly limit per reporter).
+//! (one report per session, an hourly limit per reporter). Blocks, reports and the bans they
+//! bring about also go to the ledger, when there is one.
 
 use std::sync::Arc;
 
 use super::{Answer, Gateway};
 use crate::ids::{unix_ms, ConnId, UserId};
+use crate::matching::Outcome;
 use crate::matching::{MatchError, RecentPeer};
 use crate::metrics::BanSource;
 use crate::moderation::Report;
@@ -37,6 +39,27 @@ impl Gateway {
         }
     }
 
+    /// Blocks the peer of `session` (see [`crate::matching::Matchmaker::block`]). With a
+    /// ledger, the session is resolved first and exactly its peer blocked, so that the ledger
+    /// records whom.
+    pub(super) async fn block(
+        &self,
+        user: &UserId,
+        session: Option<&str>,
+    ) -> Result<Outcome, MatchError> {
+        let Some(ledger) = &self.ledger else {
+            return self.matchmaker.block(user, session).await;
+        };
+        let Ok(RecentPeer { session_id, peer }) = self.matchmaker.recent_peer(user, session).await
+        else {
+            // No such session (or the backend is down): the block fails alike, with its error.
+            return self.matchmaker.block(user, session).await;
+        };
+        let outcome = self.matchmaker.block(user, Some(&session_id)).await?;
+        ledger.block(user, peer, session_id);
+        Ok(outcome)
+    }
+
     async fn file_report(
         &self,
         user: &UserId,
@@ -56,7 +79,13 @@ impl Gateway {
             details,
             at_ms: unix_ms(),
         };
-        let ban = self.moderation.report(report).await?;
+        let ban = self.moderation.report(report.clone()).await?;
+        if let Some(ledger) = &self.ledger {
+            ledger.report(report);
+            if let Some(ban) = &ban {
+                ledger.ban(ban, BanSource::Reports);
+            }
+        }
         self.metrics.report(reason);
         tracing::info!(
             reporter = %privacy::shown(user),

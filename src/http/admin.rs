@@ -153,6 +153,9 @@ async fn create_ban(State(app): State<Arc<App>>, body: Result<Bytes, BytesReject
         return backend_down(e);
     }
     app.gateway.metrics.ban(BanSource::Admin);
+    if let Some(ledger) = &app.gateway.ledger {
+        ledger.ban(&ban, BanSource::Admin);
+    }
     tracing::info!(
         kind = ban.kind.as_str(),
         value = %privacy::shown(&ban.value),
@@ -175,15 +178,20 @@ async fn delete_ban(
     };
     let moderation = &app.gateway.moderation;
     let mut lifted = moderation.unban(kind, &canonical).await;
+    let mut lifted_value = canonical.clone();
     // A ban of one IPv6 address made before addresses counted by prefix is stored as that
     // address.
     if let (Ok(false), Ok(IpAddr::V6(exact))) = (&lifted, value.parse::<IpAddr>()) {
         if exact.to_ipv4_mapped().is_none() {
-            lifted = moderation.unban(kind, &exact.to_string()).await;
+            lifted_value = exact.to_string();
+            lifted = moderation.unban(kind, &lifted_value).await;
         }
     }
     match lifted {
         Ok(true) => {
+            if let Some(ledger) = &app.gateway.ledger {
+                ledger.unban(kind, &lifted_value);
+            }
             tracing::info!(
                 kind = kind.as_str(),
                 value = %privacy::shown(&canonical),

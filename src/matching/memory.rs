@@ -1836,6 +1836,23 @@ impl Administration for MemoryMatchmaker {
     async fn lease(&self, _name: &str, _ttl: Duration) -> Result<bool, MatchError> {
         Ok(true)
     }
+
+    async fn restore_blocks(&self, blocker: &UserId, blocked: &[UserId]) -> Result<(), MatchError> {
+        let ((), _) = self.step(None, None, |state, step| {
+            let list = state
+                .blocks
+                .entry(blocker.clone())
+                .or_insert_with(|| BlockList::new(step.now));
+            for peer in blocked {
+                list.add(peer, step.policy.rules.max_blocks);
+            }
+            if !state.users.contains_key(blocker) {
+                state.expire_blocks_later(step, blocker);
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
 }
 
 #[async_trait]

@@ -566,6 +566,11 @@ pub trait Administration: Send + Sync + 'static {
     /// runs each periodic clean-up). Taking it again before it runs out extends it; atomic, so
     /// two instances never both hold it.
     async fn lease(&self, name: &str, ttl: Duration) -> Result<bool, MatchError>;
+
+    /// Puts back blocks `blocker` made (oldest first), as the ledger remembers them after a
+    /// restart or a Redis flush: like [`ClientOperations::block`] without a session, and kept for
+    /// the block TTL from now unless `blocker` connects meanwhile.
+    async fn restore_blocks(&self, blocker: &UserId, blocked: &[UserId]) -> Result<(), MatchError>;
 }
 
 /// What the media side (room set-up, LiveKit's webhooks, the room sweep) reports about

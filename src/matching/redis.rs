@@ -85,6 +85,7 @@ const LIBRARY: &str = concat!(
     include_str!("lua/ops/relay.lua"),
     include_str!("lua/ops/p2p_config.lua"),
     include_str!("lua/ops/lease.lua"),
+    include_str!("lua/ops/restore_blocks.lua"),
     include_str!("lua/dispatch.lua"),
 );
 
@@ -975,6 +976,11 @@ impl Administration for RedisMatchmaker {
             "ttl_ms": ms(ttl).max(1),
         });
         Ok(self.call::<LeaseReply>("lease", args).await?.reply.held)
+    }
+
+    async fn restore_blocks(&self, blocker: &UserId, blocked: &[UserId]) -> Result<(), MatchError> {
+        let args = json!({"user": blocker, "blocked": blocked});
+        self.outcome("restore_blocks", args).await.map(|_| ())
     }
 }
 

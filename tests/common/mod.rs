@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod livekit;
+pub mod postgres;
 pub mod process;
 pub mod redis;
 
