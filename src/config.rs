@@ -520,6 +520,10 @@ pub struct Config {
     /// answers 200 (for container health checks in images without curl).
     #[arg(long)]
     pub healthcheck: bool,
+
+    // --- Outbound webhooks (see `webhooks`) ---
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 /// An IP network, or a single address as the network of just that address.
@@ -660,6 +664,7 @@ impl Config {
         self.validate_livekit()?;
         self.validate_p2p()?;
         self.validate_rules()?;
+        self.webhooks.validate()?;
         for origin in &self.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))
                 || origin.ends_with('/')

@@ -51,6 +51,8 @@ pub struct Gateway {
     probe: probe::BackendProbe,
     /// Which connections to detach, and the detaches waiting for the backend.
     detaches: detach::Detaches,
+    /// Outbound webhooks, when configured.
+    webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 impl Gateway {
@@ -99,6 +101,7 @@ impl Gateway {
                 queued_deletes: Arc::new(AtomicUsize::new(0)),
             }),
             detaches: detach::Detaches::new(metrics.detach_pending.clone()),
+            webhooks: crate::webhooks::Webhooks::from_config(&config.webhooks, &metrics.webhooks),
             metrics,
         })
     }
@@ -300,6 +303,13 @@ impl Gateway {
         .encode()
     }
 
+    /// Sends the webhook event `event` makes, when webhooks are configured.
+    pub(crate) fn notify(&self, event: impl FnOnce() -> crate::webhooks::Event) {
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.send(event());
+        }
+    }
+
     /// Acts on what a background operation (not tied to one connection) reported.
     pub fn apply_outcome(self: &Arc<Self>, outcome: Outcome) {
         debug_assert!(!outcome.held, "held states need a user and a connection");
@@ -316,6 +326,14 @@ impl Gateway {
         }
         for closed in &outcome.closed {
             self.metrics.session_ended(closed.reason);
+        }
+        if let Some(webhooks) = &self.webhooks {
+            for started in &outcome.started {
+                webhooks.send(crate::webhooks::Event::session_started(started));
+            }
+            for closed in &outcome.closed {
+                webhooks.send(crate::webhooks::Event::session_ended(closed));
+            }
         }
         for pool in outcome.changed_pools {
             self.schedule_refresh(pool);

@@ -38,6 +38,7 @@ pub mod registry;
 pub mod scaleout;
 pub mod server;
 pub mod shutdown;
+pub mod webhooks;
 
 pub use config::Config;
 pub use server::Server;

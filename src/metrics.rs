@@ -50,6 +50,8 @@ pub struct Metrics {
     /// Detaches waiting for the backend (see `gateway::detach`).
     pub detach_pending: Gauge,
     detach_calls: Labelled,
+    /// Outbound webhooks (see `webhooks`).
+    pub webhooks: crate::webhooks::WebhookMetrics,
 }
 
 /// Who made a ban.
@@ -62,7 +64,7 @@ pub enum BanSource {
 }
 
 impl BanSource {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             BanSource::Admin => "admin",
             BanSource::Reports => "reports",
@@ -271,7 +273,9 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = detach_calls.get_or_create(&[("result", result)]);
         }
+        let webhooks = crate::webhooks::WebhookMetrics::register(&mut registry);
         Metrics {
+            webhooks,
             registry,
             connections,
             queue_length,

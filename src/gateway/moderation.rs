@@ -15,6 +15,7 @@ use crate::metrics::BanSource;
 use crate::moderation::Report;
 use crate::privacy;
 use crate::protocol::{Reply, ReportReason};
+use crate::webhooks::Event;
 
 impl Gateway {
     /// Handles a `report`: returns the direct reply and whether it is an error the client
@@ -56,16 +57,18 @@ impl Gateway {
             details,
             at_ms: unix_ms(),
         };
-        let ban = self.moderation.report(report).await?;
+        let filed = self.moderation.report(report.clone()).await?;
         self.metrics.report(reason);
+        self.notify(|| Event::report_created(filed.id, &report));
         tracing::info!(
             reporter = %privacy::shown(user),
             reported = %privacy::shown(&reported),
             reason = reason.as_str(),
             "report"
         );
-        if let Some(ban) = ban {
+        if let Some(ban) = filed.ban {
             self.metrics.ban(BanSource::Reports);
+            self.notify(|| Event::user_banned(&ban, BanSource::Reports));
             tracing::info!(
                 user = %privacy::shown(&ban.value),
                 until_ms = ban.until_ms,

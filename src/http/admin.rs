@@ -153,6 +153,8 @@ async fn create_ban(State(app): State<Arc<App>>, body: Result<Bytes, BytesReject
         return backend_down(e);
     }
     app.gateway.metrics.ban(BanSource::Admin);
+    app.gateway
+        .notify(|| crate::webhooks::Event::user_banned(&ban, BanSource::Admin));
     tracing::info!(
         kind = ban.kind.as_str(),
         value = %privacy::shown(&ban.value),
