@@ -248,6 +248,7 @@ impl Metrics {
             EndReason::End,
             EndReason::Timeout,
             EndReason::MediaDisconnected,
+            EndReason::EndedByModerator,
         ] {
             let _ = sessions_ended.get_or_create(&[("reason", reason.as_str())]);
         }

@@ -82,7 +82,9 @@ impl WebhookConfig {
         let fail = |msg: String| Err(ConfigError(msg));
         let Some(url) = &self.webhook_url else {
             if self.webhook_secret.is_some() {
-                return fail("MATCHGATE_WEBHOOK_SECRET is set without MATCHGATE_WEBHOOK_URL".into());
+                return fail(
+                    "MATCHGATE_WEBHOOK_SECRET is set without MATCHGATE_WEBHOOK_URL".into(),
+                );
             }
             return Ok(());
         };
@@ -417,12 +419,11 @@ mod tests {
             .validate()
             .is_ok());
         for url in ["not a url", "ftp://example.com/", "http://", "/relative"] {
-            assert!(
-                config(Some(url), Some(SECRET)).validate().is_err(),
-                "{url}"
-            );
+            assert!(config(Some(url), Some(SECRET)).validate().is_err(), "{url}");
         }
-        assert!(config(Some("https://example.com/"), None).validate().is_err());
+        assert!(config(Some("https://example.com/"), None)
+            .validate()
+            .is_err());
         assert!(config(Some("https://example.com/"), Some("short"))
             .validate()
             .is_err());

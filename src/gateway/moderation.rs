@@ -10,6 +10,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use super::Gateway;
 use crate::ids::unix_ms;
+use crate::matching::overview::Overview;
 use crate::matching::{ConnId, MatchError, UserId};
 use crate::metrics::BanSource;
 use crate::moderation::Report;
@@ -18,6 +19,19 @@ use crate::protocol::{Reply, ReportReason};
 use crate::webhooks::Event;
 
 impl Gateway {
+    /// A moderator ends the live session `session` (see [`crate::matching::Matchmaker`]):
+    /// false when no live session has that id.
+    pub async fn moderator_end(self: &Arc<Self>, session: &str) -> Result<bool, MatchError> {
+        let (ended, outcome) = self.matchmaker.moderator_end(session).await?;
+        self.apply_outcome(outcome);
+        Ok(ended)
+    }
+
+    /// The matching state at a glance, for the admin API's stats.
+    pub async fn overview(&self) -> Result<Overview, MatchError> {
+        self.matchmaker.overview().await
+    }
+
     /// Handles a `report`: returns the direct reply and whether it is an error the client
     /// caused.
     pub(super) async fn report(

@@ -9,6 +9,7 @@
 //! script. The transport never knows which one runs.
 
 pub mod memory;
+pub mod overview;
 pub mod redis;
 
 use std::sync::Arc;
@@ -201,7 +202,8 @@ pub struct SessionClosed {
     /// The member whose action or absence ended it; `None` when neither did (the media
     /// server closed the room for both).
     pub ended_by: Option<UserId>,
-    /// Why, from the side of `ended_by` (`skip`, `end`, `timeout`, `media_disconnected`).
+    /// Why, from the side of `ended_by` (`skip`, `end`, `timeout`, `media_disconnected`,
+    /// `ended_by_moderator`).
     pub reason: EndReason,
 }
 
@@ -365,6 +367,9 @@ pub trait Matchmaker: Send + Sync + 'static {
 
     async fn stats(&self) -> Result<Stats, MatchError>;
 
+    /// The matching state at a glance, for the admin API (see [`overview`]).
+    async fn overview(&self) -> Result<overview::Overview, MatchError>;
+
     /// The room of a pending session is ready: both members get `matched` with their `media`
     /// (offerer first). Returns false when the session is no longer pending (a member left
     /// meanwhile): the room is then the caller's to delete.
@@ -388,6 +393,10 @@ pub trait Matchmaker: Send + Sync + 'static {
         event_id: &str,
         dedupe: Duration,
     ) -> Result<(MediaEffect, Outcome), MatchError>;
+
+    /// A moderator ends the live session `session`: both members get `session_ended` with
+    /// `ended_by_moderator` and neither is re-queued. False when no live session has that id.
+    async fn moderator_end(&self, session: &str) -> Result<(bool, Outcome), MatchError>;
 
     /// Every session, for the sweep that matches them against the media server's rooms.
     async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError>;

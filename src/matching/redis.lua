@@ -45,6 +45,8 @@
 --   P:seen:<event>  a media event id acted on (de-duplication), expires
 --   P:lease:<name>  the instance that runs the periodic job <name>, expires
 --   P:ticket        counter; P:stat hash: queued sessions
+--   P:pools         zset pool -> ms last listed in: the pools somebody may wait in (stats)
+--   P:matches:<min> sessions that went live in that minute (unix ms / 60000), expires
 --   P:waits         hash: smoothed wait in ms per pool, and over all pools under "*"
 --   P:instances     zset instance -> last heartbeat ms; P:iu:<inst> set of users attached there
 --   P:dead          set of dead instances whose users still need cleanup
@@ -196,6 +198,8 @@ end
 
 -- Lists u at `ticket` in pool k: among the connected waiters, or the away ones.
 local function list(u, k, ticket, away)
+  -- The pools somebody waits in, for `overview` (which, like `tick`, drops the empty ones).
+  redis.call('ZADD', P .. ':pools', NOW, k)
   if away then
     redis.call('ZADD', hkey(k), ticket, u)
   else
@@ -373,6 +377,10 @@ local function announce(sid, m1, m2, mf, ms)
     redis.call('PEXPIRE', mk, keep)
   end
   table.insert(out.started, { sid, m1.user, m2.user, m1.pool, m2.pool, NOW })
+  -- Matches per minute, for the admin API's stats (`overview`).
+  local mm = P .. ':matches:' .. math.floor(NOW / 60000)
+  redis.call('INCR', mm)
+  redis.call('PEXPIRE', mm, 180000)
   local e1 = { type = 'matched', session_id = sid, peer = m2.handle, role = 'offerer', started_at_ms = NOW }
   local e2 = { type = 'matched', session_id = sid, peer = m1.handle, role = 'answerer', started_at_ms = NOW }
   if not mf then mf, ms = p2p_media(m1.handle), p2p_media(m2.handle) end
@@ -1168,6 +1176,14 @@ local function call(_keys, args)
         media_failed(sid, ARGV[15])
       end
     end
+    -- Pools not looked at for a minute leave P:pools once empty (a few per tick).
+    for _, pk in ipairs(redis.call('ZRANGEBYSCORE', P .. ':pools', '-inf', NOW - 60000, 'LIMIT', 0, 20)) do
+      if ahead(pk, nil) == 0 then
+        redis.call('ZREM', P .. ':pools', pk)
+      else
+        redis.call('ZADD', P .. ':pools', NOW, pk)
+      end
+    end
     -- Held states from detaches above expire through P:exp, not through a timer of the caller.
     out.held = false
     return result({ epoch = epoch, epoch_changed = known ~= '' and known ~= epoch,
@@ -1201,6 +1217,35 @@ local function call(_keys, args)
       return result({ effect = 'no_session' })
     end
     return result({ effect = 'ended' })
+  elseif OP == 'overview' then
+    -- The admin API's stats. arg: 1 how many pools to list at most (the latest joined first).
+    -- Empty pools leave P:pools.
+    local pools = {}
+    for _, pk in ipairs(redis.call('ZREVRANGE', P .. ':pools', 0, tonumber(arg(1)) - 1)) do
+      local n = ahead(pk, nil)
+      if n == 0 then
+        redis.call('ZREM', P .. ':pools', pk)
+      else
+        table.insert(pools, { pk, n, null_or(estimate(pk, n)) })
+      end
+    end
+    local instances = {}
+    for _, i in ipairs(redis.call('ZRANGE', P .. ':instances', 0, -1)) do
+      table.insert(instances, { i, redis.call('SCARD', P .. ':iu:' .. i) })
+    end
+    local minute = math.floor(NOW / 60000)
+    local last, this = unpack(redis.call('MGET', P .. ':matches:' .. (minute - 1), P .. ':matches:' .. minute))
+    return result({ pool_list = pools, instance_list = instances,
+      sessions = tonumber(redis.call('HGET', P .. ':stat', 'sessions')) or 0,
+      matches_last = tonumber(last) or 0, matches_this = tonumber(this) or 0 })
+  elseif OP == 'moderator_end' then
+    -- arg: 1 session. Ends it for both, re-queuing nobody; live: whether it was live.
+    local u1, phase = unpack(redis.call('HMGET', skey(arg(1)), 'u1', 'phase'))
+    if not u1 or phase ~= 'live' then return result({ live = false }) end
+    end_session(u1, 'ended_by_moderator', false, 'ended_by_moderator', false)
+    -- Ended on behalf of the first member, but by neither.
+    out.closed[#out.closed][6] = ''
+    return result({ live = true })
   elseif OP == 'sessions' then
     local all = redis.call('ZRANGE', P .. ':sessions', 0, -1, 'WITHSCORES')
     local list = {}

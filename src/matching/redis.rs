@@ -15,6 +15,7 @@ use deadpool_redis::{Runtime, Timeouts};
 use serde::{Deserialize, Deserializer};
 
 use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
+use super::overview::{MinuteCounts, Overview, PoolOverview};
 use super::{
     Attached, ConnId, MatchError, Matchmaker, MediaEffect, MediaMode, Outcome, PendingSession,
     Resume, Rules, SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, UserId,
@@ -33,6 +34,9 @@ const P2P_CONFIG_TTL: Duration = Duration::from_secs(3600);
 
 /// The function library with every matching operation, with `@VERSION@` for its version.
 const LIBRARY: &str = include_str!("redis.lua");
+
+/// Pools the admin API's stats list at most (those joined most recently).
+const OVERVIEW_POOLS: usize = 1000;
 
 /// The library text and its function's name, versioned by a hash of the text.
 struct Library {
@@ -264,6 +268,13 @@ struct Reply {
     // stats
     queued: u64,
     sessions: u64,
+    // overview
+    #[serde(deserialize_with = "list")]
+    pool_list: Vec<(Arc<str>, u64, Option<u64>)>,
+    #[serde(deserialize_with = "list")]
+    instance_list: Vec<(String, u64)>,
+    matches_last: u64,
+    matches_this: u64,
     // tick
     epoch: String,
     epoch_changed: bool,
@@ -717,6 +728,32 @@ impl Matchmaker for RedisMatchmaker {
         })
     }
 
+    async fn overview(&self) -> Result<Overview, MatchError> {
+        let reply = self
+            .call("overview", "", &[&OVERVIEW_POOLS.to_string()])
+            .await?;
+        let mut pools: Vec<PoolOverview> = reply
+            .pool_list
+            .into_iter()
+            .map(|(pool, waiting, estimated_wait_ms)| PoolOverview {
+                pool,
+                waiting,
+                estimated_wait_ms,
+            })
+            .collect();
+        pools.sort_by(|a, b| a.pool.cmp(&b.pool));
+        Ok(Overview {
+            pools,
+            sessions: reply.sessions,
+            matches: MinuteCounts::from_buckets(
+                reply.matches_last,
+                reply.matches_this,
+                crate::ids::unix_ms(),
+            ),
+            instances: reply.instance_list,
+        })
+    }
+
     async fn media_ready(
         &self,
         session: &str,
@@ -750,6 +787,11 @@ impl Matchmaker for RedisMatchmaker {
             _ => MediaEffect::NoSession,
         };
         Ok((effect, reply.outcome()))
+    }
+
+    async fn moderator_end(&self, session: &str) -> Result<(bool, Outcome), MatchError> {
+        let mut reply = self.call("moderator_end", "", &[session]).await?;
+        Ok((reply.live, reply.outcome()))
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, MatchError> {

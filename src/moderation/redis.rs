@@ -34,11 +34,11 @@ use super::{
     Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportFiled, ReportPolicy,
     REPORTED_SESSIONS_KEPT, REPORT_RATE_WINDOW_MS,
 };
-use crate::protocol::ReportReason;
 use crate::bus::redis::{ban_notice, broadcast_channel};
 use crate::config::Config;
 use crate::ids::unix_ms;
 use crate::matching::redis::Layout;
+use crate::protocol::ReportReason;
 
 /// How long one call may take before it counts as unavailable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);

@@ -48,7 +48,12 @@ impl FromStr for ReportId {
                 .flatten()
         };
         s.split_once('-')
-            .and_then(|(ms, seq)| Some(ReportId { ms: parse(ms)?, seq: parse(seq)? }))
+            .and_then(|(ms, seq)| {
+                Some(ReportId {
+                    ms: parse(ms)?,
+                    seq: parse(seq)?,
+                })
+            })
             .ok_or_else(|| format!("{s:?} is not a report id (<ms>-<n>)"))
     }
 }
@@ -193,7 +198,16 @@ mod tests {
         assert_eq!(id.to_string(), "1700000000000-3");
         assert!(id < "1700000000000-10".parse().unwrap());
         assert!(id < "1700000000001-0".parse().unwrap());
-        for bad in ["", "1", "-1", "1-", "a-1", "1-2-3", "+1-2", "99999999999999999999-0"] {
+        for bad in [
+            "",
+            "1",
+            "-1",
+            "1-",
+            "a-1",
+            "1-2-3",
+            "+1-2",
+            "99999999999999999999-0",
+        ] {
             assert!(bad.parse::<ReportId>().is_err(), "{bad:?}");
         }
     }
@@ -213,9 +227,16 @@ mod tests {
             review: None,
         };
         let walked = || {
-            (0..10)
-                .rev()
-                .map(|ms| report(ms, if ms % 2 == 0 { ReportReason::Spam } else { ReportReason::Other }))
+            (0..10).rev().map(|ms| {
+                report(
+                    ms,
+                    if ms % 2 == 0 {
+                        ReportReason::Spam
+                    } else {
+                        ReportReason::Other
+                    },
+                )
+            })
         };
         let query = ReportQuery {
             reason: Some(ReportReason::Spam),
@@ -226,16 +247,34 @@ mod tests {
         let ids: Vec<u64> = page.reports.iter().map(|r| r.id.ms).collect();
         assert_eq!(ids, [8, 6]);
         assert_eq!(page.next, Some(ReportId { ms: 6, seq: 0 }));
-        let all = ReportQuery { limit: 50, ..query.clone() };
+        let all = ReportQuery {
+            limit: 50,
+            ..query.clone()
+        };
         assert_eq!(ReportPage::from_walk(&all, walked(), true).next, None);
         assert_eq!(
             ReportPage::from_walk(&all, walked(), false).next,
             Some(ReportId { ms: 0, seq: 0 }),
             "the budget ran out: carry on below the last one looked at"
         );
-        let by_user = ReportQuery { user: Some("b".into()), limit: 50, ..Default::default() };
-        assert_eq!(ReportPage::from_walk(&by_user, walked(), true).reports.len(), 10);
-        let nobody = ReportQuery { user: Some("c".into()), limit: 50, ..Default::default() };
-        assert!(ReportPage::from_walk(&nobody, walked(), true).reports.is_empty());
+        let by_user = ReportQuery {
+            user: Some("b".into()),
+            limit: 50,
+            ..Default::default()
+        };
+        assert_eq!(
+            ReportPage::from_walk(&by_user, walked(), true)
+                .reports
+                .len(),
+            10
+        );
+        let nobody = ReportQuery {
+            user: Some("c".into()),
+            limit: 50,
+            ..Default::default()
+        };
+        assert!(ReportPage::from_walk(&nobody, walked(), true)
+            .reports
+            .is_empty());
     }
 }
