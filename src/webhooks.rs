@@ -319,8 +319,10 @@ impl Webhooks {
 /// the gateway (the only sender) is gone.
 async fn dispatch(mut events: mpsc::Receiver<Event>, target: Arc<Target>, metrics: WebhookMetrics) {
     let slots = Arc::new(Semaphore::new(CONCURRENT_DELIVERIES));
-    while let Some(event) = events.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+    // A slot first, then an event: an event taken off the queue is always on its way, so at
+    // most the queue's bound plus the slots are waiting.
+    while let Ok(slot) = slots.clone().acquire_owned().await {
+        let Some(event) = events.recv().await else {
             return;
         };
         let target = target.clone();
