@@ -310,6 +310,19 @@ impl Gateway {
         }
     }
 
+    /// At shutdown: delivers the webhook events still waiting, until `deadline`.
+    pub async fn flush_webhooks(&self, deadline: tokio::time::Instant) {
+        if let Some(webhooks) = &self.webhooks {
+            let left = webhooks.flush(deadline).await;
+            if left > 0 {
+                tracing::warn!(
+                    events = left,
+                    "webhook events not delivered at the drain timeout"
+                );
+            }
+        }
+    }
+
     /// Acts on what a background operation (not tied to one connection) reported.
     pub fn apply_outcome(self: &Arc<Self>, outcome: Outcome) {
         debug_assert!(!outcome.held, "held states need a user and a connection");

@@ -260,6 +260,7 @@ impl Server {
             demo: _,
         } = self;
         let gateway = app.gateway.clone();
+        let webhooks = app.gateway.clone();
         // The routers hold the app from here on; when they are gone, so is it.
         drop(app);
         let stop_rx = Shutdown::new(stop.subscribe());
@@ -289,6 +290,7 @@ impl Server {
         {
             tracing::warn!("connections still open at the drain timeout: closing them");
         }
+        webhooks.flush_webhooks(deadline).await;
         tracing::info!("shut down");
     }
 }

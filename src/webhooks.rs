@@ -13,8 +13,9 @@
 //! their way at once, so a slow or dead receiver never slows matching and memory stays bounded:
 //! past `--webhook-queue` an event is dropped, logged and counted, never silently. Session
 //! events come from engine outcomes, which only the instance that ran the operation sees: in
-//! Redis mode every event is sent by exactly one instance. The queue lives in the process: what
-//! is still queued when the process dies is lost (the metrics show how much is queued).
+//! Redis mode every event is sent by exactly one instance. The queue lives in the process: a
+//! draining instance goes on delivering until the drain timeout, and what is still queued when
+//! the process exits is lost (logged; the metrics show how much is queued).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -313,7 +314,22 @@ impl Webhooks {
             );
         }
     }
+
+    /// Waits until every event accepted so far is delivered or failed, or until `deadline`
+    /// (a draining instance sends what it has before it exits); returns how many are left.
+    pub async fn flush(&self, deadline: tokio::time::Instant) -> u64 {
+        loop {
+            let left = self.metrics.queued.get().max(0) as u64;
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(FLUSH_POLL).await;
+        }
+    }
 }
+
+/// How often a flush looks at the queue.
+const FLUSH_POLL: Duration = Duration::from_millis(20);
 
 /// Takes events off the queue and delivers up to [`CONCURRENT_DELIVERIES`] at once. Ends when
 /// the gateway (the only sender) is gone.

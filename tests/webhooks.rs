@@ -2,7 +2,8 @@
 //! every delivery is signed over its timestamp and body and verified here with the secret;
 //! the events say what happened (sessions, reports, bans); a receiver that fails the first
 //! attempts gets the same event again with the same id; one that refuses gets it once; a
-//! receiver that never answers fills the bounded queue and the rest is dropped and counted;
+//! receiver that never answers fills the bounded queue and the rest is dropped and counted; a
+//! draining instance delivers what it still has;
 //! with two instances on one Redis each session event is sent by exactly one of them; and a
 //! bad receiver URL is refused at start-up.
 
@@ -330,6 +331,23 @@ async fn a_failing_receiver_gets_the_same_event_again() {
         metric(r#"matchgate_webhook_events_total{result="failed"}"#).await,
         0.0
     );
+}
+
+#[tokio::test]
+async fn a_draining_instance_delivers_what_it_still_has() {
+    let receiver = Receiver::start(Answer::FailFirst(2)).await;
+    let url = receiver.url();
+    let server = TestServer::start(&flags(&url, &[])).await;
+    let mut a = server.connect("alice").await;
+    let mut b = server.connect("bob").await;
+    match_up(&mut a, &mut b).await;
+    a.request(json!({"type": "end"}), "e").await;
+    b.expect("session_ended").await;
+    a.close().await;
+    b.close().await;
+    // The events still wait for their retries: the drain sends them before it ends.
+    server.shutdown().await;
+    assert_eq!(receiver.delivered().len(), 2);
 }
 
 #[tokio::test]
