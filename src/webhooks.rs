@@ -254,21 +254,14 @@ struct Target {
 }
 
 /// Why one attempt failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum Failure {
     /// Worth another try: no answer, 5xx, 408 or 429.
+    #[error("{0}")]
     Transient(String),
     /// The receiver refused the event for good.
+    #[error("refused with HTTP {0}")]
     Refused(u16),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Transient(why) => write!(f, "{why}"),
-            Failure::Refused(status) => write!(f, "refused with HTTP {status}"),
-        }
-    }
 }
 
 impl Webhooks {
@@ -283,8 +276,14 @@ impl Webhooks {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.webhook_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .ok()?;
+            .build();
+        let client = match client {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the webhook client: no webhooks are sent");
+                return None;
+            }
+        };
         let target = Arc::new(Target {
             client,
             url,
