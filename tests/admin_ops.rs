@@ -1,5 +1,5 @@
 //! The admin API's moderation operations end to end, in memory and across two instances on a
-//! real `redis-server`: reports listed (filters, cursor pages, bounded page size) and reviewed
+//! real `redis-server` (and a Redis Cluster for the reports and the stats): reports listed (filters, cursor pages, bounded page size) and reviewed
 //! (resolve, dismiss, idempotent), a live session ended by id (both members told
 //! `ended_by_moderator`), and the deployment's figures (connections per instance, pools, open
 //! sessions, matches per minute; cluster-wide in Redis mode). Every bad input gets a 4xx with a
@@ -12,16 +12,25 @@ use common::redis::Backend;
 use common::{http_request, match_up, Client, TestServer};
 use serde_json::{json, Value};
 
-/// One server in memory mode, or two instances on a fresh Redis (kept alive by the backend).
-async fn deployment(redis: bool) -> (Option<Backend>, Vec<TestServer>) {
+/// Where the state lives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Memory,
+    Redis,
+    RedisCluster,
+}
+
+/// One server in memory mode, or two instances on a fresh Redis or Redis Cluster (kept alive
+/// by the backend).
+async fn deployment(mode: Mode) -> (Option<Backend>, Vec<TestServer>) {
     let flags = ["--admin-token", ADMIN_TOKEN];
-    if redis {
-        let backend = Backend::single().await;
-        let servers = backend.instances(2, &flags).await;
-        (Some(backend), servers)
-    } else {
-        (None, vec![TestServer::start(&flags).await])
-    }
+    let backend = match mode {
+        Mode::Memory => return (None, vec![TestServer::start(&flags).await]),
+        Mode::Redis => Backend::single().await,
+        Mode::RedisCluster => Backend::cluster().await,
+    };
+    let servers = backend.instances(2, &flags).await;
+    (Some(backend), servers)
 }
 
 /// The server user number `i` connects to: alternating between instances.
@@ -66,8 +75,8 @@ fn id_ms(report: &Value) -> u64 {
     id.split_once('-').unwrap().0.parse().unwrap()
 }
 
-async fn reports_are_listed_and_reviewed(redis: bool) {
-    let (_backend, servers) = deployment(redis).await;
+async fn reports_are_listed_and_reviewed(mode: Mode) {
+    let (_backend, servers) = deployment(mode).await;
     let mut a = pick(&servers, 0).connect("alice").await;
     let mut b = pick(&servers, 1).connect("bob").await;
     let mut c = pick(&servers, 2).connect("carol").await;
@@ -203,16 +212,21 @@ async fn reports_are_listed_and_reviewed(redis: bool) {
 
 #[tokio::test]
 async fn reports_are_listed_and_reviewed_in_memory() {
-    reports_are_listed_and_reviewed(false).await;
+    reports_are_listed_and_reviewed(Mode::Memory).await;
 }
 
 #[tokio::test]
 async fn reports_are_listed_and_reviewed_in_redis() {
-    reports_are_listed_and_reviewed(true).await;
+    reports_are_listed_and_reviewed(Mode::Redis).await;
 }
 
-async fn a_moderator_ends_a_live_session(redis: bool) {
-    let (_backend, servers) = deployment(redis).await;
+#[tokio::test]
+async fn reports_are_listed_and_reviewed_in_redis_cluster() {
+    reports_are_listed_and_reviewed(Mode::RedisCluster).await;
+}
+
+async fn a_moderator_ends_a_live_session(mode: Mode) {
+    let (_backend, servers) = deployment(mode).await;
     let mut a = pick(&servers, 0).connect("alice").await;
     let mut b = pick(&servers, 1).connect("bob").await;
     let (matched, _) = match_up(&mut a, &mut b).await;
@@ -257,16 +271,16 @@ async fn a_moderator_ends_a_live_session(redis: bool) {
 
 #[tokio::test]
 async fn a_moderator_ends_a_live_session_in_memory() {
-    a_moderator_ends_a_live_session(false).await;
+    a_moderator_ends_a_live_session(Mode::Memory).await;
 }
 
 #[tokio::test]
 async fn a_moderator_ends_a_live_session_in_redis() {
-    a_moderator_ends_a_live_session(true).await;
+    a_moderator_ends_a_live_session(Mode::Redis).await;
 }
 
-async fn stats_show_the_whole_deployment(redis: bool) {
-    let (_backend, servers) = deployment(redis).await;
+async fn stats_show_the_whole_deployment(mode: Mode) {
+    let (_backend, servers) = deployment(mode).await;
     let mut clients = Vec::new();
     for (i, topic) in ["x", "y"].into_iter().enumerate() {
         let mut waiter = pick(&servers, i).connect(&format!("waiter-{topic}")).await;
@@ -307,7 +321,7 @@ async fn stats_show_the_whole_deployment(redis: bool) {
             })
             .collect();
         instances.sort();
-        let expected: Vec<(String, u64)> = if redis {
+        let expected: Vec<(String, u64)> = if mode != Mode::Memory {
             vec![("inst0".into(), 3), ("inst1".into(), 1)]
         } else {
             vec![("local".into(), 4)]
@@ -322,10 +336,15 @@ async fn stats_show_the_whole_deployment(redis: bool) {
 
 #[tokio::test]
 async fn stats_show_the_whole_deployment_in_memory() {
-    stats_show_the_whole_deployment(false).await;
+    stats_show_the_whole_deployment(Mode::Memory).await;
 }
 
 #[tokio::test]
 async fn stats_show_the_whole_deployment_in_redis() {
-    stats_show_the_whole_deployment(true).await;
+    stats_show_the_whole_deployment(Mode::Redis).await;
+}
+
+#[tokio::test]
+async fn stats_show_the_whole_deployment_in_redis_cluster() {
+    stats_show_the_whole_deployment(Mode::RedisCluster).await;
 }
