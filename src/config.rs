@@ -117,6 +117,10 @@ pub struct Config {
 
     #[command(flatten)]
     pub ledger: crate::ledger::LedgerConfig,
+
+    // --- Outbound webhooks (see `webhooks`) ---
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 /// A whole number of milliseconds within `range`, as a [`Duration`] (for flags ending in `_ms`).
@@ -234,6 +238,7 @@ impl Config {
             auth.dev_secret.as_ref(),
         )?;
         self.ledger.validate()?;
+        self.webhooks.validate()?;
         if self
             .internal_listen
             .is_some_and(|internal| internal == self.listen && internal.port() != 0)

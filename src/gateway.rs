@@ -132,6 +132,8 @@ pub struct Gateway {
     background: Background,
     /// The session ledger, with `--database-url`.
     pub(crate) ledger: Option<Arc<crate::ledger::Ledger>>,
+    /// Outbound webhooks, when configured.
+    webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 impl Gateway {
@@ -200,6 +202,7 @@ impl Gateway {
                 }
             }),
             detaches: detach::Detaches::new(metrics.detach_pending.clone()),
+            webhooks: crate::webhooks::Webhooks::from_config(&config.webhooks, &metrics.webhooks),
             metrics,
             background,
         })
@@ -404,6 +407,26 @@ impl Gateway {
         .encode()
     }
 
+    /// Sends the webhook event `event` makes, when webhooks are configured.
+    pub(crate) fn notify(&self, event: impl FnOnce() -> crate::webhooks::Event) {
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.send(event());
+        }
+    }
+
+    /// At shutdown: delivers the webhook events still waiting, until `deadline`.
+    pub async fn flush_webhooks(&self, deadline: tokio::time::Instant) {
+        if let Some(webhooks) = &self.webhooks {
+            let left = webhooks.flush(deadline).await;
+            if left > 0 {
+                tracing::warn!(
+                    events = left,
+                    "webhook events not delivered at the drain timeout"
+                );
+            }
+        }
+    }
+
     /// Acts on what an operation reported, whoever called it: metrics, queue updates, rooms
     /// to set up or remove, timers to arm, and (for a connection's operation) the expiry of a
     /// held state. The one place an [`Outcome`] is acted on.
@@ -425,6 +448,14 @@ impl Gateway {
         }
         for closed in &outcome.closed {
             self.metrics.session_ended(closed.reason);
+        }
+        if let Some(webhooks) = &self.webhooks {
+            for started in &outcome.started {
+                webhooks.send(crate::webhooks::Event::session_started(started));
+            }
+            for closed in &outcome.closed {
+                webhooks.send(crate::webhooks::Event::session_ended(closed));
+            }
         }
         if let Some(ledger) = &self.ledger {
             ledger.sessions(outcome.started, outcome.closed);

@@ -46,6 +46,7 @@ pub mod scaleout;
 pub mod server;
 pub mod shutdown;
 pub mod tls;
+pub mod webhooks;
 
 pub use config::Config;
 pub use server::Server;

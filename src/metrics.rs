@@ -56,6 +56,8 @@ pub struct Metrics {
     tls_handshake_failures: Labelled,
     /// The session ledger's (see `ledger`).
     pub ledger: crate::ledger::LedgerMetrics,
+    /// Outbound webhooks (see `webhooks`).
+    pub webhooks: crate::webhooks::WebhookMetrics,
 }
 
 /// Who made a ban.
@@ -252,6 +254,7 @@ impl Metrics {
             EndReason::End,
             EndReason::Timeout,
             EndReason::MediaDisconnected,
+            EndReason::EndedByModerator,
         ] {
             let _ = sessions_ended.get_or_create(&[("reason", reason.as_str())]);
         }
@@ -341,8 +344,10 @@ impl Metrics {
         }
         runtime::register(&mut registry);
         let ledger = crate::ledger::LedgerMetrics::register(&mut registry);
+        let webhooks = crate::webhooks::WebhookMetrics::register(&mut registry);
         Metrics {
             ledger,
+            webhooks,
             registry,
             connections,
             queue_length,

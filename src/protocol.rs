@@ -611,10 +611,12 @@ pub enum EndReason {
     Timeout,
     /// The media server reported that a participant left the room or the room closed.
     MediaDisconnected,
+    /// A moderator ended the session through the admin API.
+    EndedByModerator,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 7] = [
+    pub const ALL: [EndReason; 8] = [
         EndReason::Skip,
         EndReason::End,
         EndReason::PeerSkipped,
@@ -622,6 +624,7 @@ impl EndReason {
         EndReason::PeerDisconnected,
         EndReason::Timeout,
         EndReason::MediaDisconnected,
+        EndReason::EndedByModerator,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -633,6 +636,7 @@ impl EndReason {
             EndReason::PeerDisconnected => "peer_disconnected",
             EndReason::Timeout => "timeout",
             EndReason::MediaDisconnected => "media_disconnected",
+            EndReason::EndedByModerator => "ended_by_moderator",
         }
     }
 }

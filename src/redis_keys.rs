@@ -78,6 +78,11 @@ impl Layout {
         format!("{}:reports", self.prefix)
     }
 
+    /// The moderators' decisions on reports: report id -> state and time.
+    pub fn report_reviews(&self) -> String {
+        format!("{}:report_reviews", self.prefix)
+    }
+
     /// How many reports `user` filed in the current hour.
     pub fn filed(&self, user: &str) -> String {
         format!("{}:filed:{user}", self.prefix)

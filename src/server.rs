@@ -428,6 +428,7 @@ impl Server {
         } = self;
         let gateway = app.gateway.clone();
         let ledger = gateway.ledger.clone();
+        let webhooks = gateway.clone();
         // The routers hold the app from here on; when they are gone, so is it.
         drop(app);
         let stop_rx = Shutdown::new(stop.subscribe());
@@ -457,6 +458,7 @@ impl Server {
         {
             tracing::warn!("connections still open at the drain timeout: closing them");
         }
+        webhooks.flush_webhooks(deadline).await;
         // The last sessions' ends, within what is left of the drain timeout.
         if let Some(ledger) = ledger {
             ledger.drain(deadline).await;

@@ -7,16 +7,32 @@
 
 use std::sync::Arc;
 
-use super::{Answer, Gateway};
+use super::{Answer, Gateway, Origin};
 use crate::ids::{unix_ms, ConnId, UserId};
-use crate::matching::Outcome;
-use crate::matching::{MatchError, RecentPeer};
+use crate::matching::overview::Overview;
+use crate::matching::{MatchError, Outcome, RecentPeer};
 use crate::metrics::BanSource;
 use crate::moderation::Report;
 use crate::privacy;
 use crate::protocol::{Reply, ReportReason};
+use crate::webhooks::Event;
 
 impl Gateway {
+    /// A moderator ends the live session `session` (see [`crate::matching::Administration::moderator_end`]):
+    /// false when no live session has that id.
+    pub async fn moderator_end(self: &Arc<Self>, session: &str) -> Result<bool, MatchError> {
+        let Some(outcome) = self.matchmaker.moderator_end(session).await? else {
+            return Ok(false);
+        };
+        self.apply(Origin::Background, outcome);
+        Ok(true)
+    }
+
+    /// The matching state at a glance, for the admin API's stats.
+    pub async fn overview(&self) -> Result<Overview, MatchError> {
+        self.matchmaker.overview().await
+    }
+
     /// Handles a `report`: returns the direct reply (an `ack`, or the error).
     pub(super) async fn report(
         self: &Arc<Self>,
@@ -79,22 +95,24 @@ impl Gateway {
             details,
             at_ms: unix_ms(),
         };
-        let ban = self.moderation.report(report.clone()).await?;
+        let filed = self.moderation.report(report.clone()).await?;
         if let Some(ledger) = &self.ledger {
-            ledger.report(report);
-            if let Some(ban) = &ban {
+            ledger.report(report.clone());
+            if let Some(ban) = &filed.ban {
                 ledger.ban(ban, BanSource::Reports);
             }
         }
         self.metrics.report(reason);
+        self.notify(|| Event::report_created(filed.id, &report));
         tracing::info!(
             reporter = %privacy::shown(user),
             reported = %privacy::shown(&reported),
             reason = reason.as_str(),
             "report"
         );
-        if let Some(ban) = ban {
+        if let Some(ban) = filed.ban {
             self.metrics.ban(BanSource::Reports);
+            self.notify(|| Event::user_banned(&ban, BanSource::Reports));
             tracing::info!(
                 user = %privacy::shown(&ban.value),
                 until_ms = ban.until_ms,

@@ -7,6 +7,13 @@
 //! - `POST /v1/admin/bans` `{"kind", "value", "ttl_s", "reason"?}` → 201 with the ban;
 //! - `DELETE /v1/admin/bans/{kind}/{value}` → 204, or 404 when no such ban is in force;
 //! - `GET /v1/admin/bans` → `{"bans": [...]}`, the bans in force.
+//!
+//! Reports ([`reports`]), ending sessions ([`sessions`]) and the deployment's figures
+//! ([`stats`]) have modules of their own behind the same guard.
+
+mod reports;
+mod sessions;
+mod stats;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -44,6 +51,9 @@ pub(super) fn routes(token: &str) -> Router<Arc<App>> {
     Router::new()
         .route("/v1/admin/bans", get(list_bans).post(create_ban))
         .route("/v1/admin/bans/{kind}/{value}", delete(delete_ban))
+        .merge(reports::routes())
+        .merge(sessions::routes())
+        .merge(stats::routes())
         .route_layer(middleware::from_fn(move |request, next| {
             authorize(expected.clone(), request, next)
         }))
@@ -156,6 +166,8 @@ async fn create_ban(State(app): State<Arc<App>>, body: Result<Bytes, BytesReject
     if let Some(ledger) = &app.gateway.ledger {
         ledger.ban(&ban, BanSource::Admin);
     }
+    app.gateway
+        .notify(|| crate::webhooks::Event::user_banned(&ban, BanSource::Admin));
     tracing::info!(
         kind = ban.kind.as_str(),
         value = %privacy::shown(&ban.value),

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::overview::{MinuteCounts, Overview, PoolOverview};
 use super::{
     Administration, Attached, ClientOperations, ConnId, MatchError, MediaEffect, MediaEvents,
     MediaLeft, MediaMode, MediaReady, Outcome, PendingSession, RecentPeer, Resume, Rules,
@@ -123,6 +124,8 @@ struct State {
     queued: u64,
     /// Smoothed wait of recently matched users across all pools, in ms.
     recent_wait_ms: Option<f64>,
+    /// Sessions that went live, per minute (for the admin API's stats).
+    matches: MinuteCounts,
 }
 
 struct User {
@@ -844,6 +847,7 @@ impl State {
                 recent.pop_front();
             }
         }
+        self.matches.add(started_at_ms);
         if let [Some(offerer_pool), Some(answerer_pool)] = pools {
             step.outcome.started.push(SessionStarted {
                 session_id: session_id.clone(),
@@ -1852,6 +1856,51 @@ impl Administration for MemoryMatchmaker {
             Ok(())
         })?;
         Ok(())
+    }
+
+    async fn overview(&self) -> Result<Overview, MatchError> {
+        let state = self.state.lock().expect("matchmaker state poisoned");
+        let mut pools: Vec<PoolOverview> = state
+            .pools
+            .iter()
+            .filter(|(_, pool)| !pool.is_empty())
+            .map(|(key, pool)| {
+                let waiting = (pool.waiting.len() + pool.away.len()) as u64;
+                PoolOverview {
+                    pool: key.clone(),
+                    waiting,
+                    estimated_wait_ms: state.estimate(pool, waiting),
+                }
+            })
+            .collect();
+        pools.sort_by(|a, b| a.pool.cmp(&b.pool));
+        Ok(Overview {
+            pools,
+            sessions: state.sessions.len() as u64,
+            matches: state.matches.at(unix_ms()),
+            instances: Vec::new(),
+        })
+    }
+
+    async fn moderator_end(&self, session: &str) -> Result<Option<Outcome>, MatchError> {
+        let (ended, outcome) = self.step(None, None, |state, step| {
+            let Some(s) = state
+                .sessions
+                .get(session)
+                .filter(|s| s.phase == Phase::Live)
+            else {
+                return Ok(false);
+            };
+            let user = s.members[0].user.clone();
+            let reason = (EndReason::EndedByModerator, false);
+            state.end_session(step, &user, reason, reason)?;
+            // Ended on behalf of the first member, but by neither.
+            if let Some(closed) = step.outcome.closed.last_mut() {
+                closed.ended_by = None;
+            }
+            Ok(true)
+        })?;
+        Ok(ended.then_some(outcome))
     }
 }
 

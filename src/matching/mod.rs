@@ -18,6 +18,7 @@
 //! are re-exported here.
 
 pub mod memory;
+pub mod overview;
 pub mod redis;
 
 use std::sync::Arc;
@@ -311,7 +312,8 @@ pub struct SessionClosed {
     /// The member whose action or absence ended it; `None` when neither did (the media
     /// server closed the room for both).
     pub ended_by: Option<UserId>,
-    /// Why, from the side of `ended_by` (`skip`, `end`, `timeout`, `media_disconnected`).
+    /// Why, from the side of `ended_by` (`skip`, `end`, `timeout`, `media_disconnected`,
+    /// `ended_by_moderator`).
     pub reason: EndReason,
 }
 
@@ -571,6 +573,14 @@ pub trait Administration: Send + Sync + 'static {
     /// restart or a Redis flush: like [`ClientOperations::block`] without a session, and kept for
     /// the block TTL from now unless `blocker` connects meanwhile.
     async fn restore_blocks(&self, blocker: &UserId, blocked: &[UserId]) -> Result<(), MatchError>;
+
+    /// The matching state at a glance, for the admin API (see [`overview`]). Reads only.
+    async fn overview(&self) -> Result<overview::Overview, MatchError>;
+
+    /// A moderator ends the live session `session`: both members get `session_ended` with
+    /// `ended_by_moderator` and neither is re-queued; one atomic step. `None` when no live
+    /// session has that id.
+    async fn moderator_end(&self, session: &str) -> Result<Option<Outcome>, MatchError>;
 }
 
 /// What the media side (room set-up, LiveKit's webhooks, the room sweep) reports about

@@ -26,6 +26,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
 use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
+use super::overview::{MinuteCounts, Overview, PoolOverview};
 use super::{
     Administration, Attached, ClientOperations, ConnId, MatchError, MediaEffect, MediaEvents,
     MediaLeft, MediaMode, MediaReady, Outcome, PendingSession, RecentPeer, Resume, Rules,
@@ -86,10 +87,15 @@ const LIBRARY: &str = concat!(
     include_str!("lua/ops/p2p_config.lua"),
     include_str!("lua/ops/lease.lua"),
     include_str!("lua/ops/restore_blocks.lua"),
+    include_str!("lua/ops/overview.lua"),
+    include_str!("lua/ops/moderator_end.lua"),
     include_str!("lua/dispatch.lua"),
 );
 
 /// The library text and its function's name, versioned by a hash of the whole text.
+
+/// Pools the admin API's stats list at most (those listed in most recently).
+const OVERVIEW_POOLS: usize = 1000;
 struct Library {
     code: String,
     function: String,
@@ -389,6 +395,35 @@ struct OutcomeReply {
     ended_sessions: Vec<Arc<str>>,
     #[serde(deserialize_with = "list")]
     timers: Vec<TimerReply>,
+}
+
+#[derive(Deserialize)]
+struct OverviewReply {
+    #[serde(deserialize_with = "list")]
+    pools: Vec<PoolReply>,
+    #[serde(deserialize_with = "list")]
+    instances: Vec<InstanceReply>,
+    sessions: u64,
+    matches_last_minute: u64,
+    matches_this_minute: u64,
+}
+
+#[derive(Deserialize)]
+struct PoolReply {
+    pool: Arc<str>,
+    waiting: u64,
+    estimated_wait_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct InstanceReply {
+    instance: String,
+    connections: u64,
+}
+
+#[derive(Deserialize)]
+struct ModeratorEndReply {
+    ended: bool,
 }
 
 /// [`SessionStarted`] as the library writes it.
@@ -981,6 +1016,42 @@ impl Administration for RedisMatchmaker {
     async fn restore_blocks(&self, blocker: &UserId, blocked: &[UserId]) -> Result<(), MatchError> {
         let args = json!({"user": blocker, "blocked": blocked});
         self.outcome("restore_blocks", args).await.map(|_| ())
+    }
+
+    async fn overview(&self) -> Result<Overview, MatchError> {
+        let args = json!({"max_pools": OVERVIEW_POOLS});
+        let r = self.call::<OverviewReply>("overview", args).await?.reply;
+        let mut pools: Vec<PoolOverview> = r
+            .pools
+            .into_iter()
+            .map(|p| PoolOverview {
+                pool: p.pool,
+                waiting: p.waiting,
+                estimated_wait_ms: p.estimated_wait_ms,
+            })
+            .collect();
+        pools.sort_by(|a, b| a.pool.cmp(&b.pool));
+        Ok(Overview {
+            pools,
+            sessions: r.sessions,
+            matches: MinuteCounts::from_buckets(
+                r.matches_last_minute,
+                r.matches_this_minute,
+                crate::ids::unix_ms(),
+            ),
+            instances: r
+                .instances
+                .into_iter()
+                .map(|i| (i.instance, i.connections))
+                .collect(),
+        })
+    }
+
+    async fn moderator_end(&self, session: &str) -> Result<Option<Outcome>, MatchError> {
+        let done = self
+            .call::<ModeratorEndReply>("moderator_end", json!({"session": session}))
+            .await?;
+        Ok(done.reply.ended.then(|| done.outcome.into()))
     }
 }
 

@@ -11,9 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
+use super::review::{
+    ReportId, ReportPage, ReportQuery, Review, ReviewState, StoredReport, SCAN_BUDGET,
+};
 use super::{
-    disconnect_banned, Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportPolicy,
-    REPORTED_SESSIONS_KEPT, REPORT_RATE_WINDOW_MS,
+    disconnect_banned, Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportFiled,
+    ReportPolicy, REPORTED_SESSIONS_KEPT, REPORT_RATE_WINDOW_MS,
 };
 use crate::ids::unix_ms;
 use crate::ids::UserId;
@@ -33,8 +36,9 @@ pub struct MemoryModeration {
 #[derive(Default)]
 struct State {
     bans: HashMap<(BanKind, String), Ban>,
-    /// The latest reports by number, oldest first.
-    reports: BTreeMap<u64, Report>,
+    /// The latest reports by id, oldest first, with their review decisions.
+    reports: BTreeMap<ReportId, (Report, Option<Review>)>,
+    /// The sequence number of the next report's id.
     next_report: u64,
     /// Per reported user: who reported them, and when last (unix ms).
     reporters: HashMap<UserId, Vec<(UserId, u64)>>,
@@ -50,8 +54,8 @@ struct Filed {
     /// The current one-hour window (it starts with its first report) and its count.
     window: Option<(u64, u32)>,
     /// Sessions it reported within the report window, oldest first: session, when (unix ms)
-    /// and the number of the report kept for it.
-    sessions: VecDeque<(Arc<str>, u64, u64)>,
+    /// and the id of the report kept for it.
+    sessions: VecDeque<(Arc<str>, u64, ReportId)>,
 }
 
 impl Filed {
@@ -175,7 +179,7 @@ impl Moderation for MemoryModeration {
         Ok(bans)
     }
 
-    async fn report(&self, report: Report) -> Result<Option<Ban>, ModerationError> {
+    async fn report(&self, report: Report) -> Result<ReportFiled, ModerationError> {
         let now = unix_ms();
         let window_ms = self.policy.window.as_millis() as u64;
         let mut guard = self.lock();
@@ -188,16 +192,21 @@ impl Moderation for MemoryModeration {
             .position(|(session, _, _)| *session == report.session_id);
         match earlier.and_then(|i| filed.sessions.remove(i)) {
             // The same session again: the new report replaces the earlier one.
-            Some((_, _, number)) => {
-                state.reports.remove(&number);
+            Some((_, _, earlier)) => {
+                state.reports.remove(&earlier);
             }
             None => filed.count(now, self.policy.per_hour)?,
         }
-        let number = state.next_report;
+        // Ids grow even if the clock steps back.
+        let newest = state.reports.last_key_value().map_or(0, |(id, _)| id.ms);
+        let id = ReportId {
+            ms: now.max(newest),
+            seq: state.next_report,
+        };
         state.next_report += 1;
         filed
             .sessions
-            .push_back((report.session_id.clone(), now, number));
+            .push_back((report.session_id.clone(), now, id));
         if filed.sessions.len() > REPORTED_SESSIONS_KEPT {
             filed.sessions.pop_front();
         }
@@ -215,7 +224,7 @@ impl Moderation for MemoryModeration {
         };
         let banned = state.ban(BanKind::User, &report.reported, now).is_some();
         let due = self.policy.ban_due(&report, distinct, banned);
-        state.reports.insert(number, report);
+        state.reports.insert(id, (report, None));
         while state.reports.len() > self.policy.kept {
             state.reports.pop_first();
         }
@@ -223,7 +232,45 @@ impl Moderation for MemoryModeration {
             Some(ban) => self.enforce(guard, ban),
             None => state.sweep_if_due(now, window_ms),
         }
-        Ok(due)
+        Ok(ReportFiled { id, ban: due })
+    }
+
+    async fn reports(&self, query: &ReportQuery) -> Result<ReportPage, ModerationError> {
+        let state = self.lock();
+        let range = match query.upper() {
+            Some(upper) => state.reports.range(query.lower()..upper),
+            None => state.reports.range(query.lower()..),
+        };
+        let mut walked = range.rev().map(|(id, (report, review))| StoredReport {
+            id: *id,
+            report: report.clone(),
+            review: *review,
+        });
+        let budget: Vec<StoredReport> = walked.by_ref().take(SCAN_BUDGET).collect();
+        let exhausted = walked.next().is_none();
+        Ok(ReportPage::from_walk(query, budget, exhausted))
+    }
+
+    async fn review(
+        &self,
+        id: ReportId,
+        state: ReviewState,
+    ) -> Result<Option<StoredReport>, ModerationError> {
+        let mut guard = self.lock();
+        let Some((report, review)) = guard.reports.get_mut(&id) else {
+            return Ok(None);
+        };
+        if review.is_none_or(|r| r.state != state) {
+            *review = Some(Review {
+                state,
+                at_ms: unix_ms(),
+            });
+        }
+        Ok(Some(StoredReport {
+            id,
+            report: report.clone(),
+            review: *review,
+        }))
     }
 }
 
@@ -265,12 +312,16 @@ mod tests {
         let (handle, outbox) = ConnectionHandle::new(ConnId(1), 8, ip, None);
         registry.register("bad".into(), handle);
         let m = backend(registry.clone());
-        assert_eq!(m.report(report("r1")).await.unwrap(), None);
-        assert_eq!(m.report(report("r1")).await.unwrap(), None, "counts once");
-        let ban = m.report(report("r2")).await.unwrap().expect("banned");
+        assert_eq!(m.report(report("r1")).await.unwrap().ban, None);
+        assert_eq!(
+            m.report(report("r1")).await.unwrap().ban,
+            None,
+            "counts once"
+        );
+        let ban = m.report(report("r2")).await.unwrap().ban.expect("banned");
         assert_eq!(ban.value, "bad");
         assert!(matches!(outbox.next().await, Next::Close(close::BANNED)));
-        assert_eq!(m.report(report("r3")).await.unwrap(), None, "already");
+        assert_eq!(m.report(report("r3")).await.unwrap().ban, None, "already");
         assert_eq!(m.lock().reports.len(), 2, "only the latest are kept");
         let networks = [ip.into()];
         let who = Identity {
@@ -332,7 +383,7 @@ mod tests {
         }
         assert_eq!(limited, 198, "one session plus two more within the hour");
         let state = m.lock();
-        let kept: Vec<&Report> = state.reports.values().collect();
+        let kept: Vec<&Report> = state.reports.values().map(|(r, _)| r).collect();
         assert_eq!(kept.len(), 4);
         assert_eq!(kept[0], &genuine, "the genuine report is still there");
         let replaced = kept.iter().filter(|r| *r.session_id == *"s-flooder");

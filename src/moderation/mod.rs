@@ -21,6 +21,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod review;
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -39,6 +40,7 @@ use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::protocol::{close, ReportReason};
 use crate::registry::Registry;
+use review::{ReportId, ReportPage, ReportQuery, ReviewState, StoredReport};
 
 /// What a ban names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -308,7 +310,28 @@ pub trait Moderation: Send + Sync + 'static {
     /// about, already in force. A report about a session its reporter already reported within
     /// the window replaces the earlier one (and becomes the newest); any other report beyond
     /// the reporter's hourly limit is refused with [`ModerationError::TooManyReports`].
-    async fn report(&self, report: Report) -> Result<Option<Ban>, ModerationError>;
+    async fn report(&self, report: Report) -> Result<ReportFiled, ModerationError>;
+
+    /// The stored reports `query` selects, newest first (see [`review`]).
+    async fn reports(&self, query: &ReportQuery) -> Result<ReportPage, ModerationError>;
+
+    /// Records a review decision on a stored report and returns the report as it now stands;
+    /// `None` when there is no such report (never stored, replaced, or trimmed). The same
+    /// decision again changes nothing; a different one replaces it.
+    async fn review(
+        &self,
+        id: ReportId,
+        state: ReviewState,
+    ) -> Result<Option<StoredReport>, ModerationError>;
+}
+
+/// What storing a report did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportFiled {
+    /// The id it is stored under.
+    pub id: ReportId,
+    /// The automatic ban it brought about, already in force.
+    pub ban: Option<Ban>,
 }
 
 /// The backend the configuration asks for: Redis in the scale-out mode, memory otherwise.

@@ -42,7 +42,8 @@ elseif op == 'report' then
   -- ARGV: op, now (unix ms), window (ms), reports kept, session id, reporter, reported user,
   -- reason, details, reports per hour, hour (ms), sessions remembered per reporter.
   -- Returns {distinct reporters within the window, this one included (0: this reporter had
-  -- already counted), whether the reported user is banned, ms to wait (0: stored)}.
+  -- already counted), whether the reported user is banned, ms to wait (0: stored), the
+  -- report's stream id ("" when refused)}.
   local now, window = tonumber(ARGV[2]), tonumber(ARGV[3])
   -- A report about a session this reporter already reported replaces the earlier one.
   local earlier
@@ -61,7 +62,7 @@ elseif op == 'report' then
     if n == 1 then redis.call('PEXPIRE', KEYS[4], ARGV[11]) end
     if n > tonumber(ARGV[10]) then
       redis.call('DECR', KEYS[4])
-      return {0, 0, math.max(redis.call('PTTL', KEYS[4]), 1)}
+      return {0, 0, math.max(redis.call('PTTL', KEYS[4]), 1), ''}
     end
   end
   local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
@@ -77,6 +78,36 @@ elseif op == 'report' then
   if added == 1 then
     distinct = redis.call('ZCARD', KEYS[1])
   end
-  return {distinct, redis.call('EXISTS', KEYS[3]), 0}
+  return {distinct, redis.call('EXISTS', KEYS[3]), 0, id}
+elseif op == 'reports' then
+  -- KEYS: the report stream, the review decisions (a hash: stream id -> "<state> <ms>").
+  -- ARGV: op, upper bound (XREVRANGE syntax, e.g. "+" or "(<id>"), lower bound, how many to
+  -- look at. Returns {1 when the range has no more, {{id, fields, decision or ""}...}}.
+  local budget = tonumber(ARGV[4])
+  local entries = redis.call('XREVRANGE', KEYS[1], ARGV[2], ARGV[3], 'COUNT', budget + 1)
+  local walked = {}
+  for i = 1, math.min(#entries, budget) do
+    local id = entries[i][1]
+    walked[i] = {id, entries[i][2], redis.call('HGET', KEYS[2], id) or ''}
+  end
+  return {#entries <= budget and 1 or 0, walked}
+elseif op == 'review' then
+  -- KEYS: the report stream, the review decisions. ARGV: op, stream id, state, now (ms),
+  -- reports kept. Returns nil when there is no such report, else {id, fields, decision}.
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])[1]
+  if not entry then return false end
+  local decision = redis.call('HGET', KEYS[2], ARGV[2])
+  if not decision or string.match(decision, '^%S+') ~= ARGV[3] then
+    decision = ARGV[3] .. ' ' .. ARGV[4]
+    redis.call('HSET', KEYS[2], ARGV[2], decision)
+  end
+  -- Decisions on reports the stream trimmed go once there are twice as many as reports kept:
+  -- each one costs O(1) sweeping on average.
+  if redis.call('HLEN', KEYS[2]) > 2 * tonumber(ARGV[5]) then
+    for _, id in ipairs(redis.call('HKEYS', KEYS[2])) do
+      if #redis.call('XRANGE', KEYS[1], id, id) == 0 then redis.call('HDEL', KEYS[2], id) end
+    end
+  end
+  return {entry[1], entry[2], decision}
 end
 return redis.error_reply('unknown moderation operation ' .. tostring(op))

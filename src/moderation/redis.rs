@@ -9,6 +9,8 @@
 //! - `{ns}:reporters:<user>`: who reported a user, by time, trimmed to the report window;
 //! - `{ns}:reports`: the report stream, trimmed (`MAXLEN ~`) to `--reports-kept`; a report
 //!   that replaces an earlier one (same reporter and session) deletes that entry (`XDEL`);
+//! - `{ns}:report_reviews`: review decisions by stream id (`<state> <ms>`); decisions on
+//!   entries the stream dropped go in a sweep once there are twice `--reports-kept` of them;
 //! - `{ns}:filed:<user>`: how many reports a user filed in the current hour, expiring with it;
 //! - `{ns}:filed_sessions:<user>`: the sessions a user reported lately, with their stream
 //!   entries, newest first, trimmed and expiring with the report window.
@@ -26,11 +28,15 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, RedisResult, Script, ScriptInvocation};
 use tokio::sync::OnceCell;
 
+use super::review::{
+    ReportId, ReportPage, ReportQuery, Review, ReviewState, StoredReport, SCAN_BUDGET,
+};
 use super::{
-    Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportPolicy,
+    Ban, BanKind, Identity, Moderation, ModerationError, Report, ReportFiled, ReportPolicy,
     REPORTED_SESSIONS_KEPT, REPORT_RATE_WINDOW_MS,
 };
 use crate::ids::unix_ms;
+use crate::protocol::ReportReason;
 use crate::redis_keys::{ban_member, Layout, Notice};
 use crate::scaleout::RedisConfig;
 
@@ -122,6 +128,55 @@ impl RedisModeration {
     fn listing_key(&self) -> String {
         self.layout.bans()
     }
+
+    fn stream_key(&self) -> String {
+        self.layout.reports()
+    }
+
+    fn reviews_key(&self) -> String {
+        self.layout.report_reviews()
+    }
+}
+
+/// A stream entry as the script returns it: id, field-value pairs, review decision ("" or
+/// `<state> <ms>`).
+type Entry = (String, Vec<String>, String);
+
+/// Reads a stream entry back into a stored report.
+fn stored((id, fields, decision): Entry) -> Result<StoredReport, ModerationError> {
+    let corrupt = |what: &str| ModerationError::Corrupt(format!("report {id}: {what}"));
+    let field = |name: &str| {
+        fields
+            .chunks(2)
+            .find(|pair| pair[0] == name)
+            .and_then(|pair| pair.get(1))
+            .map(String::as_str)
+    };
+    let text = |name: &str| field(name).ok_or_else(|| corrupt(name));
+    let reason = text("reason")?;
+    let reason = ReportReason::ALL
+        .into_iter()
+        .find(|r| r.as_str() == reason)
+        .ok_or_else(|| corrupt("reason"))?;
+    let review = match decision.split_once(' ') {
+        None => None,
+        Some((state, ms)) => Some(Review {
+            state: ReviewState::parse(state).ok_or_else(|| corrupt("review"))?,
+            at_ms: ms.parse().map_err(|_| corrupt("review"))?,
+        }),
+    };
+    Ok(StoredReport {
+        id: id.parse().map_err(|_| corrupt("id"))?,
+        report: Report {
+            session_id: text("session_id")?.into(),
+            reporter: text("reporter")?.into(),
+            reported: text("reported")?.into(),
+            reason,
+            details: field("details").filter(|d| !d.is_empty()).map(Into::into),
+            at_ms: text("at_ms")?.parse().map_err(|_| corrupt("at_ms"))?,
+        },
+        review,
+    })
 }
 
 /// A ban's entry in the listing, and the tail of its key.
@@ -193,7 +248,7 @@ impl Moderation for RedisModeration {
         found.iter().map(|json| decode(json)).collect()
     }
 
-    async fn report(&self, report: Report) -> Result<Option<Ban>, ModerationError> {
+    async fn report(&self, report: Report) -> Result<ReportFiled, ModerationError> {
         let mut call = self.script.prepare_invoke();
         call.key(self.layout.reporters(&report.reported))
             .key(self.layout.reports())
@@ -212,7 +267,8 @@ impl Moderation for RedisModeration {
             .arg(self.policy.per_hour)
             .arg(REPORT_RATE_WINDOW_MS)
             .arg(REPORTED_SESSIONS_KEPT);
-        let (distinct, banned, retry_after_ms): (u64, bool, u64) = self.call(call).await?;
+        let (distinct, banned, retry_after_ms, id): (u64, bool, u64, String) =
+            self.call(call).await?;
         if retry_after_ms > 0 {
             return Err(ModerationError::TooManyReports { retry_after_ms });
         }
@@ -223,6 +279,45 @@ impl Moderation for RedisModeration {
         if let Some(ban) = &due {
             self.ban(ban).await?;
         }
-        Ok(due)
+        let id = id
+            .parse()
+            .map_err(|e| ModerationError::Corrupt(format!("a report id: {e}")))?;
+        Ok(ReportFiled { id, ban: due })
+    }
+
+    async fn reports(&self, query: &ReportQuery) -> Result<ReportPage, ModerationError> {
+        let upper = query
+            .upper()
+            .map_or_else(|| "+".to_string(), |id| format!("({id}"));
+        let mut call = self.script.prepare_invoke();
+        call.key(self.stream_key())
+            .key(self.reviews_key())
+            .arg("reports")
+            .arg(upper)
+            .arg(query.lower().to_string())
+            .arg(SCAN_BUDGET);
+        let (exhausted, walked): (bool, Vec<Entry>) = self.call(call).await?;
+        let walked = walked
+            .into_iter()
+            .map(stored)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ReportPage::from_walk(query, walked, exhausted))
+    }
+
+    async fn review(
+        &self,
+        id: ReportId,
+        state: ReviewState,
+    ) -> Result<Option<StoredReport>, ModerationError> {
+        let mut call = self.script.prepare_invoke();
+        call.key(self.stream_key())
+            .key(self.reviews_key())
+            .arg("review")
+            .arg(id.to_string())
+            .arg(state.as_str())
+            .arg(unix_ms())
+            .arg(self.policy.kept);
+        let entry: Option<Entry> = self.call(call).await?;
+        entry.map(stored).transpose()
     }
 }

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod admin;
 pub mod livekit;
 pub mod postgres;
 pub mod process;

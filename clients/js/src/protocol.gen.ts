@@ -533,7 +533,7 @@ export interface SessionEndedFrame {
    */
   session_id: string;
   /**
-   * From your point of view: you skipped / ended (`end` also when you blocked your peer), your peer skipped / ended (`peer_ended` also when your peer blocked you), your peer did not come back within the resume grace period (`peer_disconnected`), or you did not (`timeout`). `media_disconnected` (media mode): LiveKit reported that a participant left the room (you or your peer; both get this reason) or that the room closed, or the room vanished.
+   * From your point of view: you skipped / ended (`end` also when you blocked your peer), your peer skipped / ended (`peer_ended` also when your peer blocked you), your peer did not come back within the resume grace period (`peer_disconnected`), or you did not (`timeout`). `media_disconnected` (media mode): LiveKit reported that a participant left the room (you or your peer; both get this reason) or that the room closed, or the room vanished. `ended_by_moderator`: a moderator ended the session through the admin API (both get this reason).
    */
   reason:
     | "skip"
@@ -542,9 +542,10 @@ export interface SessionEndedFrame {
     | "peer_ended"
     | "peer_disconnected"
     | "timeout"
-    | "media_disconnected";
+    | "media_disconnected"
+    | "ended_by_moderator";
   /**
-   * Whether you were put back in the queue (a `queued` or `matched` follows). After `skip` the skipper is, unless that skip started a skip cooldown (then `false`, and a pushed `error` `cooldown` follows); the peer too unless the gateway runs with `--requeue-peer-on-skip=false`. After `end` (and after `block`) nobody is. After a timeout the user who timed out is not, the peer (`peer_disconnected`) is re-queued like the peer of a skipper. After `media_disconnected`: when a participant left the room, the one who left is not, the other is re-queued like the peer of a skipper; when the room closed or vanished, nobody is.
+   * Whether you were put back in the queue (a `queued` or `matched` follows). After `skip` the skipper is, unless that skip started a skip cooldown (then `false`, and a pushed `error` `cooldown` follows); the peer too unless the gateway runs with `--requeue-peer-on-skip=false`. After `end` (and after `block`) nobody is. After a timeout the user who timed out is not, the peer (`peer_disconnected`) is re-queued like the peer of a skipper. After `media_disconnected`: when a participant left the room, the one who left is not, the other is re-queued like the peer of a skipper; when the room closed or vanished, nobody is. After `ended_by_moderator` nobody is.
    */
   requeued: boolean;
   /**

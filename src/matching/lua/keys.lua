@@ -40,6 +40,9 @@
 --   P:lease:<name>  the instance that runs the periodic job <name>, expires
 --   P:ticket        counter; P:counts hash: queued sessions
 --   P:smoothed_waits hash: smoothed wait in ms per pool, and over all pools under "*"
+--   P:pools         zset pool -> ms last listed in: the pools somebody may wait in (for
+--                   `overview`, which like `tick` drops the empty ones)
+--   P:matches:<minute> sessions that went live in that minute (unix ms / 60000), expires
 --   P:instances     zset instance -> last heartbeat ms
 --   P:instance_users:<instance> set of the users attached there
 --   P:dead_instances set of dead instances whose users still need cleanup

@@ -60,6 +60,7 @@ end
 
 -- Lists u at `ticket` in `pool`: among the connected waiters, or the away ones.
 local function list_in(u, pool, ticket, away)
+  redis.call('ZADD', P .. ':pools', NOW, pool)
   if away then
     redis.call('ZADD', held_key(pool), ticket, u)
   else

@@ -48,6 +48,10 @@ end
 local function announce(session, offerer, answerer, offerer_media, answerer_media)
   table.insert(out.started, { session_id = session, users = { offerer.user, answerer.user },
     pools = { offerer.pool, answerer.pool }, started_at_ms = NOW })
+  -- Matches per minute, for the admin API's stats (`overview`).
+  local per_minute = P .. ':matches:' .. math.floor(NOW / 60000)
+  redis.call('INCR', per_minute)
+  redis.call('PEXPIRE', per_minute, 180000)
   for _, pair in ipairs({ { offerer, answerer }, { answerer, offerer } }) do
     table.insert(out.waits, math.max(NOW - pair[1].queued_at, 0))
     remember_partner(pair[1].user, session, pair[2].user)

@@ -64,6 +64,15 @@ OPS.tick = function()
       media_failed(session, A.media_unavailable_message)
     end
   end
+  -- Pools not listed in for a minute leave P:pools once empty (a few per tick).
+  local idle_pools = redis.call('ZRANGEBYSCORE', P .. ':pools', '-inf', NOW - 60000, 'LIMIT', 0, 20)
+  for _, pool in ipairs(idle_pools) do
+    if ahead(pool, nil) == 0 then
+      redis.call('ZREM', P .. ':pools', pool)
+    else
+      redis.call('ZADD', P .. ':pools', NOW, pool)
+    end
+  end
   -- Held states from detaches above expire through P:held_expiry, not through a timer of
   -- the caller.
   out.held = false

@@ -1,0 +1,11 @@
+
+-- moderator_end {session}: a moderator ends the live session for both members, re-queuing
+-- nobody. Reply: {ended: whether a live session had that id}.
+OPS.moderator_end = function()
+  local offerer, phase = unpack(redis.call('HMGET', session_key(A.session), 'offerer', 'phase'))
+  if not offerer or phase ~= 'live' then return result({ ended = false }) end
+  end_session(offerer, 'ended_by_moderator', false, 'ended_by_moderator', false)
+  -- Ended on behalf of the offerer, but by neither.
+  out.closed[#out.closed].ended_by = nil
+  return result({ ended = true })
+end
