@@ -20,6 +20,9 @@
 //!   [`privacy`] decides how identities appear in logs.
 //! - [`livekit`] and [`p2p`] are the two media modes: LiveKit rooms, or direct WebRTC with the
 //!   ICE servers and TURN credentials `matched` carries.
+//! - [`config`] flattens one section per module (each defined next to its module) into the
+//!   command line; only [`server`] reads all of it. [`flags`] is the leaf with the value
+//!   parsers every section uses.
 
 pub mod address;
 pub mod auth;
@@ -27,6 +30,7 @@ pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod connection;
+pub mod flags;
 pub mod gateway;
 pub mod http;
 pub mod ids;
