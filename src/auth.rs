@@ -9,7 +9,9 @@
 //! dev token works on all of them.
 //!
 //! [`jwks`] holds the key set of an identity provider; [`expiry`] is the timer that closes a
-//! connection whose token expired without a refresh.
+//! connection whose token expired without a refresh. [`Authenticator::from_config`] takes this
+//! module's section and, to share the dev secret, the Redis as a
+//! [`Deployment`](crate::redis_keys::Deployment).
 
 pub mod expiry;
 pub mod jwks;
@@ -27,9 +29,9 @@ use serde::{Deserialize, Serialize};
 
 use clap::ValueEnum;
 
-use crate::config::{millis, secs};
+use crate::flags::{millis, secs};
 use crate::ids::random_id;
-use crate::scaleout::RedisConfig;
+use crate::redis_keys::Deployment;
 
 /// The authentication section of the configuration.
 #[derive(Debug, Clone, clap::Args)]
@@ -361,7 +363,7 @@ fn validation(config: &AuthConfig, algorithm: Algorithm) -> Validation {
 impl Authenticator {
     pub async fn from_config(
         config: &AuthConfig,
-        redis: &RedisConfig,
+        redis: Option<&Deployment>,
     ) -> Result<Arc<Self>, KeyError> {
         // livekit-api's token code would install an HS-only provider if none is set; install
         // the full one first so RS256/ES256/EdDSA keep working (see the crate notes in the
@@ -537,17 +539,18 @@ const DEV_SECRET_TIMEOUT: Duration = Duration::from_secs(5);
 /// The dev-mode signing secret: `--dev-secret`; else, with Redis, the one the first instance
 /// stored there (`SET NX`), so that every instance verifies every other's dev tokens; else a
 /// random one for this process.
-async fn dev_secret(config: &AuthConfig, redis: &RedisConfig) -> Result<String, KeyError> {
+async fn dev_secret(config: &AuthConfig, redis: Option<&Deployment>) -> Result<String, KeyError> {
     if let Some(secret) = &config.dev_secret {
         return Ok(secret.clone());
     }
     let candidate = random_id("", 32);
-    let Some(urls) = redis.urls() else {
+    let Some(redis) = redis else {
         return Ok(candidate);
     };
-    let key = format!("{{{}}}:dev-secret", redis.redis_namespace);
+    let urls = redis.urls.clone();
+    let key = redis.layout.dev_secret();
     let share = async {
-        if redis.redis_cluster {
+        if redis.cluster {
             let client = redis::cluster::ClusterClient::new(urls)?;
             let mut con = client.get_async_connection().await?;
             set_once(&mut con, &key, &candidate).await
@@ -609,7 +612,7 @@ mod tests {
 
     async fn hs256() -> Arc<Authenticator> {
         let config = Config::parse_from(["matchgate", "--jwt-secret", SECRET]);
-        Authenticator::from_config(&config.auth, &config.redis)
+        Authenticator::from_config(&config.auth, config.redis.deployment().as_ref())
             .await
             .unwrap()
     }
@@ -699,7 +702,7 @@ mod tests {
     #[tokio::test]
     async fn dev_tokens_verify_only_in_dev_mode() {
         let config = Config::parse_from(["matchgate"]);
-        let dev = Authenticator::from_config(&config.auth, &config.redis)
+        let dev = Authenticator::from_config(&config.auth, config.redis.deployment().as_ref())
             .await
             .unwrap();
         assert_eq!(dev.mode(), AuthMode::Dev);

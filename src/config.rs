@@ -3,7 +3,7 @@
 //!
 //! [`Config`] holds what belongs to the process (addresses, logging) and flattens one section
 //! per concern, each defined next to the module that uses it: [`AuthConfig`] in `auth`,
-//! [`HttpConfig`] in `server`, [`ConnectionConfig`] in `connection`, [`SessionConfig`] in
+//! [`HttpConfig`] in `http`, [`ConnectionConfig`] in `connection`, [`SessionConfig`] in
 //! `gateway`, [`RulesConfig`] in `matching`, [`ModerationConfig`] in `moderation`,
 //! [`RedisConfig`] in `scaleout`, [`LivekitConfig`] in `livekit`, [`P2pConfig`] in `p2p` and
 //! [`PrivacyConfig`] in `privacy`. A new flag goes into the section of the module that reads
@@ -11,26 +11,32 @@
 //! pinned by a test against `tests/fixtures/config_flags.txt`); the sections only say who owns
 //! a flag.
 //!
+//! Only the composition root (`server`, and the binaries) uses the whole [`Config`]: every
+//! other module takes its own section, or plain values the root derives here from several
+//! sections ([`Config::media_mode`], [`Config::history_ttl`]). The sections' value parsers
+//! live in the leaf [`crate::flags`], so no module depends back on this one (see
+//! `tests/module_graph.rs`).
+//!
 //! Values are checked in two places. A rule about one flag is part of its value parser (a range,
 //! a format), so clap refuses a bad value naming the flag; durations are parsed there too,
-//! into [`Duration`], in the unit the flag's name carries ([`millis`], [`secs`]), so no caller
-//! converts units. Rules that relate several flags, and checks of secret values (which clap's
+//! into [`Duration`], in the unit the flag's name carries ([`millis`](crate::flags::millis),
+//! [`secs`](crate::flags::secs)), so no caller converts units. Rules that relate several flags, and checks of secret values (which clap's
 //! error would echo), live in one place: [`Config::validate`].
 //!
 //! With no configuration at all the gateway runs the embedded default: in-memory state, dev-mode
 //! auth, listening on 127.0.0.1:8080.
 
 use std::net::SocketAddr;
-use std::ops::RangeBounds;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 
 pub use crate::auth::AuthConfig;
 pub use crate::connection::ConnectionConfig;
+pub use crate::flags::ConfigError;
 pub use crate::gateway::SessionConfig;
+pub use crate::http::HttpConfig;
 pub use crate::livekit::LivekitConfig;
 use crate::matching::MediaMode;
 pub use crate::matching::RulesConfig;
@@ -38,7 +44,6 @@ pub use crate::moderation::ModerationConfig;
 pub use crate::p2p::P2pConfig;
 pub use crate::privacy::PrivacyConfig;
 pub use crate::scaleout::RedisConfig;
-pub use crate::server::HttpConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -121,47 +126,6 @@ pub struct Config {
     // --- Outbound webhooks (see `webhooks`) ---
     #[command(flatten)]
     pub webhooks: crate::webhooks::WebhookConfig,
-}
-
-/// A whole number of milliseconds within `range`, as a [`Duration`] (for flags ending in `_ms`).
-pub fn millis(range: impl RangeBounds<u64>) -> impl TypedValueParser<Value = Duration> {
-    clap::value_parser!(u64)
-        .range(range)
-        .map(Duration::from_millis)
-}
-
-/// A whole number of seconds within `range`, as a [`Duration`] (for flags ending in `_s` or
-/// `_secs`).
-pub fn secs(range: impl RangeBounds<u64>) -> impl TypedValueParser<Value = Duration> {
-    clap::value_parser!(u64)
-        .range(range)
-        .map(Duration::from_secs)
-}
-
-/// A count (of bytes, connections, entries) within `range`.
-pub fn count(range: impl RangeBounds<u64>) -> impl TypedValueParser<Value = usize> {
-    clap::value_parser!(u64)
-        .range(range)
-        .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
-}
-
-/// A name that goes into Redis keys or LiveKit room names: 1 to 32 of `A-Z a-z 0-9 _ -`.
-pub fn key_name(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    ok.then(|| s.to_string())
-        .ok_or_else(|| "must be 1 to 32 of A-Z a-z 0-9 _ -".into())
-}
-
-/// A configuration that parsed but makes no sense: which flags, and why.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {reason} (flags: --{})", .flags.join(", --"))]
-pub struct ConfigError {
-    /// The flags the rule relates, as written on the command line without `--`.
-    pub flags: Vec<&'static str>,
-    pub reason: String,
 }
 
 /// Refuses a configuration for `reason`, a rule about `flags`.
@@ -355,14 +319,9 @@ impl Config {
     }
 
     /// How long a matched pair may wait for its room before the match is undone by the
-    /// backend itself (beyond the creation deadline: the instance creating it may have died).
+    /// backend itself ([`LivekitConfig::media_pending`]).
     pub fn media_pending(&self) -> Option<Duration> {
-        let lk = &self.livekit;
-        lk.enabled().then(|| {
-            lk.livekit_create_deadline_ms
-                + lk.livekit_request_timeout_ms
-                + self.session.resume_grace_ms
-        })
+        self.livekit.media_pending(self.session.resume_grace_ms)
     }
 
     /// How long events stay replayable. A connection that dies silently is noticed only after

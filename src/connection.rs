@@ -20,7 +20,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::auth::expiry::{Due, TokenLifetime};
 use crate::auth::Authenticator;
-use crate::config::{count, millis};
+use crate::flags::{count, millis};
 use crate::gateway::{Answer, Gateway};
 use crate::ids::{ConnId, UserId};
 use crate::matching::{MatchError, Resume};

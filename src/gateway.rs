@@ -8,6 +8,10 @@
 //! returns, whoever called it (a connection, a timer, the media side, the Redis heartbeat), is
 //! acted on in one step, [`Gateway::apply`]. The timers and other work it starts run in the
 //! server's [`Background`], so the drain cancels and awaits them.
+//!
+//! It is built from its own section ([`SessionConfig`]) and the LiveKit section, over the
+//! engine and moderation backend the server picked ([`Gateway::in_memory`] builds the embedded
+//! ones from the rules and moderation sections), never from the whole configuration.
 
 mod detach;
 mod media;
@@ -24,12 +28,15 @@ use dashmap::DashMap;
 
 use crate::backoff;
 use crate::bus::local::LocalBus;
-use crate::config::{count, millis, Config};
+use crate::flags::{count, millis};
 use crate::ids::{unix_ms, ConnId, UserId};
-use crate::livekit::LiveKit;
+use crate::livekit::{LiveKit, LivekitConfig};
 use crate::matching::memory::{MemoryMatchmaker, Policy};
-use crate::matching::{Attached, Engine, MatchError, Outcome, Resume, Timer};
+use crate::matching::{
+    Attached, Engine, MatchError, MediaMode, Outcome, Resume, RulesConfig, Timer,
+};
 use crate::metrics::Metrics;
+use crate::moderation::{Moderation, ModerationConfig};
 use crate::protocol::{Action, ErrorCode, Reply, Request};
 use crate::registry::Registry;
 use crate::shutdown::Background;
@@ -136,45 +143,65 @@ pub struct Gateway {
     webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
+/// The configuration sections a gateway reads (the server hands them over; the gateway never
+/// sees the whole configuration).
+#[derive(Clone, Copy)]
+pub struct Sections<'a> {
+    pub session: &'a SessionConfig,
+    pub rules: &'a RulesConfig,
+    pub livekit: &'a LivekitConfig,
+    pub moderation: &'a ModerationConfig,
+    pub ledger: &'a crate::ledger::LedgerConfig,
+    pub webhooks: &'a crate::webhooks::WebhookConfig,
+}
+
 impl Gateway {
-    /// The embedded default: in-memory matching, in-process delivery.
-    pub fn in_memory(config: &Config, background: Background) -> Arc<Self> {
+    /// The embedded default: in-memory matching, moderation and in-process delivery, from
+    /// the sections the gateway and the engine read, the media mode and how long events stay
+    /// replayable.
+    pub fn in_memory(
+        sections: Sections<'_>,
+        media: MediaMode,
+        history_ttl: Duration,
+        background: Background,
+    ) -> Arc<Self> {
+        let session = sections.session;
         let registry = Arc::new(Registry::default());
+        let metrics = Arc::new(Metrics::new());
         let bus = Arc::new(LocalBus::new(registry.clone()));
         let matchmaker = Arc::new(MemoryMatchmaker::new(
             bus,
             Policy {
-                requeue_peer_on_skip: config.session.requeue_peer_on_skip,
-                history_len: config.session.history_len,
-                history_ttl: config.history_ttl(),
-                media: config.media_mode(),
-                rules: crate::matching::Rules::from_config(&config.rules),
+                requeue_peer_on_skip: session.requeue_peer_on_skip,
+                history_len: session.history_len,
+                history_ttl,
+                media,
+                rules: crate::matching::Rules::from_config(sections.rules),
             },
         ));
+        let moderation =
+            crate::moderation::from_config(sections.moderation, None, &registry, &metrics);
         Self::new(
-            config,
-            matchmaker,
-            registry,
-            Arc::new(Metrics::new()),
-            background,
+            sections, matchmaker, moderation, registry, metrics, background,
         )
     }
 
-    /// A gateway over any engine; `registry` must be the one its bus delivers into. Its
-    /// background work runs in `background`.
+    /// A gateway over any engine and moderation backend; `registry` must be the one its bus
+    /// delivers into. Its background work runs in `background`.
     pub fn new(
-        config: &Config,
+        sections: Sections<'_>,
         matchmaker: Arc<dyn Engine>,
+        moderation: Arc<dyn Moderation>,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         background: Background,
     ) -> Arc<Self> {
-        let moderation = crate::moderation::from_config(config, &registry, &metrics);
-        let ledger = crate::ledger::Ledger::from_config(&config.ledger, metrics.ledger.clone());
+        let (session, livekit) = (sections.session, sections.livekit);
+        let ledger = crate::ledger::Ledger::from_config(sections.ledger, metrics.ledger.clone());
         if let Some(ledger) = &ledger {
             let blocks = crate::ledger::BlockScope {
-                ttl: config.rules.block_ttl_s,
-                max_per_user: config.rules.max_blocks_per_user,
+                ttl: sections.rules.block_ttl_s,
+                max_per_user: sections.rules.max_blocks_per_user,
             };
             ledger.start(matchmaker.clone(), moderation.clone(), blocks);
         }
@@ -183,26 +210,26 @@ impl Gateway {
             ledger,
             matchmaker,
             registry,
-            resume_grace: config.session.resume_grace_ms,
-            queue_update_interval: config.session.queue_update_interval_ms,
+            resume_grace: session.resume_grace_ms,
+            queue_update_interval: session.queue_update_interval_ms,
             refresh_pending: DashMap::new(),
             draining: AtomicBool::new(false),
             subscribed: AtomicBool::new(true),
             probe: probe::BackendProbe::default(),
-            media: LiveKit::from_config(&config.livekit, metrics.clone()).map(|livekit| {
-                media::Rooms {
-                    livekit,
-                    create_deadline: config.livekit.livekit_create_deadline_ms,
-                    orphan_age: config.media_pending().unwrap_or_default(),
-                    webhook_dedupe: config.livekit.livekit_webhook_dedupe_s,
-                    sweep_interval: config.livekit.livekit_sweep_interval_ms,
-                    creating: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_CREATES)),
-                    deleting: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_DELETES)),
-                    queued_deletes: Arc::new(AtomicUsize::new(0)),
-                }
+            media: LiveKit::from_config(livekit, metrics.clone()).map(|client| media::Rooms {
+                livekit: client,
+                create_deadline: livekit.livekit_create_deadline_ms,
+                orphan_age: livekit
+                    .media_pending(session.resume_grace_ms)
+                    .unwrap_or_default(),
+                webhook_dedupe: livekit.livekit_webhook_dedupe_s,
+                sweep_interval: livekit.livekit_sweep_interval_ms,
+                creating: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_CREATES)),
+                deleting: Arc::new(tokio::sync::Semaphore::new(media::CONCURRENT_DELETES)),
+                queued_deletes: Arc::new(AtomicUsize::new(0)),
             }),
             detaches: detach::Detaches::new(metrics.detach_pending.clone()),
-            webhooks: crate::webhooks::Webhooks::from_config(&config.webhooks, &metrics.webhooks),
+            webhooks: crate::webhooks::Webhooks::from_config(sections.webhooks, &metrics.webhooks),
             metrics,
             background,
         })

@@ -5,6 +5,10 @@
 //! The client address is the TCP peer address, or behind `--trusted-proxies` the nearest
 //! untrusted hop of `X-Forwarded-For` (see [`client_ip`]); the per-address limit and address
 //! bans count it as [`AddressKeys`] say (an IPv6 client by its prefix).
+//!
+//! [`HttpConfig`] is the HTTP section of the configuration; the server reads it too (the
+//! limits of its listeners, the drain), and it lives here so that the server stays the one
+//! module that uses the whole configuration.
 
 mod admin;
 mod client_ip;
@@ -14,6 +18,7 @@ pub mod demo;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -29,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::address::AddressKeys;
 use crate::auth::{AuthError, Authenticator};
 use crate::connection::{Connection, Settings};
+use crate::flags::{count, millis};
 use crate::gateway::Gateway;
 use crate::ids::ConnId;
 use crate::matching::Resume;
@@ -37,6 +43,130 @@ use crate::privacy;
 use crate::shutdown::Shutdown;
 
 pub use connect_limit::ConnectLimiter;
+
+/// The HTTP section of the configuration: who may connect, how many, and how long a request
+/// head or a drain may take.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpConfig {
+    /// Comma-separated `Origin` values allowed to open WebSockets (browsers). Empty: any origin.
+    /// Requests without an `Origin` header (mobile apps) are always allowed.
+    #[arg(
+        long,
+        env = "MATCHGATE_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        num_args = 0..,
+        value_parser = parse_origin
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Load balancers and proxies (IPs or CIDRs, comma-separated) whose `X-Forwarded-For` is
+    /// believed: behind them the client address (for the per-address limit, address bans and
+    /// logs) is the nearest untrusted hop of that header. Without it, the TCP peer.
+    #[arg(
+        long,
+        env = "MATCHGATE_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        num_args = 0..,
+        value_parser = parse_net
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Most concurrent WebSocket connections; beyond it the upgrade is refused with 503.
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_CONNECTIONS",
+        default_value = "100000",
+        value_parser = count(1..)
+    )]
+    pub max_connections: usize,
+
+    /// Longest time a client may take to send a request head (request line and headers), in
+    /// ms; a slower one is disconnected. Also how long an idle keep-alive HTTP connection is
+    /// kept open between requests.
+    #[arg(
+        long,
+        env = "MATCHGATE_HTTP_HEAD_TIMEOUT_MS",
+        default_value = "10000",
+        value_parser = millis(100..=60_000)
+    )]
+    pub http_head_timeout_ms: Duration,
+
+    /// Largest request head (request line and headers) in bytes; a larger one gets 431.
+    #[arg(
+        long,
+        env = "MATCHGATE_HTTP_MAX_HEAD_BYTES",
+        default_value = "16384",
+        value_parser = count(1024..=1 << 20)
+    )]
+    pub http_max_head_bytes: usize,
+
+    /// Most TCP connections on this instance that have not become WebSockets (yet): still
+    /// sending a request, or idle between keep-alive HTTP requests. Beyond it new connections
+    /// get 503 and are closed at once.
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_PENDING_CONNECTIONS",
+        default_value = "10000",
+        value_parser = count(1..)
+    )]
+    pub max_pending_connections: usize,
+
+    /// Most such connections from one client address (the TCP peer, counted like the other
+    /// per-address limits; peers in `--trusted-proxies` are exempt). Beyond it new connections
+    /// from that address get 429 and are closed at once.
+    #[arg(
+        long,
+        env = "MATCHGATE_MAX_PENDING_PER_ADDRESS",
+        default_value = "64",
+        value_parser = count(1..)
+    )]
+    pub max_pending_per_address: usize,
+
+    /// IPv6 clients count by this many leading bits of their address (a provider gives each
+    /// subscriber a whole prefix), for the per-address limits and address bans. 32 to 128.
+    #[arg(
+        long,
+        env = "MATCHGATE_IPV6_PREFIX_LEN",
+        default_value = "64",
+        value_parser = clap::value_parser!(u8).range(32..=128)
+    )]
+    pub ipv6_prefix_len: u8,
+
+    /// WebSocket connection attempts allowed per client IP and minute (HTTP 429 beyond).
+    #[arg(
+        long,
+        env = "MATCHGATE_IP_CONNECTS_PER_MINUTE",
+        default_value = "60",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub ip_connects_per_minute: u32,
+
+    /// How long a graceful shutdown waits for connections to close, in ms.
+    #[arg(
+        long,
+        env = "MATCHGATE_DRAIN_TIMEOUT_MS",
+        default_value = "10000",
+        value_parser = millis(..)
+    )]
+    pub drain_timeout_ms: Duration,
+}
+
+/// A browser origin: scheme and host, no path.
+fn parse_origin(s: &str) -> Result<String, String> {
+    if (s.starts_with("http://") || s.starts_with("https://")) && !s.ends_with('/') {
+        Ok(s.to_string())
+    } else {
+        Err("entries look like https://app.example.com".into())
+    }
+}
+
+/// An IP network, or a single address as the network of just that address.
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR network"))
+}
 
 /// Shared state of the HTTP layer.
 pub struct App {

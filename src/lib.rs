@@ -21,6 +21,9 @@
 //! - [`livekit`] and [`p2p`] are the two media modes: LiveKit rooms, or direct WebRTC with the
 //!   ICE servers and TURN credentials `matched` carries.
 //! - [`ledger`] records sessions, blocks, reports and bans in PostgreSQL, off the hot path.
+//! - [`config`] flattens one section per module (each defined next to its module) into the
+//!   command line; only [`server`] reads all of it. [`flags`] is the leaf with the value
+//!   parsers every section uses.
 
 pub mod address;
 pub mod auth;
@@ -28,6 +31,7 @@ pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod connection;
+pub mod flags;
 pub mod gateway;
 pub mod http;
 pub mod ids;

@@ -16,7 +16,7 @@ use livekit_api::services::room::{CreateRoomOptions, RoomClient};
 use livekit_api::services::{ServerError, ServerErrorCode, ServiceError};
 use livekit_api::webhooks::{WebhookError, WebhookReceiver};
 
-use crate::config::{key_name, millis, secs};
+use crate::flags::{key_name, millis, secs};
 use crate::metrics::Metrics;
 use crate::protocol::Media;
 
@@ -130,6 +130,15 @@ impl LivekitConfig {
     /// Whether matches get LiveKit rooms (media mode `livekit`; otherwise `p2p`).
     pub fn enabled(&self) -> bool {
         self.livekit_url.is_some()
+    }
+
+    /// How long a matched pair may wait for its room before the match is undone by the
+    /// backend itself (beyond the creation deadline: the instance creating it may have died),
+    /// given how long a dropped user's place is held; `None` without LiveKit.
+    pub fn media_pending(&self, resume_grace: Duration) -> Option<Duration> {
+        self.enabled().then(|| {
+            self.livekit_create_deadline_ms + self.livekit_request_timeout_ms + resume_grace
+        })
     }
 
     /// The RoomService base URL: as configured, or the client URL over http(s).

@@ -13,7 +13,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+mod outbound;
 mod runtime;
+
+pub use outbound::{LedgerMetrics, WebhookMetrics};
 
 use crate::protocol::{EndReason, ErrorCode, ReportReason};
 
@@ -55,9 +58,9 @@ pub struct Metrics {
     tls_reloads: Labelled,
     tls_handshake_failures: Labelled,
     /// The session ledger's (see `ledger`).
-    pub ledger: crate::ledger::LedgerMetrics,
+    pub ledger: LedgerMetrics,
     /// Outbound webhooks (see `webhooks`).
-    pub webhooks: crate::webhooks::WebhookMetrics,
+    pub webhooks: WebhookMetrics,
 }
 
 /// Who made a ban.
@@ -343,8 +346,8 @@ impl Metrics {
             let _ = livekit_webhooks.get_or_create(&[("result", result)]);
         }
         runtime::register(&mut registry);
-        let ledger = crate::ledger::LedgerMetrics::register(&mut registry);
-        let webhooks = crate::webhooks::WebhookMetrics::register(&mut registry);
+        let ledger = LedgerMetrics::register(&mut registry);
+        let webhooks = WebhookMetrics::register(&mut registry);
         Metrics {
             ledger,
             webhooks,

@@ -22,7 +22,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
-use crate::config::secs;
+use crate::flags::secs;
 use crate::protocol::{IceServer, Media};
 
 /// The p2p section of the configuration: the ICE servers of media mode `p2p`.

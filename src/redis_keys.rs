@@ -2,8 +2,10 @@
 //! of one deployment, its pub/sub channels, and the encoding of what travels on them.
 //!
 //! The matching engine ([`crate::matching::redis`]), the moderation backend
-//! ([`crate::moderation::redis`]) and the subscriber ([`crate::bus::redis`]) all take their
-//! names from here, so that none of them depends on another for a key or a message format.
+//! ([`crate::moderation::redis`]), the subscriber ([`crate::bus::redis`]) and the shared dev
+//! secret (`auth`) all take their names from here, so that none of them depends on another for
+//! a key or a message format. Those besides the engine get the Redis itself as a
+//! [`Deployment`] (nodes and layout), so they need no configuration section of another module.
 //! The two Lua libraries build the keys they touch inside their atomic step from the prefix
 //! and channel prefix passed in each call: `src/matching/lua/keys.lua` documents its keys in its
 //! "Key layout" comment and `src/matching/lua/events.lua` writes the frame and kick notices in its `publish` calls (`'F' ..
@@ -92,6 +94,23 @@ impl Layout {
     pub fn filed_sessions(&self, user: &str) -> String {
         format!("{}:filed_sessions:{user}", self.prefix)
     }
+
+    /// The dev-mode signing secret the instances share (see `auth`).
+    pub fn dev_secret(&self) -> String {
+        format!("{}:dev-secret", self.prefix)
+    }
+}
+
+/// One deployment's Redis: the nodes to reach it at and the layout of its names. What the
+/// clients of the shared Redis besides the matching engine (the moderation backend, the
+/// shared dev secret) are given, as plain values, in the scale-out mode.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// The node URLs: one, or the seed nodes of a cluster.
+    pub urls: Vec<String>,
+    /// Whether the nodes form a Redis Cluster.
+    pub cluster: bool,
+    pub layout: Layout,
 }
 
 /// A ban's entry in the listing, and the tail of its key.
@@ -212,11 +231,14 @@ mod tests {
             layout.reports(),
             layout.filed("a"),
             layout.filed_sessions("a"),
+            layout.dev_secret(),
         ] {
             assert!(key.starts_with("{mg}:"), "{key}");
         }
         assert_eq!(layout.channel("i1"), "mg:i:i1");
         assert_eq!(layout.broadcast(), "mg:all");
+        // Instances of an older version find the dev secret they share at this key.
+        assert_eq!(layout.dev_secret(), "{mg}:dev-secret");
         // The moderation library's `list` reads a ban at prefix .. member.
         assert_eq!(layout.ban("user", "a"), "{mg}:ban:user:a");
         assert_eq!(

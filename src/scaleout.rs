@@ -14,6 +14,11 @@
 //! All three run in the server's [`Background`]; ban notices reach
 //! [`moderation::announced`] through the subscriber's callback, so delivery does not depend
 //! on moderation.
+//!
+//! [`RedisConfig`] is the Redis section of the configuration. The engine's [`settings`] are
+//! built from it and the sections and values the server passes in; the other clients of the
+//! shared Redis (moderation, the dev secret) get only its [`Deployment`], so they do not
+//! depend on this module.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,15 +27,15 @@ use tokio::sync::watch;
 
 use crate::backoff;
 use crate::bus::redis::{subscribe, Recovery};
-use crate::config::{count, key_name, millis, Config};
-use crate::gateway::{Gateway, Origin};
+use crate::flags::{count, key_name, millis};
+use crate::gateway::{Gateway, Origin, SessionConfig};
 use crate::ids::random_id;
 use crate::matching::redis::{RedisMatchmaker, RedisSettings};
-use crate::matching::MatchError;
+use crate::matching::{MatchError, MediaMode, RulesConfig};
 use crate::metrics::Metrics;
 use crate::moderation::{self, disconnect_banned};
 use crate::protocol::close;
-use crate::redis_keys::Layout;
+use crate::redis_keys::{Deployment, Layout};
 use crate::shutdown::Background;
 
 /// The Redis section of the configuration: the scale-out mode is on with `--redis-url`.
@@ -96,6 +101,16 @@ impl RedisConfig {
             .as_ref()
             .map(|u| u.split(',').map(|s| s.trim().to_string()).collect())
     }
+
+    /// Where the shared Redis is, for its clients besides the matching engine; `None` in the
+    /// embedded mode.
+    pub fn deployment(&self) -> Option<Deployment> {
+        Some(Deployment {
+            urls: self.urls()?,
+            cluster: self.redis_cluster,
+            layout: Layout::new(&self.redis_namespace),
+        })
+    }
 }
 
 /// An instance id: 1 to 64 printable characters.
@@ -110,9 +125,15 @@ fn parse_instance_id(id: &str) -> Result<String, String> {
 /// The longest wait between two attempts at subscribing or at the first heartbeat.
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Settings of the Redis matchmaker from the configuration; `None` in the embedded mode.
-pub fn settings(config: &Config) -> Option<RedisSettings> {
-    let redis = &config.redis;
+/// Settings of the Redis matchmaker from the Redis, session and rules sections, the media mode
+/// and how long events stay replayable; `None` in the embedded mode.
+pub fn settings(
+    redis: &RedisConfig,
+    session: &SessionConfig,
+    rules: &RulesConfig,
+    media: MediaMode,
+    history_ttl: Duration,
+) -> Option<RedisSettings> {
     let urls = redis.urls()?;
     Some(RedisSettings {
         urls,
@@ -124,13 +145,13 @@ pub fn settings(config: &Config) -> Option<RedisSettings> {
             Some(id) => format!("{id}-{}", random_id("", 4)),
             None => random_id("", 6),
         },
-        requeue_peer_on_skip: config.session.requeue_peer_on_skip,
-        media: config.media_mode(),
-        rules: crate::matching::Rules::from_config(&config.rules),
+        requeue_peer_on_skip: session.requeue_peer_on_skip,
+        media,
+        rules: crate::matching::Rules::from_config(rules),
         call_timeout: redis.redis_call_timeout_ms,
-        history_len: config.session.history_len,
-        history_ttl: config.history_ttl(),
-        resume_grace: config.session.resume_grace_ms,
+        history_len: session.history_len,
+        history_ttl,
+        resume_grace: session.resume_grace_ms,
         pool_size: redis.redis_pool_size,
     })
 }

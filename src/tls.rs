@@ -50,7 +50,7 @@ pub struct TlsConfig {
         long,
         env = "MATCHGATE_TLS_RELOAD_INTERVAL_MS",
         default_value = "10000",
-        value_parser = crate::config::millis(100..=3_600_000)
+        value_parser = crate::flags::millis(100..=3_600_000)
     )]
     pub tls_reload_interval_ms: Duration,
 }

@@ -22,20 +22,16 @@ use std::time::Duration;
 
 use backon::Retryable;
 use hmac::{Hmac, Mac};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
 use sha2::Sha256;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::backoff;
-use crate::config::ConfigError;
+use crate::flags::ConfigError;
 use crate::ids::{random_id, unix_ms};
 use crate::matching::{SessionClosed, SessionStarted};
-use crate::metrics::BanSource;
+use crate::metrics::{BanSource, WebhookMetrics};
 use crate::moderation::review::ReportId;
 use crate::moderation::{Ban, Report};
 
@@ -68,7 +64,7 @@ pub struct WebhookConfig {
         long,
         env = "MATCHGATE_WEBHOOK_QUEUE",
         default_value = "10000",
-        value_parser = crate::config::count(1..=1_000_000)
+        value_parser = crate::flags::count(1..=1_000_000)
     )]
     pub webhook_queue: usize,
 
@@ -77,7 +73,7 @@ pub struct WebhookConfig {
         long,
         env = "MATCHGATE_WEBHOOK_TIMEOUT_MS",
         default_value = "5000",
-        value_parser = crate::config::millis(100..=60_000)
+        value_parser = crate::flags::millis(100..=60_000)
     )]
     pub webhook_timeout_ms: Duration,
 
@@ -87,7 +83,7 @@ pub struct WebhookConfig {
         long,
         env = "MATCHGATE_WEBHOOK_RETRIES",
         default_value = "10",
-        value_parser = crate::config::count(..=100)
+        value_parser = crate::flags::count(..=100)
     )]
     pub webhook_retries: usize,
 }
@@ -207,47 +203,6 @@ impl Event {
                 "source": source.as_str(),
             }),
         )
-    }
-}
-
-/// The webhook figures of `/metrics`.
-#[derive(Clone, Default)]
-pub struct WebhookMetrics {
-    /// By result: delivered, failed (refused or out of retries), dropped (queue full).
-    events: Family<[(&'static str, &'static str); 1], Counter>,
-    retries: Counter,
-    /// Events accepted and not finished yet (waiting or on their way).
-    queued: Gauge,
-}
-
-impl WebhookMetrics {
-    /// Metrics registered in `registry`, every label value present from the start.
-    pub fn register(registry: &mut Registry) -> WebhookMetrics {
-        let metrics = WebhookMetrics::default();
-        registry.register(
-            "webhook_events",
-            "Outbound webhook events by result: delivered, failed (refused by the receiver or out \
-             of retries), dropped (the queue was full)",
-            metrics.events.clone(),
-        );
-        registry.register(
-            "webhook_retries",
-            "Outbound webhook deliveries tried again after a failed attempt",
-            metrics.retries.clone(),
-        );
-        registry.register(
-            "webhook_queue_depth",
-            "Outbound webhook events waiting for delivery or on their way",
-            metrics.queued.clone(),
-        );
-        for result in ["delivered", "failed", "dropped"] {
-            let _ = metrics.events.get_or_create(&[("result", result)]);
-        }
-        metrics
-    }
-
-    fn count(&self, result: &'static str) {
-        self.events.get_or_create(&[("result", result)]).inc();
     }
 }
 

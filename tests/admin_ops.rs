@@ -314,9 +314,10 @@ async fn stats_show_the_whole_deployment(mode: Mode) {
             .unwrap()
             .iter()
             .map(|i| {
-                // Instance ids carry a random suffix after the configured name.
+                // Instance ids carry a random suffix (which may hold a '-' of its own) after
+                // the configured name and a '-'.
                 let name = i["instance"].as_str().unwrap();
-                let name = name.rsplit_once('-').map_or(name, |(n, _)| n);
+                let name = name.split_once('-').map_or(name, |(n, _)| n);
                 (name.to_string(), i["connections"].as_u64().unwrap())
             })
             .collect();

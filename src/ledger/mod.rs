@@ -33,17 +33,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
 use crate::backoff::Delays;
-use crate::config::ConfigError;
+use crate::flags::ConfigError;
 use crate::ids::{random_id, unix_ms};
 use crate::matching::{Administration, MatchError, SessionClosed, SessionStarted, UserId};
-use crate::metrics::BanSource;
+use crate::metrics::{BanSource, LedgerMetrics};
 use crate::moderation::{Ban, BanKind, Moderation, ModerationError, Report};
 
 /// The ledger's settings (flattened into [`crate::Config`]).
@@ -67,7 +64,7 @@ pub struct LedgerConfig {
         long,
         env = "MATCHGATE_DATABASE_QUEUE",
         default_value = "10000",
-        value_parser = crate::config::count(1..=1_000_000)
+        value_parser = crate::flags::count(1..=1_000_000)
     )]
     pub database_queue: usize,
 }
@@ -188,43 +185,6 @@ impl Record {
     /// Records of one kind are written by one statement.
     fn kind(&self) -> std::mem::Discriminant<Record> {
         std::mem::discriminant(self)
-    }
-}
-
-/// The ledger's metrics (registered with the instance's others, see [`crate::metrics`]).
-#[derive(Debug, Clone, Default)]
-pub struct LedgerMetrics {
-    written: Counter,
-    retries: Counter,
-    dropped: Counter,
-    queue_depth: Gauge,
-}
-
-impl LedgerMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
-        let metrics = LedgerMetrics::default();
-        registry.register(
-            "ledger_written",
-            "Ledger records written to PostgreSQL",
-            metrics.written.clone(),
-        );
-        registry.register(
-            "ledger_retries",
-            "Ledger batches that failed and are tried again (the database down, slow or refusing)",
-            metrics.retries.clone(),
-        );
-        registry.register(
-            "ledger_dropped",
-            "Ledger records never written: the queue was full, the database refused them for \
-             good, or the gateway stopped first",
-            metrics.dropped.clone(),
-        );
-        registry.register(
-            "ledger_queue_depth",
-            "Ledger records waiting to be written (at most --database-queue, plus one batch)",
-            metrics.queue_depth.clone(),
-        );
-        metrics
     }
 }
 

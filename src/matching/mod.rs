@@ -28,7 +28,7 @@ use async_trait::async_trait;
 
 use clap::ValueEnum;
 
-use crate::config::{count, millis, secs};
+use crate::flags::{count, millis, secs};
 pub use crate::ids::{ConnId, Frame, UserId};
 use crate::p2p::IceServers;
 use crate::protocol::{EndReason, ErrorCode, Media, Prefs, Relay, StateName};

@@ -92,10 +92,10 @@ const LIBRARY: &str = concat!(
     include_str!("lua/dispatch.lua"),
 );
 
-/// The library text and its function's name, versioned by a hash of the whole text.
-
 /// Pools the admin API's stats list at most (those listed in most recently).
 const OVERVIEW_POOLS: usize = 1000;
+
+/// The library text and its function's name, versioned by a hash of the whole text.
 struct Library {
     code: String,
     function: String,

@@ -18,6 +18,9 @@
 //! other people's reports out of it, a user files at most one report per session (a second
 //! one replaces the first) and at most [`ReportPolicy::per_hour`] reports an hour, counted by
 //! user id in the backend, so across connections and instances.
+//!
+//! [`from_config`] picks the backend from this module's section ([`ModerationConfig`]) and, in
+//! the scale-out mode, the shared Redis as a [`Deployment`].
 
 pub mod memory;
 pub mod redis;
@@ -33,12 +36,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::address::{ban_text, parse_ban_text, AddressKeys};
-use crate::config::{count, secs, Config};
+use crate::flags::{count, secs};
 use crate::ids::unix_ms;
 use crate::ids::UserId;
 use crate::matching::MatchError;
 use crate::metrics::Metrics;
 use crate::protocol::{close, ReportReason};
+use crate::redis_keys::Deployment;
 use crate::registry::Registry;
 use review::{ReportId, ReportPage, ReportQuery, ReviewState, StoredReport};
 
@@ -334,17 +338,18 @@ pub struct ReportFiled {
     pub ban: Option<Ban>,
 }
 
-/// The backend the configuration asks for: Redis in the scale-out mode, memory otherwise.
-/// `registry` and `metrics` are this instance's (the memory backend closes banned connections
-/// in it directly).
+/// The backend the configuration asks for: Redis in the scale-out mode (`redis`, the
+/// deployment's), memory otherwise. `registry` and `metrics` are this instance's (the memory
+/// backend closes banned connections in it directly).
 pub fn from_config(
-    config: &Config,
+    config: &ModerationConfig,
+    redis: Option<Deployment>,
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
 ) -> Arc<dyn Moderation> {
-    let policy = ReportPolicy::from_config(&config.moderation);
-    match redis::RedisModeration::from_config(&config.redis, policy) {
-        Some(redis) => Arc::new(redis),
+    let policy = ReportPolicy::from_config(config);
+    match redis {
+        Some(deployment) => Arc::new(redis::RedisModeration::new(deployment, policy)),
         None => Arc::new(memory::MemoryModeration::new(
             registry.clone(),
             metrics.clone(),

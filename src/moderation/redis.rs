@@ -37,8 +37,7 @@ use super::{
 };
 use crate::ids::unix_ms;
 use crate::protocol::ReportReason;
-use crate::redis_keys::{ban_member, Layout, Notice};
-use crate::scaleout::RedisConfig;
+use crate::redis_keys::{ban_member, Deployment, Layout, Notice};
 
 /// How long one call may take before it counts as unavailable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -73,16 +72,16 @@ fn unavailable(e: impl std::fmt::Display) -> ModerationError {
 }
 
 impl RedisModeration {
-    /// The backend for the scale-out mode; `None` without `--redis-url`.
-    pub fn from_config(config: &RedisConfig, policy: ReportPolicy) -> Option<Self> {
-        Some(RedisModeration {
-            urls: config.urls()?,
-            cluster: config.redis_cluster,
-            layout: Layout::new(&config.redis_namespace),
+    /// The backend for the scale-out mode, in the deployment's Redis.
+    pub fn new(redis: Deployment, policy: ReportPolicy) -> Self {
+        RedisModeration {
+            urls: redis.urls,
+            cluster: redis.cluster,
+            layout: redis.layout,
             policy,
             script: Script::new(include_str!("redis.lua")),
             connection: OnceCell::new(),
-        })
+        }
     }
 
     async fn connect(&self) -> RedisResult<Connection> {

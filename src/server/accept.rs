@@ -37,7 +37,7 @@ use tower_service::Service;
 
 use super::linger::{Lingering, LingeringStream};
 use super::pending::{Pending, PendingLimits};
-use super::HttpConfig;
+use crate::http::HttpConfig;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::tls::Tls;
