@@ -59,6 +59,14 @@
 //! steps, on top of proptest's minimal input (its shrinking deletes each step only once). The
 //! test writes no files (`failure_persistence: None`).
 
+#[path = "model/broken.rs"]
+mod broken;
+mod common;
+#[path = "model/differential.rs"]
+mod differential;
+#[path = "model/engines.rs"]
+mod engines;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};

@@ -30,7 +30,8 @@ use super::{
     Resume, Rules, SessionInfo, Stats, Status, Timer, UserId,
 };
 use crate::bus::{Bus, Frame};
-use crate::ids::{random_id, unix_ms};
+use crate::clock::{Clock, SystemClock};
+use crate::ids::hex_id;
 use crate::protocol::{
     encode_event, CancelReason, DequeueReason, EndReason, ErrorCode, Event, Media, PeerState,
     Prefs, Relay, Role, StateName,
@@ -55,14 +56,22 @@ pub struct MemoryMatchmaker {
     state: Mutex<State>,
     bus: Arc<dyn Bus>,
     policy: Policy,
+    clock: Arc<dyn Clock>,
 }
 
 impl MemoryMatchmaker {
     pub fn new(bus: Arc<dyn Bus>, policy: Policy) -> Self {
+        Self::with_clock(bus, policy, Arc::new(SystemClock))
+    }
+
+    /// A matchmaker that reads every `now` from `clock` (tests drive time with a
+    /// [`ManualClock`](crate::clock::ManualClock)).
+    pub fn with_clock(bus: Arc<dyn Bus>, policy: Policy, clock: Arc<dyn Clock>) -> Self {
         MemoryMatchmaker {
             state: Mutex::new(State::default()),
             bus,
             policy,
+            clock,
         }
     }
 
@@ -76,7 +85,8 @@ impl MemoryMatchmaker {
         let mut step = Step {
             bus: self.bus.as_ref(),
             policy: &self.policy,
-            now: Instant::now(),
+            now: self.clock.now(),
+            unix_ms: self.clock.unix_ms(),
             actor,
             reference,
             outcome: Outcome::default(),
@@ -96,6 +106,8 @@ struct Step<'a> {
     bus: &'a dyn Bus,
     policy: &'a Policy,
     now: Instant,
+    /// `now` in Unix milliseconds, for the times frames carry.
+    unix_ms: u64,
     /// The user whose request this is: their first event is the direct reply and echoes `ref`.
     actor: Option<&'a UserId>,
     reference: Option<&'a str>,
@@ -274,7 +286,7 @@ struct Log {
 impl Log {
     fn new() -> Self {
         Log {
-            epoch: random_id("r_", 16),
+            epoch: hex_id("r_", 16),
             last_seq: 0,
             entries: VecDeque::new(),
         }
@@ -696,15 +708,15 @@ impl State {
         } else {
             ((b, wb), (a, wa))
         };
-        let session_id: Arc<str> = random_id("s_", 16).into();
+        let session_id: Arc<str> = hex_id("s_", 16).into();
         let members = [
             Member {
                 user: first.clone(),
-                handle: random_id("p_", 9).into(),
+                handle: hex_id("p_", 8).into(),
             },
             Member {
                 user: second.clone(),
-                handle: random_id("p_", 9).into(),
+                handle: hex_id("p_", 8).into(),
             },
         ];
         for w in [&w_first, &w_second] {
@@ -737,7 +749,7 @@ impl State {
             session_id.clone(),
             Session {
                 members: members.clone(),
-                created_ms: unix_ms(),
+                created_ms: step.unix_ms,
                 phase,
                 live_since: None,
             },
@@ -745,7 +757,7 @@ impl State {
         match phase {
             Phase::Proposed { .. } => {
                 let timeout = policy.rules.accept_timeout.unwrap_or_default();
-                let expires_at_ms = unix_ms() + timeout.as_millis() as u64;
+                let expires_at_ms = step.unix_ms + timeout.as_millis() as u64;
                 for i in 0..2 {
                     self.emit(
                         step,
@@ -788,7 +800,7 @@ impl State {
         let Some(s) = self.sessions.get_mut(session_id) else {
             return;
         };
-        let started_at_ms = unix_ms();
+        let started_at_ms = step.unix_ms;
         let media = match (rooms, &step.policy.media) {
             (Some(rooms), _) => rooms,
             // Each member's credentials name its own handle (what its peer knows it by).
@@ -1899,7 +1911,7 @@ impl Matchmaker for MemoryMatchmaker {
             .session_of(user)
             .ok_or(MatchError::InvalidState("not in a session".into()))?;
         // Delivered under the lock, so that it cannot overtake the end of its session.
-        let text = message.frame(&session_id, unix_ms());
+        let text = message.frame(&session_id, self.clock.unix_ms());
         self.bus.deliver(&peer, Frame { seq: None, text });
         Ok(())
     }

@@ -7,7 +7,8 @@
 -- version side by side.
 --
 -- KEYS[1]: any key with the deployment's hash tag (routes the call in Redis Cluster; every key
---          below shares that tag, so a call touches one slot).
+--          below shares that tag, so a call touches one slot). KEYS[2], tests only:
+--          '<prefix>:test_now:<ms>', the time to use instead of TIME (see src/clock.rs).
 -- ARGV: 1 key prefix (e.g. "{mg}"), 2 operation, 3 requeue peer on skip ("1"/"0"),
 --       4 history length, 5 history ttl ms, 6 grace ms, 7 channel prefix, 8 entropy (random,
 --       for ids), 9 user (or instance for instance-level operations), 10 media mode:
@@ -32,13 +33,14 @@
 --                   and move back to P:pool when they reattach
 --   P:s:<session>   hash: u1 u2 (u1 offers) h1 h2 (their handles) created phase (proposed,
 --                   pending or live) a1 a2 (accepted) live (ms it went live)
---   P:met:<user>    list of "<session>\t<ms>\t<peer>", newest first: sessions that went live
+--   P:met:<user>    list of "<session>\t<ms>\t<peer>", newest first: sessions that went live;
+--                   kept while the user's hash exists, forgotten a while after it goes
 --   P:blk:<user>    set of the users this user blocked (at most max_blocks)
 --   P:blkt:<user>   zset of the same users by when they were blocked, to drop the oldest; both
 --                   persist while the user's hash exists and expire block_ttl after it goes
 --   P:cd:<user>     hash: qs (quick skip times) lvl until (cooldown) qe (when the user last
 --                   ended a session quickly); expires
---   P:enq:<user>    enqueues in the current one-minute window, expires with it
+--   P:enqw:<user>   hash: start n: enqueues in the one-minute window from start; expires
 --   P:sessions      zset session -> ms matched (media mode only: what the room sweep checks)
 --   P:pending       zset session -> ms by which a paired session must be live, else undone
 --   P:seen:<event>  a media event id acted on (de-duplication), expires
@@ -365,11 +367,18 @@ local function announce(sid, m1, m2, mf, ms)
   local keep = math.max(R.window, 3600000)
   for _, pair in ipairs({ { m1, m2 }, { m2, m1 } }) do
     table.insert(out.waits, math.max(NOW - pair[1].since, 0))
-    -- Remembered for anti-repeat and as the default target of block and report.
+    -- Remembered for anti-repeat and as the default target of block and report, for as long
+    -- as the user is here (see `forget_later`): older sessions go when a new one is added.
     local mk = P .. ':met:' .. pair[1].user
     redis.call('LPUSH', mk, sid .. '\t' .. NOW .. '\t' .. pair[2].user)
     redis.call('LTRIM', mk, 0, 15)
-    redis.call('PEXPIRE', mk, keep)
+    while true do
+      local oldest = redis.call('LINDEX', mk, -1)
+      local at = oldest and tonumber(string.match(oldest, '^[^\t]*\t(%d+)\t'))
+      if not at or NOW - at <= keep then break end
+      redis.call('RPOP', mk)
+    end
+    redis.call('PERSIST', mk)
   end
   local e1 = { type = 'matched', session_id = sid, peer = m2.handle, role = 'offerer', started_at_ms = NOW }
   local e2 = { type = 'matched', session_id = sid, peer = m1.handle, role = 'answerer', started_at_ms = NOW }
@@ -693,14 +702,16 @@ end
 
 -- Counts an enqueue of u against the per-user rate (a one-minute window that starts with the
 -- first enqueue); returns the ms to wait when over it.
+-- The window's start is kept and compared with NOW (the key's expiry only frees memory), so
+-- the rule follows the call's clock like every other one.
 local function count_enqueue(u)
-  local k = P .. ':enq:' .. u
-  local n = redis.call('INCR', k)
-  if n == 1 then redis.call('PEXPIRE', k, 60000) end
-  if n > R.enq then
-    redis.call('DECR', k)
-    return math.max(redis.call('PTTL', k), 1)
-  end
+  local k = P .. ':enqw:' .. u
+  local start, n = unpack(redis.call('HMGET', k, 'start', 'n'))
+  start, n = tonumber(start), tonumber(n) or 0
+  if not start or NOW - start >= 60000 then start, n = NOW, 0 end
+  if n >= R.enq then return 60000 - (NOW - start) + 1 end
+  redis.call('HSET', k, 'start', start, 'n', n + 1)
+  redis.call('PEXPIRE', k, 60000 - (NOW - start) + 1)
   return nil
 end
 
@@ -789,6 +800,15 @@ local function proposal_member(u, mid)
   return nil
 end
 
+-- u is gone: the sessions u had are forgotten once nothing can ask for them any more (the
+-- anti-repeat window, an hour for the defaults of block and report, a skip window after the
+-- longest cooldown), unless u is back by then (attach keeps them again).
+local function forget_later(u)
+  local longest = 0
+  for _, c in ipairs(R.cooldowns) do longest = math.max(longest, c) end
+  redis.call('PEXPIRE', P .. ':met:' .. u, math.max(R.window, 3600000, longest + R.skip_window))
+end
+
 -- The connection `conn` of u went away: hold the state for the grace period.
 local function detach(u, conn)
   local h = ukey(u)
@@ -832,6 +852,7 @@ local function expire(u, conn)
     for _, k in ipairs({ P .. ':blk:' .. u, P .. ':blkt:' .. u }) do
       redis.call('PEXPIRE', k, R.block_ttl)
     end
+    forget_later(u)
     return
   end
   redis.call('ZADD', P .. ':exp', NOW + GRACE, member)
@@ -894,7 +915,7 @@ local function enqueue_op()
     return fail('invalid_state', 'already in a session: skip or end it first')
   end
   local left = cooldown_left(USER)
-  if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
+  if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left + 1) end
   local cooldown = count_quick_end(USER)
   if cooldown then return fail('cooldown', 'too many quick skips: wait for the cooldown', cooldown) end
   local wait = count_enqueue(USER)
@@ -908,7 +929,7 @@ end
 local function skip_op()
   set_ref(arg(1))
   local left = cooldown_left(USER)
-  if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left) end
+  if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left + 1) end
   local sid, peer = session_of(USER)
   if not sid then return fail('invalid_state', 'not in a session') end
   redis.call('HSET', ukey(USER), 'avoid', peer)
@@ -927,6 +948,7 @@ end
 local function end_op()
   set_ref(arg(1))
   local state = with_user(true)
+  if not state then return fail('invalid_state', 'no live connection for this user') end
   if state == 'queued' then
     dequeue(USER, 'end')
   elseif state == 'pending' then
@@ -1002,7 +1024,7 @@ local function refresh_pool(pk)
   end
 end
 
-local function call(_keys, args)
+local function call(keys, args)
   ARGV = args
   P, OP = ARGV[1], ARGV[2]
   REQUEUE_PEER = ARGV[3] == '1'
@@ -1017,8 +1039,14 @@ local function call(_keys, args)
   end
   -- Parsed once per rules text: the library's locals outlive calls.
   if ARGV[11] ~= RULES_TEXT then R, RULES_TEXT = read_rules(ARGV[11]), ARGV[11] end
-  local t = redis.call('TIME')
-  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  -- Tests only: a second key '<prefix>:test_now:<ms>' (never read or written) gives the time.
+  local test_now = keys[2] and string.match(keys[2], ':test_now:(%d+)$')
+  if test_now then
+    NOW = tonumber(test_now)
+  else
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
   out = { waits = {}, ended = {}, changed = {}, held = false, published = 0, pending = {},
     ended_sessions = {}, timers = {} }
   actor, ref, id_counter = nil, nil, 0
@@ -1039,6 +1067,7 @@ local function call(_keys, args)
       -- Back in time: the blocks stay while the user is here.
       redis.call('PERSIST', P .. ':blk:' .. USER)
       redis.call('PERSIST', P .. ':blkt:' .. USER)
+      redis.call('PERSIST', P .. ':met:' .. USER)
     else
       local old_inst, old_conn, a = unpack(redis.call('HMGET', h, 'inst', 'conn', 'away'))
       was_away = a == '1'
@@ -1213,6 +1242,7 @@ local function call(_keys, args)
     return result({ session = sid, peer = peer })
   elseif OP == 'accept' then
     local mid = arg(1)
+    if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
     local i = proposal_member(USER, mid)
     if not i then return fail('invalid_state', 'no such proposal open') end
     redis.call('HSET', skey(mid), 'a' .. i, '1')
@@ -1223,6 +1253,7 @@ local function call(_keys, args)
     return result()
   elseif OP == 'decline' then
     local mid = arg(1)
+    if not with_user(true) then return fail('invalid_state', 'no live connection for this user') end
     if not proposal_member(USER, mid) then return fail('invalid_state', 'no such proposal open') end
     keep_apart(mid)
     undo_match(mid, function(m)

@@ -20,6 +20,7 @@ use super::{
     Resume, Rules, SessionInfo, Stats, Status, Timer, UserId,
 };
 use crate::bus::Frame;
+use crate::clock::Clock;
 use crate::ids::random_id;
 use crate::metrics::Metrics;
 use crate::p2p::IceServers;
@@ -160,6 +161,8 @@ pub struct RedisMatchmaker {
     /// Media mode p2p: the arguments of the call that writes this instance's ICE servers.
     p2p_config: Option<[String; 5]>,
     metrics: Arc<Metrics>,
+    /// Tests only: the clock every call's `now` comes from instead of Redis's `TIME`.
+    test_clock: Option<Arc<dyn Clock>>,
 }
 
 /// What the library keeps of an instance's ICE servers (see `p2p_config` in redis.lua): the
@@ -394,7 +397,16 @@ impl RedisMatchmaker {
             },
             settings,
             metrics,
+            test_clock: None,
         })
+    }
+
+    /// Tests only: every call reads its `now` from `clock` instead of Redis's `TIME` (see
+    /// [`crate::clock`]), so that a test drives time deterministically. Key expiry in Redis
+    /// still follows the real time.
+    pub fn with_test_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.test_clock = Some(clock);
+        self
     }
 
     fn lock_shared(&self) -> std::sync::MutexGuard<'_, Option<Shared>> {
@@ -444,10 +456,18 @@ impl RedisMatchmaker {
     fn fcall(&self, op: &str, subject: &str, args: &[&str]) -> redis::Cmd {
         let s = &self.settings;
         let mut fcall = redis::cmd("FCALL");
+        fcall.arg(&self.library.function);
+        // The test clock travels as a second key (same hash tag, never read or written): the
+        // operation arguments are positional and may end in client text, a key cannot.
+        match &self.test_clock {
+            None => fcall.arg(1).arg(&self.route_key),
+            Some(clock) => fcall.arg(2).arg(&self.route_key).arg(format!(
+                "{}:test_now:{}",
+                s.layout.prefix,
+                clock.unix_ms()
+            )),
+        };
         fcall
-            .arg(&self.library.function)
-            .arg(1)
-            .arg(&self.route_key)
             .arg(&s.layout.prefix)
             .arg(op)
             .arg(if s.requeue_peer_on_skip { "1" } else { "0" })
