@@ -711,7 +711,8 @@ local function count_enqueue(u)
   if not start or NOW - start >= 60000 then start, n = NOW, 0 end
   if n >= R.enq then return 60000 - (NOW - start) + 1 end
   redis.call('HSET', k, 'start', start, 'n', n + 1)
-  redis.call('PEXPIRE', k, 60000 - (NOW - start) + 1)
+  -- A whole minute, not what is left of it: the key's lifetime runs on Redis's own clock.
+  redis.call('PEXPIRE', k, 60000)
   return nil
 end
 

@@ -31,17 +31,20 @@ enum Fault {
     ExpireIgnored,
     /// `media_failed` is acknowledged and ignored: the pair stays pending.
     MediaFailureIgnored,
-    /// `enqueue` refused by the cooldown or the enqueue rate reports success.
-    LimitsIgnored,
+    /// `enqueue` refused by the enqueue rate reports success.
+    RateIgnored,
+    /// `enqueue` refused by a cooldown reports success.
+    CooldownIgnored,
 }
 
-const FAULTS: [Fault; 6] = [
+const FAULTS: [Fault; 7] = [
     Fault::SkipIsEnd,
     Fault::AcceptIgnored,
     Fault::TimersLost,
     Fault::ExpireIgnored,
     Fault::MediaFailureIgnored,
-    Fault::LimitsIgnored,
+    Fault::RateIgnored,
+    Fault::CooldownIgnored,
 ];
 
 struct Broken {
@@ -93,9 +96,10 @@ impl Matchmaker for Broken {
     ) -> Result<Outcome, MatchError> {
         match self.inner.enqueue(user, prefs, reference).await {
             // Says yes where a limit says no.
-            Err(MatchError::Cooldown { .. } | MatchError::RateLimited { .. })
-                if self.fault == Fault::LimitsIgnored =>
-            {
+            Err(MatchError::RateLimited { .. }) if self.fault == Fault::RateIgnored => {
+                Ok(Outcome::default())
+            }
+            Err(MatchError::Cooldown { .. }) if self.fault == Fault::CooldownIgnored => {
                 Ok(Outcome::default())
             }
             other => other.map(|o| self.outcome(o)),

@@ -220,7 +220,7 @@ pub fn config(case: &Case) -> EngineConfig {
             anti_repeat_window: 60 * SECOND,
             anti_repeat_fallback: 10 * SECOND,
             skip_quick: 30 * SECOND,
-            skip_limit: 3,
+            skip_limit: 2,
             skip_window: 60 * SECOND,
             skip_cooldowns: vec![30 * SECOND, 60 * SECOND],
             enqueue_per_minute: 5,
