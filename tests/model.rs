@@ -78,14 +78,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use engines::{Engine, EngineConfig};
 use matchgate::bus::Frame;
 use matchgate::clock::ManualClock;
-use matchgate::matching::{
-    ConnId, MatchError, MediaMode, Outcome, Resume, Rules, UserId,
-};
+use matchgate::matching::{ConnId, MatchError, MediaMode, Outcome, Resume, Rules, UserId};
 use matchgate::p2p::IceServers;
 use matchgate::protocol::{Prefs, Role, StateName};
-use engines::{Engine, EngineConfig};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -569,7 +567,10 @@ impl Harness {
                         Expect::Ok
                     }
                 };
-                (expect, self.engine.mm.enqueue(&id, prefs(pool), reference).await)
+                (
+                    expect,
+                    self.engine.mm.enqueue(&id, prefs(pool), reference).await,
+                )
             }
             Op::Skip { .. } => {
                 let m = &self.users[u];
@@ -707,7 +708,8 @@ impl Harness {
         m.conn = conn;
         m.away = false;
         let attached = self
-            .engine.mm
+            .engine
+            .mm
             .attach(
                 &user_id(u),
                 ConnId(conn),
@@ -842,7 +844,8 @@ impl Harness {
         for p in 0..self.pools {
             let key = prefs(p).pool_key();
             if outcome.changed_pools.iter().any(|k| **k == *key) {
-                self.engine.mm
+                self.engine
+                    .mm
                     .refresh_pool(&key)
                     .await
                     .map_err(|e| format!("refresh_pool failed: {e}"))?;
@@ -1264,7 +1267,8 @@ impl Harness {
             }
         }
         let stats = self
-            .engine.mm
+            .engine
+            .mm
             .stats()
             .await
             .map_err(|e| format!("stats failed: {e}"))?;

@@ -110,11 +110,17 @@ impl Matchmaker for Broken {
         if self.fault == Fault::SkipIsEnd {
             return self.inner.end(user, reference).await;
         }
-        self.inner.skip(user, reference).await.map(|o| self.outcome(o))
+        self.inner
+            .skip(user, reference)
+            .await
+            .map(|o| self.outcome(o))
     }
 
     async fn end(&self, user: &UserId, reference: Option<&str>) -> Result<Outcome, MatchError> {
-        self.inner.end(user, reference).await.map(|o| self.outcome(o))
+        self.inner
+            .end(user, reference)
+            .await
+            .map(|o| self.outcome(o))
     }
 
     async fn status(&self, user: &UserId) -> Result<Status, MatchError> {
@@ -142,7 +148,10 @@ impl Matchmaker for Broken {
         if self.fault == Fault::MediaFailureIgnored {
             return Ok(Outcome::default());
         }
-        self.inner.media_failed(session).await.map(|o| self.outcome(o))
+        self.inner
+            .media_failed(session)
+            .await
+            .map(|o| self.outcome(o))
     }
 
     async fn media_left(
@@ -160,7 +169,10 @@ impl Matchmaker for Broken {
     }
 
     async fn block(&self, user: &UserId, session: Option<&str>) -> Result<Outcome, MatchError> {
-        self.inner.block(user, session).await.map(|o| self.outcome(o))
+        self.inner
+            .block(user, session)
+            .await
+            .map(|o| self.outcome(o))
     }
 
     async fn recent_peer(
@@ -175,11 +187,17 @@ impl Matchmaker for Broken {
         if self.fault == Fault::AcceptIgnored {
             return Ok(Outcome::default());
         }
-        self.inner.accept(user, match_id).await.map(|o| self.outcome(o))
+        self.inner
+            .accept(user, match_id)
+            .await
+            .map(|o| self.outcome(o))
     }
 
     async fn decline(&self, user: &UserId, match_id: &str) -> Result<Outcome, MatchError> {
-        self.inner.decline(user, match_id).await.map(|o| self.outcome(o))
+        self.inner
+            .decline(user, match_id)
+            .await
+            .map(|o| self.outcome(o))
     }
 
     async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {

@@ -27,7 +27,8 @@
 //! Memory itself is checked against the client-visible model in `tests/model.rs` (rules that
 //! the model does not cover switched off); this test carries that to the other engines and to
 //! every rule. `MODEL_CASES` sets the number of cases (default [`DEFAULT_CASES`]);
-//! `MODEL_ENGINES` (e.g. `memory,redis`) picks the engines.
+//! `MODEL_ENGINES` (e.g. `memory,redis`) picks the engines; `MODEL_TRACE=1` prints the trace of
+//! every passing case (with `--nocapture`).
 //!
 //! Redis key expiry runs on the real clock, so the configuration keeps every duration that
 //! becomes a key's lifetime far longer than a case takes (seconds of real time), and block
@@ -122,7 +123,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => u.clone().prop_map(|user| Op::End { user }),
         1 => u.clone().prop_map(|user| Op::Block { user }),
         1 => u.clone().prop_map(|user| Op::RecentPeer { user }),
-        6 => u.clone().prop_map(|user| Op::Accept { user }),
+        4 => u.clone().prop_map(|user| Op::Accept { user }),
         1 => u.prop_map(|user| Op::Decline { user }),
         4 => (0usize..3).prop_map(|pick| Op::MediaReady { pick }),
         1 => (0usize..3).prop_map(|pick| Op::MediaFailed { pick }),
@@ -138,7 +139,8 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
     (
         2..=MAX_USERS,
         any::<bool>(),
-        any::<bool>(),
+        // The accept phase holds pairs back from sessions: on in a third of the cases.
+        proptest::bool::weighted(0.35),
         any::<bool>(),
         any::<bool>(),
         proptest::collection::vec(op_strategy(), 1..=MAX_OPS),
@@ -243,6 +245,8 @@ enum Due {
 /// One engine with what the test, as its gateway, keeps for it.
 struct Run {
     engine: Engine,
+    /// The grace period after a detach, in ms: when the gateway calls `expire`.
+    grace_ms: u64,
     /// Armed timers: (due unix ms, arming order, what).
     timers: Vec<(u64, u64, Due)>,
     armed: u64,
@@ -255,9 +259,10 @@ struct Run {
 }
 
 impl Run {
-    fn new(engine: Engine) -> Run {
+    fn new(engine: Engine, grace: Duration) -> Run {
         Run {
             engine,
+            grace_ms: grace.as_millis() as u64,
             timers: Vec::new(),
             armed: 0,
             pending: Vec::new(),
@@ -411,7 +416,11 @@ async fn perform(run: &mut Run, d: &Driver, op: Op, conn: Option<u64>) -> (Value
                 })
             });
             match mm
-                .attach(&user_id(user), ConnId(conn.expect("a new connection")), resume)
+                .attach(
+                    &user_id(user),
+                    ConnId(conn.expect("a new connection")),
+                    resume,
+                )
                 .await
             {
                 Ok(a) => {
@@ -441,7 +450,9 @@ async fn perform(run: &mut Run, d: &Driver, op: Op, conn: Option<u64>) -> (Value
             }
         }
         Op::Detach { user } => split(mm.detach(&user_id(user), ConnId(conn.unwrap())).await),
-        Op::Enqueue { user, pool } => split(mm.enqueue(&user_id(user), prefs(pool), Some("r")).await),
+        Op::Enqueue { user, pool } => {
+            split(mm.enqueue(&user_id(user), prefs(pool), Some("r")).await)
+        }
         Op::Skip { user } => split(mm.skip(&user_id(user), Some("r")).await),
         Op::End { user } => split(mm.end(&user_id(user), Some("r")).await),
         Op::Block { user } => split(mm.block(&user_id(user), None).await),
@@ -511,19 +522,12 @@ fn absorb(run: &mut Run, now: u64, held: Option<(usize, u64)>, o: Outcome) {
     }
     if o.held {
         if let Some((u, conn)) = held {
-            run.arm(
-                now + config_grace_ms(),
-                Due::Expire(user_id(u), ConnId(conn)),
-            );
+            run.arm(now + run.grace_ms, Due::Expire(user_id(u), ConnId(conn)));
         }
     }
     run.pending.extend(o.pending);
     run.pending
         .retain(|p| !o.ended_sessions.contains(&p.session_id));
-}
-
-fn config_grace_ms() -> u64 {
-    15_000
 }
 
 /// The frames since the last look, per user, and what the test learns from them (proposals,
@@ -571,7 +575,13 @@ async fn refresh(run: &Run) {
 }
 
 /// The full observation of one engine for one step.
-async fn observe(run: &mut Run, d: &Driver, names: &mut Names, result: Value, outcome: Value) -> Value {
+async fn observe(
+    run: &mut Run,
+    d: &Driver,
+    names: &mut Names,
+    result: Value,
+    outcome: Value,
+) -> Value {
     refresh(run).await;
     let frames = frames(run, d).await;
     let states = states(run, d).await;
@@ -632,8 +642,15 @@ fn diff_view(a: &Value, b: &Value) -> String {
 }
 
 /// Runs `case` on `engines` (made fresh for the case, on `clock`) and compares.
-pub async fn run_case(case: &Case, engines: Vec<Engine>, clock: Arc<ManualClock>) -> Result<(), String> {
-    let mut runs: Vec<Run> = engines.into_iter().map(Run::new).collect();
+pub async fn run_case(
+    case: &Case,
+    engines: Vec<Engine>,
+    clock: Arc<ManualClock>,
+) -> Result<(), String> {
+    let mut runs: Vec<Run> = engines
+        .into_iter()
+        .map(|e| Run::new(e, config(case).resume_grace))
+        .collect();
     let mut names: Vec<Names> = runs.iter().map(|_| Names::default()).collect();
     let mut d = Driver {
         clock,
@@ -671,7 +688,11 @@ async fn step(runs: &mut [Run], names: &mut [Names], d: &mut Driver, op: Op) -> 
             d.conn[user]
         }
         Op::MediaReady { .. } | Op::MediaFailed { .. } => {
-            if runs[0].pending.is_empty() || runs.iter().any(|r| r.pending.len() != runs[0].pending.len()) {
+            if runs[0].pending.is_empty()
+                || runs
+                    .iter()
+                    .any(|r| r.pending.len() != runs[0].pending.len())
+            {
                 return Ok(());
             }
             None
@@ -694,18 +715,24 @@ async fn step(runs: &mut [Run], names: &mut [Names], d: &mut Driver, op: Op) -> 
         let (result, outcome) = perform(run, d, op, conn).await;
         seen.push(observe(run, d, names, result, outcome).await);
     }
-    d.trace.push(format!("@{} {op:?} -> {}", d.now() - START_MS, brief(&seen[0])));
+    d.trace.push(format!(
+        "@{} {op:?} -> {}",
+        d.now() - START_MS,
+        brief(&seen[0])
+    ));
     compare(runs, d, &format!("{op:?}"), &seen)
 }
 
 /// Moves the clock by `ms`, firing every timer that falls due on the way, at its due time;
 /// then the Redis engines tick.
-async fn advance(runs: &mut [Run], names: &mut [Names], d: &mut Driver, ms: u64) -> Result<(), String> {
+async fn advance(
+    runs: &mut [Run],
+    names: &mut [Names],
+    d: &mut Driver,
+    ms: u64,
+) -> Result<(), String> {
     let target = d.now() + ms;
-    loop {
-        let Some(at) = runs[0].next_due(target) else {
-            break;
-        };
+    while let Some(at) = runs[0].next_due(target) {
         d.clock.advance(Duration::from_millis(at - d.now()));
         let mut seen = Vec::new();
         let mut what = String::new();
@@ -739,7 +766,11 @@ async fn advance(runs: &mut [Run], names: &mut [Names], d: &mut Driver, ms: u64)
             };
             seen.push(observe(run, d, names, result, outcome_v).await);
         }
-        d.trace.push(format!("@{} fire {what} -> {}", d.now() - START_MS, brief(&seen[0])));
+        d.trace.push(format!(
+            "@{} fire {what} -> {}",
+            d.now() - START_MS,
+            brief(&seen[0])
+        ));
         compare(runs, d, &format!("firing {what}"), &seen)?;
     }
     d.clock.advance(Duration::from_millis(target - d.now()));
@@ -748,13 +779,22 @@ async fn advance(runs: &mut [Run], names: &mut [Names], d: &mut Driver, ms: u64)
     for (run, names) in runs.iter_mut().zip(names.iter_mut()) {
         let outcome = run.engine.tick().await;
         let nothing = outcome.as_ref().is_none_or(|o| {
-            o.timers.is_empty() && o.pending.is_empty() && o.ended.is_empty() && o.ended_sessions.is_empty()
+            o.timers.is_empty()
+                && o.pending.is_empty()
+                && o.ended.is_empty()
+                && o.ended_sessions.is_empty()
         });
         let v = observe(run, d, names, json!(nothing), Value::Null).await;
         seen.push(v);
     }
-    d.trace.push(format!("@{} advance({ms} ms)", d.now() - START_MS));
-    compare(runs, d, &format!("advance({ms} ms) and the Redis tick"), &seen)
+    d.trace
+        .push(format!("@{} advance({ms} ms)", d.now() - START_MS));
+    compare(
+        runs,
+        d,
+        &format!("advance({ms} ms) and the Redis tick"),
+        &seen,
+    )
 }
 
 /// A one-line summary of an observation for the trace: result and frames.
@@ -768,17 +808,14 @@ fn brief(v: &Value) -> String {
                     .iter()
                     .find_map(|k| f.get(*k).map(|x| format!(" {x}")))
                     .unwrap_or_default();
-                s.push_str(&format!("; {u} {}{detail}", f["type"].as_str().unwrap_or("?")));
+                s.push_str(&format!(
+                    "; {u} {}{detail}",
+                    f["type"].as_str().unwrap_or("?")
+                ));
             }
         }
     }
     s
-}
-
-impl fmt::Debug for Run {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.engine.name)
-    }
 }
 
 /// The Redis servers of a test run.
@@ -803,7 +840,12 @@ pub fn cases() -> u32 {
 
 /// Makes the engines of one case, each on the case's clock, the Redis ones in a namespace of
 /// their own.
-pub async fn engines(servers: &Servers, case: &Case, n: u64, clock: &Arc<ManualClock>) -> Vec<Engine> {
+pub async fn engines(
+    servers: &Servers,
+    case: &Case,
+    n: u64,
+    clock: &Arc<ManualClock>,
+) -> Vec<Engine> {
     let config = config(case);
     let mut engines = vec![Engine::memory(&config, clock.clone())];
     if let Some(r) = &servers.single {
