@@ -53,7 +53,7 @@ use serde_json::{json, Value};
 use super::common::redis::{RedisCluster, RedisServer};
 use super::engines::{Engine, EngineConfig, RedisTarget};
 
-pub const DEFAULT_CASES: u32 = 24;
+pub const DEFAULT_CASES: u32 = 48;
 const MAX_USERS: usize = 5;
 const MAX_OPS: usize = 80;
 /// The test clock's start (unix ms).
