@@ -29,6 +29,7 @@ pub mod address;
 pub mod auth;
 pub mod backoff;
 pub mod bus;
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod flags;

@@ -1,4 +1,10 @@
-//! Model-based property test of the in-memory matcher ([`MemoryMatchmaker`]).
+//! Model tests of the matching engines. This file: a model-based property test of the
+//! in-memory matcher; `model/differential.rs`: the same kind of generated sequences, with
+//! every rule on, run against memory, Redis and Redis Cluster and compared; `model/broken.rs`:
+//! deliberately broken engines that the differential test must catch; `model/engines.rs`:
+//! the one adapter between these tests and the engines.
+//!
+//! The model test of the in-memory matcher:
 //!
 //! proptest generates random sequences of operations by 2 to 12 users over 2 or 3 pools:
 //! `attach` (a fresh, growing connection id, optionally with a resume), `enqueue`, `skip`,
@@ -59,17 +65,23 @@
 //! steps, on top of proptest's minimal input (its shrinking deletes each step only once). The
 //! test writes no files (`failure_persistence: None`).
 
+#[path = "model/broken.rs"]
+mod broken;
+mod common;
+#[path = "model/differential.rs"]
+mod differential;
+#[path = "model/engines.rs"]
+mod engines;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use matchgate::bus::{Bus, Frame};
-use matchgate::matching::memory::{MemoryMatchmaker, Policy};
-use matchgate::matching::{
-    Administration, ClientOperations, ConnId, MatchError, MediaMode, Outcome, Resume, Rules,
-    Timers, UserId,
-};
+use engines::{Engine, EngineConfig};
+use matchgate::bus::Frame;
+use matchgate::clock::ManualClock;
+use matchgate::matching::{ConnId, MatchError, MediaMode, Outcome, Resume, Rules, UserId};
 use matchgate::p2p::IceServers;
 use matchgate::protocol::{Prefs, Role, StateName};
 use proptest::prelude::*;
@@ -248,22 +260,6 @@ fn user_id(u: usize) -> UserId {
     format!("u{u}").into()
 }
 
-/// Records every frame the matchmaker hands out, in delivery order.
-#[derive(Default)]
-struct Recorder(Mutex<Vec<(UserId, Frame)>>);
-
-impl Bus for Recorder {
-    fn deliver(&self, user: &UserId, frame: Frame) {
-        self.0.lock().unwrap().push((user.clone(), frame));
-    }
-}
-
-impl Recorder {
-    fn take(&self) -> Vec<(UserId, Frame)> {
-        std::mem::take(&mut *self.0.lock().unwrap())
-    }
-}
-
 /// What a user's client should believe, from its events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Act {
@@ -365,8 +361,8 @@ struct Half {
 }
 
 struct Harness {
-    mm: MemoryMatchmaker,
-    bus: Arc<Recorder>,
+    /// The memory engine (the model test sees every frame, also those for away users).
+    engine: Engine,
     requeue_peer: bool,
     pools: usize,
     skip_limit: u32,
@@ -406,11 +402,13 @@ enum Cause {
 /// The cooldown, the quick threshold and the skip window: longer than any run.
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn policy(case: &Case) -> Policy {
-    Policy {
+fn config(case: &Case) -> EngineConfig {
+    EngineConfig {
         requeue_peer_on_skip: case.requeue_peer_on_skip,
         history_len: 1000,
         history_ttl: HOUR,
+        // Expiry is the test's own operation here.
+        resume_grace: HOUR,
         media: MediaMode::P2p(Arc::new(IceServers::new(Vec::new(), None))),
         rules: Rules {
             // Zero: anti-repeat would hold back eligible pairs (tested in tests/safety.rs).
@@ -444,10 +442,9 @@ fn text(v: &Value, field: &str) -> String {
 
 impl Harness {
     fn new(case: &Case) -> Self {
-        let bus = Arc::new(Recorder::default());
         Harness {
-            mm: MemoryMatchmaker::new(bus.clone(), policy(case)),
-            bus,
+            // Time stands still: no rule of this model depends on it.
+            engine: Engine::memory(&config(case), Arc::new(ManualClock::new(0))),
             requeue_peer: case.requeue_peer_on_skip,
             pools: case.pools,
             skip_limit: case.skip_limit,
@@ -570,7 +567,10 @@ impl Harness {
                         Expect::Ok
                     }
                 };
-                (expect, self.mm.enqueue(&id, prefs(pool), reference).await)
+                (
+                    expect,
+                    self.engine.mm.enqueue(&id, prefs(pool), reference).await,
+                )
             }
             Op::Skip { .. } => {
                 let m = &self.users[u];
@@ -584,19 +584,19 @@ impl Harness {
                 if expect == Expect::Ok && self.count_quick(u) {
                     self.cooldown_push = Some(u);
                 }
-                (expect, self.mm.skip(&id, reference).await)
+                (expect, self.engine.mm.skip(&id, reference).await)
             }
             Op::End { .. } => {
                 let m = &self.users[u];
                 let ok = m.exists && m.act != Act::Idle;
                 ends_session = ok && matches!(m.act, Act::InSession { .. });
-                (expect_if(ok), self.mm.end(&id, reference).await)
+                (expect_if(ok), self.engine.mm.end(&id, reference).await)
             }
             Op::Block { .. } => {
                 let current = self.peer_of(u);
                 let target = current.or(self.users[u].last_peer);
                 let ok = self.users[u].exists && target.is_some();
-                let engine = self.mm.recent_peer(&id, None).await.ok();
+                let engine = self.engine.mm.recent_peer(&id, None).await.ok();
                 let engine = engine.map(|found| found.peer);
                 ensure!(
                     engine == target.filter(|_| ok).map(user_id),
@@ -608,7 +608,7 @@ impl Harness {
                     self.block(u, t);
                 }
                 ends_session = ok && current.is_some();
-                (expect_if(ok), self.mm.block(&id, None).await)
+                (expect_if(ok), self.engine.mm.block(&id, None).await)
             }
             Op::Detach { stale, .. } => {
                 let conn = self.conn_for(u, stale);
@@ -618,7 +618,7 @@ impl Harness {
                 } else {
                     self.noop = true;
                 }
-                (Expect::Ok, self.mm.detach(&id, ConnId(conn)).await)
+                (Expect::Ok, self.engine.mm.detach(&id, ConnId(conn)).await)
             }
             Op::Expire { stale, .. } => {
                 let conn = self.conn_for(u, stale);
@@ -626,7 +626,7 @@ impl Harness {
                 expires = m.exists && m.conn == conn && m.away;
                 let drops = expires && m.act == Act::Idle;
                 self.noop = !expires;
-                let result = self.mm.expire(&id, ConnId(conn)).await;
+                let result = self.engine.mm.expire(&id, ConnId(conn)).await;
                 if drops {
                     self.users[u].drop_state();
                 }
@@ -637,7 +637,7 @@ impl Harness {
             Act::InSession { sid } => Some(sid.clone()),
             _ => None,
         };
-        let frames = self.bus.take();
+        let frames = self.engine.frames(&HashSet::new()).await;
         let summary = match &result {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("error: {e}"),
@@ -708,6 +708,7 @@ impl Harness {
         m.conn = conn;
         m.away = false;
         let attached = self
+            .engine
             .mm
             .attach(
                 &user_id(u),
@@ -715,7 +716,7 @@ impl Harness {
                 presented.as_ref().map(|(_, r)| r.clone()),
             )
             .await;
-        let frames = self.bus.take();
+        let frames = self.engine.frames(&HashSet::new()).await;
         let op = Op::Attach { user: u, resume };
         let attached = match attached {
             Ok(a) => a,
@@ -843,11 +844,12 @@ impl Harness {
         for p in 0..self.pools {
             let key = prefs(p).pool_key();
             if outcome.changed_pools.iter().any(|k| **k == *key) {
-                self.mm
+                self.engine
+                    .mm
                     .refresh_pool(&key)
                     .await
                     .map_err(|e| format!("refresh_pool failed: {e}"))?;
-                let frames = self.bus.take();
+                let frames = self.engine.frames(&HashSet::new()).await;
                 let events = self.apply(Cause::Refresh(p), frames)?;
                 if !events.is_empty() {
                     self.trace.push(format!("  refresh_pool(p{p}){events}"));
@@ -1229,7 +1231,7 @@ impl Harness {
     /// After every step: `status` of everyone, `stats`, and liveness (check 5).
     async fn check_all(&self) -> Result<(), String> {
         for (u, m) in self.users.iter().enumerate() {
-            let status = self.mm.status(&user_id(u)).await;
+            let status = self.engine.mm.status(&user_id(u)).await;
             if !m.exists {
                 ensure!(
                     matches!(status, Err(MatchError::InvalidState(_))),
@@ -1265,6 +1267,7 @@ impl Harness {
             }
         }
         let stats = self
+            .engine
             .mm
             .stats()
             .await

@@ -1,17 +1,17 @@
 //! The Redis engine called directly (no gateway) against a real `redis-server`, with the test
-//! clock (`RedisMatchmaker::with_clock_override`) where a rule depends on time: the recent
+//! clock (`RedisMatchmaker::with_clock`) where a rule depends on time: the recent
 //! partner a `block` or `report` defaults to outlives an hour as in the memory engine, both
 //! engines make ids of one format, and the test clock drives the rules.
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
 use common::redis::RedisServer;
 use matchgate::bus::{Bus, Frame};
+use matchgate::clock::ManualClock;
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
 use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
 use matchgate::matching::{
@@ -37,7 +37,7 @@ fn no_ice_servers() -> MediaMode {
 }
 
 /// A Redis engine whose clock is `clock` (unix ms).
-fn redis_engine(url: &str, rules: Rules, clock: Arc<AtomicU64>) -> RedisMatchmaker {
+fn redis_engine(url: &str, rules: Rules, clock: Arc<ManualClock>) -> RedisMatchmaker {
     let settings = RedisSettings {
         urls: vec![url.to_string()],
         cluster: false,
@@ -54,7 +54,7 @@ fn redis_engine(url: &str, rules: Rules, clock: Arc<AtomicU64>) -> RedisMatchmak
     };
     RedisMatchmaker::new(settings, Arc::new(Metrics::new()))
         .expect("Redis matchmaker")
-        .with_clock_override(Arc::new(move || clock.load(Ordering::SeqCst)))
+        .with_clock(clock)
 }
 
 /// Keeps every frame the memory engine delivers.
@@ -105,7 +105,7 @@ fn id_shape(id: &str) -> (String, usize) {
 #[tokio::test]
 async fn both_engines_make_ids_of_one_format() {
     let redis = RedisServer::start().await;
-    let clock = Arc::new(AtomicU64::new(1_700_000_000_000));
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
     let redis_engine = redis_engine(&redis.url(), rules(&[]), clock);
     let frames = Arc::new(Frames::default());
     let memory = MemoryMatchmaker::new(
@@ -155,7 +155,7 @@ async fn block_and_report_find_a_partner_met_over_an_hour_ago() {
     let redis = RedisServer::start().await;
     let url = redis.url();
     let start = 1_700_000_000_000;
-    let clock = Arc::new(AtomicU64::new(start));
+    let clock = Arc::new(ManualClock::new(start));
     let engine = redis_engine(&url, rules(&[]), clock.clone());
     let (a, b, c) = (user("alice"), user("bob"), user("carol"));
     match_pair(&engine, &a, &b).await;
@@ -163,7 +163,7 @@ async fn block_and_report_find_a_partner_met_over_an_hour_ago() {
     engine.end(&a, None).await.unwrap();
 
     // Two hours later (by the engine's clock), and no expiry by Redis's clock either.
-    clock.store(start + 2 * HOUR_MS, Ordering::SeqCst);
+    clock.advance(Duration::from_millis(2 * HOUR_MS));
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let ttl: i64 = redis::cmd("PTTL")
@@ -192,7 +192,7 @@ async fn block_and_report_find_a_partner_met_over_an_hour_ago() {
     // alice leaves for good: her conduct now expires (by Redis's clock), her state goes.
     engine.detach(&a, ConnId(1)).await.unwrap();
     for _ in 0..2 {
-        clock.fetch_add(6_000, Ordering::SeqCst);
+        clock.advance(Duration::from_millis(6_000));
         engine.expire(&a, ConnId(1)).await.unwrap();
     }
     let ttl: i64 = redis::cmd("PTTL")
@@ -215,7 +215,7 @@ async fn block_and_report_find_a_partner_met_over_an_hour_ago() {
 async fn the_test_clock_drives_the_rules() {
     let redis = RedisServer::start().await;
     let start = 1_700_000_000_000;
-    let clock = Arc::new(AtomicU64::new(start));
+    let clock = Arc::new(ManualClock::new(start));
     let engine = redis_engine(
         &redis.url(),
         rules(&["--enqueue-per-minute", "1"]),
@@ -231,7 +231,7 @@ async fn the_test_clock_drives_the_rules() {
     assert_eq!(matched["started_at_ms"], start);
 
     // A session longer than a quick skip, then a second enqueue within the minute.
-    clock.store(start + 40_000, Ordering::SeqCst);
+    clock.advance(Duration::from_millis(40_000));
     engine.end(&a, None).await.unwrap();
     let err = engine
         .enqueue(&a, Prefs::default(), None)
@@ -246,6 +246,6 @@ async fn the_test_clock_drives_the_rules() {
         ),
         "{err:?}"
     );
-    clock.store(start + 60_000, Ordering::SeqCst);
+    clock.advance(Duration::from_millis(20_000));
     engine.enqueue(&a, Prefs::default(), None).await.unwrap();
 }

@@ -32,7 +32,8 @@ use super::{
     SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, Timers, UserId,
 };
 use crate::bus::{Bus, Frame};
-use crate::ids::{random_id, unix_ms};
+use crate::clock::{Clock, SystemClock};
+use crate::ids::random_id;
 use crate::protocol::{
     encode_event, CancelReason, DequeueReason, EndReason, ErrorCode, Event, Media, PeerState,
     Prefs, Relay, Role, StateName,
@@ -57,14 +58,22 @@ pub struct MemoryMatchmaker {
     state: Mutex<State>,
     bus: Arc<dyn Bus>,
     policy: Policy,
+    clock: Arc<dyn Clock>,
 }
 
 impl MemoryMatchmaker {
     pub fn new(bus: Arc<dyn Bus>, policy: Policy) -> Self {
+        Self::with_clock(bus, policy, Arc::new(SystemClock))
+    }
+
+    /// A matchmaker that reads every `now` from `clock` (tests drive time with a
+    /// [`ManualClock`](crate::clock::ManualClock)).
+    pub fn with_clock(bus: Arc<dyn Bus>, policy: Policy, clock: Arc<dyn Clock>) -> Self {
         MemoryMatchmaker {
             state: Mutex::new(State::default()),
             bus,
             policy,
+            clock,
         }
     }
 
@@ -78,7 +87,8 @@ impl MemoryMatchmaker {
         let mut step = Step {
             bus: self.bus.as_ref(),
             policy: &self.policy,
-            now: Instant::now(),
+            now: self.clock.now(),
+            unix_ms: self.clock.unix_ms(),
             actor,
             reference,
             outcome: Outcome::default(),
@@ -98,6 +108,8 @@ struct Step<'a> {
     bus: &'a dyn Bus,
     policy: &'a Policy,
     now: Instant,
+    /// `now` in Unix milliseconds, for the times frames carry.
+    unix_ms: u64,
     /// The user whose request this is: their first event is the direct reply and echoes `ref`.
     actor: Option<&'a UserId>,
     reference: Option<&'a str>,
@@ -742,7 +754,7 @@ impl State {
             session_id.clone(),
             Session {
                 members: members.clone(),
-                created_ms: unix_ms(),
+                created_ms: step.unix_ms,
                 phase,
                 live_since: None,
                 started_at_ms: 0,
@@ -751,7 +763,7 @@ impl State {
         match phase {
             Phase::Proposed { .. } => {
                 let timeout = policy.rules.accept_timeout.unwrap_or_default();
-                let expires_at_ms = unix_ms() + timeout.as_millis() as u64;
+                let expires_at_ms = step.unix_ms + timeout.as_millis() as u64;
                 for i in 0..2 {
                     self.emit(
                         step,
@@ -794,7 +806,7 @@ impl State {
         let Some(s) = self.sessions.get_mut(session_id) else {
             return;
         };
-        let started_at_ms = unix_ms();
+        let started_at_ms = step.unix_ms;
         let media = match (rooms, &step.policy.media) {
             (Some(rooms), _) => rooms,
             // Each member's credentials name its own handle (what its peer knows it by).
@@ -1023,7 +1035,7 @@ impl State {
                 session_id: session_id.clone(),
                 users: s.members.map(|m| m.user),
                 started_at_ms: s.started_at_ms,
-                ended_at_ms: unix_ms(),
+                ended_at_ms: step.unix_ms,
                 ended_by: Some(id.clone()),
                 reason: own_reason,
             });
@@ -1679,7 +1691,7 @@ impl ClientOperations for MemoryMatchmaker {
             .session_of(user)
             .ok_or(MatchError::InvalidState("not in a session".into()))?;
         // Delivered under the lock, so that it cannot overtake the end of its session.
-        let text = message.frame(&session_id, unix_ms());
+        let text = message.frame(&session_id, self.clock.unix_ms());
         self.bus.deliver(&peer, Frame { seq: None, text });
         Ok(())
     }
@@ -1877,7 +1889,7 @@ impl Administration for MemoryMatchmaker {
         Ok(Overview {
             pools,
             sessions: state.sessions.len() as u64,
-            matches: state.matches.at(unix_ms()),
+            matches: state.matches.at(self.clock.unix_ms()),
             instances: Vec::new(),
         })
     }

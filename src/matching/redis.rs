@@ -33,6 +33,7 @@ use super::{
     SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, Timers, UserId,
 };
 use crate::bus::Frame;
+use crate::clock::Clock;
 use crate::ids::random_id;
 use crate::metrics::Metrics;
 use crate::p2p::IceServers;
@@ -218,12 +219,6 @@ fn library_settings(s: &RedisSettings) -> String {
     serde_json::to_string(&settings).expect("settings serialise")
 }
 
-/// For tests only: the time (unix ms) the library reads instead of Redis's clock, in every
-/// rule (queue waits, anti-repeat, cooldowns, the enqueue rate, grace periods, deadlines,
-/// liveness). Key expiry, which only collects garbage (logs, de-duplication marks, leases,
-/// the state of users gone for good), stays on Redis's own clock. The gateway never sets it.
-pub type ClockOverride = Arc<dyn Fn() -> u64 + Send + Sync>;
-
 enum Pool {
     Single(deadpool_redis::Pool),
     Cluster(deadpool_redis::cluster::Pool),
@@ -267,8 +262,8 @@ pub struct RedisMatchmaker {
     library_settings: String,
     /// Media mode p2p: the arguments of the call that writes this instance's ICE servers.
     p2p_config: Option<Value>,
-    /// For tests only: see [`ClockOverride`].
-    clock_override: Option<ClockOverride>,
+    /// For tests only: see [`RedisMatchmaker::with_clock`].
+    clock: Option<Arc<dyn Clock>>,
     metrics: Arc<Metrics>,
 }
 
@@ -688,16 +683,20 @@ impl RedisMatchmaker {
                 MediaMode::P2p(ice) => Some(p2p_config_args(ice)),
                 MediaMode::LiveKit { .. } => None,
             },
-            clock_override: None,
+            clock: None,
             settings,
             metrics,
         })
     }
 
-    /// For tests only (a differential test drives the engine's time): every call reads the
-    /// time from `clock` instead of Redis's clock. See [`ClockOverride`] for what it covers.
-    pub fn with_clock_override(mut self, clock: ClockOverride) -> Self {
-        self.clock_override = Some(clock);
+    /// For tests only (the differential model test drives the engines' time): every call
+    /// passes `clock`'s time as `now_ms`, which the library reads instead of Redis's `TIME` in
+    /// every rule (queue waits, anti-repeat, cooldowns, the enqueue rate, grace periods,
+    /// deadlines, liveness). Key expiry, which only collects garbage (logs, de-duplication
+    /// marks, leases, the state of users gone for good), stays on Redis's own clock. The
+    /// gateway never sets it.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
         self
     }
 
@@ -767,12 +766,12 @@ impl RedisMatchmaker {
     /// for the ids it makes (and the test clock, if set).
     fn fcall(&self, operation: &str, mut args: Value) -> redis::Cmd {
         args["entropy"] = random_id("", 16).into();
-        if let Some(clock) = &self.clock_override {
-            args["now_ms"] = clock().into();
+        if let Some(clock) = &self.clock {
+            args["now_ms"] = clock.unix_ms().into();
         }
         let mut fcall = redis::cmd("FCALL");
+        fcall.arg(&self.library.function);
         fcall
-            .arg(&self.library.function)
             .arg(1)
             .arg(&self.route_key)
             .arg(operation)

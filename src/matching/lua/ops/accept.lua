@@ -2,6 +2,7 @@
 -- accept {user, match_id}: accept phase; when both accepted, the match goes on (to its room,
 -- or live).
 OPS.accept = function()
+  if not state_of_user() then return fail('invalid_state', 'no live connection for this user') end
   local match_id = A.match_id
   local i = proposal_member(USER, match_id)
   if not i then return fail('invalid_state', 'no such proposal open') end

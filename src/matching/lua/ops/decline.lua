@@ -1,6 +1,7 @@
 
 -- decline {user, match_id}: accept phase; the match is undone, the peer goes back to its place.
 OPS.decline = function()
+  if not state_of_user() then return fail('invalid_state', 'no live connection for this user') end
   local match_id = A.match_id
   if not proposal_member(USER, match_id) then return fail('invalid_state', 'no such proposal open') end
   keep_apart(match_id)

@@ -3,6 +3,7 @@
 OPS['end'] = function()
   act_for_user()
   local state = state_of_user()
+  if not state then return fail('invalid_state', 'no live connection for this user') end
   if state == 'queued' then
     dequeue(USER, 'end')
   elseif state == 'pending' then
