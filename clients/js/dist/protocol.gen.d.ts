@@ -560,7 +560,7 @@ export interface StatusFrame {
     role?: "offerer" | "answerer";
 }
 /**
- * Server to client (informational, no `seq`, never replayed): the token this connection was opened (or last refreshed) with expires at `expires_at_ms`. Sent `MATCHGATE_TOKEN_EXPIRING_NOTICE_MS` (default 60 s) before then, or at once when the token expires sooner. Answer with `refresh` and a new token for the same user; without a valid one the connection is closed with 4008 once `expires_at_ms` plus the JWT leeway and `MATCHGATE_TOKEN_EXPIRY_GRACE_MS` (default 10 s) have passed.
+ * Server to client (informational, no `seq`, never replayed): the token this connection was opened (or last refreshed) with expires at `expires_at_ms`. Sent `MATCHGATE_TOKEN_EXPIRING_NOTICE_MS` (default 60 s) before then, but never before half of the token's remaining lifetime (as of when the connection got it) has passed, so short-lived tokens are not asked to refresh right after every refresh. Answer with `refresh` and a new token for the same user; without a valid one the connection is closed with 4008 once `expires_at_ms` plus the JWT leeway and `MATCHGATE_TOKEN_EXPIRY_GRACE_MS` (default 10 s) have passed.
  */
 export interface TokenExpiringFrame {
     type: "token_expiring";
