@@ -57,7 +57,7 @@ pub const DEFAULT_CASES: u32 = 48;
 const MAX_USERS: usize = 5;
 const MAX_OPS: usize = 80;
 /// The test clock's start (unix ms).
-const START_MS: u64 = 1_700_000_000_000;
+pub const START_MS: u64 = 1_700_000_000_000;
 
 /// A step of a generated sequence. Users are indexes; `pick` chooses among pending sessions.
 #[derive(Clone, Copy, PartialEq, Eq)]

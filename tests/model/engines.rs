@@ -8,8 +8,15 @@
 //! node's messages to a subscriber in order). Frames to users whose connection is away are
 //! dropped for memory (its bus hands them to the gateway, which has nobody to give them to;
 //! Redis does not publish them): the caller says who is away.
+//!
+//! The model test needs more: every frame the engine gave a user, also one a user away will
+//! only get in a resume's replay ([`Engine::handed_out`]). Redis writes such a frame to the
+//! user's log without publishing it, so the adapter also subscribes to the keyspace events
+//! of the deployment's logs (`notify-keyspace-events`, set on the node by the adapter): an
+//! `rpush` arrives in order with the published frames, and the log's newest entries are the
+//! frames it stands for.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,7 +58,8 @@ impl Bus for Recorder {
     }
 }
 
-/// What the subscriber of a Redis engine received: payloads in order.
+/// What the subscriber of a Redis engine received, in order: published payloads, and
+/// `L<user>` for each entry appended to a user's log.
 #[derive(Default)]
 struct Inbox {
     payloads: Mutex<Vec<String>>,
@@ -66,6 +74,8 @@ enum Source {
         /// A plain connection to the node that owns the deployment's slot, for the markers.
         publisher: redis::aio::MultiplexedConnection,
         channel: String,
+        /// The key of a user's log is this followed by the user id.
+        log_prefix: String,
         markers: AtomicU64,
         listener: tokio::task::JoinHandle<()>,
     },
@@ -117,6 +127,8 @@ impl Engine {
         let instance = "inst".to_string();
         let channel = layout.channel(&instance);
         let route_key = format!("{}:route", layout.prefix);
+        // The library's key root (`key_root` in keys.lua) holds the logs.
+        let log_prefix = format!("{}:v2:log:", layout.prefix);
         let settings = RedisSettings {
             urls: target.urls.clone(),
             cluster: target.cluster,
@@ -154,15 +166,33 @@ impl Engine {
                 break;
             }
         }
-        let (client, publisher) = owner.expect("a node that serves the deployment's slot");
+        let (client, mut publisher) = owner.expect("a node that serves the deployment's slot");
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg("Kl")
+            .query_async(&mut publisher)
+            .await
+            .expect("enabling keyspace events");
+        let keyspace = format!("__keyspace@0__:{log_prefix}");
         let mut pubsub = client.get_async_pubsub().await.expect("subscriber");
         pubsub.subscribe(&channel).await.expect("subscribing");
+        pubsub
+            .psubscribe(format!("{keyspace}*"))
+            .await
+            .expect("subscribing to the logs' keyspace events");
         let inbox = Arc::new(Inbox::default());
         let sink = inbox.clone();
         let listener = tokio::spawn(async move {
             let mut messages = pubsub.into_on_message();
             while let Some(msg) = messages.next().await {
                 let payload: String = msg.get_payload().unwrap_or_default();
+                let payload = match msg.get_channel_name().strip_prefix(&keyspace) {
+                    Some(user) if payload == "rpush" => format!("L{user}"),
+                    // Other changes of a log (its expiry, trimming, deletion) are no frames.
+                    Some(_) => continue,
+                    None => payload,
+                };
                 sink.payloads.lock().unwrap().push(payload);
                 sink.arrived.notify_waiters();
             }
@@ -175,6 +205,7 @@ impl Engine {
                 inbox,
                 publisher,
                 channel,
+                log_prefix,
                 markers: AtomicU64::new(0),
                 listener,
             },
@@ -185,44 +216,113 @@ impl Engine {
     pub async fn frames(&self, away: &HashSet<UserId>) -> Vec<(UserId, Frame)> {
         let all = match &self.source {
             Source::Memory(bus) => std::mem::take(&mut *bus.0.lock().unwrap()),
-            Source::Redis {
-                inbox,
-                publisher,
-                channel,
-                markers,
-                ..
-            } => {
-                let marker = format!("M{}", markers.fetch_add(1, Ordering::SeqCst));
-                let mut conn = publisher.clone();
-                let () = redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(&marker)
-                    .query_async::<i64>(&mut conn)
-                    .await
-                    .map(|_| ())
-                    .expect("publishing a marker");
-                let payloads = tokio::time::timeout(PATIENCE, async {
-                    loop {
-                        let arrived = inbox.arrived.notified();
-                        {
-                            let mut got = inbox.payloads.lock().unwrap();
-                            if let Some(i) = got.iter().position(|p| *p == marker) {
-                                let mut before: Vec<String> = got.drain(..=i).collect();
-                                before.pop();
-                                return before;
-                            }
-                        }
-                        arrived.await;
-                    }
-                })
+            Source::Redis { .. } => self
+                .received()
                 .await
-                .expect("the marker came back from Redis");
-                payloads.iter().filter_map(|p| parse_payload(p)).collect()
-            }
+                .iter()
+                .filter_map(|p| parse_payload(p))
+                .collect(),
         };
         all.into_iter()
             .filter(|(user, _)| !away.contains(user))
             .collect()
+    }
+
+    /// Every frame the engine gave a user since the last call, in order: also those with a
+    /// `seq` for `away` users (logged for their resume), but not those without (a
+    /// `queue_update` or `error` for a user away reaches nobody, in either engine).
+    pub async fn handed_out(&self, away: &HashSet<UserId>) -> Vec<(UserId, Frame)> {
+        let Source::Redis {
+            publisher,
+            log_prefix,
+            ..
+        } = &self.source
+        else {
+            return self
+                .frames(&HashSet::new())
+                .await
+                .into_iter()
+                .filter(|(user, frame)| frame.seq.is_some() || !away.contains(user))
+                .collect();
+        };
+        let payloads = self.received().await;
+        // Each log entry is followed by its frame's publication unless its user was away:
+        // the entries stand for the frames with a `seq`.
+        let mut appended: Vec<(UserId, usize)> = Vec::new();
+        for p in &payloads {
+            if let Some(user) = p.strip_prefix('L') {
+                match appended.iter_mut().find(|(u, _)| **u == *user) {
+                    Some((_, n)) => *n += 1,
+                    None => appended.push((user.into(), 1)),
+                }
+            }
+        }
+        let mut entries: HashMap<UserId, VecDeque<Frame>> = HashMap::new();
+        for (user, n) in appended {
+            let mut conn = publisher.clone();
+            let newest: Vec<String> = redis::cmd("LRANGE")
+                .arg(format!("{log_prefix}{user}"))
+                .arg(-(n as i64))
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .expect("reading a log");
+            assert_eq!(newest.len(), n, "{user}'s log lost entries it just got");
+            let frames = newest.iter().map(|e| parse_log_entry(e)).collect();
+            entries.insert(user, frames);
+        }
+        let mut out = Vec::new();
+        for p in &payloads {
+            if let Some(user) = p.strip_prefix('L') {
+                let user: UserId = user.into();
+                let frame = entries.get_mut(&user).and_then(|q| q.pop_front());
+                out.push((user, frame.expect("a log entry for each append")));
+            } else if let Some((user, frame)) = parse_payload(p) {
+                if frame.seq.is_none() {
+                    out.push((user, frame));
+                }
+            }
+        }
+        out
+    }
+
+    /// Redis: what the subscriber received up to a marker published now.
+    async fn received(&self) -> Vec<String> {
+        let Source::Redis {
+            inbox,
+            publisher,
+            channel,
+            markers,
+            ..
+        } = &self.source
+        else {
+            return Vec::new();
+        };
+        let marker = format!("M{}", markers.fetch_add(1, Ordering::SeqCst));
+        let mut conn = publisher.clone();
+        let () = redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(&marker)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .expect("publishing a marker");
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let arrived = inbox.arrived.notified();
+                {
+                    let mut got = inbox.payloads.lock().unwrap();
+                    if let Some(i) = got.iter().position(|p| *p == marker) {
+                        let mut before: Vec<String> = got.drain(..=i).collect();
+                        before.pop();
+                        return before;
+                    }
+                }
+                arrived.await;
+            }
+        })
+        .await
+        .expect("the marker came back from Redis")
     }
 
     /// Redis: one heartbeat tick of the instance, as its gateway runs it (with a period longer
@@ -236,6 +336,17 @@ impl Engine {
             .await
             .expect("Redis tick");
         Some(tick.outcome)
+    }
+}
+
+/// A log entry `<seq> <unix ms> <frame>`.
+fn parse_log_entry(entry: &str) -> Frame {
+    let mut parts = entry.splitn(3, ' ');
+    let seq = parts.next().and_then(|s| s.parse().ok());
+    let text = parts.nth(1).expect("a log entry's frame");
+    Frame {
+        seq,
+        text: text.into(),
     }
 }
 
