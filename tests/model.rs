@@ -1,17 +1,24 @@
-//! Model tests of the matching engines. This file: a model-based property test of the
-//! in-memory matcher; `model/differential.rs`: the same kind of generated sequences, with
-//! every rule on, run against memory, Redis and Redis Cluster and compared; `model/broken.rs`:
-//! deliberately broken engines that the differential test must catch; `model/engines.rs`:
-//! the one adapter between these tests and the engines.
+//! Model tests of the matching engines. This file: a model-based property test of every
+//! engine (memory, Redis, Redis Cluster); `model/differential.rs`: the same kind of generated
+//! sequences, with every rule on, run against the three engines and compared;
+//! `model/broken.rs`: deliberately broken engines that the differential test must catch;
+//! `model/engines.rs`: the one adapter between these tests and the engines.
 //!
-//! The model test of the in-memory matcher:
+//! The model test runs as one test per engine (`memory_keeps_the_model_invariants` and its
+//! `redis_` and `cluster_` twins), each on the same generated sequences, the Redis engines on
+//! real `redis-server` processes (one server or cluster per test run, a fresh namespace per
+//! run of a case), through the adapter the differential test uses.
 //!
 //! proptest generates random sequences of operations by 2 to 12 users over 2 or 3 pools:
 //! `attach` (a fresh, growing connection id, optionally with a resume), `enqueue`, `skip`,
 //! `end`, `block` (the current or most recent peer), `detach` (the current or a stale
 //! connection) and `expire` (the grace period of that connection ran out). They drive the real
-//! engine through its public async API, with no sockets: a recording [`Bus`] captures every
-//! frame, in order. Every user is attached once before the sequence starts.
+//! engine through its public async API, with no sockets. The model sees every frame the engine
+//! gave a user, in order: memory's through a recording bus, Redis's from its pub/sub channel
+//! and, for a user away, from the user's log (what a resume replays; see `model/engines.rs`).
+//! A frame without `seq` (`error`, `queue_update`) for a user away reaches nobody in either
+//! engine, so the `error` that starts a cooldown is due only to a connected skipper. Every
+//! user is attached once before the sequence starts.
 //!
 //! The reference model is the client-visible state, built only from the events the users
 //! receive (`queued`, `dequeued`, `matched`, `session_ended`, `peer_status`, `queue_update`)
@@ -44,6 +51,12 @@
 //!    `queue_update` frames (from `refresh_pool` on the changed pools) carry the model's
 //!    position and go to connected waiting users only.
 //!
+//! Time is a manual clock that moves only by the grace period ([`GRACE`]) right before each
+//! `expire`, as the gateway calls it when the grace period is over (Redis acts only on an
+//! expiry that is due; memory trusts its gateway's timer). A run therefore stays within the
+//! hour (at most [`MAX_OPS`] grace periods), and the grace period is long next to a run's real
+//! time (Redis expires a held user's log after two grace periods of real time).
+//!
 //! Quick skips and cooldowns are modelled with every session quick and nothing expiring
 //! within a run (the quick threshold, the skip window and the one cooldown are an hour): a
 //! `skip`, and an `enqueue` after the user ended its session (`end`, or `block` of the current
@@ -59,6 +72,9 @@
 //! Those rules are tested end to end elsewhere: anti-repeat, cooldowns over time, the enqueue
 //! rate, the accept phase and relaxation in `tests/safety.rs`, media in `tests/livekit.rs`.
 //! `requeue_peer_on_skip` is generated both ways.
+//!
+//! `MODEL_CASES` sets the number of cases (for memory at least [`MEMORY_CASES`], its default;
+//! for the Redis engines the differential test's default); `MODEL_ENGINES` picks the engines.
 //!
 //! A failure reports the trace of the failing run (each step with its result and events;
 //! session ids shortened to S1, S2, ...) and the shortest failing sequence found by dropping
@@ -692,7 +708,10 @@ impl Harness {
                 let events = self.apply(Cause::Op(op), frames)?;
                 self.trace.push(format!("{op:?} -> {summary}{events}"));
                 // The `error` that tells of the cooldown has no `seq`: a skipper away misses it.
-                if self.cooldown_push.is_some_and(|s| !self.users[s].connected()) {
+                if self
+                    .cooldown_push
+                    .is_some_and(|s| !self.users[s].connected())
+                {
                     self.cooldown_push = None;
                 }
                 ensure!(
@@ -1478,15 +1497,15 @@ fn run(subject: &Subject, case: &Case) -> Result<(), String> {
 }
 
 /// Checks the model against engine `name` (unless `MODEL_ENGINES` leaves it out) on
-/// `MODEL_CASES` generated cases, by default [`MEMORY_CASES`] for memory and the differential
-/// test's number for the Redis engines, whose steps are round trips.
+/// `MODEL_CASES` generated cases (memory, whose steps cost no round trips, on at least
+/// [`MEMORY_CASES`]).
 fn check(name: &'static str) {
     if !differential::wanted(name) {
         eprintln!("{name} left out by MODEL_ENGINES");
         return;
     }
-    let cases = match std::env::var("MODEL_CASES") {
-        Err(_) if name == "memory" => MEMORY_CASES,
+    let cases = match name {
+        "memory" => differential::cases().max(MEMORY_CASES),
         _ => differential::cases(),
     };
     let subject = Subject::new(name);

@@ -24,11 +24,11 @@
 //! memory's; any difference fails with the step, both observations, and the shortest failing
 //! sequence proptest finds.
 //!
-//! Memory itself is checked against the client-visible model in `tests/model.rs` (rules that
-//! the model does not cover switched off); this test carries that to the other engines and to
-//! every rule. `MODEL_CASES` sets the number of cases (default [`DEFAULT_CASES`]);
-//! `MODEL_ENGINES` (e.g. `memory,redis`) picks the engines; `MODEL_TRACE=1` prints the trace of
-//! every passing case (with `--nocapture`).
+//! Each engine is checked against the client-visible model in `tests/model.rs` (rules that
+//! the model does not cover switched off); this test carries agreement to every rule.
+//! `MODEL_CASES` sets the number of cases (default [`DEFAULT_CASES`]); `MODEL_ENGINES` (e.g.
+//! `memory,redis`) picks the engines (here and in the model test); `MODEL_TRACE=1` prints the
+//! trace of every passing case (with `--nocapture`).
 //!
 //! Redis key expiry runs on the real clock, so the configuration keeps every duration that
 //! becomes a key's lifetime far longer than a case takes (seconds of real time), and block
