@@ -230,7 +230,9 @@ impl Engine {
 
     /// Every frame the engine gave a user since the last call, in order: also those with a
     /// `seq` for `away` users (logged for their resume), but not those without (a
-    /// `queue_update` or `error` for a user away reaches nobody, in either engine).
+    /// `queue_update` or `error` for a user away reaches nobody, in either engine). Redis
+    /// must have published every frame for a user not away, and logged every frame with a
+    /// `seq`.
     pub async fn handed_out(&self, away: &HashSet<UserId>) -> Vec<(UserId, Frame)> {
         let Source::Redis {
             publisher,
@@ -271,16 +273,29 @@ impl Engine {
             let frames = newest.iter().map(|e| parse_log_entry(e)).collect();
             entries.insert(user, frames);
         }
+        // The library publishes a frame right after logging it, unless its user is away.
         let mut out = Vec::new();
-        for p in &payloads {
+        let mut rest = payloads.iter().peekable();
+        while let Some(p) = rest.next() {
             if let Some(user) = p.strip_prefix('L') {
                 let user: UserId = user.into();
-                let frame = entries.get_mut(&user).and_then(|q| q.pop_front());
-                out.push((user, frame.expect("a log entry for each append")));
-            } else if let Some((user, frame)) = parse_payload(p) {
-                if frame.seq.is_none() {
-                    out.push((user, frame));
+                let logged = entries.get_mut(&user).and_then(|q| q.pop_front());
+                let logged = logged.expect("a log entry for each append");
+                if !away.contains(&user) {
+                    let published = rest.next().and_then(|p| parse_payload(p));
+                    assert_eq!(
+                        published.as_ref(),
+                        Some(&(user.clone(), logged.clone())),
+                        "a frame logged for {user}, who is connected, and not published"
+                    );
                 }
+                out.push((user, logged));
+            } else if let Some((user, frame)) = parse_payload(p) {
+                assert!(
+                    frame.seq.is_none(),
+                    "a frame with a seq published for a user away, or not logged: {p}"
+                );
+                out.push((user, frame));
             }
         }
         out
