@@ -1079,6 +1079,22 @@ impl State {
         Ok(lived)
     }
 
+    /// Ends the live session of `offerer` for both members on behalf of neither (the media
+    /// server closed the room, a moderator ended it): both get `reason`, nobody is re-queued,
+    /// and the record names nobody as the one who ended it.
+    fn end_for_both(
+        &mut self,
+        step: &mut Step<'_>,
+        offerer: &UserId,
+        reason: EndReason,
+    ) -> Result<(), MatchError> {
+        self.end_session(step, offerer, (reason, false), (reason, false))?;
+        if let Some(closed) = step.outcome.closed.last_mut() {
+            closed.ended_by = None;
+        }
+        Ok(())
+    }
+
     /// The user is gone: their conduct is forgotten once nothing in it can matter any more
     /// (the anti-repeat window, an hour for `block`/`report` defaults, a skip window after the
     /// longest cooldown), unless they are back by then.
@@ -1903,13 +1919,8 @@ impl Administration for MemoryMatchmaker {
             else {
                 return Ok(false);
             };
-            let user = s.members[0].user.clone();
-            let reason = (EndReason::EndedByModerator, false);
-            state.end_session(step, &user, reason, reason)?;
-            // Ended on behalf of the first member, but by neither.
-            if let Some(closed) = step.outcome.closed.last_mut() {
-                closed.ended_by = None;
-            }
+            let offerer = s.members[0].user.clone();
+            state.end_for_both(step, &offerer, EndReason::EndedByModerator)?;
             Ok(true)
         })?;
         Ok(ended.then_some(outcome))
@@ -1995,12 +2006,8 @@ impl MediaEvents for MemoryMatchmaker {
                 },
                 // The room is gone for both.
                 None => {
-                    let user = s.members[0].user.clone();
-                    state.end_session(step, &user, (reason, false), (reason, false))?;
-                    // Ended on behalf of the first member, but by neither.
-                    if let Some(closed) = step.outcome.closed.last_mut() {
-                        closed.ended_by = None;
-                    }
+                    let offerer = s.members[0].user.clone();
+                    state.end_for_both(step, &offerer, reason)?;
                 }
             }
             Ok(MediaEffect::Ended)

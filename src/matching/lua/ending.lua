@@ -116,3 +116,11 @@ local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue
   for _, who in ipairs(again) do requeue(who) end
   return lived
 end
+
+-- Ends the live session of `offerer` for both members on behalf of neither (the media server
+-- closed the room, a moderator ended it): both get `reason`, nobody is re-queued, and the
+-- record names nobody as the one who ended it.
+local function end_for_both(offerer, reason)
+  end_session(offerer, reason, false, reason, false)
+  out.closed[#out.closed].ended_by = nil
+end

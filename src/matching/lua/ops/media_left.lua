@@ -12,9 +12,7 @@ OPS.media_left = function()
     session_key(session), 'offerer', 'answerer', 'offerer_handle', 'answerer_handle', 'phase'))
   if not offerer or phase ~= 'live' then return result({ effect = 'no_session' }) end
   if left == nil then
-    end_session(offerer, 'media_disconnected', false, 'media_disconnected', false)
-    -- Ended on behalf of the offerer, but by neither.
-    out.closed[#out.closed].ended_by = nil
+    end_for_both(offerer, 'media_disconnected')
   elseif left == offerer_handle or left == answerer_handle then
     local who = offerer
     if left == answerer_handle then who = answerer end

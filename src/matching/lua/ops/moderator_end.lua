@@ -4,8 +4,6 @@
 OPS.moderator_end = function()
   local offerer, phase = unpack(redis.call('HMGET', session_key(A.session), 'offerer', 'phase'))
   if not offerer or phase ~= 'live' then return result({ ended = false }) end
-  end_session(offerer, 'ended_by_moderator', false, 'ended_by_moderator', false)
-  -- Ended on behalf of the offerer, but by neither.
-  out.closed[#out.closed].ended_by = nil
+  end_for_both(offerer, 'ended_by_moderator')
   return result({ ended = true })
 end
