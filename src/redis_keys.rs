@@ -95,6 +95,12 @@ impl Layout {
         format!("{}:filed_sessions:{user}", self.prefix)
     }
 
+    /// The outbound webhook events waiting for delivery (a stream read through a consumer
+    /// group; see `webhooks::outbox`).
+    pub fn webhook_outbox(&self) -> String {
+        format!("{}:webhook_outbox", self.prefix)
+    }
+
     /// The dev-mode signing secret the instances share (see `auth`).
     pub fn dev_secret(&self) -> String {
         format!("{}:dev-secret", self.prefix)
