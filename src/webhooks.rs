@@ -66,7 +66,8 @@ pub struct WebhookConfig {
     #[arg(long, env = "MATCHGATE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
-    /// Webhook events waiting for delivery per instance; beyond it new events are dropped
+    /// Webhook events waiting in each instance for delivery (Redis mode: for their write to the
+    /// outbox); beyond it new events are dropped
     /// (logged and counted in `matchgate_webhook_events_total{result="dropped"}`).
     #[arg(
         long,
@@ -389,7 +390,7 @@ struct Couriers {
 
 impl Couriers {
     /// Delivers `parcel` in a task holding `slot`, counts the result, then runs `finished`
-    /// with whether the answer was final (delivered or refused for good, or out of retries).
+    /// (the answer is final then: delivered, refused for good, or out of retries).
     fn deliver<F, Fut>(&self, slot: OwnedSemaphorePermit, parcel: Parcel, finished: F)
     where
         F: FnOnce() -> Fut + Send + 'static,

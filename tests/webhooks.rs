@@ -6,7 +6,8 @@
 //! draining instance delivers what it still has;
 //! with two instances on one Redis each session event is sent by exactly one of them; the
 //! events an instance had taken when it was killed are taken over from the Redis outbox and
-//! delivered by another with the same ids; and a bad receiver URL is refused at start-up.
+//! delivered by another with the same ids (one Redis, and Redis Cluster); a full outbox trims
+//! the oldest and counts every one; and a bad receiver URL is refused at start-up.
 
 mod common;
 
@@ -489,21 +490,28 @@ async fn with_two_redis_instances_each_session_event_is_sent_once() {
 
 #[tokio::test]
 async fn events_of_a_killed_instance_are_taken_over_from_the_outbox() {
+    taken_over(Backend::single().await).await;
+}
+
+#[tokio::test]
+async fn events_of_a_killed_instance_are_taken_over_from_the_outbox_on_redis_cluster() {
+    taken_over(Backend::cluster().await).await;
+}
+
+async fn taken_over(redis: Backend) {
     let receiver = Receiver::start(Answer::UnavailableUntilOpened).await;
     let url = receiver.url();
-    let redis = RedisServer::start().await;
-    let redis_url = redis.url();
+    let backend = redis.args();
     let instance = |id: &'static str| {
-        let mut args = vec![
-            "--redis-url",
-            redis_url.as_str(),
+        let mut args: Vec<&str> = backend.iter().map(String::as_str).collect();
+        args.extend([
             "--instance-id",
             id,
             "--instance-heartbeat-ms",
             "100",
             "--webhook-claim-idle-ms",
             "1000",
-        ];
+        ]);
         args.extend(flags(&url, &[]));
         args
     };
@@ -548,6 +556,60 @@ async fn events_of_a_killed_instance_are_taken_over_from_the_outbox() {
     assert!(
         survivor.metric("matchgate_webhook_claimed_total").await >= (2 * sessions) as f64,
         "B took them over"
+    );
+}
+
+#[tokio::test]
+async fn a_full_outbox_trims_the_oldest_and_counts_them() {
+    let receiver = Receiver::start(Answer::Hang).await;
+    let url = receiver.url();
+    let redis = RedisServer::start().await;
+    let redis_url = redis.url();
+    let extra = [
+        "--redis-url",
+        redis_url.as_str(),
+        "--webhook-outbox-len",
+        "100",
+        "--webhook-timeout-ms",
+        "60000",
+    ];
+    let server = TestServer::start(&flags(&url, &extra)).await;
+    // Every ban is one event; the receiver never answers, so none leaves the outbox.
+    let events = 400;
+    for i in 0..events {
+        let ban = json!({"kind": "user", "value": format!("u{i}"), "ttl_s": 60, "reason": "x"});
+        let (status, _) = admin(&server, "POST", "/v1/admin/bans", &ban.to_string()).await;
+        assert_eq!(status, 201);
+    }
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let trimmed = r#"matchgate_webhook_events_total{result="trimmed"}"#;
+    // Every event written is either still in the outbox or trimmed (and counted).
+    let wait = async {
+        loop {
+            let len: u64 = redis::cmd("XLEN")
+                .arg("{mg}:webhook_outbox")
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            let trimmed = server.metric(trimmed).await;
+            if len as f64 + trimmed == events as f64 {
+                return (len, trimmed);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let (len, trimmed) = tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("every event written and accounted for");
+    assert!(trimmed > 0.0, "the bound trimmed some");
+    // Trimmed approximately: whole nodes of the stream (100 entries each by default).
+    assert!(len < 100 + 100, "bounded: {len}");
+    assert_eq!(
+        server
+            .metric(r#"matchgate_webhook_events_total{result="dropped"}"#)
+            .await,
+        0.0
     );
 }
 

@@ -125,7 +125,7 @@ pub struct Outbox {
 }
 
 /// Starts the writer (events from `parcels` into the outbox), the reader and the keeper;
-/// the reader and the keeper take nothing new once `closing` is cancelled.
+/// the reader and the keeper take nothing new once `closing` is cancelled (the drain).
 pub fn start(
     outbox: Arc<Outbox>,
     parcels: mpsc::Receiver<Parcel>,
@@ -369,18 +369,21 @@ impl Outbox {
         self.held().remove(entry);
     }
 
-    /// The keeper: renews what this instance holds and takes over what others left idle.
+    /// The keeper: renews what this instance holds and, until the drain, takes over what
+    /// others left idle.
     async fn keep(self: Arc<Self>, couriers: Couriers, closing: CancellationToken) {
         let every = self.claim_idle / 6;
         // Where the scan of the pending entries goes on (XAUTOCLAIM's cursor).
         let mut cursor = "0-0".to_string();
         loop {
-            tokio::select! {
-                _ = closing.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
+            tokio::time::sleep(every).await;
+            // Renewing goes on while the instance drains (until the background stops): the
+            // deliveries it finishes meanwhile stay its own.
             if let Err(e) = self.renew().await {
                 tracing::warn!(error = %e, "cannot renew the webhook events on their way");
+            }
+            if closing.is_cancelled() {
+                continue;
             }
             if let Err(e) = self.take_over(&mut cursor, &couriers).await {
                 tracing::warn!(error = %e, "cannot take over idle webhook events");
