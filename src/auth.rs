@@ -32,6 +32,7 @@ use clap::ValueEnum;
 use crate::flags::{millis, secs};
 use crate::ids::random_id;
 use crate::redis_keys::Deployment;
+use crate::shutdown::Background;
 
 /// The authentication section of the configuration.
 #[derive(Debug, Clone, clap::Args)]
@@ -364,6 +365,7 @@ impl Authenticator {
     pub async fn from_config(
         config: &AuthConfig,
         redis: Option<&Deployment>,
+        background: &Background,
     ) -> Result<Arc<Self>, KeyError> {
         // livekit-api's token code would install an HS-only provider if none is set; install
         // the full one first so RS256/ES256/EdDSA keep working (see the crate notes in the
@@ -424,7 +426,7 @@ impl Authenticator {
                     .await
                     .map_err(|error| KeyError::Jwks { from: shown, error })?;
                 tracing::info!(source = %store.source(), kids = ?store.key_ids(), "key set loaded");
-                store.refresh_every(config.jwks_refresh_secs);
+                store.refresh_every(config.jwks_refresh_secs, background);
                 (AuthMode::Jwks, Keys::Set(store))
             }
             (None, None, None) => {
@@ -612,9 +614,13 @@ mod tests {
 
     async fn hs256() -> Arc<Authenticator> {
         let config = Config::parse_from(["matchgate", "--jwt-secret", SECRET]);
-        Authenticator::from_config(&config.auth, config.redis.deployment().as_ref())
-            .await
-            .unwrap()
+        Authenticator::from_config(
+            &config.auth,
+            config.redis.deployment().as_ref(),
+            &Background::default(),
+        )
+        .await
+        .unwrap()
     }
 
     fn sign(claims: serde_json::Value, secret: &str) -> String {
@@ -702,9 +708,13 @@ mod tests {
     #[tokio::test]
     async fn dev_tokens_verify_only_in_dev_mode() {
         let config = Config::parse_from(["matchgate"]);
-        let dev = Authenticator::from_config(&config.auth, config.redis.deployment().as_ref())
-            .await
-            .unwrap();
+        let dev = Authenticator::from_config(
+            &config.auth,
+            config.redis.deployment().as_ref(),
+            &Background::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(dev.mode(), AuthMode::Dev);
         let (token, ttl) = dev.mint_dev_token("phone-1").unwrap();
         assert_eq!(ttl, 3600);

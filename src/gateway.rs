@@ -182,12 +182,19 @@ impl Gateway {
         let moderation =
             crate::moderation::from_config(sections.moderation, None, &registry, &metrics);
         Self::new(
-            sections, matchmaker, moderation, registry, metrics, background,
+            sections,
+            matchmaker,
+            moderation,
+            registry,
+            metrics,
+            background,
+            crate::webhooks::Store::Memory,
         )
     }
 
     /// A gateway over any engine and moderation backend; `registry` must be the one its bus
-    /// delivers into. Its background work runs in `background`.
+    /// delivers into. Its background work runs in `background`; its webhook events wait in
+    /// `webhook_store`.
     pub fn new(
         sections: Sections<'_>,
         matchmaker: Arc<dyn Engine>,
@@ -195,6 +202,7 @@ impl Gateway {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         background: Background,
+        webhook_store: crate::webhooks::Store,
     ) -> Arc<Self> {
         let (session, livekit) = (sections.session, sections.livekit);
         let ledger = crate::ledger::Ledger::from_config(sections.ledger, metrics.ledger.clone());
@@ -203,7 +211,7 @@ impl Gateway {
                 ttl: sections.rules.block_ttl_s,
                 max_per_user: sections.rules.max_blocks_per_user,
             };
-            ledger.start(matchmaker.clone(), moderation.clone(), blocks);
+            ledger.start(matchmaker.clone(), moderation.clone(), blocks, &background);
         }
         Arc::new(Gateway {
             moderation,
@@ -229,7 +237,12 @@ impl Gateway {
                 queued_deletes: Arc::new(AtomicUsize::new(0)),
             }),
             detaches: detach::Detaches::new(metrics.detach_pending.clone()),
-            webhooks: crate::webhooks::Webhooks::from_config(sections.webhooks, &metrics.webhooks),
+            webhooks: crate::webhooks::Webhooks::from_config(
+                sections.webhooks,
+                &metrics.webhooks,
+                webhook_store,
+                &background,
+            ),
             metrics,
             background,
         })

@@ -2,9 +2,9 @@
 //! of one deployment, its pub/sub channels, and the encoding of what travels on them.
 //!
 //! The matching engine ([`crate::matching::redis`]), the moderation backend
-//! ([`crate::moderation::redis`]), the subscriber ([`crate::bus::redis`]) and the shared dev
-//! secret (`auth`) all take their names from here, so that none of them depends on another for
-//! a key or a message format. Those besides the engine get the Redis itself as a
+//! ([`crate::moderation::redis`]), the subscriber ([`crate::bus::redis`]), the shared dev
+//! secret (`auth`) and the webhook outbox (`webhooks`) all take their names from here, so that
+//! none of them depends on another for a key or a message format. Those besides the engine get the Redis itself as a
 //! [`Deployment`] (nodes and layout), so they need no configuration section of another module.
 //! The two Lua libraries build the keys they touch inside their atomic step from the prefix
 //! and channel prefix passed in each call: `src/matching/lua/keys.lua` documents its keys in its
@@ -93,6 +93,12 @@ impl Layout {
     /// The sessions `user` reported lately, with their stream entries.
     pub fn filed_sessions(&self, user: &str) -> String {
         format!("{}:filed_sessions:{user}", self.prefix)
+    }
+
+    /// The outbound webhook events waiting for delivery (a stream read through a consumer
+    /// group; see `webhooks::outbox`).
+    pub fn webhook_outbox(&self) -> String {
+        format!("{}:webhook_outbox", self.prefix)
     }
 
     /// The dev-mode signing secret the instances share (see `auth`).
@@ -232,6 +238,7 @@ mod tests {
             layout.filed("a"),
             layout.filed_sessions("a"),
             layout.dev_secret(),
+            layout.webhook_outbox(),
         ] {
             assert!(key.starts_with("{mg}:"), "{key}");
         }

@@ -45,6 +45,7 @@ use crate::registry::Registry;
 use crate::scaleout;
 use crate::shutdown::{Background, Shutdown};
 use crate::tls::{Tls, TlsError};
+use crate::webhooks::Store as WebhookStore;
 use pending::PendingLimits;
 
 #[derive(Debug, thiserror::Error)]
@@ -128,12 +129,14 @@ impl Server {
         config.validate()?;
         privacy::init(&config.privacy);
         let deployment = config.redis.deployment();
-        let auth = Authenticator::from_config(&config.auth, deployment.as_ref()).await?;
+        // Created first: the authenticator's key refresh runs in it too.
+        let background = Background::default();
+        let auth =
+            Authenticator::from_config(&config.auth, deployment.as_ref(), &background).await?;
         let public = listen(config.listen)?;
         let internal = config.internal_listen.map(listen).transpose()?;
         let (stop, stop_rx) = watch::channel(false);
         let tasks = TaskTracker::new();
-        let background = Background::default();
         let sections = Sections {
             session: &config.session,
             rules: &config.rules,
@@ -163,6 +166,13 @@ impl Server {
                 let metrics = Arc::new(Metrics::new());
                 let redis = scaleout::matchmaker(settings.clone(), metrics.clone())
                     .map_err(StartError::Redis)?;
+                let webhook_store =
+                    deployment
+                        .clone()
+                        .map_or(WebhookStore::Memory, |redis| WebhookStore::Redis {
+                            redis,
+                            instance: settings.instance.clone(),
+                        });
                 let moderation =
                     moderation::from_config(&config.moderation, deployment, &registry, &metrics);
                 let gateway = Gateway::new(
@@ -172,6 +182,7 @@ impl Server {
                     registry,
                     metrics,
                     background.clone(),
+                    webhook_store,
                 );
                 let mode = Mode::Redis {
                     instance: settings.instance.clone(),

@@ -6,9 +6,10 @@
 //! task runs in the server's `TaskTracker`, and the server waits until all of them have ended.
 //!
 //! Background work that belongs to no connection (timers, media rooms, the detach queue, the
-//! Redis loops) runs in [`Background`]: tracked by a tokio-util `TaskTracker` and cancelled by
-//! a `CancellationToken` once the connections have drained, so that a drained server leaves
-//! no task behind.
+//! Redis loops, the ledger writer, webhook deliveries, the key-set refresh) runs in
+//! [`Background`]: tracked by a tokio-util `TaskTracker` and cancelled by a
+//! `CancellationToken` once the connections have drained (and the ledger and webhooks have had
+//! the rest of the drain timeout to finish), so that a drained server leaves no task behind.
 
 use std::future::Future;
 use std::time::Duration;
@@ -41,7 +42,9 @@ impl Shutdown {
 /// comes first: cancellation drops it at its next `.await`. That is safe for every task the
 /// gateway runs: what a cancelled timer or detach would have done is done anyway after the
 /// process is gone (the Redis engine's clean-up of a dead instance and its held states), or
-/// goes with the process (the embedded engine's state).
+/// goes with the process (the embedded engine's state). The ledger's writes and the webhook
+/// deliveries are drained before the shutdown; in Redis mode a webhook delivery cut short is
+/// taken over from the outbox by another instance.
 #[derive(Clone, Default)]
 pub struct Background {
     tracker: TaskTracker,

@@ -9,13 +9,18 @@
 //! receiver's check. A failed attempt (connection error, timeout, 5xx, 408, 429) is retried with
 //! the crate's backoff ([`crate::backoff`]); any other answer is final.
 //!
-//! Events wait in a bounded queue per instance and at most [`CONCURRENT_DELIVERIES`] are on
-//! their way at once, so a slow or dead receiver never slows matching and memory stays bounded:
-//! past `--webhook-queue` an event is dropped, logged and counted, never silently. Session
-//! events come from engine outcomes, which only the instance that ran the operation sees: in
-//! Redis mode every event is sent by exactly one instance. The queue lives in the process: a
+//! Where events wait depends on the mode ([`Store`]). In the embedded mode they wait in a
+//! bounded queue in the process, which dies with it like the rest of the embedded state: a
 //! draining instance goes on delivering until the drain timeout, and what is still queued when
-//! the process exits is lost (logged; the metrics show how much is queued).
+//! the process exits is lost (logged; the metrics show how much is queued). In Redis mode the
+//! instance that made an event writes it to the deployment's outbox stream ([`outbox`]), and
+//! every instance delivers from that stream through one consumer group, so an event outlives
+//! the instance that made it or was sending it. Either way at most [`CONCURRENT_DELIVERIES`]
+//! are on their way at once per instance, so a slow or dead receiver never slows matching, and
+//! memory stays bounded: past `--webhook-queue` events waiting in the process are dropped,
+//! logged and counted, never silently.
+
+mod outbox;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +30,8 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde_json::json;
 use sha2::Sha256;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
 use crate::flags::ConfigError;
@@ -34,6 +40,8 @@ use crate::matching::{SessionClosed, SessionStarted};
 use crate::metrics::{BanSource, WebhookMetrics};
 use crate::moderation::review::ReportId;
 use crate::moderation::{Ban, Report};
+use crate::redis_keys::Deployment;
+use crate::shutdown::Background;
 
 /// Deliveries in flight at once (each may be waiting between retries).
 pub const CONCURRENT_DELIVERIES: usize = 8;
@@ -58,7 +66,8 @@ pub struct WebhookConfig {
     #[arg(long, env = "MATCHGATE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
-    /// Webhook events waiting for delivery per instance; beyond it new events are dropped
+    /// Webhook events waiting in each instance for delivery (Redis mode: for their write to the
+    /// outbox); beyond it new events are dropped
     /// (logged and counted in `matchgate_webhook_events_total{result="dropped"}`).
     #[arg(
         long,
@@ -86,6 +95,26 @@ pub struct WebhookConfig {
         value_parser = crate::flags::count(..=100)
     )]
     pub webhook_retries: usize,
+
+    /// Redis mode: events the deployment's outbox stream keeps at most (trimmed approximately,
+    /// oldest first; what is trimmed before delivery is counted as `trimmed`).
+    #[arg(
+        long,
+        env = "MATCHGATE_WEBHOOK_OUTBOX_LEN",
+        default_value = "100000",
+        value_parser = crate::flags::count(100..=10_000_000)
+    )]
+    pub webhook_outbox_len: usize,
+
+    /// Redis mode: how long, in ms, an event taken by an instance may go without a sign of
+    /// life from it before another instance takes it over (the instance died).
+    #[arg(
+        long,
+        env = "MATCHGATE_WEBHOOK_CLAIM_IDLE_MS",
+        default_value = "30000",
+        value_parser = crate::flags::millis(600..=3_600_000)
+    )]
+    pub webhook_claim_idle_ms: Duration,
 }
 
 impl WebhookConfig {
@@ -206,10 +235,41 @@ impl Event {
     }
 }
 
-/// The sending side: hands events to the delivery task.
+/// Where events wait for delivery.
+pub enum Store {
+    /// In this process's queue (the embedded mode).
+    Memory,
+    /// In the deployment's outbox stream, delivered by every instance (`instance` names this
+    /// one in the consumer group).
+    Redis { redis: Deployment, instance: String },
+}
+
+/// The sending side: hands events to the delivery task (embedded mode) or the outbox writer
+/// (Redis mode).
 pub struct Webhooks {
-    queue: mpsc::Sender<Event>,
+    queue: mpsc::Sender<Parcel>,
     metrics: WebhookMetrics,
+    /// Cancelled when the drain begins: in Redis mode the instance then takes no new events
+    /// from the outbox (what it has not taken is the other instances' to deliver).
+    closing: CancellationToken,
+}
+
+/// An event ready to go: what every attempt sends, and its id and kind for the logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Parcel {
+    id: String,
+    kind: String,
+    body: Vec<u8>,
+}
+
+impl Parcel {
+    fn of(event: &Event) -> Parcel {
+        Parcel {
+            id: event.id.clone(),
+            kind: event.kind.to_string(),
+            body: serde_json::to_vec(event).expect("an event serialises"),
+        }
+    }
 }
 
 /// Where and how events go.
@@ -232,9 +292,14 @@ enum Failure {
 }
 
 impl Webhooks {
-    /// The webhooks `config` asks for (none without a URL), with their delivery task. The
-    /// configuration was validated at start-up.
-    pub fn from_config(config: &WebhookConfig, metrics: &WebhookMetrics) -> Option<Arc<Self>> {
+    /// The webhooks `config` asks for (none without a URL), with their tasks in `background`,
+    /// events waiting in `store`. The configuration was validated at start-up.
+    pub fn from_config(
+        config: &WebhookConfig,
+        metrics: &WebhookMetrics,
+        store: Store,
+        background: &Background,
+    ) -> Option<Arc<Self>> {
         let url = reqwest::Url::parse(config.webhook_url.as_deref()?).ok()?;
         let secret = config.webhook_secret.clone()?.into_bytes();
         // reqwest is built with rustls but without a crypto provider, and will not build a
@@ -251,39 +316,55 @@ impl Webhooks {
                 return None;
             }
         };
-        let target = Arc::new(Target {
-            client,
-            url,
-            secret,
-            retries: config.webhook_retries,
-        });
-        let (queue, events) = mpsc::channel(config.webhook_queue);
-        tokio::spawn(dispatch(events, target, metrics.clone()));
+        let couriers = Couriers {
+            target: Arc::new(Target {
+                client,
+                url,
+                secret,
+                retries: config.webhook_retries,
+            }),
+            slots: Arc::new(Semaphore::new(CONCURRENT_DELIVERIES)),
+            metrics: metrics.clone(),
+            background: background.clone(),
+        };
+        let (queue, parcels) = mpsc::channel(config.webhook_queue);
+        let closing = CancellationToken::new();
+        match store {
+            Store::Memory => background.spawn(dispatch(parcels, couriers)),
+            Store::Redis { redis, instance } => {
+                let outbox = Arc::new(outbox::Outbox::new(redis, &instance, config));
+                outbox::start(outbox, parcels, couriers, closing.clone());
+            }
+        }
         Some(Arc::new(Webhooks {
             queue,
             metrics: metrics.clone(),
+            closing,
         }))
     }
 
-    /// Queues `event` for delivery; past the bound it is dropped (logged and counted).
+    /// Queues `event` for delivery (or for the outbox); past the bound it is dropped (logged
+    /// and counted).
     pub fn send(&self, event: Event) {
         // Counted before it is queued: the delivery task may finish it at once.
         self.metrics.queued.inc();
-        if let Err(e) = self.queue.try_send(event) {
+        if let Err(e) = self.queue.try_send(Parcel::of(&event)) {
             self.metrics.queued.dec();
             self.metrics.count("dropped");
-            let event = e.into_inner();
+            let parcel = e.into_inner();
             tracing::warn!(
-                id = %event.id,
-                kind = event.kind,
+                id = %parcel.id,
+                kind = parcel.kind,
                 "webhook queue full: event dropped"
             );
         }
     }
 
-    /// Waits until every event accepted so far is delivered or failed, or until `deadline`
+    /// Waits until every event accepted so far is delivered or failed (in Redis mode: written
+    /// to the outbox, and the deliveries this instance took are finished), or until `deadline`
     /// (a draining instance sends what it has before it exits); returns how many are left.
     pub async fn flush(&self, deadline: tokio::time::Instant) -> u64 {
+        self.closing.cancel();
         loop {
             let left = self.metrics.queued.get().max(0) as u64;
             if left == 0 || tokio::time::Instant::now() >= deadline {
@@ -297,48 +378,69 @@ impl Webhooks {
 /// How often a flush looks at the queue.
 const FLUSH_POLL: Duration = Duration::from_millis(20);
 
-/// Takes events off the queue and delivers up to [`CONCURRENT_DELIVERIES`] at once. Ends when
-/// the gateway (the only sender) is gone.
-async fn dispatch(mut events: mpsc::Receiver<Event>, target: Arc<Target>, metrics: WebhookMetrics) {
-    let slots = Arc::new(Semaphore::new(CONCURRENT_DELIVERIES));
-    // A slot first, then an event: an event taken off the queue is always on its way, so at
-    // most the queue's bound plus the slots are waiting.
-    while let Ok(slot) = slots.clone().acquire_owned().await {
-        let Some(event) = events.recv().await else {
-            return;
-        };
-        let target = target.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let result = target.deliver(&event, &metrics).await;
-            metrics.queued.dec();
+/// What delivers: the receiver, the slots that bound the deliveries in flight, the metrics,
+/// and where the delivery tasks run.
+#[derive(Clone)]
+struct Couriers {
+    target: Arc<Target>,
+    slots: Arc<Semaphore>,
+    metrics: WebhookMetrics,
+    background: Background,
+}
+
+impl Couriers {
+    /// Delivers `parcel` in a task holding `slot`, counts the result, then runs `finished`
+    /// (the answer is final then: delivered, refused for good, or out of retries).
+    fn deliver<F, Fut>(&self, slot: OwnedSemaphorePermit, parcel: Parcel, finished: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let target = self.target.clone();
+        let metrics = self.metrics.clone();
+        self.background.spawn(async move {
+            let result = target.deliver(&parcel, &metrics).await;
             match result {
                 Ok(()) => metrics.count("delivered"),
                 Err(e) => {
                     metrics.count("failed");
-                    tracing::warn!(id = %event.id, kind = event.kind, error = %e, "webhook not delivered");
+                    tracing::warn!(id = %parcel.id, kind = parcel.kind, error = %e, "webhook not delivered");
                 }
             }
+            finished().await;
+            metrics.queued.dec();
             drop(slot);
         });
     }
 }
 
+/// The embedded mode: takes events off the queue and delivers up to [`CONCURRENT_DELIVERIES`]
+/// at once. Ends when the gateway (the only sender) is gone.
+async fn dispatch(mut parcels: mpsc::Receiver<Parcel>, couriers: Couriers) {
+    // A slot first, then an event: an event taken off the queue is always on its way, so at
+    // most the queue's bound plus the slots are waiting.
+    while let Ok(slot) = couriers.slots.clone().acquire_owned().await {
+        let Some(parcel) = parcels.recv().await else {
+            return;
+        };
+        couriers.deliver(slot, parcel, || async {});
+    }
+}
+
 impl Target {
     /// Delivers one event, retrying what is worth retrying.
-    async fn deliver(&self, event: &Event, metrics: &WebhookMetrics) -> Result<(), Failure> {
-        let body = serde_json::to_vec(event).expect("an event serialises");
+    async fn deliver(&self, parcel: &Parcel, metrics: &WebhookMetrics) -> Result<(), Failure> {
         let policy = backoff::policy(
             Duration::from_millis(500),
             Duration::from_secs(60),
             Some(self.retries),
         );
-        (|| self.attempt(&event.id, &body))
+        (|| self.attempt(&parcel.id, &parcel.body))
             .retry(policy)
             .when(|f| matches!(f, Failure::Transient(_)))
             .notify(|e, delay| {
                 metrics.retries.inc();
-                tracing::debug!(id = %event.id, error = %e, ?delay, "webhook attempt failed: trying again");
+                tracing::debug!(id = %parcel.id, error = %e, ?delay, "webhook attempt failed: trying again");
             })
             .await
     }
@@ -391,6 +493,8 @@ mod tests {
             webhook_queue: 10,
             webhook_timeout_ms: Duration::from_secs(1),
             webhook_retries: 3,
+            webhook_outbox_len: 1000,
+            webhook_claim_idle_ms: Duration::from_secs(30),
         }
     }
 

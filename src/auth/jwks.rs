@@ -18,6 +18,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tokio::time::Instant;
 
 use super::AuthError;
+use crate::shutdown::Background;
 
 /// Largest key set document read.
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -247,9 +248,9 @@ impl KeyStore {
     }
 
     /// Fetches the set every `every` while the store is in use.
-    pub fn refresh_every(self: &Arc<Self>, every: Duration) {
+    pub fn refresh_every(self: &Arc<Self>, every: Duration, background: &Background) {
         let store = Arc::downgrade(self);
-        tokio::spawn(async move {
+        background.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(store) = store.upgrade() else {

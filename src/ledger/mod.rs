@@ -263,6 +263,7 @@ impl Ledger {
         matchmaker: Arc<dyn Administration>,
         moderation: Arc<dyn Moderation>,
         blocks: restore::BlockScope,
+        background: &crate::shutdown::Background,
     ) {
         let Some(receiver) = self
             .receiver
@@ -275,7 +276,7 @@ impl Ledger {
         let pool = self.pool.clone();
         let metrics = self.metrics.clone();
         let restored = self.restored.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             let mut delays = Delays::new(Duration::from_millis(100), Duration::from_secs(5));
             loop {
                 let prepare = async {

@@ -47,9 +47,12 @@ impl LedgerMetrics {
 /// The webhook figures of `/metrics`.
 #[derive(Clone, Default)]
 pub struct WebhookMetrics {
-    /// By result: delivered, failed (refused or out of retries), dropped (queue full).
+    /// By result: delivered, failed (refused or out of retries), dropped (queue full),
+    /// trimmed (Redis mode: the outbox's bound removed it before delivery).
     pub events: Family<[(&'static str, &'static str); 1], Counter>,
     pub retries: Counter,
+    /// Redis mode: outbox entries taken over from an instance that left them idle.
+    pub claimed: Counter,
     /// Events accepted and not finished yet (waiting or on their way).
     pub queued: Gauge,
 }
@@ -61,7 +64,7 @@ impl WebhookMetrics {
         registry.register(
             "webhook_events",
             "Outbound webhook events by result: delivered, failed (refused by the receiver or out \
-             of retries), dropped (the queue was full)",
+             of retries), dropped (the queue was full), trimmed (Redis mode: the outbox was full)",
             metrics.events.clone(),
         );
         registry.register(
@@ -70,11 +73,16 @@ impl WebhookMetrics {
             metrics.retries.clone(),
         );
         registry.register(
+            "webhook_claimed",
+            "Outbound webhook events taken over from an instance that left them idle (Redis mode)",
+            metrics.claimed.clone(),
+        );
+        registry.register(
             "webhook_queue_depth",
             "Outbound webhook events waiting for delivery or on their way",
             metrics.queued.clone(),
         );
-        for result in ["delivered", "failed", "dropped"] {
+        for result in ["delivered", "failed", "dropped", "trimmed"] {
             let _ = metrics.events.get_or_create(&[("result", result)]);
         }
         metrics
