@@ -61,9 +61,11 @@ fn encode_matched(c: &mut Criterion) {
     });
 }
 
-/// One measured match per iteration: `waiting` enqueues first (not measured), then the
-/// measured `enqueue` of `arriving` pairs them; both `end` (not measured) so the next
-/// iteration starts from two idle users.
+/// One measured match per iteration, between two users who never met (so that anti-repeat,
+/// cooldowns and the enqueue rate, all on as by default, never hold a pair back): `waiting`
+/// attaches and enqueues first, `arriving` attaches (none of it measured), then the measured
+/// `enqueue` of `arriving` pairs them. Both then end, drop their connection and expire (not
+/// measured), so that the memory engine does not grow with the iterations.
 fn match_step(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -78,29 +80,33 @@ fn match_step(c: &mut Criterion) {
     group.sample_size(30);
     group.measurement_time(Duration::from_secs(5));
     for (name, mm) in engines {
-        let waiting: UserId = "waiting".into();
-        let arriving: UserId = "arriving".into();
-        rt.block_on(async {
-            mm.attach(&waiting, ConnId(1), None).await.expect("attach");
-            mm.attach(&arriving, ConnId(2), None).await.expect("attach");
-        });
+        let mut next = 0u64;
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let mut measured = Duration::ZERO;
                     for _ in 0..iters {
-                        mm.enqueue(&waiting, Prefs::default(), None)
+                        next += 1;
+                        let pair = [next * 2, next * 2 + 1]
+                            .map(|n| (UserId::from(format!("u{n}")), ConnId(n)));
+                        let [(waiting, wc), (arriving, ac)] = &pair;
+                        mm.attach(waiting, *wc, None).await.expect("attach");
+                        mm.attach(arriving, *ac, None).await.expect("attach");
+                        mm.enqueue(waiting, Prefs::default(), None)
                             .await
                             .expect("enqueue");
                         let started = Instant::now();
                         let outcome = mm
-                            .enqueue(&arriving, Prefs::default(), None)
+                            .enqueue(arriving, Prefs::default(), None)
                             .await
                             .expect("enqueue");
                         measured += started.elapsed();
                         assert_eq!(outcome.started.len(), 1, "every step is a match");
-                        mm.end(&arriving, None).await.expect("end");
-                        // The peer of an `end` is not re-queued: both are idle again.
+                        mm.end(arriving, None).await.expect("end");
+                        for (user, conn) in &pair {
+                            mm.detach(user, *conn).await.expect("detach");
+                            mm.expire(user, *conn).await.expect("expire");
+                        }
                     }
                     measured
                 })
