@@ -409,12 +409,21 @@ impl Connection {
                         Message::Close(_) => return Exit::Gone,
                     };
                     deadline.as_mut().reset(Instant::now() + s.heartbeat_timeout);
-                    // The WebSocket layer reads frames up to a signal's limit: only a signal
-                    // may be larger than max_message_bytes.
-                    if text.len() > s.max_message_bytes && !is_signal(&text) {
-                        return Exit::Close(close::MESSAGE_TOO_BIG, close_reason(close::MESSAGE_TOO_BIG));
-                    }
                     let parsed = parse_request(&text, s.max_signal_bytes);
+                    // The WebSocket layer reads frames up to a signal's limit: only a signal
+                    // may be larger than max_message_bytes. The parse above tells; only a frame
+                    // that failed it is read again, for its type (a signal refused for its
+                    // payload is answered, not closed).
+                    if text.len() > s.max_message_bytes {
+                        let signal = match &parsed {
+                            Ok(Request { action: Action::Relay(Relay::Signal(_)), .. }) => true,
+                            Ok(_) => false,
+                            Err(_) => is_signal(&text),
+                        };
+                        if !signal {
+                            return Exit::Close(close::MESSAGE_TOO_BIG, close_reason(close::MESSAGE_TOO_BIG));
+                        }
+                    }
                     // Signals spend a budget of their own: a burst of ICE candidates must not
                     // starve the other messages, nor be starved by them. A refused signal's
                     // error echoes its `ref`; the general `rate_limited` stays without one.
