@@ -316,15 +316,23 @@ async fn events_are_signed_and_say_what_happened() {
     );
 }
 
-#[tokio::test]
-async fn a_failing_receiver_gets_the_same_event_again() {
-    let receiver = Receiver::start(Answer::FailFirst(2)).await;
-    let url = receiver.url();
-    let server = TestServer::start(&flags(&url, &[])).await;
+/// A receiver answering with `answer`, a gateway sending to it, and a session between alice and
+/// bob that alice just ended: two events (`session.started`, `session.ended`) on their way.
+async fn one_session_ended(
+    answer: Answer,
+) -> (Receiver, TestServer, common::Client, common::Client) {
+    let receiver = Receiver::start(answer).await;
+    let server = TestServer::start(&flags(&receiver.url(), &[])).await;
     let mut a = server.connect("alice").await;
     let mut b = server.connect("bob").await;
     match_up(&mut a, &mut b).await;
     a.request(json!({"type": "end"}), "e").await;
+    (receiver, server, a, b)
+}
+
+#[tokio::test]
+async fn a_failing_receiver_gets_the_same_event_again() {
+    let (receiver, server, _a, _b) = one_session_ended(Answer::FailFirst(2)).await;
     let events = receiver.until_delivered(2).await;
     let deliveries = receiver.deliveries();
     for id in events.keys() {
@@ -354,13 +362,7 @@ async fn a_failing_receiver_gets_the_same_event_again() {
 
 #[tokio::test]
 async fn a_draining_instance_delivers_what_it_still_has() {
-    let receiver = Receiver::start(Answer::FailFirst(2)).await;
-    let url = receiver.url();
-    let server = TestServer::start(&flags(&url, &[])).await;
-    let mut a = server.connect("alice").await;
-    let mut b = server.connect("bob").await;
-    match_up(&mut a, &mut b).await;
-    a.request(json!({"type": "end"}), "e").await;
+    let (receiver, server, a, mut b) = one_session_ended(Answer::FailFirst(2)).await;
     b.expect("session_ended").await;
     a.close().await;
     b.close().await;
@@ -371,13 +373,7 @@ async fn a_draining_instance_delivers_what_it_still_has() {
 
 #[tokio::test]
 async fn a_refusing_receiver_gets_each_event_once() {
-    let receiver = Receiver::start(Answer::Refuse).await;
-    let url = receiver.url();
-    let server = TestServer::start(&flags(&url, &[])).await;
-    let mut a = server.connect("alice").await;
-    let mut b = server.connect("bob").await;
-    match_up(&mut a, &mut b).await;
-    a.request(json!({"type": "end"}), "e").await;
+    let (receiver, server, _a, _b) = one_session_ended(Answer::Refuse).await;
     let failed = r#"matchgate_webhook_events_total{result="failed"}"#;
     let wait = async {
         while server.metric(failed).await < 2.0 {
