@@ -27,7 +27,7 @@ async fn fill(mm: &dyn Engine, n: usize) {
         let user: UserId = format!("gone-{i}").into();
         let conn = ConnId(i as u64 + 1);
         mm.attach(&user, conn, None).await.expect("attach");
-        mm.enqueue(&user, Prefs::default(), None)
+        mm.enqueue(&user, Prefs::default(), Default::default(), None)
             .await
             .expect("enqueue");
         mm.detach(&user, conn).await.expect("detach");
@@ -62,7 +62,7 @@ fn bench(c: &mut Criterion) {
                         let mut measured = Duration::ZERO;
                         for _ in 0..iters {
                             let started = Instant::now();
-                            mm.enqueue(&probe, Prefs::default(), None)
+                            mm.enqueue(&probe, Prefs::default(), Default::default(), None)
                                 .await
                                 .expect("enqueue");
                             measured += started.elapsed();

@@ -54,6 +54,7 @@ fn encode_matched(c: &mut Criterion) {
         peer: "p_0123456789".into(),
         role: Role::Offerer,
         started_at_ms: 1_764_000_000_000,
+        common_interests: vec!["chess".into()],
         media: ice.media("p_9876543210", 1_764_000_000_000),
     };
     c.bench_function("encode/matched_p2p", |b| {
@@ -92,12 +93,12 @@ fn match_step(c: &mut Criterion) {
                         let [(waiting, wc), (arriving, ac)] = &pair;
                         mm.attach(waiting, *wc, None).await.expect("attach");
                         mm.attach(arriving, *ac, None).await.expect("attach");
-                        mm.enqueue(waiting, Prefs::default(), None)
+                        mm.enqueue(waiting, Prefs::default(), Default::default(), None)
                             .await
                             .expect("enqueue");
                         let started = Instant::now();
                         let outcome = mm
-                            .enqueue(arriving, Prefs::default(), None)
+                            .enqueue(arriving, Prefs::default(), Default::default(), None)
                             .await
                             .expect("enqueue");
                         measured += started.elapsed();

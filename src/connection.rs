@@ -18,6 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::attributes::Attributes;
 use crate::auth::expiry::{Due, TokenLifetime};
 use crate::auth::Authenticator;
 use crate::flags::{count, millis};
@@ -230,6 +231,9 @@ pub struct Connection {
     /// Checks `refresh` tokens; `token_exp` is the `exp` of the token the connection holds.
     pub auth: Arc<Authenticator>,
     pub token_exp: u64,
+    /// What the token says about the user (`--attribute-claims`): what other users' `want`
+    /// is checked against when this connection enqueues.
+    pub attributes: Arc<Attributes>,
     pub id: ConnId,
     /// The client's address and device id, which bans can name.
     pub ip: IpAddr,
@@ -464,7 +468,7 @@ impl Connection {
                                 }
                             }
                         }
-                        Ok(request) => match self.gateway.handle(&self.user, self.id, request).await {
+                        Ok(request) => match self.gateway.handle(&self.user, self.id, &self.attributes, request).await {
                             Some(Answer { frame, client_error: true }) => {
                                 if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
                                     return exit;

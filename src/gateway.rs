@@ -26,6 +26,7 @@ use axum::extract::ws::Utf8Bytes;
 use backon::Retryable;
 use dashmap::DashMap;
 
+use crate::attributes::Attributes;
 use crate::backoff;
 use crate::bus::local::LocalBus;
 use crate::flags::{count, millis};
@@ -310,11 +311,16 @@ impl Gateway {
         self: &Arc<Self>,
         user: &UserId,
         conn: ConnId,
+        attributes: &Arc<Attributes>,
         req: Request<'_>,
     ) -> Option<Answer> {
         let reference = req.reference.as_deref();
         let result = match req.action {
-            Action::Enqueue(prefs) => self.matchmaker.enqueue(user, prefs, reference).await,
+            Action::Enqueue(prefs) => {
+                self.matchmaker
+                    .enqueue(user, prefs, attributes.clone(), reference)
+                    .await
+            }
             Action::Skip => self.matchmaker.skip(user, reference).await,
             Action::End => self.matchmaker.end(user, reference).await,
             // These change no state of the sender's that an event would report in every case

@@ -459,6 +459,7 @@ async fn ws_handshake(
         user: claims.sub.into(),
         auth: app.auth.clone(),
         token_exp: claims.exp,
+        attributes: Arc::default(),
         id: ConnId(app.next_conn.fetch_add(1, Ordering::Relaxed)),
         ip,
         device: claims.device_id.map(Into::into),

@@ -10,7 +10,8 @@
 //! - [`matching`] (state: queue, sessions, event logs; four small traits bundled as
 //!   [`matching::Engine`]) and [`bus`] (delivery to wherever a user's connection lives) are
 //!   narrow traits with swappable backends; [`registry`] maps users to this instance's live
-//!   connections. [`ids`] is the leaf they all share (user and connection ids, frames).
+//!   connections. [`ids`] is the leaf they all share (user and connection ids, frames);
+//!   [`attributes`] the leaf with what a token says about a user and the `want` rule.
 //! - [`scaleout`] wires the Redis backends together and runs each instance's heartbeat,
 //!   clean-up and recovery loops; [`redis_keys`] names every Redis key and channel and encodes
 //!   what travels on pub/sub.
@@ -26,6 +27,7 @@
 //!   parsers every section uses.
 
 pub mod address;
+pub mod attributes;
 pub mod auth;
 pub mod backoff;
 pub mod bus;

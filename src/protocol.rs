@@ -15,6 +15,8 @@ use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::attributes::Want;
+
 /// Protocol version announced in `welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -170,8 +172,11 @@ pub struct Request<'a> {
     pub reference: Option<String>,
 }
 
-/// Matching preferences. Two users are compatible when all four fields are equal. Fields named
-/// in `soft` may be dropped, in that order, one per relaxation step, when the user waits long.
+/// Matching preferences. Two users are compatible when all four fields are equal and each
+/// one's `want` holds for the other's attributes (from their tokens). Users with `interests`
+/// are matched first with a user who shares one; after the interests wait, with anybody
+/// compatible unless `interests_only`. Entries named in `soft` may be dropped, in that order,
+/// one per relaxation step, when the user waits long.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Prefs {
@@ -183,18 +188,68 @@ pub struct Prefs {
     pub language: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// Interest tags (at most [`MAX_INTERESTS`]; trimmed and lowercased when parsed, each 1 to
+    /// [`MAX_INTEREST_LEN`] characters, duplicates dropped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interests: Vec<String>,
+    /// Never widen to users who share no interest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interests_only: bool,
+    /// Constraints on the peer's attributes (see [`crate::attributes::want_holds`]).
+    #[serde(default, skip_serializing_if = "Want::is_empty")]
+    pub want: Want,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub soft: Vec<PrefField>,
 }
 
-/// A preference field, as `soft` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// The most interest tags in `prefs.interests`.
+pub const MAX_INTERESTS: usize = 10;
+/// The longest interest tag, in characters.
+pub const MAX_INTEREST_LEN: usize = 32;
+
+/// What `soft` names: a preference field, or a `want` constraint (`"want.<attribute>"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum PrefField {
     Topic,
     Format,
     Language,
     Region,
+    /// The constraint `want.<attribute>`.
+    Want(String),
+}
+
+impl TryFrom<String> for PrefField {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        Ok(match name.as_str() {
+            "topic" => PrefField::Topic,
+            "format" => PrefField::Format,
+            "language" => PrefField::Language,
+            "region" => PrefField::Region,
+            other => match other.strip_prefix("want.") {
+                Some(attribute) if !attribute.is_empty() => PrefField::Want(attribute.to_string()),
+                _ => {
+                    return Err(format!(
+                        "unknown soft field {other:?}: expected topic, format, language, region or want.<attribute>"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl From<PrefField> for String {
+    fn from(field: PrefField) -> String {
+        match field {
+            PrefField::Topic => "topic".into(),
+            PrefField::Format => "format".into(),
+            PrefField::Language => "language".into(),
+            PrefField::Region => "region".into(),
+            PrefField::Want(attribute) => format!("want.{attribute}"),
+        }
+    }
 }
 
 impl Prefs {
@@ -222,21 +277,24 @@ impl Prefs {
                     "prefs.soft must not name a field twice".into(),
                 ));
             }
-            if self.field(*f).is_none() {
+            if !self.has(f) {
                 return Err(ParseError::BadRequest(format!(
-                    "prefs.soft names {f:?}, which is not set"
+                    "prefs.soft names {}, which is not set",
+                    String::from(f.clone())
                 )));
             }
         }
         Ok(())
     }
 
-    fn field(&self, f: PrefField) -> Option<&String> {
+    /// Whether the field or constraint `f` is set.
+    fn has(&self, f: &PrefField) -> bool {
         match f {
-            PrefField::Topic => self.topic.as_ref(),
-            PrefField::Format => self.format.as_ref(),
-            PrefField::Language => self.language.as_ref(),
-            PrefField::Region => self.region.as_ref(),
+            PrefField::Topic => self.topic.is_some(),
+            PrefField::Format => self.format.is_some(),
+            PrefField::Language => self.language.is_some(),
+            PrefField::Region => self.region.is_some(),
+            PrefField::Want(attribute) => self.want.contains_key(attribute),
         }
     }
 
@@ -256,6 +314,9 @@ impl Prefs {
                 PrefField::Format => p.format = None,
                 PrefField::Language => p.language = None,
                 PrefField::Region => p.region = None,
+                PrefField::Want(attribute) => {
+                    p.want.remove(attribute);
+                }
             }
         }
         Some(p)
@@ -522,10 +583,13 @@ pub enum ErrorCode {
     /// A `refresh` token was refused (invalid, expired, or for another user); the connection
     /// keeps its current token and expiry.
     Unauthorized,
+    /// The deployment requires an attribute (`--require-attribute`) that the user's token
+    /// does not carry with the required value: `enqueue` is refused.
+    AttributeRequired,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::InvalidState,
@@ -535,6 +599,7 @@ impl ErrorCode {
         ErrorCode::MediaUnavailable,
         ErrorCode::Cooldown,
         ErrorCode::Unauthorized,
+        ErrorCode::AttributeRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -548,6 +613,7 @@ impl ErrorCode {
             ErrorCode::MediaUnavailable => "media_unavailable",
             ErrorCode::Cooldown => "cooldown",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::AttributeRequired => "attribute_required",
         }
     }
 }
@@ -695,6 +761,8 @@ pub enum Event {
         peer: Arc<str>,
         role: Role,
         started_at_ms: u64,
+        /// The interests both members named, sorted (empty when they share none).
+        common_interests: Vec<Arc<str>>,
         /// How to set up the call.
         media: Media,
     },

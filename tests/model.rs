@@ -450,6 +450,7 @@ fn config(case: &Case) -> EngineConfig {
             accept_timeout: None,
             decline_to_tail: false,
             relax_after: HOUR,
+            interests_wait: HOUR,
             max_blocks: case.max_blocks,
             block_ttl: HOUR,
         },
@@ -609,7 +610,10 @@ impl Harness {
                 };
                 (
                     expect,
-                    self.engine.mm.enqueue(&id, prefs(pool), reference).await,
+                    self.engine
+                        .mm
+                        .enqueue(&id, prefs(pool), Default::default(), reference)
+                        .await,
                 )
             }
             Op::Skip { .. } => {

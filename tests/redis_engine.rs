@@ -86,7 +86,10 @@ async fn match_pair(engine: &dyn Engine, a: &UserId, b: &UserId) {
         engine.attach(u, ConnId(i as u64 + 1), None).await.unwrap();
     }
     for u in [a, b] {
-        engine.enqueue(u, Prefs::default(), None).await.unwrap();
+        engine
+            .enqueue(u, Prefs::default(), Default::default(), None)
+            .await
+            .unwrap();
     }
 }
 
@@ -129,7 +132,10 @@ async fn both_engines_make_ids_of_one_format() {
             .resume_token;
         engine.attach(&b, ConnId(2), None).await.unwrap();
         for u in [&a, &b] {
-            engine.enqueue(u, Prefs::default(), None).await.unwrap();
+            engine
+                .enqueue(u, Prefs::default(), Default::default(), None)
+                .await
+                .unwrap();
         }
         let status = engine.status(&a).await.unwrap();
         let session = status.session_id.expect("in a session");
@@ -181,8 +187,14 @@ async fn block_and_report_find_a_partner_met_over_an_hour_ago() {
 
     // A new session pushes out the ones older than the hour, as in memory.rs.
     engine.attach(&c, ConnId(3), None).await.unwrap();
-    engine.enqueue(&a, Prefs::default(), None).await.unwrap();
-    engine.enqueue(&c, Prefs::default(), None).await.unwrap();
+    engine
+        .enqueue(&a, Prefs::default(), Default::default(), None)
+        .await
+        .unwrap();
+    engine
+        .enqueue(&c, Prefs::default(), Default::default(), None)
+        .await
+        .unwrap();
     let newer = engine.status(&a).await.unwrap().session_id.unwrap();
     assert_ne!(newer, session);
     let err = engine.recent_peer(&a, Some(&session)).await.unwrap_err();
@@ -234,7 +246,7 @@ async fn the_test_clock_drives_the_rules() {
     clock.advance(Duration::from_millis(40_000));
     engine.end(&a, None).await.unwrap();
     let err = engine
-        .enqueue(&a, Prefs::default(), None)
+        .enqueue(&a, Prefs::default(), Default::default(), None)
         .await
         .unwrap_err();
     assert!(
@@ -247,5 +259,8 @@ async fn the_test_clock_drives_the_rules() {
         "{err:?}"
     );
     clock.advance(Duration::from_millis(20_000));
-    engine.enqueue(&a, Prefs::default(), None).await.unwrap();
+    engine
+        .enqueue(&a, Prefs::default(), Default::default(), None)
+        .await
+        .unwrap();
 }

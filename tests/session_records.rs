@@ -102,7 +102,7 @@ async fn attach(mm: &dyn Engine, user: &str, conn: u64) -> (UserId, String) {
 }
 
 async fn enqueue(mm: &dyn Engine, user: &UserId) -> Outcome {
-    mm.enqueue(user, Prefs::default(), None)
+    mm.enqueue(user, Prefs::default(), Default::default(), None)
         .await
         .expect("enqueue")
 }

@@ -31,6 +31,7 @@ use super::{
     MediaLeft, MediaMode, MediaReady, Outcome, PendingSession, RecentPeer, Resume, Rules,
     SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, Timers, UserId,
 };
+use crate::attributes::Attributes;
 use crate::bus::{Bus, Frame};
 use crate::clock::{Clock, SystemClock};
 use crate::ids::random_id;
@@ -880,6 +881,8 @@ impl State {
                     peer: members[1 - i].handle.clone(),
                     role,
                     started_at_ms,
+                    // ISSUE-12 SKELETON: the shared interests go here.
+                    common_interests: Vec::new(),
                     media,
                 },
             );
@@ -1514,6 +1517,7 @@ impl ClientOperations for MemoryMatchmaker {
         &self,
         user: &UserId,
         prefs: Prefs,
+        attributes: Arc<Attributes>,
         reference: Option<&str>,
     ) -> Result<Outcome, MatchError> {
         let ((), outcome) = self.step(Some(user), reference, |state, step| {
@@ -1814,6 +1818,8 @@ impl Timers for MemoryMatchmaker {
         let ((), outcome) = self.step(None, None, |state, step| {
             match timer {
                 Timer::Relax { ticket } => state.relax(step, user, ticket),
+                // ISSUE-12 SKELETON: the memory engine's interests widening goes here.
+                Timer::Interests { .. } => {}
                 Timer::Rematch { ticket } => {
                     if let Some(User {
                         activity: Activity::Queued(w),

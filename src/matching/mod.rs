@@ -28,6 +28,7 @@ use async_trait::async_trait;
 
 use clap::ValueEnum;
 
+use crate::attributes::Attributes;
 use crate::flags::{count, millis, secs};
 pub use crate::ids::{ConnId, Frame, UserId};
 use crate::p2p::IceServers;
@@ -145,6 +146,16 @@ pub struct RulesConfig {
     )]
     pub relax_after_ms: Duration,
 
+    /// Interests: a user with interests is matched only with users who share one until it
+    /// has waited this many ms; then with any compatible user (unless `interests_only`).
+    #[arg(
+        long,
+        env = "MATCHGATE_INTERESTS_WAIT_MS",
+        default_value = "10000",
+        value_parser = millis(..)
+    )]
+    pub interests_wait_ms: Duration,
+
     /// Blocks kept per user: a user's block list keeps the most recent this many (the oldest
     /// block goes first).
     #[arg(
@@ -198,6 +209,8 @@ pub struct Rules {
     pub decline_to_tail: bool,
     /// Wait per preference relaxation step.
     pub relax_after: Duration,
+    /// How long a user with interests waits for someone sharing one before the search widens.
+    pub interests_wait: Duration,
     /// Blocks kept per user: beyond it, the oldest block goes.
     pub max_blocks: usize,
     /// The blocks of a user who has not been connected for this long are forgotten.
@@ -218,6 +231,7 @@ impl Rules {
             accept_timeout: (!c.accept_timeout_ms.is_zero()).then_some(c.accept_timeout_ms),
             decline_to_tail: c.decline_to == DeclineTo::Tail,
             relax_after: c.relax_after_ms,
+            interests_wait: c.interests_wait_ms,
             max_blocks: c.max_blocks_per_user,
             block_ttl: c.block_ttl_s,
         }
@@ -324,6 +338,9 @@ pub enum Timer {
     Relax { ticket: u64 },
     /// The anti-repeat fallback of queue place `ticket` is due: recent peers are fair game.
     Rematch { ticket: u64 },
+    /// The interests wait of queue place `ticket` passed: unless `interests_only`, the search
+    /// widens from users sharing an interest to any compatible user.
+    Interests { ticket: u64 },
     /// The proposal `match_id` expires.
     Proposal { match_id: Arc<str> },
 }
@@ -495,10 +512,13 @@ pub trait ClientOperations: Send + Sync + 'static {
     /// connection took over or the user is already away.
     async fn detach(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError>;
 
+    /// `user` waits for a match with `prefs`; `attributes` (from the user's token) are what
+    /// other users' `want` is checked against while it waits.
     async fn enqueue(
         &self,
         user: &UserId,
         prefs: Prefs,
+        attributes: Arc<Attributes>,
         reference: Option<&str>,
     ) -> Result<Outcome, MatchError>;
 

@@ -32,6 +32,7 @@ use super::{
     MediaLeft, MediaMode, MediaReady, Outcome, PendingSession, RecentPeer, Resume, Rules,
     SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, Timers, UserId,
 };
+use crate::attributes::Attributes;
 use crate::bus::Frame;
 use crate::clock::Clock;
 use crate::ids::random_id;
@@ -462,6 +463,7 @@ struct TimerReply {
 enum TimerKind {
     Relax { ticket: u64 },
     Rematch { ticket: u64 },
+    Interests { ticket: u64 },
     Proposal { match_id: Arc<str> },
 }
 
@@ -470,6 +472,7 @@ impl From<TimerKind> for Timer {
         match t {
             TimerKind::Relax { ticket } => Timer::Relax { ticket },
             TimerKind::Rematch { ticket } => Timer::Rematch { ticket },
+            TimerKind::Interests { ticket } => Timer::Interests { ticket },
             TimerKind::Proposal { match_id } => Timer::Proposal { match_id },
         }
     }
@@ -480,6 +483,7 @@ impl From<Timer> for TimerKind {
         match t {
             Timer::Relax { ticket } => TimerKind::Relax { ticket },
             Timer::Rematch { ticket } => TimerKind::Rematch { ticket },
+            Timer::Interests { ticket } => TimerKind::Interests { ticket },
             Timer::Proposal { match_id } => TimerKind::Proposal { match_id },
         }
     }
@@ -888,6 +892,7 @@ impl ClientOperations for RedisMatchmaker {
         &self,
         user: &UserId,
         prefs: Prefs,
+        attributes: Arc<Attributes>,
         reference: Option<&str>,
     ) -> Result<Outcome, MatchError> {
         // Every relaxation step's pool and preferences, so that the library can widen the

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use matchgate::attributes::Attributes;
 use matchgate::clock::ManualClock;
 use matchgate::matching::overview::Overview;
 use matchgate::matching::{
@@ -87,9 +88,10 @@ impl ClientOperations for Broken {
         &self,
         user: &UserId,
         prefs: Prefs,
+        attributes: Arc<Attributes>,
         reference: Option<&str>,
     ) -> Result<Outcome, MatchError> {
-        match self.inner.enqueue(user, prefs, reference).await {
+        match self.inner.enqueue(user, prefs, attributes, reference).await {
             // Says yes where a limit says no.
             Err(MatchError::RateLimited { .. }) if self.fault == Fault::RateIgnored => {
                 Ok(Outcome::default())

@@ -229,6 +229,7 @@ pub fn config(case: &Case) -> EngineConfig {
             accept_timeout: case.accept_phase.then_some(5 * SECOND),
             decline_to_tail: case.decline_to_tail,
             relax_after: 5 * SECOND,
+            interests_wait: 10 * SECOND,
             max_blocks: 2,
             block_ttl: DAY,
         },
@@ -332,6 +333,7 @@ fn timer_json(t: &Timer) -> Value {
     match t {
         Timer::Relax { ticket } => json!({"relax": format!("ticket:{ticket}")}),
         Timer::Rematch { ticket } => json!({"rematch": format!("ticket:{ticket}")}),
+        Timer::Interests { ticket } => json!({"interests": format!("ticket:{ticket}")}),
         Timer::Proposal { match_id } => json!({ "proposal": match_id }),
     }
 }
@@ -454,9 +456,10 @@ async fn perform(run: &mut Run, d: &Driver, op: Op, conn: Option<u64>) -> (Value
             }
         }
         Op::Detach { user } => split(mm.detach(&user_id(user), ConnId(conn.unwrap())).await),
-        Op::Enqueue { user, pool } => {
-            split(mm.enqueue(&user_id(user), prefs(pool), Some("r")).await)
-        }
+        Op::Enqueue { user, pool } => split(
+            mm.enqueue(&user_id(user), prefs(pool), Default::default(), Some("r"))
+                .await,
+        ),
         Op::Skip { user } => split(mm.skip(&user_id(user), Some("r")).await),
         Op::End { user } => split(mm.end(&user_id(user), Some("r")).await),
         Op::Block { user } => split(mm.block(&user_id(user), None).await),
