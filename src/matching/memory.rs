@@ -2488,7 +2488,7 @@ mod tests {
         let outcome = h.widen("x").await;
         assert!(outcome.timers.is_empty());
         assert!(h.frames("x").is_empty());
-        assert_eq!(h.place("x").1, false);
+        assert!(!h.place("x").1);
         assert_eq!(h.state("o"), "queued");
         h.enqueue("y", json!({"interests": ["chess"]}), &[]).await;
         assert_eq!(h.matched("y")["session_id"], h.matched("x")["session_id"]);
