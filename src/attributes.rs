@@ -13,6 +13,19 @@ use std::collections::BTreeMap;
 /// that `want` and `--require-attribute` compare text with text in both engines.
 pub type Attributes = BTreeMap<String, String>;
 
+/// The longest attribute name, in characters.
+pub const MAX_ATTRIBUTE_NAME_LEN: usize = 32;
+
+/// Whether `name` can be an attribute: 1 to [`MAX_ATTRIBUTE_NAME_LEN`] of `a-z 0-9 _`, in
+/// `prefs.want` as in `--attribute-claims` (so every attribute a client can name is one a
+/// deployment can configure, and names need no escaping in Redis keys or Lua).
+pub fn is_attribute_name(name: &str) -> bool {
+    (1..=MAX_ATTRIBUTE_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// Constraints on a peer's attributes, as `prefs.want` states them: for each attribute, the
 /// values the peer may have.
 pub type Want = BTreeMap<String, Vec<String>>;
