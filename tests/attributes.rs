@@ -197,3 +197,145 @@ async fn a_refresh_brings_the_new_tokens_attributes_to_later_enqueues() {
     let e = enqueue(&mut c, json!({}), "q3").await;
     assert_eq!(e["code"], "attribute_required", "{e}");
 }
+
+/// A gateway whose users carry a `country` that clients may filter on.
+async fn country_gateway() -> TestServer {
+    TestServer::start(&[
+        "--attribute-claims",
+        "country",
+        "--filterable-attributes",
+        "country",
+    ])
+    .await
+}
+
+#[tokio::test]
+async fn want_filters_hold_both_ways_on_the_tokens_attributes() {
+    let server = country_gateway().await;
+    let dach = json!({"want": {"country": ["de", "at"]}});
+    // Waiting first: carol from France, no filter of her own; alice from Germany wants DE/AT.
+    let mut carol = connect_with_claims(&server, "carol", json!({"country": "fr"})).await;
+    let q = enqueue(&mut carol, json!({}), "c").await;
+    assert_eq!(q["type"], "queued", "{q}");
+    let mut alice = connect_with_claims(&server, "alice", json!({"country": "de"})).await;
+    let q = enqueue(&mut alice, json!({"prefs": dach}), "a").await;
+    assert_eq!(q["type"], "queued", "alice's want fails carol: {q}");
+    // Bob from Austria with the same filter meets alice, not carol who waited longer.
+    let mut bob = connect_with_claims(&server, "bob", json!({"country": "at"})).await;
+    let q = enqueue(&mut bob, json!({"prefs": dach}), "b").await;
+    assert_eq!(q["type"], "queued", "{q}");
+    let ma = alice.expect("matched").await;
+    let mb = bob.expect("matched").await;
+    assert_eq!(ma["session_id"], mb["session_id"]);
+    // Dave from Germany without a filter: carol has none either, and his attributes do not
+    // matter to her: they meet. Erin from Germany claims in her message to be from France:
+    // it changes nothing, her want still needs a German or Austrian peer.
+    let mut erin = connect_with_claims(&server, "erin", json!({"country": "de"})).await;
+    let q = enqueue(
+        &mut erin,
+        json!({"prefs": dach, "attributes": {"country": "fr"}, "country": "fr"}),
+        "e",
+    )
+    .await;
+    assert_eq!(q["type"], "queued", "{q}");
+    let status = carol.request(json!({"type": "status"}), "s").await;
+    assert_eq!(
+        status["state"], "queued",
+        "carol was never matched: {status}"
+    );
+    let mut dave = connect_with_claims(&server, "dave", json!({"country": "de"})).await;
+    let q = enqueue(&mut dave, json!({}), "d").await;
+    assert_eq!(q["type"], "queued", "{q}");
+    // Carol waited longest and accepts anybody; dave's own want is empty: they meet.
+    let mc = carol.expect("matched").await;
+    let md = dave.expect("matched").await;
+    assert_eq!(mc["session_id"], md["session_id"]);
+    // Frank from France has no filter, but erin's holds against him: the waiting user's
+    // want counts as much as the newcomer's.
+    let mut frank = connect_with_claims(&server, "frank", json!({"country": "fr"})).await;
+    let q = enqueue(&mut frank, json!({}), "f").await;
+    assert_eq!(q["type"], "queued", "{q}");
+    for waiting in [&mut erin, &mut frank] {
+        let status = waiting.request(json!({"type": "status"}), "s").await;
+        assert_eq!(status["state"], "queued", "{status}");
+    }
+}
+
+#[tokio::test]
+async fn shared_interests_are_in_both_matched_frames() {
+    // The interests wait never passes during the test: only sharers meet.
+    let server = TestServer::start(&["--interests-wait-ms", "3600000"]).await;
+    let mut a = server.connect("a").await;
+    let mut b = server.connect("b").await;
+    let mut c = server.connect("c").await;
+    let q = enqueue(
+        &mut a,
+        json!({"prefs": {"interests": [" Jazz", "go", "chess", "JAZZ"]}}),
+        "a",
+    )
+    .await;
+    assert_eq!(q["type"], "queued", "{q}");
+    // c shares nothing with a and neither has waited out the interests wait: no match.
+    let q = enqueue(&mut c, json!({"prefs": {"interests": ["rust"]}}), "c").await;
+    assert_eq!(q["type"], "queued", "{q}");
+    let q = enqueue(
+        &mut b,
+        json!({"prefs": {"interests": ["chess", "jazz ", "poker"]}}),
+        "b",
+    )
+    .await;
+    assert_eq!(q["type"], "queued", "{q}");
+    let ma = a.expect("matched").await;
+    let mb = b.expect("matched").await;
+    assert_eq!(ma["session_id"], mb["session_id"]);
+    assert_eq!(ma["common_interests"], json!(["chess", "jazz"]));
+    assert_eq!(mb["common_interests"], ma["common_interests"]);
+    let status = c.request(json!({"type": "status"}), "s").await;
+    assert_eq!(status["state"], "queued", "{status}");
+}
+
+#[tokio::test]
+async fn after_the_interests_wait_users_who_share_nothing_meet_unless_interests_only() {
+    let server = TestServer::start(&["--interests-wait-ms", "100"]).await;
+    let mut only = server.connect("only").await;
+    let q = enqueue(
+        &mut only,
+        json!({"prefs": {"interests": ["rust"], "interests_only": true}}),
+        "o",
+    )
+    .await;
+    assert_eq!(q["type"], "queued", "{q}");
+    let mut a = server.connect("a").await;
+    let q = enqueue(&mut a, json!({"prefs": {"interests": ["jazz"]}}), "a").await;
+    assert_eq!(q["type"], "queued", "{q}");
+    let mut b = server.connect("b").await;
+    let q = enqueue(&mut b, json!({"prefs": {"interests": ["chess"]}}), "b").await;
+    assert_eq!(q["type"], "queued", "{q}");
+    // Each search widens once, announced; then a and b meet, sharing nothing.
+    // (A plain position update may come first.)
+    for client in [&mut a, &mut b] {
+        loop {
+            let update = client.expect("queue_update").await;
+            if update.get("interests_widened").is_some() {
+                assert_eq!(update["interests_widened"], true, "{update}");
+                assert!(update.get("widened_to").is_none(), "{update}");
+                break;
+            }
+        }
+    }
+    let ma = a.expect("matched").await;
+    let mb = b.expect("matched").await;
+    assert_eq!(ma["session_id"], mb["session_id"]);
+    assert_eq!(ma["common_interests"], json!([]));
+    assert_eq!(mb["common_interests"], json!([]));
+    // interests_only never widens: still waiting, and told nothing about widening.
+    let status = only.request(json!({"type": "status"}), "s").await;
+    assert_eq!(status["state"], "queued", "{status}");
+    assert!(
+        only.seen
+            .iter()
+            .all(|f| f.get("interests_widened").is_none()),
+        "{:?}",
+        only.seen
+    );
+}
