@@ -8,6 +8,10 @@
 //! hands them out at `POST /v1/dev/token`; instances on one Redis share the dev secret, so a
 //! dev token works on all of them.
 //!
+//! Besides the user (`sub`) and device (`device_id`), a verified token gives the user's
+//! attributes: the claims `--attribute-claims` names (see [`crate::attributes`]), read the
+//! same way whatever checked the signature.
+//!
 //! [`jwks`] holds the key set of an identity provider; [`expiry`] is the timer that closes a
 //! connection whose token expired without a refresh. [`Authenticator::from_config`] takes this
 //! module's section and, to share the dev secret, the Redis as a
@@ -29,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use clap::ValueEnum;
 
+use crate::attributes::{AttributeConfig, Attributes};
 use crate::flags::{millis, secs};
 use crate::ids::random_id;
 use crate::redis_keys::Deployment;
@@ -207,13 +212,17 @@ pub enum KeyAlgorithm {
 }
 
 /// The claims the gateway reads. Others are ignored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
     /// The client device, if the issuer names one: devices can be banned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
+    /// The user's attributes, from the claims `--attribute-claims` names. Users without any
+    /// share one empty map (a connection holds it while it lives).
+    #[serde(skip)]
+    pub attributes: Arc<Attributes>,
 }
 
 /// Claims as they arrive: presence is checked after the signature, so that a missing claim is
@@ -223,6 +232,21 @@ struct RawClaims {
     sub: Option<String>,
     exp: Option<u64>,
     device_id: Option<String>,
+    /// Every other claim, for the attributes: which ones those are is configuration.
+    #[serde(flatten)]
+    other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A claim's value as an attribute: a string as it is, a boolean as `true`/`false`, an
+/// integer as its decimal text. Other types (fractions, arrays, objects, null) are no
+/// attribute: the text both engines compare would not be obvious.
+pub fn attribute_value(claim: &serde_json::Value) -> Option<String> {
+    match claim {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// Longest user or device id, in bytes.
@@ -337,6 +361,23 @@ pub struct Authenticator {
     expiry: ExpiryPolicy,
     /// Present in dev mode only: the key the dev endpoint signs with.
     dev_signer: Option<(EncodingKey, u64)>,
+    /// The claims that become attributes (`--attribute-claims`).
+    attribute_claims: Vec<String>,
+    /// The attributes of every user whose token has none of those claims: one allocation
+    /// shared by all their connections.
+    no_attributes: Arc<Attributes>,
+}
+
+/// Why the dev endpoint mints no token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DevTokenError {
+    /// A key is configured: tokens come from the deployment's own issuer.
+    #[error("not in dev mode")]
+    NotDevMode,
+    /// An attribute asked for is not one of `--attribute-claims`, or has a type that is no
+    /// attribute.
+    #[error("{0}")]
+    Attribute(String),
 }
 
 /// The claim checks every token gets, for a key of `algorithm`.
@@ -364,6 +405,7 @@ fn validation(config: &AuthConfig, algorithm: Algorithm) -> Validation {
 impl Authenticator {
     pub async fn from_config(
         config: &AuthConfig,
+        attributes: &AttributeConfig,
         redis: Option<&Deployment>,
         background: &Background,
     ) -> Result<Arc<Self>, KeyError> {
@@ -450,6 +492,8 @@ impl Authenticator {
                 grace: config.jwt_leeway_secs + config.token_expiry_grace_ms,
             },
             dev_signer,
+            attribute_claims: attributes.attribute_claims.clone(),
+            no_attributes: Arc::default(),
         }))
     }
 
@@ -509,7 +553,22 @@ impl Authenticator {
             sub,
             exp,
             device_id,
+            attributes: self.attributes(&data.claims.other),
         })
+    }
+
+    /// The attributes in a verified token's other claims.
+    fn attributes(&self, claims: &serde_json::Map<String, serde_json::Value>) -> Arc<Attributes> {
+        let attributes: Attributes = self
+            .attribute_claims
+            .iter()
+            .filter_map(|name| Some((name.clone(), attribute_value(claims.get(name)?)?)))
+            .collect();
+        if attributes.is_empty() {
+            self.no_attributes.clone()
+        } else {
+            Arc::new(attributes)
+        }
     }
 
     /// Verifies the token of a `refresh` on `user`'s connection: valid, and for the same user.
@@ -521,17 +580,47 @@ impl Authenticator {
         Ok(claims)
     }
 
-    /// Mints a dev-mode token for an anonymous device. `None` outside dev mode.
-    pub fn mint_dev_token(&self, device_id: &str) -> Option<(String, u64)> {
-        let (key, ttl) = self.dev_signer.as_ref()?;
-        let claims = Claims {
+    /// Whether the dev endpoint mints tokens (dev mode).
+    pub fn mints_dev_tokens(&self) -> bool {
+        self.dev_signer.is_some()
+    }
+
+    /// Mints a dev-mode token for an anonymous device, with `attributes` as claims (each one
+    /// of `--attribute-claims`, with a value an attribute can have), so that filters can be
+    /// tried without an identity provider.
+    pub fn mint_dev_token(
+        &self,
+        device_id: &str,
+        attributes: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(String, u64), DevTokenError> {
+        let (key, ttl) = self.dev_signer.as_ref().ok_or(DevTokenError::NotDevMode)?;
+        for (name, value) in attributes {
+            if !self.attribute_claims.contains(name) {
+                return Err(DevTokenError::Attribute(format!(
+                    "attributes.{name}: not an attribute claim of this gateway (MATCHGATE_ATTRIBUTE_CLAIMS: {})",
+                    self.attribute_claims.join(",")
+                )));
+            }
+            if attribute_value(value).is_none() {
+                return Err(DevTokenError::Attribute(format!(
+                    "attributes.{name} must be a string, a boolean or an integer"
+                )));
+            }
+        }
+        let mut claims = attributes.clone();
+        let fixed = serde_json::to_value(Claims {
             sub: format!("dev-{device_id}"),
             exp: jsonwebtoken::get_current_timestamp() + ttl,
             device_id: None,
-        };
+            attributes: self.no_attributes.clone(),
+        })
+        .expect("claims serialise");
+        if let serde_json::Value::Object(fixed) = fixed {
+            claims.extend(fixed);
+        }
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .expect("HS256 signing with an in-memory secret cannot fail");
-        Some((token, *ttl))
+        Ok((token, *ttl))
     }
 }
 
@@ -613,9 +702,16 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     async fn hs256() -> Arc<Authenticator> {
-        let config = Config::parse_from(["matchgate", "--jwt-secret", SECRET]);
+        let config = Config::parse_from([
+            "matchgate",
+            "--jwt-secret",
+            SECRET,
+            "--attribute-claims",
+            "country,age_verified,age,tier",
+        ]);
         Authenticator::from_config(
             &config.auth,
+            &config.attributes,
             config.redis.deployment().as_ref(),
             &Background::default(),
         )
@@ -707,22 +803,117 @@ mod tests {
 
     #[tokio::test]
     async fn dev_tokens_verify_only_in_dev_mode() {
-        let config = Config::parse_from(["matchgate"]);
+        let config =
+            Config::parse_from(["matchgate", "--attribute-claims", "country,age_verified"]);
         let dev = Authenticator::from_config(
             &config.auth,
+            &config.attributes,
             config.redis.deployment().as_ref(),
             &Background::default(),
         )
         .await
         .unwrap();
         assert_eq!(dev.mode(), AuthMode::Dev);
-        let (token, ttl) = dev.mint_dev_token("phone-1").unwrap();
+        assert!(dev.mints_dev_tokens());
+        let none = serde_json::Map::new();
+        let (token, ttl) = dev.mint_dev_token("phone-1", &none).unwrap();
         assert_eq!(ttl, 3600);
         assert_eq!(dev.verify(&token).await.unwrap().sub, "dev-phone-1");
-        assert!(hs256().await.mint_dev_token("x").is_none());
+        assert!(!hs256().await.mints_dev_tokens());
+        assert_eq!(
+            hs256().await.mint_dev_token("x", &none).unwrap_err(),
+            DevTokenError::NotDevMode
+        );
         assert_eq!(
             hs256().await.verify(&token).await.unwrap_err(),
             AuthError::BadSignature
         );
+    }
+
+    #[tokio::test]
+    async fn dev_tokens_carry_the_attributes_asked_for() {
+        let config =
+            Config::parse_from(["matchgate", "--attribute-claims", "country,age_verified"]);
+        let dev = Authenticator::from_config(
+            &config.auth,
+            &config.attributes,
+            config.redis.deployment().as_ref(),
+            &Background::default(),
+        )
+        .await
+        .unwrap();
+        let asked = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let (token, _) = dev
+            .mint_dev_token(
+                "p",
+                &asked(serde_json::json!({"country": "de", "age_verified": true})),
+            )
+            .unwrap();
+        let claims = dev.verify(&token).await.unwrap();
+        assert_eq!(claims.sub, "dev-p");
+        assert_eq!(claims.attributes["country"], "de");
+        assert_eq!(claims.attributes["age_verified"], "true");
+        // The attributes cannot overwrite who the token is for.
+        for bad in [
+            serde_json::json!({"gender": "f"}),
+            serde_json::json!({"sub": "someone-else"}),
+            serde_json::json!({"country": ["de"]}),
+            serde_json::json!({"country": 1.5}),
+        ] {
+            let e = dev.mint_dev_token("p", &asked(bad.clone())).unwrap_err();
+            assert!(matches!(e, DevTokenError::Attribute(_)), "{bad}: {e:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn attributes_are_the_configured_claims_as_text() {
+        let auth = hs256().await;
+        let token = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({"sub": "u1", "exp": now() + 60});
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            sign(claims, SECRET)
+        };
+        let claims = auth
+            .verify(&token(serde_json::json!({
+                "country": "DE ",
+                "age_verified": false,
+                "age": 42,
+                "tier": -3,
+                "gender": "f",
+            })))
+            .await
+            .unwrap();
+        let got: Vec<(&str, &str)> = claims
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        // As they are (no trimming), only the configured claims, in name order.
+        assert_eq!(
+            got,
+            [
+                ("age", "42"),
+                ("age_verified", "false"),
+                ("country", "DE "),
+                ("tier", "-3")
+            ]
+        );
+        // Other types are no attribute.
+        let odd = auth
+            .verify(&token(serde_json::json!({
+                "country": ["de"],
+                "age": 4.5,
+                "tier": null,
+                "age_verified": {"v": true},
+            })))
+            .await
+            .unwrap();
+        assert!(odd.attributes.is_empty());
+        // Users without attributes share one map: no allocation per connection.
+        let plain = auth.verify(&token(serde_json::json!({}))).await.unwrap();
+        assert!(Arc::ptr_eq(&plain.attributes, &odd.attributes));
     }
 }

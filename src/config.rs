@@ -5,8 +5,8 @@
 //! per concern, each defined next to the module that uses it: [`AuthConfig`] in `auth`,
 //! [`HttpConfig`] in `http`, [`ConnectionConfig`] in `connection`, [`SessionConfig`] in
 //! `gateway`, [`RulesConfig`] in `matching`, [`ModerationConfig`] in `moderation`,
-//! [`RedisConfig`] in `scaleout`, [`LivekitConfig`] in `livekit`, [`P2pConfig`] in `p2p` and
-//! [`PrivacyConfig`] in `privacy`. A new flag goes into the section of the module that reads
+//! [`RedisConfig`] in `scaleout`, [`LivekitConfig`] in `livekit`, [`P2pConfig`] in `p2p`,
+//! [`PrivacyConfig`] in `privacy` and [`AttributeConfig`] in `attributes`. A new flag goes into the section of the module that reads
 //! it. Flag and environment names are flat and stable (they are the deployments' interface,
 //! pinned by a test against `tests/fixtures/config_flags.txt`); the sections only say who owns
 //! a flag.
@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+pub use crate::attributes::AttributeConfig;
 pub use crate::auth::AuthConfig;
 pub use crate::connection::ConnectionConfig;
 pub use crate::flags::ConfigError;
@@ -104,6 +105,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub rules: RulesConfig,
+
+    #[command(flatten)]
+    pub attributes: AttributeConfig,
 
     #[command(flatten)]
     pub moderation: ModerationConfig,
@@ -203,6 +207,7 @@ impl Config {
         )?;
         self.ledger.validate()?;
         self.webhooks.validate()?;
+        self.attributes.validate()?;
         if self
             .internal_listen
             .is_some_and(|internal| internal == self.listen && internal.port() != 0)
@@ -608,6 +613,34 @@ mod tests {
             "MATCHGATE_REDIS_URL",
         );
         check(&["--redis-url", "redis://a:1,redis://b:2", "--redis-cluster"]).unwrap();
+    }
+
+    #[test]
+    fn rule_filtered_and_required_attributes_come_from_the_token() {
+        breaks_rule(
+            &[
+                "--attribute-claims",
+                "country",
+                "--filterable-attributes",
+                "gender",
+            ],
+            &["filterable-attributes", "attribute-claims"],
+            "names gender",
+        );
+        breaks_rule(
+            &["--require-attribute", "age_verified=true"],
+            &["require-attribute", "attribute-claims"],
+            "age_verified is not in MATCHGATE_ATTRIBUTE_CLAIMS",
+        );
+        check(&[
+            "--attribute-claims",
+            "country,age_verified",
+            "--filterable-attributes",
+            "country",
+            "--require-attribute",
+            "age_verified=true",
+        ])
+        .unwrap();
     }
 
     #[test]

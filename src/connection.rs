@@ -232,7 +232,9 @@ pub struct Connection {
     pub auth: Arc<Authenticator>,
     pub token_exp: u64,
     /// What the token says about the user (`--attribute-claims`): what other users' `want`
-    /// is checked against when this connection enqueues.
+    /// is checked against when this connection enqueues, and what `--require-attribute`
+    /// demands. Replaced by a successful `refresh`; a user already waiting keeps the ones
+    /// they were queued with. Shared with every connection whose token has none.
     pub attributes: Arc<Attributes>,
     pub id: ConnId,
     /// The client's address and device id, which bans can name.
@@ -455,6 +457,9 @@ impl Connection {
                             match self.auth.verify_refresh(&self.user, &access_token).await {
                                 Ok(claims) => {
                                     token.renew(claims.exp);
+                                    // What a later `enqueue` is matched by: a refreshed
+                                    // token may say something new (a verified age).
+                                    self.attributes = claims.attributes;
                                     expiry.as_mut().reset(token.deadline());
                                     Some(Reply::Ack { action: "refresh", reference: reference.as_deref() }.encode())
                                 }

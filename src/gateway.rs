@@ -9,7 +9,8 @@
 //! acted on in one step, [`Gateway::apply`]. The timers and other work it starts run in the
 //! server's [`Background`], so the drain cancels and awaits them.
 //!
-//! It is built from its own section ([`SessionConfig`]) and the LiveKit section, over the
+//! It is built from its own section ([`SessionConfig`]), the LiveKit section and the attribute
+//! policy ([`AttributeConfig`]: what `want` may name, what a user needs to be queued), over the
 //! engine and moderation backend the server picked ([`Gateway::in_memory`] builds the embedded
 //! ones from the rules and moderation sections), never from the whole configuration.
 
@@ -26,7 +27,7 @@ use axum::extract::ws::Utf8Bytes;
 use backon::Retryable;
 use dashmap::DashMap;
 
-use crate::attributes::Attributes;
+use crate::attributes::{AttributeConfig, AttributePolicy, AttributeRefusal, Attributes};
 use crate::backoff;
 use crate::bus::local::LocalBus;
 use crate::flags::{count, millis};
@@ -132,6 +133,9 @@ pub struct Gateway {
     media: Option<media::Rooms>,
     /// Reports and bans.
     pub(crate) moderation: Arc<dyn crate::moderation::Moderation>,
+    /// Which attributes `want` may name and which ones a user needs to be queued: checked
+    /// here, before the engine, so that a refused `enqueue` changes nothing.
+    attributes: AttributePolicy,
     /// Readiness answers of the backend, cached.
     probe: probe::BackendProbe,
     /// Which connections to detach, and the detaches waiting for the backend.
@@ -154,6 +158,7 @@ pub struct Sections<'a> {
     pub moderation: &'a ModerationConfig,
     pub ledger: &'a crate::ledger::LedgerConfig,
     pub webhooks: &'a crate::webhooks::WebhookConfig,
+    pub attributes: &'a AttributeConfig,
 }
 
 impl Gateway {
@@ -216,6 +221,7 @@ impl Gateway {
         }
         Arc::new(Gateway {
             moderation,
+            attributes: sections.attributes.policy(),
             ledger,
             matchmaker,
             registry,
@@ -317,6 +323,9 @@ impl Gateway {
         let reference = req.reference.as_deref();
         let result = match req.action {
             Action::Enqueue(prefs) => {
+                if let Err(e) = self.attributes.admit(&prefs.want, attributes) {
+                    return Some(self.attribute_refusal(&e, reference));
+                }
                 self.matchmaker
                     .enqueue(user, prefs, attributes.clone(), reference)
                     .await
@@ -432,6 +441,19 @@ impl Gateway {
         Answer {
             frame: self.error_frame(e.code(), &message, reference, e.retry_after_ms()),
             client_error: e.client_caused(),
+        }
+    }
+
+    /// The `error` for an `enqueue` the attribute policy refused: the one place its refusals
+    /// get their protocol codes.
+    fn attribute_refusal(&self, e: &AttributeRefusal, reference: Option<&str>) -> Answer {
+        let code = match e {
+            AttributeRefusal::NotFilterable { .. } => ErrorCode::BadRequest,
+            AttributeRefusal::Required(_) => ErrorCode::AttributeRequired,
+        };
+        Answer {
+            frame: self.error_frame(code, &e.to_string(), reference, None),
+            client_error: true,
         }
     }
 

@@ -32,7 +32,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::address::AddressKeys;
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::{AuthError, Authenticator, DevTokenError};
 use crate::connection::{Connection, Settings};
 use crate::flags::{count, millis};
 use crate::gateway::Gateway;
@@ -206,7 +206,7 @@ pub fn routers(app: &Arc<App>, internal: bool) -> (Router, Option<Router>) {
         operators = operators.merge(admin::routes(token));
     }
     let mut public = health().route("/v1/ws", get(ws_handshake));
-    if app.auth.mint_dev_token("probe").is_some() {
+    if app.auth.mints_dev_tokens() {
         public = public.route("/v1/dev/token", post(dev_token));
     }
     if app.gateway.livekit_mode() {
@@ -271,6 +271,10 @@ fn refusal(status: StatusCode, error: &str, reason: &str) -> Response {
 #[derive(Deserialize)]
 struct DevTokenRequest {
     device_id: String,
+    /// Claims that become attributes (each one of `--attribute-claims`), so that a developer
+    /// can try filters without an identity provider.
+    #[serde(default)]
+    attributes: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Reads a request body that must be a JSON object: serde would also read a struct from an
@@ -292,7 +296,9 @@ async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
             return refusal(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                &format!("body must be {{\"device_id\": \"...\"}}: {e}"),
+                &format!(
+                    "body must be {{\"device_id\": \"...\", \"attributes\": {{...}}}} (attributes optional): {e}"
+                ),
             )
         }
     };
@@ -308,14 +314,17 @@ async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
             "device_id must be 1 to 128 characters of A-Z a-z 0-9 - _ . :",
         );
     }
-    match app.auth.mint_dev_token(id) {
-        Some((token, ttl)) => Json(serde_json::json!({
+    match app.auth.mint_dev_token(id, &request.attributes) {
+        Ok((token, ttl)) => Json(serde_json::json!({
             "access_token": token,
             "expires_in": ttl,
             "user_id": format!("dev-{id}"),
         }))
         .into_response(),
-        None => StatusCode::NOT_FOUND.into_response(),
+        Err(DevTokenError::NotDevMode) => StatusCode::NOT_FOUND.into_response(),
+        Err(e @ DevTokenError::Attribute(_)) => {
+            refusal(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
+        }
     }
 }
 
@@ -459,7 +468,7 @@ async fn ws_handshake(
         user: claims.sub.into(),
         auth: app.auth.clone(),
         token_exp: claims.exp,
-        attributes: Arc::default(),
+        attributes: claims.attributes,
         id: ConnId(app.next_conn.fetch_add(1, Ordering::Relaxed)),
         ip,
         device: claims.device_id.map(Into::into),

@@ -15,7 +15,7 @@ use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::attributes::Want;
+use crate::attributes::{is_attribute_name, Want, MAX_ATTRIBUTE_NAME_LEN};
 
 /// Protocol version announced in `welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -253,7 +253,9 @@ impl From<PrefField> for String {
 }
 
 impl Prefs {
-    fn validate(&self) -> Result<(), ParseError> {
+    /// Checks the preferences and brings `interests` into their one form (trimmed, lowercased,
+    /// without duplicates), so that both engines compare tags as plain text.
+    fn normalise(mut self) -> Result<Prefs, ParseError> {
         for (name, value) in [
             ("topic", &self.topic),
             ("format", &self.format),
@@ -261,16 +263,20 @@ impl Prefs {
             ("region", &self.region),
         ] {
             if let Some(v) = value {
-                if v.is_empty()
-                    || v.chars().count() > MAX_PREF_LEN
-                    || v.chars().any(char::is_control)
-                {
+                if !is_text(v, MAX_PREF_LEN) {
                     return Err(ParseError::BadRequest(format!(
                         "prefs.{name} must be 1 to {MAX_PREF_LEN} characters, none of them control characters"
                     )));
                 }
             }
         }
+        self.interests = normalise_interests(std::mem::take(&mut self.interests))?;
+        if self.interests_only && self.interests.is_empty() {
+            return Err(ParseError::BadRequest(
+                "prefs.interests_only needs prefs.interests".into(),
+            ));
+        }
+        check_want(&self.want)?;
         for (i, f) in self.soft.iter().enumerate() {
             if self.soft[..i].contains(f) {
                 return Err(ParseError::BadRequest(
@@ -284,7 +290,7 @@ impl Prefs {
                 )));
             }
         }
-        Ok(())
+        Ok(self)
     }
 
     /// Whether the field or constraint `f` is set.
@@ -339,6 +345,75 @@ impl Prefs {
         }
         key
     }
+}
+
+/// The most attributes `prefs.want` may constrain.
+pub const MAX_WANT_ATTRIBUTES: usize = 8;
+/// The most values `prefs.want` may list for one attribute.
+pub const MAX_WANT_VALUES: usize = 16;
+/// The longest value in `prefs.want`, in characters.
+pub const MAX_WANT_VALUE_LEN: usize = 64;
+
+/// Whether `s` is 1 to `max` characters, none of them control characters.
+fn is_text(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.chars().count() <= max && !s.chars().any(char::is_control)
+}
+
+/// `prefs.interests` in their one form: each tag trimmed and lowercased, then checked (1 to
+/// [`MAX_INTEREST_LEN`] characters, no control characters); a repeated tag is dropped (the
+/// first one kept, order kept). More than [`MAX_INTERESTS`] tags are refused before anything
+/// else, so that a huge list costs nothing.
+fn normalise_interests(raw: Vec<String>) -> Result<Vec<String>, ParseError> {
+    if raw.len() > MAX_INTERESTS {
+        return Err(ParseError::BadRequest(format!(
+            "prefs.interests has {} tags: at most {MAX_INTERESTS}",
+            raw.len()
+        )));
+    }
+    let mut tags: Vec<String> = Vec::with_capacity(raw.len());
+    for tag in raw {
+        let tag = tag.trim().to_lowercase();
+        if !is_text(&tag, MAX_INTEREST_LEN) {
+            return Err(ParseError::BadRequest(format!(
+                "prefs.interests: each tag must be 1 to {MAX_INTEREST_LEN} characters after trimming, none of them control characters"
+            )));
+        }
+        if !tags.contains(&tag) {
+            tags.push(tag);
+        }
+    }
+    Ok(tags)
+}
+
+/// The shape of `prefs.want`: at most [`MAX_WANT_ATTRIBUTES`] attributes with valid names,
+/// each with 1 to [`MAX_WANT_VALUES`] values of 1 to [`MAX_WANT_VALUE_LEN`] characters.
+/// Which attributes a deployment lets clients filter on is the gateway's check.
+fn check_want(want: &Want) -> Result<(), ParseError> {
+    if want.len() > MAX_WANT_ATTRIBUTES {
+        return Err(ParseError::BadRequest(format!(
+            "prefs.want constrains {} attributes: at most {MAX_WANT_ATTRIBUTES}",
+            want.len()
+        )));
+    }
+    for (name, values) in want {
+        if !is_attribute_name(name) {
+            return Err(ParseError::BadRequest(format!(
+                "prefs.want: attribute names are 1 to {MAX_ATTRIBUTE_NAME_LEN} of a-z 0-9 _ (got {:?})",
+                name.chars().take(MAX_ATTRIBUTE_NAME_LEN + 1).collect::<String>()
+            )));
+        }
+        if values.is_empty() || values.len() > MAX_WANT_VALUES {
+            return Err(ParseError::BadRequest(format!(
+                "prefs.want.{name} must list 1 to {MAX_WANT_VALUES} values"
+            )));
+        }
+        if !values.iter().all(|v| is_text(v, MAX_WANT_VALUE_LEN)) {
+            return Err(ParseError::BadRequest(format!(
+                "prefs.want.{name}: each value must be 1 to {MAX_WANT_VALUE_LEN} characters, none of them control characters"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Why a client frame was refused. Carries the `ref` when it could be read, so that even a
@@ -480,11 +555,10 @@ pub fn parse_request(
                     ))
                 }
             };
-            let prefs = body.prefs.unwrap_or_default();
-            if let Err(e) = prefs.validate() {
-                return Err((e, reference));
+            match body.prefs.unwrap_or_default().normalise() {
+                Ok(prefs) => Action::Enqueue(prefs),
+                Err(e) => return Err((e, reference)),
             }
-            Action::Enqueue(prefs)
         }
         "skip" => Action::Skip,
         "end" => Action::End,
@@ -546,8 +620,7 @@ pub fn parse_request(
         }
         "chat" => {
             let b: ChatBody = body(text, "chat", &reference)?;
-            let chars = b.text.chars().count();
-            if chars == 0 || chars > MAX_CHAT_CHARS || b.text.chars().any(char::is_control) {
+            if !is_text(&b.text, MAX_CHAT_CHARS) {
                 return Err((
                     ParseError::BadRequest(format!(
                         "chat.text must be 1 to {MAX_CHAT_CHARS} characters, none of them control characters"
@@ -992,6 +1065,170 @@ mod tests {
         );
         let (_, r) = parse(r#"{"type":"dance","ref":"r9"}"#).unwrap_err();
         assert_eq!(r.as_deref(), Some("r9"));
+    }
+
+    /// The prefs of an `enqueue` with these `prefs`, or the code and message it was refused
+    /// with.
+    fn enqueue_prefs(prefs: serde_json::Value) -> Result<Prefs, (ErrorCode, String)> {
+        let frame = serde_json::json!({"type": "enqueue", "ref": "e", "prefs": prefs}).to_string();
+        match parse(&frame) {
+            Ok(Request {
+                action: Action::Enqueue(prefs),
+                ..
+            }) => Ok(prefs),
+            Ok(r) => panic!("not an enqueue: {r:?}"),
+            Err((e, reference)) => {
+                assert_eq!(reference.as_deref(), Some("e"), "the error echoes the ref");
+                Err((e.code(), e.to_string()))
+            }
+        }
+    }
+
+    /// Asserts that `prefs` are refused with `bad_request` and a message saying `says`.
+    #[track_caller]
+    fn refused_prefs(prefs: serde_json::Value, says: &str) {
+        match enqueue_prefs(prefs.clone()) {
+            Ok(p) => panic!("{prefs} accepted as {p:?}"),
+            Err((code, message)) => {
+                assert_eq!(code, ErrorCode::BadRequest, "{prefs}");
+                assert!(message.contains(says), "{prefs}: {message}");
+            }
+        }
+    }
+
+    #[test]
+    fn interests_are_trimmed_lowercased_and_deduplicated() {
+        let p = enqueue_prefs(serde_json::json!({
+            "interests": ["  Jazz ", "ÉCOLE", "jazz", "go", "JAZZ", "Go "],
+            "interests_only": true,
+        }))
+        .unwrap();
+        assert_eq!(p.interests, ["jazz", "école", "go"]);
+        assert!(p.interests_only);
+        // Ten tags fit, also when duplicates bring them down; 32 characters fit.
+        let ten: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+        assert_eq!(
+            enqueue_prefs(serde_json::json!({ "interests": ten }))
+                .unwrap()
+                .interests,
+            ten
+        );
+        let long = "ü".repeat(MAX_INTEREST_LEN);
+        enqueue_prefs(serde_json::json!({ "interests": [format!(" {long} ")] })).unwrap();
+        // No interests: an empty list is the same as none.
+        assert_eq!(
+            enqueue_prefs(serde_json::json!({ "interests": [] })).unwrap(),
+            Prefs::default()
+        );
+    }
+
+    #[test]
+    fn refuses_bad_interests() {
+        let eleven: Vec<String> = (0..11).map(|i| format!("t{i}")).collect();
+        refused_prefs(serde_json::json!({ "interests": eleven }), "at most 10");
+        // Eleven even if duplicates would bring them down: the limit is on what was sent.
+        refused_prefs(
+            serde_json::json!({ "interests": vec!["a"; 11] }),
+            "at most 10",
+        );
+        for bad in ["", "   ", "a\nb", "tab\there", "\u{85}"] {
+            refused_prefs(serde_json::json!({ "interests": [bad] }), "prefs.interests");
+        }
+        refused_prefs(
+            serde_json::json!({ "interests": ["x".repeat(MAX_INTEREST_LEN + 1)] }),
+            "1 to 32 characters",
+        );
+        refused_prefs(
+            serde_json::json!({ "interests": "jazz" }),
+            "invalid enqueue",
+        );
+        refused_prefs(serde_json::json!({ "interests": [5] }), "invalid enqueue");
+        refused_prefs(
+            serde_json::json!({ "interests_only": true }),
+            "needs prefs.interests",
+        );
+        refused_prefs(
+            serde_json::json!({ "interests": [], "interests_only": true }),
+            "needs prefs.interests",
+        );
+        refused_prefs(
+            serde_json::json!({ "interests_only": "yes" }),
+            "invalid enqueue",
+        );
+    }
+
+    #[test]
+    fn reads_want_and_refuses_bad_shapes() {
+        let p = enqueue_prefs(serde_json::json!({
+            "want": {"country": ["de", "at"], "age_verified": ["true"]},
+            "soft": ["want.country"],
+        }))
+        .unwrap();
+        assert_eq!(p.want["country"], ["de", "at"]);
+        assert_eq!(p.soft, [PrefField::Want("country".into())]);
+        let relaxed = p.relaxed(1).unwrap();
+        assert!(!relaxed.want.contains_key("country"));
+        assert!(relaxed.want.contains_key("age_verified"));
+
+        let nine: serde_json::Map<String, serde_json::Value> = (0..9)
+            .map(|i| (format!("a{i}"), serde_json::json!(["x"])))
+            .collect();
+        refused_prefs(serde_json::json!({ "want": nine }), "at most 8");
+        for name in ["", "Country", "coun try", "país", &"a".repeat(33)] {
+            refused_prefs(
+                serde_json::json!({ "want": { name: ["x"] } }),
+                "attribute names",
+            );
+        }
+        refused_prefs(
+            serde_json::json!({ "want": {"country": []} }),
+            "1 to 16 values",
+        );
+        let seventeen: Vec<String> = (0..17).map(|i| i.to_string()).collect();
+        refused_prefs(
+            serde_json::json!({ "want": {"country": seventeen} }),
+            "1 to 16 values",
+        );
+        for bad in [String::new(), "a\u{0}".into(), "x".repeat(65)] {
+            refused_prefs(
+                serde_json::json!({ "want": {"country": [bad]} }),
+                "prefs.want.country",
+            );
+        }
+        refused_prefs(
+            serde_json::json!({ "want": {"country": "de"} }),
+            "invalid enqueue",
+        );
+        refused_prefs(
+            serde_json::json!({ "want": {"country": [1]} }),
+            "invalid enqueue",
+        );
+        refused_prefs(
+            serde_json::json!({ "want": ["country"] }),
+            "invalid enqueue",
+        );
+    }
+
+    #[test]
+    fn soft_may_name_only_want_constraints_that_are_set() {
+        refused_prefs(
+            serde_json::json!({"soft": ["want.country"]}),
+            "prefs.soft names want.country, which is not set",
+        );
+        refused_prefs(
+            serde_json::json!({"want": {"gender": ["f"]}, "soft": ["want.country"]}),
+            "want.country",
+        );
+        refused_prefs(
+            serde_json::json!({"want": {"country": ["de"]}, "soft": ["want.country", "want.country"]}),
+            "twice",
+        );
+        refused_prefs(serde_json::json!({"soft": ["want."]}), "unknown soft field");
+        refused_prefs(serde_json::json!({"soft": ["want"]}), "unknown soft field");
+        refused_prefs(
+            serde_json::json!({"soft": ["interests"]}),
+            "unknown soft field",
+        );
     }
 
     #[test]

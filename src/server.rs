@@ -131,8 +131,13 @@ impl Server {
         let deployment = config.redis.deployment();
         // Created first: the authenticator's key refresh runs in it too.
         let background = Background::default();
-        let auth =
-            Authenticator::from_config(&config.auth, deployment.as_ref(), &background).await?;
+        let auth = Authenticator::from_config(
+            &config.auth,
+            &config.attributes,
+            deployment.as_ref(),
+            &background,
+        )
+        .await?;
         let public = listen(config.listen)?;
         let internal = config.internal_listen.map(listen).transpose()?;
         let (stop, stop_rx) = watch::channel(false);
@@ -144,6 +149,7 @@ impl Server {
             moderation: &config.moderation,
             ledger: &config.ledger,
             webhooks: &config.webhooks,
+            attributes: &config.attributes,
         };
         let (gateway, mode) = match scaleout::settings(
             &config.redis,

@@ -427,6 +427,59 @@ async fn dev_mode_mints_tokens_that_connect() {
 }
 
 #[tokio::test]
+async fn dev_tokens_may_carry_the_configured_attribute_claims() {
+    let server = TestServer::start_raw(&[
+        "--attribute-claims",
+        "age_verified,country",
+        "--require-attribute",
+        "age_verified=true",
+    ])
+    .await;
+    let json_header = [("content-type", "application/json")];
+    let mint =
+        |body: &'static str| http_request(server.addr, "POST", "/v1/dev/token", &json_header, body);
+    let (status, body) =
+        mint(r#"{"device_id":"adult","attributes":{"age_verified":true,"country":"de"}}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let mut adult = connect_bearer(&server, v["access_token"].as_str().unwrap()).await;
+    let queued = adult.request(json!({"type": "enqueue"}), "q").await;
+    assert_eq!(queued["type"], "queued", "{queued}");
+
+    let (status, body) = mint(r#"{"device_id":"kid"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let mut kid = connect_bearer(&server, v["access_token"].as_str().unwrap()).await;
+    let e = kid.request(json!({"type": "enqueue"}), "q").await;
+    assert_eq!(e["code"], "attribute_required", "{e}");
+
+    for (bad, says) in [
+        (
+            r#"{"device_id":"x","attributes":{"gender":"f"}}"#,
+            "attributes.gender",
+        ),
+        (
+            r#"{"device_id":"x","attributes":{"sub":"someone-else"}}"#,
+            "attributes.sub",
+        ),
+        (
+            r#"{"device_id":"x","attributes":{"country":["de"]}}"#,
+            "a string, a boolean or an integer",
+        ),
+        (
+            r#"{"device_id":"x","attributes":["country"]}"#,
+            "body must be",
+        ),
+    ] {
+        let (status, body) = mint(bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "bad_request", "{v}");
+        assert!(v["reason"].as_str().unwrap().contains(says), "{bad}: {v}");
+    }
+}
+
+#[tokio::test]
 async fn dev_token_endpoint_is_absent_with_a_secret() {
     let server = TestServer::start(&[]).await;
     let (status, _) = http_request(
@@ -612,6 +665,18 @@ impl TestKey {
     fn token(&self, sub: &str) -> String {
         self.token_as(self.kid, sub, 3600)
     }
+
+    /// A token like [`TestKey::token`], with these extra claims.
+    fn token_with(&self, sub: &str, extra: Value) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.into());
+        let mut claims = json!({"sub": sub, "exp": now_secs() + 3600, "aud": AUDIENCE});
+        claims
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        jsonwebtoken::encode(&header, &claims, &self.encoding()).unwrap()
+    }
 }
 
 /// The test identity provider's JWKS endpoint, on a loopback port: serves the set it was last
@@ -742,6 +807,31 @@ async fn jwks_keys_of_each_algorithm_verify_the_tokens_naming_them() {
     expect_unauthorized(&server, &other_aud).await;
     expect_unauthorized(&server, &unsigned_token("attacker")).await;
     assert_eq!(refused_count(&server, "unauthorized").await, 6.0);
+}
+
+#[tokio::test]
+async fn jwks_tokens_give_attributes_as_hs256_tokens_do() {
+    let idp = Jwks::serve(&[&RSA_A, &ED_A]).await;
+    let server = idp
+        .gateway(&[
+            "--attribute-claims",
+            "age_verified",
+            "--require-attribute",
+            "age_verified=true",
+        ])
+        .await;
+    for key in [&RSA_A, &ED_A] {
+        let mut without = connect_bearer(&server, &key.token("without")).await;
+        let e = without.request(json!({"type": "enqueue"}), "q").await;
+        assert_eq!(e["code"], "attribute_required", "{}: {e}", key.kid);
+        without.close().await;
+        let verified = key.token_with("verified", json!({"age_verified": true}));
+        let mut with = connect_bearer(&server, &verified).await;
+        let queued = with.request(json!({"type": "enqueue"}), "q").await;
+        assert_eq!(queued["type"], "queued", "{}: {queued}", key.kid);
+        with.request(json!({"type": "end"}), "e").await;
+        with.close().await;
+    }
 }
 
 #[tokio::test]

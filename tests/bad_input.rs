@@ -142,6 +142,93 @@ async fn wrongly_typed_fields_are_bad_requests_and_change_nothing() {
 }
 
 #[tokio::test]
+async fn bad_interests_and_wants_are_bad_requests_that_echo_the_ref_and_change_nothing() {
+    let server = TestServer::start(&[
+        "--attribute-claims",
+        "country",
+        "--filterable-attributes",
+        "country",
+        "--error-budget",
+        "100",
+    ])
+    .await;
+    let mut c = server.connect("c").await;
+    let eleven: Vec<String> = (0..11).map(|i| format!("tag{i}")).collect();
+    let nine: serde_json::Map<String, Value> =
+        (0..9).map(|i| (format!("a{i}"), json!(["x"]))).collect();
+    let seventeen: Vec<String> = (0..17).map(|i| i.to_string()).collect();
+    // Each case with what the message must say.
+    let cases = [
+        (json!({"interests": eleven}), "at most 10"),
+        (json!({"interests": vec!["same"; 11]}), "at most 10"),
+        (json!({"interests": ["jazz", "   "]}), "prefs.interests"),
+        (json!({"interests": [""]}), "prefs.interests"),
+        (json!({"interests": ["x".repeat(33)]}), "1 to 32 characters"),
+        (json!({"interests": ["a\u{1}b"]}), "control characters"),
+        (json!({"interests": "jazz"}), "invalid enqueue"),
+        (json!({"interests": [1]}), "invalid enqueue"),
+        (
+            json!({"interests_only": true}),
+            "interests_only needs prefs.interests",
+        ),
+        (
+            json!({"interests": [], "interests_only": true}),
+            "interests_only needs",
+        ),
+        (json!({"interests_only": 1}), "invalid enqueue"),
+        (json!({"want": nine}), "at most 8"),
+        (json!({"want": {"Country": ["de"]}}), "attribute names"),
+        (json!({"want": {"": ["de"]}}), "attribute names"),
+        (json!({"want": {"country": []}}), "1 to 16 values"),
+        (json!({"want": {"country": seventeen}}), "1 to 16 values"),
+        (json!({"want": {"country": [""]}}), "prefs.want.country"),
+        (
+            json!({"want": {"country": ["x".repeat(65)]}}),
+            "prefs.want.country",
+        ),
+        (json!({"want": {"country": "de"}}), "invalid enqueue"),
+        (json!({"want": ["country"]}), "invalid enqueue"),
+        (json!({"soft": ["want.country"]}), "which is not set"),
+        (
+            json!({"want": {"country": ["de"]}, "soft": ["want.gender"]}),
+            "want.gender, which is not set",
+        ),
+        (
+            json!({"want": {"country": ["de"]}, "soft": ["want.country", "want.country"]}),
+            "twice",
+        ),
+        (json!({"soft": ["want."]}), "unknown soft field"),
+        (json!({"soft": ["interests"]}), "unknown soft field"),
+    ];
+    for (i, (prefs, says)) in cases.iter().enumerate() {
+        let reference = format!("b{i}");
+        let e = c
+            .request(json!({"type": "enqueue", "prefs": prefs}), &reference)
+            .await;
+        assert_eq!(e["code"], "bad_request", "{prefs}: {e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(message.contains(says), "{prefs}: {message}");
+    }
+    let status = c.request(json!({"type": "status"}), "s").await;
+    assert_eq!(status["state"], "idle", "a refused enqueue changes nothing");
+    // The limits themselves are fine.
+    let ten: Vec<String> = (0..10).map(|i| format!(" Tag{i} ")).collect();
+    let sixteen: Vec<String> = (0..16).map(|i| "v".repeat(64 - i)).collect();
+    let ok = c
+        .request(
+            json!({"type": "enqueue", "prefs": {
+                "interests": ten,
+                "interests_only": true,
+                "want": {"country": sixteen},
+                "soft": ["want.country"],
+            }}),
+            "ok",
+        )
+        .await;
+    assert_eq!(ok["type"], "queued", "{ok}");
+}
+
+#[tokio::test]
 async fn oversized_frame_closes_with_1009_and_nobody_else_notices() {
     let server = TestServer::start(&[]).await;
     // A queued user and a session, before the offence.

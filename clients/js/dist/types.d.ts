@@ -1,4 +1,4 @@
-import type { AckFrame, ChatFrame, DequeuedFrame, MatchCancelledFrame, MatchProposedFrame, MatchedFrame, PeerStatusFrame, QueueUpdateFrame, QueuedFrame, SessionEndedFrame, SignalFrame, TokenExpiringFrame, WelcomeFrame } from "./protocol.gen.js";
+import type { AckFrame, ChatFrame, DequeuedFrame, EnqueueMessage, MatchCancelledFrame, MatchProposedFrame, MatchedFrame, PeerStatusFrame, QueueUpdateFrame, QueuedFrame, SessionEndedFrame, SignalFrame, TokenExpiringFrame, WelcomeFrame } from "./protocol.gen.js";
 import type { MatchgateError } from "./index.js";
 /**
  * Where the client stands. `connecting` (first connection), then the user's state as the
@@ -85,8 +85,12 @@ export interface SessionInfo {
     role: "offerer" | "answerer";
     /** Absent when the session was learnt from `status` (a reconnect that could not resume). */
     started_at_ms?: number;
+    /** The interests both of you named, sorted; absent when learnt from `status`. */
+    common_interests?: MatchedFrame["common_interests"];
     media?: MatchedFrame["media"];
 }
+/** What `mg.enqueue(prefs)` takes: topic, format, language, region, interests, want, soft. */
+export type EnqueuePrefs = NonNullable<EnqueueMessage["prefs"]>;
 /** Handlers by event name; `mg.on(name, handler)` returns a function that unsubscribes. */
 export interface MatchgateEvents {
     state: (state: ClientState, change: StateChange) => void;

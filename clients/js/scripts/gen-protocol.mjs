@@ -10,6 +10,10 @@
 //   list no fields at all stay open (`{ [k: string]: unknown }`).
 // - `allOf` blocks of `if`/`then` rules (e.g. `prefs.soft` may only name fields that are set)
 //   have no TypeScript form; they are dropped here and stay enforced by the gateway.
+// - In client messages, array bounds (`minItems`, `maxItems`: up to 10 `interests`, 1 to 16
+//   values per `want` attribute) would become unions of tuples, to which an ordinary
+//   `string[]` cannot be assigned; the types say `string[]` and the gateway enforces the
+//   bounds (`bad_request`), as the doc comments say.
 // Names: `server/<type>.json` becomes `<Type>Frame`, `client/<type>.json` `<Type>Message`.
 import { readdir, readFile, writeFile } from "node:fs/promises";
 import { fileURLToPath } from "node:url";
@@ -20,14 +24,15 @@ const out = fileURLToPath(new URL("../src/protocol.gen.ts", import.meta.url));
 
 const pascal = (type) => type.replace(/(^|_)([a-z])/g, (_, __, c) => c.toUpperCase());
 
-function closeForTypes(schema) {
-  if (Array.isArray(schema)) return schema.map(closeForTypes);
+function closeForTypes(schema, client) {
+  if (Array.isArray(schema)) return schema.map((s) => closeForTypes(s, client));
   if (schema === null || typeof schema !== "object") return schema;
   const copy = {};
   for (const [key, value] of Object.entries(schema)) {
     if (key === "additionalProperties" && value === true) continue;
     if (key === "allOf" && value.every((s) => "if" in s)) continue;
-    copy[key] = closeForTypes(value);
+    if (client && (key === "minItems" || key === "maxItems")) continue;
+    copy[key] = closeForTypes(value, client);
   }
   if (copy.type === "object" && !("additionalProperties" in copy)) {
     // Known fields only; an object with no fields listed (a `signal` payload) is free-form.
@@ -44,7 +49,7 @@ async function generate(direction, suffix) {
   for (const file of files) {
     const schema = JSON.parse(await readFile(new URL(file, dir), "utf8"));
     const name = pascal(file.replace(/\.json$/, "")) + suffix;
-    const prepared = { ...closeForTypes(schema), title: name };
+    const prepared = { ...closeForTypes(schema, direction === "client"), title: name };
     delete prepared.$id;
     parts.push(
       await compile(prepared, name, {

@@ -73,7 +73,7 @@ export interface EndMessage {
 }
 
 /**
- * Client to server: join the queue. Direct reply: `queued` (then `matched` at once if a compatible partner waits; with the accept phase on, `match_proposed`). Compatible means exactly the same `prefs` (all four fields equal, an absent field only equals an absent field; `soft` widens this over time), not blocked either way, and not met within the anti-repeat window. Refused with `cooldown` during a skip cooldown and with `rate_limited` beyond the per-user enqueue rate. Unknown fields are ignored by the gateway (forward compatibility).
+ * Client to server: join the queue. Direct reply: `queued` (then `matched` at once if a compatible partner waits; with the accept phase on, `match_proposed`). Compatible means exactly the same `prefs` (all four fields equal, an absent field only equals an absent field; `soft` widens this over time), each one's `want` holding for the other's attributes (from their tokens), a shared interest (until the interests wait widens the search of both), not blocked either way, and not met within the anti-repeat window. Refused with `cooldown` during a skip cooldown, with `rate_limited` beyond the per-user enqueue rate, and with `attribute_required` when the gateway requires an attribute (`MATCHGATE_REQUIRE_ATTRIBUTE`) your token does not carry with the required value. Unknown fields are ignored by the gateway (forward compatibility).
  */
 export interface EnqueueMessage {
   type: "enqueue";
@@ -98,9 +98,25 @@ export interface EnqueueMessage {
      */
     region?: string;
     /**
-     * Preference relaxation: fields that may be dropped from the search when you wait long, in this order, one per `MATCHGATE_RELAX_AFTER_MS` of waiting (default 10 s); each step is announced by a `queue_update` with `widened_to`. Each field at most once, and each must be set in these `prefs`. Absent or empty: the search never widens.
+     * Up to 10 interest tags (e.g. `["jazz", "chess"]`). The gateway trims and lowercases each (`" Jazz "` is `jazz`) and drops repeats; a tag that is empty after trimming or longer than 32 characters is refused with `bad_request`. You are matched first only with users who share at least one tag; after `MATCHGATE_INTERESTS_WAIT_MS` (default 10 s) of waiting the search widens to compatible users without a shared interest (announced by a `queue_update` with `interests_widened: true`), unless `interests_only`. `matched.common_interests` lists the shared tags.
+     *
+     * Items: An interest tag: trimmed and lowercased by the gateway, then 1 to 32 characters, no control characters.
      */
-    soft?: ("topic" | "format" | "language" | "region")[];
+    interests?: string[];
+    /**
+     * With `true`, never widen: only users who share an interest. Needs `interests` (otherwise `bad_request`). Default `false`.
+     */
+    interests_only?: boolean;
+    /**
+     * Constraints on your peer's attributes, e.g. `{"country": ["de", "at"]}`: you are only matched with users whose token gives each named attribute one of the listed values (a user without the attribute never qualifies). Two-sided: both users' `want` must hold for the other. Attributes come from the users' JWTs (the claims `MATCHGATE_ATTRIBUTE_CLAIMS` names), never from messages. At most 8 attributes (names of 1 to 32 of `a-z 0-9 _`), each with 1 to 16 values of 1 to 64 characters. An attribute the gateway does not list in `MATCHGATE_FILTERABLE_ATTRIBUTES` is refused with `bad_request` naming it. `soft` may name `want.<attribute>` to drop that constraint when you wait long.
+     */
+    want?: {
+      [k: string]: string[] | undefined;
+    };
+    /**
+     * Preference relaxation: fields (or `want.<attribute>` constraints) that may be dropped from the search when you wait long, in this order, one per `MATCHGATE_RELAX_AFTER_MS` of waiting (default 10 s); each step is announced by a `queue_update` with `widened_to`. Each at most once, and each must be set in these `prefs` (a `want.<attribute>` must name a key of `want`; otherwise `bad_request`). Absent or empty: the search never widens.
+     */
+    soft?: (("topic" | "format" | "language" | "region") | string)[];
   };
   /**
    * Opaque client-chosen correlation id (at most 64 characters); the direct reply to this message echoes it.
@@ -255,7 +271,7 @@ export interface DequeuedFrame {
 export interface ErrorFrame {
   type: "error";
   /**
-   * Stable error code. New codes may be added in later versions: treat unknown codes like `internal`. `media_unavailable` is never a reply: it is pushed to both members of a match whose room could not be set up. `cooldown` is the reply to `enqueue` and `skip` during a skip cooldown (and to the `enqueue` that starts one after a quick `end`), and is pushed once when a skip starts one. `unauthorized` is the reply to a refused `refresh` (invalid or expired token, or one for another user); the connection keeps its old token and expiry.
+   * Stable error code. New codes may be added in later versions: treat unknown codes like `internal`. `media_unavailable` is never a reply: it is pushed to both members of a match whose room could not be set up. `cooldown` is the reply to `enqueue` and `skip` during a skip cooldown (and to the `enqueue` that starts one after a quick `end`), and is pushed once when a skip starts one. `unauthorized` is the reply to a refused `refresh` (invalid or expired token, or one for another user); the connection keeps its old token and expiry. `attribute_required` is the reply to an `enqueue` of a user whose token lacks an attribute the gateway requires (`MATCHGATE_REQUIRE_ATTRIBUTE`, e.g. `age_verified=true`; the `message` names it as `name=value`): nothing changed; a `refresh` with a token that carries it, then `enqueue`, gets in.
    */
   code:
     | "bad_request"
@@ -266,7 +282,8 @@ export interface ErrorFrame {
     | "internal"
     | "media_unavailable"
     | "cooldown"
-    | "unauthorized";
+    | "unauthorized"
+    | "attribute_required";
   /**
    * Human-readable explanation, for logs; not stable. For `unavailable` and `internal` it is fixed text: the backend's details stay in the gateway's log.
    */
@@ -368,6 +385,10 @@ export interface MatchedFrame {
    */
   started_at_ms: number;
   /**
+   * The interest tags both of you named in `enqueue.prefs.interests` (normalised: trimmed, lowercased), sorted; the same list in both members' `matched`. Empty when you share none (one of you had no interests, or the search widened).
+   */
+  common_interests: string[];
+  /**
    * How to set up the call, by `provider`: `p2p` (ICE servers for a direct WebRTC connection) or `livekit` (a LiveKit room). New providers may be added in later versions: treat an unknown one as a call you cannot set up (`skip` or `end`).
    */
   media: PeerToPeer | LiveKitRoom;
@@ -446,7 +467,7 @@ export interface PeerStatusFrame {
 }
 
 /**
- * Server to client (informational, no `seq`, never replayed): pushed while you wait, at most once per `queue_update_interval`, and only when your position or estimate changed; and, with `widened_to`, each time your search widens (preference relaxation, see `enqueue.prefs.soft`).
+ * Server to client (informational, no `seq`, never replayed): pushed while you wait, at most once per `queue_update_interval`, and only when your position or estimate changed; and, with `widened_to`, each time your search widens (preference relaxation, see `enqueue.prefs.soft`); and, with `interests_widened`, once when your search widens past your interests (see `enqueue.prefs.interests`).
  */
 export interface QueueUpdateFrame {
   type: "queue_update";
@@ -478,7 +499,28 @@ export interface QueueUpdateFrame {
      * The region still searched for.
      */
     region?: string;
+    /**
+     * Your interests (normalised), unchanged by relaxation.
+     */
+    interests?: string[];
+    /**
+     * Present when you asked for `interests_only`.
+     */
+    interests_only?: true;
+    /**
+     * The `want` constraints still applied (a `want.<attribute>` named in `soft` is gone once its step came).
+     */
+    want?: {
+      /**
+       * @minItems 1
+       */
+      [k: string]: [string, ...string[]] | undefined;
+    };
   };
+  /**
+   * Present when your search just widened past your interests: `MATCHGATE_INTERESTS_WAIT_MS` passed without a match with a user who shares one, and from now on you are also matched with compatible users who share none (and whose own search widened, or who named no interests). Never sent with `interests_only`. Comes without `widened_to`.
+   */
+  interests_widened?: true;
 }
 
 /**

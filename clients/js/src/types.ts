@@ -5,6 +5,7 @@ import type {
   AckFrame,
   ChatFrame,
   DequeuedFrame,
+  EnqueueMessage,
   MatchCancelledFrame,
   MatchProposedFrame,
   MatchedFrame,
@@ -108,8 +109,13 @@ export interface SessionInfo {
   role: "offerer" | "answerer";
   /** Absent when the session was learnt from `status` (a reconnect that could not resume). */
   started_at_ms?: number;
+  /** The interests both of you named, sorted; absent when learnt from `status`. */
+  common_interests?: MatchedFrame["common_interests"];
   media?: MatchedFrame["media"];
 }
+
+/** What `mg.enqueue(prefs)` takes: topic, format, language, region, interests, want, soft. */
+export type EnqueuePrefs = NonNullable<EnqueueMessage["prefs"]>;
 
 /** Handlers by event name; `mg.on(name, handler)` returns a function that unsubscribes. */
 export interface MatchgateEvents {
