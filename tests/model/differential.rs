@@ -50,8 +50,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{json, Value};
 
-use super::common::redis::{RedisCluster, RedisServer};
-use super::engines::{Engine, EngineConfig, RedisTarget};
+use super::engines::{cases, wanted, Engine, EngineConfig, Servers};
 
 pub const DEFAULT_CASES: u32 = 48;
 const MAX_USERS: usize = 5;
@@ -828,53 +827,6 @@ fn brief(v: &Value) -> String {
     s
 }
 
-/// The Redis servers of a test run.
-pub struct Servers {
-    pub single: Option<RedisServer>,
-    pub cluster: Option<RedisCluster>,
-}
-
-/// Which engines to run (`MODEL_ENGINES`, default all three).
-pub fn wanted(engine: &str) -> bool {
-    std::env::var("MODEL_ENGINES")
-        .map(|v| v.split(',').any(|e| e.trim() == engine))
-        .unwrap_or(true)
-}
-
-pub fn cases() -> u32 {
-    std::env::var("MODEL_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CASES)
-}
-
-/// Makes the engines of one case, each on the case's clock, the Redis ones in a namespace of
-/// their own.
-pub async fn engines(
-    servers: &Servers,
-    case: &Case,
-    n: u64,
-    clock: &Arc<ManualClock>,
-) -> Vec<Engine> {
-    let config = config(case);
-    let mut engines = vec![Engine::memory(&config, clock.clone())];
-    if let Some(r) = &servers.single {
-        let target = RedisTarget {
-            urls: vec![r.url()],
-            cluster: false,
-        };
-        engines.push(Engine::redis(&target, &format!("m{n}"), &config, clock.clone()).await);
-    }
-    if let Some(c) = &servers.cluster {
-        let target = RedisTarget {
-            urls: c.urls(),
-            cluster: true,
-        };
-        engines.push(Engine::redis(&target, &format!("m{n}"), &config, clock.clone()).await);
-    }
-    engines
-}
-
 #[test]
 fn engines_agree_with_every_rule_on() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -882,23 +834,10 @@ fn engines_agree_with_every_rule_on() {
         .enable_all()
         .build()
         .expect("runtime");
-    let servers = rt.block_on(async {
-        Servers {
-            single: if wanted("redis") {
-                Some(RedisServer::start().await)
-            } else {
-                None
-            },
-            cluster: if wanted("cluster") {
-                Some(RedisCluster::start().await)
-            } else {
-                None
-            },
-        }
-    });
+    let servers = rt.block_on(Servers::start(wanted("redis"), wanted("cluster")));
     let counter = std::sync::atomic::AtomicU64::new(0);
     let mut runner = TestRunner::new(Config {
-        cases: cases(),
+        cases: cases(DEFAULT_CASES),
         failure_persistence: None,
         ..Config::default()
     });
@@ -906,7 +845,9 @@ fn engines_agree_with_every_rule_on() {
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         rt.block_on(async {
             let clock = Arc::new(ManualClock::new(START_MS));
-            let engines = engines(&servers, &case, n, &clock).await;
+            let engines = servers
+                .engines(true, &format!("m{n}"), &config(&case), &clock)
+                .await;
             run_case(&case, engines, clock).await
         })
         .map_err(TestCaseError::fail)
