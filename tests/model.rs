@@ -2,7 +2,9 @@
 //! engine (memory, Redis, Redis Cluster); `model/differential.rs`: the same kind of generated
 //! sequences, with every rule on, run against the three engines and compared;
 //! `model/broken.rs`: deliberately broken engines that the differential test must catch;
-//! `model/engines.rs`: the one adapter between these tests and the engines.
+//! `model/engines.rs`: the one adapter between these tests and the engines (and the factory
+//! of a run's engines, shared with `tests/interests.rs`); `model/asks.rs`: what generated users
+//! ask for and carry (interests, `want`, attributes), shared with `tests/interests.rs`.
 //!
 //! The model test runs as one test per engine (`memory_keeps_the_model_invariants` and its
 //! `redis_` and `cluster_` twins), each on the same generated sequences, the Redis engines on
@@ -81,6 +83,8 @@
 //! steps, on top of proptest's minimal input (its shrinking deletes each step only once). The
 //! test writes no files (`failure_persistence: None`).
 
+#[path = "model/asks.rs"]
+mod asks;
 #[path = "model/broken.rs"]
 mod broken;
 mod common;
