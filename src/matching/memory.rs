@@ -2,17 +2,40 @@
 //!
 //! All state sits behind one mutex and every operation is a short critical section with no
 //! `.await` inside, which makes each operation atomic and keeps events in `seq` order. Pools
-//! are keyed by the exact preference set, so an enqueue only ever looks at its own pool: its
-//! cost does not depend on how many users wait elsewhere. Within a pool, waiting users are
-//! ordered by an increasing ticket (FIFO); the matcher takes the first eligible one: not the
-//! user, not blocked either way, not just skipped, not met within the anti-repeat window
-//! (unless one of them waited past the fallback). A user whose search widened (soft
-//! preferences) is listed, with the same ticket, in the wider pools too.
+//! are keyed by the exact preference set (its four fields), so an enqueue only ever looks at
+//! its own pool: its cost does not depend on how many users wait elsewhere. Within a pool,
+//! waiting users are ordered by an increasing ticket (FIFO); the matcher takes the first
+//! eligible one: not the user, not blocked either way, not just skipped, not met within the
+//! anti-repeat window (unless one of them waited past the fallback), and each one's `want`
+//! holding for the other's token attributes. A user whose search widened (soft preferences)
+//! is listed, with the same ticket, in the wider pools too.
+//!
+//! Interests split a pool further: a user with interests meets only users who share one until
+//! its interests wait passes (then, unless `interests_only`, it is *open*: it meets any open
+//! user too; a user without interests is open from the start). Each pool therefore indexes its
+//! connected waiters per interest tag and keeps the open ones in a list of their own; a match
+//! attempt walks the lists of the user's tags, and the open list only when the user is open,
+//! so it never visits a user it shares nothing with and could not meet anyway.
 //!
 //! Waiting users whose connection dropped keep their ticket but are listed apart (see
-//! [`Pool`]), so the matcher never visits them: a match attempt walks only connected waiters,
-//! and among those only the ones the user blocked or was blocked by, avoids, or met recently
-//! (each bounded, see [`State::try_match`]) before it finds a partner.
+//! [`Pool`]), so the matcher never visits them: a match attempt walks only connected waiters
+//! it could meet, and among those only the ones the user blocked or was blocked by, avoids,
+//! met recently, or whose `want` and its own do not fit (see [`State::try_match`]) before it
+//! finds a partner.
+//!
+//! Where the behaviour spec of interests and `want` (issue 12) leaves a choice, this engine
+//! (and the Redis library with it) does this:
+//! - `matched.common_interests` is the set intersection: sorted by bytes, each tag once.
+//! - The timers of an enqueue come in this order: `Relax`, `Interests`, then whatever the
+//!   first match attempt arms (`Rematch`, `Proposal`).
+//! - The anti-repeat fallback is armed only for candidates that pass every other rule
+//!   (interests and `want` included): a recent peer who could not be met anyway holds
+//!   nobody back.
+//! - A `want.<attribute>` relaxation step changes no pool (`want` is not part of the pool
+//!   key), so it lists the user nowhere new; it still emits its `queue_update` with
+//!   `widened_to` and re-arms `Relax` like any other step.
+//! - The `Interests` timer of a queue place that is already open (widened, or no interests)
+//!   or `interests_only` is a no-op; a paired user's is re-armed whatever its flag.
 //!
 //! A pair goes through up to three phases: *proposed* (accept phase on: both must accept),
 //! *pending* (media mode: the room is being made) and *live* (`matched` sent). Until live,
@@ -31,7 +54,7 @@ use super::{
     MediaLeft, MediaMode, MediaReady, Outcome, PendingSession, RecentPeer, Resume, Rules,
     SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, Timers, UserId,
 };
-use crate::attributes::Attributes;
+use crate::attributes::{want_holds, Attributes, Want};
 use crate::bus::{Bus, Frame};
 use crate::clock::{Clock, SystemClock};
 use crate::ids::random_id;
@@ -257,6 +280,8 @@ enum Activity {
     InSession {
         session_id: Arc<str>,
         prefs: Prefs,
+        /// Kept for a re-queue after the session.
+        attributes: Arc<Attributes>,
     },
 }
 
@@ -267,6 +292,16 @@ struct Waiting {
     wider: Vec<Arc<str>>,
     ticket: u64,
     prefs: Prefs,
+    /// The attributes from the user's token at the enqueue: what others' `want` is checked
+    /// against.
+    attributes: Arc<Attributes>,
+    /// Relaxation steps done so far (`wider` can be shorter: a step that changes no pool
+    /// lists the user nowhere new).
+    level: usize,
+    /// `prefs.relaxed(level).want`, kept here so that checking a candidate clones nothing.
+    want: Want,
+    /// The interests wait passed (and the user is not `interests_only`).
+    widened: bool,
     since: Instant,
     /// Position and estimate the user was last told.
     told: (u64, Option<u64>),
@@ -278,6 +313,12 @@ impl Waiting {
     /// Every pool the user is listed in.
     fn pools(&self) -> impl Iterator<Item = &Arc<str>> {
         std::iter::once(&self.pool).chain(self.wider.iter())
+    }
+
+    /// Whether the user may meet users who share none of its interests (who must be open
+    /// too).
+    fn open(&self) -> bool {
+        self.prefs.interests.is_empty() || self.widened
     }
 }
 
@@ -334,42 +375,100 @@ impl Log {
 /// Connected users and users whose connection dropped (held for a resume) are listed apart:
 /// both keep their place and count in positions, but only the connected ones can be matched,
 /// so a match attempt never visits the others, however many there are.
+///
+/// The matcher does not walk `waiting` itself but the candidate lists: one per interest tag
+/// and one of the open users (see [`Waiting::open`]). Every connected waiter is in at least
+/// one of them (in its tags' lists, and in the open list once open), and a user can meet
+/// exactly those in its tags' lists and, when open, those in the open list: so a match
+/// attempt visits nobody it shares nothing with unless both are open.
 #[derive(Default)]
 struct Pool {
-    /// Connected waiting users: the only ones the matcher looks at.
+    /// Connected waiting users: what positions and queue updates count.
     waiting: BTreeMap<u64, UserId>,
     /// Waiting users who are away (reconnecting).
     away: BTreeMap<u64, UserId>,
+    /// Connected waiting users by interest tag (a tag nobody waits with has no entry).
+    tags: HashMap<String, BTreeMap<u64, UserId>>,
+    /// Connected waiting users who are open.
+    open: BTreeMap<u64, UserId>,
     /// Smoothed wait of users recently matched from this pool, in ms.
     recent_wait_ms: Option<f64>,
 }
 
 impl Pool {
-    /// Lists a user at `ticket`, among the connected or the away ones.
-    fn list(&mut self, ticket: u64, id: &UserId, away: bool) {
-        let list = if away {
-            &mut self.away
+    /// Lists a waiting user, among the connected (and in its candidate lists) or the away
+    /// ones.
+    fn list(&mut self, w: &Waiting, id: &UserId, away: bool) {
+        if away {
+            self.away.insert(w.ticket, id.clone());
         } else {
-            &mut self.waiting
-        };
-        list.insert(ticket, id.clone());
-    }
-
-    fn unlist(&mut self, ticket: u64) {
-        self.waiting.remove(&ticket);
-        self.away.remove(&ticket);
-    }
-
-    /// Moves the user at `ticket` between the connected and the away ones.
-    fn set_away(&mut self, ticket: u64, away: bool) {
-        let (from, to) = if away {
-            (&mut self.waiting, &mut self.away)
-        } else {
-            (&mut self.away, &mut self.waiting)
-        };
-        if let Some(id) = from.remove(&ticket) {
-            to.insert(ticket, id);
+            self.waiting.insert(w.ticket, id.clone());
+            self.index(w, id);
         }
+    }
+
+    fn unlist(&mut self, w: &Waiting) {
+        self.waiting.remove(&w.ticket);
+        self.away.remove(&w.ticket);
+        self.unindex(w);
+    }
+
+    /// Puts a connected user in the candidate lists it belongs in.
+    fn index(&mut self, w: &Waiting, id: &UserId) {
+        for tag in &w.prefs.interests {
+            self.tags
+                .entry(tag.clone())
+                .or_default()
+                .insert(w.ticket, id.clone());
+        }
+        if w.open() {
+            self.open.insert(w.ticket, id.clone());
+        }
+    }
+
+    fn unindex(&mut self, w: &Waiting) {
+        for tag in &w.prefs.interests {
+            if let Some(list) = self.tags.get_mut(tag) {
+                list.remove(&w.ticket);
+                if list.is_empty() {
+                    self.tags.remove(tag);
+                }
+            }
+        }
+        self.open.remove(&w.ticket);
+    }
+
+    /// Moves a waiting user between the connected and the away ones.
+    fn set_away(&mut self, w: &Waiting, away: bool) {
+        if away {
+            if let Some(id) = self.waiting.remove(&w.ticket) {
+                self.unindex(w);
+                self.away.insert(w.ticket, id);
+            }
+        } else if let Some(id) = self.away.remove(&w.ticket) {
+            self.index(w, &id);
+            self.waiting.insert(w.ticket, id);
+        }
+    }
+
+    /// A connected user listed here just became open: it joins the open list.
+    fn open_up(&mut self, ticket: u64) {
+        if let Some(id) = self.waiting.get(&ticket) {
+            self.open.insert(ticket, id.clone());
+        }
+    }
+
+    /// The candidate lists a user with `w` searches: its tags' lists, and the open list when
+    /// it is open itself.
+    fn candidates<'a>(
+        &'a self,
+        w: &'a Waiting,
+    ) -> impl Iterator<Item = &'a BTreeMap<u64, UserId>> + 'a {
+        w.prefs
+            .interests
+            .iter()
+            .filter_map(|tag| self.tags.get(tag))
+            .chain(w.open().then_some(&self.open))
     }
 
     fn is_empty(&self) -> bool {
@@ -478,35 +577,55 @@ impl State {
         Some(((ms / 100.0).round() as u64) * 100)
     }
 
-    /// Puts an idle user in the queue, tells them, and matches them if a partner waits.
-    fn queue(&mut self, step: &mut Step<'_>, id: &UserId, prefs: Prefs) {
+    /// Puts an idle user in the queue (a new ticket: not widened, whatever an earlier queue
+    /// place was), tells them, and matches them if a partner waits.
+    fn queue(
+        &mut self,
+        step: &mut Step<'_>,
+        id: &UserId,
+        prefs: Prefs,
+        attributes: Arc<Attributes>,
+    ) {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let key: Arc<str> = prefs.pool_key().into();
+        let rules = &step.policy.rules;
+        if !prefs.soft.is_empty() {
+            step.outcome
+                .timers
+                .push((rules.relax_after, id.clone(), Timer::Relax { ticket }));
+        }
+        if !prefs.interests.is_empty() && !prefs.interests_only {
+            step.outcome.timers.push((
+                rules.interests_wait,
+                id.clone(),
+                Timer::Interests { ticket },
+            ));
+        }
+        let mut waiting = Waiting {
+            pool: key.clone(),
+            wider: Vec::new(),
+            ticket,
+            want: prefs.want.clone(),
+            prefs,
+            attributes,
+            level: 0,
+            widened: false,
+            since: step.now,
+            told: (0, None),
+            fallback_armed: false,
+        };
         // A user re-queued while away (the peer of a skipper, say) waits among the away ones.
         let away = self.users.get(id).is_some_and(|u| u.away);
         let pool = self.pools.entry(key.clone()).or_default();
         let position = pool.len();
-        pool.list(ticket, id, away);
+        pool.list(&waiting, id, away);
         let pool = &self.pools[&key];
         let estimate = self.estimate(pool, position);
+        waiting.told = (position, estimate);
         self.queued += 1;
-        if !prefs.soft.is_empty() {
-            let after = step.policy.rules.relax_after;
-            step.outcome
-                .timers
-                .push((after, id.clone(), Timer::Relax { ticket }));
-        }
         if let Some(user) = self.users.get_mut(id) {
-            user.activity = Activity::Queued(Waiting {
-                pool: key,
-                wider: Vec::new(),
-                ticket,
-                prefs,
-                since: step.now,
-                told: (position, estimate),
-                fallback_armed: false,
-            });
+            user.activity = Activity::Queued(waiting);
         }
         self.emit(
             step,
@@ -541,6 +660,11 @@ impl State {
         if self.blocked(id, other) {
             return None;
         }
+        // Interests need no check here: the candidate lists hold only users this one may meet
+        // by interests (see `Pool`).
+        if !want_holds(&w.want, &ow.attributes) || !want_holds(&ow.want, &w.attributes) {
+            return None;
+        }
         let rules = &step.policy.rules;
         let met = self.conduct.get(id).is_some_and(|c| {
             c.recent.iter().any(|m| {
@@ -563,11 +687,15 @@ impl State {
     /// Matches a waiting, connected user with the longest-waiting eligible user in any of its
     /// pools. When only recently met users are there, arms the anti-repeat fallback.
     ///
-    /// The walk visits connected waiters only, in ticket order, and stops at the first eligible
-    /// one; the ones it passes are those the user blocked (at most [`Rules::max_blocks`]) or
-    /// was blocked by, the one it avoids and those avoiding it (after skips and declines), and
-    /// its recent partners (at most 16). Nobody else can be passed over, so the work does not
-    /// grow with the number of users waiting or reconnecting.
+    /// The walk visits connected waiters only, and only in the candidate lists the user may
+    /// meet by interests (its tags' lists; the open list once it is open), each in ticket
+    /// order, stopping at the first eligible one or at the best ticket found so far. The ones
+    /// it passes are those the user blocked (at most [`Rules::max_blocks`]) or was blocked by,
+    /// the one it avoids and those avoiding it (after skips and declines), its recent partners
+    /// (at most 16), and, the one exception without a bound, users in those lists whose
+    /// `want` and its own do not fit each other's attributes. Nobody else can be passed over,
+    /// so the work does not grow with the number of users waiting or reconnecting, nor with
+    /// those waiting in tags the user does not have.
     fn try_match(&mut self, step: &mut Step<'_>, id: &UserId) {
         let Some(user) = self.users.get(id) else {
             return;
@@ -586,20 +714,22 @@ impl State {
             let Some(pool) = self.pools.get(key) else {
                 continue;
             };
-            for (ticket, other) in &pool.waiting {
-                if best.as_ref().is_some_and(|(t, _)| t <= ticket) {
-                    break;
-                }
-                match self.eligible(step, id, other) {
-                    Some(true) => {
-                        best = Some((*ticket, other.clone()));
+            for list in pool.candidates(w) {
+                for (ticket, other) in list {
+                    if best.as_ref().is_some_and(|(t, _)| t <= ticket) {
                         break;
                     }
-                    Some(false) => {
-                        let since = self.waiting_since(other).unwrap_or(step.now);
-                        held_back = Some(held_back.map_or(since, |h| h.min(since)));
+                    match self.eligible(step, id, other) {
+                        Some(true) => {
+                            best = Some((*ticket, other.clone()));
+                            break;
+                        }
+                        Some(false) => {
+                            let since = self.waiting_since(other).unwrap_or(step.now);
+                            held_back = Some(held_back.map_or(since, |h| h.min(since)));
+                        }
+                        None => {}
                     }
-                    None => {}
                 }
             }
         }
@@ -637,7 +767,7 @@ impl State {
         };
         for key in w.pools() {
             if let Some(pool) = self.pools.get_mut(key) {
-                pool.set_away(w.ticket, away);
+                pool.set_away(w, away);
             }
         }
     }
@@ -652,7 +782,7 @@ impl State {
         };
         for key in waiting.pools() {
             if let Some(pool) = self.pools.get_mut(key) {
-                pool.unlist(waiting.ticket);
+                pool.unlist(&waiting);
             }
         }
         self.queued -= 1;
@@ -665,12 +795,13 @@ impl State {
         }
     }
 
-    /// Puts a paired user back at its old place (its ticket) in every pool it was listed in.
+    /// Puts a paired user back at its old place (its ticket, relaxation level and interests
+    /// flag) in every pool it was listed in.
     fn restore(&mut self, step: &mut Step<'_>, id: &UserId, waiting: Waiting) {
         let away = self.users.get(id).is_some_and(|u| u.away);
         for key in waiting.pools() {
             let pool = self.pools.entry(key.clone()).or_default();
-            pool.list(waiting.ticket, id, away);
+            pool.list(&waiting, id, away);
             if !step.outcome.changed_pools.contains(key) {
                 step.outcome.changed_pools.push(key.clone());
             }
@@ -821,6 +952,14 @@ impl State {
         s.live_since = Some(step.now);
         s.started_at_ms = started_at_ms;
         let members = s.members.clone();
+        let interests = members.clone().map(|m| match self.users.get(&m.user) {
+            Some(User {
+                activity: Activity::Pending { waiting, .. },
+                ..
+            }) => waiting.prefs.interests.as_slice(),
+            _ => &[],
+        });
+        let common_interests = common_interests(interests[0], interests[1]);
         let mut pools = [None, None];
         let window = step.policy.rules.anti_repeat_window;
         for i in 0..2 {
@@ -841,6 +980,7 @@ impl State {
             user.activity = Activity::InSession {
                 session_id: session_id.clone(),
                 prefs: waiting.prefs,
+                attributes: waiting.attributes,
             };
             let recent = &mut self
                 .conduct
@@ -881,8 +1021,7 @@ impl State {
                     peer: members[1 - i].handle.clone(),
                     role,
                     started_at_ms,
-                    // ISSUE-12 SKELETON: the shared interests go here.
-                    common_interests: Vec::new(),
+                    common_interests: common_interests.clone(),
                     media,
                 },
             );
@@ -940,7 +1079,7 @@ impl State {
                 Undo::Out(event) => self.emit(step, &member.user, event),
                 Undo::Tail(event) => {
                     self.emit(step, &member.user, event);
-                    self.queue(step, &member.user, waiting.prefs);
+                    self.queue(step, &member.user, waiting.prefs, waiting.attributes);
                 }
             }
         }
@@ -1058,10 +1197,13 @@ impl State {
             (&peer, peer_reason, peer_requeue),
         ] {
             if let Some(user) = self.users.get_mut(who) {
-                if let Activity::InSession { prefs: p, .. } =
-                    std::mem::replace(&mut user.activity, Activity::Idle)
+                if let Activity::InSession {
+                    prefs: p,
+                    attributes,
+                    ..
+                } = std::mem::replace(&mut user.activity, Activity::Idle)
                 {
-                    prefs.push((who.clone(), p, requeue));
+                    prefs.push((who.clone(), p, attributes, requeue));
                 }
             }
             self.emit(
@@ -1074,9 +1216,9 @@ impl State {
                 },
             );
         }
-        for (who, p, requeue) in prefs {
+        for (who, p, attributes, requeue) in prefs {
             if requeue {
-                self.queue(step, &who, p);
+                self.queue(step, &who, p, attributes);
             }
         }
         Ok(lived)
@@ -1296,17 +1438,18 @@ impl State {
             }
             _ => return,
         };
-        let level = w.wider.len() + 1;
+        let level = w.level + 1;
         let Some(widened) = w.prefs.relaxed(level) else {
             return;
         };
         let key: Arc<str> = widened.pool_key().into();
         let more = level < w.prefs.soft.len();
         let base = w.pool.clone();
-        self.pools
-            .entry(key.clone())
-            .or_default()
-            .list(ticket, id, away);
+        // Dropping a `want` constraint changes no pool: the user is listed there already.
+        let new_pool = !w.pools().any(|p| *p == key);
+        if new_pool {
+            self.pools.entry(key.clone()).or_default().list(w, id, away);
+        }
         let pool = &self.pools[&base];
         let position = pool.ahead(ticket);
         let estimate = self.estimate(pool, position);
@@ -1315,7 +1458,11 @@ impl State {
             ..
         }) = self.users.get_mut(id)
         {
-            w.wider.push(key);
+            if new_pool {
+                w.wider.push(key);
+            }
+            w.level = level;
+            w.want = widened.want.clone();
             w.told = (position, estimate);
         }
         self.emit(
@@ -1325,6 +1472,7 @@ impl State {
                 position,
                 estimated_wait_ms: estimate,
                 widened_to: Some(widened),
+                interests_widened: false,
             },
         );
         if more {
@@ -1333,6 +1481,58 @@ impl State {
                 .timers
                 .push((after, id.clone(), Timer::Relax { ticket }));
         }
+        self.try_match(step, id);
+    }
+
+    /// The interests wait of a waiting user passed: unless `interests_only`, it becomes open
+    /// in every pool it is listed in (and in the wider ones to come), is told so, and may now
+    /// meet any open user.
+    fn widen_interests(&mut self, step: &mut Step<'_>, id: &UserId, ticket: u64) {
+        let Some(user) = self.users.get_mut(id) else {
+            return;
+        };
+        let w = match &mut user.activity {
+            Activity::Queued(w) if w.ticket == ticket => w,
+            // Paired meanwhile: if the match is undone, the wait goes on.
+            Activity::Pending { waiting, .. } if waiting.ticket == ticket => {
+                let wait = step.policy.rules.interests_wait;
+                step.outcome
+                    .timers
+                    .push((wait, id.clone(), Timer::Interests { ticket }));
+                return;
+            }
+            _ => return,
+        };
+        if w.open() || w.prefs.interests_only {
+            return;
+        }
+        w.widened = true;
+        for key in w.pools() {
+            if let Some(pool) = self.pools.get_mut(key) {
+                pool.open_up(ticket);
+            }
+        }
+        let base = w.pool.clone();
+        let pool = &self.pools[&base];
+        let position = pool.ahead(ticket);
+        let estimate = self.estimate(pool, position);
+        if let Some(User {
+            activity: Activity::Queued(w),
+            ..
+        }) = self.users.get_mut(id)
+        {
+            w.told = (position, estimate);
+        }
+        self.emit(
+            step,
+            id,
+            Event::QueueUpdate {
+                position,
+                estimated_wait_ms: estimate,
+                widened_to: None,
+                interests_widened: true,
+            },
+        );
         self.try_match(step, id);
     }
 
@@ -1409,6 +1609,17 @@ impl State {
             }
         })
     }
+}
+
+/// The interests two users share, sorted by bytes, each once: what both members' `matched`
+/// says.
+fn common_interests(a: &[String], b: &[String]) -> Vec<Arc<str>> {
+    let shared: std::collections::BTreeSet<&str> = a
+        .iter()
+        .filter(|tag| b.contains(tag))
+        .map(String::as_str)
+        .collect();
+    shared.into_iter().map(Arc::from).collect()
 }
 
 /// Whether an estimate moved enough to be worth a push (20%).
@@ -1535,7 +1746,7 @@ impl ClientOperations for MemoryMatchmaker {
             state.check_cooldown(step, user)?;
             state.count_quick_end(step, user)?;
             state.count_enqueue(step, user)?;
-            state.queue(step, user, prefs);
+            state.queue(step, user, prefs, attributes);
             Ok(())
         })?;
         Ok(outcome)
@@ -1806,6 +2017,7 @@ impl Timers for MemoryMatchmaker {
                         position,
                         estimated_wait_ms: estimate,
                         widened_to: None,
+                        interests_widened: false,
                     },
                 );
             }
@@ -1818,8 +2030,7 @@ impl Timers for MemoryMatchmaker {
         let ((), outcome) = self.step(None, None, |state, step| {
             match timer {
                 Timer::Relax { ticket } => state.relax(step, user, ticket),
-                // ISSUE-12 SKELETON: the memory engine's interests widening goes here.
-                Timer::Interests { .. } => {}
+                Timer::Interests { ticket } => state.widen_interests(step, user, ticket),
                 Timer::Rematch { ticket } => {
                     if let Some(User {
                         activity: Activity::Queued(w),
