@@ -2245,3 +2245,408 @@ impl MediaEvents for MemoryMatchmaker {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Interests and `want` (issue 12) in the memory engine, driven through its operations with
+    //! a test clock; the Redis library is held to the same behaviour by the differential
+    //! model test.
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::p2p::IceServers;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Every frame handed out, per user, parsed.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(UserId, Value)>>);
+
+    impl Bus for Recorder {
+        fn deliver(&self, user: &UserId, frame: Frame) {
+            let value = serde_json::from_str(frame.text.as_str()).expect("frames are JSON");
+            self.0.lock().unwrap().push((user.clone(), value));
+        }
+    }
+
+    struct Harness {
+        mm: MemoryMatchmaker,
+        bus: Arc<Recorder>,
+        clock: Arc<ManualClock>,
+    }
+
+    impl Harness {
+        /// An engine with p2p media; with `accept`, matches are proposed first.
+        fn new(accept: bool) -> Harness {
+            let bus = Arc::new(Recorder::default());
+            let clock = Arc::new(ManualClock::new(1_000_000));
+            let hour = Duration::from_secs(3600);
+            let policy = Policy {
+                requeue_peer_on_skip: true,
+                history_len: 1000,
+                history_ttl: hour,
+                media: MediaMode::P2p(Arc::new(IceServers::new(Vec::new(), None))),
+                rules: Rules {
+                    anti_repeat_window: Duration::ZERO,
+                    anti_repeat_fallback: Duration::ZERO,
+                    // Zero: no skip is quick, so no cooldown gets in the way.
+                    skip_quick: Duration::ZERO,
+                    skip_limit: 5,
+                    skip_window: hour,
+                    skip_cooldowns: vec![hour],
+                    enqueue_per_minute: u32::MAX,
+                    accept_timeout: accept.then_some(hour),
+                    decline_to_tail: false,
+                    relax_after: WAIT,
+                    interests_wait: WAIT,
+                    max_blocks: 100,
+                    block_ttl: hour,
+                },
+            };
+            Harness {
+                mm: MemoryMatchmaker::with_clock(bus.clone(), policy, clock.clone()),
+                bus,
+                clock,
+            }
+        }
+
+        /// Attaches `name` and enqueues it with `prefs` (JSON) and `attributes`.
+        async fn enqueue(&self, name: &str, prefs: Value, attributes: &[(&str, &str)]) -> Outcome {
+            let id = user(name);
+            if self.mm.status(&id).await.is_err() {
+                let conn = ConnId(self.mm.state.lock().unwrap().users.len() as u64 + 1);
+                self.mm.attach(&id, conn, None).await.unwrap();
+            }
+            let prefs: Prefs = serde_json::from_value(prefs).unwrap();
+            let attributes = attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            self.mm
+                .enqueue(&id, prefs, Arc::new(attributes), None)
+                .await
+                .unwrap()
+        }
+
+        /// The frames `name` got since the last call, taken.
+        fn frames(&self, name: &str) -> Vec<Value> {
+            let mut all = self.bus.0.lock().unwrap();
+            let (mine, rest) = all.drain(..).partition(|(u, _)| **u == *name);
+            *all = rest;
+            mine.into_iter().map(|(_, v)| v).collect()
+        }
+
+        /// The types of the frames `name` got since the last call.
+        fn types(&self, name: &str) -> Vec<String> {
+            self.frames(name)
+                .iter()
+                .map(|f| f["type"].as_str().unwrap().to_string())
+                .collect()
+        }
+
+        /// The `matched` frame `name` got since the last call.
+        fn matched(&self, name: &str) -> Value {
+            self.frames(name)
+                .into_iter()
+                .find(|f| f["type"] == "matched")
+                .unwrap_or_else(|| panic!("{name} was not matched"))
+        }
+
+        /// The queue place of waiting (or paired) `name`: its ticket and interests flag.
+        fn place(&self, name: &str) -> (u64, bool) {
+            let state = self.mm.state.lock().unwrap();
+            match &state.users[&user(name)].activity {
+                Activity::Queued(w) | Activity::Pending { waiting: w, .. } => (w.ticket, w.widened),
+                _ => panic!("{name} has no queue place"),
+            }
+        }
+
+        fn state(&self, name: &str) -> &'static str {
+            match self.mm.state.lock().unwrap().users[&user(name)].activity {
+                Activity::Idle => "idle",
+                Activity::Queued(_) => "queued",
+                Activity::Pending { .. } => "pending",
+                Activity::InSession { .. } => "in_session",
+            }
+        }
+
+        /// Moves the clock past the interests wait and wakes `name`'s timer.
+        async fn widen(&self, name: &str) -> Outcome {
+            self.clock.advance(WAIT);
+            let (ticket, _) = self.place(name);
+            self.mm
+                .wake(&user(name), Timer::Interests { ticket })
+                .await
+                .unwrap()
+        }
+    }
+
+    fn user(name: &str) -> UserId {
+        name.into()
+    }
+
+    fn interests_timers(outcome: &Outcome) -> Vec<(Duration, UserId, u64)> {
+        outcome
+            .timers
+            .iter()
+            .filter_map(|(delay, u, t)| match t {
+                Timer::Interests { ticket } => Some((*delay, u.clone(), *ticket)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_sharer_is_chosen_over_an_older_user_who_shares_nothing() {
+        let h = Harness::new(false);
+        h.enqueue("open", json!({}), &[]).await;
+        h.enqueue("music", json!({"interests": ["music"]}), &[])
+            .await;
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        // Nobody shares chess: x waits, even though two compatible users wait longer.
+        assert_eq!(h.state("x"), "queued");
+        h.enqueue("y", json!({"interests": ["go", "chess"]}), &[])
+            .await;
+        let (mx, my) = (h.matched("x"), h.matched("y"));
+        assert_eq!(mx["session_id"], my["session_id"]);
+        assert_eq!(mx["common_interests"], json!(["chess"]));
+        assert_eq!(h.state("open"), "queued");
+        assert_eq!(h.state("music"), "queued");
+    }
+
+    #[tokio::test]
+    async fn the_longest_waiting_sharer_across_all_tags_is_chosen() {
+        let h = Harness::new(false);
+        h.enqueue("m", json!({"interests": ["music"]}), &[]).await;
+        h.enqueue("c", json!({"interests": ["chess"]}), &[]).await;
+        h.enqueue("a", json!({"interests": ["art"]}), &[]).await;
+        h.enqueue("u", json!({"interests": ["chess", "music"]}), &[])
+            .await;
+        assert_eq!(h.matched("u")["session_id"], h.matched("m")["session_id"]);
+        h.enqueue("v", json!({"interests": ["music", "chess", "art"]}), &[])
+            .await;
+        assert_eq!(h.matched("v")["session_id"], h.matched("c")["session_id"]);
+        assert_eq!(h.state("a"), "queued");
+    }
+
+    #[tokio::test]
+    async fn after_the_interests_wait_the_search_widens_to_open_users() {
+        let h = Harness::new(false);
+        let outcome = h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        let (ticket, widened) = h.place("x");
+        assert!(!widened);
+        assert_eq!(interests_timers(&outcome), vec![(WAIT, user("x"), ticket)]);
+        // An open user (no interests) does not meet x while x waits for a sharer.
+        let outcome = h.enqueue("o", json!({}), &[]).await;
+        assert!(
+            interests_timers(&outcome).is_empty(),
+            "no interests, no wait"
+        );
+        assert_eq!(h.state("x"), "queued");
+        h.frames("x");
+
+        h.widen("x").await;
+        let frames = h.frames("x");
+        assert_eq!(frames[0]["type"], "queue_update");
+        assert_eq!(frames[0]["interests_widened"], true);
+        assert_eq!(frames[0]["position"], 0);
+        assert!(frames[0].get("widened_to").is_none());
+        assert_eq!(frames[1]["type"], "matched");
+        assert_eq!(frames[1]["common_interests"], json!([]));
+        assert_eq!(h.matched("o")["session_id"], frames[1]["session_id"]);
+    }
+
+    #[tokio::test]
+    async fn a_widened_user_meets_only_open_users_besides_sharers() {
+        let h = Harness::new(false);
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        h.enqueue("m", json!({"interests": ["music"]}), &[]).await;
+        h.widen("x").await;
+        // m waits for a music fan: x, though widened, is not one.
+        assert_eq!(h.state("x"), "queued");
+        assert_eq!(h.state("m"), "queued");
+        h.enqueue("o", json!({}), &[]).await;
+        assert_eq!(h.matched("o")["session_id"], h.matched("x")["session_id"]);
+    }
+
+    #[tokio::test]
+    async fn interests_only_never_widens() {
+        let h = Harness::new(false);
+        let outcome = h
+            .enqueue(
+                "x",
+                json!({"interests": ["chess"], "interests_only": true}),
+                &[],
+            )
+            .await;
+        assert!(interests_timers(&outcome).is_empty());
+        h.enqueue("o", json!({}), &[]).await;
+        h.frames("x");
+        // Even a timer that goes off anyway changes nothing.
+        let outcome = h.widen("x").await;
+        assert!(outcome.timers.is_empty());
+        assert!(h.frames("x").is_empty());
+        assert_eq!(h.place("x").1, false);
+        assert_eq!(h.state("o"), "queued");
+        h.enqueue("y", json!({"interests": ["chess"]}), &[]).await;
+        assert_eq!(h.matched("y")["session_id"], h.matched("x")["session_id"]);
+    }
+
+    #[tokio::test]
+    async fn a_paired_user_waits_on_and_a_restored_one_keeps_its_flag() {
+        let h = Harness::new(true);
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        h.enqueue("y", json!({"interests": ["chess"]}), &[]).await;
+        assert_eq!(h.state("x"), "pending");
+        // The wait passes while x is paired: the timer is armed again, nothing else happens.
+        let outcome = h.widen("x").await;
+        let (ticket, widened) = h.place("x");
+        assert_eq!(interests_timers(&outcome), vec![(WAIT, user("x"), ticket)]);
+        assert!(!widened);
+        // y declines: x is back at its place, still waiting for a sharer...
+        let match_id = h.frames("y")[1]["match_id"].as_str().unwrap().to_string();
+        h.mm.decline(&user("y"), &match_id).await.unwrap();
+        assert_eq!(h.place("x"), (ticket, false));
+        h.widen("x").await;
+        assert_eq!(h.place("x"), (ticket, true));
+        // ...then widened; paired with an open user and put back again, it keeps the flag.
+        h.enqueue("o", json!({}), &[]).await;
+        assert_eq!(h.state("x"), "pending");
+        let match_id = h.frames("o")[1]["match_id"].as_str().unwrap().to_string();
+        h.mm.decline(&user("o"), &match_id).await.unwrap();
+        assert_eq!(h.place("x"), (ticket, true));
+        h.frames("x");
+        h.enqueue("p", json!({}), &[]).await;
+        assert_eq!(h.state("x"), "pending", "the restored user is still open");
+    }
+
+    #[tokio::test]
+    async fn a_requeue_starts_the_interests_wait_again() {
+        let h = Harness::new(false);
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        h.widen("x").await;
+        h.enqueue("y", json!({"interests": ["chess"]}), &[]).await;
+        assert_eq!(h.state("x"), "in_session");
+        // y skips: both go back to the queue with new tickets, neither widened.
+        let outcome = h.mm.skip(&user("y"), None).await.unwrap();
+        let (x_ticket, x_widened) = h.place("x");
+        let (y_ticket, _) = h.place("y");
+        assert!(!x_widened);
+        assert_eq!(
+            interests_timers(&outcome),
+            vec![(WAIT, user("y"), y_ticket), (WAIT, user("x"), x_ticket)]
+        );
+        // x waits for a sharer again: an open user does not meet it.
+        h.enqueue("o", json!({}), &[]).await;
+        assert_eq!(h.state("x"), "queued");
+    }
+
+    #[tokio::test]
+    async fn a_want_must_hold_both_ways_and_a_missing_attribute_fails_it() {
+        let h = Harness::new(false);
+        h.enqueue("a", json!({"want": {"country": ["de", "at"]}}), &[])
+            .await;
+        // a's want fails for b's attributes.
+        h.enqueue("b", json!({}), &[("country", "fr")]).await;
+        // c's want fails for a, who has no `lang`.
+        h.enqueue("c", json!({"want": {"lang": ["en"]}}), &[("country", "de")])
+            .await;
+        for name in ["a", "b", "c"] {
+            assert_eq!(h.state(name), "queued", "{name}");
+        }
+        // d fits a both ways, and comes before b, who waited longer but fails a's want.
+        h.enqueue("d", json!({}), &[("country", "at"), ("lang", "en")])
+            .await;
+        assert_eq!(h.matched("d")["session_id"], h.matched("a")["session_id"]);
+        // e's want fails for b, who waited longer: e meets c (whose want e's `lang` fits).
+        h.enqueue("e", json!({"want": {"country": ["de"]}}), &[("lang", "en")])
+            .await;
+        assert_eq!(h.matched("e")["session_id"], h.matched("c")["session_id"]);
+        assert_eq!(h.state("b"), "queued");
+    }
+
+    #[tokio::test]
+    async fn a_soft_want_is_dropped_at_its_relaxation_step() {
+        let h = Harness::new(false);
+        h.enqueue("b", json!({}), &[("country", "fr")]).await;
+        h.enqueue(
+            "a",
+            json!({"topic": "t", "want": {"country": ["de"], "lang": ["en"]},
+                   "soft": ["want.lang", "want.country"]}),
+            &[],
+        )
+        .await;
+        h.enqueue(
+            "f",
+            json!({"topic": "t"}),
+            &[("lang", "en"), ("country", "fr")],
+        )
+        .await;
+        assert_eq!(h.state("a"), "queued", "country is still wanted");
+        h.frames("a");
+        let (ticket, _) = h.place("a");
+        // Step 1 drops want.lang: f still fails want.country.
+        h.clock.advance(WAIT);
+        let outcome =
+            h.mm.wake(&user("a"), Timer::Relax { ticket })
+                .await
+                .unwrap();
+        assert!(outcome
+            .timers
+            .contains(&(WAIT, user("a"), Timer::Relax { ticket })));
+        let frames = h.frames("a");
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["type"], "queue_update");
+        assert_eq!(
+            frames[0]["widened_to"],
+            json!({"topic": "t", "want": {"country": ["de"]}})
+        );
+        assert!(frames[0].get("interests_widened").is_none());
+        // Step 2 drops want.country: a meets f, who waited in a's own pool all along (b waits
+        // elsewhere: want is not part of the pool).
+        h.clock.advance(WAIT);
+        h.mm.wake(&user("a"), Timer::Relax { ticket })
+            .await
+            .unwrap();
+        let frames = h.frames("a");
+        assert_eq!(frames[0]["widened_to"], json!({"topic": "t"}));
+        assert_eq!(frames[1]["type"], "matched");
+        assert_eq!(h.matched("f")["session_id"], frames[1]["session_id"]);
+        assert_eq!(h.state("b"), "queued");
+    }
+
+    #[tokio::test]
+    async fn common_interests_are_sorted_and_the_same_for_both() {
+        let h = Harness::new(false);
+        h.enqueue(
+            "x",
+            json!({"interests": ["zeta", "chess", "art", "Éclair"]}),
+            &[],
+        )
+        .await;
+        h.enqueue(
+            "y",
+            json!({"interests": ["art", "music", "Éclair", "zeta"]}),
+            &[],
+        )
+        .await;
+        let (mx, my) = (h.matched("x"), h.matched("y"));
+        assert_eq!(mx["common_interests"], json!(["art", "zeta", "Éclair"]));
+        assert_eq!(my["common_interests"], mx["common_interests"]);
+    }
+
+    #[tokio::test]
+    async fn a_user_widened_while_away_is_open_when_back() {
+        let h = Harness::new(false);
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        h.mm.detach(&user("x"), ConnId(1)).await.unwrap();
+        h.widen("x").await;
+        assert_eq!(h.types("x"), ["queued", "queue_update"]);
+        h.enqueue("o", json!({}), &[]).await;
+        assert_eq!(h.state("o"), "queued", "x is away");
+        h.mm.attach(&user("x"), ConnId(3), None).await.unwrap();
+        assert_eq!(h.matched("x")["session_id"], h.matched("o")["session_id"]);
+    }
+}
