@@ -752,6 +752,10 @@ pub enum Event {
         /// Set when the search just widened: the preferences searched from now on.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         widened_to: Option<Prefs>,
+        /// Set when the interests wait just passed: users who share no interest are now
+        /// searched too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        interests_widened: bool,
     },
     Dequeued {
         reason: DequeueReason,

@@ -2,17 +2,40 @@
 //!
 //! All state sits behind one mutex and every operation is a short critical section with no
 //! `.await` inside, which makes each operation atomic and keeps events in `seq` order. Pools
-//! are keyed by the exact preference set, so an enqueue only ever looks at its own pool: its
-//! cost does not depend on how many users wait elsewhere. Within a pool, waiting users are
-//! ordered by an increasing ticket (FIFO); the matcher takes the first eligible one: not the
-//! user, not blocked either way, not just skipped, not met within the anti-repeat window
-//! (unless one of them waited past the fallback). A user whose search widened (soft
-//! preferences) is listed, with the same ticket, in the wider pools too.
+//! are keyed by the exact preference set (its four fields), so an enqueue only ever looks at
+//! its own pool: its cost does not depend on how many users wait elsewhere. Within a pool,
+//! waiting users are ordered by an increasing ticket (FIFO); the matcher takes the first
+//! eligible one: not the user, not blocked either way, not just skipped, not met within the
+//! anti-repeat window (unless one of them waited past the fallback), and each one's `want`
+//! holding for the other's token attributes. A user whose search widened (soft preferences)
+//! is listed, with the same ticket, in the wider pools too.
+//!
+//! Interests split a pool further: a user with interests meets only users who share one until
+//! its interests wait passes (then, unless `interests_only`, it is *open*: it meets any open
+//! user too; a user without interests is open from the start). Each pool therefore indexes its
+//! connected waiters per interest tag and keeps the open ones in a list of their own; a match
+//! attempt walks the lists of the user's tags, and the open list only when the user is open,
+//! so it never visits a user it shares nothing with and could not meet anyway.
 //!
 //! Waiting users whose connection dropped keep their ticket but are listed apart (see
-//! [`Pool`]), so the matcher never visits them: a match attempt walks only connected waiters,
-//! and among those only the ones the user blocked or was blocked by, avoids, or met recently
-//! (each bounded, see [`State::try_match`]) before it finds a partner.
+//! [`Pool`]), so the matcher never visits them: a match attempt walks only connected waiters
+//! it could meet, and among those only the ones the user blocked or was blocked by, avoids,
+//! met recently, or whose `want` and its own do not fit (see [`State::try_match`]) before it
+//! finds a partner.
+//!
+//! Where the behaviour spec of interests and `want` (issue 12) leaves a choice, this engine
+//! (and the Redis library with it) does this:
+//! - `matched.common_interests` is the set intersection: sorted by bytes, each tag once.
+//! - The timers of an enqueue come in this order: `Relax`, `Interests`, then whatever the
+//!   first match attempt arms (`Rematch`, `Proposal`).
+//! - The anti-repeat fallback is armed only for candidates that pass every other rule
+//!   (interests and `want` included): a recent peer who could not be met anyway holds
+//!   nobody back.
+//! - A `want.<attribute>` relaxation step changes no pool (`want` is not part of the pool
+//!   key), so it lists the user nowhere new; it still emits its `queue_update` with
+//!   `widened_to` and re-arms `Relax` like any other step.
+//! - The `Interests` timer of a queue place that is already open (widened, or no interests)
+//!   or `interests_only` is a no-op; a paired user's is re-armed whatever its flag.
 //!
 //! A pair goes through up to three phases: *proposed* (accept phase on: both must accept),
 //! *pending* (media mode: the room is being made) and *live* (`matched` sent). Until live,
@@ -31,7 +54,7 @@ use super::{
     MediaLeft, MediaMode, MediaReady, Outcome, PendingSession, RecentPeer, Resume, Rules,
     SessionClosed, SessionInfo, SessionStarted, Stats, Status, Timer, Timers, UserId,
 };
-use crate::attributes::Attributes;
+use crate::attributes::{want_holds, Attributes, Want};
 use crate::bus::{Bus, Frame};
 use crate::clock::{Clock, SystemClock};
 use crate::ids::random_id;
@@ -257,6 +280,8 @@ enum Activity {
     InSession {
         session_id: Arc<str>,
         prefs: Prefs,
+        /// Kept for a re-queue after the session.
+        attributes: Arc<Attributes>,
     },
 }
 
@@ -267,6 +292,16 @@ struct Waiting {
     wider: Vec<Arc<str>>,
     ticket: u64,
     prefs: Prefs,
+    /// The attributes from the user's token at the enqueue: what others' `want` is checked
+    /// against.
+    attributes: Arc<Attributes>,
+    /// Relaxation steps done so far (`wider` can be shorter: a step that changes no pool
+    /// lists the user nowhere new).
+    level: usize,
+    /// `prefs.relaxed(level).want`, kept here so that checking a candidate clones nothing.
+    want: Want,
+    /// The interests wait passed (and the user is not `interests_only`).
+    widened: bool,
     since: Instant,
     /// Position and estimate the user was last told.
     told: (u64, Option<u64>),
@@ -278,6 +313,12 @@ impl Waiting {
     /// Every pool the user is listed in.
     fn pools(&self) -> impl Iterator<Item = &Arc<str>> {
         std::iter::once(&self.pool).chain(self.wider.iter())
+    }
+
+    /// Whether the user may meet users who share none of its interests (who must be open
+    /// too).
+    fn open(&self) -> bool {
+        self.prefs.interests.is_empty() || self.widened
     }
 }
 
@@ -334,42 +375,100 @@ impl Log {
 /// Connected users and users whose connection dropped (held for a resume) are listed apart:
 /// both keep their place and count in positions, but only the connected ones can be matched,
 /// so a match attempt never visits the others, however many there are.
+///
+/// The matcher does not walk `waiting` itself but the candidate lists: one per interest tag
+/// and one of the open users (see [`Waiting::open`]). Every connected waiter is in at least
+/// one of them (in its tags' lists, and in the open list once open), and a user can meet
+/// exactly those in its tags' lists and, when open, those in the open list: so a match
+/// attempt visits nobody it shares nothing with unless both are open.
 #[derive(Default)]
 struct Pool {
-    /// Connected waiting users: the only ones the matcher looks at.
+    /// Connected waiting users: what positions and queue updates count.
     waiting: BTreeMap<u64, UserId>,
     /// Waiting users who are away (reconnecting).
     away: BTreeMap<u64, UserId>,
+    /// Connected waiting users by interest tag (a tag nobody waits with has no entry).
+    tags: HashMap<String, BTreeMap<u64, UserId>>,
+    /// Connected waiting users who are open.
+    open: BTreeMap<u64, UserId>,
     /// Smoothed wait of users recently matched from this pool, in ms.
     recent_wait_ms: Option<f64>,
 }
 
 impl Pool {
-    /// Lists a user at `ticket`, among the connected or the away ones.
-    fn list(&mut self, ticket: u64, id: &UserId, away: bool) {
-        let list = if away {
-            &mut self.away
+    /// Lists a waiting user, among the connected (and in its candidate lists) or the away
+    /// ones.
+    fn list(&mut self, w: &Waiting, id: &UserId, away: bool) {
+        if away {
+            self.away.insert(w.ticket, id.clone());
         } else {
-            &mut self.waiting
-        };
-        list.insert(ticket, id.clone());
-    }
-
-    fn unlist(&mut self, ticket: u64) {
-        self.waiting.remove(&ticket);
-        self.away.remove(&ticket);
-    }
-
-    /// Moves the user at `ticket` between the connected and the away ones.
-    fn set_away(&mut self, ticket: u64, away: bool) {
-        let (from, to) = if away {
-            (&mut self.waiting, &mut self.away)
-        } else {
-            (&mut self.away, &mut self.waiting)
-        };
-        if let Some(id) = from.remove(&ticket) {
-            to.insert(ticket, id);
+            self.waiting.insert(w.ticket, id.clone());
+            self.index(w, id);
         }
+    }
+
+    fn unlist(&mut self, w: &Waiting) {
+        self.waiting.remove(&w.ticket);
+        self.away.remove(&w.ticket);
+        self.unindex(w);
+    }
+
+    /// Puts a connected user in the candidate lists it belongs in.
+    fn index(&mut self, w: &Waiting, id: &UserId) {
+        for tag in &w.prefs.interests {
+            self.tags
+                .entry(tag.clone())
+                .or_default()
+                .insert(w.ticket, id.clone());
+        }
+        if w.open() {
+            self.open.insert(w.ticket, id.clone());
+        }
+    }
+
+    fn unindex(&mut self, w: &Waiting) {
+        for tag in &w.prefs.interests {
+            if let Some(list) = self.tags.get_mut(tag) {
+                list.remove(&w.ticket);
+                if list.is_empty() {
+                    self.tags.remove(tag);
+                }
+            }
+        }
+        self.open.remove(&w.ticket);
+    }
+
+    /// Moves a waiting user between the connected and the away ones.
+    fn set_away(&mut self, w: &Waiting, away: bool) {
+        if away {
+            if let Some(id) = self.waiting.remove(&w.ticket) {
+                self.unindex(w);
+                self.away.insert(w.ticket, id);
+            }
+        } else if let Some(id) = self.away.remove(&w.ticket) {
+            self.index(w, &id);
+            self.waiting.insert(w.ticket, id);
+        }
+    }
+
+    /// A connected user listed here just became open: it joins the open list.
+    fn open_up(&mut self, ticket: u64) {
+        if let Some(id) = self.waiting.get(&ticket) {
+            self.open.insert(ticket, id.clone());
+        }
+    }
+
+    /// The candidate lists a user with `w` searches: its tags' lists, and the open list when
+    /// it is open itself.
+    fn candidates<'a>(
+        &'a self,
+        w: &'a Waiting,
+    ) -> impl Iterator<Item = &'a BTreeMap<u64, UserId>> + 'a {
+        w.prefs
+            .interests
+            .iter()
+            .filter_map(|tag| self.tags.get(tag))
+            .chain(w.open().then_some(&self.open))
     }
 
     fn is_empty(&self) -> bool {
@@ -478,35 +577,55 @@ impl State {
         Some(((ms / 100.0).round() as u64) * 100)
     }
 
-    /// Puts an idle user in the queue, tells them, and matches them if a partner waits.
-    fn queue(&mut self, step: &mut Step<'_>, id: &UserId, prefs: Prefs) {
+    /// Puts an idle user in the queue (a new ticket: not widened, whatever an earlier queue
+    /// place was), tells them, and matches them if a partner waits.
+    fn queue(
+        &mut self,
+        step: &mut Step<'_>,
+        id: &UserId,
+        prefs: Prefs,
+        attributes: Arc<Attributes>,
+    ) {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let key: Arc<str> = prefs.pool_key().into();
+        let rules = &step.policy.rules;
+        if !prefs.soft.is_empty() {
+            step.outcome
+                .timers
+                .push((rules.relax_after, id.clone(), Timer::Relax { ticket }));
+        }
+        if !prefs.interests.is_empty() && !prefs.interests_only {
+            step.outcome.timers.push((
+                rules.interests_wait,
+                id.clone(),
+                Timer::Interests { ticket },
+            ));
+        }
+        let mut waiting = Waiting {
+            pool: key.clone(),
+            wider: Vec::new(),
+            ticket,
+            want: prefs.want.clone(),
+            prefs,
+            attributes,
+            level: 0,
+            widened: false,
+            since: step.now,
+            told: (0, None),
+            fallback_armed: false,
+        };
         // A user re-queued while away (the peer of a skipper, say) waits among the away ones.
         let away = self.users.get(id).is_some_and(|u| u.away);
         let pool = self.pools.entry(key.clone()).or_default();
         let position = pool.len();
-        pool.list(ticket, id, away);
+        pool.list(&waiting, id, away);
         let pool = &self.pools[&key];
         let estimate = self.estimate(pool, position);
+        waiting.told = (position, estimate);
         self.queued += 1;
-        if !prefs.soft.is_empty() {
-            let after = step.policy.rules.relax_after;
-            step.outcome
-                .timers
-                .push((after, id.clone(), Timer::Relax { ticket }));
-        }
         if let Some(user) = self.users.get_mut(id) {
-            user.activity = Activity::Queued(Waiting {
-                pool: key,
-                wider: Vec::new(),
-                ticket,
-                prefs,
-                since: step.now,
-                told: (position, estimate),
-                fallback_armed: false,
-            });
+            user.activity = Activity::Queued(waiting);
         }
         self.emit(
             step,
@@ -541,6 +660,11 @@ impl State {
         if self.blocked(id, other) {
             return None;
         }
+        // Interests need no check here: the candidate lists hold only users this one may meet
+        // by interests (see `Pool`).
+        if !want_holds(&w.want, &ow.attributes) || !want_holds(&ow.want, &w.attributes) {
+            return None;
+        }
         let rules = &step.policy.rules;
         let met = self.conduct.get(id).is_some_and(|c| {
             c.recent.iter().any(|m| {
@@ -563,11 +687,15 @@ impl State {
     /// Matches a waiting, connected user with the longest-waiting eligible user in any of its
     /// pools. When only recently met users are there, arms the anti-repeat fallback.
     ///
-    /// The walk visits connected waiters only, in ticket order, and stops at the first eligible
-    /// one; the ones it passes are those the user blocked (at most [`Rules::max_blocks`]) or
-    /// was blocked by, the one it avoids and those avoiding it (after skips and declines), and
-    /// its recent partners (at most 16). Nobody else can be passed over, so the work does not
-    /// grow with the number of users waiting or reconnecting.
+    /// The walk visits connected waiters only, and only in the candidate lists the user may
+    /// meet by interests (its tags' lists; the open list once it is open), each in ticket
+    /// order, stopping at the first eligible one or at the best ticket found so far. The ones
+    /// it passes are those the user blocked (at most [`Rules::max_blocks`]) or was blocked by,
+    /// the one it avoids and those avoiding it (after skips and declines), its recent partners
+    /// (at most 16), and, the one exception without a bound, users in those lists whose
+    /// `want` and its own do not fit each other's attributes. Nobody else can be passed over,
+    /// so the work does not grow with the number of users waiting or reconnecting, nor with
+    /// those waiting in tags the user does not have.
     fn try_match(&mut self, step: &mut Step<'_>, id: &UserId) {
         let Some(user) = self.users.get(id) else {
             return;
@@ -586,20 +714,22 @@ impl State {
             let Some(pool) = self.pools.get(key) else {
                 continue;
             };
-            for (ticket, other) in &pool.waiting {
-                if best.as_ref().is_some_and(|(t, _)| t <= ticket) {
-                    break;
-                }
-                match self.eligible(step, id, other) {
-                    Some(true) => {
-                        best = Some((*ticket, other.clone()));
+            for list in pool.candidates(w) {
+                for (ticket, other) in list {
+                    if best.as_ref().is_some_and(|(t, _)| t <= ticket) {
                         break;
                     }
-                    Some(false) => {
-                        let since = self.waiting_since(other).unwrap_or(step.now);
-                        held_back = Some(held_back.map_or(since, |h| h.min(since)));
+                    match self.eligible(step, id, other) {
+                        Some(true) => {
+                            best = Some((*ticket, other.clone()));
+                            break;
+                        }
+                        Some(false) => {
+                            let since = self.waiting_since(other).unwrap_or(step.now);
+                            held_back = Some(held_back.map_or(since, |h| h.min(since)));
+                        }
+                        None => {}
                     }
-                    None => {}
                 }
             }
         }
@@ -637,7 +767,7 @@ impl State {
         };
         for key in w.pools() {
             if let Some(pool) = self.pools.get_mut(key) {
-                pool.set_away(w.ticket, away);
+                pool.set_away(w, away);
             }
         }
     }
@@ -652,7 +782,7 @@ impl State {
         };
         for key in waiting.pools() {
             if let Some(pool) = self.pools.get_mut(key) {
-                pool.unlist(waiting.ticket);
+                pool.unlist(&waiting);
             }
         }
         self.queued -= 1;
@@ -665,12 +795,13 @@ impl State {
         }
     }
 
-    /// Puts a paired user back at its old place (its ticket) in every pool it was listed in.
+    /// Puts a paired user back at its old place (its ticket, relaxation level and interests
+    /// flag) in every pool it was listed in.
     fn restore(&mut self, step: &mut Step<'_>, id: &UserId, waiting: Waiting) {
         let away = self.users.get(id).is_some_and(|u| u.away);
         for key in waiting.pools() {
             let pool = self.pools.entry(key.clone()).or_default();
-            pool.list(waiting.ticket, id, away);
+            pool.list(&waiting, id, away);
             if !step.outcome.changed_pools.contains(key) {
                 step.outcome.changed_pools.push(key.clone());
             }
@@ -821,6 +952,14 @@ impl State {
         s.live_since = Some(step.now);
         s.started_at_ms = started_at_ms;
         let members = s.members.clone();
+        let interests = members.clone().map(|m| match self.users.get(&m.user) {
+            Some(User {
+                activity: Activity::Pending { waiting, .. },
+                ..
+            }) => waiting.prefs.interests.as_slice(),
+            _ => &[],
+        });
+        let common_interests = common_interests(interests[0], interests[1]);
         let mut pools = [None, None];
         let window = step.policy.rules.anti_repeat_window;
         for i in 0..2 {
@@ -841,6 +980,7 @@ impl State {
             user.activity = Activity::InSession {
                 session_id: session_id.clone(),
                 prefs: waiting.prefs,
+                attributes: waiting.attributes,
             };
             let recent = &mut self
                 .conduct
@@ -881,8 +1021,7 @@ impl State {
                     peer: members[1 - i].handle.clone(),
                     role,
                     started_at_ms,
-                    // ISSUE-12 SKELETON: the shared interests go here.
-                    common_interests: Vec::new(),
+                    common_interests: common_interests.clone(),
                     media,
                 },
             );
@@ -940,7 +1079,7 @@ impl State {
                 Undo::Out(event) => self.emit(step, &member.user, event),
                 Undo::Tail(event) => {
                     self.emit(step, &member.user, event);
-                    self.queue(step, &member.user, waiting.prefs);
+                    self.queue(step, &member.user, waiting.prefs, waiting.attributes);
                 }
             }
         }
@@ -1058,10 +1197,13 @@ impl State {
             (&peer, peer_reason, peer_requeue),
         ] {
             if let Some(user) = self.users.get_mut(who) {
-                if let Activity::InSession { prefs: p, .. } =
-                    std::mem::replace(&mut user.activity, Activity::Idle)
+                if let Activity::InSession {
+                    prefs: p,
+                    attributes,
+                    ..
+                } = std::mem::replace(&mut user.activity, Activity::Idle)
                 {
-                    prefs.push((who.clone(), p, requeue));
+                    prefs.push((who.clone(), p, attributes, requeue));
                 }
             }
             self.emit(
@@ -1074,9 +1216,9 @@ impl State {
                 },
             );
         }
-        for (who, p, requeue) in prefs {
+        for (who, p, attributes, requeue) in prefs {
             if requeue {
-                self.queue(step, &who, p);
+                self.queue(step, &who, p, attributes);
             }
         }
         Ok(lived)
@@ -1296,17 +1438,18 @@ impl State {
             }
             _ => return,
         };
-        let level = w.wider.len() + 1;
+        let level = w.level + 1;
         let Some(widened) = w.prefs.relaxed(level) else {
             return;
         };
         let key: Arc<str> = widened.pool_key().into();
         let more = level < w.prefs.soft.len();
         let base = w.pool.clone();
-        self.pools
-            .entry(key.clone())
-            .or_default()
-            .list(ticket, id, away);
+        // Dropping a `want` constraint changes no pool: the user is listed there already.
+        let new_pool = !w.pools().any(|p| *p == key);
+        if new_pool {
+            self.pools.entry(key.clone()).or_default().list(w, id, away);
+        }
         let pool = &self.pools[&base];
         let position = pool.ahead(ticket);
         let estimate = self.estimate(pool, position);
@@ -1315,7 +1458,11 @@ impl State {
             ..
         }) = self.users.get_mut(id)
         {
-            w.wider.push(key);
+            if new_pool {
+                w.wider.push(key);
+            }
+            w.level = level;
+            w.want = widened.want.clone();
             w.told = (position, estimate);
         }
         self.emit(
@@ -1325,6 +1472,7 @@ impl State {
                 position,
                 estimated_wait_ms: estimate,
                 widened_to: Some(widened),
+                interests_widened: false,
             },
         );
         if more {
@@ -1333,6 +1481,58 @@ impl State {
                 .timers
                 .push((after, id.clone(), Timer::Relax { ticket }));
         }
+        self.try_match(step, id);
+    }
+
+    /// The interests wait of a waiting user passed: unless `interests_only`, it becomes open
+    /// in every pool it is listed in (and in the wider ones to come), is told so, and may now
+    /// meet any open user.
+    fn widen_interests(&mut self, step: &mut Step<'_>, id: &UserId, ticket: u64) {
+        let Some(user) = self.users.get_mut(id) else {
+            return;
+        };
+        let w = match &mut user.activity {
+            Activity::Queued(w) if w.ticket == ticket => w,
+            // Paired meanwhile: if the match is undone, the wait goes on.
+            Activity::Pending { waiting, .. } if waiting.ticket == ticket => {
+                let wait = step.policy.rules.interests_wait;
+                step.outcome
+                    .timers
+                    .push((wait, id.clone(), Timer::Interests { ticket }));
+                return;
+            }
+            _ => return,
+        };
+        if w.open() || w.prefs.interests_only {
+            return;
+        }
+        w.widened = true;
+        for key in w.pools() {
+            if let Some(pool) = self.pools.get_mut(key) {
+                pool.open_up(ticket);
+            }
+        }
+        let base = w.pool.clone();
+        let pool = &self.pools[&base];
+        let position = pool.ahead(ticket);
+        let estimate = self.estimate(pool, position);
+        if let Some(User {
+            activity: Activity::Queued(w),
+            ..
+        }) = self.users.get_mut(id)
+        {
+            w.told = (position, estimate);
+        }
+        self.emit(
+            step,
+            id,
+            Event::QueueUpdate {
+                position,
+                estimated_wait_ms: estimate,
+                widened_to: None,
+                interests_widened: true,
+            },
+        );
         self.try_match(step, id);
     }
 
@@ -1409,6 +1609,17 @@ impl State {
             }
         })
     }
+}
+
+/// The interests two users share, sorted by bytes, each once: what both members' `matched`
+/// says.
+fn common_interests(a: &[String], b: &[String]) -> Vec<Arc<str>> {
+    let shared: std::collections::BTreeSet<&str> = a
+        .iter()
+        .filter(|tag| b.contains(tag))
+        .map(String::as_str)
+        .collect();
+    shared.into_iter().map(Arc::from).collect()
 }
 
 /// Whether an estimate moved enough to be worth a push (20%).
@@ -1535,7 +1746,7 @@ impl ClientOperations for MemoryMatchmaker {
             state.check_cooldown(step, user)?;
             state.count_quick_end(step, user)?;
             state.count_enqueue(step, user)?;
-            state.queue(step, user, prefs);
+            state.queue(step, user, prefs, attributes);
             Ok(())
         })?;
         Ok(outcome)
@@ -1806,6 +2017,7 @@ impl Timers for MemoryMatchmaker {
                         position,
                         estimated_wait_ms: estimate,
                         widened_to: None,
+                        interests_widened: false,
                     },
                 );
             }
@@ -1818,8 +2030,7 @@ impl Timers for MemoryMatchmaker {
         let ((), outcome) = self.step(None, None, |state, step| {
             match timer {
                 Timer::Relax { ticket } => state.relax(step, user, ticket),
-                // ISSUE-12 SKELETON: the memory engine's interests widening goes here.
-                Timer::Interests { .. } => {}
+                Timer::Interests { ticket } => state.widen_interests(step, user, ticket),
                 Timer::Rematch { ticket } => {
                     if let Some(User {
                         activity: Activity::Queued(w),
@@ -2032,5 +2243,410 @@ impl MediaEvents for MemoryMatchmaker {
                 pending: s.phase != Phase::Live,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Interests and `want` (issue 12) in the memory engine, driven through its operations with
+    //! a test clock; the Redis library is held to the same behaviour by the differential
+    //! model test.
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::p2p::IceServers;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Every frame handed out, per user, parsed.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(UserId, Value)>>);
+
+    impl Bus for Recorder {
+        fn deliver(&self, user: &UserId, frame: Frame) {
+            let value = serde_json::from_str(frame.text.as_str()).expect("frames are JSON");
+            self.0.lock().unwrap().push((user.clone(), value));
+        }
+    }
+
+    struct Harness {
+        mm: MemoryMatchmaker,
+        bus: Arc<Recorder>,
+        clock: Arc<ManualClock>,
+    }
+
+    impl Harness {
+        /// An engine with p2p media; with `accept`, matches are proposed first.
+        fn new(accept: bool) -> Harness {
+            let bus = Arc::new(Recorder::default());
+            let clock = Arc::new(ManualClock::new(1_000_000));
+            let hour = Duration::from_secs(3600);
+            let policy = Policy {
+                requeue_peer_on_skip: true,
+                history_len: 1000,
+                history_ttl: hour,
+                media: MediaMode::P2p(Arc::new(IceServers::new(Vec::new(), None))),
+                rules: Rules {
+                    anti_repeat_window: Duration::ZERO,
+                    anti_repeat_fallback: Duration::ZERO,
+                    // Zero: no skip is quick, so no cooldown gets in the way.
+                    skip_quick: Duration::ZERO,
+                    skip_limit: 5,
+                    skip_window: hour,
+                    skip_cooldowns: vec![hour],
+                    enqueue_per_minute: u32::MAX,
+                    accept_timeout: accept.then_some(hour),
+                    decline_to_tail: false,
+                    relax_after: WAIT,
+                    interests_wait: WAIT,
+                    max_blocks: 100,
+                    block_ttl: hour,
+                },
+            };
+            Harness {
+                mm: MemoryMatchmaker::with_clock(bus.clone(), policy, clock.clone()),
+                bus,
+                clock,
+            }
+        }
+
+        /// Attaches `name` and enqueues it with `prefs` (JSON) and `attributes`.
+        async fn enqueue(&self, name: &str, prefs: Value, attributes: &[(&str, &str)]) -> Outcome {
+            let id = user(name);
+            if self.mm.status(&id).await.is_err() {
+                let conn = ConnId(self.mm.state.lock().unwrap().users.len() as u64 + 1);
+                self.mm.attach(&id, conn, None).await.unwrap();
+            }
+            let prefs: Prefs = serde_json::from_value(prefs).unwrap();
+            let attributes = attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            self.mm
+                .enqueue(&id, prefs, Arc::new(attributes), None)
+                .await
+                .unwrap()
+        }
+
+        /// The frames `name` got since the last call, taken.
+        fn frames(&self, name: &str) -> Vec<Value> {
+            let mut all = self.bus.0.lock().unwrap();
+            let (mine, rest) = all.drain(..).partition(|(u, _)| **u == *name);
+            *all = rest;
+            mine.into_iter().map(|(_, v)| v).collect()
+        }
+
+        /// The types of the frames `name` got since the last call.
+        fn types(&self, name: &str) -> Vec<String> {
+            self.frames(name)
+                .iter()
+                .map(|f| f["type"].as_str().unwrap().to_string())
+                .collect()
+        }
+
+        /// The `matched` frame `name` got since the last call.
+        fn matched(&self, name: &str) -> Value {
+            self.frames(name)
+                .into_iter()
+                .find(|f| f["type"] == "matched")
+                .unwrap_or_else(|| panic!("{name} was not matched"))
+        }
+
+        /// The queue place of waiting (or paired) `name`: its ticket and interests flag.
+        fn place(&self, name: &str) -> (u64, bool) {
+            let state = self.mm.state.lock().unwrap();
+            match &state.users[&user(name)].activity {
+                Activity::Queued(w) | Activity::Pending { waiting: w, .. } => (w.ticket, w.widened),
+                _ => panic!("{name} has no queue place"),
+            }
+        }
+
+        fn state(&self, name: &str) -> &'static str {
+            match self.mm.state.lock().unwrap().users[&user(name)].activity {
+                Activity::Idle => "idle",
+                Activity::Queued(_) => "queued",
+                Activity::Pending { .. } => "pending",
+                Activity::InSession { .. } => "in_session",
+            }
+        }
+
+        /// Moves the clock past the interests wait and wakes `name`'s timer.
+        async fn widen(&self, name: &str) -> Outcome {
+            self.clock.advance(WAIT);
+            let (ticket, _) = self.place(name);
+            self.mm
+                .wake(&user(name), Timer::Interests { ticket })
+                .await
+                .unwrap()
+        }
+    }
+
+    fn user(name: &str) -> UserId {
+        name.into()
+    }
+
+    fn interests_timers(outcome: &Outcome) -> Vec<(Duration, UserId, u64)> {
+        outcome
+            .timers
+            .iter()
+            .filter_map(|(delay, u, t)| match t {
+                Timer::Interests { ticket } => Some((*delay, u.clone(), *ticket)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_sharer_is_chosen_over_an_older_user_who_shares_nothing() {
+        let h = Harness::new(false);
+        h.enqueue("open", json!({}), &[]).await;
+        h.enqueue("music", json!({"interests": ["music"]}), &[])
+            .await;
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        // Nobody shares chess: x waits, even though two compatible users wait longer.
+        assert_eq!(h.state("x"), "queued");
+        h.enqueue("y", json!({"interests": ["go", "chess"]}), &[])
+            .await;
+        let (mx, my) = (h.matched("x"), h.matched("y"));
+        assert_eq!(mx["session_id"], my["session_id"]);
+        assert_eq!(mx["common_interests"], json!(["chess"]));
+        assert_eq!(h.state("open"), "queued");
+        assert_eq!(h.state("music"), "queued");
+    }
+
+    #[tokio::test]
+    async fn the_longest_waiting_sharer_across_all_tags_is_chosen() {
+        let h = Harness::new(false);
+        h.enqueue("m", json!({"interests": ["music"]}), &[]).await;
+        h.enqueue("c", json!({"interests": ["chess"]}), &[]).await;
+        h.enqueue("a", json!({"interests": ["art"]}), &[]).await;
+        h.enqueue("u", json!({"interests": ["chess", "music"]}), &[])
+            .await;
+        assert_eq!(h.matched("u")["session_id"], h.matched("m")["session_id"]);
+        h.enqueue("v", json!({"interests": ["music", "chess", "art"]}), &[])
+            .await;
+        assert_eq!(h.matched("v")["session_id"], h.matched("c")["session_id"]);
+        assert_eq!(h.state("a"), "queued");
+    }
+
+    #[tokio::test]
+    async fn after_the_interests_wait_the_search_widens_to_open_users() {
+        let h = Harness::new(false);
+        let outcome = h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        let (ticket, widened) = h.place("x");
+        assert!(!widened);
+        assert_eq!(interests_timers(&outcome), vec![(WAIT, user("x"), ticket)]);
+        // An open user (no interests) does not meet x while x waits for a sharer.
+        let outcome = h.enqueue("o", json!({}), &[]).await;
+        assert!(
+            interests_timers(&outcome).is_empty(),
+            "no interests, no wait"
+        );
+        assert_eq!(h.state("x"), "queued");
+        h.frames("x");
+
+        h.widen("x").await;
+        let frames = h.frames("x");
+        assert_eq!(frames[0]["type"], "queue_update");
+        assert_eq!(frames[0]["interests_widened"], true);
+        assert_eq!(frames[0]["position"], 0);
+        assert!(frames[0].get("widened_to").is_none());
+        assert_eq!(frames[1]["type"], "matched");
+        assert_eq!(frames[1]["common_interests"], json!([]));
+        assert_eq!(h.matched("o")["session_id"], frames[1]["session_id"]);
+    }
+
+    #[tokio::test]
+    async fn a_widened_user_meets_only_open_users_besides_sharers() {
+        let h = Harness::new(false);
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        h.enqueue("m", json!({"interests": ["music"]}), &[]).await;
+        h.widen("x").await;
+        // m waits for a music fan: x, though widened, is not one.
+        assert_eq!(h.state("x"), "queued");
+        assert_eq!(h.state("m"), "queued");
+        h.enqueue("o", json!({}), &[]).await;
+        assert_eq!(h.matched("o")["session_id"], h.matched("x")["session_id"]);
+    }
+
+    #[tokio::test]
+    async fn interests_only_never_widens() {
+        let h = Harness::new(false);
+        let outcome = h
+            .enqueue(
+                "x",
+                json!({"interests": ["chess"], "interests_only": true}),
+                &[],
+            )
+            .await;
+        assert!(interests_timers(&outcome).is_empty());
+        h.enqueue("o", json!({}), &[]).await;
+        h.frames("x");
+        // Even a timer that goes off anyway changes nothing.
+        let outcome = h.widen("x").await;
+        assert!(outcome.timers.is_empty());
+        assert!(h.frames("x").is_empty());
+        assert_eq!(h.place("x").1, false);
+        assert_eq!(h.state("o"), "queued");
+        h.enqueue("y", json!({"interests": ["chess"]}), &[]).await;
+        assert_eq!(h.matched("y")["session_id"], h.matched("x")["session_id"]);
+    }
+
+    #[tokio::test]
+    async fn a_paired_user_waits_on_and_a_restored_one_keeps_its_flag() {
+        let h = Harness::new(true);
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        h.enqueue("y", json!({"interests": ["chess"]}), &[]).await;
+        assert_eq!(h.state("x"), "pending");
+        // The wait passes while x is paired: the timer is armed again, nothing else happens.
+        let outcome = h.widen("x").await;
+        let (ticket, widened) = h.place("x");
+        assert_eq!(interests_timers(&outcome), vec![(WAIT, user("x"), ticket)]);
+        assert!(!widened);
+        // y declines: x is back at its place, still waiting for a sharer...
+        let match_id = h.frames("y")[1]["match_id"].as_str().unwrap().to_string();
+        h.mm.decline(&user("y"), &match_id).await.unwrap();
+        assert_eq!(h.place("x"), (ticket, false));
+        h.widen("x").await;
+        assert_eq!(h.place("x"), (ticket, true));
+        // ...then widened; paired with an open user and put back again, it keeps the flag.
+        h.enqueue("o", json!({}), &[]).await;
+        assert_eq!(h.state("x"), "pending");
+        let match_id = h.frames("o")[1]["match_id"].as_str().unwrap().to_string();
+        h.mm.decline(&user("o"), &match_id).await.unwrap();
+        assert_eq!(h.place("x"), (ticket, true));
+        h.frames("x");
+        h.enqueue("p", json!({}), &[]).await;
+        assert_eq!(h.state("x"), "pending", "the restored user is still open");
+    }
+
+    #[tokio::test]
+    async fn a_requeue_starts_the_interests_wait_again() {
+        let h = Harness::new(false);
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        h.widen("x").await;
+        h.enqueue("y", json!({"interests": ["chess"]}), &[]).await;
+        assert_eq!(h.state("x"), "in_session");
+        // y skips: both go back to the queue with new tickets, neither widened.
+        let outcome = h.mm.skip(&user("y"), None).await.unwrap();
+        let (x_ticket, x_widened) = h.place("x");
+        let (y_ticket, _) = h.place("y");
+        assert!(!x_widened);
+        assert_eq!(
+            interests_timers(&outcome),
+            vec![(WAIT, user("y"), y_ticket), (WAIT, user("x"), x_ticket)]
+        );
+        // x waits for a sharer again: an open user does not meet it.
+        h.enqueue("o", json!({}), &[]).await;
+        assert_eq!(h.state("x"), "queued");
+    }
+
+    #[tokio::test]
+    async fn a_want_must_hold_both_ways_and_a_missing_attribute_fails_it() {
+        let h = Harness::new(false);
+        h.enqueue("a", json!({"want": {"country": ["de", "at"]}}), &[])
+            .await;
+        // a's want fails for b's attributes.
+        h.enqueue("b", json!({}), &[("country", "fr")]).await;
+        // c's want fails for a, who has no `lang`.
+        h.enqueue("c", json!({"want": {"lang": ["en"]}}), &[("country", "de")])
+            .await;
+        for name in ["a", "b", "c"] {
+            assert_eq!(h.state(name), "queued", "{name}");
+        }
+        // d fits a both ways, and comes before b, who waited longer but fails a's want.
+        h.enqueue("d", json!({}), &[("country", "at"), ("lang", "en")])
+            .await;
+        assert_eq!(h.matched("d")["session_id"], h.matched("a")["session_id"]);
+        // e's want fails for b, who waited longer: e meets c (whose want e's `lang` fits).
+        h.enqueue("e", json!({"want": {"country": ["de"]}}), &[("lang", "en")])
+            .await;
+        assert_eq!(h.matched("e")["session_id"], h.matched("c")["session_id"]);
+        assert_eq!(h.state("b"), "queued");
+    }
+
+    #[tokio::test]
+    async fn a_soft_want_is_dropped_at_its_relaxation_step() {
+        let h = Harness::new(false);
+        h.enqueue("b", json!({}), &[("country", "fr")]).await;
+        h.enqueue(
+            "a",
+            json!({"topic": "t", "want": {"country": ["de"], "lang": ["en"]},
+                   "soft": ["want.lang", "want.country"]}),
+            &[],
+        )
+        .await;
+        h.enqueue(
+            "f",
+            json!({"topic": "t"}),
+            &[("lang", "en"), ("country", "fr")],
+        )
+        .await;
+        assert_eq!(h.state("a"), "queued", "country is still wanted");
+        h.frames("a");
+        let (ticket, _) = h.place("a");
+        // Step 1 drops want.lang: f still fails want.country.
+        h.clock.advance(WAIT);
+        let outcome =
+            h.mm.wake(&user("a"), Timer::Relax { ticket })
+                .await
+                .unwrap();
+        assert!(outcome
+            .timers
+            .contains(&(WAIT, user("a"), Timer::Relax { ticket })));
+        let frames = h.frames("a");
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["type"], "queue_update");
+        assert_eq!(
+            frames[0]["widened_to"],
+            json!({"topic": "t", "want": {"country": ["de"]}})
+        );
+        assert!(frames[0].get("interests_widened").is_none());
+        // Step 2 drops want.country: a meets f, who waited in a's own pool all along (b waits
+        // elsewhere: want is not part of the pool).
+        h.clock.advance(WAIT);
+        h.mm.wake(&user("a"), Timer::Relax { ticket })
+            .await
+            .unwrap();
+        let frames = h.frames("a");
+        assert_eq!(frames[0]["widened_to"], json!({"topic": "t"}));
+        assert_eq!(frames[1]["type"], "matched");
+        assert_eq!(h.matched("f")["session_id"], frames[1]["session_id"]);
+        assert_eq!(h.state("b"), "queued");
+    }
+
+    #[tokio::test]
+    async fn common_interests_are_sorted_and_the_same_for_both() {
+        let h = Harness::new(false);
+        h.enqueue(
+            "x",
+            json!({"interests": ["zeta", "chess", "art", "Éclair"]}),
+            &[],
+        )
+        .await;
+        h.enqueue(
+            "y",
+            json!({"interests": ["art", "music", "Éclair", "zeta"]}),
+            &[],
+        )
+        .await;
+        let (mx, my) = (h.matched("x"), h.matched("y"));
+        assert_eq!(mx["common_interests"], json!(["art", "zeta", "Éclair"]));
+        assert_eq!(my["common_interests"], mx["common_interests"]);
+    }
+
+    #[tokio::test]
+    async fn a_user_widened_while_away_is_open_when_back() {
+        let h = Harness::new(false);
+        h.enqueue("x", json!({"interests": ["chess"]}), &[]).await;
+        h.mm.detach(&user("x"), ConnId(1)).await.unwrap();
+        h.widen("x").await;
+        assert_eq!(h.types("x"), ["queued", "queue_update"]);
+        h.enqueue("o", json!({}), &[]).await;
+        assert_eq!(h.state("o"), "queued", "x is away");
+        h.mm.attach(&user("x"), ConnId(3), None).await.unwrap();
+        assert_eq!(h.matched("x")["session_id"], h.matched("o")["session_id"]);
     }
 }
