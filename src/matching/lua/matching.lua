@@ -185,12 +185,14 @@ end
 -- it is listed in (now and in wider pools later) and searches beyond its interests.
 local function widen_interests(u, ticket)
   local user_hash = user_key(u)
-  local state, current, pool, wider_pools, away, widened = unpack(redis.call('HMGET', user_hash,
-    'state', 'ticket', 'pool', 'wider_pools', 'away', 'widened'))
+  local state, current, pool, wider_pools, away, interests, interests_only, widened = unpack(
+    redis.call('HMGET', user_hash, 'state', 'ticket', 'pool', 'wider_pools', 'away', 'interests',
+      'interests_only', 'widened'))
   if tonumber(current) ~= ticket then return end
   -- Paired meanwhile: if the match is undone, the wait goes on.
   if state == 'pending' then timer(R.interests_wait_ms, u, 'interests', ticket) end
-  if state ~= 'queued' or widened == '1' then return end
+  local _, open = interests_of(interests, widened)
+  if state ~= 'queued' or open or interests_only == '1' then return end
   -- An away user moves to the open lists when it reattaches (set_away).
   if away ~= '1' then
     for _, p in ipairs(pools_of(pool, wider_pools)) do

@@ -51,13 +51,16 @@ local function byte_less(a, b)
   return #a < #b
 end
 
--- The interests both members named (their `interests` fields), sorted, as a JSON list: spliced
--- into `matched` as it is, since cjson would write an empty list as {}.
+-- The interests both members named (their `interests` fields), sorted, each once, as a JSON
+-- list: spliced into `matched` as it is, since cjson would write an empty list as {}.
 local function common_interests(a, b)
   local theirs, common = {}, {}
   for _, tag in ipairs(split(b, '\n')) do theirs[tag] = true end
   for _, tag in ipairs(split(a, '\n')) do
-    if theirs[tag] then table.insert(common, tag) end
+    if theirs[tag] then
+      table.insert(common, tag)
+      theirs[tag] = nil
+    end
   end
   if #common == 0 then return '[]' end
   table.sort(common, byte_less)
