@@ -616,3 +616,101 @@ async fn wants_hold_both_ways_and_soft_ones_relax() {
         b_status.session_id
     );
 }
+
+/// The commands Redis ran (MONITOR lines, the library's own included) while `work` ran.
+async fn commands_during<F: std::future::Future<Output = ()>>(url: &str, work: F) -> Vec<String> {
+    let monitor = redis::Client::open(url)
+        .unwrap()
+        .get_async_monitor()
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let collect = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut lines = monitor.into_on_message::<String>();
+            while let Some(line) = lines.next().await {
+                seen.lock().unwrap().push(line);
+            }
+        })
+    };
+    let mut conn = redis_conn(url).await;
+    let echo = |marker: &'static str| redis::cmd("ECHO").arg(marker).clone();
+    // The monitor is on once it sees the first marker.
+    while !seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("monitor-start"))
+    {
+        let _: String = echo("monitor-start").query_async(&mut conn).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _: String = echo("monitor-go").query_async(&mut conn).await.unwrap();
+    work.await;
+    let _: String = echo("monitor-done").query_async(&mut conn).await.unwrap();
+    let lines = tokio::time::timeout(PATIENCE, async {
+        loop {
+            {
+                let seen = seen.lock().unwrap();
+                if let Some(done) = seen.iter().position(|l| l.contains("monitor-done")) {
+                    let go = seen.iter().position(|l| l.contains("monitor-go")).unwrap();
+                    return seen[go..done].to_vec();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the monitor saw the end marker");
+    collect.abort();
+    lines
+}
+
+/// A search visits only the lists it may meet somebody in: with many users waiting who share
+/// nothing, a user with interests reads no other user's hash and not the open list, and a
+/// user without interests reads only the open list.
+#[tokio::test]
+async fn a_search_never_visits_users_who_share_nothing_unless_both_are_open() {
+    let redis = RedisServer::start().await;
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let engine = redis_engine(&redis.url(), rules(&[]), clock);
+    let others = 40;
+    for i in 0..others {
+        let u = user(&format!("u{i}"));
+        engine.attach(&u, ConnId(i + 1), None).await.unwrap();
+        let tag = format!("t{i}");
+        engine
+            .enqueue(&u, with_interests(&[&tag]), Default::default(), None)
+            .await
+            .unwrap();
+    }
+    let (fan, plain) = (user("chess-fan"), user("plain"));
+    engine.attach(&fan, ConnId(100), None).await.unwrap();
+    engine.attach(&plain, ConnId(101), None).await.unwrap();
+    let lines = commands_during(&redis.url(), async {
+        engine
+            .enqueue(&fan, with_interests(&["chess"]), Default::default(), None)
+            .await
+            .unwrap();
+        engine
+            .enqueue(&plain, Prefs::default(), Default::default(), None)
+            .await
+            .unwrap();
+    })
+    .await;
+    let read = |pattern: &str| lines.iter().filter(|l| l.contains(pattern)).count();
+    assert_eq!(read("\"{mg}:v2:user:u"), 0, "{lines:#?}");
+    assert_eq!(read("\"ZRANGE\" \"{mg}:v2:tag:chess"), 1, "{lines:#?}");
+    assert_eq!(read("\"ZRANGE\" \"{mg}:v2:tag:t"), 0, "{lines:#?}");
+    assert_eq!(
+        read("\"ZRANGE\" \"{mg}:v2:pool:"),
+        1,
+        "only plain reads the open list"
+    );
+    // Neither met anybody: each of the others waits for its own tag.
+    assert_eq!(
+        engine.status(&plain).await.unwrap().position,
+        Some(others + 1)
+    );
+}
