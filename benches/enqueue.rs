@@ -11,12 +11,12 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use matchgate::matching::{ConnId, Engine, UserId};
 use matchgate::protocol::Prefs;
-use support::{memory, redis, RedisProcess};
+use support::{memory, redis, time_enqueue, RedisProcess};
 
 /// Unsuitable waiters ahead of the measured enqueue.
 const WAITERS: [usize; 2] = [0, 5_000];
@@ -57,20 +57,7 @@ fn bench(c: &mut Criterion) {
                     .expect("attach");
             });
             group.bench_function(BenchmarkId::new(name, waiters), |b| {
-                b.iter_custom(|iters| {
-                    rt.block_on(async {
-                        let mut measured = Duration::ZERO;
-                        for _ in 0..iters {
-                            let started = Instant::now();
-                            mm.enqueue(&probe, Prefs::default(), Default::default(), None)
-                                .await
-                                .expect("enqueue");
-                            measured += started.elapsed();
-                            mm.end(&probe, None).await.expect("end");
-                        }
-                        measured
-                    })
-                })
+                time_enqueue(b, &rt, mm.as_ref(), &probe, &Prefs::default())
             });
         }
     }

@@ -2,7 +2,9 @@
 //! engine (memory, Redis, Redis Cluster); `model/differential.rs`: the same kind of generated
 //! sequences, with every rule on, run against the three engines and compared;
 //! `model/broken.rs`: deliberately broken engines that the differential test must catch;
-//! `model/engines.rs`: the one adapter between these tests and the engines.
+//! `model/engines.rs`: the one adapter between these tests and the engines (and the factory
+//! of a run's engines, shared with `tests/interests.rs`); `model/asks.rs`: what generated users
+//! ask for and carry (interests, `want`, attributes), shared with `tests/interests.rs`.
 //!
 //! The model test runs as one test per engine (`memory_keeps_the_model_invariants` and its
 //! `redis_` and `cluster_` twins), each on the same generated sequences, the Redis engines on
@@ -81,6 +83,8 @@
 //! steps, on top of proptest's minimal input (its shrinking deletes each step only once). The
 //! test writes no files (`failure_persistence: None`).
 
+#[path = "model/asks.rs"]
+mod asks;
 #[path = "model/broken.rs"]
 mod broken;
 mod common;
@@ -95,9 +99,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::redis::{RedisCluster, RedisServer};
-use differential::{Servers, START_MS};
-use engines::{Engine, EngineConfig, RedisTarget};
+use differential::{DEFAULT_CASES, START_MS};
+use engines::{cases, wanted, Engine, EngineConfig, Servers};
 use matchgate::bus::Frame;
 use matchgate::clock::ManualClock;
 use matchgate::matching::{ConnId, MatchError, MediaMode, Outcome, Resume, Rules, UserId};
@@ -1372,6 +1375,8 @@ struct Failure {
 /// The engine the model checks, and what it takes to make a fresh one for each run.
 struct Subject {
     rt: tokio::runtime::Runtime,
+    /// The memory engine (else the one Redis target of `servers`).
+    memory: bool,
     servers: Servers,
     /// Runs so far: each Redis run gets a namespace of its own.
     runs: AtomicU64,
@@ -1384,20 +1389,10 @@ impl Subject {
             .enable_all()
             .build()
             .expect("runtime");
-        let servers = rt.block_on(async {
-            Servers {
-                single: match name {
-                    "redis" => Some(RedisServer::start().await),
-                    _ => None,
-                },
-                cluster: match name {
-                    "cluster" => Some(RedisCluster::start().await),
-                    _ => None,
-                },
-            }
-        });
+        let servers = rt.block_on(Servers::for_engine(name));
         Subject {
             rt,
+            memory: name == "memory",
             servers,
             runs: AtomicU64::new(0),
         }
@@ -1405,21 +1400,12 @@ impl Subject {
 
     /// A fresh engine for a run, on a clock of its own.
     async fn engine(&self, case: &Case, clock: &Arc<ManualClock>) -> Engine {
-        let config = config(case);
-        let clock = clock.clone();
-        let target = match (&self.servers.single, &self.servers.cluster) {
-            (Some(r), _) => RedisTarget {
-                urls: vec![r.url()],
-                cluster: false,
-            },
-            (_, Some(c)) => RedisTarget {
-                urls: c.urls(),
-                cluster: true,
-            },
-            (None, None) => return Engine::memory(&config, clock),
-        };
         let n = self.runs.fetch_add(1, Ordering::SeqCst);
-        Engine::redis(&target, &format!("model{n}"), &config, clock).await
+        let mut engines = self
+            .servers
+            .engines(self.memory, &format!("model{n}"), &config(case), clock)
+            .await;
+        engines.pop().expect("the subject's engine")
     }
 }
 
@@ -1504,13 +1490,13 @@ fn run(subject: &Subject, case: &Case) -> Result<(), String> {
 /// `MODEL_CASES` generated cases (memory, whose steps cost no round trips, on at least
 /// [`MEMORY_CASES`]).
 fn check(name: &'static str) {
-    if !differential::wanted(name) {
+    if !wanted(name) {
         eprintln!("{name} left out by MODEL_ENGINES");
         return;
     }
     let cases = match name {
-        "memory" => differential::cases().max(MEMORY_CASES),
-        _ => differential::cases(),
+        "memory" => cases(DEFAULT_CASES).max(MEMORY_CASES),
+        _ => cases(DEFAULT_CASES),
     };
     let subject = Subject::new(name);
     let mut runner = TestRunner::new(Config {

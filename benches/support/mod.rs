@@ -1,6 +1,7 @@
 //! What the benches share: both engines built as a gateway builds them (frames go nowhere:
-//! delivery is not what is measured), and a throw-away `redis-server` on a free loopback
-//! port. A folder module, so that Cargo does not take it for a bench of its own.
+//! delivery is not what is measured), a throw-away `redis-server` on a free loopback port,
+//! and the measurement of one `enqueue` that finds nobody ([`time_enqueue`]). A folder
+//! module, so that Cargo does not take it for a bench of its own.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -9,10 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use criterion::Bencher;
 use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
 use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
 use matchgate::matching::{Engine, MediaMode, Rules, UserId};
+use matchgate::protocol::Prefs;
 use matchgate::metrics::Metrics;
 use matchgate::p2p::IceServers;
 use matchgate::redis_keys::Layout;
@@ -67,6 +70,32 @@ pub fn redis(url: &str, namespace: &str) -> Arc<dyn Engine> {
         call_timeout: Duration::from_secs(10),
     };
     Arc::new(RedisMatchmaker::new(settings, Arc::new(Metrics::new())).expect("Redis matchmaker"))
+}
+
+/// Times one `enqueue` of `probe` (attached, idle) with `prefs` per iteration, where it must
+/// find nobody to match; the `end` that takes it out again is not measured.
+#[allow(dead_code)] // `hot_paths` measures enqueues that match instead
+pub fn time_enqueue(
+    b: &mut Bencher<'_>,
+    rt: &tokio::runtime::Runtime,
+    mm: &dyn Engine,
+    probe: &UserId,
+    prefs: &Prefs,
+) {
+    b.iter_custom(|iters| {
+        rt.block_on(async {
+            let mut measured = Duration::ZERO;
+            for _ in 0..iters {
+                let started = Instant::now();
+                mm.enqueue(probe, prefs.clone(), Default::default(), None)
+                    .await
+                    .expect("enqueue");
+                measured += started.elapsed();
+                mm.end(probe, None).await.expect("end");
+            }
+            measured
+        })
+    })
 }
 
 /// A `redis-server` child on a free loopback port, without persistence, killed on drop.

@@ -38,9 +38,15 @@ enum Fault {
     RateIgnored,
     /// `enqueue` refused by a cooldown reports success.
     CooldownIgnored,
+    /// The token's attributes never reach the engine: every `want` fails.
+    AttributesLost,
+    /// `enqueue` drops the interests (and `interests_only`).
+    InterestsIgnored,
+    /// The interests wait never ends: `Timer::Interests` is acknowledged and ignored.
+    InterestsNeverWiden,
 }
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 10] = [
     Fault::SkipIsEnd,
     Fault::AcceptIgnored,
     Fault::TimersLost,
@@ -48,6 +54,9 @@ const FAULTS: [Fault; 7] = [
     Fault::MediaFailureIgnored,
     Fault::RateIgnored,
     Fault::CooldownIgnored,
+    Fault::AttributesLost,
+    Fault::InterestsIgnored,
+    Fault::InterestsNeverWiden,
 ];
 
 struct Broken {
@@ -91,6 +100,16 @@ impl ClientOperations for Broken {
         attributes: Arc<Attributes>,
         reference: Option<&str>,
     ) -> Result<Outcome, MatchError> {
+        let mut prefs = prefs;
+        let mut attributes = attributes;
+        match self.fault {
+            Fault::AttributesLost => attributes = Arc::default(),
+            Fault::InterestsIgnored => {
+                prefs.interests.clear();
+                prefs.interests_only = false;
+            }
+            _ => {}
+        }
         match self.inner.enqueue(user, prefs, attributes, reference).await {
             // Says yes where a limit says no.
             Err(MatchError::RateLimited { .. }) if self.fault == Fault::RateIgnored => {
@@ -175,6 +194,9 @@ impl Timers for Broken {
     }
 
     async fn wake(&self, user: &UserId, timer: Timer) -> Result<Outcome, MatchError> {
+        if self.fault == Fault::InterestsNeverWiden && matches!(timer, Timer::Interests { .. }) {
+            return Ok(Outcome::default());
+        }
         self.inner.wake(user, timer).await.map(|o| self.outcome(o))
     }
 }

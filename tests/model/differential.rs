@@ -2,8 +2,10 @@
 //! with every matching rule on (blocks, anti-repeat with its fallback, quick-skip cooldowns,
 //! the enqueue rate, the accept phase with accept, decline and timeout, preference relaxation,
 //! media pending with `media_ready` and `media_failed` or p2p media, detach and attach within
-//! and after the grace period, expiry), and runs each sequence against every engine: memory,
-//! Redis and Redis Cluster (real `redis-server` processes, started once per run).
+//! and after the grace period, expiry, and issue 12's filters: interests from a small tag set,
+//! `interests_only`, `want` constraints with `soft` naming `want.<attr>`, per-user attributes
+//! and the interests wait; see `model/asks.rs`), and runs each sequence against every engine:
+//! memory, Redis and Redis Cluster (real `redis-server` processes, started once per run).
 //!
 //! Time is the test's: one [`ManualClock`] that the memory engine reads and that the Redis
 //! engine passes into its library instead of `TIME`. The test plays the gateway: it arms the
@@ -40,6 +42,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use matchgate::attributes::Attributes;
 use matchgate::clock::{Clock, ManualClock};
 use matchgate::matching::{
     ConnId, MatchError, MediaMode, Outcome, PendingSession, Resume, Rules, Status, Timer, UserId,
@@ -50,8 +53,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{json, Value};
 
-use super::common::redis::{RedisCluster, RedisServer};
-use super::engines::{Engine, EngineConfig, RedisTarget};
+use super::asks::{ask_strategy, traits_strategy, Ask, Traits};
+use super::engines::{cases, wanted, Engine, EngineConfig, Servers};
 
 pub const DEFAULT_CASES: u32 = 48;
 const MAX_USERS: usize = 5;
@@ -64,7 +67,7 @@ pub const START_MS: u64 = 1_700_000_000_000;
 pub enum Op {
     Attach { user: usize, resume: Option<u8> },
     Detach { user: usize },
-    Enqueue { user: usize, pool: usize },
+    Enqueue { user: usize, pool: usize, ask: Ask },
     Skip { user: usize },
     End { user: usize },
     Block { user: usize },
@@ -85,7 +88,7 @@ impl fmt::Debug for Op {
                 resume: Some(b),
             } => write!(f, "attach(u{user}, resume from last_seq-{b})"),
             Op::Detach { user } => write!(f, "detach(u{user})"),
-            Op::Enqueue { user, pool } => write!(f, "enqueue(u{user}, p{pool})"),
+            Op::Enqueue { user, pool, ask } => write!(f, "enqueue(u{user}, p{pool}, {ask:?})"),
             Op::Skip { user } => write!(f, "skip(u{user})"),
             Op::End { user } => write!(f, "end(u{user})"),
             Op::Block { user } => write!(f, "block(u{user})"),
@@ -106,6 +109,8 @@ pub struct Case {
     pub accept_phase: bool,
     pub decline_to_tail: bool,
     pub livekit: bool,
+    /// Each user's attributes, as its token gives them.
+    pub traits: Vec<Traits>,
     pub ops: Vec<Op>,
 }
 
@@ -118,7 +123,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         4 => (u.clone(), proptest::option::weighted(0.3, 0u8..3))
             .prop_map(|(user, resume)| Op::Attach { user, resume }),
         1 => u.clone().prop_map(|user| Op::Detach { user }),
-        8 => (u.clone(), pool).prop_map(|(user, pool)| Op::Enqueue { user, pool }),
+        8 => (u.clone(), pool, ask_strategy())
+            .prop_map(|(user, pool, ask)| Op::Enqueue { user, pool, ask }),
         4 => u.clone().prop_map(|user| Op::Skip { user }),
         3 => u.clone().prop_map(|user| Op::End { user }),
         1 => u.clone().prop_map(|user| Op::Block { user }),
@@ -143,16 +149,20 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
         proptest::bool::weighted(0.35),
         any::<bool>(),
         any::<bool>(),
+        proptest::collection::vec(traits_strategy(), MAX_USERS),
         proptest::collection::vec(op_strategy(), 1..=MAX_OPS),
     )
         .prop_map(
-            |(users, requeue_peer_on_skip, accept_phase, decline_to_tail, livekit, ops)| Case {
-                users,
-                requeue_peer_on_skip,
-                accept_phase,
-                decline_to_tail,
-                livekit,
-                ops: ops.into_iter().map(|op| fit(op, users)).collect(),
+            |(users, requeue_peer_on_skip, accept_phase, decline_to_tail, livekit, traits, ops)| {
+                Case {
+                    users,
+                    requeue_peer_on_skip,
+                    accept_phase,
+                    decline_to_tail,
+                    livekit,
+                    traits: traits[..users].to_vec(),
+                    ops: ops.into_iter().map(|op| fit(op, users)).collect(),
+                }
             },
         )
 }
@@ -299,6 +309,8 @@ impl Run {
 struct Driver {
     clock: Arc<ManualClock>,
     users: usize,
+    /// Each user's attributes (what its every `enqueue` carries).
+    attributes: Vec<Arc<Attributes>>,
     conn: Vec<Option<u64>>,
     away: HashSet<UserId>,
     next_conn: u64,
@@ -456,9 +468,14 @@ async fn perform(run: &mut Run, d: &Driver, op: Op, conn: Option<u64>) -> (Value
             }
         }
         Op::Detach { user } => split(mm.detach(&user_id(user), ConnId(conn.unwrap())).await),
-        Op::Enqueue { user, pool } => split(
-            mm.enqueue(&user_id(user), prefs(pool), Default::default(), Some("r"))
-                .await,
+        Op::Enqueue { user, pool, ask } => split(
+            mm.enqueue(
+                &user_id(user),
+                ask.apply(prefs(pool)),
+                d.attributes[user].clone(),
+                Some("r"),
+            )
+            .await,
         ),
         Op::Skip { user } => split(mm.skip(&user_id(user), Some("r")).await),
         Op::End { user } => split(mm.end(&user_id(user), Some("r")).await),
@@ -665,6 +682,11 @@ pub async fn run_case(
     let mut d = Driver {
         clock,
         users: case.users,
+        attributes: case
+            .traits
+            .iter()
+            .map(|t| Arc::new(t.attributes()))
+            .collect(),
         conn: vec![None; case.users],
         away: HashSet::new(),
         next_conn: 1,
@@ -814,10 +836,17 @@ fn brief(v: &Value) -> String {
         for (u, frames) in users {
             for f in frames.as_array().into_iter().flatten() {
                 let f = &f[1];
-                let detail = ["reason", "state", "role", "code", "position"]
+                let mut detail = ["reason", "state", "role", "code", "position"]
                     .iter()
                     .find_map(|k| f.get(*k).map(|x| format!(" {x}")))
                     .unwrap_or_default();
+                // Issue 12: what the pair shares, and the end of the interests wait.
+                if let Some(shared) = f.get("common_interests") {
+                    detail.push_str(&format!(" common {shared}"));
+                }
+                if f.get("interests_widened").is_some() {
+                    detail.push_str(" widened");
+                }
                 s.push_str(&format!(
                     "; {u} {}{detail}",
                     f["type"].as_str().unwrap_or("?")
@@ -828,53 +857,6 @@ fn brief(v: &Value) -> String {
     s
 }
 
-/// The Redis servers of a test run.
-pub struct Servers {
-    pub single: Option<RedisServer>,
-    pub cluster: Option<RedisCluster>,
-}
-
-/// Which engines to run (`MODEL_ENGINES`, default all three).
-pub fn wanted(engine: &str) -> bool {
-    std::env::var("MODEL_ENGINES")
-        .map(|v| v.split(',').any(|e| e.trim() == engine))
-        .unwrap_or(true)
-}
-
-pub fn cases() -> u32 {
-    std::env::var("MODEL_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CASES)
-}
-
-/// Makes the engines of one case, each on the case's clock, the Redis ones in a namespace of
-/// their own.
-pub async fn engines(
-    servers: &Servers,
-    case: &Case,
-    n: u64,
-    clock: &Arc<ManualClock>,
-) -> Vec<Engine> {
-    let config = config(case);
-    let mut engines = vec![Engine::memory(&config, clock.clone())];
-    if let Some(r) = &servers.single {
-        let target = RedisTarget {
-            urls: vec![r.url()],
-            cluster: false,
-        };
-        engines.push(Engine::redis(&target, &format!("m{n}"), &config, clock.clone()).await);
-    }
-    if let Some(c) = &servers.cluster {
-        let target = RedisTarget {
-            urls: c.urls(),
-            cluster: true,
-        };
-        engines.push(Engine::redis(&target, &format!("m{n}"), &config, clock.clone()).await);
-    }
-    engines
-}
-
 #[test]
 fn engines_agree_with_every_rule_on() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -882,23 +864,10 @@ fn engines_agree_with_every_rule_on() {
         .enable_all()
         .build()
         .expect("runtime");
-    let servers = rt.block_on(async {
-        Servers {
-            single: if wanted("redis") {
-                Some(RedisServer::start().await)
-            } else {
-                None
-            },
-            cluster: if wanted("cluster") {
-                Some(RedisCluster::start().await)
-            } else {
-                None
-            },
-        }
-    });
+    let servers = rt.block_on(Servers::start(wanted("redis"), wanted("cluster")));
     let counter = std::sync::atomic::AtomicU64::new(0);
     let mut runner = TestRunner::new(Config {
-        cases: cases(),
+        cases: cases(DEFAULT_CASES),
         failure_persistence: None,
         ..Config::default()
     });
@@ -906,7 +875,9 @@ fn engines_agree_with_every_rule_on() {
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         rt.block_on(async {
             let clock = Arc::new(ManualClock::new(START_MS));
-            let engines = engines(&servers, &case, n, &clock).await;
+            let engines = servers
+                .engines(true, &format!("m{n}"), &config(&case), &clock)
+                .await;
             run_case(&case, engines, clock).await
         })
         .map_err(TestCaseError::fail)

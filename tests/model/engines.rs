@@ -15,6 +15,11 @@
 //! of the deployment's logs (`notify-keyspace-events`, set on the node by the adapter): an
 //! `rpush` arrives in order with the published frames, and the log's newest entries are the
 //! frames it stands for.
+//!
+//! It also holds what every engine test shares besides: the Redis servers of a test run
+//! ([`Servers`], started once per run), the one factory of a case's engines
+//! ([`Servers::engines`]), and the environment knobs `MODEL_ENGINES` ([`wanted`]) and
+//! `MODEL_CASES` ([`cases`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +34,8 @@ use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
 use matchgate::matching::{Engine as EngineOps, MediaMode, Outcome, Rules, UserId};
 use matchgate::metrics::Metrics;
 use matchgate::redis_keys::Layout;
+
+use super::common::redis::{RedisCluster, RedisServer};
 
 /// What every engine of a run is built from.
 #[derive(Clone)]
@@ -46,6 +53,81 @@ pub struct EngineConfig {
 pub struct RedisTarget {
     pub urls: Vec<String>,
     pub cluster: bool,
+}
+
+/// The Redis servers of a test run.
+pub struct Servers {
+    pub single: Option<RedisServer>,
+    pub cluster: Option<RedisCluster>,
+}
+
+impl Servers {
+    /// Starts one server when `single`, a cluster when `cluster`.
+    pub async fn start(single: bool, cluster: bool) -> Servers {
+        Servers {
+            single: if single {
+                Some(RedisServer::start().await)
+            } else {
+                None
+            },
+            cluster: if cluster {
+                Some(RedisCluster::start().await)
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Starts what engine `name` (`memory`, `redis` or `cluster`) needs.
+    pub async fn for_engine(name: &str) -> Servers {
+        Servers::start(name == "redis", name == "cluster").await
+    }
+
+    /// The engines of one case, each on `clock`, built from `config`: memory (when `memory`),
+    /// then one on each Redis target these servers offer, in `namespace` (fresh per case, so
+    /// that cases never share keys).
+    pub async fn engines(
+        &self,
+        memory: bool,
+        namespace: &str,
+        config: &EngineConfig,
+        clock: &Arc<ManualClock>,
+    ) -> Vec<Engine> {
+        let mut engines = Vec::new();
+        if memory {
+            engines.push(Engine::memory(config, clock.clone()));
+        }
+        if let Some(r) = &self.single {
+            let target = RedisTarget {
+                urls: vec![r.url()],
+                cluster: false,
+            };
+            engines.push(Engine::redis(&target, namespace, config, clock.clone()).await);
+        }
+        if let Some(c) = &self.cluster {
+            let target = RedisTarget {
+                urls: c.urls(),
+                cluster: true,
+            };
+            engines.push(Engine::redis(&target, namespace, config, clock.clone()).await);
+        }
+        engines
+    }
+}
+
+/// Whether to run engine `name` (`MODEL_ENGINES`, e.g. `memory,redis`; default all three).
+pub fn wanted(name: &str) -> bool {
+    std::env::var("MODEL_ENGINES")
+        .map(|v| v.split(',').any(|e| e.trim() == name))
+        .unwrap_or(true)
+}
+
+/// Generated cases per run: `MODEL_CASES`, else `default`.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Records every frame the memory engine hands out, in delivery order.
