@@ -2,12 +2,12 @@
 //! (`--attribute-claims` names the JWT claims they come from, never the client's messages)
 //! and the rule that decides whether one user's `want` holds for another's attributes.
 //!
-//! A leaf: the auth layer makes [`Attributes`] from verified claims (the claims this module's
-//! section, [`AttributeConfig`], names), the gateway checks the deployment's rules
-//! ([`AttributePolicy`]: which attributes `want` may name, which ones a user must have) before
-//! a user is queued, and both matching engines store them with a waiting user and apply
-//! [`want_holds`] in both directions inside their atomic step (the Redis library mirrors it
-//! in Lua).
+//! A leaf (it needs only the configuration's leaf `flags`): the auth layer makes
+//! [`Attributes`] from verified claims (the claims this module's section, [`AttributeConfig`],
+//! names), the gateway checks the deployment's rules ([`AttributePolicy`]: which attributes
+//! `want` may name, which ones a user must have) before a user is queued, and both matching
+//! engines store them with a waiting user and apply [`want_holds`] in both directions inside
+//! their atomic step (the Redis library mirrors it in Lua).
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -596,9 +596,12 @@ impl Authenticator {
         let (key, ttl) = self.dev_signer.as_ref().ok_or(DevTokenError::NotDevMode)?;
         for (name, value) in attributes {
             if !self.attribute_claims.contains(name) {
+                let claims = match self.attribute_claims.is_empty() {
+                    true => "none".to_string(),
+                    false => self.attribute_claims.join(","),
+                };
                 return Err(DevTokenError::Attribute(format!(
-                    "attributes.{name}: not an attribute claim of this gateway (MATCHGATE_ATTRIBUTE_CLAIMS: {})",
-                    self.attribute_claims.join(",")
+                    "attributes.{name}: not an attribute claim of this gateway (MATCHGATE_ATTRIBUTE_CLAIMS: {claims})"
                 )));
             }
             if attribute_value(value).is_none() {

@@ -3,10 +3,12 @@
 //! attribute that is not filterable is refused with `bad_request` naming it; a user without a
 //! required attribute (`--require-attribute`) gets `attribute_required`; both before anything
 //! changes. A `refresh` brings the new token's attributes. Matching by `want` and `interests`
-//! over the wire: two-sided filters, `common_interests` in both `matched` frames.
+//! over the wire, in memory and across two instances on a real Redis: two-sided filters,
+//! `common_interests` in both `matched` frames, the interests wait.
 
 mod common;
 
+use common::redis::Backend;
 use common::{now_secs, sign, Client, TestServer, SECRET};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -198,30 +200,54 @@ async fn a_refresh_brings_the_new_tokens_attributes_to_later_enqueues() {
     assert_eq!(e["code"], "attribute_required", "{e}");
 }
 
-/// A gateway whose users carry a `country` that clients may filter on.
-async fn country_gateway() -> TestServer {
-    TestServer::start(&[
-        "--attribute-claims",
-        "country",
-        "--filterable-attributes",
-        "country",
-    ])
-    .await
+/// Runs a matching scenario (an async fn taking the gateways) twice: on one in-memory
+/// gateway, and on two instances sharing a real `redis-server`, where the scenario's users
+/// alternate between the instances (so attributes and interests travel through Redis).
+macro_rules! in_memory_and_on_redis {
+    ($name:ident, $flags:expr) => {
+        mod $name {
+            #[tokio::test]
+            async fn memory() {
+                super::$name(&[super::TestServer::start($flags).await]).await;
+            }
+
+            #[tokio::test]
+            async fn redis() {
+                let redis = super::Backend::single().await;
+                super::$name(&redis.instances(2, $flags).await).await;
+            }
+        }
+    };
 }
 
-#[tokio::test]
-async fn want_filters_hold_both_ways_on_the_tokens_attributes() {
-    let server = country_gateway().await;
+/// The `n`th user of a scenario connects to this gateway.
+fn nth(servers: &[TestServer], n: usize) -> &TestServer {
+    &servers[n % servers.len()]
+}
+
+/// Users carry a `country` that clients may filter on.
+const COUNTRY: &[&str] = &[
+    "--attribute-claims",
+    "country",
+    "--filterable-attributes",
+    "country",
+];
+
+in_memory_and_on_redis!(
+    want_filters_hold_both_ways_on_the_tokens_attributes,
+    super::COUNTRY
+);
+async fn want_filters_hold_both_ways_on_the_tokens_attributes(servers: &[TestServer]) {
     let dach = json!({"want": {"country": ["de", "at"]}});
     // Waiting first: carol from France, no filter of her own; alice from Germany wants DE/AT.
-    let mut carol = connect_with_claims(&server, "carol", json!({"country": "fr"})).await;
+    let mut carol = connect_with_claims(nth(servers, 0), "carol", json!({"country": "fr"})).await;
     let q = enqueue(&mut carol, json!({}), "c").await;
     assert_eq!(q["type"], "queued", "{q}");
-    let mut alice = connect_with_claims(&server, "alice", json!({"country": "de"})).await;
+    let mut alice = connect_with_claims(nth(servers, 1), "alice", json!({"country": "de"})).await;
     let q = enqueue(&mut alice, json!({"prefs": dach}), "a").await;
     assert_eq!(q["type"], "queued", "alice's want fails carol: {q}");
     // Bob from Austria with the same filter meets alice, not carol who waited longer.
-    let mut bob = connect_with_claims(&server, "bob", json!({"country": "at"})).await;
+    let mut bob = connect_with_claims(nth(servers, 2), "bob", json!({"country": "at"})).await;
     let q = enqueue(&mut bob, json!({"prefs": dach}), "b").await;
     assert_eq!(q["type"], "queued", "{q}");
     let ma = alice.expect("matched").await;
@@ -230,7 +256,7 @@ async fn want_filters_hold_both_ways_on_the_tokens_attributes() {
     // Dave from Germany without a filter: carol has none either, and his attributes do not
     // matter to her: they meet. Erin from Germany claims in her message to be from France:
     // it changes nothing, her want still needs a German or Austrian peer.
-    let mut erin = connect_with_claims(&server, "erin", json!({"country": "de"})).await;
+    let mut erin = connect_with_claims(nth(servers, 3), "erin", json!({"country": "de"})).await;
     let q = enqueue(
         &mut erin,
         json!({"prefs": dach, "attributes": {"country": "fr"}, "country": "fr"}),
@@ -243,7 +269,7 @@ async fn want_filters_hold_both_ways_on_the_tokens_attributes() {
         status["state"], "queued",
         "carol was never matched: {status}"
     );
-    let mut dave = connect_with_claims(&server, "dave", json!({"country": "de"})).await;
+    let mut dave = connect_with_claims(nth(servers, 4), "dave", json!({"country": "de"})).await;
     let q = enqueue(&mut dave, json!({}), "d").await;
     assert_eq!(q["type"], "queued", "{q}");
     // Carol waited longest and accepts anybody; dave's own want is empty: they meet.
@@ -252,7 +278,7 @@ async fn want_filters_hold_both_ways_on_the_tokens_attributes() {
     assert_eq!(mc["session_id"], md["session_id"]);
     // Frank from France has no filter, but erin's holds against him: the waiting user's
     // want counts as much as the newcomer's.
-    let mut frank = connect_with_claims(&server, "frank", json!({"country": "fr"})).await;
+    let mut frank = connect_with_claims(nth(servers, 5), "frank", json!({"country": "fr"})).await;
     let q = enqueue(&mut frank, json!({}), "f").await;
     assert_eq!(q["type"], "queued", "{q}");
     for waiting in [&mut erin, &mut frank] {
@@ -261,13 +287,15 @@ async fn want_filters_hold_both_ways_on_the_tokens_attributes() {
     }
 }
 
-#[tokio::test]
-async fn shared_interests_are_in_both_matched_frames() {
-    // The interests wait never passes during the test: only sharers meet.
-    let server = TestServer::start(&["--interests-wait-ms", "3600000"]).await;
-    let mut a = server.connect("a").await;
-    let mut b = server.connect("b").await;
-    let mut c = server.connect("c").await;
+// The interests wait never passes during the test: only sharers meet.
+in_memory_and_on_redis!(
+    shared_interests_are_in_both_matched_frames,
+    &["--interests-wait-ms", "3600000"]
+);
+async fn shared_interests_are_in_both_matched_frames(servers: &[TestServer]) {
+    let mut a = nth(servers, 0).connect("a").await;
+    let mut b = nth(servers, 1).connect("b").await;
+    let mut c = nth(servers, 2).connect("c").await;
     let q = enqueue(
         &mut a,
         json!({"prefs": {"interests": [" Jazz", "go", "chess", "JAZZ"]}}),
@@ -294,10 +322,14 @@ async fn shared_interests_are_in_both_matched_frames() {
     assert_eq!(status["state"], "queued", "{status}");
 }
 
-#[tokio::test]
-async fn after_the_interests_wait_users_who_share_nothing_meet_unless_interests_only() {
-    let server = TestServer::start(&["--interests-wait-ms", "100"]).await;
-    let mut only = server.connect("only").await;
+in_memory_and_on_redis!(
+    after_the_interests_wait_users_who_share_nothing_meet_unless_interests_only,
+    &["--interests-wait-ms", "100"]
+);
+async fn after_the_interests_wait_users_who_share_nothing_meet_unless_interests_only(
+    servers: &[TestServer],
+) {
+    let mut only = nth(servers, 0).connect("only").await;
     let q = enqueue(
         &mut only,
         json!({"prefs": {"interests": ["rust"], "interests_only": true}}),
@@ -305,10 +337,10 @@ async fn after_the_interests_wait_users_who_share_nothing_meet_unless_interests_
     )
     .await;
     assert_eq!(q["type"], "queued", "{q}");
-    let mut a = server.connect("a").await;
+    let mut a = nth(servers, 1).connect("a").await;
     let q = enqueue(&mut a, json!({"prefs": {"interests": ["jazz"]}}), "a").await;
     assert_eq!(q["type"], "queued", "{q}");
-    let mut b = server.connect("b").await;
+    let mut b = nth(servers, 2).connect("b").await;
     let q = enqueue(&mut b, json!({"prefs": {"interests": ["chess"]}}), "b").await;
     assert_eq!(q["type"], "queued", "{q}");
     // Each search widens once, announced; then a and b meet, sharing nothing.

@@ -175,3 +175,27 @@ test("accept phase: a decline cancels for both; the decliner is idle, the other 
   assert.equal(b.mg.state, "idle");
   assert.equal(a.mg.state, "queued");
 });
+
+test("interests: the shared tags are in matched and mg.session; a refused want rejects with its code", async (t) => {
+  const gw = await startGateway(t, ["--interests-wait-ms", "3600000"]);
+  const a = client(t, gw.url, "alice");
+  const b = client(t, gw.url, "bob");
+  await Promise.all([a.mg.connect(), b.mg.connect()]);
+
+  // No attribute is filterable on this gateway: the want is refused, nothing changes.
+  await assert.rejects(a.mg.enqueue({ want: { country: ["de"] } }), (e) => {
+    assert.ok(e instanceof MatchgateError);
+    assert.equal(e.code, "bad_request");
+    assert.match(e.message, /prefs\.want\.country/);
+    return true;
+  });
+  assert.equal(a.mg.state, "idle");
+
+  await a.mg.enqueue({ interests: [" Jazz", "chess"] });
+  await b.mg.enqueue({ interests: ["CHESS", "go", "jazz"] });
+  const ma = await a.log.waitFor("matched");
+  const mb = await b.log.waitFor("matched");
+  assert.deepEqual(ma.common_interests, ["chess", "jazz"]);
+  assert.deepEqual(mb.common_interests, ["chess", "jazz"]);
+  assert.deepEqual(a.mg.session.common_interests, ["chess", "jazz"]);
+});
