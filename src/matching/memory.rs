@@ -2257,6 +2257,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::p2p::IceServers;
+    use crate::protocol::PrefField;
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -2488,7 +2489,7 @@ mod tests {
         let outcome = h.widen("x").await;
         assert!(outcome.timers.is_empty());
         assert!(h.frames("x").is_empty());
-        assert_eq!(h.place("x").1, false);
+        assert!(!h.place("x").1);
         assert_eq!(h.state("o"), "queued");
         h.enqueue("y", json!({"interests": ["chess"]}), &[]).await;
         assert_eq!(h.matched("y")["session_id"], h.matched("x")["session_id"]);
@@ -2648,5 +2649,144 @@ mod tests {
         assert_eq!(h.state("o"), "queued", "x is away");
         h.mm.attach(&user("x"), ConnId(3), None).await.unwrap();
         assert_eq!(h.matched("x")["session_id"], h.matched("o")["session_id"]);
+    }
+
+    /// What `try_match` must never leave behind, written from the spec's definition rather
+    /// than from the candidate lists: two connected waiting users in a common pool who may
+    /// meet (no avoid or block between them, each one's `want` holding for the other's
+    /// attributes, a shared interest or both open). Also checks that the candidate lists hold
+    /// exactly the connected waiters, each in its tags' lists and, when open, the open list.
+    fn check(state: &State) {
+        let connected: Vec<(&UserId, &Waiting)> = state
+            .users
+            .iter()
+            .filter_map(|(id, u)| match &u.activity {
+                Activity::Queued(w) if !u.away => Some((id, w)),
+                _ => None,
+            })
+            .collect();
+        for (key, pool) in &state.pools {
+            let listed: Vec<&(&UserId, &Waiting)> = connected
+                .iter()
+                .filter(|(_, w)| w.pools().any(|p| p == key))
+                .collect();
+            assert_eq!(pool.waiting.len(), listed.len(), "pool {key}");
+            let mut tagged = 0;
+            for (id, w) in &listed {
+                assert_eq!(pool.waiting.get(&w.ticket), Some(*id));
+                for tag in &w.prefs.interests {
+                    assert_eq!(pool.tags[tag].get(&w.ticket), Some(*id), "tag {tag}");
+                }
+                tagged += w.prefs.interests.len();
+                assert_eq!(pool.open.contains_key(&w.ticket), w.open(), "open {id}");
+            }
+            assert_eq!(pool.tags.values().map(BTreeMap::len).sum::<usize>(), tagged);
+            assert_eq!(
+                pool.open.len(),
+                listed.iter().filter(|(_, w)| w.open()).count()
+            );
+        }
+        for (i, (a, wa)) in connected.iter().enumerate() {
+            for (b, wb) in &connected[i + 1..] {
+                let common_pool = wa.pools().any(|p| wb.pools().any(|q| p == q));
+                let avoided = state.users[*a].avoid.as_ref() == Some(*b)
+                    || state.users[*b].avoid.as_ref() == Some(*a);
+                let wants =
+                    want_holds(&wa.want, &wb.attributes) && want_holds(&wb.want, &wa.attributes);
+                let share = wa
+                    .prefs
+                    .interests
+                    .iter()
+                    .any(|t| wb.prefs.interests.contains(t));
+                let by_interests = share || (wa.open() && wb.open());
+                assert!(
+                    !(common_pool && !avoided && !state.blocked(a, b) && wants && by_interests),
+                    "{a} and {b} could meet but both wait"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn no_two_waiting_users_who_may_meet_are_left_apart() {
+        const NAMES: [&str; 6] = ["u0", "u1", "u2", "u3", "u4", "u5"];
+        for seed in 1..=60u64 {
+            let h = Harness::new(seed % 2 == 0);
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let mut conn = 100;
+            let mut timers: Vec<(UserId, Timer)> = Vec::new();
+            for _ in 0..150 {
+                let id = user(NAMES[next(6) as usize]);
+                let away = h.mm.state.lock().unwrap().users.get(&id).map(|u| u.away);
+                let outcome = match (away, next(7)) {
+                    (None, _) | (Some(true), _) => {
+                        conn += 1;
+                        h.mm.attach(&id, ConnId(conn), None).await.unwrap().outcome
+                    }
+                    (Some(false), 0..=2) => {
+                        let interests: Vec<String> = ["art", "chess", "go"]
+                            .into_iter()
+                            .filter(|_| next(2) == 0)
+                            .map(String::from)
+                            .collect();
+                        let mut prefs = Prefs {
+                            topic: (next(3) == 0).then(|| "t".to_string()),
+                            interests_only: !interests.is_empty() && next(3) == 0,
+                            interests,
+                            ..Prefs::default()
+                        };
+                        if next(2) == 0 {
+                            let country = ["de", "fr"][next(2) as usize].to_string();
+                            prefs.want.insert("country".into(), vec![country]);
+                            if next(2) == 0 {
+                                prefs.soft.push(PrefField::Want("country".into()));
+                            }
+                        }
+                        if prefs.topic.is_some() && next(2) == 0 {
+                            prefs.soft.push(PrefField::Topic);
+                        }
+                        let mut attributes = Attributes::new();
+                        if let Some(c) = [Some("de"), Some("fr"), None][next(3) as usize] {
+                            attributes.insert("country".into(), c.into());
+                        }
+                        h.mm.enqueue(&id, prefs, Arc::new(attributes), None)
+                            .await
+                            .unwrap_or_default()
+                    }
+                    (Some(false), 3) => h.mm.skip(&id, None).await.unwrap_or_default(),
+                    (Some(false), 4) => {
+                        let proposal = match &h.mm.state.lock().unwrap().users[&id].activity {
+                            Activity::Pending { session_id, .. } => Some(session_id.clone()),
+                            _ => None,
+                        };
+                        match proposal {
+                            Some(m) if next(2) == 0 => {
+                                h.mm.accept(&id, &m).await.unwrap_or_default()
+                            }
+                            Some(m) => h.mm.decline(&id, &m).await.unwrap_or_default(),
+                            None => h.mm.end(&id, None).await.unwrap_or_default(),
+                        }
+                    }
+                    (Some(false), 5) => {
+                        let conn = h.mm.state.lock().unwrap().users[&id].conn;
+                        h.mm.detach(&id, conn).await.unwrap()
+                    }
+                    (Some(false), _) if !timers.is_empty() => {
+                        h.clock.advance(WAIT);
+                        let (who, timer) = timers.remove(next(timers.len() as u64) as usize);
+                        h.mm.wake(&who, timer).await.unwrap()
+                    }
+                    (Some(false), _) => Outcome::default(),
+                };
+                timers.extend(outcome.timers.into_iter().map(|(_, u, t)| (u, t)));
+                check(&h.mm.state.lock().unwrap());
+            }
+        }
     }
 }

@@ -334,12 +334,16 @@ pub struct SessionClosed {
 /// Something a waiting user's state needs later, without anybody polling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Timer {
-    /// Widen the search of the user's queue place `ticket` by one relaxation step.
+    /// Widen the search of the user's queue place `ticket` by one relaxation step. A paired
+    /// user's timer is armed again instead (the match may be undone).
     Relax { ticket: u64 },
     /// The anti-repeat fallback of queue place `ticket` is due: recent peers are fair game.
     Rematch { ticket: u64 },
-    /// The interests wait of queue place `ticket` passed: unless `interests_only`, the search
-    /// widens from users sharing an interest to any compatible user.
+    /// The interests wait of queue place `ticket` passed: unless `interests_only`, the user
+    /// becomes *open* and may meet, besides users sharing an interest, any compatible open
+    /// user (one without interests, or widened too); it is told with `queue_update`
+    /// `interests_widened`. A paired user's timer is armed again instead; a restored queue
+    /// place keeps the flag, a new one (re-queue) starts without it.
     Interests { ticket: u64 },
     /// The proposal `match_id` expires.
     Proposal { match_id: Arc<str> },
@@ -513,7 +517,9 @@ pub trait ClientOperations: Send + Sync + 'static {
     async fn detach(&self, user: &UserId, conn: ConnId) -> Result<Outcome, MatchError>;
 
     /// `user` waits for a match with `prefs`; `attributes` (from the user's token) are what
-    /// other users' `want` is checked against while it waits.
+    /// other users' `want` is checked against while it waits, and on every re-queue after a
+    /// session that follows. A user with `interests` (not `interests_only`) gets a
+    /// [`Timer::Interests`] in the outcome, after any [`Timer::Relax`].
     async fn enqueue(
         &self,
         user: &UserId,
