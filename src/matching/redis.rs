@@ -172,6 +172,7 @@ struct LibraryRules {
     accept_timeout_ms: u64,
     decline_to_tail: bool,
     relax_after_ms: u64,
+    interests_wait_ms: u64,
     max_blocks: usize,
     block_ttl_ms: u64,
 }
@@ -193,6 +194,7 @@ impl LibraryRules {
             accept_timeout_ms: ms(r.accept_timeout.unwrap_or_default()),
             decline_to_tail: r.decline_to_tail,
             relax_after_ms: ms(r.relax_after),
+            interests_wait_ms: ms(r.interests_wait),
             max_blocks: r.max_blocks,
             block_ttl_ms: ms(r.block_ttl),
         }
@@ -901,6 +903,18 @@ impl ClientOperations for RedisMatchmaker {
             .filter_map(|step| prefs.relaxed(step))
             .collect();
         let relaxed_pools: Vec<String> = steps.iter().map(Prefs::pool_key).collect();
+        // The `want` of every level, the full preferences first ("" when it wants nothing),
+        // as JSON texts the library decodes only when it compares them; none at all for the
+        // many users who want nothing.
+        let wants = (!prefs.want.is_empty()).then(|| {
+            std::iter::once(&prefs.want)
+                .chain(steps.iter().map(|p| &p.want))
+                .map(|want| match want.is_empty() {
+                    true => String::new(),
+                    false => serde_json::to_string(want).expect("wants serialise"),
+                })
+                .collect::<Vec<_>>()
+        });
         let args = json!({
             "user": user,
             "ref": reference,
@@ -908,6 +922,12 @@ impl ClientOperations for RedisMatchmaker {
             "relaxed_pools": relaxed_pools,
             // Text the library stores and splices into `widened_to` as it is.
             "relaxed_prefs": serde_json::to_string(&steps).expect("prefs serialise"),
+            "interests": prefs.interests,
+            "interests_only": prefs.interests_only,
+            // Text, decoded only when somebody's want is checked against it.
+            "attributes": (!attributes.is_empty())
+                .then(|| serde_json::to_string(&*attributes).expect("attributes serialise")),
+            "wants": wants,
         });
         self.outcome("enqueue", args).await
     }

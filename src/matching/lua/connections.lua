@@ -77,28 +77,36 @@ end
 -- Sends `queue_update` to the connected waiting users of `pool` whose position or estimate
 -- moved since they were last told.
 local function refresh_pool(pool)
-  -- The connected waiters, whose positions also count the away ones ahead of them.
-  local users = redis.call('ZRANGE', pool_key(pool), 0, -1, 'WITHSCORES')
-  local held = redis.call('ZCARD', held_key(pool))
-  for i = 1, #users, 2 do
-    local u = users[i]
-    local position = (i - 1) / 2
-    if held > 0 then position = position + redis.call('ZCOUNT', held_key(pool), '-inf', '(' .. users[i + 1]) end
-    local estimated_wait = estimate(pool, position)
+  -- Everybody waiting, in ticket order: the open list and the others (P:held: the away ones,
+  -- who count in positions but are not told, and the connected ones not open yet).
+  local open = redis.call('ZRANGE', pool_key(pool), 0, -1, 'WITHSCORES')
+  local others = redis.call('ZRANGE', held_key(pool), 0, -1, 'WITHSCORES')
+  local i, j, position = 1, 1, 0
+  while i <= #open or j <= #others do
+    local u
+    if j > #others or (i <= #open and tonumber(open[i + 1]) < tonumber(others[j + 1])) then
+      u, i = open[i], i + 2
+    else
+      u, j = others[j], j + 2
+    end
     local away, told_position, told_estimate, own_pool = unpack(redis.call('HMGET', user_key(u),
       'away', 'told_position', 'told_estimate', 'pool'))
-    local old = tonumber(told_estimate)
-    local moved
-    if old and estimated_wait then
-      moved = math.abs(old - estimated_wait) * 5 > math.max(old, estimated_wait)
-    else
-      moved = (old == nil) ~= (estimated_wait == nil)
-    end
     -- Users listed here because their search widened are told about their own pool.
-    if own_pool == pool and away == '0' and (tonumber(told_position) ~= position or moved) then
-      redis.call('HSET', user_key(u), 'told_position', position, 'told_estimate', estimated_wait or '')
-      emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(estimated_wait) })
+    if own_pool == pool and away == '0' then
+      local estimated_wait = estimate(pool, position)
+      local old = tonumber(told_estimate)
+      local moved
+      if old and estimated_wait then
+        moved = math.abs(old - estimated_wait) * 5 > math.max(old, estimated_wait)
+      else
+        moved = (old == nil) ~= (estimated_wait == nil)
+      end
+      if tonumber(told_position) ~= position or moved then
+        redis.call('HSET', user_key(u), 'told_position', position, 'told_estimate', estimated_wait or '')
+        emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(estimated_wait) })
+      end
     end
+    position = position + 1
   end
 end
 

@@ -13,13 +13,28 @@
 --                   fields kept, or session) pool wider_pools relaxed_pools relaxed_prefs
 --                   ticket queued_at told_position told_estimate fallback_due session avoid
 --                   resume_token last_seq has_blocks ("1" when the user ever blocked anyone)
+--                   interests (the tags, "\n"-separated; "" for none) interests_only ("1": never
+--                   widens) widened ("1" once the interests wait of this queue place passed)
+--                   attributes (the token's, JSON; "" for none) wants (JSON list of the `want`
+--                   of every relaxation level, level 0 first, as JSON texts, "" for no
+--                   constraint; "" when the enqueue wanted nothing) want (the current level's,
+--                   from `wants`). The fields from the enqueue (relaxed_*, interests*,
+--                   attributes, wants) stay for a re-queue after a session.
 --   P:log:<user>    list of "<seq> <ms> <frame>", newest last, bounded, expires
---   P:pool:<pool>   zset of connected waiting users by ticket (FIFO): the only users a match
---                   attempt visits; a user whose search widened is also listed, with the same
---                   ticket, in the pools in its `wider_pools` field
---   P:held:<pool>   zset of waiting users whose connection dropped (held for a resume), by
---                   ticket, listed like P:pool: they keep their place and count in positions,
---                   and move back to P:pool when they reattach
+--   P:pool:<pool>   zset of connected waiting users who are *open* (no interests, or their
+--                   interests wait passed), by ticket (FIFO): the open list, which only an
+--                   open user searches; a user whose search widened is also listed, with the
+--                   same ticket, in the pools in its `wider_pools` field
+--   P:held:<pool>   zset of the other waiting users, by ticket, listed like P:pool: those
+--                   whose connection dropped (held for a resume) and the connected ones not
+--                   open yet. P:pool and P:held together hold everybody waiting, so positions
+--                   and emptiness read these two as before; users move to P:pool when they
+--                   reattach or their interests wait passes
+--   P:tag:<tag>\n<pool> zset of the connected waiting users with interest <tag>, open or not,
+--                   by ticket, listed in every pool where P:pool or P:held list them (a tag has
+--                   no control characters, so the newline separates it from the pool): what a
+--                   user with interests searches, so that a search never visits users who
+--                   share none of them unless both are open
 --   P:session:<id>  hash: offerer answerer (users) offerer_handle answerer_handle matched_at
 --                   phase (proposed, pending or live) offerer_accepted answerer_accepted
 --                   live_at
@@ -54,6 +69,12 @@
 --                   credentials), stun (the STUN entry's JSON, "" without), turn (the TURN
 --                   urls' JSON, "" without): what the matches of that instance list in media
 --                   mode p2p; written by that instance (operation p2p_config), expires
+-- Interests and wants added only keys (P:tag) and user fields, and widened what
+-- P:held holds, so the layout stays v2. During a rolling upgrade, older gateways ignore
+-- interests and wants; the users a new gateway put in P:held because they were not open yet
+-- are not found by the old ones until their interests wait passes, and a P:tag entry an old
+-- gateway leaves behind when it matches such a user is skipped (its ticket is not the user's)
+-- and dropped by the next search that meets it.
 -- Frames go out with PUBLISH on <channel prefix><instance>: "F<user>\n<seq>\n<frame>" for a
 -- frame (seq 0: none), "K<user>\n<connection>" to close a connection replaced from elsewhere.
 -- Relayed messages (signal, chat) go out the same way, without seq and without a log entry.
@@ -65,6 +86,7 @@ local function user_key(u) return P .. ':user:' .. u end
 local function session_key(s) return P .. ':session:' .. s end
 local function pool_key(pool) return P .. ':pool:' .. pool end
 local function held_key(pool) return P .. ':held:' .. pool end
+local function tag_key(pool, tag) return P .. ':tag:' .. tag .. '\n' .. pool end
 local function log_key(u) return P .. ':log:' .. u end
 local function recent_key(u) return P .. ':recent:' .. u end
 local function conduct_key(u) return P .. ':conduct:' .. u end

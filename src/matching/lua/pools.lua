@@ -32,8 +32,8 @@ local function pool_changed(pool)
   end
 end
 
--- Asks the gateway to call `wake` for u after `delay` ms with this timer: kind "relax" or
--- "rematch" with the queue place's ticket, or "proposal" with the match id.
+-- Asks the gateway to call `wake` for u after `delay` ms with this timer: kind "relax",
+-- "rematch" or "interests" with the queue place's ticket, or "proposal" with the match id.
 local function timer(delay, u, kind, ticket_or_match)
   local t = { delay_ms = math.max(delay, 0), user = u, kind = kind }
   if kind == 'proposal' then
@@ -44,11 +44,24 @@ local function timer(delay, u, kind, ticket_or_match)
   table.insert(out.timers, t)
 end
 
--- Every pool a waiting user is listed in.
+-- Every pool a waiting user is listed in, each once (relaxing a `want.<attribute>` widens the
+-- search without changing the pool).
 local function pools_of(pool, wider_pools)
-  local t = { pool }
-  for _, p in ipairs(split(wider_pools, '\n')) do table.insert(t, p) end
+  local t, listed = { pool }, { [pool] = true }
+  for _, p in ipairs(split(wider_pools, '\n')) do
+    if not listed[p] then
+      table.insert(t, p)
+      listed[p] = true
+    end
+  end
   return t
+end
+
+-- A waiting user's interests (a list), and whether it is open: found by and finding users who
+-- share none of its interests (see P:pool). `interests` and `widened` are its hash fields.
+local function interests_of(interests, widened)
+  local tags = split(interests, '\n')
+  return tags, #tags == 0 or widened == '1'
 end
 
 -- How many wait in `pool` ahead of `ticket` (all of them when nil), connected or not.
@@ -58,59 +71,74 @@ local function ahead(pool, ticket)
   return redis.call('ZCOUNT', pool_key(pool), '-inf', upto) + redis.call('ZCOUNT', held_key(pool), '-inf', upto)
 end
 
--- Lists u at `ticket` in `pool`: among the connected waiters, or the away ones.
-local function list_in(u, pool, ticket, away)
+-- Lists u at `ticket` in `pool`: connected and open in the open list, else among the others
+-- (P:held); connected, also in the list of each of its interests (`tags`).
+local function list_in(u, pool, ticket, away, tags, open)
   redis.call('ZADD', P .. ':pools', NOW, pool)
-  if away then
+  if away or not open then
     redis.call('ZADD', held_key(pool), ticket, u)
   else
     redis.call('ZADD', pool_key(pool), ticket, u)
   end
-end
-
--- Moves waiting u between the connected and the away lists of its pools (its connection
--- dropped, or it came back).
-local function set_away(u, away)
-  local state, pool, wider_pools, ticket = unpack(redis.call('HMGET', user_key(u), 'state',
-    'pool', 'wider_pools', 'ticket'))
-  if state ~= 'queued' then return end
-  for _, p in ipairs(pools_of(pool, wider_pools)) do
-    if away then redis.call('ZREM', pool_key(p), u) else redis.call('ZREM', held_key(p), u) end
-    list_in(u, p, ticket, away)
+  if not away then
+    for _, tag in ipairs(tags) do redis.call('ZADD', tag_key(pool, tag), ticket, u) end
   end
 end
 
--- Takes a waiting user out of every pool it is listed in: { pool, queued_at, ticket, pools }
--- or nil when u is not waiting.
+-- Moves waiting u between the candidate lists and the away ones in its pools (its connection
+-- dropped, or it came back).
+local function set_away(u, away)
+  local state, pool, wider_pools, ticket, interests, widened = unpack(redis.call('HMGET',
+    user_key(u), 'state', 'pool', 'wider_pools', 'ticket', 'interests', 'widened'))
+  if state ~= 'queued' then return end
+  local tags, open = interests_of(interests, widened)
+  for _, p in ipairs(pools_of(pool, wider_pools)) do
+    if away then
+      redis.call('ZREM', pool_key(p), u)
+      for _, tag in ipairs(tags) do redis.call('ZREM', tag_key(p, tag), u) end
+    else
+      redis.call('ZREM', held_key(p), u)
+    end
+    list_in(u, p, ticket, away, tags, open)
+  end
+end
+
+-- Takes a waiting user out of every pool it is listed in: { pool, queued_at, ticket, pools,
+-- interests (the field) } or nil when u is not waiting.
 local function take_waiting(u)
   local user_hash = user_key(u)
-  local state, pool, queued_at, ticket, wider_pools = unpack(redis.call('HMGET', user_hash, 'state',
-    'pool', 'queued_at', 'ticket', 'wider_pools'))
+  local state, pool, queued_at, ticket, wider_pools, interests = unpack(redis.call('HMGET',
+    user_hash, 'state', 'pool', 'queued_at', 'ticket', 'wider_pools', 'interests'))
   if state ~= 'queued' then return nil end
   local pools = pools_of(pool, wider_pools)
+  local tags = split(interests, '\n')
   for _, p in ipairs(pools) do
     redis.call('ZREM', pool_key(p), u)
     redis.call('ZREM', held_key(p), u)
+    for _, tag in ipairs(tags) do redis.call('ZREM', tag_key(p, tag), u) end
   end
   -- Only the state changes: the queue fields are read only while the state is `queued` or
   -- `pending`.
   redis.call('HSET', user_hash, 'state', 'idle')
   redis.call('HINCRBY', P .. ':counts', 'queued', -1)
   -- The caller reports the pools as changed (`pools_changed`) once it is done with them.
-  return { pool = pool, queued_at = tonumber(queued_at), ticket = tonumber(ticket), pools = pools }
+  return { pool = pool, queued_at = tonumber(queued_at), ticket = tonumber(ticket), pools = pools,
+    interests = interests }
 end
 
 local function pools_changed(waiting)
   for _, p in ipairs(waiting.pools) do pool_changed(p) end
 end
 
--- Puts a paired user back at its old place (its ticket) in every pool it was listed in.
+-- Puts a paired user back at its old place (its ticket) in every pool it was listed in, open
+-- if it was.
 local function restore(u)
   local user_hash = user_key(u)
-  local pool, ticket, wider_pools, away = unpack(redis.call('HMGET', user_hash, 'pool', 'ticket',
-    'wider_pools', 'away'))
+  local pool, ticket, wider_pools, away, interests, widened = unpack(redis.call('HMGET',
+    user_hash, 'pool', 'ticket', 'wider_pools', 'away', 'interests', 'widened'))
+  local tags, open = interests_of(interests, widened)
   for _, p in ipairs(pools_of(pool, wider_pools)) do
-    list_in(u, p, ticket, away == '1')
+    list_in(u, p, ticket, away == '1', tags, open)
     add_changed(p)
   end
   redis.call('HSET', user_hash, 'state', 'queued')

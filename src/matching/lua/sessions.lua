@@ -42,9 +42,35 @@ local function proposal_member(u, match_id)
   return nil
 end
 
--- The session is live: both members learn it with `matched`, with their media: the room's
--- (offerer_media, answerer_media: JSON, LiveKit), or else the ICE servers with credentials
--- minted now (p2p). Members: { user, handle, queued_at, away, pool } each, offerer first.
+-- Byte order, as Rust sorts strings (Lua compares strings by the locale).
+local function byte_less(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- The interests both members named (their `interests` fields), sorted, each once, as a JSON
+-- list: spliced into `matched` as it is, since cjson would write an empty list as {}.
+local function common_interests(a, b)
+  local theirs, common = {}, {}
+  for _, tag in ipairs(split(b, '\n')) do theirs[tag] = true end
+  for _, tag in ipairs(split(a, '\n')) do
+    if theirs[tag] then
+      table.insert(common, tag)
+      theirs[tag] = nil
+    end
+  end
+  if #common == 0 then return '[]' end
+  table.sort(common, byte_less)
+  return cjson.encode(common)
+end
+
+-- The session is live: both members learn it with `matched`, with the interests they share and
+-- their media: the room's (offerer_media, answerer_media: JSON, LiveKit), or else the ICE
+-- servers with credentials minted now (p2p). Members: { user, handle, queued_at, away, pool,
+-- interests } each, offerer first.
 local function announce(session, offerer, answerer, offerer_media, answerer_media)
   table.insert(out.started, { session_id = session, users = { offerer.user, answerer.user },
     pools = { offerer.pool, answerer.pool }, started_at_ms = NOW })
@@ -59,10 +85,11 @@ local function announce(session, offerer, answerer, offerer_media, answerer_medi
   if not offerer_media then
     offerer_media, answerer_media = p2p_media(offerer.handle), p2p_media(answerer.handle)
   end
+  local common = '"common_interests":' .. common_interests(offerer.interests, answerer.interests)
   emit(offerer.user, { type = 'matched', session_id = session, peer = answerer.handle,
-    role = 'offerer', started_at_ms = NOW }, '"media":' .. offerer_media)
+    role = 'offerer', started_at_ms = NOW }, common .. ',"media":' .. offerer_media)
   emit(answerer.user, { type = 'matched', session_id = session, peer = offerer.handle,
-    role = 'answerer', started_at_ms = NOW }, '"media":' .. answerer_media)
+    role = 'answerer', started_at_ms = NOW }, common .. ',"media":' .. answerer_media)
   -- A member whose connection dropped before the match went live: the other one learns it
   -- right away, as in a running session.
   for _, pair in ipairs({ { offerer, answerer }, { answerer, offerer } }) do
@@ -82,11 +109,12 @@ local function go_live(session, offerer_media, answerer_media)
   local members = {}
   for i = 1, 2 do
     local u, handle = fields[i], fields[i + 2]
-    local queued_at, away, pool = unpack(redis.call('HMGET', user_key(u), 'queued_at', 'away', 'pool'))
+    local queued_at, away, pool, interests = unpack(redis.call('HMGET', user_key(u), 'queued_at',
+      'away', 'pool', 'interests'))
     -- Met somebody: nobody is avoided any more (user ids are never empty).
     redis.call('HSET', user_key(u), 'state', 'session', 'avoid', '')
     members[i] = { user = u, handle = handle, queued_at = tonumber(queued_at), away = away == '1',
-      pool = pool }
+      pool = pool, interests = interests }
   end
   announce(session, members[1], members[2], offerer_media, answerer_media)
 end
@@ -137,8 +165,10 @@ local function start_session(a, b)
       'live_at', NOW)
     -- Both were waiting and connected: try_match pairs only those.
     announce(session,
-      { user = offerer, handle = offerer_handle, queued_at = wo.queued_at, away = false, pool = wo.pool },
-      { user = answerer, handle = answerer_handle, queued_at = wa.queued_at, away = false, pool = wa.pool },
+      { user = offerer, handle = offerer_handle, queued_at = wo.queued_at, away = false, pool = wo.pool,
+        interests = wo.interests },
+      { user = answerer, handle = answerer_handle, queued_at = wa.queued_at, away = false, pool = wa.pool,
+        interests = wa.interests },
       nil, nil)
     return
   end

@@ -1,6 +1,9 @@
 
 -- enqueue {user, ref?, pool, relaxed_pools: [pool of each relaxation step], relaxed_prefs:
--- JSON text of the preferences of each step}: the user waits for a match.
+-- JSON text of the preferences of each step, interests: [tag], interests_only, attributes?:
+-- JSON text of the token's attributes, wants?: [JSON text of the `want` of each relaxation
+-- level, level 0 first; "" for none] (absent when the preferences want nothing)}: the user
+-- waits for a match.
 OPS.enqueue = function()
   act_for_user()
   local state = state_of_user()
@@ -16,7 +19,12 @@ OPS.enqueue = function()
   local wait = count_enqueue(USER)
   if wait then return fail('rate_limited', 'too many enqueues: slow down', wait) end
   local relaxed_pools = table.concat(A.relaxed_pools, '\n')
-  redis.call('HSET', user_key(USER), 'relaxed_pools', relaxed_pools, 'relaxed_prefs', A.relaxed_prefs)
-  queue(USER, A.pool, relaxed_pools ~= '')
+  local wants = ''
+  if A.wants then wants = cjson.encode(A.wants) end
+  -- Kept for a re-queue after a session (see `requeue`).
+  redis.call('HSET', user_key(USER), 'relaxed_pools', relaxed_pools, 'relaxed_prefs', A.relaxed_prefs,
+    'interests', table.concat(A.interests, '\n'), 'interests_only', A.interests_only and '1' or '0',
+    'attributes', A.attributes or '', 'wants', wants)
+  queue(USER, A.pool)
   return result()
 end
