@@ -38,9 +38,14 @@ async fn fill(mm: &dyn Engine, n: usize) {
         mm.attach(&user, ConnId(i as u64 + 1), None)
             .await
             .expect("attach");
-        mm.enqueue(&user, interests(&[format!("t{i}")]), Default::default(), None)
-            .await
-            .expect("enqueue");
+        mm.enqueue(
+            &user,
+            interests(&[format!("t{i}")]),
+            Default::default(),
+            None,
+        )
+        .await
+        .expect("enqueue");
     }
 }
 
@@ -72,9 +77,7 @@ fn bench(c: &mut Criterion) {
             });
             for (kind, prefs) in &probes {
                 let id = BenchmarkId::new(format!("{name}/{kind}"), waiters);
-                group.bench_function(id, |b| {
-                    time_enqueue(b, &rt, mm.as_ref(), &probe, prefs)
-                });
+                group.bench_function(id, |b| time_enqueue(b, &rt, mm.as_ref(), &probe, prefs));
             }
         }
     }

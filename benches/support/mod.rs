@@ -15,9 +15,9 @@ use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
 use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
 use matchgate::matching::{Engine, MediaMode, Rules, UserId};
-use matchgate::protocol::Prefs;
 use matchgate::metrics::Metrics;
 use matchgate::p2p::IceServers;
+use matchgate::protocol::Prefs;
 use matchgate::redis_keys::Layout;
 use matchgate::Config;
 
