@@ -34,8 +34,7 @@
 //! (no anti-repeat, no cooldowns, no enqueue limit, no accept phase, no relaxation: `soft`
 //! `want.<attr>` is the differential test's, p2p media); the grace period outlasts a run, so
 //! nobody expires. `MODEL_CASES`, `MODEL_ENGINES` and `MODEL_TRACE` work as in the model
-//! tests. No timing
-//! is asserted: time is the test's clock.
+//! tests. No timing is asserted: time is the test's clock.
 
 #[path = "model/asks.rs"]
 mod asks;
