@@ -12,28 +12,29 @@
 //!
 //! The client-visible state comes from the frames each user got (`handed_out`: also those a
 //! user away gets only in a resume), and from what the test did (connections, each user's
-//! latest enqueue). A user is *open* when it asked for no interests, or it waited the
-//! interests wait since its `queued` (its ticket) and is not `interests_only`; two users are
-//! *compatible* when each one's `want` holds for the other's attributes and they share an
-//! interest or both are open. After every step:
+//! latest enqueue, the timers it fired). A user is *open* when it asked for no interests, or
+//! its queue place was widened: the test fired the `Timer::Interests` armed with that place
+//! (by the enqueue that made it) while the user waited there, not `interests_only` (timers
+//! due at the same moment fire one by one, in arming order, so the flag is set by the firing,
+//! not read off the clock). Two users are *compatible* when each one's `want` holds for the
+//! other's attributes and they share an interest or both are open. After every step:
 //!
 //! (a) every pair (the two `matched` of a session) is compatible at that moment: never a pair
 //!     whose wants fail either way, never two not-yet-widened users sharing no interest; both
 //!     `matched` carry the same `common_interests`, the sorted intersection of their interests;
 //! (b) the pair is the step's actor (the user who enqueued, attached, or whose timer fired)
 //!     and the oldest waiting connected user compatible with it: nobody compatible waited longer;
-//! (c) once every due timer has fired, no two waiting connected users are compatible (nobody
-//!     with a compatible partner waits past the interests wait);
+//! (c) no two waiting connected users are compatible (also between timers due at the same
+//!     moment: nobody with a compatible partner waits past the interests wait);
 //!
-//! and a `queue_update` with `interests_widened` only reaches a waiting user with interests,
-//! not `interests_only`, whose wait passed. Named examples run first on each engine.
+//! and a `queue_update` with `interests_widened` reaches exactly the connected user whose
+//! place the step widened. Named examples run first on each engine.
 //!
 //! The rules these properties do not model are kept out of the way as in `tests/model.rs`
 //! (no anti-repeat, no cooldowns, no enqueue limit, no accept phase, no relaxation: `soft`
 //! `want.<attr>` is the differential test's, p2p media); the grace period outlasts a run, so
 //! nobody expires. `MODEL_CASES`, `MODEL_ENGINES` and `MODEL_TRACE` work as in the model
-//! tests. No timing
-//! is asserted: time is the test's clock.
+//! tests. No timing is asserted: time is the test's clock.
 
 #[path = "model/asks.rs"]
 mod asks;
@@ -181,11 +182,12 @@ fn user_id(u: usize) -> UserId {
     format!("u{u}").into()
 }
 
-/// A user's place in line: the order of its `queued` among all, and when (unix ms).
+/// A user's place in line: the order of its `queued` among all, and whether the interests
+/// wait of this place ended (its timer fired while the user waited here).
 #[derive(Clone, Copy, Debug)]
 struct Place {
     order: u64,
-    since: u64,
+    widened: bool,
 }
 
 #[derive(Default)]
@@ -195,6 +197,8 @@ struct User {
     /// What the user's latest accepted `enqueue` asked for (a re-queue keeps it).
     ask: Ask,
     waiting: Option<Place>,
+    /// The ticket of the interests timer armed with the user's latest queue place.
+    interests_ticket: Option<u64>,
 }
 
 /// A waiting user as the compatibility rule sees it.
@@ -206,15 +210,15 @@ struct Waiter<'a> {
 }
 
 impl Waiter<'_> {
-    fn open(&self, now: u64) -> bool {
-        self.ask.tags == 0 || (!self.ask.only && now >= self.place.since + WAIT.as_millis() as u64)
+    fn open(&self) -> bool {
+        self.ask.tags == 0 || self.place.widened
     }
 }
 
-fn compatible(a: Waiter, b: Waiter, now: u64) -> bool {
+fn compatible(a: Waiter, b: Waiter) -> bool {
     want_holds(&a.ask.want(), b.attributes)
         && want_holds(&b.ask.want(), a.attributes)
-        && (a.ask.tags & b.ask.tags != 0 || (a.open(now) && b.open(now)))
+        && (a.ask.tags & b.ask.tags != 0 || (a.open() && b.open()))
 }
 
 /// One engine driven as its gateway would, with the client-visible state of each user.
@@ -276,7 +280,9 @@ impl World {
                 let attributes = Arc::new(self.attributes[user].clone());
                 let r = mm.enqueue(&user_id(user), prefs, attributes, None).await;
                 if r.is_ok() {
+                    // A new queue place: its interests timer (if any) comes with the outcome.
                     self.users[user].ask = ask;
+                    self.users[user].interests_ticket = None;
                 }
                 self.settle(Some(user), desc, r).await
             }
@@ -308,8 +314,28 @@ impl World {
                     let (at, _, user, timer) = self.timers.remove(i);
                     self.clock.advance(Duration::from_millis(at - self.now()));
                     let desc = format!("fire {timer:?} of u{user}");
+                    // The step widens the user's place if the timer is that place's and the
+                    // user may widen (before its search, in the same step).
+                    let u = &mut self.users[user];
+                    let widens = match (&timer, &mut u.waiting) {
+                        (Timer::Interests { ticket }, Some(place)) => {
+                            let mine = u.interests_ticket == Some(*ticket);
+                            let widens = mine && !place.widened && !u.ask.only && u.ask.tags != 0;
+                            place.widened |= widens;
+                            widens
+                        }
+                        _ => false,
+                    };
                     let r = mm.wake(&user_id(user), timer).await;
-                    frames.extend(self.settle(Some(user), desc, r).await?);
+                    let fired = self.settle(Some(user), desc, r).await?;
+                    let told = fired.iter().any(|(u, v)| {
+                        *u == user && v.get("interests_widened") == Some(&Value::Bool(true))
+                    });
+                    if told != (widens && self.users[user].connected) {
+                        let m = format!("u{user} widened: {widens}, told so: {told}");
+                        return Err(self.fail(String::new(), m));
+                    }
+                    frames.extend(fired);
                 }
                 self.clock
                     .advance(Duration::from_millis(target - self.now()));
@@ -349,6 +375,9 @@ impl World {
             Ok(outcome) => {
                 for (delay, user, timer) in outcome.timers {
                     let u: usize = user[1..].parse().expect("a test user");
+                    if let Timer::Interests { ticket } = timer {
+                        self.users[u].interests_ticket = Some(ticket);
+                    }
                     let at = now + delay.as_millis() as u64;
                     self.timers.push((at, self.armed, u, timer));
                     self.armed += 1;
@@ -373,7 +402,7 @@ impl World {
                 "queued" => {
                     self.users[u].waiting = Some(Place {
                         order: self.queued,
-                        since: now,
+                        widened: false,
                     });
                     self.queued += 1;
                 }
@@ -389,13 +418,9 @@ impl World {
                 }
                 "queue_update" if v.get("interests_widened").is_some() => {
                     line.push_str(" widened");
-                    let ok = v["interests_widened"] == Value::Bool(true)
-                        && self
-                            .waiter(u)
-                            .is_some_and(|w| w.ask.tags != 0 && !w.ask.only && w.open(now));
-                    if !ok {
-                        let m = format!("u{u} widened without waiting the interests wait: {v}");
-                        return Err(self.fail(line, m));
+                    // Whether it is the step's widening is checked where timers fire.
+                    if v["interests_widened"] != Value::Bool(true) {
+                        return Err(self.fail(line, format!("u{u} got {v}")));
                     }
                 }
                 _ => {}
@@ -404,7 +429,7 @@ impl World {
         }
         self.trace.push(line.clone());
         for members in sessions.values() {
-            if let Err(m) = self.check_pair(actor, members, &before, now) {
+            if let Err(m) = self.check_pair(actor, members, &before) {
                 return Err(self.fail(String::new(), m));
             }
         }
@@ -418,7 +443,6 @@ impl World {
         actor: Option<usize>,
         members: &[Member],
         before: &[Option<Place>],
-        now: u64,
     ) -> Result<(), String> {
         let [(x, cx, px), (y, cy, py)] = members else {
             return Err(format!("a session reached {} users", members.len()));
@@ -435,7 +459,7 @@ impl World {
                 "u{x} and u{y} share {expected:?}, their matched say {cx} and {cy}"
             ));
         }
-        if !compatible(wx, wy, now) {
+        if !compatible(wx, wy) {
             return Err(format!(
                 "u{x} ({:?}, {:?}) and u{y} ({:?}, {:?}) were matched but are not compatible",
                 wx.ask, wx.attributes, wy.ask, wy.attributes
@@ -455,7 +479,7 @@ impl World {
             if w == a || w == c || !self.users[w].connected || place.order > pc.order {
                 continue;
             }
-            if compatible(wa, waiter(w, place), now) {
+            if compatible(wa, waiter(w, place)) {
                 return Err(format!(
                     "u{a} was matched with u{c}, but u{w} waited longer and is compatible with u{a}"
                 ));
@@ -464,19 +488,15 @@ impl World {
         Ok(())
     }
 
-    /// (c): once every due timer fired, no two waiting connected users are compatible.
+    /// (c): no two waiting connected users are compatible.
     fn check_waiting(&self) -> Result<(), String> {
-        let now = self.now();
-        if self.next_due(now).is_some() {
-            return Ok(());
-        }
         let waiting: Vec<(usize, Waiter)> = (0..self.users.len())
             .filter(|&u| self.users[u].connected)
             .filter_map(|u| Some((u, self.waiter(u)?)))
             .collect();
         for (i, (x, wx)) in waiting.iter().enumerate() {
             for (y, wy) in &waiting[i + 1..] {
-                if compatible(*wx, *wy, now) {
+                if compatible(*wx, *wy) {
                     let m = format!("u{x} and u{y} both wait, connected and compatible");
                     return Err(self.fail(String::new(), m));
                 }

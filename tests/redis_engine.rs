@@ -512,7 +512,7 @@ async fn the_interests_wait_opens_a_waiting_user() {
 }
 
 /// While paired (the accept phase), the interests wait is armed again; a match undone puts
-/// the user back with the place it had, not open yet.
+/// the user back with the place it had, open or not as it was.
 #[tokio::test]
 async fn the_interests_wait_waits_while_paired() {
     let redis = RedisServer::start().await;
@@ -544,7 +544,7 @@ async fn the_interests_wait_waits_while_paired() {
     let again = engine.wake(&a, wait.clone()).await.unwrap();
     assert_eq!(
         again.timers,
-        [(Duration::from_millis(3000), a.clone(), wait)]
+        [(Duration::from_millis(3000), a.clone(), wait.clone())]
     );
     engine
         .decline(&b, proposal["match_id"].as_str().unwrap())
@@ -552,6 +552,27 @@ async fn the_interests_wait_waits_while_paired() {
         .unwrap();
     assert_eq!(members(&mut conn, &tag_key("go")).await, ["alice"]);
     assert_eq!(members(&mut conn, "{mg}:v2:held:-|-|-|-|").await, ["alice"]);
+
+    // Open now, she is proposed to carol, who shares nothing; undone, she stays open.
+    engine.wake(&a, wait).await.unwrap();
+    let c = user("carol");
+    engine.attach(&c, ConnId(3), None).await.unwrap();
+    engine
+        .enqueue(&c, Prefs::default(), Default::default(), None)
+        .await
+        .unwrap();
+    let proposal = redis_events(&engine, &c, ConnId(3))
+        .await
+        .into_iter()
+        .find(|e| e["type"] == "match_proposed")
+        .expect("proposed");
+    engine
+        .decline(&c, proposal["match_id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(members(&mut conn, "{mg}:v2:pool:-|-|-|-|").await, ["alice"]);
+    assert!(members(&mut conn, "{mg}:v2:held:-|-|-|-|").await.is_empty());
+    assert_eq!(members(&mut conn, &tag_key("go")).await, ["alice"]);
 }
 
 /// `want` holds both ways: each side's constraint against the other's attributes (from the

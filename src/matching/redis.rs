@@ -909,9 +909,12 @@ impl ClientOperations for RedisMatchmaker {
         let wants = (!prefs.want.is_empty()).then(|| {
             std::iter::once(&prefs.want)
                 .chain(steps.iter().map(|p| &p.want))
-                .map(|want| match want.is_empty() {
-                    true => String::new(),
-                    false => serde_json::to_string(want).expect("wants serialise"),
+                .map(|want| {
+                    if want.is_empty() {
+                        String::new()
+                    } else {
+                        serde_json::to_string(want).expect("wants serialise")
+                    }
                 })
                 .collect::<Vec<_>>()
         });

@@ -233,10 +233,15 @@ impl Engine {
         // The node serving the deployment's slot answers a command on its keys; the others
         // redirect.
         let mut owner = None;
+        // The client's default response timeout (500 ms) trips on a loaded machine: only a
+        // dead Redis may fail a run.
+        let patient = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(PATIENCE))
+            .set_response_timeout(Some(PATIENCE));
         for url in &target.urls {
             let client = redis::Client::open(url.as_str()).expect("Redis URL");
             let mut conn = client
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(&patient)
                 .await
                 .expect("connecting to Redis");
             let answer: redis::RedisResult<i64> = redis::cmd("EXISTS")

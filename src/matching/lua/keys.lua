@@ -13,6 +13,8 @@
 --                   fields kept, or session) pool wider_pools relaxed_pools relaxed_prefs
 --                   ticket queued_at told_position told_estimate fallback_due session avoid
 --                   resume_token last_seq has_blocks ("1" when the user ever blocked anyone)
+--                   (wider_pools: the pool of each relaxation step done, "\n"-separated; a step
+--                   that drops only a `want` constraint repeats one, and its count is the level)
 --                   interests (the tags, "\n"-separated; "" for none) interests_only ("1": never
 --                   widens) widened ("1" once the interests wait of this queue place passed)
 --                   attributes (the token's, JSON; "" for none) wants (JSON list of the `want`
@@ -29,7 +31,7 @@
 --                   whose connection dropped (held for a resume) and the connected ones not
 --                   open yet. P:pool and P:held together hold everybody waiting, so positions
 --                   and emptiness read these two as before; users move to P:pool when they
---                   reattach or their interests wait passes
+--                   reattach (if open) or their interests wait passes (if connected)
 --   P:tag:<tag>\n<pool> zset of the connected waiting users with interest <tag>, open or not,
 --                   by ticket, listed in every pool where P:pool or P:held list them (a tag has
 --                   no control characters, so the newline separates it from the pool): what a

@@ -168,8 +168,13 @@ local function relax(u, ticket)
   local level = #done + 1
   if level > #steps then return end
   local wider = steps[level]
-  local tags, open = interests_of(interests, widened)
-  list_in(u, wider, ticket, away == '1', tags, open)
+  -- A step that drops only a `want` constraint keeps the pool: u is listed there already.
+  local listed = false
+  for _, p in ipairs(pools_of(pool, wider_pools)) do listed = listed or p == wider end
+  if not listed then
+    local tags, open = interests_of(interests, widened)
+    list_in(u, wider, ticket, away == '1', tags, open)
+  end
   table.insert(done, wider)
   local position = ahead(pool, ticket)
   local estimated_wait = estimate(pool, position)
