@@ -344,11 +344,17 @@ mod tests {
                 assert_eq!(p.channel("i1"), layout.channel("i1"));
                 assert_eq!(p.broadcast(), layout.broadcast());
                 let tag = &p.prefix[1..p.prefix.len() - 1];
-                assert!(tag == "mg" || tag.starts_with(&format!("mg.{index}")), "{tag}");
+                assert!(
+                    tag == "mg" || tag.starts_with(&format!("mg.{index}")),
+                    "{tag}"
+                );
                 // Well inside the index-th range: a quarter of it from either border.
                 let (s, range) = (usize::from(slot(tag)), usize::from(SLOTS) / count);
                 let start = usize::from(SLOTS) * index / count;
-                assert!(s >= start + range / 4 && s < start + range * 3 / 4 + 1, "{tag}: {s}");
+                assert!(
+                    s >= start + range / 4 && s < start + range * 3 / 4 + 1,
+                    "{tag}: {s}"
+                );
                 assert!(tags.insert(p.prefix.clone()), "{tag} twice");
             }
         }

@@ -184,12 +184,10 @@ impl PartitionedMatchmaker {
     /// would look for one user in two partitions. `Unavailable` when Redis does not answer.
     pub async fn agree_on_partitions(&self) -> Result<(), MatchError> {
         let count = self.partitions.len();
-        let recorded = tokio::time::timeout(
-            self.record.settings.call_timeout,
-            self.record.record(count),
-        )
-        .await
-        .map_err(|_| MatchError::Unavailable("Redis call timed out".into()))?;
+        let recorded =
+            tokio::time::timeout(self.record.settings.call_timeout, self.record.record(count))
+                .await
+                .map_err(|_| MatchError::Unavailable("Redis call timed out".into()))?;
         match recorded.map_err(|e| MatchError::Unavailable(e.to_string()))? {
             None => Ok(()),
             Some(theirs) if theirs == count.to_string() => Ok(()),
@@ -209,9 +207,12 @@ impl PartitionedMatchmaker {
     pub async fn tick(&self, period: Duration, known_epoch: &str) -> Result<Tick, MatchError> {
         self.agree_on_partitions().await?;
         let known: Vec<&str> = known_epoch.split(',').collect();
-        let ticks = try_join_all(self.partitions.iter().enumerate().map(|(i, p)| {
-            p.tick(period, known.get(i).copied().unwrap_or_default())
-        }))
+        let ticks = try_join_all(
+            self.partitions
+                .iter()
+                .enumerate()
+                .map(|(i, p)| p.tick(period, known.get(i).copied().unwrap_or_default())),
+        )
         .await?;
         let mut epochs = Vec::with_capacity(ticks.len());
         let mut all = Tick::default();
@@ -466,8 +467,14 @@ mod tests {
         // Not a statistical test: every partition gets a fair share of a thousand.
         assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
         // Fixed by definition: the same on every instance and in every build.
-        assert_eq!(partition_of("alice", 3), (0x508b_2abb_65a0_3907_u64 % 3) as usize);
-        assert_eq!(partition_of("alice", 64), (0x508b_2abb_65a0_3907_u64 % 64) as usize);
+        assert_eq!(
+            partition_of("alice", 3),
+            (0x508b_2abb_65a0_3907_u64 % 3) as usize
+        );
+        assert_eq!(
+            partition_of("alice", 64),
+            (0x508b_2abb_65a0_3907_u64 % 64) as usize
+        );
     }
 
     #[test]
