@@ -150,7 +150,7 @@ async fn everything_works_in_every_partition(backend: Backend) {
 
         // block: alice and carol never meet again (no anti-repeat here); bob meets carol.
         a.send(json!({"type": "block", "ref": "b1"})).await;
-        let mut frames = vec![a.next().await.unwrap(), a.next().await.unwrap()];
+        let mut frames = [a.next().await.unwrap(), a.next().await.unwrap()];
         frames.sort_by_key(|f| f["type"].to_string());
         assert_eq!(
             (&frames[0]["type"], &frames[1]["reason"]),

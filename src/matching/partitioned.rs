@@ -479,8 +479,8 @@ mod tests {
 
     #[test]
     fn a_session_id_names_its_partition_or_partition_0() {
-        for p in 0..MAX_PARTITIONS {
-            let id = format!("s_{}BCDEFGHIJKLMNOPQRSTUV", ID_ALPHABET[p] as char);
+        for (p, &mark) in ID_ALPHABET.iter().enumerate() {
+            let id = format!("s_{}BCDEFGHIJKLMNOPQRSTUV", mark as char);
             assert_eq!(session_partition(&id, MAX_PARTITIONS), p);
             assert_eq!(session_partition(&id, p + 1), p);
             // An id marked beyond the partitions there are, or no session id at all.
