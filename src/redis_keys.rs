@@ -307,6 +307,7 @@ mod tests {
             layout.filed_sessions("a"),
             layout.dev_secret(),
             layout.webhook_outbox(),
+            layout.partitions(),
         ] {
             assert!(key.starts_with("{mg}:"), "{key}");
         }
