@@ -15,7 +15,11 @@
 //! library and decodes them with [`Notice::decode`], so the two sides cannot drift apart.
 //!
 //! Every key starts with the deployment's hash tag `{<namespace>}`, so one call touches one
-//! slot and the same code runs against Redis Cluster.
+//! slot and the same code runs against Redis Cluster. A deployment whose matching state is
+//! partitioned (`--redis-partitions`, see [`crate::matching::partitioned`]) gives each
+//! partition's matching keys a hash tag of its own ([`Layout::partition`]), picked so that the
+//! partitions' slots spread evenly over the slot range, hence over the masters of a cluster
+//! that splits the slots evenly; everything else keeps the deployment's tag.
 
 use crate::ids::ConnId;
 
@@ -28,7 +32,13 @@ pub struct Layout {
     pub channel_prefix: String,
     /// The channel every instance listens on besides its own (ban notices).
     broadcast: String,
+    /// In a partitioned deployment, the partition whose matching keys this layout names (the
+    /// matching library marks the session ids it makes with it); `None` with one partition.
+    pub partition: Option<usize>,
 }
+
+/// The slots of Redis Cluster.
+pub const SLOTS: u16 = 16384;
 
 impl Layout {
     pub fn new(namespace: &str) -> Self {
@@ -36,7 +46,48 @@ impl Layout {
             prefix: format!("{{{namespace}}}"),
             channel_prefix: format!("{namespace}:i:"),
             broadcast: format!("{namespace}:all"),
+            partition: None,
         }
+    }
+
+    /// The layout of partition `index` of `count` (`count` >= 1): the same channels, and a
+    /// hash tag whose slot lies in the middle half of the `index`-th of `count` equal ranges
+    /// of the slots, so that the partitions of a cluster whose masters split the slots about
+    /// evenly (as `redis-cli --cluster create` does, give or take a slot at the borders) spread
+    /// over the masters, a whole number of partitions per master when `count` is a multiple
+    /// of the masters. The tag is the first of `<ns>`
+    /// (partition 0 only: one partition is the unpartitioned layout, and partition 0 keeps it
+    /// when its slot fits), `<ns>.<index>`, `<ns>.<index>.1`, `<ns>.<index>.2`, ... whose
+    /// slot fits; a namespace cannot contain `.`, so no tag is another deployment's.
+    pub fn partition(&self, index: usize, count: usize) -> Layout {
+        assert!(index < count, "partition {index} of {count}");
+        let namespace = &self.prefix[1..self.prefix.len() - 1];
+        let fits = |tag: &str| {
+            let quarter = usize::from(slot(tag)) * count * 4 / usize::from(SLOTS);
+            quarter / 4 == index && matches!(quarter % 4, 1 | 2)
+        };
+        let candidates = (index == 0)
+            .then(|| namespace.to_string())
+            .into_iter()
+            .chain((0..).map(|k| match k {
+                0 => format!("{namespace}.{index}"),
+                k => format!("{namespace}.{index}.{k}"),
+            }));
+        let tag = candidates
+            .into_iter()
+            .find(|tag| count == 1 || fits(tag))
+            .expect("some candidate hashes into every range");
+        Layout {
+            prefix: format!("{{{tag}}}"),
+            partition: (count > 1).then_some(index),
+            ..self.clone()
+        }
+    }
+
+    /// How many partitions the deployment's matching state is split into, as the first
+    /// instance recorded it (see [`crate::matching::partitioned`]).
+    pub fn partitions(&self) -> String {
+        format!("{}:partitions", self.prefix)
     }
 
     /// The channel of one instance: frames and kicks for the connections it holds.
@@ -122,6 +173,23 @@ pub struct Deployment {
 /// A ban's entry in the listing, and the tail of its key.
 pub fn ban_member(kind: &str, value: &str) -> String {
     format!("{kind}:{value}")
+}
+
+/// The Redis Cluster slot of a hash tag (or of a key without one): CRC16-XMODEM mod 16384,
+/// as Redis computes it (`CLUSTER KEYSLOT`).
+pub fn slot(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in tag.bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS
 }
 
 /// One pub/sub message.
@@ -239,6 +307,7 @@ mod tests {
             layout.filed_sessions("a"),
             layout.dev_secret(),
             layout.webhook_outbox(),
+            layout.partitions(),
         ] {
             assert!(key.starts_with("{mg}:"), "{key}");
         }
@@ -252,5 +321,43 @@ mod tests {
             layout.ban("ip", "::1"),
             format!("{}{}", layout.ban_prefix(), ban_member("ip", "::1"))
         );
+    }
+
+    #[test]
+    fn slots_are_redis_slots() {
+        // The reference value of the Redis Cluster specification, and keys whose slots
+        // `CLUSTER KEYSLOT` answers (tests/partitions.rs asks a real cluster too).
+        assert_eq!(slot("123456789"), 0x31C3);
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot(""), 0);
+    }
+
+    #[test]
+    fn partitions_spread_over_the_slot_ranges_and_keep_the_channels() {
+        let layout = Layout::new("mg");
+        let one = layout.partition(0, 1);
+        assert_eq!((one.prefix.as_str(), one.partition), ("{mg}", None));
+        for count in [2, 3, 4, 6, 7, 64] {
+            let mut tags = std::collections::HashSet::new();
+            for index in 0..count {
+                let p = layout.partition(index, count);
+                assert_eq!(p.partition, Some(index));
+                assert_eq!(p.channel("i1"), layout.channel("i1"));
+                assert_eq!(p.broadcast(), layout.broadcast());
+                let tag = &p.prefix[1..p.prefix.len() - 1];
+                assert!(
+                    tag == "mg" || tag.starts_with(&format!("mg.{index}")),
+                    "{tag}"
+                );
+                // Well inside the index-th range: a quarter of it from either border.
+                let (s, range) = (usize::from(slot(tag)), usize::from(SLOTS) / count);
+                let start = usize::from(SLOTS) * index / count;
+                assert!(
+                    s >= start + range / 4 && s < start + range * 3 / 4 + 1,
+                    "{tag}: {s}"
+                );
+                assert!(tags.insert(p.prefix.clone()), "{tag} twice");
+            }
+        }
     }
 }

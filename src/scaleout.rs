@@ -1,7 +1,8 @@
 //! The scale-out mode: N identical instances sharing one Redis (or Redis Cluster), with no
 //! sticky sessions.
 //!
-//! Besides the [`RedisMatchmaker`] (state) and the pub/sub subscriber (delivery), each instance
+//! Besides the [`PartitionedMatchmaker`] (state: one or more partitions, each a complete
+//! Redis matchmaker) and the pub/sub subscriber (delivery), each instance
 //! runs two background loops:
 //! - a heartbeat tick: refreshes this instance's liveness key and takes a share of the
 //!   clean-up every instance does (users of instances that died without a clean shutdown,
@@ -30,7 +31,8 @@ use crate::bus::redis::{subscribe, Recovery};
 use crate::flags::{count, key_name, millis};
 use crate::gateway::{Gateway, Origin, SessionConfig};
 use crate::ids::random_id;
-use crate::matching::redis::{RedisMatchmaker, RedisSettings};
+use crate::matching::partitioned::{PartitionedMatchmaker, MAX_PARTITIONS};
+use crate::matching::redis::RedisSettings;
 use crate::matching::{MatchError, MediaMode, RulesConfig};
 use crate::metrics::Metrics;
 use crate::moderation::{self, disconnect_banned};
@@ -59,6 +61,18 @@ pub struct RedisConfig {
         value_parser = key_name
     )]
     pub redis_namespace: String,
+
+    /// Partitions of the matching state, each under its own hash tag, so that Redis Cluster
+    /// masters add throughput: users are spread by a hash of their id and only meet users of
+    /// their partition (see README "Redis partitions"). Every instance of a deployment needs
+    /// the same number; start-up refuses another than the one Redis records.
+    #[arg(
+        long,
+        env = "MATCHGATE_REDIS_PARTITIONS",
+        default_value = "1",
+        value_parser = count(1..=MAX_PARTITIONS as u64)
+    )]
+    pub redis_partitions: usize,
 
     /// Redis connections in the command pool.
     #[arg(
@@ -156,11 +170,23 @@ pub fn settings(
     })
 }
 
-pub fn matchmaker(
+/// The matchmaker over `partitions` partitions. Refuses (`Internal`) when the deployment's
+/// Redis records another number of partitions; when Redis does not answer yet, every
+/// heartbeat checks it, the first one before this instance takes traffic.
+pub async fn matchmaker(
     settings: RedisSettings,
+    partitions: usize,
     metrics: Arc<Metrics>,
-) -> Result<Arc<RedisMatchmaker>, MatchError> {
-    Ok(Arc::new(RedisMatchmaker::new(settings, metrics)?))
+) -> Result<Arc<PartitionedMatchmaker>, MatchError> {
+    let engine = PartitionedMatchmaker::new(settings, partitions, metrics)?;
+    match engine.agree_on_partitions().await {
+        Ok(()) => {}
+        Err(MatchError::Unavailable(e)) => {
+            tracing::warn!(error = %e, "cannot check the partitions in Redis yet");
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(Arc::new(engine))
 }
 
 /// Starts the subscriber (on this instance's channel and the deployment's `broadcast`
@@ -169,7 +195,7 @@ pub fn matchmaker(
 pub fn spawn(
     background: &Background,
     gateway: Arc<Gateway>,
-    redis: Arc<RedisMatchmaker>,
+    redis: Arc<PartitionedMatchmaker>,
     settings: RedisSettings,
     heartbeat: Duration,
     stop: watch::Receiver<bool>,
@@ -252,7 +278,7 @@ async fn subscriber(
 /// One instance's view of the shared dataset, used by the heartbeat and recovery loops.
 struct Instance {
     gateway: Arc<Gateway>,
-    redis: Arc<RedisMatchmaker>,
+    redis: Arc<PartitionedMatchmaker>,
     period: Duration,
     /// The dataset id this instance has seen; a different one means Redis lost everything.
     known_epoch: tokio::sync::Mutex<String>,

@@ -170,7 +170,9 @@ impl Server {
             Some(settings) => {
                 let registry = Arc::new(Registry::default());
                 let metrics = Arc::new(Metrics::new());
-                let redis = scaleout::matchmaker(settings.clone(), metrics.clone())
+                let partitions = config.redis.redis_partitions;
+                let redis = scaleout::matchmaker(settings.clone(), partitions, metrics.clone())
+                    .await
                     .map_err(StartError::Redis)?;
                 let webhook_store =
                     deployment

@@ -19,6 +19,7 @@
 
 pub mod memory;
 pub mod overview;
+pub mod partitioned;
 pub mod redis;
 
 use std::sync::Arc;

@@ -140,6 +140,9 @@ pub struct RedisSettings {
 #[derive(Serialize)]
 struct LibrarySettings<'a> {
     key_prefix: &'a str,
+    /// The partition session ids are marked with (see `new_id` in `prelude.lua`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<usize>,
     channel_prefix: &'a str,
     requeue_peer_on_skip: bool,
     history_len: usize,
@@ -204,6 +207,7 @@ impl LibraryRules {
 fn library_settings(s: &RedisSettings) -> String {
     let settings = LibrarySettings {
         key_prefix: &s.layout.prefix,
+        partition: s.layout.partition,
         channel_prefix: &s.layout.channel_prefix,
         requeue_peer_on_skip: s.requeue_peer_on_skip,
         history_len: s.history_len,

@@ -95,9 +95,16 @@ end
 
 -- A new id: `prefix` and `bytes` (at most 20) unguessable bytes in URL-safe base64 without
 -- padding, the format of ids::random_id, so that both engines make the same ids (a session
--- id is "s_" and 22 characters, a peer handle "p_" and 12).
+-- id is "s_" and 22 characters, a peer handle "p_" and 12). In a partitioned deployment
+-- (S.partition set, see matching/partitioned.rs) the first character of a session id is the
+-- partition's number in that alphabet: media events and moderators name a session by its id
+-- alone, and the gateway finds its partition from it.
 local function new_id(prefix, bytes)
   id_counter = id_counter + 1
   local digest = bytes_of_hex(redis.sha1hex(A.entropy .. ':' .. id_counter))
-  return prefix .. base64(string.sub(digest, 1, bytes), BASE64_URL, false)
+  local id = base64(string.sub(digest, 1, bytes), BASE64_URL, false)
+  if prefix == 's_' and S.partition then
+    id = string.sub(BASE64_URL, S.partition + 1, S.partition + 1) .. string.sub(id, 2)
+  end
+  return prefix .. id
 end
