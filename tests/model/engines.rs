@@ -14,7 +14,8 @@
 //! user's log without publishing it, so the adapter also subscribes to the keyspace events
 //! of the deployment's logs (`notify-keyspace-events`, set on the node by the adapter): an
 //! `rpush` arrives in order with the published frames, and the log's newest entries are the
-//! frames it stands for.
+//! frames it stands for. A call publishes once, when it ends (one message with all its frames
+//! for the instance), so a call's `rpush`es come first and its message after them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +29,7 @@ use matchgate::matching::memory::{MemoryMatchmaker, Policy};
 use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
 use matchgate::matching::{Engine as EngineOps, MediaMode, Outcome, Rules, UserId};
 use matchgate::metrics::Metrics;
-use matchgate::redis_keys::Layout;
+use matchgate::redis_keys::{Layout, Notice};
 
 /// What every engine of a run is built from.
 #[derive(Clone)]
@@ -139,6 +140,7 @@ impl Engine {
             history_ttl: config.history_ttl,
             resume_grace: config.resume_grace,
             pool_size: 2,
+            batching: Default::default(),
             media: config.media.clone(),
             rules: config.rules.clone(),
             call_timeout: Duration::from_secs(10),
@@ -220,7 +222,7 @@ impl Engine {
                 .received()
                 .await
                 .iter()
-                .filter_map(|p| parse_payload(p))
+                .flat_map(|p| parse_payload(p))
                 .collect(),
         };
         all.into_iter()
@@ -273,31 +275,39 @@ impl Engine {
             let frames = newest.iter().map(|e| parse_log_entry(e)).collect();
             entries.insert(user, frames);
         }
-        // The library publishes a frame right after logging it, unless its user is away.
+        // The library publishes, when its call ends, every frame it logged for a user who is
+        // not away, in the order it logged them; a frame for a user away is only logged.
         let mut out = Vec::new();
-        let mut rest = payloads.iter().peekable();
-        while let Some(p) = rest.next() {
+        let mut unpublished: VecDeque<(UserId, Frame)> = VecDeque::new();
+        for p in &payloads {
             if let Some(user) = p.strip_prefix('L') {
                 let user: UserId = user.into();
                 let logged = entries.get_mut(&user).and_then(|q| q.pop_front());
                 let logged = logged.expect("a log entry for each append");
-                if !away.contains(&user) {
-                    let published = rest.next().and_then(|p| parse_payload(p));
+                if away.contains(&user) {
+                    out.push((user, logged));
+                } else {
+                    unpublished.push_back((user, logged));
+                }
+                continue;
+            }
+            for (user, frame) in parse_payload(p) {
+                if frame.seq.is_some() {
+                    let logged = unpublished.pop_front();
                     assert_eq!(
-                        published.as_ref(),
-                        Some(&(user.clone(), logged.clone())),
-                        "a frame logged for {user}, who is connected, and not published"
+                        logged.as_ref(),
+                        Some(&(user.clone(), frame.clone())),
+                        "a frame with a seq published out of the order it was logged in, for a \
+                         user away, or not logged: {p}"
                     );
                 }
-                out.push((user, logged));
-            } else if let Some((user, frame)) = parse_payload(p) {
-                assert!(
-                    frame.seq.is_none(),
-                    "a frame with a seq published for a user away, or not logged: {p}"
-                );
                 out.push((user, frame));
             }
         }
+        assert!(
+            unpublished.is_empty(),
+            "frames logged for connected users and not published: {unpublished:?}"
+        );
         out
     }
 
@@ -365,18 +375,22 @@ fn parse_log_entry(entry: &str) -> Frame {
     }
 }
 
-/// A published frame `F<user>\n<seq>\n<frame>` (seq 0: none); other messages (a replaced
-/// connection's `K`) are no frames.
-fn parse_payload(payload: &str) -> Option<(UserId, Frame)> {
-    let rest = payload.strip_prefix('F')?;
-    let (user, rest) = rest.split_once('\n')?;
-    let (seq, text) = rest.split_once('\n')?;
-    let seq: u64 = seq.parse().ok()?;
-    Some((
-        user.into(),
-        Frame {
-            seq: (seq > 0).then_some(seq),
-            text: text.into(),
-        },
-    ))
+/// The frames of a published message, in order (one frame `F<user>\n<seq>\n<frame>`, seq 0:
+/// none, or a call's several notices); other notices (a replaced connection's `K`) are no
+/// frames.
+fn parse_payload(payload: &str) -> Vec<(UserId, Frame)> {
+    Notice::decode_all(payload.as_bytes())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|notice| match notice {
+            Notice::Frame { user, seq, text } => Some((
+                user.into(),
+                Frame {
+                    seq,
+                    text: text.into(),
+                },
+            )),
+            _ => None,
+        })
+        .collect()
 }
