@@ -42,7 +42,12 @@ fn lenient_rules() -> Rules {
     Rules::from_config(&config.rules)
 }
 
-fn engine(url: &str, instance: &str, batching: Batching, call_timeout: Duration) -> RedisMatchmaker {
+fn engine(
+    url: &str,
+    instance: &str,
+    batching: Batching,
+    call_timeout: Duration,
+) -> RedisMatchmaker {
     let settings = RedisSettings {
         urls: vec![url.to_string()],
         cluster: false,
@@ -281,9 +286,10 @@ async fn operations_asked_while_a_call_is_in_flight_share_the_next_call_each_wit
         .1
         .iter()
         .map(|r| match r {
-            Received::Frame { user, frame, .. } => {
-                (user.to_string(), frame["type"].as_str().unwrap().to_string())
-            }
+            Received::Frame { user, frame, .. } => (
+                user.to_string(),
+                frame["type"].as_str().unwrap().to_string(),
+            ),
             Received::Kick(u) => panic!("nobody was replaced, yet {u} was kicked"),
         })
         .collect();
@@ -334,10 +340,12 @@ async fn operations_beyond_the_queue_bound_wait_for_room_and_calls_take_at_most_
     unpause(&url).await;
     first.await.unwrap().expect("the first attach");
     for op in waiting {
-        op.await.unwrap().expect("an attach beyond the bound waits, then runs");
+        op.await
+            .unwrap()
+            .expect("an attach beyond the bound waits, then runs");
     }
     // 1 + 7 operations, at most 2 per call.
-    assert!(fcalls(&url).await >= 1 + 4);
+    assert!(fcalls(&url).await > 4);
     let stats = engine.stats().await.unwrap();
     assert_eq!((stats.queued, stats.sessions), (0, 0));
     for u in &users {
@@ -404,7 +412,12 @@ async fn many_users_on_two_instances_keep_the_invariants() {
     };
     let engines = [
         Arc::new(engine(&url, "i1", small, Duration::from_secs(60))),
-        Arc::new(engine(&url, "i2", Batching::default(), Duration::from_secs(60))),
+        Arc::new(engine(
+            &url,
+            "i2",
+            Batching::default(),
+            Duration::from_secs(60),
+        )),
     ];
     let users: Vec<UserId> = (0..USERS).map(|i| user(&format!("user{i}"))).collect();
     for (i, u) in users.iter().enumerate() {
@@ -451,12 +464,19 @@ async fn many_users_on_two_instances_keep_the_invariants() {
         operations += n;
     }
     let calls = fcalls(&url).await;
-    assert!(calls <= operations, "{calls} calls for {operations} operations");
+    assert!(
+        calls <= operations,
+        "{calls} calls for {operations} operations"
+    );
 
     // Each session started once, between two different users.
     let mut sessions = HashSet::new();
     for s in &started {
-        assert!(sessions.insert(s.session_id.clone()), "{} twice", s.session_id);
+        assert!(
+            sessions.insert(s.session_id.clone()),
+            "{} twice",
+            s.session_id
+        );
         assert_ne!(s.users[0], s.users[1]);
     }
     // Every frame each user got, in the order it arrived (a user's frames all come through the

@@ -178,9 +178,10 @@ mod tests {
                 seq: None,
                 text: "{\"n\":\n2}",
             },
+            // Another connection of u's: not this one.
             Notice::Kick {
                 user: "u",
-                conn: ConnId(7),
+                conn: ConnId(8),
             },
         ]);
         dispatch(&registry, &no_bans, message.as_bytes());
@@ -193,6 +194,16 @@ mod tests {
                 Next::Close(c) => panic!("closed {c}"),
             }
         }
+        // And a kick inside a message closes the connection it names.
+        let kick = Notice::Kick {
+            user: "u",
+            conn: ConnId(7),
+        };
+        dispatch(
+            &registry,
+            &no_bans,
+            Notice::encode_all(&[kick.clone(), kick]).as_bytes(),
+        );
         assert!(matches!(outbox.next().await, Next::Close(close::REPLACED)));
     }
 

@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_redis::{Runtime, Timeouts};
-use tokio::sync::{mpsc, oneshot, Semaphore};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
 use super::overview::{MinuteCounts, Overview, PoolOverview};

@@ -276,26 +276,34 @@ impl Engine {
             entries.insert(user, frames);
         }
         // The library publishes, when its call ends, every frame it logged for a user who is
-        // not away, in the order it logged them; a frame for a user away is only logged.
+        // not away, in the order it logged them; a frame for a user away is only logged. The
+        // log entries (`rpush`) come in the order the frames were made, so a frame for a user
+        // away goes out in its place among the published ones: before the first published
+        // frame logged after it.
         let mut out = Vec::new();
-        let mut unpublished: VecDeque<(UserId, Frame)> = VecDeque::new();
+        let mut logged: VecDeque<(UserId, Frame, bool)> = VecDeque::new();
+        let flush_away = |logged: &mut VecDeque<(UserId, Frame, bool)>,
+                          out: &mut Vec<(UserId, Frame)>| {
+            while logged.front().is_some_and(|(_, _, away)| *away) {
+                let (user, frame, _) = logged.pop_front().expect("a front");
+                out.push((user, frame));
+            }
+        };
         for p in &payloads {
             if let Some(user) = p.strip_prefix('L') {
                 let user: UserId = user.into();
-                let logged = entries.get_mut(&user).and_then(|q| q.pop_front());
-                let logged = logged.expect("a log entry for each append");
-                if away.contains(&user) {
-                    out.push((user, logged));
-                } else {
-                    unpublished.push_back((user, logged));
-                }
+                let entry = entries.get_mut(&user).and_then(|q| q.pop_front());
+                let entry = entry.expect("a log entry for each append");
+                let is_away = away.contains(&user);
+                logged.push_back((user, entry, is_away));
                 continue;
             }
             for (user, frame) in parse_payload(p) {
                 if frame.seq.is_some() {
-                    let logged = unpublished.pop_front();
+                    flush_away(&mut logged, &mut out);
+                    let next = logged.pop_front().map(|(u, f, _)| (u, f));
                     assert_eq!(
-                        logged.as_ref(),
+                        next.as_ref(),
                         Some(&(user.clone(), frame.clone())),
                         "a frame with a seq published out of the order it was logged in, for a \
                          user away, or not logged: {p}"
@@ -304,9 +312,10 @@ impl Engine {
                 out.push((user, frame));
             }
         }
+        flush_away(&mut logged, &mut out);
         assert!(
-            unpublished.is_empty(),
-            "frames logged for connected users and not published: {unpublished:?}"
+            logged.is_empty(),
+            "frames logged for connected users and not published: {logged:?}"
         );
         out
     }
