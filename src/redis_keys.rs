@@ -8,11 +8,13 @@
 //! [`Deployment`] (nodes and layout), so they need no configuration section of another module.
 //! The two Lua libraries build the keys they touch inside their atomic step from the prefix
 //! and channel prefix passed in each call: `src/matching/lua/keys.lua` documents its keys in its
-//! "Key layout" comment and `src/matching/lua/events.lua` writes the frame and kick notices in its `publish` calls (`'F' ..
-//! user .. '\n' .. seq .. '\n' .. text` and `'K' .. user .. '\n' .. conn`);
-//! `src/moderation/redis.lua` publishes the ban notice it is handed, which [`Notice::Ban`]
-//! encodes. The test `tests/redis_keys.rs` publishes frames and kicks from the matching
-//! library and decodes them with [`Notice::decode`], so the two sides cannot drift apart.
+//! "Key layout" comment and `src/matching/lua/events.lua` writes the frame and kick notices in
+//! its `publish` calls (`'F' .. user .. '\n' .. seq .. '\n' .. text` and `'K' .. user .. '\n' ..
+//! conn`), sent once per instance and call by `publish_all`, several in one message as
+//! [`Notice::encode_all`] writes them; `src/moderation/redis.lua` publishes the ban notice it
+//! is handed, which [`Notice::Ban`] encodes. The tests `tests/redis_keys.rs` and
+//! `tests/group_commit.rs` publish frames and kicks from the matching library and decode them
+//! with [`Notice::decode_all`], so the two sides cannot drift apart.
 //!
 //! Every key starts with the deployment's hash tag `{<namespace>}`, so one call touches one
 //! slot and the same code runs against Redis Cluster. A deployment whose matching state is
@@ -219,6 +221,48 @@ impl<'a> Notice<'a> {
         }
     }
 
+    /// One pub/sub message carrying `notices`, in order: a lone notice as [`Notice::encode`]
+    /// writes it; several as `M` followed, for each, by its length in bytes in decimal, `\n`
+    /// and the notice (so a notice may hold any byte, newlines included). The matching library
+    /// sends what one call has for an instance this way, one message instead of one per frame.
+    pub fn encode_all(notices: &[Notice<'_>]) -> String {
+        match notices {
+            [one] => one.encode(),
+            _ => {
+                let mut message = String::from("M");
+                for notice in notices {
+                    let text = notice.encode();
+                    message.push_str(&format!("{}\n{text}", text.len()));
+                }
+                message
+            }
+        }
+    }
+
+    /// Reads what [`Notice::encode_all`] (or the Lua library) wrote: every notice of the
+    /// message in order; `None` when any part of it is malformed (then none is acted on: the
+    /// message did not come from a library that speaks this format).
+    pub fn decode_all(payload: &'a [u8]) -> Option<Vec<Notice<'a>>> {
+        let Some(mut rest) = payload.strip_prefix(b"M") else {
+            return Notice::decode(payload).map(|n| vec![n]);
+        };
+        let mut notices = Vec::new();
+        while !rest.is_empty() {
+            let newline = rest.iter().position(|&b| b == b'\n')?;
+            let len: usize = std::str::from_utf8(&rest[..newline]).ok()?.parse().ok()?;
+            let body = rest.get(newline + 1..)?;
+            let notice = body.get(..len)?;
+            // Batches are not nested.
+            if notice.first() == Some(&b'M') {
+                return None;
+            }
+            notices.push(Notice::decode(notice)?);
+            rest = &body[len..];
+        }
+        // `M` alone carries nothing: no library sends it.
+        (!notices.is_empty()).then_some(notices)
+    }
+
     /// Reads what [`Notice::encode`] (or the Lua library) wrote; `None` for anything else.
     pub fn decode(payload: &'a [u8]) -> Option<Notice<'a>> {
         let text = std::str::from_utf8(payload).ok()?;
@@ -273,10 +317,57 @@ mod tests {
                 value: "10.0.0.1",
             },
         ];
-        for notice in notices {
+        for notice in &notices {
             let encoded = notice.encode();
-            assert_eq!(Notice::decode(encoded.as_bytes()), Some(notice));
+            assert_eq!(Notice::decode(encoded.as_bytes()), Some(notice.clone()));
+            // A lone notice travels as it is.
+            assert_eq!(Notice::encode_all(std::slice::from_ref(notice)), encoded);
         }
+        let message = Notice::encode_all(&notices);
+        assert!(message.starts_with('M'), "{message}");
+        assert_eq!(
+            Notice::decode_all(message.as_bytes()).as_deref(),
+            Some(&notices[..])
+        );
+    }
+
+    #[test]
+    fn a_message_of_several_notices_reads_as_documented() {
+        // The example of keys.lua's comment, with a real connection id.
+        let message = "M12\nFa\n1\n{\"x\":1}20\nKb\nc000000000000002a";
+        assert_eq!(
+            Notice::decode_all(message.as_bytes()),
+            Some(vec![
+                Notice::Frame {
+                    user: "a",
+                    seq: Some(1),
+                    text: "{\"x\":1}"
+                },
+                Notice::Kick {
+                    user: "b",
+                    conn: ConnId(42)
+                },
+            ])
+        );
+    }
+
+    #[test]
+    fn a_malformed_message_of_several_notices_is_no_notice() {
+        for bad in [
+            &b"M"[..],
+            b"M12",
+            b"M12\nFa\n1\n{}",
+            b"Mx\nFa\n1\n{}",
+            b"M5\nFa\n1\n{}",
+            b"M7\nFa\n1\n{}junk",
+            b"M7\nFa\n1\n{}3\nXu\n",
+            b"M10\nM5\nFa\n0\n",
+            b"M1\n\xff",
+        ] {
+            assert_eq!(Notice::decode_all(bad), None, "{bad:?}");
+        }
+        // A lone notice that does not decode either.
+        assert_eq!(Notice::decode_all(b"Xu\nv"), None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::flags::{count, key_name, millis};
 use crate::gateway::{Gateway, Origin, SessionConfig};
 use crate::ids::random_id;
 use crate::matching::partitioned::{PartitionedMatchmaker, MAX_PARTITIONS};
-use crate::matching::redis::RedisSettings;
+use crate::matching::redis::{Batching, RedisSettings};
 use crate::matching::{MatchError, MediaMode, RulesConfig};
 use crate::metrics::Metrics;
 use crate::moderation::{self, disconnect_banned};
@@ -82,6 +82,27 @@ pub struct RedisConfig {
         value_parser = count(1..)
     )]
     pub redis_pool_size: usize,
+
+    /// Group commit: matching calls to Redis in flight at once from this instance. While they
+    /// are, the operations asked for meanwhile queue (at most calls in flight × operations per
+    /// call; beyond that they wait) and go together in the next call.
+    #[arg(
+        long,
+        env = "MATCHGATE_REDIS_CALLS_IN_FLIGHT",
+        default_value = "2",
+        value_parser = count(1..=64)
+    )]
+    pub redis_calls_in_flight: usize,
+
+    /// Group commit: operations one matching call to Redis carries at most (each still its own
+    /// atomic step with its own answer).
+    #[arg(
+        long,
+        env = "MATCHGATE_REDIS_OPS_PER_CALL",
+        default_value = "64",
+        value_parser = count(1..=4096)
+    )]
+    pub redis_ops_per_call: usize,
 
     /// How long one matching call to Redis may take before the action answers `unavailable`
     /// (the operation may still have been applied), in ms.
@@ -167,6 +188,10 @@ pub fn settings(
         history_ttl,
         resume_grace: session.resume_grace_ms,
         pool_size: redis.redis_pool_size,
+        batching: Batching {
+            in_flight: redis.redis_calls_in_flight,
+            max_ops: redis.redis_ops_per_call,
+        },
     })
 }
 

@@ -52,6 +52,7 @@ fn redis_engine(url: &str, rules: Rules, clock: Arc<ManualClock>) -> RedisMatchm
         history_ttl: Duration::from_secs(4 * 3600),
         resume_grace: Duration::from_secs(5),
         pool_size: 2,
+        batching: Default::default(),
         media: no_ice_servers(),
         rules,
         call_timeout: Duration::from_secs(10),

@@ -87,6 +87,7 @@ fn redis(server: &RedisServer) -> Arc<dyn Engine> {
         history_ttl: Duration::from_secs(3600),
         resume_grace: Duration::from_secs(60),
         pool_size: 2,
+        batching: Default::default(),
         media: media(),
         rules: rules(),
         call_timeout: Duration::from_secs(10),

@@ -65,6 +65,7 @@ pub fn redis(url: &str, namespace: &str) -> Arc<dyn Engine> {
         // Held places must outlast the bench.
         resume_grace: Duration::from_secs(3600),
         pool_size: 4,
+        batching: Default::default(),
         media: no_ice_servers(),
         rules: rules(),
         call_timeout: Duration::from_secs(10),

@@ -1,8 +1,9 @@
 //! Cross-instance delivery in the scale-out mode: Redis pub/sub.
 //!
-//! Every instance listens on its own channel. The matching script publishes each frame on the
+//! Every instance listens on its own channel. The matching library publishes each frame on the
 //! channel of the instance that holds the user's connection, in the same atomic step that logs
-//! it, so frames arrive in `seq` order. Here they are handed to this instance's
+//! it, so frames arrive in `seq` order; what one call has for an instance travels as one
+//! message of several notices, read here in order. Here they are handed to this instance's
 //! [`Registry`](crate::registry::Registry) straight from the connection's reader: no queue in
 //! between, and pushing never blocks.
 //!
@@ -87,19 +88,21 @@ pub async fn subscribe(
     Ok(manager)
 }
 
-/// Acts on one published message (see [`Notice`] for the encodings).
+/// Acts on one published message: one notice, or every notice of a call's message in order
+/// (see [`Notice::decode_all`] for the encodings).
 fn dispatch(registry: &Registry, on_ban: &impl Fn(&str, &str), payload: &[u8]) {
-    match Notice::decode(payload) {
-        Some(Notice::Frame { user, seq, text }) => registry.push(
-            &UserId::from(user),
-            Frame {
-                seq,
-                text: text.into(),
-            },
-        ),
-        Some(Notice::Kick { user, conn }) => registry.close_if(user, conn, close::REPLACED),
-        Some(Notice::Ban { kind, value }) => on_ban(kind, value),
-        None => {}
+    for notice in Notice::decode_all(payload).unwrap_or_default() {
+        match notice {
+            Notice::Frame { user, seq, text } => registry.push(
+                &UserId::from(user),
+                Frame {
+                    seq,
+                    text: text.into(),
+                },
+            ),
+            Notice::Kick { user, conn } => registry.close_if(user, conn, close::REPLACED),
+            Notice::Ban { kind, value } => on_ban(kind, value),
+        }
     }
 }
 
@@ -150,6 +153,56 @@ mod tests {
             &registry,
             &no_bans,
             "Ku\u{e9}\nc0000000000000007".as_bytes(),
+        );
+        assert!(matches!(outbox.next().await, Next::Close(close::REPLACED)));
+    }
+
+    #[tokio::test]
+    async fn dispatches_every_notice_of_a_message_in_order() {
+        let registry = Registry::default();
+        let no_bans = |_: &str, _: &str| panic!("no ban was announced");
+        let outbox = connection(&registry, "u", 7, "10.0.0.1");
+        let message = Notice::encode_all(&[
+            Notice::Frame {
+                user: "u",
+                seq: Some(1),
+                text: "{\"n\":1}",
+            },
+            Notice::Frame {
+                user: "nobody",
+                seq: Some(9),
+                text: "{}",
+            },
+            Notice::Frame {
+                user: "u",
+                seq: None,
+                text: "{\"n\":\n2}",
+            },
+            // Another connection of u's: not this one.
+            Notice::Kick {
+                user: "u",
+                conn: ConnId(8),
+            },
+        ]);
+        dispatch(&registry, &no_bans, message.as_bytes());
+        for (seq, text) in [(Some(1), "{\"n\":1}"), (None, "{\"n\":\n2}")] {
+            match outbox.next().await {
+                Next::Send(f) => {
+                    assert_eq!(f.seq, seq);
+                    assert_eq!(f.text.as_str(), text);
+                }
+                Next::Close(c) => panic!("closed {c}"),
+            }
+        }
+        // And a kick inside a message closes the connection it names.
+        let kick = Notice::Kick {
+            user: "u",
+            conn: ConnId(7),
+        };
+        dispatch(
+            &registry,
+            &no_bans,
+            Notice::encode_all(&[kick.clone(), kick]).as_bytes(),
         );
         assert!(matches!(outbox.next().await, Next::Close(close::REPLACED)));
     }

@@ -1,19 +1,27 @@
 //! The Redis matchmaker of the scale-out mode: queue, sessions and event logs live in Redis and
-//! every operation is one call (FCALL) of a function library, so N instances racing on the
-//! same pool can never match a user twice or put a user in two sessions.
+//! every operation is one atomic step of a call (FCALL) of a function library, so N instances
+//! racing on the same pool can never match a user twice or put a user in two sessions.
+//!
+//! Group commit ([`Batching`]): while this instance's calls are in flight, the operations
+//! asked for meanwhile queue (boundedly) and go together in its next call, which runs them in
+//! order, each as its own step with its own reply or error, the batch atomic as a whole. What
+//! a call costs Redis besides its operations (the call, the settings, the time, one
+//! publication per instance) is then paid once for many. Each matchmaker has its own queue
+//! and task, so several can run side by side (one per Redis deployment).
 //!
 //! The library is written in Lua in `src/matching/lua/`, one file per concern and one per
 //! operation (`ops/`), and assembled here (`LIBRARY`) into one text in a fixed order: a file
 //! may use what the files before it define. Its function is named after a hash of the whole
 //! text, so old and new gateways each call their own version during a rolling upgrade; the key
-//! layout it writes is versioned too (see `keys.lua`). Each call passes the operation's name,
+//! layout it writes is versioned too (see `keys.lua`). Each call passes
 //! the instance's settings (the same JSON text in every call, decoded once by the library)
-//! and one JSON object of named arguments; each operation answers with its own typed reply
-//! next to the [`Outcome`] every operation has.
+//! and, for each operation, its name and one JSON object of named arguments; each operation
+//! answers with its own typed reply next to the [`Outcome`] every operation has.
 //!
 //! The library also publishes each frame on the pub/sub channel of the instance that holds the
-//! user's connection (see [`crate::bus::redis`]), inside the same atomic step that appends it to
-//! the user's log, so events reach every user in `seq` order. All keys share one hash tag, so
+//! user's connection (see [`crate::bus::redis`]), inside the same atomic call that appends it to
+//! the user's log, so events reach every user in `seq` order: one message per instance and
+//! call, carrying that call's frames for the instance in order. All keys share one hash tag, so
 //! every call touches one slot and the same code runs against Redis Cluster.
 
 use std::sync::Arc;
@@ -24,6 +32,7 @@ use deadpool_redis::{Runtime, Timeouts};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::memory::{COOLDOWN, MEDIA_UNAVAILABLE};
 use super::overview::{MinuteCounts, Overview, PoolOverview};
@@ -133,6 +142,8 @@ pub struct RedisSettings {
     pub rules: Rules,
     /// How long one Redis call may take before the operation counts as unavailable.
     pub call_timeout: Duration,
+    /// Group commit: calls in flight and operations per call.
+    pub batching: Batching,
 }
 
 /// The settings every call passes to the library (see `dispatch.lua`): the same JSON text in
@@ -232,7 +243,7 @@ enum Pool {
 }
 
 impl Shared {
-    async fn query(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<String> {
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         match self {
             Shared::Single(c) => cmd.query_async(c).await,
             Shared::Cluster(c) => cmd.query_async(c).await,
@@ -259,16 +270,67 @@ enum Shared {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
+/// Group commit: how this instance's operations share calls. While calls are in flight, the
+/// operations asked for meanwhile queue, and the next call takes as many of them as it may,
+/// in order: Redis then spends its fixed cost per call (the call itself, the settings, the
+/// time, the p2p configuration, one PUBLISH per instance) once for many operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Calls in flight at once: more than one keeps Redis busy while a reply travels back.
+    pub in_flight: usize,
+    /// Operations one call takes at most.
+    pub max_ops: usize,
+}
+
+impl Batching {
+    /// How many operations may wait for a call: one full call per call in flight. Beyond
+    /// that, asking for an operation waits for room (within its call timeout).
+    pub fn queue_bound(&self) -> usize {
+        self.in_flight * self.max_ops
+    }
+}
+
+impl Default for Batching {
+    /// What the gateway's flags default to (see `scaleout`).
+    fn default() -> Self {
+        Batching {
+            in_flight: 2,
+            max_ops: 64,
+        }
+    }
+}
+
+/// One operation waiting for its call: its name, its arguments (JSON), and where its reply
+/// (the library's JSON) goes.
+struct Queued {
+    operation: &'static str,
+    args: String,
+    reply: oneshot::Sender<Result<String, MatchError>>,
+}
+
 pub struct RedisMatchmaker {
+    link: Arc<Link>,
+    /// Operations on their way into a call (bounded: [`Batching::queue_bound`]).
+    queue: mpsc::Sender<Queued>,
+    /// The other end of `queue`, until the first operation starts the task that makes the
+    /// calls ([`send_batches`]) on the runtime it runs on.
+    batches: std::sync::Mutex<Option<mpsc::Receiver<Queued>>>,
+    batching: Batching,
+    settings: RedisSettings,
+}
+
+/// What makes the calls: the connection, the library and what every call passes along. Shared
+/// by the matchmaker and the task that sends the batches, which ends when the matchmaker goes.
+struct Link {
     pool: Pool,
     shared: std::sync::Mutex<Option<Shared>>,
     library: Library,
-    settings: RedisSettings,
     route_key: String,
     /// The settings argument of every call (see [`LibrarySettings`]).
     library_settings: String,
-    /// Media mode p2p: the arguments of the call that writes this instance's ICE servers.
+    /// Media mode p2p: the arguments of the operation that writes this instance's ICE servers.
     p2p_config: Option<Value>,
+    call_timeout: Duration,
     /// For tests only: see [`RedisMatchmaker::with_clock`].
     clock: Option<Arc<dyn Clock>>,
     metrics: Arc<Metrics>,
@@ -366,12 +428,10 @@ impl ErrorReply {
     }
 }
 
-/// A successful call: the outcome every operation has, the number of messages it published,
-/// and the operation's own reply `T`.
+/// A successful operation: the outcome every operation has and its own reply `T`.
 #[derive(Deserialize)]
 struct Done<T> {
     outcome: OutcomeReply,
-    published: u64,
     reply: T,
 }
 
@@ -647,6 +707,184 @@ fn unavailable(e: impl std::fmt::Display) -> MatchError {
     MatchError::Unavailable(e.to_string())
 }
 
+fn parse<T: DeserializeOwned>(text: &str) -> Result<T, MatchError> {
+    serde_json::from_str(text).map_err(|e| MatchError::Internal(format!("bad library reply: {e}")))
+}
+
+/// The same failure for each operation of a failed call: unavailable stays unavailable,
+/// anything else is a bug of ours.
+fn each(e: &MatchError) -> MatchError {
+    match e {
+        MatchError::Unavailable(m) => MatchError::Unavailable(m.clone()),
+        other => MatchError::Internal(other.to_string()),
+    }
+}
+
+/// Makes the calls of one instance: waits for a first operation and for a free call slot,
+/// then takes every operation queued meanwhile (up to `max_ops`) into one call. Ends when the
+/// matchmaker (the queue's sender) is gone, after the calls in flight.
+async fn send_batches(link: Arc<Link>, mut queue: mpsc::Receiver<Queued>, batching: Batching) {
+    let slots = Arc::new(Semaphore::new(batching.in_flight));
+    while let Some(first) = queue.recv().await {
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let mut batch = vec![first];
+        while batch.len() < batching.max_ops {
+            match queue.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        // Nobody waits for these any more (timed out or gone): better not done at all.
+        batch.retain(|op| !op.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let link = link.clone();
+        tokio::spawn(async move {
+            match link.batch(&batch).await {
+                Ok(replies) => {
+                    for (op, reply) in batch.into_iter().zip(replies) {
+                        let _ = op.reply.send(Ok(reply));
+                    }
+                }
+                Err(e) => {
+                    for op in batch {
+                        let _ = op.reply.send(Err(each(&e)));
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+}
+
+impl Link {
+    fn lock_shared(&self) -> std::sync::MutexGuard<'_, Option<Shared>> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn connection(&self) -> Result<Shared, MatchError> {
+        if let Some(shared) = self.lock_shared().clone() {
+            return Ok(shared);
+        }
+        let shared = match &self.pool {
+            Pool::Single(p) => Shared::Single((*p.get().await.map_err(unavailable)?).clone()),
+            Pool::Cluster(p) => Shared::Cluster((*p.get().await.map_err(unavailable)?).clone()),
+        };
+        *self.lock_shared() = Some(shared.clone());
+        Ok(shared)
+    }
+
+    /// An operation's arguments as the library reads them: with the entropy for the ids it
+    /// makes (and the test clock, if set).
+    fn args(&self, mut args: Value) -> String {
+        args["entropy"] = random_id("", 16).into();
+        if let Some(clock) = &self.clock {
+            args["now_ms"] = clock.unix_ms().into();
+        }
+        args.to_string()
+    }
+
+    /// Runs a batch of operations in one call and returns their replies, in order. In media
+    /// mode p2p, the first call of an instance (and the first after its configuration expired
+    /// or Redis lost its data) finds no ICE servers of this instance in Redis and changes
+    /// nothing: they are written, and the batch runs again.
+    async fn batch(&self, batch: &[Queued]) -> Result<Vec<String>, MatchError> {
+        let ops = batch.iter().map(|op| (op.operation, op.args.as_str()));
+        let fcall = self.fcall(ops);
+        let mut replies = self.run(&fcall, batch.len()).await?;
+        if p2p_config_missing(&replies[0]) {
+            self.write_p2p_config().await?;
+            replies = self.run(&fcall, batch.len()).await?;
+        }
+        Ok(replies)
+    }
+
+    /// Writes this instance's ICE servers where its calls read them (`P:p2p:<instance>`).
+    /// The TURN secret travels as an argument of this operation only, never of the others.
+    async fn write_p2p_config(&self) -> Result<(), MatchError> {
+        let Some(args) = &self.p2p_config else {
+            return Err(MatchError::Internal(
+                "the library asks for a p2p configuration in LiveKit mode".into(),
+            ));
+        };
+        let fcall = self.fcall([("p2p_config", self.args(args.clone()).as_str())].into_iter());
+        let replies = self.run(&fcall, 1).await?;
+        match parse::<Answer<NoReply>>(&replies[0])? {
+            Answer::Done(_) => Ok(()),
+            Answer::Error(e) => Err(e.into_error()),
+        }
+    }
+
+    /// The FCALL of a batch: the settings, then each operation's name and arguments.
+    fn fcall<'a>(&self, ops: impl Iterator<Item = (&'a str, &'a str)>) -> redis::Cmd {
+        let mut fcall = redis::cmd("FCALL");
+        fcall
+            .arg(&self.library.function)
+            .arg(1)
+            .arg(&self.route_key)
+            .arg(&self.library_settings);
+        for (operation, args) in ops {
+            fcall.arg(operation).arg(args);
+        }
+        fcall
+    }
+
+    /// Sends one FCALL (loading the library where Redis lacks it) and reads its `ops` replies.
+    async fn run(&self, fcall: &redis::Cmd, ops: usize) -> Result<Vec<String>, MatchError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.call_timeout, async {
+            let mut conn = self.connection().await?;
+            match conn.query::<(u64, Vec<String>)>(fcall).await {
+                // A Redis that started empty (or a new cluster node) lacks the library: load it
+                // and try once more.
+                Err(e) if e.to_string().contains("Function not found") => {
+                    conn.load_library(&self.library)
+                        .await
+                        .map_err(unavailable)?;
+                    conn.query(fcall).await
+                }
+                other => other,
+            }
+            .map_err(unavailable)
+        })
+        .await
+        .unwrap_or_else(|_| Err(unavailable("Redis call timed out")));
+        if result.is_err() {
+            // The connection may be broken: the next call takes a fresh one from the pool.
+            self.lock_shared().take();
+        }
+        self.metrics.redis_call(started.elapsed(), result.is_ok());
+        let (published, replies) = result?;
+        self.metrics.pubsub_published(published);
+        if replies.len() != ops {
+            return Err(MatchError::Internal(format!(
+                "bad library reply: {} replies to {ops} operations",
+                replies.len()
+            )));
+        }
+        Ok(replies)
+    }
+}
+
+/// Whether a reply says that this instance's p2p configuration is not in Redis (then the
+/// whole call changed nothing, see `dispatch.lua`).
+fn p2p_config_missing(reply: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Code {
+        code: String,
+    }
+    #[derive(Deserialize)]
+    struct Error {
+        error: Code,
+    }
+    serde_json::from_str::<Error>(reply).is_ok_and(|e| e.error.code == P2P_CONFIG_MISSING)
+}
+
 impl RedisMatchmaker {
     pub fn new(settings: RedisSettings, metrics: Arc<Metrics>) -> Result<Self, MatchError> {
         let pool_config = deadpool_redis::PoolConfig {
@@ -683,19 +921,37 @@ impl RedisMatchmaker {
                     .map_err(unavailable)?,
             )
         };
-        Ok(RedisMatchmaker {
+        let batching = settings.batching;
+        if batching.in_flight == 0 || batching.max_ops == 0 {
+            return Err(MatchError::Internal(format!(
+                "batching needs at least one call in flight and one operation per call: {batching:?}"
+            )));
+        }
+        let (queue, batches) = mpsc::channel(batching.queue_bound());
+        let link = Link {
             pool,
             shared: std::sync::Mutex::new(None),
             library: Library::new(),
             route_key: settings.layout.route(),
             library_settings: library_settings(&settings),
             p2p_config: match &settings.media {
-                MediaMode::P2p(ice) => Some(p2p_config_args(ice)),
+                MediaMode::P2p(ice) => {
+                    let mut args = p2p_config_args(ice);
+                    args["instance"] = settings.instance.as_str().into();
+                    Some(args)
+                }
                 MediaMode::LiveKit { .. } => None,
             },
+            call_timeout: settings.call_timeout,
             clock: None,
-            settings,
             metrics,
+        };
+        Ok(RedisMatchmaker {
+            link: Arc::new(link),
+            queue,
+            batches: std::sync::Mutex::new(Some(batches)),
+            batching,
+            settings,
         })
     }
 
@@ -704,121 +960,60 @@ impl RedisMatchmaker {
     /// every rule (queue waits, anti-repeat, cooldowns, the enqueue rate, grace periods,
     /// deadlines, liveness). Key expiry, which only collects garbage (logs, de-duplication
     /// marks, leases, the state of users gone for good), stays on Redis's own clock. The
-    /// gateway never sets it.
+    /// gateway never sets it. Before the first operation only.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = Some(clock);
+        Arc::get_mut(&mut self.link)
+            .expect("the clock is set before the first operation")
+            .clock = Some(clock);
         self
     }
 
-    fn lock_shared(&self) -> std::sync::MutexGuard<'_, Option<Shared>> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    async fn connection(&self) -> Result<Shared, MatchError> {
-        if let Some(shared) = self.lock_shared().clone() {
-            return Ok(shared);
-        }
-        let shared = match &self.pool {
-            Pool::Single(p) => Shared::Single((*p.get().await.map_err(unavailable)?).clone()),
-            Pool::Cluster(p) => Shared::Cluster((*p.get().await.map_err(unavailable)?).clone()),
-        };
-        *self.lock_shared() = Some(shared.clone());
-        Ok(shared)
-    }
-
-    /// Runs one operation of the library with its named `args` and reads its reply `T`. In
-    /// media mode p2p, the first call of an instance (and the first after its configuration
-    /// expired or Redis lost its data) finds no ICE servers of this instance in Redis: they are
-    /// written, and the call runs again.
+    /// Runs one operation of the library with its named `args` and reads its reply `T`: it
+    /// joins the next call of this instance (group commit, see [`Batching`]) and answers as if
+    /// it had been called alone. Waiting for room in the queue and for the call together take
+    /// at most the call timeout; an operation whose caller gave up before its call was sent
+    /// is left out of it.
     async fn call<T: DeserializeOwned>(
         &self,
-        operation: &str,
+        operation: &'static str,
         args: Value,
     ) -> Result<Done<T>, MatchError> {
-        let fcall = self.fcall(operation, args);
-        let mut answer = self.run(&fcall).await?;
-        if matches!(&answer, Answer::Error(e) if e.code == P2P_CONFIG_MISSING) {
-            self.write_p2p_config().await?;
-            answer = self.run(&fcall).await?;
-        }
-        match answer {
-            Answer::Done(done) => {
-                self.metrics.pubsub_published(done.published);
-                Ok(done)
-            }
+        self.start_batches();
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            operation,
+            args: self.link.args(args),
+            reply,
+        };
+        let text = tokio::time::timeout(self.link.call_timeout, async {
+            self.queue
+                .send(queued)
+                .await
+                .map_err(|_| unavailable("the Redis batches stopped"))?;
+            answer
+                .await
+                .map_err(|_| unavailable("the Redis batches stopped"))?
+        })
+        .await
+        .unwrap_or_else(|_| Err(unavailable("Redis call timed out")))?;
+        match parse::<Answer<T>>(&text)? {
+            Answer::Done(done) => Ok(done),
             Answer::Error(e) => Err(e.into_error()),
+        }
+    }
+
+    /// Starts the task that makes this instance's calls, on the first operation (so on the
+    /// runtime the operations run on).
+    fn start_batches(&self) {
+        let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(queue) = batches.take() {
+            tokio::spawn(send_batches(self.link.clone(), queue, self.batching));
         }
     }
 
     /// An operation that answers nothing but its outcome.
-    async fn outcome(&self, operation: &str, args: Value) -> Result<Outcome, MatchError> {
+    async fn outcome(&self, operation: &'static str, args: Value) -> Result<Outcome, MatchError> {
         Ok(self.call::<NoReply>(operation, args).await?.outcome.into())
-    }
-
-    /// Writes this instance's ICE servers where its calls read them (`P:p2p:<instance>`).
-    /// The TURN secret travels as an argument of this call only, never of the others.
-    async fn write_p2p_config(&self) -> Result<(), MatchError> {
-        let Some(args) = &self.p2p_config else {
-            return Err(MatchError::Internal(
-                "the library asks for a p2p configuration in LiveKit mode".into(),
-            ));
-        };
-        let mut args = args.clone();
-        args["instance"] = self.settings.instance.as_str().into();
-        let fcall = self.fcall("p2p_config", args);
-        match self.run::<NoReply>(&fcall).await? {
-            Answer::Done(_) => Ok(()),
-            Answer::Error(e) => Err(e.into_error()),
-        }
-    }
-
-    /// The FCALL of one operation: its name, the settings, and its arguments with the entropy
-    /// for the ids it makes (and the test clock, if set).
-    fn fcall(&self, operation: &str, mut args: Value) -> redis::Cmd {
-        args["entropy"] = random_id("", 16).into();
-        if let Some(clock) = &self.clock {
-            args["now_ms"] = clock.unix_ms().into();
-        }
-        let mut fcall = redis::cmd("FCALL");
-        fcall.arg(&self.library.function);
-        fcall
-            .arg(1)
-            .arg(&self.route_key)
-            .arg(operation)
-            .arg(&self.library_settings)
-            .arg(args.to_string());
-        fcall
-    }
-
-    /// Sends one FCALL and reads its answer (loading the library where Redis lacks it).
-    async fn run<T: DeserializeOwned>(&self, fcall: &redis::Cmd) -> Result<Answer<T>, MatchError> {
-        let s = &self.settings;
-        let started = Instant::now();
-        let result = tokio::time::timeout(s.call_timeout, async {
-            let mut conn = self.connection().await?;
-            match conn.query(fcall).await {
-                // A Redis that started empty (or a new cluster node) lacks the library: load it
-                // and try once more.
-                Err(e) if e.to_string().contains("Function not found") => {
-                    conn.load_library(&self.library)
-                        .await
-                        .map_err(unavailable)?;
-                    conn.query(fcall).await
-                }
-                other => other,
-            }
-            .map_err(unavailable)
-        })
-        .await
-        .unwrap_or_else(|_| Err(unavailable("Redis call timed out")));
-        if result.is_err() {
-            // The connection may be broken: the next call takes a fresh one from the pool.
-            self.lock_shared().take();
-        }
-        self.metrics.redis_call(started.elapsed(), result.is_ok());
-        let text = result?;
-        serde_json::from_str(&text)
-            .map_err(|e| MatchError::Internal(format!("bad library reply: {e}")))
     }
 
     /// Heartbeat of this instance plus a share of the clean-up every instance does: users of

@@ -14,7 +14,8 @@
 //! user's log without publishing it, so the adapter also subscribes to the keyspace events
 //! of the deployment's logs (`notify-keyspace-events`, set on the node by the adapter): an
 //! `rpush` arrives in order with the published frames, and the log's newest entries are the
-//! frames it stands for.
+//! frames it stands for. A call publishes once, when it ends (one message with all its frames
+//! for the instance), so a call's `rpush`es come first and its message after them.
 //!
 //! It also holds what every engine test shares besides: the Redis servers of a test run
 //! ([`Servers`], started once per run), the one factory of a case's engines
@@ -33,7 +34,7 @@ use matchgate::matching::memory::{MemoryMatchmaker, Policy};
 use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
 use matchgate::matching::{Engine as EngineOps, MediaMode, Outcome, Rules, UserId};
 use matchgate::metrics::Metrics;
-use matchgate::redis_keys::Layout;
+use matchgate::redis_keys::{Layout, Notice};
 
 use super::common::redis::{RedisCluster, RedisServer};
 
@@ -221,6 +222,7 @@ impl Engine {
             history_ttl: config.history_ttl,
             resume_grace: config.resume_grace,
             pool_size: 2,
+            batching: Default::default(),
             media: config.media.clone(),
             rules: config.rules.clone(),
             call_timeout: Duration::from_secs(10),
@@ -307,7 +309,7 @@ impl Engine {
                 .received()
                 .await
                 .iter()
-                .filter_map(|p| parse_payload(p))
+                .flat_map(|p| parse_payload(p))
                 .collect(),
         };
         all.into_iter()
@@ -360,31 +362,48 @@ impl Engine {
             let frames = newest.iter().map(|e| parse_log_entry(e)).collect();
             entries.insert(user, frames);
         }
-        // The library publishes a frame right after logging it, unless its user is away.
+        // The library publishes, when its call ends, every frame it logged for a user who is
+        // not away, in the order it logged them; a frame for a user away is only logged. The
+        // log entries (`rpush`) come in the order the frames were made, so a frame for a user
+        // away goes out in its place among the published ones: before the first published
+        // frame logged after it.
         let mut out = Vec::new();
-        let mut rest = payloads.iter().peekable();
-        while let Some(p) = rest.next() {
+        let mut logged: VecDeque<(UserId, Frame, bool)> = VecDeque::new();
+        let flush_away = |logged: &mut VecDeque<(UserId, Frame, bool)>,
+                          out: &mut Vec<(UserId, Frame)>| {
+            while logged.front().is_some_and(|(_, _, away)| *away) {
+                let (user, frame, _) = logged.pop_front().expect("a front");
+                out.push((user, frame));
+            }
+        };
+        for p in &payloads {
             if let Some(user) = p.strip_prefix('L') {
                 let user: UserId = user.into();
-                let logged = entries.get_mut(&user).and_then(|q| q.pop_front());
-                let logged = logged.expect("a log entry for each append");
-                if !away.contains(&user) {
-                    let published = rest.next().and_then(|p| parse_payload(p));
+                let entry = entries.get_mut(&user).and_then(|q| q.pop_front());
+                let entry = entry.expect("a log entry for each append");
+                let is_away = away.contains(&user);
+                logged.push_back((user, entry, is_away));
+                continue;
+            }
+            for (user, frame) in parse_payload(p) {
+                if frame.seq.is_some() {
+                    flush_away(&mut logged, &mut out);
+                    let next = logged.pop_front().map(|(u, f, _)| (u, f));
                     assert_eq!(
-                        published.as_ref(),
-                        Some(&(user.clone(), logged.clone())),
-                        "a frame logged for {user}, who is connected, and not published"
+                        next.as_ref(),
+                        Some(&(user.clone(), frame.clone())),
+                        "a frame with a seq published out of the order it was logged in, for a \
+                         user away, or not logged: {p}"
                     );
                 }
-                out.push((user, logged));
-            } else if let Some((user, frame)) = parse_payload(p) {
-                assert!(
-                    frame.seq.is_none(),
-                    "a frame with a seq published for a user away, or not logged: {p}"
-                );
                 out.push((user, frame));
             }
         }
+        flush_away(&mut logged, &mut out);
+        assert!(
+            logged.is_empty(),
+            "frames logged for connected users and not published: {logged:?}"
+        );
         out
     }
 
@@ -452,18 +471,22 @@ fn parse_log_entry(entry: &str) -> Frame {
     }
 }
 
-/// A published frame `F<user>\n<seq>\n<frame>` (seq 0: none); other messages (a replaced
-/// connection's `K`) are no frames.
-fn parse_payload(payload: &str) -> Option<(UserId, Frame)> {
-    let rest = payload.strip_prefix('F')?;
-    let (user, rest) = rest.split_once('\n')?;
-    let (seq, text) = rest.split_once('\n')?;
-    let seq: u64 = seq.parse().ok()?;
-    Some((
-        user.into(),
-        Frame {
-            seq: (seq > 0).then_some(seq),
-            text: text.into(),
-        },
-    ))
+/// The frames of a published message, in order (one frame `F<user>\n<seq>\n<frame>`, seq 0:
+/// none, or a call's several notices); other notices (a replaced connection's `K`) are no
+/// frames.
+fn parse_payload(payload: &str) -> Vec<(UserId, Frame)> {
+    Notice::decode_all(payload.as_bytes())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|notice| match notice {
+            Notice::Frame { user, seq, text } => Some((
+                user.into(),
+                Frame {
+                    seq,
+                    text: text.into(),
+                },
+            )),
+            _ => None,
+        })
+        .collect()
 }

@@ -1,6 +1,6 @@
 
--- The one function of the library: sets up the call (settings, arguments, time) and runs the
--- operation it names. A table of operations rather than one function with a branch each: a
+-- The one function of the library: sets up the call (settings, time, the p2p media) and runs
+-- the batch of operations it names, each as its own step, then publishes what they sent. A table of operations rather than one function with a branch each: a
 -- Lua 5.1 function may refer to at most 60 enclosing locals, and each operation refers only
 -- to the helpers it uses.
 
@@ -23,36 +23,54 @@ local function read_settings(text)
   SETTINGS_TEXT = text
 end
 
-local function call(_keys, argv)
-  local operation = OPS[argv[1]]
-  if not operation then return fail('internal', 'unknown operation ' .. tostring(argv[1])) end
-  if argv[2] ~= SETTINGS_TEXT then read_settings(argv[2]) end
-  A = cjson.decode(argv[3])
+-- Runs one operation of the batch: `name` with the JSON arguments `args`. Its state (A,
+-- USER, NOW, out, actor, ref, ids) is its own; what it publishes joins the batch's.
+local function run(name, args, batch_now)
+  local operation = OPS[name]
+  if not operation then return fail('internal', 'unknown operation ' .. tostring(name)) end
+  A = cjson.decode(args)
   -- An absent argument and a JSON null both read as nil.
-  for name, value in pairs(A) do
-    if value == cjson.null then A[name] = nil end
+  for key, value in pairs(A) do
+    if value == cjson.null then A[key] = nil end
   end
   USER = A.user or A.instance
-  if A.now_ms then
-    NOW = A.now_ms
-  else
-    local t = redis.call('TIME')
-    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
+  NOW = A.now_ms or batch_now
+  out = { waits = {}, started = {}, closed = {}, changed_pools = {}, held = false, pending = {},
+    ended_sessions = {}, timers = {} }
+  actor, ref, id_counter = nil, nil, 0
+  -- A bug in one operation (a Lua error) answers it alone: the batch goes on, as separate
+  -- calls would (what the operation wrote before the error stays, as it would alone).
+  local ok, reply = pcall(operation)
+  if ok then return reply end
+  if type(reply) == 'table' then reply = reply.err end
+  return fail('internal', tostring(reply))
+end
+
+local function call(_keys, argv)
+  if argv[1] ~= SETTINGS_TEXT then read_settings(argv[1]) end
+  local t = redis.call('TIME')
+  local batch_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   MEDIA_PENDING, P2P_KEY, ICE = 0, nil, nil
   if S.media.mode == 'livekit' then
     MEDIA_PENDING = S.media.pending_ms
   else
     P2P_KEY = P .. ':p2p:' .. S.media.instance
   end
-  out = { waits = {}, started = {}, closed = {}, changed_pools = {}, held = false, published = 0, pending = {},
-    ended_sessions = {}, timers = {} }
-  actor, ref, id_counter = nil, nil, 0
-  -- Checked before anything changes: any operation may make a match.
-  if P2P_KEY and argv[1] ~= 'p2p_config' and not load_p2p() then
-    return fail('p2p_config_missing', 'this instance has not written its p2p configuration')
+  local replies = {}
+  -- Checked before anything changes: any operation may make a match. The gateway writes the
+  -- configuration and sends the batch again.
+  if P2P_KEY and argv[2] ~= 'p2p_config' and not load_p2p() then
+    local missing = fail('p2p_config_missing', 'this instance has not written its p2p configuration')
+    for i = 2, #argv, 2 do replies[#replies + 1] = missing end
+    return { 0, replies }
   end
-  return operation()
+  start_publishing()
+  start_counting()
+  for i = 2, #argv, 2 do
+    replies[#replies + 1] = run(argv[i], argv[i + 1], batch_now)
+  end
+  finish_counting()
+  return { publish_all(), replies }
 end
 
 redis.register_function('matchgate_@VERSION@', call)

@@ -1,9 +1,44 @@
 
 -- Events: each user's log (what resume replays) and delivery to the user's instance.
 
-local function publish(instance, payload)
-  redis.call('PUBLISH', CHANNELS .. instance, payload)
-  out.published = out.published + 1
+-- What the call (a whole batch of operations) sends each instance, published once per
+-- instance when the call ends (see `publish_all`): the notices by instance, and the instances
+-- in the order they were first sent something. One PUBLISH per instance and call rather than
+-- one per frame: the publications were most of a match's Redis time.
+local outgoing, outgoing_order
+
+local function start_publishing()
+  outgoing, outgoing_order = {}, {}
+end
+
+-- Queues a notice ("F..." frame, "K..." kick; see keys.lua) for `instance`.
+local function publish(instance, notice)
+  local notices = outgoing[instance]
+  if not notices then
+    notices = {}
+    outgoing[instance] = notices
+    table.insert(outgoing_order, instance)
+  end
+  table.insert(notices, notice)
+end
+
+-- Publishes what the call queued, in order, one message per instance: a lone notice as it is,
+-- several as "M" and then, for each one, its length in bytes, "\n" and the notice (see
+-- keys.lua). Returns how many messages went out.
+local function publish_all()
+  for _, instance in ipairs(outgoing_order) do
+    local notices = outgoing[instance]
+    local payload = notices[1]
+    if #notices > 1 then
+      local parts = { 'M' }
+      for _, notice in ipairs(notices) do
+        parts[#parts + 1] = #notice .. '\n' .. notice
+      end
+      payload = table.concat(parts)
+    end
+    redis.call('PUBLISH', CHANNELS .. instance, payload)
+  end
+  return #outgoing_order
 end
 
 -- Appends an event to the user's log (if it carries a seq) and sends it to their instance.

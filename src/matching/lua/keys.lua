@@ -77,9 +77,16 @@
 -- are not found by the old ones until their interests wait passes, and a P:tag entry an old
 -- gateway leaves behind when it matches such a user is skipped (its ticket is not the user's)
 -- and dropped by the next search that meets it.
--- Frames go out with PUBLISH on <channel prefix><instance>: "F<user>\n<seq>\n<frame>" for a
--- frame (seq 0: none), "K<user>\n<connection>" to close a connection replaced from elsewhere.
--- Relayed messages (signal, chat) go out the same way, without seq and without a log entry.
+-- Frames go out with PUBLISH on <channel prefix><instance>, as notices: "F<user>\n<seq>\n<frame>"
+-- for a frame (seq 0: none), "K<user>\n<connection>" to close a connection replaced from
+-- elsewhere. Relayed messages (signal, chat) go out the same way, without seq and without a log
+-- entry. A call publishes once per instance, when it ends (events.lua, `publish_all`): a lone
+-- notice as it is, several as one message "M" followed, for each notice in the order the
+-- call made them, by its length in bytes (decimal), "\n" and the notice itself, e.g.
+-- "M12\nFa\n1\n{\"x\":1}20\nKb\nc000000000000002a" (redis_keys.rs, `Notice::decode_all`,
+-- reads both; its tests read this example). A gateway older than this format drops a message
+-- of several notices; its clients then see a `seq` gap and resume from the log (4005), so a
+-- mixed period costs reconnections, not events.
 
 -- The root of this layout's keys under a key prefix.
 local function key_root(prefix) return prefix .. ':v2' end

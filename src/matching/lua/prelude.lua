@@ -1,7 +1,7 @@
 #!lua name=matchgate_@VERSION@
--- matchgate's matching engine in Redis, a function library: every operation is one call of
--- the function `matchgate_<version>` (FCALL), so each is atomic however many gateway instances
--- race. It mirrors matching/memory.rs rule for rule. A library rather than a script: its
+-- matchgate's matching engine in Redis, a function library: every operation is one step of a
+-- call of the function `matchgate_<version>` (FCALL), so each is atomic however many gateway
+-- instances race. It mirrors matching/memory.rs rule for rule. A library rather than a script: its
 -- helpers are created once at load, not on every call.
 --
 -- The library is assembled from the files of src/matching/lua/ in the order redis.rs lists
@@ -12,34 +12,44 @@
 -- replaces @VERSION@ with a hash of the whole assembled text, so that during a rolling
 -- upgrade old and new gateways each call their own version side by side.
 --
--- FCALL matchgate_<version> 1 <route key> <operation> <settings> <arguments>
+-- FCALL matchgate_<version> 1 <route key> <settings> <operation> <arguments> [<operation>
+--       <arguments> ...]
 --   route key: any key with the deployment's hash tag (routes the call in Redis Cluster;
 --              every key the library touches shares that tag, so a call touches one slot).
---   operation: the name of an entry of OPS (one file under ops/ each).
 --   settings:  JSON object, the same text in every call of an instance (decoded once per
 --              distinct text, see dispatch.lua): key and channel prefixes, history and grace,
 --              the media mode and the rules.
---   arguments: JSON object, the call's named arguments: `entropy` (random, for ids), `now_ms`
---              (optional: replaces Redis TIME, a clock for tests), and the operation's own.
--- Returns a JSON object: {"error": {"code", "message", "retry_after_ms"}} or {"done":
--- {"outcome": {...}, "published": n, "reply": {...}}} with the outcome fields waits (ms),
--- started (sessions that went live: session_id, users, pools, started_at_ms), closed (live
--- sessions ended: session_id, users, started_at_ms, ended_at_ms, ended_by (absent: neither
--- member), reason), changed_pools, held, pending, ended_sessions, timers, and the operation's
--- own reply.
+--   then a batch of operations, run one after the other, each its own step as if it were
+--   called alone (the gateway's group commit: what one instance asks while its previous call
+--   is in flight goes in its next call):
+--   operation: the name of an entry of OPS (one file under ops/ each).
+--   arguments: JSON object, the operation's named arguments: `entropy` (random, for ids),
+--              `now_ms` (optional: replaces Redis TIME, a clock for tests), and its own.
+-- Returns [published, [reply, ...]]: how many pub/sub messages the call sent (one per
+-- instance at most, see `publish_all` in events.lua), and one reply per operation, in order,
+-- each a JSON object: {"error": {"code", "message", "retry_after_ms"}} or {"done":
+-- {"outcome": {...}, "reply": {...}}} with the outcome fields waits (ms), started (sessions
+-- that went live: session_id, users, pools, started_at_ms), closed (live sessions ended:
+-- session_id, users, started_at_ms, ended_at_ms, ended_by (absent: neither member), reason),
+-- changed_pools, held, pending, ended_sessions, timers, and the operation's own reply. An
+-- operation refused with an error leaves things as it would alone (unchanged but for the
+-- conduct bookkeeping some refusals make, see conduct.lua) and the batch runs on; one that
+-- fails at run time (a bug) answers "internal" and the others still run, as separate calls
+-- would. The batch as a whole is atomic: no other call runs in between.
 
--- Set at the start of every call (the library's functions are created once, at load).
--- S: the settings; R: their rules; A: the call's arguments; P: the key root (see keys.lua);
--- NOW: the time of the call in ms; USER: the user (or instance) the call is about.
+-- Set at the start of every call (the library's functions are created once, at load), and A,
+-- NOW and USER again for each operation of the batch.
+-- S: the settings; R: their rules; A: the operation's arguments; P: the key root (see
+-- keys.lua); NOW: the time of the operation in ms; USER: the user (or instance) it is about.
 local S, R, A, P, NOW, USER
 -- The channel prefix (frames for instance i go to CHANNELS .. i), and the media mode:
 -- MEDIA_PENDING > 0 (LiveKit: how long a paired session may wait for its room) or P2P_KEY
 -- (p2p: the key of this instance's ICE servers, and ICE, what it holds; see p2p.lua).
 local CHANNELS, MEDIA_PENDING, P2P_KEY, ICE
--- The outcome the call collects, the user whose request it is, and that request's `ref`
+-- The outcome the operation collects, the user whose request it is, and that request's `ref`
 -- (stamped on the first event to that user).
 local out, actor, ref
--- Ids made in this call so far (each id hashes the call's entropy with this counter).
+-- Ids made in this operation so far (each id hashes its entropy with this counter).
 local id_counter
 
 -- The operations, by name: one file under ops/ each (see dispatch.lua).
@@ -51,9 +61,7 @@ end
 
 -- The successful reply: the operation's own fields (if any) and what the call collected.
 local function result(reply)
-  local published = out.published
-  out.published = nil
-  return cjson.encode({ done = { outcome = out, published = published, reply = reply or {} } })
+  return cjson.encode({ done = { outcome = out, reply = reply or {} } })
 end
 
 local function null_or(v)

@@ -9,6 +9,23 @@ local MEMBERS = {
   { user = 'answerer', handle = 'answerer_handle', accepted = 'answerer_accepted' },
 }
 
+-- Sessions that went live in this call, by minute (unix ms / 60000), added to the minute's
+-- counter (P:matches:<minute>, for the admin API's `overview`) once when the call ends: one
+-- write per call rather than two per match.
+local live_by_minute
+
+local function start_counting()
+  live_by_minute = {}
+end
+
+local function finish_counting()
+  for minute, n in pairs(live_by_minute) do
+    local key = P .. ':matches:' .. minute
+    redis.call('INCRBY', key, n)
+    redis.call('PEXPIRE', key, 180000)
+  end
+end
+
 -- u's live session and peer, or nil.
 local function session_of(u)
   local state, session = unpack(redis.call('HMGET', user_key(u), 'state', 'session'))
@@ -74,10 +91,8 @@ end
 local function announce(session, offerer, answerer, offerer_media, answerer_media)
   table.insert(out.started, { session_id = session, users = { offerer.user, answerer.user },
     pools = { offerer.pool, answerer.pool }, started_at_ms = NOW })
-  -- Matches per minute, for the admin API's stats (`overview`).
-  local per_minute = P .. ':matches:' .. math.floor(NOW / 60000)
-  redis.call('INCR', per_minute)
-  redis.call('PEXPIRE', per_minute, 180000)
+  local minute = math.floor(NOW / 60000)
+  live_by_minute[minute] = (live_by_minute[minute] or 0) + 1
   for _, pair in ipairs({ { offerer, answerer }, { answerer, offerer } }) do
     table.insert(out.waits, math.max(NOW - pair[1].queued_at, 0))
     remember_partner(pair[1].user, session, pair[2].user)
