@@ -24,7 +24,7 @@ use matchgate::matching::{
 use matchgate::metrics::Metrics;
 use matchgate::p2p::IceServers;
 use matchgate::protocol::{PrefField, Prefs};
-use matchgate::redis_keys::Layout;
+use matchgate::redis_keys::{Layout, Notice};
 use matchgate::Config;
 use serde_json::Value;
 
@@ -403,24 +403,26 @@ async fn the_interests_index_lists_users_by_tag_and_only_open_users_as_open() {
     );
 }
 
-/// The next frame published for `user` that has the member `name`.
+/// The next frame published for `user` that has the member `name` (a call publishes all its
+/// notices for an instance in one message: each is read).
 async fn published(pubsub: &mut redis::aio::PubSub, user: &str, name: &str) -> Value {
     let read = async {
         let mut messages = pubsub.on_message();
         loop {
-            let payload: String = messages
+            let payload: Vec<u8> = messages
                 .next()
                 .await
                 .expect("subscribed")
                 .get_payload()
                 .unwrap();
-            let Some(rest) = payload.strip_prefix(&format!("F{user}\n")) else {
-                continue;
-            };
-            let (_, frame) = rest.split_once('\n').expect("seq, then the frame");
-            let frame: Value = serde_json::from_str(frame).unwrap();
-            if frame.get(name).is_some() {
-                return frame;
+            for notice in Notice::decode_all(&payload).expect("a notice the gateway reads") {
+                let Notice::Frame { user: to, text, .. } = notice else {
+                    continue;
+                };
+                let frame: Value = serde_json::from_str(text).unwrap();
+                if to == user && frame.get(name).is_some() {
+                    return frame;
+                }
             }
         }
     };
