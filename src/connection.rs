@@ -7,11 +7,13 @@
 //! connection decides (limits, errors, close codes) is decided here; what a request means is
 //! the [`Gateway`]'s business.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
 use rand::Rng;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -223,6 +225,10 @@ impl Settings {
     }
 }
 
+/// Most bytes of queued frames written at once (the WebSocket layer buffers up to this much
+/// before writing; see [`crate::http`]).
+pub const BATCH_BYTES: usize = 16 * 1024;
+
 /// Everything a connection task needs besides its socket.
 pub struct Connection {
     pub gateway: Arc<Gateway>,
@@ -275,7 +281,10 @@ fn close_reason(code: u16) -> &'static str {
 }
 
 impl Connection {
-    pub async fn run(mut self, mut ws: WebSocket) {
+    /// Runs the connection to its end. Both arguments come boxed: an `async fn` keeps its
+    /// arguments twice in its state (rust-lang/rust#62958), which every idle connection's task
+    /// would carry; boxed, that is two pointers.
+    pub async fn run(mut self: Box<Self>, mut ws: Box<WebSocket>) {
         let gateway = self.gateway.clone();
         let (handle, outbox) = ConnectionHandle::new(
             self.id,
@@ -381,7 +390,12 @@ impl Connection {
                         return self.reconnect(ws, reason, code).await;
                     }
                     Next::Close(code) => return Exit::Close(code, close_reason(code)),
-                    Next::Send(frame) => Some(frame.text),
+                    Next::Send(frame) => {
+                        if let Some(exit) = self.send_queued(ws, frame.text, outbox).await {
+                            return exit;
+                        }
+                        continue;
+                    }
                 },
                 _ = self.shutdown.recv() => {
                     return self.reconnect(ws, "shutdown", close::GOING_AWAY).await;
@@ -451,8 +465,11 @@ impl Connection {
                         continue;
                     }
                     match parsed {
+                        // The two awaits below are boxed: inline, their futures (a key fetch,
+                        // a matchmaker call) would sit in every idle connection's task, sized
+                        // for the largest of them, for the connection's whole life.
                         Ok(Request { action: Action::Refresh { access_token }, reference }) => {
-                            match self.auth.verify_refresh(&self.user, &access_token).await {
+                            match Box::pin(self.auth.verify_refresh(&self.user, &access_token)).await {
                                 Ok(claims) => {
                                     token.renew(claims.exp);
                                     expiry.as_mut().reset(token.deadline());
@@ -468,7 +485,7 @@ impl Connection {
                                 }
                             }
                         }
-                        Ok(request) => match self.gateway.handle(&self.user, self.id, &self.attributes, request).await {
+                        Ok(request) => match Box::pin(self.gateway.handle(&self.user, self.id, &self.attributes, request)).await {
                             Some(Answer { frame, client_error: true }) => {
                                 if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
                                     return exit;
@@ -551,10 +568,42 @@ impl Connection {
         self.send_message(ws, Message::Text(text)).await
     }
 
-    /// Writes one message. A write that cannot finish within the write timeout means the client
-    /// does not read: it is treated as a slow consumer.
+    /// Writes `first` together with the frames queued behind it (a `queued` and its
+    /// `matched`, say), up to [`BATCH_BYTES`]: one socket write where there would be one per
+    /// frame, which is most of a match's cost on the gateway.
+    async fn send_queued(
+        &self,
+        ws: &mut WebSocket,
+        first: Utf8Bytes,
+        outbox: &Outbox,
+    ) -> Option<Exit> {
+        let batch = async {
+            let mut bytes = first.len();
+            ws.feed(Message::Text(first)).await?;
+            while bytes < BATCH_BYTES {
+                let Some(frame) = outbox.try_next() else {
+                    break;
+                };
+                bytes += frame.text.len();
+                ws.feed(Message::Text(frame.text)).await?;
+            }
+            ws.flush().await
+        };
+        self.timed_write(batch).await
+    }
+
+    /// Writes one message.
     async fn send_message(&self, ws: &mut WebSocket, message: Message) -> Option<Exit> {
-        match tokio::time::timeout(self.settings.write_timeout, ws.send(message)).await {
+        self.timed_write(ws.send(message)).await
+    }
+
+    /// A write that cannot finish within the write timeout means the client does not read: it
+    /// is treated as a slow consumer.
+    async fn timed_write(
+        &self,
+        write: impl Future<Output = Result<(), axum::Error>>,
+    ) -> Option<Exit> {
+        match tokio::time::timeout(self.settings.write_timeout, write).await {
             Ok(Ok(())) => None,
             Ok(Err(_)) => Some(Exit::Gone),
             Err(_) => {

@@ -475,11 +475,13 @@ async fn ws_handshake(
         // messages) would dwarf everything else an idle connection costs. Client frames are
         // small; a larger one grows the buffer only while it is read.
         .read_buffer_size(1024)
-        .write_buffer_size(0)
+        // Frames are written when the connection flushes (once per batch of queued frames,
+        // see `Connection`), not one by one; nothing is allocated up front.
+        .write_buffer_size(crate::connection::BATCH_BYTES)
         .max_write_buffer_size(s.max_frame_bytes().max(64 * 1024) * 4)
         .max_message_size(s.max_frame_bytes())
         .max_frame_size(s.max_frame_bytes())
-        .on_upgrade(move |ws| connection.run(ws))
+        .on_upgrade(move |ws| Box::new(connection).run(Box::new(ws)))
 }
 
 /// 429 with when to try again, in the `Retry-After` header (whole seconds, rounded up) and in
