@@ -598,19 +598,23 @@ impl Connection {
     }
 
     /// A write that cannot finish within the write timeout means the client does not read: it
-    /// is treated as a slow consumer.
-    async fn timed_write(
-        &self,
-        write: impl Future<Output = Result<(), axum::Error>>,
-    ) -> Option<Exit> {
-        match tokio::time::timeout(self.settings.write_timeout, write).await {
-            Ok(Ok(())) => None,
-            Ok(Err(_)) => Some(Exit::Gone),
-            Err(_) => {
-                self.gateway
-                    .metrics
-                    .disconnect(code_label(close::SLOW_CONSUMER));
-                Some(Exit::Gone)
+    /// is treated as a slow consumer. The write and its timer are boxed: inline they would sit
+    /// in the state of every connection's task, idle or not.
+    fn timed_write<'a>(
+        &'a self,
+        write: impl Future<Output = Result<(), axum::Error>> + 'a,
+    ) -> impl Future<Output = Option<Exit>> + 'a {
+        let timed = Box::pin(tokio::time::timeout(self.settings.write_timeout, write));
+        async move {
+            match timed.await {
+                Ok(Ok(())) => None,
+                Ok(Err(_)) => Some(Exit::Gone),
+                Err(_) => {
+                    self.gateway
+                        .metrics
+                        .disconnect(code_label(close::SLOW_CONSUMER));
+                    Some(Exit::Gone)
+                }
             }
         }
     }
