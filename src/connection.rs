@@ -7,11 +7,13 @@
 //! connection decides (limits, errors, close codes) is decided here; what a request means is
 //! the [`Gateway`]'s business.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
 use rand::Rng;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -223,6 +225,10 @@ impl Settings {
     }
 }
 
+/// Most bytes of queued frames written at once (the WebSocket layer buffers up to this much
+/// before writing; see [`crate::http`]).
+pub const BATCH_BYTES: usize = 16 * 1024;
+
 /// Everything a connection task needs besides its socket.
 pub struct Connection {
     pub gateway: Arc<Gateway>,
@@ -277,7 +283,10 @@ fn close_reason(code: u16) -> &'static str {
 }
 
 impl Connection {
-    pub async fn run(mut self, mut ws: WebSocket) {
+    /// Runs the connection to its end. Both arguments come boxed: an `async fn` keeps its
+    /// arguments twice in its state (rust-lang/rust#62958), which every idle connection's task
+    /// would carry; boxed, that is two pointers.
+    pub async fn run(mut self: Box<Self>, mut ws: Box<WebSocket>) {
         let gateway = self.gateway.clone();
         let (handle, outbox) = ConnectionHandle::new(
             self.id,
@@ -383,7 +392,12 @@ impl Connection {
                         return self.reconnect(ws, reason, code).await;
                     }
                     Next::Close(code) => return Exit::Close(code, close_reason(code)),
-                    Next::Send(frame) => Some(frame.text),
+                    Next::Send(frame) => {
+                        if let Some(exit) = self.send_queued(ws, frame.text, outbox).await {
+                            return exit;
+                        }
+                        continue;
+                    }
                 },
                 _ = self.shutdown.recv() => {
                     return self.reconnect(ws, "shutdown", close::GOING_AWAY).await;
@@ -453,8 +467,11 @@ impl Connection {
                         continue;
                     }
                     match parsed {
+                        // The two awaits below are boxed: inline, their futures (a key fetch,
+                        // a matchmaker call) would sit in every idle connection's task, sized
+                        // for the largest of them, for the connection's whole life.
                         Ok(Request { action: Action::Refresh { access_token }, reference }) => {
-                            match self.auth.verify_refresh(&self.user, &access_token).await {
+                            match Box::pin(self.auth.verify_refresh(&self.user, &access_token)).await {
                                 Ok(claims) => {
                                     token.renew(claims.exp);
                                     // What a later `enqueue` is matched by: a refreshed
@@ -473,7 +490,7 @@ impl Connection {
                                 }
                             }
                         }
-                        Ok(request) => match self.gateway.handle(&self.user, self.id, &self.attributes, request).await {
+                        Ok(request) => match Box::pin(self.gateway.handle(&self.user, self.id, &self.attributes, request)).await {
                             Some(Answer { frame, client_error: true }) => {
                                 if let Some(exit) = self.send_error(ws, frame, &mut errors).await {
                                     return exit;
@@ -556,17 +573,53 @@ impl Connection {
         self.send_message(ws, Message::Text(text)).await
     }
 
-    /// Writes one message. A write that cannot finish within the write timeout means the client
-    /// does not read: it is treated as a slow consumer.
+    /// Writes `first` together with the frames queued behind it (a `queued` and its
+    /// `matched`, say), up to [`BATCH_BYTES`]: one socket write where there would be one per
+    /// frame, which is most of a match's cost on the gateway.
+    async fn send_queued(
+        &self,
+        ws: &mut WebSocket,
+        first: Utf8Bytes,
+        outbox: &Outbox,
+    ) -> Option<Exit> {
+        let batch = async {
+            let mut bytes = first.len();
+            ws.feed(Message::Text(first)).await?;
+            while bytes < BATCH_BYTES {
+                let Some(frame) = outbox.try_next() else {
+                    break;
+                };
+                bytes += frame.text.len();
+                ws.feed(Message::Text(frame.text)).await?;
+            }
+            ws.flush().await
+        };
+        self.timed_write(batch).await
+    }
+
+    /// Writes one message.
     async fn send_message(&self, ws: &mut WebSocket, message: Message) -> Option<Exit> {
-        match tokio::time::timeout(self.settings.write_timeout, ws.send(message)).await {
-            Ok(Ok(())) => None,
-            Ok(Err(_)) => Some(Exit::Gone),
-            Err(_) => {
-                self.gateway
-                    .metrics
-                    .disconnect(code_label(close::SLOW_CONSUMER));
-                Some(Exit::Gone)
+        self.timed_write(ws.send(message)).await
+    }
+
+    /// A write that cannot finish within the write timeout means the client does not read: it
+    /// is treated as a slow consumer. The write and its timer are boxed: inline they would sit
+    /// in the state of every connection's task, idle or not.
+    fn timed_write<'a>(
+        &'a self,
+        write: impl Future<Output = Result<(), axum::Error>> + 'a,
+    ) -> impl Future<Output = Option<Exit>> + 'a {
+        let timed = Box::pin(tokio::time::timeout(self.settings.write_timeout, write));
+        async move {
+            match timed.await {
+                Ok(Ok(())) => None,
+                Ok(Err(_)) => Some(Exit::Gone),
+                Err(_) => {
+                    self.gateway
+                        .metrics
+                        .disconnect(code_label(close::SLOW_CONSUMER));
+                    Some(Exit::Gone)
+                }
             }
         }
     }

@@ -478,17 +478,23 @@ async fn ws_handshake(
         _tracked: app.tasks.token(),
         _permit: permit,
     };
+    // Boxed before the upgrade task takes it: that task keeps the closure's slot for its
+    // whole life, and a box is one pointer there.
+    let connection = Box::new(connection);
     let s = &app.settings;
     upgrade
         // tungstenite's defaults (128 KiB read buffer allocated per connection, 64 MiB
         // messages) would dwarf everything else an idle connection costs. Client frames are
-        // small; a larger one grows the buffer only while it is read.
-        .read_buffer_size(1024)
-        .write_buffer_size(0)
+        // small (an `enqueue` is about 100 bytes); a larger one grows the buffer to fit, and
+        // is read 512 bytes at a time (a 2 KiB signal in four reads).
+        .read_buffer_size(512)
+        // Frames are written when the connection flushes (once per batch of queued frames,
+        // see `Connection`), not one by one; nothing is allocated up front.
+        .write_buffer_size(crate::connection::BATCH_BYTES)
         .max_write_buffer_size(s.max_frame_bytes().max(64 * 1024) * 4)
         .max_message_size(s.max_frame_bytes())
         .max_frame_size(s.max_frame_bytes())
-        .on_upgrade(move |ws| connection.run(ws))
+        .on_upgrade(move |ws| connection.run(Box::new(ws)))
 }
 
 /// 429 with when to try again, in the `Retry-After` header (whole seconds, rounded up) and in

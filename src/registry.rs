@@ -151,6 +151,17 @@ impl Outbox {
             self.wake.notified().await;
         }
     }
+
+    /// The next queued frame without waiting, so that frames queued together go out in one
+    /// write. `None` when the queue is empty or a close was asked for (which [`Self::next`]
+    /// then reports first).
+    pub fn try_next(&self) -> Option<Frame> {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return None;
+        }
+        state.frames.pop_front()
+    }
 }
 
 /// Handle to one live connection: it can push frames and ask for a close, nothing else.
@@ -346,6 +357,19 @@ mod tests {
         assert_eq!(outbox.last_seq(), Some(7));
         handle.push(frame(9)); // 8 was lost
         assert!(matches!(outbox.next().await, Next::Close(close::RESYNC)));
+    }
+
+    #[tokio::test]
+    async fn try_next_takes_what_is_queued_and_leaves_a_close_to_next() {
+        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 8, LOOPBACK, None);
+        outbox.start_at(0);
+        assert!(outbox.try_next().is_none(), "nothing queued");
+        handle.push(frame(1));
+        handle.push(frame(2));
+        assert_eq!(outbox.try_next().and_then(|f| f.seq), Some(1));
+        handle.close(close::REPLACED);
+        assert!(outbox.try_next().is_none(), "a close comes first");
+        assert!(matches!(outbox.next().await, Next::Close(close::REPLACED)));
     }
 
     #[tokio::test]
