@@ -1420,24 +1420,42 @@ impl State {
         s.members.iter().position(|m| &m.user == id).ok_or_else(no)
     }
 
+    /// Whether a timer of queue place `ticket` (relaxation, interests wait) finds `id` waiting
+    /// there. A user paired from that place gets the timer again after `delay`: if the match
+    /// is undone, the wait goes on from the restored place.
+    fn timer_finds_waiting(
+        &self,
+        step: &mut Step<'_>,
+        id: &UserId,
+        ticket: u64,
+        delay: Duration,
+        timer: Timer,
+    ) -> bool {
+        match self.users.get(id).map(|u| &u.activity) {
+            Some(Activity::Queued(w)) => w.ticket == ticket,
+            Some(Activity::Pending { waiting, .. }) if waiting.ticket == ticket => {
+                step.outcome.timers.push((delay, id.clone(), timer));
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// Widens the search of a waiting user by one relaxation step.
     fn relax(&mut self, step: &mut Step<'_>, id: &UserId, ticket: u64) {
-        let Some(user) = self.users.get(id) else {
+        let after = step.policy.rules.relax_after;
+        if !self.timer_finds_waiting(step, id, ticket, after, Timer::Relax { ticket }) {
+            return;
+        }
+        let Some(User {
+            activity: Activity::Queued(w),
+            away,
+            ..
+        }) = self.users.get(id)
+        else {
             return;
         };
-        let away = user.away;
-        let w = match &user.activity {
-            Activity::Queued(w) if w.ticket == ticket => w,
-            // Paired meanwhile: if the match is undone, the search goes on widening.
-            Activity::Pending { waiting, .. } if waiting.ticket == ticket => {
-                let after = step.policy.rules.relax_after;
-                step.outcome
-                    .timers
-                    .push((after, id.clone(), Timer::Relax { ticket }));
-                return;
-            }
-            _ => return,
-        };
+        let away = *away;
         let level = w.level + 1;
         let Some(widened) = w.prefs.relaxed(level) else {
             return;
@@ -1488,20 +1506,16 @@ impl State {
     /// in every pool it is listed in (and in the wider ones to come), is told so, and may now
     /// meet any open user.
     fn widen_interests(&mut self, step: &mut Step<'_>, id: &UserId, ticket: u64) {
-        let Some(user) = self.users.get_mut(id) else {
+        let wait = step.policy.rules.interests_wait;
+        if !self.timer_finds_waiting(step, id, ticket, wait, Timer::Interests { ticket }) {
             return;
-        };
-        let w = match &mut user.activity {
-            Activity::Queued(w) if w.ticket == ticket => w,
-            // Paired meanwhile: if the match is undone, the wait goes on.
-            Activity::Pending { waiting, .. } if waiting.ticket == ticket => {
-                let wait = step.policy.rules.interests_wait;
-                step.outcome
-                    .timers
-                    .push((wait, id.clone(), Timer::Interests { ticket }));
-                return;
-            }
-            _ => return,
+        }
+        let Some(User {
+            activity: Activity::Queued(w),
+            ..
+        }) = self.users.get_mut(id)
+        else {
+            return;
         };
         if w.open() || w.prefs.interests_only {
             return;
