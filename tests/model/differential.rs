@@ -674,6 +674,8 @@ async fn observe(
         "2 outcome": outcome,
         "3 frames": frames,
         "4 states": states,
+        // Redis's per-tag lists against its users (memory: none; checked in its unit test).
+        "5 index faults": run.engine.index_faults().await,
     });
     names.normalise(&mut v);
     v
