@@ -2669,7 +2669,8 @@ mod tests {
     /// than from the candidate lists: two connected waiting users in a common pool who may
     /// meet (no avoid or block between them, each one's `want` holding for the other's
     /// attributes, a shared interest or both open). Also checks that the candidate lists hold
-    /// exactly the connected waiters, each in its tags' lists and, when open, the open list.
+    /// exactly the connected waiters, each in its tags' lists and, when open, the open list,
+    /// and no empty tag list.
     fn check(state: &State) {
         let connected: Vec<(&UserId, &Waiting)> = state
             .users
@@ -2695,6 +2696,12 @@ mod tests {
                 assert_eq!(pool.open.contains_key(&w.ticket), w.open(), "open {id}");
             }
             assert_eq!(pool.tags.values().map(BTreeMap::len).sum::<usize>(), tagged);
+            // A tag nobody waits with any more leaves no list behind (or tags users came
+            // with once would pile up).
+            assert!(
+                pool.tags.values().all(|l| !l.is_empty()),
+                "empty tag list in {key}"
+            );
             assert_eq!(
                 pool.open.len(),
                 listed.iter().filter(|(_, w)| w.open()).count()
