@@ -465,21 +465,8 @@ impl Engine {
                 .expect("ZRANGE");
             for (user, ticket) in entries {
                 listed.insert((user.clone(), tag.to_string(), pool.to_string()));
-                let (state, t, away, interests, own, wider): WaiterFields = cmd(
-                    "HMGET",
-                    &[
-                        &format!("{root}user:{user}"),
-                        "state",
-                        "ticket",
-                        "away",
-                        "interests",
-                        "pool",
-                        "wider_pools",
-                    ],
-                )
-                .query_async(&mut conn)
-                .await
-                .expect("HMGET");
+                let (state, t, away, interests, own, wider) =
+                    waiter(&mut conn, &format!("{root}user:{user}")).await;
                 let ok = state.as_deref() == Some("queued")
                     && t.as_deref() == Some(&ticket.to_string())
                     && away.as_deref() == Some("0")
@@ -497,21 +484,7 @@ impl Engine {
             .await
             .expect("KEYS");
         for key in user_keys {
-            let (state, _, away, interests, own, wider): WaiterFields = cmd(
-                "HMGET",
-                &[
-                    &key,
-                    "state",
-                    "ticket",
-                    "away",
-                    "interests",
-                    "pool",
-                    "wider_pools",
-                ],
-            )
-            .query_async(&mut conn)
-            .await
-            .expect("HMGET");
+            let (state, _, away, interests, own, wider) = waiter(&mut conn, &key).await;
             if state.as_deref() != Some("queued") || away.as_deref() != Some("0") {
                 continue;
             }
@@ -584,6 +557,23 @@ type WaiterFields = (
     Option<String>,
     Option<String>,
 );
+
+/// The fields of the user hash at `key` that say where a waiting user is listed.
+async fn waiter(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> WaiterFields {
+    redis::cmd("HMGET")
+        .arg(key)
+        .arg(&[
+            "state",
+            "ticket",
+            "away",
+            "interests",
+            "pool",
+            "wider_pools",
+        ])
+        .query_async(conn)
+        .await
+        .expect("HMGET")
+}
 
 /// The pools a waiting user is listed in: its own and those of its wider_pools field.
 fn pools_of(pool: Option<String>, wider: Option<String>) -> Vec<String> {
