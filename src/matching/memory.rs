@@ -1468,9 +1468,6 @@ impl State {
         if new_pool {
             self.pools.entry(key.clone()).or_default().list(w, id, away);
         }
-        let pool = &self.pools[&base];
-        let position = pool.ahead(ticket);
-        let estimate = self.estimate(pool, position);
         if let Some(User {
             activity: Activity::Queued(w),
             ..
@@ -1481,25 +1478,13 @@ impl State {
             }
             w.level = level;
             w.want = widened.want.clone();
-            w.told = (position, estimate);
         }
-        self.emit(
-            step,
-            id,
-            Event::QueueUpdate {
-                position,
-                estimated_wait_ms: estimate,
-                widened_to: Some(widened),
-                interests_widened: false,
-            },
-        );
         if more {
-            let after = step.policy.rules.relax_after;
             step.outcome
                 .timers
                 .push((after, id.clone(), Timer::Relax { ticket }));
         }
-        self.try_match(step, id);
+        self.tell_widened(step, id, &base, ticket, Some(widened), false);
     }
 
     /// The interests wait of a waiting user passed: unless `interests_only`, it becomes open
@@ -1527,7 +1512,22 @@ impl State {
             }
         }
         let base = w.pool.clone();
-        let pool = &self.pools[&base];
+        self.tell_widened(step, id, &base, ticket, None, true);
+    }
+
+    /// Tells waiting `id` (queue place `ticket`, pool `base`) where it stands now that its
+    /// search widened (`widened_to`: a relaxation step; `interests_widened`: the end of the
+    /// interests wait), and tries to match it with what it may meet now.
+    fn tell_widened(
+        &mut self,
+        step: &mut Step<'_>,
+        id: &UserId,
+        base: &Arc<str>,
+        ticket: u64,
+        widened_to: Option<Prefs>,
+        interests_widened: bool,
+    ) {
+        let pool = &self.pools[base];
         let position = pool.ahead(ticket);
         let estimate = self.estimate(pool, position);
         if let Some(User {
@@ -1543,8 +1543,8 @@ impl State {
             Event::QueueUpdate {
                 position,
                 estimated_wait_ms: estimate,
-                widened_to: None,
-                interests_widened: true,
+                widened_to,
+                interests_widened,
             },
         );
         self.try_match(step, id);
