@@ -1420,24 +1420,42 @@ impl State {
         s.members.iter().position(|m| &m.user == id).ok_or_else(no)
     }
 
+    /// Whether a timer of queue place `ticket` (relaxation, interests wait) finds `id` waiting
+    /// there. A user paired from that place gets the timer again after `delay`: if the match
+    /// is undone, the wait goes on from the restored place.
+    fn timer_finds_waiting(
+        &self,
+        step: &mut Step<'_>,
+        id: &UserId,
+        ticket: u64,
+        delay: Duration,
+        timer: Timer,
+    ) -> bool {
+        match self.users.get(id).map(|u| &u.activity) {
+            Some(Activity::Queued(w)) => w.ticket == ticket,
+            Some(Activity::Pending { waiting, .. }) if waiting.ticket == ticket => {
+                step.outcome.timers.push((delay, id.clone(), timer));
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// Widens the search of a waiting user by one relaxation step.
     fn relax(&mut self, step: &mut Step<'_>, id: &UserId, ticket: u64) {
-        let Some(user) = self.users.get(id) else {
+        let after = step.policy.rules.relax_after;
+        if !self.timer_finds_waiting(step, id, ticket, after, Timer::Relax { ticket }) {
+            return;
+        }
+        let Some(User {
+            activity: Activity::Queued(w),
+            away,
+            ..
+        }) = self.users.get(id)
+        else {
             return;
         };
-        let away = user.away;
-        let w = match &user.activity {
-            Activity::Queued(w) if w.ticket == ticket => w,
-            // Paired meanwhile: if the match is undone, the search goes on widening.
-            Activity::Pending { waiting, .. } if waiting.ticket == ticket => {
-                let after = step.policy.rules.relax_after;
-                step.outcome
-                    .timers
-                    .push((after, id.clone(), Timer::Relax { ticket }));
-                return;
-            }
-            _ => return,
-        };
+        let away = *away;
         let level = w.level + 1;
         let Some(widened) = w.prefs.relaxed(level) else {
             return;
@@ -1450,9 +1468,6 @@ impl State {
         if new_pool {
             self.pools.entry(key.clone()).or_default().list(w, id, away);
         }
-        let pool = &self.pools[&base];
-        let position = pool.ahead(ticket);
-        let estimate = self.estimate(pool, position);
         if let Some(User {
             activity: Activity::Queued(w),
             ..
@@ -1463,45 +1478,29 @@ impl State {
             }
             w.level = level;
             w.want = widened.want.clone();
-            w.told = (position, estimate);
         }
-        self.emit(
-            step,
-            id,
-            Event::QueueUpdate {
-                position,
-                estimated_wait_ms: estimate,
-                widened_to: Some(widened),
-                interests_widened: false,
-            },
-        );
         if more {
-            let after = step.policy.rules.relax_after;
             step.outcome
                 .timers
                 .push((after, id.clone(), Timer::Relax { ticket }));
         }
-        self.try_match(step, id);
+        self.tell_widened(step, id, &base, ticket, Some(widened), false);
     }
 
     /// The interests wait of a waiting user passed: unless `interests_only`, it becomes open
     /// in every pool it is listed in (and in the wider ones to come), is told so, and may now
     /// meet any open user.
     fn widen_interests(&mut self, step: &mut Step<'_>, id: &UserId, ticket: u64) {
-        let Some(user) = self.users.get_mut(id) else {
+        let wait = step.policy.rules.interests_wait;
+        if !self.timer_finds_waiting(step, id, ticket, wait, Timer::Interests { ticket }) {
             return;
-        };
-        let w = match &mut user.activity {
-            Activity::Queued(w) if w.ticket == ticket => w,
-            // Paired meanwhile: if the match is undone, the wait goes on.
-            Activity::Pending { waiting, .. } if waiting.ticket == ticket => {
-                let wait = step.policy.rules.interests_wait;
-                step.outcome
-                    .timers
-                    .push((wait, id.clone(), Timer::Interests { ticket }));
-                return;
-            }
-            _ => return,
+        }
+        let Some(User {
+            activity: Activity::Queued(w),
+            ..
+        }) = self.users.get_mut(id)
+        else {
+            return;
         };
         if w.open() || w.prefs.interests_only {
             return;
@@ -1513,7 +1512,22 @@ impl State {
             }
         }
         let base = w.pool.clone();
-        let pool = &self.pools[&base];
+        self.tell_widened(step, id, &base, ticket, None, true);
+    }
+
+    /// Tells waiting `id` (queue place `ticket`, pool `base`) where it stands now that its
+    /// search widened (`widened_to`: a relaxation step; `interests_widened`: the end of the
+    /// interests wait), and tries to match it with what it may meet now.
+    fn tell_widened(
+        &mut self,
+        step: &mut Step<'_>,
+        id: &UserId,
+        base: &Arc<str>,
+        ticket: u64,
+        widened_to: Option<Prefs>,
+        interests_widened: bool,
+    ) {
+        let pool = &self.pools[base];
         let position = pool.ahead(ticket);
         let estimate = self.estimate(pool, position);
         if let Some(User {
@@ -1529,8 +1543,8 @@ impl State {
             Event::QueueUpdate {
                 position,
                 estimated_wait_ms: estimate,
-                widened_to: None,
-                interests_widened: true,
+                widened_to,
+                interests_widened,
             },
         );
         self.try_match(step, id);
@@ -2655,7 +2669,8 @@ mod tests {
     /// than from the candidate lists: two connected waiting users in a common pool who may
     /// meet (no avoid or block between them, each one's `want` holding for the other's
     /// attributes, a shared interest or both open). Also checks that the candidate lists hold
-    /// exactly the connected waiters, each in its tags' lists and, when open, the open list.
+    /// exactly the connected waiters, each in its tags' lists and, when open, the open list,
+    /// and no empty tag list.
     fn check(state: &State) {
         let connected: Vec<(&UserId, &Waiting)> = state
             .users
@@ -2681,6 +2696,12 @@ mod tests {
                 assert_eq!(pool.open.contains_key(&w.ticket), w.open(), "open {id}");
             }
             assert_eq!(pool.tags.values().map(BTreeMap::len).sum::<usize>(), tagged);
+            // A tag nobody waits with any more leaves no list behind (or tags users came
+            // with once would pile up).
+            assert!(
+                pool.tags.values().all(|l| !l.is_empty()),
+                "empty tag list in {key}"
+            );
             assert_eq!(
                 pool.open.len(),
                 listed.iter().filter(|(_, w)| w.open()).count()

@@ -446,6 +446,86 @@ impl Engine {
         .expect("the marker came back from Redis")
     }
 
+    /// Redis: what is wrong with the per-tag candidate lists (`P:tag:<tag>\n<pool>`, see
+    /// keys.lua), both ways: an entry must be a connected waiting user at that ticket, with
+    /// that interest, listed in that pool; and every connected waiting user with interests
+    /// must have its entry in each of its pools. So no entry outlives a dequeue, an expiry
+    /// or a match (an outsider's leftovers would grow without a bound), and none is missing.
+    /// Memory: nothing (its own unit test checks its index).
+    pub async fn index_faults(&self) -> Vec<String> {
+        let Source::Redis {
+            publisher,
+            log_prefix,
+            ..
+        } = &self.source
+        else {
+            return Vec::new();
+        };
+        let mut conn = publisher.clone();
+        let root = log_prefix.strip_suffix("log:").expect("the key root");
+        let mut faults = Vec::new();
+        let cmd = |c: &str, args: &[&str]| {
+            let mut q = redis::cmd(c);
+            for a in args {
+                q.arg(*a);
+            }
+            q
+        };
+        let tag_keys: Vec<String> = cmd("KEYS", &[&format!("{root}tag:*")])
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        let mut listed = HashSet::new();
+        for key in tag_keys {
+            let (tag, pool) = key[root.len() + 4..].split_once('\n').expect("tag\npool");
+            let entries: Vec<(String, u64)> = cmd("ZRANGE", &[&key, "0", "-1", "WITHSCORES"])
+                .query_async(&mut conn)
+                .await
+                .expect("ZRANGE");
+            for (user, ticket) in entries {
+                listed.insert((user.clone(), tag.to_string(), pool.to_string()));
+                let (state, t, away, interests, own, wider) =
+                    waiter(&mut conn, &format!("{root}user:{user}")).await;
+                let ok = state.as_deref() == Some("queued")
+                    && t.as_deref() == Some(&ticket.to_string())
+                    && away.as_deref() == Some("0")
+                    && interests.unwrap_or_default().split('\n').any(|i| i == tag)
+                    && pools_of(own, wider).iter().any(|p| p == pool);
+                if !ok {
+                    faults.push(format!(
+                        "{user} at ticket {ticket} in the list of {tag:?} in {pool:?}"
+                    ));
+                }
+            }
+        }
+        let user_keys: Vec<String> = cmd("KEYS", &[&format!("{root}user:*")])
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        for key in user_keys {
+            let (state, _, away, interests, own, wider) = waiter(&mut conn, &key).await;
+            if state.as_deref() != Some("queued") || away.as_deref() != Some("0") {
+                continue;
+            }
+            let user = &key[root.len() + 5..];
+            for tag in interests
+                .unwrap_or_default()
+                .split('\n')
+                .filter(|t| !t.is_empty())
+            {
+                for pool in pools_of(own.clone(), wider.clone()) {
+                    if !listed.contains(&(user.to_string(), tag.to_string(), pool.clone())) {
+                        faults.push(format!(
+                            "{user} missing from the list of {tag:?} in {pool:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        faults.sort();
+        faults
+    }
+
     /// Redis: one heartbeat tick of the instance, as its gateway runs it (with a period longer
     /// than any run, so that the instance is never taken for dead). Memory: nothing.
     pub async fn tick(&self) -> Option<Outcome> {
@@ -489,4 +569,46 @@ fn parse_payload(payload: &str) -> Vec<(UserId, Frame)> {
             _ => None,
         })
         .collect()
+}
+
+/// A user hash's state, ticket, away, interests, pool and wider_pools fields.
+type WaiterFields = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// The fields of the user hash at `key` that say where a waiting user is listed.
+async fn waiter(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> WaiterFields {
+    redis::cmd("HMGET")
+        .arg(key)
+        .arg(&[
+            "state",
+            "ticket",
+            "away",
+            "interests",
+            "pool",
+            "wider_pools",
+        ])
+        .query_async(conn)
+        .await
+        .expect("HMGET")
+}
+
+/// The pools a waiting user is listed in: its own and those of its wider_pools field.
+fn pools_of(pool: Option<String>, wider: Option<String>) -> Vec<String> {
+    let mut pools: Vec<String> = pool.into_iter().collect();
+    for p in wider
+        .unwrap_or_default()
+        .split('\n')
+        .filter(|p| !p.is_empty())
+    {
+        if !pools.iter().any(|q| q == p) {
+            pools.push(p.to_string());
+        }
+    }
+    pools
 }
