@@ -549,6 +549,9 @@ async fn an_outage_creates_one_detach_per_attached_user_however_many_reconnect()
         http_get(g.addr, "/readyz").await.0 == 200
     })
     .await;
+    // The restarted Redis is empty: the heartbeat that sees its new epoch tells every client
+    // to start over (4006). Readiness may come back first; new clients connect after that.
+    g.wait_for_log("Redis lost its data").await;
     let mut a = g.connect("a").await;
     let mut b = g.connect("b").await;
     common::match_up(&mut a, &mut b).await;

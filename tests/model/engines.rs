@@ -395,6 +395,13 @@ impl Engine {
                         "a frame with a seq published out of the order it was logged in, for a \
                          user away, or not logged: {p}"
                     );
+                    out.push((user, frame));
+                    // A frame for a user away goes out right after the frame logged before it:
+                    // the library makes a session's two `session_ended` (or `matched`) one after
+                    // the other, before any frame without a seq (a pushed `error`) that the
+                    // same call makes next, and that frame arrives in the same message.
+                    flush_away(&mut logged, &mut out);
+                    continue;
                 }
                 out.push((user, frame));
             }
