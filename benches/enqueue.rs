@@ -16,7 +16,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use matchgate::matching::{ConnId, Engine, UserId};
 use matchgate::protocol::Prefs;
-use support::{memory, redis, time_enqueue, RedisProcess};
+use support::{engines_with_waiters, time_enqueue, RedisProcess};
 
 /// Unsuitable waiters ahead of the measured enqueue.
 const WAITERS: [usize; 2] = [0, 5_000];
@@ -44,18 +44,7 @@ fn bench(c: &mut Criterion) {
     group.sample_size(30);
     group.measurement_time(Duration::from_secs(5));
     for waiters in WAITERS {
-        let engines = [
-            ("memory", memory()),
-            ("redis", redis(&server.url(), &format!("bench{waiters}"))),
-        ];
-        for (name, mm) in engines {
-            let probe: UserId = "probe".into();
-            rt.block_on(async {
-                fill(mm.as_ref(), waiters).await;
-                mm.attach(&probe, ConnId(u64::MAX), None)
-                    .await
-                    .expect("attach");
-            });
+        for (name, mm, probe) in engines_with_waiters(&rt, &server, waiters, fill) {
             group.bench_function(BenchmarkId::new(name, waiters), |b| {
                 time_enqueue(b, &rt, mm.as_ref(), &probe, &Prefs::default())
             });

@@ -19,7 +19,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use matchgate::matching::{ConnId, Engine, UserId};
 use matchgate::protocol::Prefs;
-use support::{memory, redis, time_enqueue, RedisProcess};
+use support::{engines_with_waiters, time_enqueue, RedisProcess};
 
 /// Users waiting in other tags.
 const WAITERS: [usize; 3] = [10, 1_000, 100_000];
@@ -63,18 +63,7 @@ fn bench(c: &mut Criterion) {
         ("none", Prefs::default()),
     ];
     for waiters in WAITERS {
-        let engines = [
-            ("memory", memory()),
-            ("redis", redis(&server.url(), &format!("bench{waiters}"))),
-        ];
-        for (name, mm) in engines {
-            let probe: UserId = "probe".into();
-            rt.block_on(async {
-                fill(mm.as_ref(), waiters).await;
-                mm.attach(&probe, ConnId(u64::MAX), None)
-                    .await
-                    .expect("attach");
-            });
+        for (name, mm, probe) in engines_with_waiters(&rt, &server, waiters, fill) {
             for (kind, prefs) in &probes {
                 let id = BenchmarkId::new(format!("{name}/{kind}"), waiters);
                 group.bench_function(id, |b| time_enqueue(b, &rt, mm.as_ref(), &probe, prefs));

@@ -14,7 +14,7 @@ use criterion::Bencher;
 use matchgate::bus::{Bus, Frame};
 use matchgate::matching::memory::{MemoryMatchmaker, Policy};
 use matchgate::matching::redis::{RedisMatchmaker, RedisSettings};
-use matchgate::matching::{Engine, MediaMode, Rules, UserId};
+use matchgate::matching::{ConnId, Engine, MediaMode, Rules, UserId};
 use matchgate::metrics::Metrics;
 use matchgate::p2p::IceServers;
 use matchgate::protocol::Prefs;
@@ -71,6 +71,35 @@ pub fn redis(url: &str, namespace: &str) -> Arc<dyn Engine> {
         call_timeout: Duration::from_secs(10),
     };
     Arc::new(RedisMatchmaker::new(settings, Arc::new(Metrics::new())).expect("Redis matchmaker"))
+}
+
+/// For each engine (memory, then Redis on `server` under a namespace of its own), the engine
+/// with `waiters` users put in by `fill`, and the attached, idle user whose `enqueue` a bench
+/// times with [`time_enqueue`].
+#[allow(dead_code)] // `hot_paths` measures enqueues that match instead
+pub fn engines_with_waiters(
+    rt: &tokio::runtime::Runtime,
+    server: &RedisProcess,
+    waiters: usize,
+    fill: impl AsyncFn(&dyn Engine, usize),
+) -> Vec<(&'static str, Arc<dyn Engine>, UserId)> {
+    let engines = [
+        ("memory", memory()),
+        ("redis", redis(&server.url(), &format!("bench{waiters}"))),
+    ];
+    engines
+        .into_iter()
+        .map(|(name, mm)| {
+            let probe: UserId = "probe".into();
+            rt.block_on(async {
+                fill(mm.as_ref(), waiters).await;
+                mm.attach(&probe, ConnId(u64::MAX), None)
+                    .await
+                    .expect("attach");
+            });
+            (name, mm, probe)
+        })
+        .collect()
 }
 
 /// Times one `enqueue` of `probe` (attached, idle) with `prefs` per iteration, where it must
