@@ -15,20 +15,26 @@
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 
 use dashmap::DashMap;
-use tokio::sync::Notify;
 
 use crate::ids::{ConnId, Frame, UserId};
 use crate::protocol::close;
 
-/// A connection's bounded outbound queue plus its close request, behind one lock and one
-/// wake-up. Written for this purpose instead of a tokio `mpsc` channel because an idle
-/// connection must cost almost nothing: this allocates only while frames are queued, where a
-/// channel allocates a block of slots up front for every connection.
+/// A connection's bounded outbound queue plus its close request, behind one lock. Written for
+/// this purpose instead of a tokio `mpsc` channel because an idle connection must cost almost
+/// nothing: this allocates only while frames are queued, where a channel allocates a block of
+/// slots up front for every connection.
+///
+/// It has one reader, the connection task, so the wake-up is the task's waker kept under the
+/// same lock (no `Notify`, whose every `notify_one` and wait cost a second synchronisation).
+/// The waker is stored only when [`Outbox::next`] found nothing to do and is taken by the
+/// first push after that: the task is woken once when its outbox goes from empty to
+/// non-empty, not once per frame. A frame pushed while the task is busy (writing, handling a
+/// request) wakes nobody; the task finds it when it comes back to [`Outbox::next`].
 pub struct Outbox {
     state: Mutex<OutboxState>,
-    wake: Notify,
     capacity: usize,
 }
 
@@ -40,6 +46,16 @@ struct OutboxState {
     /// The `seq` of the last event queued; `None` until the connection has attached (frames
     /// are buffered as they come until then).
     last_seq: Option<u64>,
+    /// The connection task, while it waits in [`Outbox::next`] with nothing to do.
+    waiter: Option<Waker>,
+}
+
+impl OutboxState {
+    /// Takes the waiting task's waker, to wake it once the lock is released (waking under
+    /// the lock would let the task run into it).
+    fn wake(&mut self) -> Option<Waker> {
+        self.waiter.take()
+    }
 }
 
 /// What a connection should do next.
@@ -52,7 +68,6 @@ impl Outbox {
     pub fn new(capacity: usize) -> Self {
         Outbox {
             state: Mutex::new(OutboxState::default()),
-            wake: Notify::new(),
             capacity,
         }
     }
@@ -69,7 +84,7 @@ impl Outbox {
     /// lost in transit, and the connection is closed so that the client resumes and gets them
     /// from the log in order.
     pub fn push(&self, frame: Frame) {
-        {
+        let waiter = {
             let mut state = self.lock();
             if state.close.is_some() {
                 return;
@@ -81,9 +96,7 @@ impl Outbox {
                 if seq > last + 1 {
                     state.close = Some(close::RESYNC);
                     state.frames = VecDeque::new();
-                    drop(state);
-                    self.wake.notify_one();
-                    return;
+                    return wake(state.wake());
                 }
                 state.last_seq = Some(seq);
             }
@@ -93,8 +106,9 @@ impl Outbox {
             } else {
                 state.frames.push_back(frame);
             }
-        }
-        self.wake.notify_one();
+            state.wake()
+        };
+        wake(waiter);
     }
 
     /// Starts ordered delivery after the client has been brought up to `last_seq` (by the
@@ -112,8 +126,9 @@ impl Outbox {
             state.close.get_or_insert(close::RESYNC);
         }
         state.last_seq = Some(last);
+        let waiter = state.wake();
         drop(state);
-        self.wake.notify_one();
+        wake(waiter);
     }
 
     /// The `seq` of the last event queued, once delivery has started.
@@ -124,32 +139,38 @@ impl Outbox {
     /// Asks the connection to close with `code`; false when it was asked before (the first
     /// request wins).
     pub fn close(&self, code: u16) -> bool {
-        let first = {
+        let (first, waiter) = {
             let mut state = self.lock();
             let first = state.close.is_none();
             state.close.get_or_insert(code);
-            first
+            (first, state.wake())
         };
-        self.wake.notify_one();
+        wake(waiter);
         first
     }
 
     /// Waits for a frame to send or a close request (which takes precedence). Cancel-safe:
     /// nothing is taken from the queue unless it is returned.
+    ///
+    /// The check and the storing of the waker happen under one lock, so a push cannot fall
+    /// between them unseen. A waker left behind by a wait that was cancelled (the connection's
+    /// `select!` took another branch) only causes one needless poll of the task.
     pub async fn next(&self) -> Next {
-        loop {
-            {
-                let mut state = self.lock();
-                if let Some(code) = state.close {
-                    return Next::Close(code);
-                }
-                if let Some(frame) = state.frames.pop_front() {
-                    return Next::Send(frame);
-                }
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if let Some(code) = state.close {
+                return Poll::Ready(Next::Close(code));
             }
-            // A push between the check above and this wait leaves a permit: no lost wake-up.
-            self.wake.notified().await;
-        }
+            if let Some(frame) = state.frames.pop_front() {
+                return Poll::Ready(Next::Send(frame));
+            }
+            match &mut state.waiter {
+                Some(waiter) if waiter.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// The next queued frame without waiting, so that frames queued together go out in one
@@ -161,6 +182,12 @@ impl Outbox {
             return None;
         }
         state.frames.pop_front()
+    }
+}
+
+fn wake(waiter: Option<Waker>) {
+    if let Some(waiter) = waiter {
+        waiter.wake();
     }
 }
 
@@ -370,6 +397,88 @@ mod tests {
         handle.close(close::REPLACED);
         assert!(outbox.try_next().is_none(), "a close comes first");
         assert!(matches!(outbox.next().await, Next::Close(close::REPLACED)));
+    }
+
+    /// A waker that counts how often it is woken.
+    #[derive(Default)]
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl CountingWaker {
+        fn wakes(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// Polls `outbox.next()` once with `waker`.
+    fn poll_next(outbox: &Outbox, waker: &Waker) -> Poll<Next> {
+        let mut cx = std::task::Context::from_waker(waker);
+        std::pin::pin!(outbox.next()).as_mut().poll(&mut cx)
+    }
+
+    use std::future::Future;
+
+    #[test]
+    fn wakes_the_task_once_when_the_outbox_stops_being_empty() {
+        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 8, LOOPBACK, None);
+        outbox.start_at(0);
+        let counter = Arc::new(CountingWaker::default());
+        let waker = Waker::from(counter.clone());
+
+        assert!(poll_next(&outbox, &waker).is_pending(), "nothing queued");
+        handle.push(frame(1));
+        handle.push(frame(2));
+        assert_eq!(counter.wakes(), 1, "one wake-up for the two frames");
+        assert!(
+            matches!(poll_next(&outbox, &waker), Poll::Ready(Next::Send(f)) if f.seq == Some(1))
+        );
+        assert_eq!(outbox.try_next().and_then(|f| f.seq), Some(2));
+
+        // The task is busy (writing): a frame pushed now wakes nobody, and is still the next
+        // thing it gets.
+        handle.push(frame(3));
+        assert_eq!(counter.wakes(), 1);
+        assert!(
+            matches!(poll_next(&outbox, &waker), Poll::Ready(Next::Send(f)) if f.seq == Some(3))
+        );
+
+        // A close wakes a waiting task too.
+        assert!(poll_next(&outbox, &waker).is_pending());
+        handle.close(close::REPLACED);
+        assert_eq!(counter.wakes(), 2);
+        assert!(matches!(
+            poll_next(&outbox, &waker),
+            Poll::Ready(Next::Close(close::REPLACED))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_task_gets_frames_pushed_from_another_task() {
+        let (handle, outbox) = ConnectionHandle::new(ConnId(1), 8, LOOPBACK, None);
+        outbox.start_at(0);
+        let reader = tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            while seqs.len() < 5 {
+                if let Next::Send(f) = outbox.next().await {
+                    seqs.extend(f.seq);
+                }
+            }
+            seqs
+        });
+        // Pushed one by one with the reader let run in between (so that it waits on an empty
+        // outbox each time), then two at once.
+        for seq in 1..=3 {
+            handle.push(frame(seq));
+            tokio::task::yield_now().await;
+        }
+        handle.push(frame(4));
+        handle.push(frame(5));
+        assert_eq!(reader.await.unwrap(), vec![1, 2, 3, 4, 5]);
     }
 
     #[tokio::test]
