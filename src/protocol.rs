@@ -3,12 +3,13 @@
 //! This module is the Rust side of the contract in `protocol/` (JSON Schemas and the AsyncAPI
 //! document). Client frames are parsed in two steps so that every failure maps to a precise
 //! error code: first the envelope (`type`, `ref`), then the typed body. Server events are
-//! serialised exactly once, into a shared `Arc<str>` frame, together with their `seq`.
+//! serialised exactly once, into a shared frame, together with their `seq`.
 //!
 //! Relayed messages (`signal`, `chat`) borrow from the client's frame: a signal's payload is
 //! kept as the raw JSON text the client sent and relayed byte for byte, never re-serialised.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -910,22 +911,28 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Sequenced<'a> {
-    #[serde(flatten)]
-    event: &'a Event,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
-    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-    reference: Option<&'a str>,
-}
-
 /// Serialises an event with its `seq` and `ref` into a frame: the one serialisation it gets.
+///
+/// The frame is the event's object with `seq` and then `ref` added after its fields. They are
+/// written after the event's closing brace is taken off, rather than through a wrapper with
+/// `#[serde(flatten)]`, which goes through serde's generic map path for every field.
 pub fn encode_event(event: &Event, seq: Option<u64>, reference: Option<&str>) -> Utf8Bytes {
-    encode(&Sequenced {
-        event,
-        seq,
-        reference,
+    encode_with(|buf| {
+        write_json(buf, event);
+        if seq.is_none() && reference.is_none() {
+            return;
+        }
+        let closing = buf.pop();
+        debug_assert_eq!(closing, Some(b'}'), "an event serialises as a JSON object");
+        if let Some(seq) = seq {
+            buf.extend_from_slice(b",\"seq\":");
+            write_json(buf, &seq);
+        }
+        if let Some(reference) = reference {
+            buf.extend_from_slice(b",\"ref\":");
+            write_json(buf, reference);
+        }
+        buf.push(b'}');
     })
 }
 
@@ -998,11 +1005,38 @@ impl Reply<'_> {
 }
 
 fn encode<T: Serialize>(value: &T) -> Utf8Bytes {
-    // Serialising our own types into a String cannot fail: no maps with non-string keys, no
-    // fallible Serialize impls. The String becomes the frame without a copy.
-    serde_json::to_string(value)
-        .expect("protocol types always serialise")
-        .into()
+    encode_with(|buf| write_json(buf, value))
+}
+
+thread_local! {
+    /// Where frames are serialised before they get a buffer of their exact size: one
+    /// allocation per frame, where `serde_json::to_string` grows a fresh `String` from 128
+    /// bytes, copying it at each step, and leaves it with spare capacity (which then costs
+    /// `Bytes` a second allocation for its shared header).
+    static ENCODE_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The encode buffer is kept up to this size; one grown past it (a large `signal` relayed) is
+/// given back, so that a thread does not hold the largest frame it ever wrote.
+const ENCODE_BUFFER_KEPT: usize = 4096;
+
+/// Runs `write` on the thread's encode buffer and returns what it wrote as a frame.
+fn encode_with(write: impl FnOnce(&mut Vec<u8>)) -> Utf8Bytes {
+    ENCODE_BUFFER.with_borrow_mut(|buf| {
+        buf.clear();
+        write(buf);
+        let text = String::from(std::str::from_utf8(buf).expect("serde_json writes UTF-8"));
+        if buf.capacity() > ENCODE_BUFFER_KEPT {
+            *buf = Vec::new();
+        }
+        text.into()
+    })
+}
+
+fn write_json<T: Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
+    // Serialising our own types cannot fail: no maps with non-string keys, no fallible
+    // Serialize impls, and writing to a Vec does not fail.
+    serde_json::to_writer(buf, value).expect("protocol types always serialise")
 }
 
 #[cfg(test)]
@@ -1374,5 +1408,96 @@ mod tests {
         assert_eq!(v["seq"], 3);
         assert_eq!(v["ref"], "x");
         assert_eq!(v["reason"], "end");
+    }
+
+    /// The frames are byte for byte what the earlier encoder wrote: the event flattened into a
+    /// wrapper with `seq` and `ref` after it. Clients see no change, not even in field order.
+    #[test]
+    fn events_encode_as_the_flattened_wrapper_did() {
+        #[derive(Serialize)]
+        struct Sequenced<'a> {
+            #[serde(flatten)]
+            event: &'a Event,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            seq: Option<u64>,
+            #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+            reference: Option<&'a str>,
+        }
+        let session_id: Arc<str> = "s_1".into();
+        let events = [
+            Event::Queued {
+                position: 3,
+                estimated_wait_ms: None,
+            },
+            Event::QueueUpdate {
+                position: 1,
+                estimated_wait_ms: Some(1_200),
+                widened_to: Some(Prefs {
+                    topic: Some("t".into()),
+                    interests: vec!["chess".into()],
+                    ..Prefs::default()
+                }),
+                interests_widened: true,
+            },
+            Event::Dequeued {
+                reason: DequeueReason::Timeout,
+            },
+            Event::Matched {
+                session_id: session_id.clone(),
+                peer: "p_\"quoted\"".into(),
+                role: Role::Offerer,
+                started_at_ms: 1_764_090_000_000,
+                common_interests: vec!["chess".into(), "go".into()],
+                media: Media::P2p {
+                    ice_servers: vec![IceServer {
+                        urls: vec!["stun:stun.example.com:3478".to_string()].into(),
+                        username: Some("1764090000:p_a".into()),
+                        credential: Some("c2VjcmV0".into()),
+                    }],
+                },
+            },
+            Event::SessionEnded {
+                session_id: session_id.clone(),
+                reason: EndReason::PeerSkipped,
+                requeued: true,
+            },
+            Event::PeerStatus {
+                session_id,
+                state: PeerState::Reconnecting,
+            },
+            Event::MatchProposed {
+                match_id: "m_1".into(),
+                peer: "p_b".into(),
+                expires_at_ms: 5,
+            },
+            Event::MatchCancelled {
+                match_id: "m_1".into(),
+                reason: CancelReason::PeerDeclined,
+                requeued: false,
+            },
+            Event::Error {
+                code: ErrorCode::MediaUnavailable,
+                message: "no room: \u{1}".into(),
+                retry_after_ms: Some(1_000),
+            },
+        ];
+        for event in &events {
+            for (seq, reference) in [
+                (None, None),
+                (Some(7), None),
+                (None, Some("r")),
+                (Some(u64::MAX), Some("a \"ref\"\n\u{e9}")),
+            ] {
+                let wrapped = Sequenced {
+                    event,
+                    seq,
+                    reference,
+                };
+                assert_eq!(
+                    encode_event(event, seq, reference).as_str(),
+                    serde_json::to_string(&wrapped).unwrap(),
+                );
+            }
+        }
     }
 }
