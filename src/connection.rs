@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -603,15 +604,25 @@ impl Connection {
     }
 
     /// A write that cannot finish within the write timeout means the client does not read: it
-    /// is treated as a slow consumer. The write and its timer are boxed: inline they would sit
-    /// in the state of every connection's task, idle or not.
+    /// is treated as a slow consumer. Most writes finish at their first poll (the socket's
+    /// buffer has room), so the timer is only set up for a write that has to wait: a timer
+    /// per write costs a clock read and a runtime-handle lookup each time. The write (and
+    /// the timer, when there is one) are boxed: inline they would sit in the state of every
+    /// connection's task, idle or not.
     fn timed_write<'a>(
         &'a self,
         write: impl Future<Output = Result<(), axum::Error>> + 'a,
     ) -> impl Future<Output = Option<Exit>> + 'a {
-        let timed = Box::pin(tokio::time::timeout(self.settings.write_timeout, write));
+        let mut write = Box::pin(write);
         async move {
-            match timed.await {
+            let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+            let written = match first {
+                Poll::Ready(written) => Ok(written),
+                Poll::Pending => {
+                    Box::pin(tokio::time::timeout(self.settings.write_timeout, write)).await
+                }
+            };
+            match written {
                 Ok(Ok(())) => None,
                 Ok(Err(_)) => Some(Exit::Gone),
                 Err(_) => {
