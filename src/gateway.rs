@@ -31,7 +31,7 @@ use crate::attributes::{AttributeConfig, AttributePolicy, AttributeRefusal, Attr
 use crate::backoff;
 use crate::bus::local::LocalBus;
 use crate::flags::{count, millis};
-use crate::ids::{unix_ms, ConnId, UserId};
+use crate::ids::{unix_ms, ConnId, KeyedHasher, UserId};
 use crate::livekit::{LiveKit, LivekitConfig};
 use crate::matching::memory::{MemoryMatchmaker, Policy};
 use crate::matching::{
@@ -125,7 +125,7 @@ pub struct Gateway {
     resume_grace: Duration,
     queue_update_interval: Duration,
     /// Pools with a queue update already scheduled: at most one per pool and interval.
-    refresh_pending: DashMap<Arc<str>, ()>,
+    refresh_pending: DashMap<Arc<str>, (), KeyedHasher>,
     draining: AtomicBool,
     /// False while a scale-out instance has no pub/sub subscription yet.
     subscribed: AtomicBool,
@@ -227,7 +227,7 @@ impl Gateway {
             registry,
             resume_grace: session.resume_grace_ms,
             queue_update_interval: session.queue_update_interval_ms,
-            refresh_pending: DashMap::new(),
+            refresh_pending: DashMap::default(),
             draining: AtomicBool::new(false),
             subscribed: AtomicBool::new(true),
             probe: probe::BackendProbe::default(),

@@ -35,6 +35,13 @@ pub fn unix_ms() -> u64 {
 /// A user id: the JWT `sub`.
 pub type UserId = Arc<str>;
 
+/// The hasher of the maps every match goes through (the engine's users, pools and sessions,
+/// the registry of connections): aHash with random keys. Their keys include text an outsider
+/// chooses (user ids from tokens, pool names from preferences), so the hasher must be keyed,
+/// or a client could pick keys that collide; aHash is keyed like the standard library's
+/// SipHash-1-3 and costs a fraction of it on short keys.
+pub type KeyedHasher = ahash::RandomState;
+
 /// Identifies one WebSocket connection, so that a late disconnect of a replaced connection
 /// cannot touch the state its successor took over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -19,7 +19,7 @@ use std::task::{Poll, Waker};
 
 use dashmap::DashMap;
 
-use crate::ids::{ConnId, Frame, UserId};
+use crate::ids::{ConnId, Frame, KeyedHasher, UserId};
 use crate::protocol::close;
 
 /// A connection's bounded outbound queue plus its close request, behind one lock. Written for
@@ -250,7 +250,7 @@ impl ConnectionHandle {
 
 #[derive(Default)]
 pub struct Registry {
-    connections: DashMap<UserId, ConnectionHandle>,
+    connections: DashMap<UserId, ConnectionHandle, KeyedHasher>,
 }
 
 impl Registry {

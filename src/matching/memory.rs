@@ -57,7 +57,7 @@ use super::{
 use crate::attributes::{want_holds, Attributes, Want};
 use crate::bus::{Bus, Frame};
 use crate::clock::{Clock, SystemClock};
-use crate::ids::random_id;
+use crate::ids::{random_id, KeyedHasher};
 use crate::protocol::{
     encode_event, CancelReason, DequeueReason, EndReason, ErrorCode, Event, Media, PeerState,
     Prefs, Relay, Role, StateName,
@@ -142,18 +142,18 @@ struct Step<'a> {
 
 #[derive(Default)]
 struct State {
-    users: HashMap<UserId, User>,
-    pools: HashMap<Arc<str>, Pool>,
-    sessions: HashMap<Arc<str>, Session>,
+    users: HashMap<UserId, User, KeyedHasher>,
+    pools: HashMap<Arc<str>, Pool, KeyedHasher>,
+    sessions: HashMap<Arc<str>, Session, KeyedHasher>,
     /// Media event ids already acted on, with when they may be forgotten, oldest first.
     seen_events: HashMap<String, Instant>,
     seen_order: VecDeque<(Instant, String)>,
     /// Blocker to the users they blocked; checked both ways.
-    blocks: HashMap<UserId, BlockList>,
+    blocks: HashMap<UserId, BlockList, KeyedHasher>,
     /// Block lists to check for expiry, soonest first: at most one entry per list.
     block_expiry: BinaryHeap<Reverse<(Instant, UserId)>>,
     /// What a user did (sessions, skips, enqueues); outlives the user's connection state.
-    conduct: HashMap<UserId, Conduct>,
+    conduct: HashMap<UserId, Conduct, KeyedHasher>,
     /// Users who left, with when their conduct may be forgotten, oldest first.
     forget: VecDeque<(Instant, UserId)>,
     next_ticket: u64,
@@ -388,7 +388,7 @@ struct Pool {
     /// Waiting users who are away (reconnecting).
     away: BTreeMap<u64, UserId>,
     /// Connected waiting users by interest tag (a tag nobody waits with has no entry).
-    tags: HashMap<String, BTreeMap<u64, UserId>>,
+    tags: HashMap<String, BTreeMap<u64, UserId>, KeyedHasher>,
     /// Connected waiting users who are open.
     open: BTreeMap<u64, UserId>,
     /// Smoothed wait of users recently matched from this pool, in ms.
