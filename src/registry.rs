@@ -96,7 +96,9 @@ impl Outbox {
                 if seq > last + 1 {
                     state.close = Some(close::RESYNC);
                     state.frames = VecDeque::new();
-                    return wake(state.wake());
+                    let waiter = state.wake();
+                    drop(state);
+                    return wake(waiter);
                 }
                 state.last_seq = Some(seq);
             }
