@@ -5,8 +5,8 @@
 -- helpers are created once at load, not on every call.
 --
 -- The library is assembled from the files of src/matching/lua/ in the order redis.rs lists
--- (`LIBRARY`): this prelude (call-scoped state, replies, ids), the key layout, then one file
--- per concern (events, pools, conduct, p2p media, sessions, matching, undoing and ending
+-- (`LIBRARY`): this prelude (call-scoped state, replies, ids), the key layout, users' hashes
+-- (read once and written once per call, users.lua), then one file per concern (events, pools, conduct, p2p media, sessions, matching, undoing and ending
 -- sessions, connections), then one file per operation under ops/, and dispatch.lua last,
 -- which registers the function. A file may use what the files before it define. The gateway
 -- replaces @VERSION@ with a hash of the whole assembled text, so that during a rolling
