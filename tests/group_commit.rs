@@ -306,6 +306,59 @@ async fn operations_asked_while_a_call_is_in_flight_share_the_next_call_each_wit
     assert_eq!(types, expected);
 }
 
+/// The commands the library ran inside calls (every `cmdstat_*` but the calls themselves and
+/// what the test asks), from `INFO commandstats`.
+async fn commands_inside_calls(url: &str) -> u64 {
+    let info = match command(url, &["INFO", "commandstats"]).await {
+        redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("INFO answered {other:?}"),
+    };
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| l.split_once(":calls="))
+        .filter(|(name, _)| !["fcall", "info", "config", "publish"].contains(name))
+        .map(|(_, rest)| rest.split(',').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// What one match costs Redis in commands run by the library: a budget, so that a change that
+/// adds reads or writes to the hot path raises it on purpose (BENCHMARKS.md, "Redis: commands
+/// and instructions per match"). Before the per-call hash cache (`hashes.lua`) this cycle ran
+/// 109 commands.
+#[tokio::test]
+async fn a_match_and_its_end_stay_within_their_budget_of_redis_commands() {
+    const BUDGET: u64 = 72;
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let batching = Batching {
+        in_flight: 1,
+        max_ops: 64,
+    };
+    let engine = engine(&url, "i1", batching, Duration::from_secs(60));
+    for (name, conn) in [("a", 1), ("b", 2)] {
+        engine
+            .attach(&user(name), ConnId(conn), None)
+            .await
+            .unwrap();
+    }
+    command(&url, &["CONFIG", "RESETSTAT"]).await;
+
+    enqueue(&engine, &user("a")).await.expect("a queues");
+    let matched = enqueue(&engine, &user("b")).await.expect("b queues");
+    assert_eq!(matched.started.len(), 1, "a and b meet");
+    let ended = engine.end(&user("a"), None).await.expect("a ends it");
+    assert_eq!(ended.closed.len(), 1);
+    assert_eq!(fcalls(&url).await, 3);
+
+    let commands = commands_inside_calls(&url).await;
+    println!("one match and its end: {commands} commands inside the library");
+    assert!(
+        commands <= BUDGET,
+        "one match and its end ran {commands} commands inside the library, over the budget of {BUDGET}"
+    );
+}
+
 #[tokio::test]
 async fn operations_beyond_the_queue_bound_wait_for_room_and_calls_take_at_most_their_share() {
     let redis = RedisServer::start().await;

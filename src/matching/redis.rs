@@ -61,11 +61,12 @@ const TICK_BUDGET: u64 = 1000;
 
 /// The function library with every matching operation, with `@VERSION@` for its version:
 /// the files of `src/matching/lua/` in the order in which they build on each other (see
-/// `prelude.lua`): call state and ids, the key layout, the concerns, the operations, and the
+/// `prelude.lua`): call state and ids, the key layout, users' hashes, the concerns, the operations, and the
 /// dispatcher that registers the function.
 const LIBRARY: &str = concat!(
     include_str!("lua/prelude.lua"),
     include_str!("lua/keys.lua"),
+    include_str!("lua/hashes.lua"),
     include_str!("lua/events.lua"),
     include_str!("lua/pools.lua"),
     include_str!("lua/conduct.lua"),

@@ -24,6 +24,11 @@ struct Sighting {
     first: u32,
     /// `NOBODY` until the second user saw it.
     second: u32,
+    /// Whether the first sighting fell inside the measured window. The match belongs to the
+    /// window by its first sighting, and both members' latency samples go with it: a session
+    /// whose two `matched` straddle the window's start would otherwise count as a match with
+    /// one sample.
+    in_window: bool,
 }
 
 const NOBODY: u32 = u32::MAX;
@@ -31,7 +36,8 @@ const NOBODY: u32 = u32::MAX;
 /// What one `matched` meant for the bookkeeping.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Sighted {
-    /// The session's second sighting, inside the measured window: one more match.
+    /// The session's second sighting, of a session first sighted inside the measured window:
+    /// one more match.
     pub completed_in_window: bool,
     /// Matches in the window so far.
     pub matches_in_window: u64,
@@ -75,8 +81,9 @@ impl Default for Tally {
 
 impl Tally {
     /// User `user` received `matched` for session `key`; `in_window` says whether the moment
-    /// is inside the measured window, `wait` is the latency sample (none when the wait was
-    /// not one: it timed out, or it started with no request of the user's).
+    /// is inside the measured window (what counts is the session's first sighting), `wait` is
+    /// the latency sample (none when the wait was not one: it timed out, or it started with no
+    /// request of the user's).
     pub fn matched(
         &mut self,
         user: u32,
@@ -91,28 +98,34 @@ impl Tally {
                 matches_in_window: self.matches_in_window,
             };
         }
-        match self.sessions.get_mut(&key) {
+        let measured = match self.sessions.get_mut(&key) {
             None => {
                 self.sessions.insert(
                     key,
                     Sighting {
                         first: user,
                         second: NOBODY,
+                        in_window,
                     },
                 );
                 self.half_open += 1;
+                in_window
             }
             Some(s) if s.first != user && s.second == NOBODY => {
                 s.second = user;
                 self.half_open -= 1;
-                if in_window {
+                if s.in_window {
                     self.matches_in_window += 1;
                     completed_in_window = true;
                 }
+                s.in_window
             }
-            Some(_) => self.duplicates += 1,
-        }
-        if let (true, Some(wait)) = (in_window, wait) {
+            Some(_) => {
+                self.duplicates += 1;
+                false
+            }
+        };
+        if let (true, Some(wait)) = (measured, wait) {
             let us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
             self.latency.saturating_record(us.max(1));
         }
@@ -282,6 +295,21 @@ mod tests {
             (t.matches_in_window(), t.latency().samples, t.half_open()),
             (0, 0, 0)
         );
+    }
+
+    #[test]
+    fn a_session_belongs_to_the_window_of_its_first_sighting_with_both_samples() {
+        let mut t = Tally::default();
+        // Straddles the window's start: not measured at all.
+        t.matched(1, 3, false, Some(MS));
+        let s = t.matched(2, 3, true, Some(MS));
+        assert!(!s.completed_in_window);
+        // Straddles its end (the run stopped between the two): one match, two samples.
+        t.matched(3, 6, true, Some(MS));
+        let s = t.matched(4, 6, false, Some(MS));
+        assert!(s.completed_in_window);
+        assert_eq!((t.matches_in_window(), t.latency().samples), (1, 2));
+        assert_eq!(t.half_open(), 0);
     }
 
     #[test]

@@ -25,9 +25,13 @@ end
 -- memory.rs does, drops those older than max(anti-repeat window, an hour) only now.
 local function remember_partner(u, session, peer)
   local key = recent_key(u)
-  redis.call('LPUSH', key, session .. '\t' .. NOW .. '\t' .. peer)
-  redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
+  if redis.call('LPUSH', key, session .. '\t' .. NOW .. '\t' .. peer) > RECENT_KEPT then
+    redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
+  end
   local max_age = math.max(R.anti_repeat_window_ms, RECENT_MIN_AGE)
+  -- Newest first: nothing to drop unless the oldest is too old.
+  local oldest = redis.call('LINDEX', key, -1)
+  if NOW - tonumber(string.match(oldest, '^[^\t]*\t(%d+)\t')) <= max_age then return end
   local sessions = recent_sessions(u)
   local keep = #sessions
   while keep > 0 and NOW - sessions[keep].at > max_age do keep = keep - 1 end
@@ -46,6 +50,7 @@ end
 
 -- u is (back) in the engine: its conduct and blocks stay while it is.
 local function keep_conduct(u)
+  flush_hash(conduct_key(u))
   for _, key in ipairs({ recent_key(u), conduct_key(u), blocks_key(u), block_times_key(u) }) do
     redis.call('PERSIST', key)
   end
@@ -54,6 +59,7 @@ end
 -- u is gone for good: its conduct is forgotten once nothing in it can matter any more, the
 -- blocks it made after the block TTL, unless it is back by then.
 local function forget_conduct_later(u)
+  flush_hash(conduct_key(u))
   for _, key in ipairs({ recent_key(u), conduct_key(u) }) do redis.call('PEXPIRE', key, S.conduct_ttl_ms) end
   for _, key in ipairs({ blocks_key(u), block_times_key(u) }) do redis.call('PEXPIRE', key, R.block_ttl_ms) end
 end
@@ -79,31 +85,31 @@ local function add_block(u, peer)
     redis.call('SREM', set, unpack(oldest))
     redis.call('ZREMRANGEBYRANK', times, 0, over - 1)
   end
-  redis.call('HSET', user_key(u), 'has_blocks', '1')
+  set_user(u, 'has_blocks', '1')
   return over > 0
 end
 
 -- The cooldown left for u, in ms (0: none).
 local function cooldown_left(u)
-  local cooldown_until = tonumber(redis.call('HGET', conduct_key(u), 'cooldown_until')) or 0
+  local cooldown_until = tonumber(hash_of(conduct_key(u)).cooldown_until) or 0
   return math.max(cooldown_until - NOW, 0)
 end
 
 -- A session of `lived` ms ended: a real conversation forgives whatever skipping came before.
 local function forgive_skips(u, lived)
-  if lived >= R.skip_quick_ms then redis.call('HDEL', conduct_key(u), 'quick_skips', 'cooldown_level') end
+  if lived >= R.skip_quick_ms then delete_fields(conduct_key(u), 'quick_skips', 'cooldown_level') end
 end
 
 -- Records a skip by u after a session of `lived` ms; returns the cooldown it starts, if any.
 local function count_skip(u, lived)
   if lived >= R.skip_quick_ms then return nil end
   local key = conduct_key(u)
-  local cooldown_until, level, skips = unpack(redis.call('HMGET', key, 'cooldown_until',
-    'cooldown_level', 'quick_skips'))
-  cooldown_until = tonumber(cooldown_until)
+  local conduct = hash_of(key)
+  local cooldown_until, level, skips = tonumber(conduct.cooldown_until), conduct.cooldown_level,
+    conduct.quick_skips
   -- A skip window without a cooldown since the last one: the next one starts short again.
   if cooldown_until and NOW >= cooldown_until + R.skip_window_ms then
-    redis.call('HDEL', key, 'cooldown_level', 'cooldown_until')
+    delete_fields(key, 'cooldown_level', 'cooldown_until')
     level = nil
   end
   local quick_skips = {}
@@ -115,10 +121,10 @@ local function count_skip(u, lived)
   if #quick_skips >= R.skip_limit then
     level = (tonumber(level) or 0) + 1
     cooldown = R.skip_cooldowns_ms[math.min(level, #R.skip_cooldowns_ms)]
-    redis.call('HSET', key, 'cooldown_level', level, 'cooldown_until', NOW + cooldown)
+    set_fields(key, 'cooldown_level', level, 'cooldown_until', NOW + cooldown)
     quick_skips = {}
   end
-  redis.call('HSET', key, 'quick_skips', table.concat(quick_skips, ','))
+  set_fields(key, 'quick_skips', table.concat(quick_skips, ','))
   return cooldown
 end
 
@@ -126,18 +132,18 @@ end
 -- first enqueue); returns the ms to wait when over it.
 local function count_enqueue(u)
   local key = conduct_key(u)
-  local start, count = unpack(redis.call('HMGET', key, 'enqueue_window_start', 'enqueues'))
-  start, count = tonumber(start), tonumber(count)
+  local conduct = hash_of(key)
+  local start, count = tonumber(conduct.enqueue_window_start), tonumber(conduct.enqueues)
   if not start or NOW - start >= ENQUEUE_WINDOW then start, count = NOW, 0 end
   if count >= R.enqueue_per_minute then return start + ENQUEUE_WINDOW - NOW + 1 end
-  redis.call('HSET', key, 'enqueue_window_start', start, 'enqueues', count + 1)
+  set_fields(key, 'enqueue_window_start', start, 'enqueues', count + 1)
   return nil
 end
 
 -- Remembers that u ended a session that lasted `lived` ms (by end, block, or leaving the media
 -- room), for count_quick_end.
 local function note_quick_end(u, lived)
-  if lived < R.skip_quick_ms then redis.call('HSET', conduct_key(u), 'quick_end_at', NOW) end
+  if lived < R.skip_quick_ms then set_fields(conduct_key(u), 'quick_end_at', NOW) end
 end
 
 -- An enqueue soon after u ended a session quickly: a quick skip by another name (otherwise
@@ -145,9 +151,9 @@ end
 -- any: the enqueue is then refused.
 local function count_quick_end(u)
   local key = conduct_key(u)
-  local ended = tonumber(redis.call('HGET', key, 'quick_end_at'))
+  local ended = tonumber(hash_of(key).quick_end_at)
   if not ended then return nil end
-  redis.call('HDEL', key, 'quick_end_at')
+  delete_fields(key, 'quick_end_at')
   if NOW - ended >= R.skip_quick_ms then return nil end
   return count_skip(u, 0)
 end

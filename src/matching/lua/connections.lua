@@ -4,10 +4,10 @@
 
 -- The connection `connection` of u went away: hold the state for the grace period.
 local function detach(u, connection)
-  local user_hash = user_key(u)
-  local current, away, instance = unpack(redis.call('HMGET', user_hash, 'connection', 'away', 'instance'))
-  if current ~= connection or away == '1' then return end
-  redis.call('HSET', user_hash, 'away', '1')
+  local h = user(u)
+  local instance = h.instance
+  if h.connection ~= connection or h.away == '1' then return end
+  set_user(u, 'away', '1')
   set_away(u, true)
   redis.call('SREM', instance_users_key(instance), u)
   redis.call('ZADD', P .. ':held_expiry', NOW + S.resume_grace_ms, u .. '\n' .. connection)
@@ -31,9 +31,9 @@ local function expire(u, connection)
   local due = tonumber(redis.call('ZSCORE', P .. ':held_expiry', member))
   if not due or due > NOW then return end
   redis.call('ZREM', P .. ':held_expiry', member)
-  local user_hash = user_key(u)
-  local current, away, state = unpack(redis.call('HMGET', user_hash, 'connection', 'away', 'state'))
-  if current ~= connection or away ~= '1' then return end
+  local h = user(u)
+  local state = h.state
+  if h.connection ~= connection or h.away ~= '1' then return end
   if state == 'queued' then
     dequeue(u, 'timeout')
   elseif state == 'session' and session_of(u) then
@@ -41,7 +41,7 @@ local function expire(u, connection)
   elseif state == 'pending' then
     leave_match(u, 'timeout')
   else
-    redis.call('DEL', user_hash, log_key(u))
+    delete_hash(user_key(u), log_key(u))
     forget_conduct_later(u)
     return
   end
@@ -52,8 +52,8 @@ end
 
 -- u's state as `status` reports it, or nil when u has no state.
 local function status_of(u)
-  local state, pool, ticket, session = unpack(redis.call('HMGET', user_key(u), 'state', 'pool',
-    'ticket', 'session'))
+  local h = user(u)
+  local state, pool, ticket, session = h.state, h.pool, h.ticket, h.session
   if not state then return nil end
   local status = { state = state_name(state) }
   if state == 'queued' then
@@ -63,8 +63,9 @@ local function status_of(u)
     status.position = 0
   elseif state == 'session' then
     status.session_id = session
-    local offerer, offerer_handle, answerer_handle = unpack(redis.call('HMGET',
-      session_key(session), 'offerer', 'offerer_handle', 'answerer_handle'))
+    local fields = hash_of(session_key(session))
+    local offerer, offerer_handle, answerer_handle = fields.offerer, fields.offerer_handle,
+      fields.answerer_handle
     if offerer == u then
       status.role, status.peer = 'offerer', answerer_handle
     elseif offerer then
@@ -89,8 +90,9 @@ local function refresh_pool(pool)
     else
       u, j = others[j], j + 2
     end
-    local away, told_position, told_estimate, own_pool = unpack(redis.call('HMGET', user_key(u),
-      'away', 'told_position', 'told_estimate', 'pool'))
+    local h = user(u)
+    local away, told_position, told_estimate, own_pool = h.away, h.told_position, h.told_estimate,
+      h.pool
     -- Users listed here because their search widened are told about their own pool.
     if own_pool == pool and away == '0' then
       local estimated_wait = estimate(pool, position)
@@ -102,7 +104,7 @@ local function refresh_pool(pool)
         moved = (old == nil) ~= (estimated_wait == nil)
       end
       if tonumber(told_position) ~= position or moved then
-        redis.call('HSET', user_key(u), 'told_position', position, 'told_estimate', estimated_wait or '')
+        set_user(u, 'told_position', position, 'told_estimate', estimated_wait or '')
         emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(estimated_wait) })
       end
     end
@@ -117,5 +119,5 @@ end
 
 -- The user's state, or nil when the user has none (no live connection).
 local function state_of_user()
-  return redis.call('HGET', user_key(USER), 'state')
+  return user(USER).state
 end

@@ -57,6 +57,7 @@ local function call(_keys, argv)
     P2P_KEY = P .. ':p2p:' .. S.media.instance
   end
   local replies = {}
+  start_hashes()
   -- Checked before anything changes: any operation may make a match. The gateway writes the
   -- configuration and sends the batch again.
   if P2P_KEY and argv[2] ~= 'p2p_config' and not load_p2p() then
@@ -69,6 +70,7 @@ local function call(_keys, argv)
   for i = 2, #argv, 2 do
     replies[#replies + 1] = run(argv[i], argv[i + 1], batch_now)
   end
+  flush_hashes()
   finish_counting()
   return { publish_all(), replies }
 end

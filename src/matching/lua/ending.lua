@@ -4,8 +4,8 @@
 
 -- Removes a session's own keys.
 local function drop_session(session)
-  redis.call('DEL', session_key(session))
-  redis.call('HINCRBY', P .. ':counts', 'sessions', -1)
+  delete_hash(session_key(session))
+  increment_field(P .. ':counts', 'sessions', -1)
   if MEDIA_PENDING > 0 then redis.call('ZREM', P .. ':media_sessions', session) end
   if MEDIA_PENDING > 0 or R.accept_timeout_ms > 0 then redis.call('ZREM', P .. ':pair_deadlines', session) end
   table.insert(out.ended_sessions, session)
@@ -15,23 +15,22 @@ end
 -- each member: { 'back', event or nil } (back to its old place, matched again), { 'out',
 -- event } (idle) or { 'tail', event } (to the tail of the queue).
 local function undo_match(session, verdict)
-  local fields = redis.call('HMGET', session_key(session), 'offerer', 'answerer',
-    'offerer_accepted', 'answerer_accepted', 'phase')
-  local users, phase = { fields[1], fields[2] }, fields[5]
+  local fields = hash_of(session_key(session))
+  local users, phase = { fields.offerer, fields.answerer }, fields.phase
   if not users[1] then return end
+  local accepted = { fields.offerer_accepted == '1', fields.answerer_accepted == '1' }
   drop_session(session)
-  local accepted = { fields[3] == '1', fields[4] == '1' }
   if phase ~= 'proposed' then accepted = { true, true } end
   local back = {}
   for i, u in ipairs(users) do
-    if redis.call('HGET', user_key(u), 'state') == 'pending' then
+    if user(u).state == 'pending' then
       local v = verdict(u, accepted[i])
       if v[1] == 'back' then
         restore(u)
         if v[2] then emit(u, v[2]) end
         table.insert(back, u)
       else
-        redis.call('HSET', user_key(u), 'state', 'idle')
+        set_user(u, 'state', 'idle')
         emit(u, v[2])
         if v[1] == 'tail' then requeue(u) end
       end
@@ -57,7 +56,7 @@ end
 
 -- The member u leaves its not-yet-live match with `reason` (end, timeout).
 local function leave_match(u, reason)
-  local session = redis.call('HGET', user_key(u), 'session')
+  local session = user(u).session
   undo_match(session, function(m)
     if m == u then return { 'out', { type = 'dequeued', reason = reason } } end
     return left_behind(session)
@@ -67,10 +66,11 @@ end
 -- Sets `avoid` between the members of a paired session: like after a skip, they are not
 -- paired again right away.
 local function keep_apart(session)
-  local offerer, answerer = unpack(redis.call('HMGET', session_key(session), 'offerer', 'answerer'))
+  local fields = hash_of(session_key(session))
+  local offerer, answerer = fields.offerer, fields.answerer
   if not offerer then return end
-  redis.call('HSET', user_key(offerer), 'avoid', answerer)
-  redis.call('HSET', user_key(answerer), 'avoid', offerer)
+  set_user(offerer, 'avoid', answerer)
+  set_user(answerer, 'avoid', offerer)
 end
 
 local function proposal_expired(session)
@@ -84,7 +84,7 @@ local function proposal_expired(session)
 end
 
 local function media_failed(session, message)
-  if redis.call('HGET', session_key(session), 'phase') ~= 'pending' then return end
+  if hash_of(session_key(session)).phase ~= 'pending' then return end
   undo_match(session, function()
     return { 'back', { type = 'error', code = 'media_unavailable', message = message } }
   end)
@@ -94,8 +94,8 @@ end
 -- long it was live, in ms.
 local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue)
   local session, peer = session_of(u)
-  local offerer, answerer, live_at = unpack(redis.call('HMGET', session_key(session), 'offerer',
-    'answerer', 'live_at'))
+  local fields = hash_of(session_key(session))
+  local offerer, answerer, live_at = fields.offerer, fields.answerer, fields.live_at
   live_at = tonumber(live_at) or NOW
   local lived = NOW - live_at
   drop_session(session)
@@ -106,9 +106,8 @@ local function end_session(u, own_reason, own_requeue, peer_reason, peer_requeue
   local again = {}
   for _, side in ipairs({ { u, own_reason, own_requeue }, { peer, peer_reason, peer_requeue } }) do
     local who, reason, requeued = side[1], side[2], side[3]
-    local user_hash = user_key(who)
-    if redis.call('HGET', user_hash, 'state') == 'session' then
-      redis.call('HSET', user_hash, 'state', 'idle')
+    if user(who).state == 'session' then
+      set_user(who, 'state', 'idle')
       if requeued then table.insert(again, who) end
     end
     emit(who, { type = 'session_ended', session_id = session, reason = reason, requeued = requeued })

@@ -44,8 +44,8 @@ end
 -- Appends an event to the user's log (if it carries a seq) and sends it to their instance.
 -- `raw`, if given, is one more member ("name":<JSON>) spliced into the frame as it is.
 local function emit(u, event, raw)
-  local user_hash = user_key(u)
-  local instance, away = unpack(redis.call('HMGET', user_hash, 'instance', 'away'))
+  local h = user(u)
+  local instance, away = h.instance, h.away
   if not instance then return end
   if ref and u == actor then
     event['ref'] = ref
@@ -53,7 +53,7 @@ local function emit(u, event, raw)
   end
   local seq = 0
   if event['type'] ~= 'queue_update' and event['type'] ~= 'error' then
-    seq = redis.call('HINCRBY', user_hash, 'last_seq', 1)
+    seq = increment_field(user_key(u), 'last_seq', 1)
     event['seq'] = seq
   end
   local text = cjson.encode(event)

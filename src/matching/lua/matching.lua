@@ -29,9 +29,9 @@ end
 -- started waiting), nil never (now), 'stale' for an entry that is not c's queue place.
 local function eligible(u, me, met, c, t)
   if c == u or c == me.avoid then return nil end
-  local state, away, avoid, queued_at, has_blocks, ticket, want, attributes = unpack(redis.call(
-    'HMGET', user_key(c), 'state', 'away', 'avoid', 'queued_at', 'has_blocks', 'ticket', 'want',
-    'attributes'))
+  local h = user(c)
+  local state, away, avoid, queued_at, has_blocks, ticket, want, attributes = h.state, h.away,
+    h.avoid, h.queued_at, h.has_blocks, h.ticket, h.want, h.attributes
   if state ~= 'queued' or tonumber(ticket) ~= t then return 'stale' end
   -- Away users are listed apart (P:held); `away` is checked all the same.
   if away ~= '0' or avoid == u then return nil end
@@ -56,13 +56,12 @@ end
 -- blocked by, avoids or is avoided by, its recent partners, and those failing a want either
 -- way, as in memory.rs.
 local function try_match(u)
-  local state, away, pool, wider_pools, avoid, queued_at, ticket, fallback_due, has_blocks,
-    interests, widened, want, attributes = unpack(redis.call('HMGET', user_key(u), 'state',
-      'away', 'pool', 'wider_pools', 'avoid', 'queued_at', 'ticket', 'fallback_due', 'has_blocks',
-      'interests', 'widened', 'want', 'attributes'))
-  if state ~= 'queued' or away == '1' then return end
-  local me = { avoid = avoid, queued_at = tonumber(queued_at), has_blocks = has_blocks,
-    attributes_text = attributes }
+  local h = user(u)
+  local pool, wider_pools, ticket, interests, widened, want = h.pool, h.wider_pools, h.ticket,
+    h.interests, h.widened, h.want
+  if h.state ~= 'queued' or h.away == '1' then return end
+  local me = { avoid = h.avoid, queued_at = tonumber(h.queued_at), has_blocks = h.has_blocks,
+    attributes_text = h.attributes }
   if (want or '') ~= '' then me.want = cjson.decode(want) end
   local tags, open = interests_of(interests, widened)
   local met = met_within_window(u)
@@ -76,9 +75,11 @@ local function try_match(u)
     if open then lists[1] = pool_key(p) end
     for _, tag in ipairs(tags) do table.insert(lists, tag_key(p, tag)) end
     for _, list in ipairs(lists) do
-      local start, done = 0, false
+      -- A small first window: the longest waiting candidate is usually eligible, and every
+      -- member read costs two strings passed from Redis to Lua.
+      local start, size, done = 0, 4, false
       while not done do
-        local batch = redis.call('ZRANGE', list, start, start + 99, 'WITHSCORES')
+        local batch = redis.call('ZRANGE', list, start, start + size - 1, 'WITHSCORES')
         local dropped = 0
         for i = 1, #batch, 2 do
           local c, t = batch[i], tonumber(batch[i + 1])
@@ -100,8 +101,9 @@ local function try_match(u)
             end
           end
         end
-        if #batch < 200 then done = true end
-        start = start + 100 - dropped
+        if #batch < 2 * size then done = true end
+        start = start + size - dropped
+        size = 100
       end
     end
   end
@@ -111,9 +113,9 @@ local function try_match(u)
     -- `fallback_due`: when the armed fallback timer is due. A timer is lost with its
     -- instance, so one long overdue is armed again here.
     local due = math.min(me.queued_at, held_back) + R.anti_repeat_fallback_ms
-    local armed = tonumber(fallback_due) or 0
+    local armed = tonumber(h.fallback_due) or 0
     if armed == 0 or armed + 1000 < NOW then
-      redis.call('HSET', user_key(u), 'fallback_due', due)
+      set_user(u, 'fallback_due', due)
       timer(due - NOW, u, 'rematch', ticket)
     end
   end
@@ -132,17 +134,17 @@ end
 local function queue(u, pool)
   local ticket = redis.call('INCR', P .. ':ticket')
   local position = ahead(pool, nil)
-  local user_hash = user_key(u)
-  local away, relaxed_pools, interests, interests_only, wants = unpack(redis.call('HMGET',
-    user_hash, 'away', 'relaxed_pools', 'interests', 'interests_only', 'wants'))
+  local h = user(u)
+  local away, relaxed_pools, interests, interests_only, wants = h.away, h.relaxed_pools,
+    h.interests, h.interests_only, h.wants
   local tags, open = interests_of(interests, '0')
   -- A user re-queued while away (the peer of a skipper, say) waits among the away ones.
   list_in(u, pool, ticket, away == '1', tags, open)
   local estimated_wait = estimate(pool, position)
-  redis.call('HSET', user_hash, 'state', 'queued', 'pool', pool, 'wider_pools', '', 'fallback_due', '0',
+  set_user(u, 'state', 'queued', 'pool', pool, 'wider_pools', '', 'fallback_due', '0',
     'ticket', ticket, 'queued_at', NOW, 'told_position', position, 'told_estimate', estimated_wait or '',
     'widened', '0', 'want', want_at(wants, 0))
-  redis.call('HINCRBY', P .. ':counts', 'queued', 1)
+  increment_field(P .. ':counts', 'queued', 1)
   if (relaxed_pools or '') ~= '' then timer(R.relax_after_ms, u, 'relax', ticket) end
   if not open and interests_only ~= '1' then timer(R.interests_wait_ms, u, 'interests', ticket) end
   emit(u, { type = 'queued', position = position, estimated_wait_ms = null_or(estimated_wait) })
@@ -151,15 +153,15 @@ end
 
 -- Puts a user who was matched back at the tail of its pool, with the preferences it had.
 local function requeue(u)
-  queue(u, redis.call('HGET', user_key(u), 'pool'))
+  queue(u, user(u).pool)
 end
 
 -- Widens the search of waiting u (queue place `ticket`) by one relaxation step.
 local function relax(u, ticket)
-  local user_hash = user_key(u)
+  local h = user(u)
   local state, current, pool, wider_pools, relaxed_pools, relaxed_prefs, away, interests, widened,
-    wants = unpack(redis.call('HMGET', user_hash, 'state', 'ticket', 'pool', 'wider_pools',
-      'relaxed_pools', 'relaxed_prefs', 'away', 'interests', 'widened', 'wants'))
+    wants = h.state, h.ticket, h.pool, h.wider_pools, h.relaxed_pools, h.relaxed_prefs, h.away,
+    h.interests, h.widened, h.wants
   if tonumber(current) ~= ticket then return end
   -- Paired meanwhile: if the match is undone, the search goes on widening.
   if state == 'pending' then timer(R.relax_after_ms, u, 'relax', ticket) end
@@ -178,7 +180,7 @@ local function relax(u, ticket)
   table.insert(done, wider)
   local position = ahead(pool, ticket)
   local estimated_wait = estimate(pool, position)
-  redis.call('HSET', user_hash, 'wider_pools', table.concat(done, '\n'), 'told_position', position,
+  set_user(u, 'wider_pools', table.concat(done, '\n'), 'told_position', position,
     'told_estimate', estimated_wait or '', 'want', want_at(wants, level))
   emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(estimated_wait),
     widened_to = cjson.decode(relaxed_prefs)[level] })
@@ -189,10 +191,9 @@ end
 -- The interests wait of waiting u (queue place `ticket`) passed: u becomes open in every pool
 -- it is listed in (now and in wider pools later) and searches beyond its interests.
 local function widen_interests(u, ticket)
-  local user_hash = user_key(u)
-  local state, current, pool, wider_pools, away, interests, interests_only, widened = unpack(
-    redis.call('HMGET', user_hash, 'state', 'ticket', 'pool', 'wider_pools', 'away', 'interests',
-      'interests_only', 'widened'))
+  local h = user(u)
+  local state, current, pool, wider_pools, away, interests, interests_only, widened = h.state,
+    h.ticket, h.pool, h.wider_pools, h.away, h.interests, h.interests_only, h.widened
   if tonumber(current) ~= ticket then return end
   -- Paired meanwhile: if the match is undone, the wait goes on.
   if state == 'pending' then timer(R.interests_wait_ms, u, 'interests', ticket) end
@@ -207,7 +208,7 @@ local function widen_interests(u, ticket)
   end
   local position = ahead(pool, ticket)
   local estimated_wait = estimate(pool, position)
-  redis.call('HSET', user_hash, 'widened', '1', 'told_position', position, 'told_estimate',
+  set_user(u, 'widened', '1', 'told_position', position, 'told_estimate',
     estimated_wait or '')
   emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(estimated_wait),
     interests_widened = true })

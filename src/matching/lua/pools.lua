@@ -88,9 +88,10 @@ end
 -- Moves waiting u between the candidate lists and the away ones in its pools (its connection
 -- dropped, or it came back).
 local function set_away(u, away)
-  local state, pool, wider_pools, ticket, interests, widened = unpack(redis.call('HMGET',
-    user_key(u), 'state', 'pool', 'wider_pools', 'ticket', 'interests', 'widened'))
-  if state ~= 'queued' then return end
+  local h = user(u)
+  local pool, wider_pools, ticket, interests, widened = h.pool, h.wider_pools, h.ticket,
+    h.interests, h.widened
+  if h.state ~= 'queued' then return end
   local tags, open = interests_of(interests, widened)
   for _, p in ipairs(pools_of(pool, wider_pools)) do
     if away then
@@ -106,10 +107,10 @@ end
 -- Takes a waiting user out of every pool it is listed in: { pool, queued_at, ticket, pools,
 -- interests (the field) } or nil when u is not waiting.
 local function take_waiting(u)
-  local user_hash = user_key(u)
-  local state, pool, queued_at, ticket, wider_pools, interests = unpack(redis.call('HMGET',
-    user_hash, 'state', 'pool', 'queued_at', 'ticket', 'wider_pools', 'interests'))
-  if state ~= 'queued' then return nil end
+  local h = user(u)
+  local pool, queued_at, ticket, wider_pools, interests = h.pool, h.queued_at, h.ticket,
+    h.wider_pools, h.interests
+  if h.state ~= 'queued' then return nil end
   local pools = pools_of(pool, wider_pools)
   local tags = split(interests, '\n')
   for _, p in ipairs(pools) do
@@ -119,30 +120,39 @@ local function take_waiting(u)
   end
   -- Only the state changes: the queue fields are read only while the state is `queued` or
   -- `pending`.
-  redis.call('HSET', user_hash, 'state', 'idle')
-  redis.call('HINCRBY', P .. ':counts', 'queued', -1)
+  set_user(u, 'state', 'idle')
+  increment_field(P .. ':counts', 'queued', -1)
   -- The caller reports the pools as changed (`pools_changed`) once it is done with them.
   return { pool = pool, queued_at = tonumber(queued_at), ticket = tonumber(ticket), pools = pools,
     interests = interests }
 end
 
-local function pools_changed(waiting)
-  for _, p in ipairs(waiting.pools) do pool_changed(p) end
+-- Reports the pools of the users `take_waiting` took (each pool once).
+local function pools_changed(...)
+  local seen = {}
+  for _, waiting in ipairs({ ... }) do
+    for _, p in ipairs(waiting.pools) do
+      if not seen[p] then
+        seen[p] = true
+        pool_changed(p)
+      end
+    end
+  end
 end
 
 -- Puts a paired user back at its old place (its ticket) in every pool it was listed in, open
 -- if it was.
 local function restore(u)
-  local user_hash = user_key(u)
-  local pool, ticket, wider_pools, away, interests, widened = unpack(redis.call('HMGET',
-    user_hash, 'pool', 'ticket', 'wider_pools', 'away', 'interests', 'widened'))
+  local h = user(u)
+  local pool, ticket, wider_pools, away, interests, widened = h.pool, h.ticket, h.wider_pools,
+    h.away, h.interests, h.widened
   local tags, open = interests_of(interests, widened)
   for _, p in ipairs(pools_of(pool, wider_pools)) do
     list_in(u, p, ticket, away == '1', tags, open)
     add_changed(p)
   end
-  redis.call('HSET', user_hash, 'state', 'queued')
-  redis.call('HINCRBY', P .. ':counts', 'queued', 1)
+  set_user(u, 'state', 'queued')
+  increment_field(P .. ':counts', 'queued', 1)
 end
 
 -- Takes a waiting user out of the queue and tells them why.

@@ -5,8 +5,8 @@
 -- helpers are created once at load, not on every call.
 --
 -- The library is assembled from the files of src/matching/lua/ in the order redis.rs lists
--- (`LIBRARY`): this prelude (call-scoped state, replies, ids), the key layout, then one file
--- per concern (events, pools, conduct, p2p media, sessions, matching, undoing and ending
+-- (`LIBRARY`): this prelude (call-scoped state, replies, ids), the key layout, users' hashes
+-- (read once and written once per call, users.lua), then one file per concern (events, pools, conduct, p2p media, sessions, matching, undoing and ending
 -- sessions, connections), then one file per operation under ops/, and dispatch.lua last,
 -- which registers the function. A file may use what the files before it define. The gateway
 -- replaces @VERSION@ with a hash of the whole assembled text, so that during a rolling
@@ -101,6 +101,36 @@ local function base64(s, alphabet, pad)
   return table.concat(t)
 end
 
+-- The base64url digit of a 6-bit value.
+local function base64_url_digit(n) return string.sub(BASE64_URL, n + 1, n + 1) end
+
+-- The first `bytes` bytes of the hex string `hex` in URL-safe base64 without padding, read
+-- straight off the hex digits (3 hex digits are 2 base64 digits, and the bits left at the end
+-- are zero-padded to a digit, as base64 does): base64(bytes_of_hex(hex)) at a fraction of its
+-- cost. Ids are made with every match, and making them through bytes was about a sixth of a
+-- match's Redis instructions.
+local function base64_url_of_hex(hex, bytes)
+  local digit = base64_url_digit
+  local t, last = {}, bytes * 2
+  local i = 1
+  while i + 2 <= last do
+    local n = tonumber(string.sub(hex, i, i + 2), 16)
+    t[#t + 1] = digit(math.floor(n / 64))
+    t[#t + 1] = digit(n % 64)
+    i = i + 3
+  end
+  if last - i == 0 then
+    -- One hex digit left: 4 bits.
+    t[#t + 1] = digit(tonumber(string.sub(hex, i, i), 16) * 4)
+  elseif last - i == 1 then
+    -- Two: 8 bits.
+    local n = tonumber(string.sub(hex, i, i + 1), 16)
+    t[#t + 1] = digit(math.floor(n / 4))
+    t[#t + 1] = digit(n % 4 * 16)
+  end
+  return table.concat(t)
+end
+
 -- A new id: `prefix` and `bytes` (at most 20) unguessable bytes in URL-safe base64 without
 -- padding, the format of ids::random_id, so that both engines make the same ids (a session
 -- id is "s_" and 22 characters, a peer handle "p_" and 12). In a partitioned deployment
@@ -109,8 +139,7 @@ end
 -- alone, and the gateway finds its partition from it.
 local function new_id(prefix, bytes)
   id_counter = id_counter + 1
-  local digest = bytes_of_hex(redis.sha1hex(A.entropy .. ':' .. id_counter))
-  local id = base64(string.sub(digest, 1, bytes), BASE64_URL, false)
+  local id = base64_url_of_hex(redis.sha1hex(A.entropy .. ':' .. id_counter), bytes)
   if prefix == 's_' and S.partition then
     id = string.sub(BASE64_URL, S.partition + 1, S.partition + 1) .. string.sub(id, 2)
   end

@@ -28,9 +28,11 @@ end
 
 -- u's live session and peer, or nil.
 local function session_of(u)
-  local state, session = unpack(redis.call('HMGET', user_key(u), 'state', 'session'))
-  if state ~= 'session' then return nil end
-  local offerer, answerer = unpack(redis.call('HMGET', session_key(session), 'offerer', 'answerer'))
+  local h = user(u)
+  local session = h.session
+  if h.state ~= 'session' then return nil end
+  local fields = hash_of(session_key(session))
+  local offerer, answerer = fields.offerer, fields.answerer
   if not offerer then return nil end
   if offerer == u then return session, answerer end
   return session, offerer
@@ -49,10 +51,10 @@ end
 
 -- Which member (1 or 2, see MEMBERS) of the open proposal `match_id` u is, or nil.
 local function proposal_member(u, match_id)
-  local state, session = unpack(redis.call('HMGET', user_key(u), 'state', 'session'))
-  if state ~= 'pending' or session ~= match_id then return nil end
-  local offerer, answerer, phase = unpack(redis.call('HMGET', session_key(match_id), 'offerer',
-    'answerer', 'phase'))
+  local h = user(u)
+  if h.state ~= 'pending' or h.session ~= match_id then return nil end
+  local fields = hash_of(session_key(match_id))
+  local offerer, answerer, phase = fields.offerer, fields.answerer, fields.phase
   if phase ~= 'proposed' then return nil end
   if offerer == u then return 1 end
   if answerer == u then return 2 end
@@ -118,27 +120,27 @@ end
 local function go_live(session, offerer_media, answerer_media)
   local session_hash = session_key(session)
   -- offerer, answerer, offerer_handle, answerer_handle
-  local fields = redis.call('HMGET', session_hash, 'offerer', 'answerer', 'offerer_handle', 'answerer_handle')
-  redis.call('HSET', session_hash, 'phase', 'live', 'live_at', NOW)
+  local fields = hash_of(session_hash)
+  local users, handles = { fields.offerer, fields.answerer }, { fields.offerer_handle, fields.answerer_handle }
+  set_fields(session_hash, 'phase', 'live', 'live_at', NOW)
   redis.call('ZREM', P .. ':pair_deadlines', session)
   local members = {}
   for i = 1, 2 do
-    local u, handle = fields[i], fields[i + 2]
-    local queued_at, away, pool, interests = unpack(redis.call('HMGET', user_key(u), 'queued_at',
-      'away', 'pool', 'interests'))
+    local u, handle = users[i], handles[i]
+    local h = user(u)
+    members[i] = { user = u, handle = handle, queued_at = tonumber(h.queued_at), away = h.away == '1',
+      pool = h.pool, interests = h.interests }
     -- Met somebody: nobody is avoided any more (user ids are never empty).
-    redis.call('HSET', user_key(u), 'state', 'session', 'avoid', '')
-    members[i] = { user = u, handle = handle, queued_at = tonumber(queued_at), away = away == '1',
-      pool = pool, interests = interests }
+    set_user(u, 'state', 'session', 'avoid', '')
   end
   announce(session, members[1], members[2], offerer_media, answerer_media)
 end
 
 -- Hands a paired session to the media side: its room is made outside this call.
 local function await_room(session)
-  local offerer_handle, answerer_handle = unpack(redis.call('HMGET', session_key(session),
-    'offerer_handle', 'answerer_handle'))
-  redis.call('HSET', session_key(session), 'phase', 'pending')
+  local fields = hash_of(session_key(session))
+  local offerer_handle, answerer_handle = fields.offerer_handle, fields.answerer_handle
+  set_fields(session_key(session), 'phase', 'pending')
   redis.call('ZADD', P .. ':pair_deadlines', NOW + MEDIA_PENDING, session)
   table.insert(out.pending, { session_id = session, handles = { offerer_handle, answerer_handle } })
 end
@@ -165,17 +167,16 @@ local function start_session(a, b)
       ewma(other_wait, wait_a), '*', all_wait)
   end
   -- Only now: a pool the pair leaves empty goes, with its smoothed wait.
-  pools_changed(wo)
-  pools_changed(wa)
-  redis.call('HINCRBY', P .. ':counts', 'sessions', 1)
+  pools_changed(wo, wa)
+  increment_field(P .. ':counts', 'sessions', 1)
   local session_hash = session_key(session)
   if R.accept_timeout_ms == 0 and MEDIA_PENDING == 0 then
     -- Live at once (the common case, kept to the fewest calls).
     for _, u in ipairs({ offerer, answerer }) do
       -- Met somebody: nobody is avoided any more (user ids are never empty).
-      redis.call('HSET', user_key(u), 'state', 'session', 'session', session, 'avoid', '')
+      set_user(u, 'state', 'session', 'session', session, 'avoid', '')
     end
-    redis.call('HSET', session_hash, 'offerer', offerer, 'answerer', answerer, 'offerer_handle',
+    set_fields(session_hash, 'offerer', offerer, 'answerer', answerer, 'offerer_handle',
       offerer_handle, 'answerer_handle', answerer_handle, 'matched_at', NOW, 'phase', 'live',
       'live_at', NOW)
     -- Both were waiting and connected: try_match pairs only those.
@@ -188,13 +189,13 @@ local function start_session(a, b)
     return
   end
   for _, u in ipairs({ offerer, answerer }) do
-    redis.call('HSET', user_key(u), 'state', 'pending', 'session', session)
+    set_user(u, 'state', 'pending', 'session', session)
   end
-  redis.call('HSET', session_hash, 'offerer', offerer, 'answerer', answerer, 'offerer_handle',
+  set_fields(session_hash, 'offerer', offerer, 'answerer', answerer, 'offerer_handle',
     offerer_handle, 'answerer_handle', answerer_handle, 'matched_at', NOW, 'phase', 'pending')
   if MEDIA_PENDING > 0 then redis.call('ZADD', P .. ':media_sessions', NOW, session) end
   if R.accept_timeout_ms > 0 then
-    redis.call('HSET', session_hash, 'phase', 'proposed')
+    set_fields(session_hash, 'phase', 'proposed')
     -- The timer runs on the instance that made the match; the deadline here covers its death.
     redis.call('ZADD', P .. ':pair_deadlines', NOW + R.accept_timeout_ms + S.resume_grace_ms, session)
     local expires = NOW + R.accept_timeout_ms

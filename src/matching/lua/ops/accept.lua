@@ -7,9 +7,9 @@ OPS.accept = function()
   local i = proposal_member(USER, match_id)
   if not i then return fail('invalid_state', 'no such proposal open') end
   local session_hash = session_key(match_id)
-  redis.call('HSET', session_hash, MEMBERS[i].accepted, '1')
-  local offerer_accepted, answerer_accepted = unpack(redis.call('HMGET', session_hash, 'offerer_accepted', 'answerer_accepted'))
-  if offerer_accepted == '1' and answerer_accepted == '1' then
+  set_fields(session_hash, MEMBERS[i].accepted, '1')
+  local fields = hash_of(session_hash)
+  if fields.offerer_accepted == '1' and fields.answerer_accepted == '1' then
     if MEDIA_PENDING > 0 then await_room(match_id) else go_live(match_id, nil, nil) end
   end
   return result()

@@ -4,18 +4,17 @@
 -- missed. Reply: {state, resume_token, last_seq, resumed, replay: [{seq, frame}]}.
 OPS.attach = function()
   local connection, instance = A.connection, A.instance
-  local user_hash = user_key(USER)
   local was_away = false
-  if redis.call('EXISTS', user_hash) == 0 then
-    redis.call('HSET', user_hash, 'connection', connection, 'instance', instance, 'away', '0',
+  if next(user(USER)) == nil then
+    set_user(USER, 'connection', connection, 'instance', instance, 'away', '0',
       'state', 'idle', 'resume_token', new_id('r_', 16), 'last_seq', 0,
       -- Blocks outlive the user's hash (for the block TTL).
       'has_blocks', redis.call('EXISTS', blocks_key(USER)))
     -- Back in time: conduct and blocks stay while the user is here.
     keep_conduct(USER)
   else
-    local old_instance, old_connection, away = unpack(redis.call('HMGET', user_hash, 'instance',
-      'connection', 'away'))
+    local h = user(USER)
+    local old_instance, old_connection, away = h.instance, h.connection, h.away
     was_away = away == '1'
     -- Connection ids of one instance grow (fixed-width hex): an older connection whose
     -- attach arrives after a newer one's must not take the user back.
@@ -28,11 +27,11 @@ OPS.attach = function()
       redis.call('SREM', instance_users_key(old_instance), USER)
     end
     redis.call('ZREM', P .. ':held_expiry', USER .. '\n' .. old_connection)
-    redis.call('HSET', user_hash, 'connection', connection, 'instance', instance, 'away', '0')
+    set_user(USER, 'connection', connection, 'instance', instance, 'away', '0')
   end
   redis.call('SADD', instance_users_key(instance), USER)
-  local resume_token, last_seq, state = unpack(redis.call('HMGET', user_hash, 'resume_token',
-    'last_seq', 'state'))
+  local h = user(USER)
+  local resume_token, last_seq, state = h.resume_token, h.last_seq, h.state
   last_seq = tonumber(last_seq)
   local resumed, replay = false, {}
   if A.resume_token and A.resume_token == resume_token then

@@ -22,7 +22,7 @@ OPS.enqueue = function()
   local wants = ''
   if A.wants then wants = cjson.encode(A.wants) end
   -- Kept for a re-queue after a session (see `requeue`).
-  redis.call('HSET', user_key(USER), 'relaxed_pools', relaxed_pools, 'relaxed_prefs', A.relaxed_prefs,
+  set_user(USER, 'relaxed_pools', relaxed_pools, 'relaxed_prefs', A.relaxed_prefs,
     'interests', table.concat(A.interests, '\n'), 'interests_only', A.interests_only and '1' or '0',
     'attributes', A.attributes or '', 'wants', wants)
   queue(USER, A.pool)

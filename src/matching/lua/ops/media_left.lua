@@ -8,8 +8,9 @@ OPS.media_left = function()
   if not redis.call('SET', seen, '1', 'NX', 'PX', A.dedupe_ms) then
     return result({ effect = 'duplicate' })
   end
-  local offerer, answerer, offerer_handle, answerer_handle, phase = unpack(redis.call('HMGET',
-    session_key(session), 'offerer', 'answerer', 'offerer_handle', 'answerer_handle', 'phase'))
+  local fields = hash_of(session_key(session))
+  local offerer, answerer, offerer_handle, answerer_handle, phase = fields.offerer, fields.answerer,
+    fields.offerer_handle, fields.answerer_handle, fields.phase
   if not offerer or phase ~= 'live' then return result({ effect = 'no_session' }) end
   if left == nil then
     end_for_both(offerer, 'media_disconnected')

@@ -23,6 +23,6 @@ OPS.overview = function()
   local last, this = unpack(redis.call('MGET', P .. ':matches:' .. (minute - 1),
     P .. ':matches:' .. minute))
   return result({ pools = pools, instances = instances,
-    sessions = tonumber(redis.call('HGET', P .. ':counts', 'sessions')) or 0,
+    sessions = tonumber(hash_of(P .. ':counts').sessions) or 0,
     matches_last_minute = tonumber(last) or 0, matches_this_minute = tonumber(this) or 0 })
 end

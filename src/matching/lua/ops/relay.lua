@@ -12,7 +12,8 @@ OPS.relay = function()
     frame = '{"type":"chat","session_id":"' .. session .. '","text":' .. A.json .. ',"sent_at_ms":' .. NOW .. '}'
   end
   -- Not logged: a peer who is away misses it.
-  local instance, away = unpack(redis.call('HMGET', user_key(peer), 'instance', 'away'))
+  local h = user(peer)
+  local instance, away = h.instance, h.away
   if instance and away == '0' then publish(instance, 'F' .. peer .. '\n0\n' .. frame) end
   return result()
 end

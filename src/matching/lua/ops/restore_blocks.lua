@@ -3,11 +3,11 @@
 -- ledger remembers them after a restart or a Redis flush. A user without a hash is away: its
 -- blocks expire after the block TTL, as those of a user who left do.
 OPS.restore_blocks = function()
-  local present = redis.call('EXISTS', user_key(USER)) == 1
+  local present = next(user(USER)) ~= nil
   for _, peer in ipairs(A.blocked) do add_block(USER, peer) end
   if not present then
     -- add_block marked the hash; a returning user's attach reads the flag from the set.
-    redis.call('DEL', user_key(USER))
+    delete_hash(user_key(USER))
     for _, key in ipairs({ blocks_key(USER), block_times_key(USER) }) do
       redis.call('PEXPIRE', key, R.block_ttl_ms)
     end

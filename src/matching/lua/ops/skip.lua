@@ -7,9 +7,9 @@ OPS.skip = function()
   if left > 0 then return fail('cooldown', 'too many quick skips: wait for the cooldown', left + 1) end
   local session, peer = session_of(USER)
   if not session then return fail('invalid_state', 'not in a session') end
-  redis.call('HSET', user_key(USER), 'avoid', peer)
-  redis.call('HSET', user_key(peer), 'avoid', USER)
-  local live_at = tonumber(redis.call('HGET', session_key(session), 'live_at')) or NOW
+  set_user(USER, 'avoid', peer)
+  set_user(peer, 'avoid', USER)
+  local live_at = tonumber(hash_of(session_key(session)).live_at) or NOW
   -- The skip that starts a cooldown still ends the session, but does not re-queue.
   local cooldown = count_skip(USER, NOW - live_at)
   end_session(USER, 'skip', cooldown == nil, 'peer_skipped', S.requeue_peer_on_skip)

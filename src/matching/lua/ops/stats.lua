@@ -1,6 +1,6 @@
 
 -- stats {}. Reply: {queued, sessions} over the whole deployment.
 OPS.stats = function()
-  local queued, sessions = unpack(redis.call('HMGET', P .. ':counts', 'queued', 'sessions'))
-  return result({ queued = tonumber(queued) or 0, sessions = tonumber(sessions) or 0 })
+  local counts = hash_of(P .. ':counts')
+  return result({ queued = tonumber(counts.queued) or 0, sessions = tonumber(counts.sessions) or 0 })
 end

@@ -39,7 +39,8 @@ OPS.tick = function()
   for _, d in ipairs(redis.call('SMEMBERS', P .. ':dead_instances')) do
     local users = redis.call('SPOP', instance_users_key(d), budget)
     for _, u in ipairs(users) do
-      local connection, at = unpack(redis.call('HMGET', user_key(u), 'connection', 'instance'))
+      local h = user(u)
+      local connection, at = h.connection, h.instance
       if at == d and connection then detach(u, connection) end
       cleaned = cleaned + 1
     end
@@ -57,7 +58,7 @@ OPS.tick = function()
   local stuck = redis.call('ZRANGEBYSCORE', P .. ':pair_deadlines', '-inf', NOW, 'LIMIT', 0, 100)
   for _, session in ipairs(stuck) do
     redis.call('ZREM', P .. ':pair_deadlines', session)
-    local phase = redis.call('HGET', session_key(session), 'phase')
+    local phase = hash_of(session_key(session)).phase
     if phase == 'proposed' then
       proposal_expired(session)
     elseif phase == 'pending' then

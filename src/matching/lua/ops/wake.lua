@@ -6,15 +6,15 @@ OPS.wake = function()
   if t.kind == 'relax' then
     relax(USER, t.ticket)
   elseif t.kind == 'rematch' then
-    local state, ticket = unpack(redis.call('HMGET', user_key(USER), 'state', 'ticket'))
-    if state == 'queued' and tonumber(ticket) == t.ticket then
-      redis.call('HSET', user_key(USER), 'fallback_due', '0')
+    local h = user(USER)
+    if h.state == 'queued' and tonumber(h.ticket) == t.ticket then
+      set_user(USER, 'fallback_due', '0')
       try_match(USER)
     end
   elseif t.kind == 'interests' then
     widen_interests(USER, t.ticket)
   elseif t.kind == 'proposal' then
-    if redis.call('HGET', session_key(t.match_id), 'phase') == 'proposed' then proposal_expired(t.match_id) end
+    if hash_of(session_key(t.match_id)).phase == 'proposed' then proposal_expired(t.match_id) end
   end
   return result()
 end
