@@ -13,13 +13,7 @@ end
 
 -- Queues a notice ("F..." frame, "K..." kick; see keys.lua) for `instance`.
 local function publish(instance, notice)
-  local notices = outgoing[instance]
-  if not notices then
-    notices = {}
-    outgoing[instance] = notices
-    table.insert(outgoing_order, instance)
-  end
-  table.insert(notices, notice)
+  table.insert(entry_of(outgoing, outgoing_order, instance), notice)
 end
 
 -- Publishes what the call queued, in order, one message per instance: a lone notice as it is,

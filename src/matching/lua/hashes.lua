@@ -40,13 +40,7 @@ end
 
 -- Records `value` (false: delete) for `field` of the hash at `key`.
 local function change_field(key, field, value)
-  local changes = unwritten[key]
-  if not changes then
-    changes = {}
-    unwritten[key] = changes
-    table.insert(unwritten_order, key)
-  end
-  changes[field] = value
+  entry_of(unwritten, unwritten_order, key)[field] = value
   local h = loaded[key]
   if h then h[field] = value or nil end
 end

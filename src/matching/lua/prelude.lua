@@ -76,6 +76,18 @@ local function split(s, sep)
   return t
 end
 
+-- The table under `key` in `tables`, made on first use, when `key` is also appended to `order`:
+-- what a call collects per key (an instance, a hash), kept in the order the keys first came.
+local function entry_of(tables, order, key)
+  local t = tables[key]
+  if not t then
+    t = {}
+    tables[key] = t
+    table.insert(order, key)
+  end
+  return t
+end
+
 local function bytes_of_hex(user_hash)
   return (string.gsub(user_hash, '..', function(x) return string.char(tonumber(x, 16)) end))
 end
