@@ -78,6 +78,10 @@ end
 -- Sends `queue_update` to the connected waiting users of `pool` whose position or estimate
 -- moved since they were last told.
 local function refresh_pool(pool)
+  -- Every waiting user of the pool is read once, for a few fields: straight from Redis (this
+  -- call's changes written first), not through the hash cache, which would load every field of
+  -- every waiting user.
+  flush_hashes()
   -- Everybody waiting, in ticket order: the open list and the others (P:held: the away ones,
   -- who count in positions but are not told, and the connected ones not open yet).
   local open = redis.call('ZRANGE', pool_key(pool), 0, -1, 'WITHSCORES')
@@ -90,9 +94,8 @@ local function refresh_pool(pool)
     else
       u, j = others[j], j + 2
     end
-    local h = user(u)
-    local away, told_position, told_estimate, own_pool = h.away, h.told_position, h.told_estimate,
-      h.pool
+    local away, told_position, told_estimate, own_pool, instance = unpack(redis.call('HMGET',
+      user_key(u), 'away', 'told_position', 'told_estimate', 'pool', 'instance'))
     -- Users listed here because their search widened are told about their own pool.
     if own_pool == pool and away == '0' then
       local estimated_wait = estimate(pool, position)
@@ -105,7 +108,10 @@ local function refresh_pool(pool)
       end
       if tonumber(told_position) ~= position or moved then
         set_user(u, 'told_position', position, 'told_estimate', estimated_wait or '')
-        emit(u, { type = 'queue_update', position = position, estimated_wait_ms = null_or(estimated_wait) })
+        -- Not logged (no seq) and for a connected user: straight to its instance, as `emit`
+        -- would send it, without loading the user's hash.
+        publish(instance, 'F' .. u .. '\n0\n' .. cjson.encode({ type = 'queue_update', position = position,
+          estimated_wait_ms = null_or(estimated_wait) }))
       end
     end
     position = position + 1

@@ -9,9 +9,11 @@
 -- through here: the first read of a hash in a call loads it whole (HGETALL), later reads and
 -- writes use the table, and `flush_hashes` writes each changed hash's changed fields (one
 -- HSET, one HDEL) when the call ends. The call is atomic, so nobody sees a hash between a
--- change and its flush; nothing in the library reads these hashes but through here, and
--- what sets a hash's expiry first writes its changes (`flush_hash`), since an expiry set on a
--- hash the flush creates later would be lost.
+-- change and its flush; nothing in the library reads these hashes but through here (or, to
+-- read a few fields of many hashes, straight from Redis right after `flush_hashes`: the
+-- media sessions' sweep, a pool's queue updates), and what sets a hash's expiry first writes
+-- its changes (`flush_hash`), since an expiry set on a hash the flush creates later would be
+-- lost.
 --
 -- Values are kept as the strings Redis holds: a number written here is stored with tostring,
 -- which writes integers (all the library stores in these hashes) as Redis would.
