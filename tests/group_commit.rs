@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::redis::RedisServer;
+use common::redis::{command, RedisServer};
 use common::PATIENCE;
 use futures_util::StreamExt;
 use matchgate::matching::redis::{Batching, RedisMatchmaker, RedisSettings};
@@ -29,15 +29,9 @@ use serde_json::Value;
 /// Rules that never refuse the test's traffic (no anti-repeat, skip or rate limits).
 fn lenient_rules() -> Rules {
     use clap::Parser;
-    let config = matchgate::Config::try_parse_from([
-        "matchgate",
-        "--anti-repeat-window-s",
-        "0",
-        "--skip-limit",
-        "1000000",
-        "--enqueue-per-minute",
-        "1000000",
-    ])
+    let config = matchgate::Config::try_parse_from(
+        std::iter::once("matchgate").chain(common::RELAXED_RULES),
+    )
     .expect("flags parse");
     Rules::from_config(&config.rules)
 }
@@ -66,24 +60,20 @@ fn engine(
     RedisMatchmaker::new(settings, Arc::new(Metrics::new())).expect("Redis matchmaker")
 }
 
-async fn command(url: &str, args: &[&str]) -> redis::Value {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
+/// An `INFO` section's text.
+async fn info(url: &str, section: &str) -> String {
+    match command(url, &["INFO", section]).await {
+        redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("INFO answered {other:?}"),
     }
-    cmd.query_async(&mut conn).await.unwrap()
 }
 
 /// A number from an `INFO` section, e.g. `blocked_clients` or `cmdstat_fcall:calls`.
 async fn info_number(url: &str, section: &str, field: &str) -> u64 {
-    let info = match command(url, &["INFO", section]).await {
-        redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => panic!("INFO answered {other:?}"),
-    };
-    info.lines()
+    info(url, section)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|rest| {
             rest.trim_start_matches([':', '='])
@@ -309,12 +299,9 @@ async fn operations_asked_while_a_call_is_in_flight_share_the_next_call_each_wit
 /// The commands the library ran inside calls (every `cmdstat_*` but the calls themselves and
 /// what the test asks), from `INFO commandstats`.
 async fn commands_inside_calls(url: &str) -> u64 {
-    let info = match command(url, &["INFO", "commandstats"]).await {
-        redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => panic!("INFO answered {other:?}"),
-    };
-    info.lines()
+    info(url, "commandstats")
+        .await
+        .lines()
         .filter_map(|l| l.strip_prefix("cmdstat_"))
         .filter_map(|l| l.split_once(":calls="))
         .filter(|(name, _)| !["fcall", "info", "config", "publish"].contains(name))

@@ -9,7 +9,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::redis::{Backend, RedisServer};
+use common::redis::{command, Backend, RedisServer};
 use common::{match_up, Client, Closed, TestServer, SECRET};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -553,17 +553,6 @@ async fn matched_lists_the_ice_servers_with_credentials_of_each_members_own(engi
     }
 }
 
-/// One command on the Redis at `url`.
-async fn redis_command(url: &str, args: &[&str]) -> redis::Value {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query_async(&mut conn).await.unwrap()
-}
-
 fn strings(v: &redis::Value) -> Vec<String> {
     match v {
         redis::Value::Array(items) => items.iter().flat_map(strings).collect(),
@@ -611,10 +600,10 @@ async fn in_redis_the_turn_secret_is_only_an_argument_of_the_configuration_write
     b.expect("session_ended").await;
 
     // The instances' configurations disappear: the next calls write them again.
-    let keys = strings(&redis_command(&url, &["KEYS", "{mg}:v2:p2p:*"]).await);
+    let keys = strings(&command(&url, &["KEYS", "{mg}:v2:p2p:*"]).await);
     assert_eq!(keys.len(), 2, "{keys:?}");
     for key in &keys {
-        redis_command(&url, &["DEL", key]).await;
+        command(&url, &["DEL", key]).await;
     }
     let (ma, mb) = match_up(&mut a, &mut b).await;
     for (me, other) in [(&ma, &mb), (&mb, &ma)] {
@@ -624,7 +613,7 @@ async fn in_redis_the_turn_secret_is_only_an_argument_of_the_configuration_write
         assert_eq!(turn["credential"], turn_credential(secret, username));
     }
     // A command after the last call, so that every call before it was seen.
-    redis_command(&url, &["ECHO", "monitor-done"]).await;
+    command(&url, &["ECHO", "monitor-done"]).await;
     while !seen
         .lock()
         .unwrap()

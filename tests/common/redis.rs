@@ -14,6 +14,17 @@ use std::time::{Duration, Instant};
 
 use super::TestServer;
 
+/// One command on the Redis at `url`, on a connection of its own.
+pub async fn command(url: &str, args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
 /// How long a server may take to answer PING, or a cluster to report `cluster_state:ok`.
 const STARTUP: Duration = Duration::from_secs(10);
 /// How often start-up conditions are re-checked.
